@@ -1,0 +1,13 @@
+//! rostersync keeps an LMS user roster (SCIM 2.0) in step with Microsoft Entra ID groups.
+//!
+//! # Layout
+//! - [`config`]: typed TOML configuration; secrets resolved from env, file or value.
+//! - [`graph`]: Microsoft Graph client (token, retrying HTTP core, members, managers).
+//! - [`target`]: the [`target::Target`] trait and its SCIM 2.0 implementation.
+//! - [`store`]: sled-backed state (user index, run history), keys per integration.
+//! - [`sync`]: mapping, plan (pure), guard (pure), full reconcile (effects).
+//! - [`sim`]: in-process Graph tenant and SCIM LMS simulators for tests, benches and `demo`.
+//!
+//! Architecture notes live in `ARCHITECTURE.md`.
+
+pub mod sim;

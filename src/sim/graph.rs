@@ -1,0 +1,1 @@
+//! Graph tenant simulator (being written).

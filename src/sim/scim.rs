@@ -1,0 +1,1 @@
+//! SCIM LMS simulator (being written).
