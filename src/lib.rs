@@ -11,3 +11,9 @@
 //! Architecture notes live in `ARCHITECTURE.md`.
 
 pub mod sim;
+pub mod config;
+pub mod graph;
+pub mod retry;
+pub mod store;
+pub mod sync;
+pub mod target;

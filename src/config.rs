@@ -1,0 +1,511 @@
+//! Typed configuration loaded from TOML.
+//!
+//! Owns: parsing, defaults, validation (every error names the key), and resolving secrets from
+//! the environment, a file or an inline value into [`SecretString`]s. It must not perform any
+//! network I/O; `check` does that.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use url::Url;
+
+use crate::sync::mapping::{Mapping, MappingError, UsernameSource};
+
+/// Default SCIM custom extension URN for attributes that have no standard SCIM home.
+pub const DEFAULT_CUSTOM_SCHEMA: &str = "urn:ietf:params:scim:schemas:extension:rostersync:2.0:User";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// An integration's name: `[a-z0-9-]+`, used in store keys, URLs and logs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IntegrationName(String);
+
+impl IntegrationName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 63 {
+            return Err("must be 1 to 63 characters".into());
+        }
+        if !s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(format!(
+                "{s:?} may contain only lowercase letters a-z, digits and '-'"
+            ));
+        }
+        Ok(Self(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IntegrationName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a secret comes from. Exactly one of the keys must be given.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    env: Option<String>,
+    file: Option<PathBuf>,
+    value: Option<String>,
+}
+
+impl RawSecret {
+    fn resolve(&self, key: &str, base: &Path) -> Result<SecretString, ConfigError> {
+        let value = match (&self.env, &self.file, &self.value) {
+            (Some(var), None, None) => std::env::var(var).map_err(|_| {
+                invalid(
+                    key,
+                    format!("environment variable {var} is not set (or not UTF-8)"),
+                )
+            })?,
+            (None, Some(file), None) => {
+                let path = if file.is_absolute() {
+                    file.clone()
+                } else {
+                    base.join(file)
+                };
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(key, format!("cannot read secret file {}: {e}", path.display()))
+                })?;
+                text.trim_end_matches(['\r', '\n']).to_string()
+            }
+            (None, None, Some(v)) => v.clone(),
+            _ => {
+                return Err(invalid(
+                    key,
+                    "give exactly one of { env = \"VAR\" }, { file = \"path\" } or { value = \"...\" }",
+                ))
+            }
+        };
+        if value.trim().is_empty() {
+            return Err(invalid(key, "the secret is empty"));
+        }
+        Ok(SecretString::from(value))
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    integration: Vec<RawIntegration>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawIntegration {
+    name: String,
+    tenant_id: String,
+    client_id: String,
+    client_secret: RawSecret,
+    groups: Vec<String>,
+    #[serde(default = "default_username")]
+    username: String,
+    login_url: Option<String>,
+    graph_url: Option<String>,
+    #[serde(default = "default_max_deactivations")]
+    max_deactivations: toml::Value,
+    #[serde(default = "yes")]
+    link_existing: bool,
+    #[serde(default)]
+    graph_concurrency: Option<usize>,
+    target: RawTarget,
+    #[serde(default)]
+    mapping: Option<toml::Table>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    kind: String,
+    url: String,
+    token: RawSecret,
+    concurrency: Option<usize>,
+    timeout_secs: Option<u64>,
+    custom_schema: Option<String>,
+}
+
+fn default_username() -> String {
+    "userPrincipalName".into()
+}
+fn default_max_deactivations() -> toml::Value {
+    toml::Value::String("10%".into())
+}
+fn yes() -> bool {
+    true
+}
+
+/// The whole, validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub integrations: Vec<IntegrationConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+}
+
+/// How many deactivations one run may apply before the guard stops it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeactivationLimit {
+    Count(u64),
+    /// Percent of the users currently active in the index (0–100).
+    Percent(f64),
+}
+
+impl DeactivationLimit {
+    pub fn parse(v: &toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::Integer(n) if *n >= 0 => Ok(Self::Count(*n as u64)),
+            toml::Value::String(s) => {
+                let s = s.trim();
+                if let Some(p) = s.strip_suffix('%') {
+                    let p: f64 = p
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("{s:?} is not a percentage such as \"10%\""))?;
+                    if !(0.0..=100.0).contains(&p) {
+                        return Err(format!("{s:?} must be between 0% and 100%"));
+                    }
+                    Ok(Self::Percent(p))
+                } else {
+                    s.parse::<u64>().map(Self::Count).map_err(|_| {
+                        format!("{s:?} is neither a count (e.g. 25) nor a percentage (e.g. \"10%\")")
+                    })
+                }
+            }
+            other => Err(format!(
+                "expected a count (e.g. 25) or a percentage (e.g. \"10%\"), got {other}"
+            )),
+        }
+    }
+
+    /// The largest number of deactivations allowed when `active` users are in the index.
+    pub fn allowed(&self, active: u64) -> u64 {
+        match *self {
+            Self::Count(n) => n,
+            Self::Percent(p) => ((active as f64) * p / 100.0).floor() as u64,
+        }
+    }
+}
+
+impl fmt::Display for DeactivationLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Count(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IntegrationConfig {
+    pub name: IntegrationName,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub groups: Vec<String>,
+    pub username: UsernameSource,
+    pub login_url: Url,
+    pub graph_url: Url,
+    pub max_deactivations: DeactivationLimit,
+    pub link_existing: bool,
+    /// Concurrent Graph requests (manager batches) during a reconcile.
+    pub graph_concurrency: usize,
+    pub target: TargetConfig,
+    pub mapping: Mapping,
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub url: Url,
+    pub token: SecretString,
+    pub concurrency: usize,
+    pub timeout_secs: u64,
+    pub custom_schema: String,
+}
+
+fn parse_http_url(key: &str, s: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(s.trim_end_matches('/'))
+        .map_err(|e| invalid(key, format!("{s:?} is not a URL: {e}")))?;
+    if url.scheme() != "https" && url.scheme() != "http" {
+        return Err(invalid(key, format!("{s:?} must be an https:// URL")));
+    }
+    if url.host_str().is_none() {
+        return Err(invalid(key, format!("{s:?} has no host")));
+    }
+    Ok(url)
+}
+
+fn looks_like_guid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && [8, 4, 4, 4, 12]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl Config {
+    /// Reads and validates a config file; relative paths in it resolve against its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::from_toml(&text, &base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text; `base` is the folder relative paths resolve against.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        let data_dir = raw
+            .server
+            .data_dir
+            .map(|d| if d.is_absolute() { d } else { base.join(d) })
+            .unwrap_or_else(|| base.join("data"));
+        if raw.integration.is_empty() {
+            return Err(invalid(
+                "integration",
+                "no [[integration]] is configured; add one (see config/example.toml)",
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut integrations = Vec::new();
+        for (i, ri) in raw.integration.into_iter().enumerate() {
+            let k = |field: &str| format!("integration[{i}].{field}");
+            let name = IntegrationName::parse(&ri.name).map_err(|m| invalid(k("name"), m))?;
+            let k = |field: &str| format!("integration[{i}] ({name}).{field}");
+            if !names.insert(name.clone()) {
+                return Err(invalid(k("name"), "is used by two integrations"));
+            }
+            if ri.tenant_id.trim().is_empty() {
+                return Err(invalid(k("tenant_id"), "is empty; use the Directory (tenant) ID from the app registration's Overview page"));
+            }
+            if !looks_like_guid(&ri.client_id) {
+                return Err(invalid(k("client_id"), format!("{:?} is not a GUID; use the Application (client) ID from the app registration's Overview page", ri.client_id)));
+            }
+            if ri.groups.is_empty() {
+                return Err(invalid(k("groups"), "lists no group; give at least one group object id"));
+            }
+            for g in &ri.groups {
+                if !looks_like_guid(g) {
+                    return Err(invalid(k("groups"), format!("{g:?} is not a group object id (a GUID such as 0bc7d487-fd6f-41a0-8362-71ec81074f11); display names are not accepted")));
+                }
+            }
+            let username = UsernameSource::parse(&ri.username).map_err(|m| invalid(k("username"), m))?;
+            let login_url = parse_http_url(&k("login_url"), ri.login_url.as_deref().unwrap_or("https://login.microsoftonline.com"))?;
+            let graph_url = parse_http_url(&k("graph_url"), ri.graph_url.as_deref().unwrap_or("https://graph.microsoft.com"))?;
+            let max_deactivations = DeactivationLimit::parse(&ri.max_deactivations)
+                .map_err(|m| invalid(k("max_deactivations"), m))?;
+            let client_secret = ri.client_secret.resolve(&k("client_secret"), &base)?;
+            let graph_concurrency = ri.graph_concurrency.unwrap_or(4);
+            if !(1..=32).contains(&graph_concurrency) {
+                return Err(invalid(k("graph_concurrency"), "must be between 1 and 32"));
+            }
+
+            let t = ri.target;
+            if t.kind != "scim" {
+                return Err(invalid(k("target.kind"), format!("{:?} is not supported; the only target kind is \"scim\"", t.kind)));
+            }
+            let url = parse_http_url(&k("target.url"), &t.url)?;
+            let token = t.token.resolve(&k("target.token"), &base)?;
+            let concurrency = t.concurrency.unwrap_or(8);
+            if !(1..=64).contains(&concurrency) {
+                return Err(invalid(k("target.concurrency"), "must be between 1 and 64"));
+            }
+            let timeout_secs = t.timeout_secs.unwrap_or(30);
+            if !(1..=600).contains(&timeout_secs) {
+                return Err(invalid(k("target.timeout_secs"), "must be between 1 and 600"));
+            }
+            let custom_schema = t.custom_schema.unwrap_or_else(|| DEFAULT_CUSTOM_SCHEMA.to_string());
+            if !custom_schema.starts_with("urn:") || custom_schema.ends_with(':') {
+                return Err(invalid(k("target.custom_schema"), format!("{custom_schema:?} is not a schema URN such as {DEFAULT_CUSTOM_SCHEMA}")));
+            }
+            let mapping = Mapping::build(username, ri.mapping.as_ref()).map_err(|e| match e {
+                MappingError::At { key, message } => invalid(k(&format!("mapping.{key}")), message),
+            })?;
+            integrations.push(IntegrationConfig {
+                name,
+                tenant_id: ri.tenant_id.trim().to_string(),
+                client_id: ri.client_id,
+                client_secret,
+                groups: ri.groups,
+                username,
+                login_url,
+                graph_url,
+                max_deactivations,
+                link_existing: ri.link_existing,
+                graph_concurrency,
+                target: TargetConfig {
+                    url,
+                    token,
+                    concurrency,
+                    timeout_secs,
+                    custom_schema,
+                },
+                mapping,
+            });
+        }
+        Ok(Config {
+            server: ServerConfig { data_dir },
+            integrations,
+        })
+    }
+
+    /// The integrations selected by `--integration` (all when `None`).
+    pub fn select(&self, name: Option<&str>) -> Result<Vec<&IntegrationConfig>, ConfigError> {
+        match name {
+            None => Ok(self.integrations.iter().collect()),
+            Some(n) => {
+                let found: Vec<_> = self
+                    .integrations
+                    .iter()
+                    .filter(|i| i.name.as_str() == n)
+                    .collect();
+                if found.is_empty() {
+                    let known: Vec<_> = self.integrations.iter().map(|i| i.name.as_str()).collect();
+                    return Err(invalid(
+                        "--integration",
+                        format!("no integration named {n:?} (configured: {})", known.join(", ")),
+                    ));
+                }
+                Ok(found)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    const GOOD: &str = r#"
+[server]
+data_dir = "state"
+
+[[integration]]
+name = "contoso"
+tenant_id = "contoso.onmicrosoft.com"
+client_id = "11111111-2222-3333-4444-555555555555"
+client_secret = { value = "s3cr3t-value" }
+groups = ["0bc7d487-fd6f-41a0-8362-71ec81074f11"]
+username = "mail"
+max_deactivations = 25
+
+[integration.target]
+kind = "scim"
+url = "https://lms.example.com/scim/v2/"
+token = { value = "scim-token" }
+"#;
+
+    #[test]
+    fn a_valid_file_loads_with_defaults() {
+        let c = Config::from_toml(GOOD, Path::new("/etc/rs")).unwrap();
+        assert_eq!(c.server.data_dir, PathBuf::from("/etc/rs/state"));
+        let i = &c.integrations[0];
+        assert_eq!(i.name.as_str(), "contoso");
+        assert_eq!(i.username, UsernameSource::Mail);
+        assert_eq!(i.max_deactivations, DeactivationLimit::Count(25));
+        assert_eq!(i.login_url.as_str(), "https://login.microsoftonline.com/");
+        assert_eq!(i.target.url.as_str(), "https://lms.example.com/scim/v2");
+        assert_eq!(i.target.concurrency, 8);
+        assert_eq!(i.client_secret.expose_secret(), "s3cr3t-value");
+        assert!(i.link_existing);
+    }
+
+    fn err_of(text: &str) -> String {
+        Config::from_toml(text, Path::new(".")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err_of(&GOOD.replace("username = \"mail\"", "username = \"email\""));
+        assert!(e.starts_with("integration[0] (contoso).username:"), "{e}");
+        let e = err_of(&GOOD.replace("max_deactivations = 25", "max_deactivations = \"ten\""));
+        assert!(e.contains("max_deactivations"), "{e}");
+        let e = err_of(&GOOD.replace("name = \"contoso\"", "name = \"Contoso Ltd\""));
+        assert!(e.starts_with("integration[0].name:"), "{e}");
+        let e = err_of(&GOOD.replace("0bc7d487-fd6f-41a0-8362-71ec81074f11", "All Employees"));
+        assert!(e.contains(".groups:") && e.contains("object id"), "{e}");
+        let e = err_of(&GOOD.replace("{ value = \"s3cr3t-value\" }", "{ env = \"RS_TEST_SURELY_UNSET\" }"));
+        assert!(e.contains("client_secret") && e.contains("RS_TEST_SURELY_UNSET"), "{e}");
+        let e = err_of(&GOOD.replace("kind = \"scim\"", "kind = \"ldap\""));
+        assert!(e.contains("target.kind"), "{e}");
+        let e = err_of(&GOOD.replace("username = \"mail\"", "usernme = \"mail\""));
+        assert!(e.contains("usernme"), "{e}");
+    }
+
+    #[test]
+    fn secret_values_never_appear_in_debug_output() {
+        let c = Config::from_toml(GOOD, Path::new(".")).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cr3t-value") && !dbg.contains("scim-token"), "{dbg}");
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret.txt"), "from-file\n").unwrap();
+        let text = GOOD.replace("{ value = \"s3cr3t-value\" }", "{ file = \"secret.txt\" }");
+        let c = Config::from_toml(&text, dir.path()).unwrap();
+        assert_eq!(c.integrations[0].client_secret.expose_secret(), "from-file");
+    }
+
+    #[test]
+    fn deactivation_limits_parse() {
+        use toml::Value;
+        assert_eq!(DeactivationLimit::parse(&Value::String("10%".into())), Ok(DeactivationLimit::Percent(10.0)));
+        assert_eq!(DeactivationLimit::parse(&Value::Integer(3)), Ok(DeactivationLimit::Count(3)));
+        assert!(DeactivationLimit::parse(&Value::String("150%".into())).is_err());
+        assert_eq!(DeactivationLimit::Percent(10.0).allowed(305), 30);
+    }
+}

@@ -1,0 +1,588 @@
+//! Microsoft Graph client: app-only token, one retrying HTTP core, paging, and the reads the
+//! sync needs (groups, transitive user members, users, managers via `$batch`).
+//!
+//! Owns every Graph URL and wire detail (see README "Graph"). It must not know SCIM, sled or
+//! the mapping; callers pass the `$select` lists.
+
+pub mod models;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::retry::{read_limited, retry_after, RetryPolicy};
+use models::{GraphGroup, GraphUser};
+
+/// Graph pages of 999 users are ~2 MB; anything far beyond is a broken or hostile peer.
+const MAX_PAGE_BYTES: usize = 32 * 1024 * 1024;
+const MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// Graph's documented maximum number of requests in one `$batch`.
+pub const BATCH_LIMIT: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    /// The token endpoint refused us; `advice` says what to do.
+    #[error("{advice}")]
+    Auth { code: Option<u64>, advice: String },
+    #[error("Graph {method} {path} answered {status} {code}: {message}{hint}")]
+    Api {
+        method: &'static str,
+        path: String,
+        status: u16,
+        code: String,
+        message: String,
+        hint: String,
+    },
+    #[error("cannot reach {what}: {message}")]
+    Transport { what: String, message: String },
+    #[error("unexpected answer from {what}: {message}")]
+    Decode { what: String, message: String },
+    #[error("group {0} does not exist in the tenant (deleted, or a wrong object id in `groups`)")]
+    GroupNotFound(String),
+}
+
+impl GraphError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            GraphError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Plain advice for the token endpoint's AADSTS codes.
+pub fn aadsts_advice(code: Option<u64>, description: &str) -> String {
+    let first_line = description.lines().next().unwrap_or("").trim();
+    match code {
+        Some(7000215) => "client secret rejected (AADSTS7000215): the value is wrong. Copy the secret's Value (not its Secret ID) from App registrations > Certificates & secrets, or create a new secret".into(),
+        Some(7000222) => "client secret expired (AADSTS7000222): create a new secret in App registrations > Certificates & secrets and update client_secret".into(),
+        Some(700016) => "application not found in the tenant (AADSTS700016): check client_id and tenant_id, and that an administrator has consented to the app in this tenant".into(),
+        Some(90002) => "tenant not found (AADSTS90002): check tenant_id (a GUID or a verified domain such as contoso.onmicrosoft.com) and login_url".into(),
+        Some(7000218) => "no client credential was sent (AADSTS7000218): client_secret is empty".into(),
+        Some(70011) => "invalid scope (AADSTS70011): check graph_url; the scope is <graph_url>/.default".into(),
+        Some(700027) => "client assertion has an invalid signature (AADSTS700027): upload the certificate to the app registration".into(),
+        Some(70021) => "no matching federated identity credential (AADSTS70021): check the issuer, subject and audience of the app's federated credential".into(),
+        Some(c) => format!("token request refused (AADSTS{c}): {first_line}"),
+        None => format!("token request refused: {first_line}"),
+    }
+}
+
+/// Settings of one tenant's Graph connection.
+#[derive(Clone, Debug)]
+pub struct GraphSettings {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub login_url: Url,
+    pub graph_url: Url,
+}
+
+struct CachedToken {
+    token: SecretString,
+    refresh_at: Instant,
+}
+
+/// One tenant's Graph client. Cheap to share behind an `Arc`.
+pub struct GraphClient {
+    http: reqwest::Client,
+    settings: GraphSettings,
+    /// Root of the API, e.g. `https://graph.microsoft.com/v1.0`; nextLinks must start with it.
+    api_root: String,
+    /// Held across the token request so concurrent callers share one refresh.
+    token: Mutex<Option<CachedToken>>,
+    retry: RetryPolicy,
+}
+
+#[derive(Deserialize)]
+struct TokenOk {
+    access_token: String,
+    expires_in: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct TokenErr {
+    error: Option<String>,
+    error_description: Option<String>,
+    error_codes: Option<Vec<u64>>,
+}
+
+#[derive(Deserialize)]
+struct GraphErrBody {
+    error: GraphErrInner,
+}
+#[derive(Deserialize)]
+struct GraphErrInner {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+fn root(u: &Url) -> String {
+    u.as_str().trim_end_matches('/').to_string()
+}
+
+/// A page of users and the link to the next one.
+pub struct UserPage {
+    pub users: Vec<GraphUser>,
+    pub next: Option<String>,
+    /// Members that were skipped because they could not be parsed (with the reason).
+    pub malformed: Vec<String>,
+}
+
+impl GraphClient {
+    pub fn new(settings: GraphSettings, http: reqwest::Client) -> Self {
+        let api_root = format!("{}/v1.0", root(&settings.graph_url));
+        Self {
+            http,
+            settings,
+            api_root,
+            token: Mutex::new(None),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// An HTTP client with the timeouts rostersync uses for Graph.
+    pub fn default_http() -> reqwest::Client {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("rostersync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default()
+    }
+
+    /// A valid access token, from the cache or the token endpoint.
+    pub async fn token(&self) -> Result<SecretString, GraphError> {
+        let mut guard = self.token.lock().await;
+        if let Some(t) = guard.as_ref() {
+            if Instant::now() < t.refresh_at {
+                return Ok(t.token.clone());
+            }
+        }
+        let fresh = self.fetch_token().await?;
+        let token = fresh.token.clone();
+        *guard = Some(fresh);
+        Ok(token)
+    }
+
+    async fn invalidate_token(&self) {
+        *self.token.lock().await = None;
+    }
+
+    async fn fetch_token(&self) -> Result<CachedToken, GraphError> {
+        let s = &self.settings;
+        let url = format!(
+            "{}/{}/oauth2/v2.0/token",
+            root(&s.login_url),
+            urlencode(&s.tenant_id)
+        );
+        let scope = format!("{}/.default", root(&s.graph_url));
+        let form = [
+            ("client_id", s.client_id.as_str()),
+            ("scope", scope.as_str()),
+            ("client_secret", s.client_secret.expose_secret()),
+            ("grant_type", "client_credentials"),
+        ];
+        let what = || format!("the token endpoint {}", root(&s.login_url));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let resp = self.http.post(&url).form(&form).send().await;
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) if attempt < self.retry.max_attempts => {
+                    tracing::warn!(attempt, error = %e, "token request failed; retrying");
+                    tokio::time::sleep(self.retry.delay(attempt, None)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(GraphError::Transport {
+                        what: what(),
+                        message: e.to_string(),
+                    })
+                }
+            };
+            let status = resp.status();
+            if (status.as_u16() == 429 || status.is_server_error()) && attempt < self.retry.max_attempts {
+                let ra = retry_after(resp.headers());
+                tokio::time::sleep(self.retry.delay(attempt, ra)).await;
+                continue;
+            }
+            let body = read_limited(resp, MAX_TOKEN_BYTES)
+                .await
+                .map_err(|m| GraphError::Transport { what: what(), message: m })?;
+            if status.is_success() {
+                let ok: TokenOk = serde_json::from_slice(&body).map_err(|e| GraphError::Decode {
+                    what: what(),
+                    message: format!("token response is not the expected JSON: {e}"),
+                })?;
+                let expires_in = match ok.expires_in {
+                    Some(Value::Number(n)) => n.as_u64().unwrap_or(3599),
+                    Some(Value::String(s)) => s.parse().unwrap_or(3599),
+                    _ => 3599,
+                };
+                // Refresh five minutes early (or halfway, for short-lived tokens).
+                let margin = (expires_in / 2).min(300);
+                let refresh_at = started + Duration::from_secs(expires_in.saturating_sub(margin));
+                tracing::debug!(expires_in, "got a Graph access token");
+                return Ok(CachedToken {
+                    token: SecretString::from(ok.access_token),
+                    refresh_at,
+                });
+            }
+            let err: TokenErr = serde_json::from_slice(&body).unwrap_or_default();
+            let code = err.error_codes.as_ref().and_then(|c| c.first().copied()).or_else(|| {
+                err.error_description.as_deref().and_then(parse_aadsts)
+            });
+            let desc = err
+                .error_description
+                .or(err.error)
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            return Err(GraphError::Auth {
+                code,
+                advice: aadsts_advice(code, &desc),
+            });
+        }
+    }
+
+    /// Sends a request with the bearer token and the retry policy; returns status and body.
+    /// `body` is `Some` for POST.
+    async fn send(
+        &self,
+        method: &'static str,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Vec<u8>), GraphError> {
+        let path = url.strip_prefix(&self.api_root).unwrap_or(url).to_string();
+        let mut attempt = 0;
+        let mut refreshed = false;
+        loop {
+            attempt += 1;
+            let token = self.token().await?;
+            let mut req = match method {
+                "POST" => self.http.post(url),
+                _ => self.http.get(url),
+            };
+            req = req
+                .bearer_auth(token.expose_secret())
+                .header("x-ms-throttle-priority", "low");
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if attempt < self.retry.max_attempts => {
+                    tracing::warn!(attempt, %path, error = %e, "Graph request failed; retrying");
+                    tokio::time::sleep(self.retry.delay(attempt, None)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(GraphError::Transport {
+                        what: format!("Graph {method} {path}"),
+                        message: e.to_string(),
+                    })
+                }
+            };
+            let status = resp.status().as_u16();
+            if matches!(status, 429 | 502 | 503 | 504) && attempt < self.retry.max_attempts {
+                let ra = retry_after(resp.headers());
+                let delay = self.retry.delay(attempt, ra);
+                tracing::debug!(attempt, status, %path, ?delay, "Graph throttled or unavailable; backing off");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            if status == 401 && !refreshed {
+                refreshed = true;
+                self.invalidate_token().await;
+                continue;
+            }
+            let bytes = read_limited(resp, MAX_PAGE_BYTES)
+                .await
+                .map_err(|m| GraphError::Transport {
+                    what: format!("Graph {method} {path}"),
+                    message: m,
+                })?;
+            return Ok((status, bytes));
+        }
+    }
+
+    fn api_error(&self, method: &'static str, url: &str, status: u16, body: &[u8]) -> GraphError {
+        let path = url.strip_prefix(&self.api_root).unwrap_or(url).to_string();
+        let (code, message) = match serde_json::from_slice::<GraphErrBody>(body) {
+            Ok(b) => (
+                b.error.code.unwrap_or_default(),
+                b.error.message.unwrap_or_default(),
+            ),
+            Err(_) => (String::new(), String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()),
+        };
+        let hint = match status {
+            403 => ". Grant the application permissions User.Read.All, GroupMember.Read.All, Group.Read.All and Directory.Read.All and have an administrator consent".to_string(),
+            429 => ". Graph kept throttling after all retries; try again later".to_string(),
+            _ => String::new(),
+        };
+        GraphError::Api {
+            method,
+            path,
+            status,
+            code,
+            message,
+            hint,
+        }
+    }
+
+    async fn get_json(&self, url: &str) -> Result<Value, GraphError> {
+        let (status, body) = self.send("GET", url, None).await?;
+        if !(200..300).contains(&status) {
+            return Err(self.api_error("GET", url, status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| GraphError::Decode {
+            what: format!("Graph GET {}", url.strip_prefix(&self.api_root).unwrap_or(url)),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads a group; a missing group is [`GraphError::GroupNotFound`].
+    pub async fn group(&self, id: &str) -> Result<GraphGroup, GraphError> {
+        let url = format!("{}/groups/{}?$select=id,displayName", self.api_root, urlencode(id));
+        match self.get_json(&url).await {
+            Ok(v) => Ok(GraphGroup {
+                id: v.get("id").and_then(|v| v.as_str()).unwrap_or(id).to_string(),
+                display_name: v
+                    .get("displayName")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string(),
+            }),
+            Err(e) if e.status() == Some(404) => Err(GraphError::GroupNotFound(id.to_string())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// URL of the first page of a group's transitive user members.
+    pub fn transitive_users_url(&self, group_id: &str, select: &[String]) -> String {
+        format!(
+            "{}/groups/{}/transitiveMembers/microsoft.graph.user?$select={}&$top=999",
+            self.api_root,
+            urlencode(group_id),
+            select.join(",")
+        )
+    }
+
+    /// Reads one page of users (a list URL or an `@odata.nextLink`).
+    pub async fn user_page(&self, url: &str) -> Result<UserPage, GraphError> {
+        if !url.starts_with(&self.api_root) {
+            return Err(GraphError::Decode {
+                what: "Graph paging".into(),
+                message: format!("refusing to follow a nextLink outside {}: {url}", self.api_root),
+            });
+        }
+        let v = self.get_json(url).await?;
+        let Value::Object(mut obj) = v else {
+            return Err(GraphError::Decode {
+                what: "Graph member page".into(),
+                message: "the page is not a JSON object".into(),
+            });
+        };
+        let next = match obj.remove("@odata.nextLink") {
+            Some(Value::String(s)) => Some(s),
+            None | Some(Value::Null) => None,
+            Some(_) => {
+                return Err(GraphError::Decode {
+                    what: "Graph member page".into(),
+                    message: "@odata.nextLink is not a string".into(),
+                })
+            }
+        };
+        let Some(Value::Array(items)) = obj.remove("value") else {
+            return Err(GraphError::Decode {
+                what: "Graph member page".into(),
+                message: "the page has no `value` array".into(),
+            });
+        };
+        let mut users = Vec::with_capacity(items.len());
+        let mut malformed = Vec::new();
+        for item in items {
+            // The cast should return users only; skip anything else defensively.
+            let is_user = item
+                .get("@odata.type")
+                .and_then(|t| t.as_str())
+                .is_none_or(|t| t.eq_ignore_ascii_case("#microsoft.graph.user"));
+            if !is_user {
+                continue;
+            }
+            match GraphUser::from_value(item) {
+                Ok(u) => users.push(u),
+                Err(m) => malformed.push(m),
+            }
+        }
+        Ok(UserPage {
+            users,
+            next,
+            malformed,
+        })
+    }
+
+    /// Reads one user by object id or UPN; `None` when it does not exist.
+    pub async fn user(&self, id_or_upn: &str, select: &[String]) -> Result<Option<GraphUser>, GraphError> {
+        let url = format!(
+            "{}/users/{}?$select={}",
+            self.api_root,
+            urlencode(id_or_upn),
+            select.join(",")
+        );
+        match self.get_json(&url).await {
+            Ok(v) => GraphUser::from_value(v).map(Some).map_err(|m| GraphError::Decode {
+                what: "Graph user".into(),
+                message: m,
+            }),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Managers of up to [`BATCH_LIMIT`] users in one `$batch`; users without a manager map to
+    /// `None`. Inner 429/5xx answers are retried (only those requests) under the retry policy.
+    pub async fn managers(
+        &self,
+        user_ids: &[String],
+        select: &[String],
+    ) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
+        let mut out = HashMap::with_capacity(user_ids.len());
+        let mut pending: Vec<&String> = user_ids.iter().collect();
+        let batch_url = format!("{}/$batch", self.api_root);
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            attempt += 1;
+            let requests: Vec<Value> = pending
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    json!({"id": i.to_string(), "method": "GET",
+                        "url": format!("/users/{}/manager?$select={}", urlencode(id), select.join(","))})
+                })
+                .collect();
+            let (status, body) = self
+                .send("POST", &batch_url, Some(&json!({ "requests": requests })))
+                .await?;
+            if !(200..300).contains(&status) {
+                return Err(self.api_error("POST", &batch_url, status, &body));
+            }
+            let decode = |m: String| GraphError::Decode {
+                what: "Graph $batch".into(),
+                message: m,
+            };
+            let v: Value = serde_json::from_slice(&body).map_err(|e| decode(e.to_string()))?;
+            let responses = v
+                .get("responses")
+                .and_then(|r| r.as_array())
+                .ok_or_else(|| decode("no `responses` array".into()))?;
+            let mut retry = Vec::new();
+            let mut max_wait: Option<Duration> = None;
+            let mut answered = vec![false; pending.len()];
+            for r in responses {
+                let idx = r
+                    .get("id")
+                    .and_then(|i| i.as_str())
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .filter(|i| *i < pending.len())
+                    .ok_or_else(|| decode("a response has an unknown id".into()))?;
+                answered[idx] = true;
+                let st = r.get("status").and_then(|s| s.as_u64()).unwrap_or(0) as u16;
+                let uid = pending[idx].clone();
+                match st {
+                    200 => {
+                        let body = r.get("body").cloned().unwrap_or(Value::Null);
+                        let m = GraphUser::from_value(body).map_err(decode)?;
+                        out.insert(uid, Some(m));
+                    }
+                    404 => {
+                        out.insert(uid, None);
+                    }
+                    429 | 500 | 502 | 503 | 504 => {
+                        let ra = r
+                            .get("headers")
+                            .and_then(|h| h.as_object())
+                            .and_then(|h| {
+                                h.iter()
+                                    .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                                    .and_then(|(_, v)| v.as_str().and_then(|s| s.parse::<u64>().ok()).or(v.as_u64()))
+                            })
+                            .map(Duration::from_secs);
+                        max_wait = max_wait.max(ra);
+                        retry.push(pending[idx]);
+                    }
+                    other => {
+                        let body = serde_json::to_vec(r.get("body").unwrap_or(&Value::Null)).unwrap_or_default();
+                        return Err(self.api_error("GET", &format!("{}/users/{uid}/manager", self.api_root), other, &body));
+                    }
+                }
+            }
+            for (i, a) in answered.iter().enumerate() {
+                if !a {
+                    retry.push(pending[i]);
+                }
+            }
+            if !retry.is_empty() {
+                if attempt >= self.retry.max_attempts {
+                    return Err(GraphError::Api {
+                        method: "POST",
+                        path: "/$batch".into(),
+                        status: 429,
+                        code: "TooManyRequests".into(),
+                        message: format!("{} manager reads still throttled after {attempt} attempts", retry.len()),
+                        hint: String::new(),
+                    });
+                }
+                tokio::time::sleep(self.retry.delay(attempt, max_wait)).await;
+            }
+            pending = retry;
+        }
+        Ok(out)
+    }
+
+    /// The manager of one user, `None` when there is none.
+    pub async fn manager(&self, user_id: &str, select: &[String]) -> Result<Option<GraphUser>, GraphError> {
+        let mut m = self.managers(&[user_id.to_string()], select).await?;
+        Ok(m.remove(user_id).flatten())
+    }
+}
+
+fn parse_aadsts(desc: &str) -> Option<u64> {
+    let rest = desc.split("AADSTS").nth(1)?;
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Percent-encodes one path segment.
+pub fn urlencode(s: &str) -> String {
+    // RFC 3986 unreserved characters stay as they are.
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aadsts_codes_become_advice() {
+        assert!(aadsts_advice(Some(7000215), "").contains("Secret ID"));
+        assert!(aadsts_advice(Some(7000222), "").contains("expired"));
+        assert_eq!(parse_aadsts("AADSTS7000215: Invalid client secret provided."), Some(7000215));
+        assert!(aadsts_advice(Some(1234), "AADSTS1234: odd\ntrace").ends_with("odd"));
+    }
+}

@@ -1,0 +1,268 @@
+//! Durable state in one sled database, isolated per integration.
+//!
+//! Owns: the sled engine and every key layout. Each integration gets its own trees, named
+//! `<integration>/users`, `<integration>/runs`, `<integration>/meta`, so one integration can
+//! never read or overwrite another's state. Nothing outside this module names a sled type, so
+//! the engine can be swapped.
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::config::IntegrationName;
+use crate::sync::mapping::{AttrValue, Record, ACTIVE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the data directory {0} is in use by another rostersync process (sled allows one process per directory)")]
+    Locked(PathBuf),
+    #[error("cannot open the data directory {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("corrupt entry in {tree} at key {key:?}: {message}")]
+    Corrupt {
+        tree: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// What rostersync last applied to one target user: the link (target id) and the mapped
+/// record. Only users in this index are ever modified or deactivated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub target_id: String,
+    pub user_name: String,
+    pub record: Record,
+    /// Entra object id of the user's manager when last applied (to find direct reports).
+    #[serde(default)]
+    pub manager: Option<String>,
+    /// True when an existing LMS user was adopted rather than created by rostersync.
+    #[serde(default)]
+    pub linked: bool,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl IndexEntry {
+    pub fn active(&self) -> bool {
+        !matches!(self.record.get(ACTIVE), Some(AttrValue::Bool(false)))
+    }
+}
+
+/// The whole database. Clone is cheap (sled handles are shared).
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let db = sled::Config::new()
+            .path(path)
+            // The index is read sequentially during a reconcile; a small cache keeps RSS flat.
+            .cache_capacity(32 * 1024 * 1024)
+            .open()
+            .map_err(|e| {
+                let msg = e.to_string();
+                if msg.contains("lock") || msg.contains("WouldBlock") || msg.contains("Resource temporarily unavailable") {
+                    StoreError::Locked(path.to_path_buf())
+                } else {
+                    StoreError::Open {
+                        path: path.to_path_buf(),
+                        message: msg,
+                    }
+                }
+            })?;
+        Ok(Store { db })
+    }
+
+    /// A temporary store for tests and the demo (removed when dropped).
+    pub fn temporary() -> Result<Store, StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Ok(Store { db })
+    }
+
+    pub fn integration(&self, name: &IntegrationName) -> Result<IntegrationStore, StoreError> {
+        let t = |kind: &str| self.db.open_tree(format!("{name}/{kind}"));
+        Ok(IntegrationStore {
+            name: name.to_string(),
+            users: t("users")?,
+            runs: t("runs")?,
+            meta: t("meta")?,
+        })
+    }
+
+    /// Blocks until everything written so far is on disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// One integration's trees.
+#[derive(Clone)]
+pub struct IntegrationStore {
+    name: String,
+    users: sled::Tree,
+    runs: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree: tree.to_string(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encoding: {e}")))
+}
+
+impl IntegrationStore {
+    pub fn get_user(&self, entra_id: &str) -> Result<Option<IndexEntry>, StoreError> {
+        match self.users.get(entra_id.as_bytes())? {
+            Some(b) => Ok(Some(decode(&format!("{}/users", self.name), entra_id.as_bytes(), &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_user(&self, entra_id: &str, e: &IndexEntry) -> Result<(), StoreError> {
+        self.users.insert(entra_id.as_bytes(), encode(e)?)?;
+        Ok(())
+    }
+
+    pub fn remove_user(&self, entra_id: &str) -> Result<(), StoreError> {
+        self.users.remove(entra_id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Every index entry, in key order.
+    pub fn users(&self) -> impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + '_ {
+        let tree = format!("{}/users", self.name);
+        self.users.iter().map(move |r| {
+            let (k, v) = r?;
+            let e = decode(&tree, &k, &v)?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), e))
+        })
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Appends a run record; keys sort by start time.
+    pub fn put_run<T: Serialize>(&self, run_id: &str, run: &T) -> Result<(), StoreError> {
+        self.runs.insert(run_id.as_bytes(), encode(run)?)?;
+        // Keep the last 500 runs.
+        while self.runs.len() > 500 {
+            if self.runs.pop_min()?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest `limit` runs, newest first.
+    pub fn runs<T: DeserializeOwned>(&self, limit: usize) -> Result<Vec<T>, StoreError> {
+        let tree = format!("{}/runs", self.name);
+        self.runs
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|r| {
+                let (k, v) = r?;
+                decode(&tree, &k, &v)
+            })
+            .collect()
+    }
+
+    pub fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.meta.get(key.as_bytes())? {
+            Some(b) => Ok(Some(decode(&format!("{}/meta", self.name), key.as_bytes(), &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Blocks until everything written so far (in any tree) is on disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.users.flush()?;
+        Ok(())
+    }
+
+    pub fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
+        self.meta.insert(key.as_bytes(), encode(v)?)?;
+        Ok(())
+    }
+}
+
+/// A run id that sorts by time: `20261128T070000Z-1a2b3c4d`.
+pub fn new_run_id() -> String {
+    let now = Utc::now();
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{}", now.format("%Y%m%dT%H%M%S%.3fZ"), &rand[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(active: bool) -> IndexEntry {
+        let mut record = Record::new();
+        record.insert(ACTIVE.into(), AttrValue::Bool(active));
+        IndexEntry {
+            target_id: "t1".into(),
+            user_name: "a@x".into(),
+            record,
+            manager: None,
+            linked: false,
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn integrations_are_isolated() {
+        let s = Store::temporary().unwrap();
+        let a = s.integration(&IntegrationName::parse("a").unwrap()).unwrap();
+        let b = s.integration(&IntegrationName::parse("b").unwrap()).unwrap();
+        a.put_user("u1", &entry(true)).unwrap();
+        assert!(a.get_user("u1").unwrap().is_some());
+        assert!(b.get_user("u1").unwrap().is_none());
+        assert_eq!(b.users().count(), 0);
+    }
+
+    #[test]
+    fn runs_come_back_newest_first_and_corruption_is_reported() {
+        let s = Store::temporary().unwrap();
+        let a = s.integration(&IntegrationName::parse("a").unwrap()).unwrap();
+        a.put_run("2026-01", &1u32).unwrap();
+        a.put_run("2026-02", &2u32).unwrap();
+        assert_eq!(a.runs::<u32>(10).unwrap(), vec![2, 1]);
+        a.users.insert(b"bad", b"{not json".to_vec()).unwrap();
+        let err = a.get_user("bad").unwrap_err().to_string();
+        assert!(err.contains("a/users") && err.contains("bad"), "{err}");
+        assert!(!entry(false).active());
+    }
+
+    #[test]
+    fn open_creates_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        let s = Store::open(&p).unwrap();
+        s.flush().unwrap();
+        assert!(p.exists());
+    }
+}

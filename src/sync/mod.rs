@@ -1,0 +1,8 @@
+//! The sync core: mapping (pure), plan and guard (pure), full reconcile (effects).
+//!
+//! Architecture invariant: `mapping` and `plan` do no I/O; `reconcile` reaches Graph, the
+//! target and the store only through `GraphClient`, the `Target` trait and `IntegrationStore`.
+
+pub mod mapping;
+pub mod plan;
+pub mod reconcile;

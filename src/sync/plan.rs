@@ -1,0 +1,332 @@
+//! Plan and guard: pure functions from (desired state, index) to changes.
+//!
+//! Architecture invariant: this module does no I/O. It decides create / update / deactivate /
+//! reactivate per user and whether a run may deactivate as many users as it would.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::mapping::{AttrChange, AttrValue, Desired, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME};
+use crate::config::DeactivationLimit;
+use crate::store::IndexEntry;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Create,
+    Update,
+    Deactivate,
+    Reactivate,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Deactivate => "deactivate",
+            Action::Reactivate => "reactivate",
+        }
+    }
+}
+
+/// One user's planned change.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlannedChange {
+    pub action: Action,
+    pub entra_id: String,
+    pub user_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_id: Option<String>,
+    /// Field-level diff (for a create: every attribute it will have).
+    pub changes: Vec<AttrChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The complete record after the change.
+    #[serde(skip)]
+    pub record: Record,
+    #[serde(skip)]
+    pub manager: Option<String>,
+}
+
+/// What is known about a user's manager when the user is planned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ManagerRef {
+    /// No manager, or manager linking disabled.
+    None,
+    /// The manager is in the target with this id.
+    Known(String),
+    /// The manager is not in the target yet (may be created later in this run): leave the
+    /// attribute as it is now and settle it in the manager pass.
+    Deferred,
+}
+
+/// The record keys rostersync manages for a mapping (others in the target are never touched).
+pub fn managed_keys<'a>(rule_keys: impl Iterator<Item = &'a str>, link_manager: bool) -> BTreeSet<String> {
+    let mut keys: BTreeSet<String> = rule_keys.map(str::to_string).collect();
+    keys.extend([USER_NAME, EXTERNAL_ID, ACTIVE].map(str::to_string));
+    if link_manager {
+        keys.insert(MANAGER.to_string());
+    }
+    keys
+}
+
+/// Attribute-level difference between two records.
+pub fn diff(old: &Record, new: &Record) -> Vec<AttrChange> {
+    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (o, n) = (old.get(k), new.get(k));
+            (o != n).then(|| AttrChange {
+                key: k.clone(),
+                old: o.cloned(),
+                new: n.cloned(),
+            })
+        })
+        .collect()
+}
+
+fn active(r: &Record) -> bool {
+    !matches!(r.get(ACTIVE), Some(AttrValue::Bool(false)))
+}
+
+/// Completes a desired record against what the target holds now (`current`, restricted to the
+/// managed keys): `keep` attributes and a deferred manager keep their current values.
+pub fn desired_record(d: &Desired, manager: &ManagerRef, current: Option<&Record>) -> Record {
+    let mut record = d.record.clone();
+    for k in &d.keep {
+        match current.and_then(|c| c.get(k)) {
+            Some(v) => record.insert(k.clone(), v.clone()),
+            None => record.remove(k),
+        };
+    }
+    match manager {
+        ManagerRef::Known(id) => {
+            record.insert(MANAGER.into(), AttrValue::Str(id.clone()));
+        }
+        ManagerRef::None => {
+            record.remove(MANAGER);
+        }
+        ManagerRef::Deferred => match current.and_then(|c| c.get(MANAGER)) {
+            Some(v) => {
+                record.insert(MANAGER.into(), v.clone());
+            }
+            None => {
+                record.remove(MANAGER);
+            }
+        },
+    }
+    record
+}
+
+/// Plans one group member. `existing` is the user's index entry with its record already
+/// restricted to the managed keys. Returns `None` when nothing changes.
+pub fn plan_member(d: &Desired, existing: Option<&IndexEntry>, manager: &ManagerRef) -> Option<PlannedChange> {
+    let record = desired_record(d, manager, existing.map(|e| &e.record));
+    match existing {
+        None => {
+            if !active(&record) {
+                // A disabled member that was never provisioned is not created.
+                return None;
+            }
+            let changes = record
+                .iter()
+                .map(|(k, v)| AttrChange {
+                    key: k.clone(),
+                    old: None,
+                    new: Some(v.clone()),
+                })
+                .collect();
+            Some(PlannedChange {
+                action: Action::Create,
+                entra_id: d.entra_id.clone(),
+                user_name: d.user_name.clone(),
+                target_id: None,
+                changes,
+                reason: None,
+                record,
+                manager: d.manager_entra_id.clone(),
+            })
+        }
+        Some(e) => {
+            let changes = diff(&e.record, &record);
+            if changes.is_empty() {
+                return None;
+            }
+            let (was, is) = (active(&e.record), active(&record));
+            let (action, reason) = match (was, is) {
+                (true, false) => (Action::Deactivate, Some("disabled in Entra (accountEnabled = false)".to_string())),
+                (false, true) => (Action::Reactivate, Some("member again and enabled".to_string())),
+                _ => (Action::Update, None),
+            };
+            Some(PlannedChange {
+                action,
+                entra_id: d.entra_id.clone(),
+                user_name: d.user_name.clone(),
+                target_id: Some(e.target_id.clone()),
+                changes,
+                reason,
+                record,
+                manager: d.manager_entra_id.clone(),
+            })
+        }
+    }
+}
+
+/// Plans the deactivation of an indexed user that is no longer in any configured group.
+pub fn plan_departure(entra_id: &str, e: &IndexEntry) -> Option<PlannedChange> {
+    if !e.active() {
+        return None;
+    }
+    let mut record = e.record.clone();
+    record.insert(ACTIVE.into(), AttrValue::Bool(false));
+    Some(PlannedChange {
+        action: Action::Deactivate,
+        entra_id: entra_id.to_string(),
+        user_name: e.user_name.clone(),
+        target_id: Some(e.target_id.clone()),
+        changes: vec![AttrChange {
+            key: ACTIVE.into(),
+            old: Some(AttrValue::Bool(true)),
+            new: Some(AttrValue::Bool(false)),
+        }],
+        reason: Some("no longer a member of any configured group (removed, or deleted in Entra)".into()),
+        record,
+        manager: e.manager.clone(),
+    })
+}
+
+/// Why the guard stopped a run's deactivations.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct GuardTrip {
+    pub would_deactivate: u64,
+    pub allowed: u64,
+    pub active_before: u64,
+    pub limit: String,
+}
+
+impl std::fmt::Display for GuardTrip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the run would deactivate {} of {} active users, more than max_deactivations = {} allows ({}); no user was deactivated. Check the group and the app's permissions; if this is intended, run `reconcile --allow-mass-deactivation` once or raise max_deactivations",
+            self.would_deactivate, self.active_before, self.limit, self.allowed
+        )
+    }
+}
+
+/// The mass-deactivation guard.
+pub fn guard(would_deactivate: u64, active_before: u64, limit: DeactivationLimit, allow: bool) -> Result<(), GuardTrip> {
+    let allowed = limit.allowed(active_before);
+    if allow || would_deactivate <= allowed {
+        return Ok(());
+    }
+    Err(GuardTrip {
+        would_deactivate,
+        allowed,
+        active_before,
+        limit: limit.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn s(v: &str) -> AttrValue {
+        AttrValue::Str(v.into())
+    }
+
+    fn desired(title: Option<&str>, enabled: bool) -> Desired {
+        let mut record = Record::new();
+        record.insert(USER_NAME.into(), s("ada@x"));
+        record.insert(EXTERNAL_ID.into(), s("u1"));
+        record.insert(ACTIVE.into(), AttrValue::Bool(enabled));
+        if let Some(t) = title {
+            record.insert("title".into(), s(t));
+        }
+        Desired {
+            entra_id: "u1".into(),
+            user_name: "ada@x".into(),
+            record,
+            manager_entra_id: Some("m1".into()),
+            keep: BTreeSet::new(),
+        }
+    }
+
+    fn entry(d: &Desired, manager: Option<&str>) -> IndexEntry {
+        let mut record = d.record.clone();
+        if let Some(m) = manager {
+            record.insert(MANAGER.into(), s(m));
+        }
+        IndexEntry {
+            target_id: "t1".into(),
+            user_name: d.user_name.clone(),
+            record,
+            manager: d.manager_entra_id.clone(),
+            linked: false,
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn new_member_is_created_and_unchanged_member_costs_nothing() {
+        let d = desired(Some("Engineer"), true);
+        let p = plan_member(&d, None, &ManagerRef::Known("tm".into())).unwrap();
+        assert_eq!(p.action, Action::Create);
+        assert_eq!(p.record[MANAGER], s("tm"));
+        let e = entry(&d, Some("tm"));
+        assert_eq!(plan_member(&d, Some(&e), &ManagerRef::Known("tm".into())), None);
+        assert_eq!(plan_member(&desired(None, false), None, &ManagerRef::None), None, "disabled never-provisioned users are not created");
+    }
+
+    #[test]
+    fn only_changed_fields_are_updated() {
+        let before = desired(Some("Engineer"), true);
+        let e = entry(&before, Some("tm"));
+        let p = plan_member(&desired(Some("Lead"), true), Some(&e), &ManagerRef::Known("tm".into())).unwrap();
+        assert_eq!(p.action, Action::Update);
+        assert_eq!(p.changes, vec![AttrChange { key: "title".into(), old: Some(s("Engineer")), new: Some(s("Lead")) }]);
+        let p = plan_member(&desired(None, true), Some(&e), &ManagerRef::Known("tm".into())).unwrap();
+        assert_eq!(p.changes[0].new, None, "an emptied source clears the attribute");
+    }
+
+    #[test]
+    fn disable_and_re_enable_are_deactivate_and_reactivate() {
+        let d = desired(Some("E"), true);
+        let e = entry(&d, None);
+        let p = plan_member(&desired(Some("E"), false), Some(&e), &ManagerRef::None).unwrap();
+        assert_eq!(p.action, Action::Deactivate);
+        let mut gone = e.clone();
+        gone.record.insert(ACTIVE.into(), AttrValue::Bool(false));
+        let p = plan_member(&d, Some(&gone), &ManagerRef::None).unwrap();
+        assert_eq!(p.action, Action::Reactivate);
+        let p = plan_departure("u1", &e).unwrap();
+        assert_eq!(p.action, Action::Deactivate);
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(plan_departure("u1", &gone), None, "already inactive users are left alone");
+    }
+
+    #[test]
+    fn keep_policy_and_deferred_manager_keep_current_values() {
+        let mut d = desired(None, true);
+        d.keep.insert("title".into());
+        let mut e = entry(&desired(Some("Hand-set"), true), Some("old-mgr"));
+        e.record.insert("title".into(), s("Hand-set"));
+        assert_eq!(plan_member(&d, Some(&e), &ManagerRef::Deferred), None);
+        let p = plan_member(&d, Some(&e), &ManagerRef::None).unwrap();
+        assert_eq!(p.changes, vec![AttrChange { key: MANAGER.into(), old: Some(s("old-mgr")), new: None }]);
+    }
+
+    #[test]
+    fn guard_counts_and_percentages() {
+        assert!(guard(10, 100, DeactivationLimit::Percent(10.0), false).is_ok());
+        let trip = guard(11, 100, DeactivationLimit::Percent(10.0), false).unwrap_err();
+        assert_eq!(trip.allowed, 10);
+        assert!(trip.to_string().contains("--allow-mass-deactivation"));
+        assert!(guard(11, 100, DeactivationLimit::Percent(10.0), true).is_ok());
+        assert!(guard(3, 5, DeactivationLimit::Count(2), false).is_err());
+    }
+}

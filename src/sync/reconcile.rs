@@ -1,0 +1,600 @@
+//! Full reconcile: list every group's transitive user members, plan against the index, guard,
+//! apply, then settle managers and record the run.
+//!
+//! Members are processed a page at a time (a page of at most 999 users and their managers is
+//! all that is held of Graph's data); creates and updates are applied as pages arrive, while
+//! deactivations wait until every group has been listed completely and the guard has passed.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures::{stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use super::mapping::{AttrValue, Record, MANAGER};
+use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
+use crate::config::IntegrationConfig;
+use crate::graph::models::GraphUser;
+use crate::graph::{GraphClient, GraphError, BATCH_LIMIT};
+use crate::store::{new_run_id, IndexEntry, IntegrationStore, StoreError};
+use crate::target::{Capabilities, Target, TargetError, TargetUser};
+
+/// Everything one integration's sync needs.
+pub struct Context<'a, T: Target> {
+    pub cfg: &'a IntegrationConfig,
+    pub graph: &'a GraphClient,
+    pub target: &'a T,
+    pub store: &'a IntegrationStore,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    pub dry_run: bool,
+    pub allow_mass_deactivation: bool,
+}
+
+/// Progress events for a terminal display.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    PageRead { members: u64 },
+    Applied { done: u64 },
+}
+
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Everything planned was applied (or, in a dry run, planned).
+    Ok,
+    /// Some users failed; the rest was applied.
+    Partial,
+    /// The guard stopped the deactivations.
+    GuardTripped,
+    /// The run stopped on an error that concerns the whole integration.
+    Failed,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub members: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub deactivated: u64,
+    pub reactivated: u64,
+    pub unchanged: u64,
+    pub failed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UserFailure {
+    pub entra_id: String,
+    pub user_name: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupSummary {
+    pub id: String,
+    pub name: String,
+    pub members: u64,
+}
+
+/// The result of one run; the part without `changes` is kept in the run history.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub integration: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub dry_run: bool,
+    pub outcome: Outcome,
+    pub counts: Counts,
+    pub groups: Vec<GroupSummary>,
+    pub failures: Vec<UserFailure>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardTrip>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Planned (dry run) or applied changes; not kept in the run history.
+    #[serde(default, skip_deserializing)]
+    pub changes: Vec<PlannedChange>,
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// Errors that stop a whole run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Source(String),
+}
+
+enum ApplyError {
+    User(String),
+    Fatal(RunError),
+}
+
+impl From<StoreError> for ApplyError {
+    fn from(e: StoreError) -> Self {
+        ApplyError::Fatal(e.into())
+    }
+}
+
+impl From<TargetError> for ApplyError {
+    fn from(e: TargetError) -> Self {
+        if e.is_fatal() {
+            ApplyError::Fatal(e.into())
+        } else {
+            ApplyError::User(e.to_string())
+        }
+    }
+}
+
+struct Run<'a, 'c, T: Target> {
+    ctx: &'a Context<'c, T>,
+    opts: RunOptions,
+    caps: Capabilities,
+    managed: BTreeSet<String>,
+    progress: Option<ProgressFn>,
+    report: RunReport,
+    applied: u64,
+}
+
+/// Runs a full reconcile of one integration. Never panics on bad input; whole-run errors end
+/// up in `report.error` with `Outcome::Failed`.
+pub async fn reconcile<T: Target>(ctx: &Context<'_, T>, opts: RunOptions, progress: Option<ProgressFn>) -> RunReport {
+    let run_id = new_run_id();
+    let span = tracing::info_span!("reconcile", integration = %ctx.cfg.name, run_id = %run_id, dry_run = opts.dry_run);
+    async move {
+        let started_at = Utc::now();
+        let report = RunReport {
+            run_id: run_id.clone(),
+            integration: ctx.cfg.name.to_string(),
+            started_at,
+            finished_at: started_at,
+            dry_run: opts.dry_run,
+            outcome: Outcome::Ok,
+            counts: Counts::default(),
+            groups: Vec::new(),
+            failures: Vec::new(),
+            guard: None,
+            error: None,
+            changes: Vec::new(),
+            notes: Vec::new(),
+        };
+        let mut run = Run {
+            ctx,
+            opts,
+            caps: Capabilities::default(),
+            managed: BTreeSet::new(),
+            progress,
+            report,
+            applied: 0,
+        };
+        tracing::info!("reconcile started");
+        let result = run.execute().await;
+        let mut report = run.report;
+        report.finished_at = Utc::now();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "reconcile failed");
+            report.error = Some(e.to_string());
+            report.outcome = Outcome::Failed;
+        } else if report.guard.is_some() {
+            report.outcome = Outcome::GuardTripped;
+        } else if !report.failures.is_empty() {
+            report.outcome = Outcome::Partial;
+        }
+        if !opts.dry_run {
+            let mut history = report.clone();
+            history.changes.clear();
+            if let Err(e) = ctx.store.put_run(&report.run_id, &history) {
+                tracing::error!(error = %e, "could not record the run");
+            }
+        }
+        let c = &report.counts;
+        tracing::info!(outcome = ?report.outcome, members = c.members, created = c.created, updated = c.updated,
+            deactivated = c.deactivated, reactivated = c.reactivated, unchanged = c.unchanged, failed = c.failed,
+            "reconcile finished");
+        report
+    }
+    .instrument(span)
+    .await
+}
+
+impl<T: Target> Run<'_, '_, T> {
+    fn tick(&self, p: Progress) {
+        if let Some(f) = &self.progress {
+            f(&p);
+        }
+    }
+
+    fn fail_user(&mut self, entra_id: &str, user_name: Option<&str>, reason: String) {
+        tracing::warn!(user = entra_id, user_name, %reason, "user failed to sync");
+        self.report.counts.failed += 1;
+        self.report.failures.push(UserFailure {
+            entra_id: entra_id.to_string(),
+            user_name: user_name.map(str::to_string),
+            reason,
+        });
+    }
+
+    /// The user's index entry with its record cut down to the managed keys.
+    fn indexed(&self, entra_id: &str) -> Result<Option<IndexEntry>, StoreError> {
+        Ok(self.ctx.store.get_user(entra_id)?.map(|mut e| {
+            e.record.retain(|k, _| self.managed.contains(k));
+            e
+        }))
+    }
+
+    async fn execute(&mut self) -> Result<(), RunError> {
+        let cfg = self.ctx.cfg;
+        self.caps = self.ctx.target.discover().await?;
+        for n in &self.caps.notes {
+            tracing::info!(note = %n, "target capabilities");
+        }
+        self.report.notes.extend(self.caps.notes.iter().cloned());
+        let link_manager = cfg.mapping.link_manager && self.caps.enterprise;
+        self.managed = plan::managed_keys(cfg.mapping.rules.iter().map(|r| r.key.as_str()), link_manager)
+            .into_iter()
+            .filter(|k| self.caps.accepts(k))
+            .collect();
+
+        let active_before = self
+            .ctx
+            .store
+            .users()
+            .filter(|r| r.as_ref().map(|(_, e)| e.active()).unwrap_or(false))
+            .count() as u64;
+
+        let user_select = cfg.mapping.user_select();
+        let manager_select = cfg.mapping.manager_select();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut deferred_managers: Vec<String> = Vec::new();
+        let mut deactivations: Vec<PlannedChange> = Vec::new();
+
+        for group_id in &cfg.groups {
+            let group = self.ctx.graph.group(group_id).await?;
+            let span = tracing::info_span!("group", group = %group.id, name = %group.display_name);
+            let mut count = 0u64;
+            let mut next = Some(self.ctx.graph.transitive_users_url(group_id, &user_select));
+            while let Some(url) = next.take() {
+                let page = self.ctx.graph.user_page(&url).instrument(span.clone()).await?;
+                next = page.next;
+                for m in page.malformed {
+                    self.fail_user("?", None, format!("Graph returned a malformed member: {m}"));
+                }
+                count += page.users.len() as u64;
+                if !page.users.is_empty()
+                    && page.users.iter().all(|u| u.string("userPrincipalName").is_none())
+                {
+                    return Err(RunError::Source(
+                        "Graph returns members without properties (no userPrincipalName): the app lacks User.Read.All; grant it and have an administrator consent".into(),
+                    ));
+                }
+                let fresh: Vec<GraphUser> = page.users.into_iter().filter(|u| seen.insert(u.id.clone())).collect();
+                self.report.counts.members += fresh.len() as u64;
+                self.tick(Progress::PageRead { members: self.report.counts.members });
+                let managers = match &manager_select {
+                    Some(sel) => self.read_managers(&fresh, sel).instrument(span.clone()).await?,
+                    None => HashMap::new(),
+                };
+                let mut changes = Vec::new();
+                for u in &fresh {
+                    let mgr = managers.get(&u.id).and_then(|m| m.as_ref());
+                    let mut d = match cfg.mapping.apply(u, mgr) {
+                        Ok(d) => d,
+                        Err(f) => {
+                            let name = u.string("userPrincipalName");
+                            self.fail_user(&u.id, name.as_deref(), format!("cannot be mapped: {}", f.0));
+                            continue;
+                        }
+                    };
+                    d.record.retain(|k, _| self.managed.contains(k));
+                    let existing = self.indexed(&u.id)?;
+                    let mref = match (&d.manager_entra_id, link_manager) {
+                        (Some(mid), true) => match self.ctx.store.get_user(mid)? {
+                            Some(me) => ManagerRef::Known(me.target_id),
+                            None => {
+                                deferred_managers.push(u.id.clone());
+                                ManagerRef::Deferred
+                            }
+                        },
+                        _ => ManagerRef::None,
+                    };
+                    match plan::plan_member(&d, existing.as_ref(), &mref) {
+                        None => self.report.counts.unchanged += 1,
+                        Some(c) if c.action == Action::Deactivate => deactivations.push(c),
+                        Some(c) => changes.push(c),
+                    }
+                }
+                self.apply_all(changes, true).await?;
+            }
+            self.check_group_size(&group.id, &group.display_name, count, active_before)?;
+            self.report.groups.push(GroupSummary {
+                id: group.id.clone(),
+                name: group.display_name.clone(),
+                members: count,
+            });
+        }
+
+        // Every group was listed completely: whoever is indexed but unseen has left.
+        for r in self.ctx.store.users() {
+            let (id, e) = r?;
+            if !seen.contains(&id) {
+                if let Some(c) = plan::plan_departure(&id, &e) {
+                    deactivations.push(c);
+                }
+            }
+        }
+
+        match plan::guard(deactivations.len() as u64, active_before, cfg.max_deactivations, self.opts.allow_mass_deactivation) {
+            Ok(()) => {
+                if self.opts.allow_mass_deactivation && !deactivations.is_empty() {
+                    tracing::warn!(count = deactivations.len(), "mass-deactivation guard overridden by --allow-mass-deactivation");
+                }
+                self.apply_all(deactivations, true).await?;
+            }
+            Err(trip) => {
+                tracing::error!(would = trip.would_deactivate, allowed = trip.allowed, "mass-deactivation guard tripped");
+                if self.opts.dry_run {
+                    self.report.changes.extend(deactivations);
+                }
+                self.report.guard = Some(trip);
+            }
+        }
+
+        self.settle_managers(deferred_managers).await?;
+
+        if !self.opts.dry_run {
+            for g in &self.report.groups {
+                self.ctx.store.put_meta(&format!("group_count/{}", g.id), &g.members)?;
+            }
+            self.ctx.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A group that had members and now has none is an error, never "everyone left".
+    fn check_group_size(&mut self, id: &str, name: &str, count: u64, active_before: u64) -> Result<(), RunError> {
+        if count > 0 {
+            return Ok(());
+        }
+        let before: Option<u64> = self.ctx.store.get_meta(&format!("group_count/{id}"))?;
+        if before.unwrap_or(0) > 0 || (self.ctx.cfg.groups.len() == 1 && active_before > 0) {
+            return Err(RunError::Source(format!(
+                "group {name:?} ({id}) returned no members but had {} before; refusing to treat that as everyone leaving. Check the group in Entra and the app's GroupMember.Read.All permission",
+                before.unwrap_or(active_before)
+            )));
+        }
+        self.report.notes.push(format!("group {name:?} ({id}) has no user members"));
+        Ok(())
+    }
+
+    async fn read_managers(
+        &self,
+        users: &[GraphUser],
+        select: &[String],
+    ) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
+        let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
+        let graph = self.ctx.graph;
+        let mut out = HashMap::with_capacity(ids.len());
+        let mut batches = stream::iter(ids.chunks(BATCH_LIMIT).map(|c| graph.managers(c, select)))
+            .buffer_unordered(self.ctx.cfg.graph_concurrency);
+        while let Some(r) = batches.next().await {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
+
+    /// Applies changes with the target's bounded concurrency, recording results.
+    /// `counted` is false for follow-up changes of users already counted in this run.
+    async fn apply_all(&mut self, changes: Vec<PlannedChange>, counted: bool) -> Result<(), RunError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if self.opts.dry_run {
+            if counted {
+                for c in &changes {
+                    self.count(c.action);
+                }
+                self.report.changes.extend(changes);
+            }
+            return Ok(());
+        }
+        let conc = self.ctx.cfg.target.concurrency;
+        let ctx = self.ctx;
+        let managed = &self.managed;
+        let results: Vec<(PlannedChange, Result<(), ApplyError>)> = stream::iter(changes.into_iter().map(|c| async move {
+            let span = tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
+            let r = apply_change(ctx, managed, &c).instrument(span).await;
+            (c, r)
+        }))
+        .buffer_unordered(conc)
+        .collect()
+        .await;
+        let mut fatal = None;
+        for (c, r) in results {
+            match r {
+                Ok(()) => {
+                    self.applied += 1;
+                    if counted {
+                        self.count(c.action);
+                        self.report.changes.push(PlannedChange {
+                            record: Record::new(),
+                            ..c
+                        });
+                    }
+                }
+                Err(ApplyError::User(reason)) => self.fail_user(&c.entra_id, Some(&c.user_name), reason),
+                Err(ApplyError::Fatal(e)) => fatal = Some(e),
+            }
+        }
+        self.tick(Progress::Applied { done: self.applied });
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn count(&mut self, a: Action) {
+        let c = &mut self.report.counts;
+        match a {
+            Action::Create => c.created += 1,
+            Action::Update => c.updated += 1,
+            Action::Deactivate => c.deactivated += 1,
+            Action::Reactivate => c.reactivated += 1,
+        }
+    }
+
+    /// Links managers that were not in the target when their reports were planned (created
+    /// later in this run), and clears links to managers that are not in the target at all.
+    async fn settle_managers(&mut self, users: Vec<String>) -> Result<(), RunError> {
+        let mut changes = Vec::new();
+        let mut pending_in_dry_run = 0;
+        for id in users {
+            let Some(e) = self.indexed(&id)? else {
+                pending_in_dry_run += 1;
+                continue;
+            };
+            let want = match &e.manager {
+                Some(m) => self.ctx.store.get_user(m)?.map(|me| AttrValue::Str(me.target_id)),
+                None => None,
+            };
+            if e.record.get(MANAGER) == want.as_ref() {
+                continue;
+            }
+            let mut record = e.record.clone();
+            match &want {
+                Some(v) => record.insert(MANAGER.into(), v.clone()),
+                None => record.remove(MANAGER),
+            };
+            changes.push(PlannedChange {
+                action: Action::Update,
+                entra_id: id.clone(),
+                user_name: e.user_name.clone(),
+                target_id: Some(e.target_id.clone()),
+                changes: plan::diff(&e.record, &record),
+                reason: Some("manager link".into()),
+                record,
+                manager: e.manager.clone(),
+            });
+        }
+        if self.opts.dry_run && pending_in_dry_run > 0 {
+            self.report.notes.push(format!(
+                "{pending_in_dry_run} new users get their manager linked once the manager exists in the LMS"
+            ));
+        }
+        // A user created or updated earlier in this run is not counted a second time.
+        let already: HashSet<&str> = self.report.changes.iter().map(|c| c.entra_id.as_str()).collect();
+        let (again, fresh): (Vec<_>, Vec<_>) = changes.into_iter().partition(|c| already.contains(c.entra_id.as_str()));
+        self.apply_all(again, false).await?;
+        self.apply_all(fresh, true).await?;
+        Ok(())
+    }
+}
+
+/// Applies one planned change to the target and records it in the index.
+async fn apply_change<T: Target>(ctx: &Context<'_, T>, managed: &BTreeSet<String>, c: &PlannedChange) -> Result<(), ApplyError> {
+    match c.action {
+        Action::Create => create_or_link(ctx, managed, c).await,
+        _ => {
+            let target_id = c.target_id.clone().unwrap_or_default();
+            match ctx.target.update(&target_id, &c.changes).await {
+                Ok(()) => {
+                    put_index(ctx, c, &target_id, None)?;
+                    Ok(())
+                }
+                Err(TargetError::NotFound(_)) if c.action == Action::Deactivate => {
+                    // Deleted in the LMS by hand: nothing left to deactivate.
+                    tracing::warn!("target user is gone; recording it as inactive");
+                    put_index(ctx, c, &target_id, None)?;
+                    Ok(())
+                }
+                Err(TargetError::NotFound(_)) => {
+                    tracing::warn!("target user was deleted in the LMS; creating it again");
+                    ctx.store.remove_user(&c.entra_id)?;
+                    create_or_link(ctx, managed, c).await
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+fn put_index<T: Target>(ctx: &Context<'_, T>, c: &PlannedChange, target_id: &str, linked: Option<bool>) -> Result<(), StoreError> {
+    let linked = match linked {
+        Some(l) => l,
+        None => ctx.store.get_user(&c.entra_id)?.map(|e| e.linked).unwrap_or(false),
+    };
+    ctx.store.put_user(
+        &c.entra_id,
+        &IndexEntry {
+            target_id: target_id.to_string(),
+            user_name: c.user_name.clone(),
+            record: c.record.clone(),
+            manager: c.manager.clone(),
+            linked,
+            updated_at: Utc::now(),
+        },
+    )
+}
+
+async fn create_or_link<T: Target>(ctx: &Context<'_, T>, managed: &BTreeSet<String>, c: &PlannedChange) -> Result<(), ApplyError> {
+    // POST first: one request per new user. A 409 means the userName exists (made by hand,
+    // by another tool, or by us before the index entry was written): adopt it then.
+    if let Some(u) = ctx.target.create(&c.record).await? {
+        tracing::info!(target_id = %u.id, "created LMS user");
+        put_index(ctx, c, &u.id, Some(false))?;
+        return Ok(());
+    }
+    let found = match ctx.target.find_by_user_name(&c.user_name).await? {
+        Some(u) => Some(u),
+        None => ctx.target.find_by_external_id(&c.entra_id).await?,
+    };
+    let Some(u) = found else {
+        return Err(ApplyError::User(format!(
+            "the LMS answered 409 (exists) to the create, but no user with userName {:?} or externalId {} can be found",
+            c.user_name, c.entra_id
+        )));
+    };
+    link(ctx, managed, c, u).await
+}
+
+async fn link<T: Target>(ctx: &Context<'_, T>, managed: &BTreeSet<String>, c: &PlannedChange, u: TargetUser) -> Result<(), ApplyError> {
+    let theirs = match u.record.get(super::mapping::EXTERNAL_ID) {
+        Some(AttrValue::Str(x)) if !x.is_empty() && x != &c.entra_id => Some(x.clone()),
+        _ => None,
+    };
+    let ours = theirs.is_none()
+        && matches!(u.record.get(super::mapping::EXTERNAL_ID), Some(AttrValue::Str(x)) if x == &c.entra_id);
+    if let Some(other) = theirs {
+        return Err(ApplyError::User(format!(
+            "userName {:?} is taken in the LMS by user {} with externalId {other:?} (another identity); not touching it",
+            c.user_name, u.id
+        )));
+    }
+    if !ours && !ctx.cfg.link_existing {
+        return Err(ApplyError::User(format!(
+            "an LMS user with userName {:?} already exists (id {}) and link_existing = false; link it by hand or set link_existing = true",
+            c.user_name, u.id
+        )));
+    }
+    let mut current = u.record.clone();
+    current.retain(|k, _| managed.contains(k));
+    let changes = plan::diff(&current, &c.record);
+    if !changes.is_empty() {
+        ctx.target.update(&u.id, &changes).await?;
+    }
+    tracing::info!(target_id = %u.id, changed = changes.len(), "linked existing LMS user");
+    put_index(ctx, c, &u.id, Some(!ours))?;
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! The LMS side: a small [`Target`] trait and its SCIM 2.0 implementation.
+//!
+//! The trait speaks the neutral record vocabulary of `sync::mapping` (keys such as
+//! `emails.work`); only `target::scim` knows SCIM JSON. Every operation is idempotent: the sync
+//! looks up by externalId before it creates, and deactivation is an update of `active`.
+
+pub mod scim;
+
+use std::future::Future;
+
+use crate::sync::mapping::{AttrChange, Record};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("{method} {path} answered {status}{}: {detail}", scim_type.as_deref().map(|t| format!(" ({t})")).unwrap_or_default())]
+    Http {
+        method: &'static str,
+        path: String,
+        status: u16,
+        scim_type: Option<String>,
+        detail: String,
+    },
+    #[error("the target user {0} no longer exists (404)")]
+    NotFound(String),
+    #[error("{count} LMS users match {attr} = {value:?}; refusing to guess which one is meant")]
+    Ambiguous {
+        attr: &'static str,
+        value: String,
+        count: usize,
+    },
+    #[error("cannot reach the LMS at {url}: {message}")]
+    Transport { url: String, message: String },
+    #[error("unexpected answer from the LMS ({what}): {message}")]
+    Decode { what: String, message: String },
+    #[error("the LMS rejected the bearer token (401): check target.token")]
+    Unauthorized,
+}
+
+impl TargetError {
+    /// Errors that concern the whole target (not one user): the run stops on them.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, TargetError::Unauthorized | TargetError::Transport { .. })
+    }
+}
+
+/// A user as the target holds it, translated into the record vocabulary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetUser {
+    pub id: String,
+    pub user_name: String,
+    pub record: Record,
+}
+
+/// What the target can take, learnt from its discovery documents.
+#[derive(Clone, Debug, Default)]
+pub struct Capabilities {
+    /// Whether the target served its schemas (otherwise core + enterprise are assumed).
+    pub discovered: bool,
+    pub enterprise: bool,
+    /// Attribute names of the custom extension, when the target declares it.
+    pub custom_attributes: Option<Vec<String>>,
+    pub patch: bool,
+    pub filter: bool,
+    /// Human-readable notes from discovery (for `check`).
+    pub notes: Vec<String>,
+}
+
+impl Capabilities {
+    /// Whether a record key can be sent to this target.
+    pub fn accepts(&self, key: &str) -> bool {
+        if key.starts_with("enterprise.") {
+            return self.enterprise;
+        }
+        if let Some(name) = key.strip_prefix("custom.") {
+            return self
+                .custom_attributes
+                .as_ref()
+                .is_some_and(|a| a.iter().any(|n| n.eq_ignore_ascii_case(name)));
+        }
+        true
+    }
+}
+
+/// An LMS that rostersync can provision.
+pub trait Target: Send + Sync {
+    /// Reads the target's discovery documents (and checks the credentials).
+    fn discover(&self) -> impl Future<Output = Result<Capabilities, TargetError>> + Send;
+    fn find_by_external_id(
+        &self,
+        external_id: &str,
+    ) -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
+    fn find_by_user_name(
+        &self,
+        user_name: &str,
+    ) -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
+    /// Creates a user. A conflict (the user exists) is `Ok(None)`: the caller looks it up.
+    fn create(&self, record: &Record) -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
+    /// Applies attribute changes to an existing user; never called with no change.
+    fn update(&self, id: &str, changes: &[AttrChange]) -> impl Future<Output = Result<(), TargetError>> + Send;
+    /// One page of all users (`start` is 1-based); an empty page ends the listing.
+    fn list(
+        &self,
+        start: usize,
+        count: usize,
+    ) -> impl Future<Output = Result<(Vec<TargetUser>, usize), TargetError>> + Send;
+}
