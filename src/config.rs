@@ -15,7 +15,8 @@ use url::Url;
 use crate::sync::mapping::{Mapping, MappingError, UsernameSource};
 
 /// Default SCIM custom extension URN for attributes that have no standard SCIM home.
-pub const DEFAULT_CUSTOM_SCHEMA: &str = "urn:ietf:params:scim:schemas:extension:rostersync:2.0:User";
+pub const DEFAULT_CUSTOM_SCHEMA: &str =
+    "urn:ietf:params:scim:schemas:extension:rostersync:2.0:User";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -92,17 +93,18 @@ impl RawSecret {
                     base.join(file)
                 };
                 let text = std::fs::read_to_string(&path).map_err(|e| {
-                    invalid(key, format!("cannot read secret file {}: {e}", path.display()))
+                    invalid(
+                        key,
+                        format!("cannot read secret file {}: {e}", path.display()),
+                    )
                 })?;
                 text.trim_end_matches(['\r', '\n']).to_string()
             }
             (None, None, Some(v)) => v.clone(),
-            _ => {
-                return Err(invalid(
-                    key,
-                    "give exactly one of { env = \"VAR\" }, { file = \"path\" } or { value = \"...\" }",
-                ))
-            }
+            _ => return Err(invalid(
+                key,
+                "give exactly one of { env = \"VAR\" }, { file = \"path\" } or { value = \"...\" }",
+            )),
         };
         if value.trim().is_empty() {
             return Err(invalid(key, "the secret is empty"));
@@ -207,7 +209,9 @@ impl DeactivationLimit {
                     Ok(Self::Percent(p))
                 } else {
                     s.parse::<u64>().map(Self::Count).map_err(|_| {
-                        format!("{s:?} is neither a count (e.g. 25) nor a percentage (e.g. \"10%\")")
+                        format!(
+                            "{s:?} is neither a count (e.g. 25) nor a percentage (e.g. \"10%\")"
+                        )
                     })
                 }
             }
@@ -333,19 +337,33 @@ impl Config {
                 return Err(invalid(k("client_id"), format!("{:?} is not a GUID; use the Application (client) ID from the app registration's Overview page", ri.client_id)));
             }
             if ri.groups.is_empty() {
-                return Err(invalid(k("groups"), "lists no group; give at least one group object id"));
+                return Err(invalid(
+                    k("groups"),
+                    "lists no group; give at least one group object id",
+                ));
             }
             for g in &ri.groups {
                 if !looks_like_guid(g) {
                     return Err(invalid(k("groups"), format!("{g:?} is not a group object id (a GUID such as 0bc7d487-fd6f-41a0-8362-71ec81074f11); display names are not accepted")));
                 }
             }
-            let username = UsernameSource::parse(&ri.username).map_err(|m| invalid(k("username"), m))?;
-            let login_url = parse_http_url(&k("login_url"), ri.login_url.as_deref().unwrap_or("https://login.microsoftonline.com"))?;
-            let graph_url = parse_http_url(&k("graph_url"), ri.graph_url.as_deref().unwrap_or("https://graph.microsoft.com"))?;
+            let username =
+                UsernameSource::parse(&ri.username).map_err(|m| invalid(k("username"), m))?;
+            let login_url = parse_http_url(
+                &k("login_url"),
+                ri.login_url
+                    .as_deref()
+                    .unwrap_or("https://login.microsoftonline.com"),
+            )?;
+            let graph_url = parse_http_url(
+                &k("graph_url"),
+                ri.graph_url
+                    .as_deref()
+                    .unwrap_or("https://graph.microsoft.com"),
+            )?;
             let max_deactivations = DeactivationLimit::parse(&ri.max_deactivations)
                 .map_err(|m| invalid(k("max_deactivations"), m))?;
-            let client_secret = ri.client_secret.resolve(&k("client_secret"), &base)?;
+            let client_secret = ri.client_secret.resolve(&k("client_secret"), base)?;
             let graph_concurrency = ri.graph_concurrency.unwrap_or(4);
             if !(1..=32).contains(&graph_concurrency) {
                 return Err(invalid(k("graph_concurrency"), "must be between 1 and 32"));
@@ -353,21 +371,37 @@ impl Config {
 
             let t = ri.target;
             if t.kind != "scim" {
-                return Err(invalid(k("target.kind"), format!("{:?} is not supported; the only target kind is \"scim\"", t.kind)));
+                return Err(invalid(
+                    k("target.kind"),
+                    format!(
+                        "{:?} is not supported; the only target kind is \"scim\"",
+                        t.kind
+                    ),
+                ));
             }
             let url = parse_http_url(&k("target.url"), &t.url)?;
-            let token = t.token.resolve(&k("target.token"), &base)?;
+            let token = t.token.resolve(&k("target.token"), base)?;
             let concurrency = t.concurrency.unwrap_or(8);
             if !(1..=64).contains(&concurrency) {
                 return Err(invalid(k("target.concurrency"), "must be between 1 and 64"));
             }
             let timeout_secs = t.timeout_secs.unwrap_or(30);
             if !(1..=600).contains(&timeout_secs) {
-                return Err(invalid(k("target.timeout_secs"), "must be between 1 and 600"));
+                return Err(invalid(
+                    k("target.timeout_secs"),
+                    "must be between 1 and 600",
+                ));
             }
-            let custom_schema = t.custom_schema.unwrap_or_else(|| DEFAULT_CUSTOM_SCHEMA.to_string());
+            let custom_schema = t
+                .custom_schema
+                .unwrap_or_else(|| DEFAULT_CUSTOM_SCHEMA.to_string());
             if !custom_schema.starts_with("urn:") || custom_schema.ends_with(':') {
-                return Err(invalid(k("target.custom_schema"), format!("{custom_schema:?} is not a schema URN such as {DEFAULT_CUSTOM_SCHEMA}")));
+                return Err(invalid(
+                    k("target.custom_schema"),
+                    format!(
+                        "{custom_schema:?} is not a schema URN such as {DEFAULT_CUSTOM_SCHEMA}"
+                    ),
+                ));
             }
             let mapping = Mapping::build(username, ri.mapping.as_ref()).map_err(|e| match e {
                 MappingError::At { key, message } => invalid(k(&format!("mapping.{key}")), message),
@@ -414,7 +448,10 @@ impl Config {
                     let known: Vec<_> = self.integrations.iter().map(|i| i.name.as_str()).collect();
                     return Err(invalid(
                         "--integration",
-                        format!("no integration named {n:?} (configured: {})", known.join(", ")),
+                        format!(
+                            "no integration named {n:?} (configured: {})",
+                            known.join(", ")
+                        ),
                     ));
                 }
                 Ok(found)
@@ -463,7 +500,9 @@ token = { value = "scim-token" }
     }
 
     fn err_of(text: &str) -> String {
-        Config::from_toml(text, Path::new(".")).unwrap_err().to_string()
+        Config::from_toml(text, Path::new("."))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -476,8 +515,14 @@ token = { value = "scim-token" }
         assert!(e.starts_with("integration[0].name:"), "{e}");
         let e = err_of(&GOOD.replace("0bc7d487-fd6f-41a0-8362-71ec81074f11", "All Employees"));
         assert!(e.contains(".groups:") && e.contains("object id"), "{e}");
-        let e = err_of(&GOOD.replace("{ value = \"s3cr3t-value\" }", "{ env = \"RS_TEST_SURELY_UNSET\" }"));
-        assert!(e.contains("client_secret") && e.contains("RS_TEST_SURELY_UNSET"), "{e}");
+        let e = err_of(&GOOD.replace(
+            "{ value = \"s3cr3t-value\" }",
+            "{ env = \"RS_TEST_SURELY_UNSET\" }",
+        ));
+        assert!(
+            e.contains("client_secret") && e.contains("RS_TEST_SURELY_UNSET"),
+            "{e}"
+        );
         let e = err_of(&GOOD.replace("kind = \"scim\"", "kind = \"ldap\""));
         assert!(e.contains("target.kind"), "{e}");
         let e = err_of(&GOOD.replace("username = \"mail\"", "usernme = \"mail\""));
@@ -488,7 +533,10 @@ token = { value = "scim-token" }
     fn secret_values_never_appear_in_debug_output() {
         let c = Config::from_toml(GOOD, Path::new(".")).unwrap();
         let dbg = format!("{c:?}");
-        assert!(!dbg.contains("s3cr3t-value") && !dbg.contains("scim-token"), "{dbg}");
+        assert!(
+            !dbg.contains("s3cr3t-value") && !dbg.contains("scim-token"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -501,10 +549,31 @@ token = { value = "scim-token" }
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        std::env::set_var("CONTOSO_SECRET", "x");
+        std::env::set_var("CONTOSO_SCIM_TOKEN", "y");
+        let text = include_str!("../config/example.toml");
+        // The example's placeholder ids are zero GUIDs, which are well-formed.
+        let c = Config::from_toml(text, Path::new("config")).unwrap();
+        assert_eq!(c.integrations[0].name.as_str(), "contoso");
+        assert!(c.integrations[0]
+            .mapping
+            .rules
+            .iter()
+            .any(|r| r.key == "custom.company"));
+    }
+
+    #[test]
     fn deactivation_limits_parse() {
         use toml::Value;
-        assert_eq!(DeactivationLimit::parse(&Value::String("10%".into())), Ok(DeactivationLimit::Percent(10.0)));
-        assert_eq!(DeactivationLimit::parse(&Value::Integer(3)), Ok(DeactivationLimit::Count(3)));
+        assert_eq!(
+            DeactivationLimit::parse(&Value::String("10%".into())),
+            Ok(DeactivationLimit::Percent(10.0))
+        );
+        assert_eq!(
+            DeactivationLimit::parse(&Value::Integer(3)),
+            Ok(DeactivationLimit::Count(3))
+        );
         assert!(DeactivationLimit::parse(&Value::String("150%".into())).is_err());
         assert_eq!(DeactivationLimit::Percent(10.0).allowed(305), 30);
     }

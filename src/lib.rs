@@ -10,10 +10,13 @@
 //!
 //! Architecture notes live in `ARCHITECTURE.md`.
 
-pub mod sim;
+pub mod app;
 pub mod config;
+pub mod demo;
 pub mod graph;
+pub mod output;
 pub mod retry;
+pub mod sim;
 pub mod store;
 pub mod sync;
 pub mod target;

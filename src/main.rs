@@ -1,1 +1,203 @@
-fn main() {}
+//! The `rostersync` command line. Parses arguments, sets up logging, and hands over to the
+//! library; `anyhow` lives only here.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rostersync::app::{CheckStatus, Integration};
+use rostersync::config::Config;
+use rostersync::output::{exit_code, render_checks, render_report};
+use rostersync::store::Store;
+use rostersync::sync::reconcile::{Progress, ProgressFn, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "rostersync",
+    version,
+    about = "Keeps an LMS roster (SCIM 2.0) in step with Entra ID groups"
+)]
+struct Cli {
+    /// Config file (TOML); see config/example.toml.
+    #[arg(short, long, global = true, env = "ROSTERSYNC_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter, e.g. "info" or "rostersync=debug" (RUST_LOG wins when set).
+    #[arg(long, global = true)]
+    log: Option<String>,
+    /// Logs as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validates the config, gets a Graph token, reads each group and probes the LMS.
+    Check {
+        #[arg(long)]
+        integration: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Makes the LMS users equal to the groups' members (a full reconcile).
+    Reconcile {
+        /// Print the plan; apply nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only this integration.
+        #[arg(long)]
+        integration: Option<String>,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Apply deactivations even when there are more than max_deactivations (once).
+        #[arg(long)]
+        allow_mass_deactivation: bool,
+    },
+    /// Runs the whole flow against in-process simulators; needs no config and no tenant.
+    Demo {
+        /// Users in the simulated tenant.
+        #[arg(long, default_value_t = 300)]
+        users: usize,
+    },
+}
+
+fn init_logging(cli: &Cli, quiet_default: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = cli.log.clone().unwrap_or_else(|| {
+        if quiet_default {
+            "warn".into()
+        } else {
+            "info".into()
+        }
+    });
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let path = cli
+        .config
+        .as_ref()
+        .context("no config file: pass --config FILE (or set ROSTERSYNC_CONFIG); `rostersync demo` needs none")?;
+    Ok(Config::load(path)?)
+}
+
+fn progress_bar() -> (indicatif::ProgressBar, ProgressFn) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let b = bar.clone();
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let applied = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let f: ProgressFn = Arc::new(move |p: &Progress| {
+        use std::sync::atomic::Ordering::Relaxed;
+        match p {
+            Progress::PageRead { members } => read.store(*members, Relaxed),
+            Progress::Applied { done } => applied.store(*done, Relaxed),
+        }
+        b.set_message(format!(
+            "members read: {}, changes applied: {}",
+            read.load(Relaxed),
+            applied.load(Relaxed)
+        ));
+    });
+    (bar, f)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match &cli.cmd {
+        Cmd::Demo { users } => {
+            init_logging(&cli, true);
+            let mut out = std::io::stdout();
+            Ok(rostersync::demo::run(*users, &mut out).await?)
+        }
+        Cmd::Check { integration, json } => {
+            init_logging(&cli, true);
+            let config = load_config(&cli)?;
+            if !json {
+                println!(
+                    "OK   config: {} integration(s) valid",
+                    config.integrations.len()
+                );
+            }
+            let store = Store::open(&config.server.data_dir)?;
+            let mut lines = Vec::new();
+            for cfg in config.select(integration.as_deref())? {
+                let i = Integration::build(cfg, &store)?;
+                lines.extend(i.check().await);
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                print!("{}", render_checks(&lines));
+            }
+            Ok(if lines.iter().any(|l| l.status == CheckStatus::Fail) {
+                1
+            } else {
+                0
+            })
+        }
+        Cmd::Reconcile {
+            dry_run,
+            integration,
+            json,
+            allow_mass_deactivation,
+        } => {
+            let tty = std::io::stderr().is_terminal() && !json;
+            init_logging(&cli, tty);
+            let config = load_config(&cli)?;
+            let store = Store::open(&config.server.data_dir)?;
+            let opts = RunOptions {
+                dry_run: *dry_run,
+                allow_mass_deactivation: *allow_mass_deactivation,
+            };
+            let mut reports = Vec::new();
+            for cfg in config.select(integration.as_deref())? {
+                let i = Integration::build(cfg, &store)?;
+                let (bar, progress) = if tty {
+                    let (b, f) = progress_bar();
+                    (Some(b), Some(f))
+                } else {
+                    (None, None)
+                };
+                let report = i.reconcile(opts, progress).await;
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                if !json {
+                    let max = if *dry_run { usize::MAX } else { 50 };
+                    print!("{}", render_report(&report, max));
+                }
+                reports.push(report);
+            }
+            store.flush()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            }
+            Ok(exit_code(&reports))
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -62,11 +62,17 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 pub async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
     if let Some(len) = resp.content_length() {
         if len as usize > limit {
-            return Err(format!("response of {len} bytes exceeds the {limit}-byte limit"));
+            return Err(format!(
+                "response of {len} bytes exceeds the {limit}-byte limit"
+            ));
         }
     }
     let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| format!("reading response: {e}"))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("reading response: {e}"))?
+    {
         if buf.len() + chunk.len() > limit {
             return Err(format!("response exceeds the {limit}-byte limit"));
         }
@@ -101,7 +107,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);

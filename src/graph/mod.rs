@@ -213,19 +213,26 @@ impl GraphClient {
                 }
             };
             let status = resp.status();
-            if (status.as_u16() == 429 || status.is_server_error()) && attempt < self.retry.max_attempts {
+            if (status.as_u16() == 429 || status.is_server_error())
+                && attempt < self.retry.max_attempts
+            {
                 let ra = retry_after(resp.headers());
                 tokio::time::sleep(self.retry.delay(attempt, ra)).await;
                 continue;
             }
-            let body = read_limited(resp, MAX_TOKEN_BYTES)
-                .await
-                .map_err(|m| GraphError::Transport { what: what(), message: m })?;
+            let body =
+                read_limited(resp, MAX_TOKEN_BYTES)
+                    .await
+                    .map_err(|m| GraphError::Transport {
+                        what: what(),
+                        message: m,
+                    })?;
             if status.is_success() {
-                let ok: TokenOk = serde_json::from_slice(&body).map_err(|e| GraphError::Decode {
-                    what: what(),
-                    message: format!("token response is not the expected JSON: {e}"),
-                })?;
+                let ok: TokenOk =
+                    serde_json::from_slice(&body).map_err(|e| GraphError::Decode {
+                        what: what(),
+                        message: format!("token response is not the expected JSON: {e}"),
+                    })?;
                 let expires_in = match ok.expires_in {
                     Some(Value::Number(n)) => n.as_u64().unwrap_or(3599),
                     Some(Value::String(s)) => s.parse().unwrap_or(3599),
@@ -241,9 +248,11 @@ impl GraphClient {
                 });
             }
             let err: TokenErr = serde_json::from_slice(&body).unwrap_or_default();
-            let code = err.error_codes.as_ref().and_then(|c| c.first().copied()).or_else(|| {
-                err.error_description.as_deref().and_then(parse_aadsts)
-            });
+            let code = err
+                .error_codes
+                .as_ref()
+                .and_then(|c| c.first().copied())
+                .or_else(|| err.error_description.as_deref().and_then(parse_aadsts));
             let desc = err
                 .error_description
                 .or(err.error)
@@ -306,12 +315,13 @@ impl GraphClient {
                 self.invalidate_token().await;
                 continue;
             }
-            let bytes = read_limited(resp, MAX_PAGE_BYTES)
-                .await
-                .map_err(|m| GraphError::Transport {
-                    what: format!("Graph {method} {path}"),
-                    message: m,
-                })?;
+            let bytes =
+                read_limited(resp, MAX_PAGE_BYTES)
+                    .await
+                    .map_err(|m| GraphError::Transport {
+                        what: format!("Graph {method} {path}"),
+                        message: m,
+                    })?;
             return Ok((status, bytes));
         }
     }
@@ -323,7 +333,10 @@ impl GraphClient {
                 b.error.code.unwrap_or_default(),
                 b.error.message.unwrap_or_default(),
             ),
-            Err(_) => (String::new(), String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()),
+            Err(_) => (
+                String::new(),
+                String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            ),
         };
         let hint = match status {
             403 => ". Grant the application permissions User.Read.All, GroupMember.Read.All, Group.Read.All and Directory.Read.All and have an administrator consent".to_string(),
@@ -346,17 +359,28 @@ impl GraphClient {
             return Err(self.api_error("GET", url, status, &body));
         }
         serde_json::from_slice(&body).map_err(|e| GraphError::Decode {
-            what: format!("Graph GET {}", url.strip_prefix(&self.api_root).unwrap_or(url)),
+            what: format!(
+                "Graph GET {}",
+                url.strip_prefix(&self.api_root).unwrap_or(url)
+            ),
             message: e.to_string(),
         })
     }
 
     /// Reads a group; a missing group is [`GraphError::GroupNotFound`].
     pub async fn group(&self, id: &str) -> Result<GraphGroup, GraphError> {
-        let url = format!("{}/groups/{}?$select=id,displayName", self.api_root, urlencode(id));
+        let url = format!(
+            "{}/groups/{}?$select=id,displayName",
+            self.api_root,
+            urlencode(id)
+        );
         match self.get_json(&url).await {
             Ok(v) => Ok(GraphGroup {
-                id: v.get("id").and_then(|v| v.as_str()).unwrap_or(id).to_string(),
+                id: v
+                    .get("id")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(id)
+                    .to_string(),
                 display_name: v
                     .get("displayName")
                     .and_then(|v| v.as_str())
@@ -383,7 +407,10 @@ impl GraphClient {
         if !url.starts_with(&self.api_root) {
             return Err(GraphError::Decode {
                 what: "Graph paging".into(),
-                message: format!("refusing to follow a nextLink outside {}: {url}", self.api_root),
+                message: format!(
+                    "refusing to follow a nextLink outside {}: {url}",
+                    self.api_root
+                ),
             });
         }
         let v = self.get_json(url).await?;
@@ -433,7 +460,11 @@ impl GraphClient {
     }
 
     /// Reads one user by object id or UPN; `None` when it does not exist.
-    pub async fn user(&self, id_or_upn: &str, select: &[String]) -> Result<Option<GraphUser>, GraphError> {
+    pub async fn user(
+        &self,
+        id_or_upn: &str,
+        select: &[String],
+    ) -> Result<Option<GraphUser>, GraphError> {
         let url = format!(
             "{}/users/{}?$select={}",
             self.api_root,
@@ -441,10 +472,12 @@ impl GraphClient {
             select.join(",")
         );
         match self.get_json(&url).await {
-            Ok(v) => GraphUser::from_value(v).map(Some).map_err(|m| GraphError::Decode {
-                what: "Graph user".into(),
-                message: m,
-            }),
+            Ok(v) => GraphUser::from_value(v)
+                .map(Some)
+                .map_err(|m| GraphError::Decode {
+                    what: "Graph user".into(),
+                    message: m,
+                }),
             Err(e) if e.status() == Some(404) => Ok(None),
             Err(e) => Err(e),
         }
@@ -515,15 +548,25 @@ impl GraphClient {
                             .and_then(|h| {
                                 h.iter()
                                     .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
-                                    .and_then(|(_, v)| v.as_str().and_then(|s| s.parse::<u64>().ok()).or(v.as_u64()))
+                                    .and_then(|(_, v)| {
+                                        v.as_str()
+                                            .and_then(|s| s.parse::<u64>().ok())
+                                            .or(v.as_u64())
+                                    })
                             })
                             .map(Duration::from_secs);
                         max_wait = max_wait.max(ra);
                         retry.push(pending[idx]);
                     }
                     other => {
-                        let body = serde_json::to_vec(r.get("body").unwrap_or(&Value::Null)).unwrap_or_default();
-                        return Err(self.api_error("GET", &format!("{}/users/{uid}/manager", self.api_root), other, &body));
+                        let body = serde_json::to_vec(r.get("body").unwrap_or(&Value::Null))
+                            .unwrap_or_default();
+                        return Err(self.api_error(
+                            "GET",
+                            &format!("{}/users/{uid}/manager", self.api_root),
+                            other,
+                            &body,
+                        ));
                     }
                 }
             }
@@ -539,7 +582,10 @@ impl GraphClient {
                         path: "/$batch".into(),
                         status: 429,
                         code: "TooManyRequests".into(),
-                        message: format!("{} manager reads still throttled after {attempt} attempts", retry.len()),
+                        message: format!(
+                            "{} manager reads still throttled after {attempt} attempts",
+                            retry.len()
+                        ),
                         hint: String::new(),
                     });
                 }
@@ -551,7 +597,11 @@ impl GraphClient {
     }
 
     /// The manager of one user, `None` when there is none.
-    pub async fn manager(&self, user_id: &str, select: &[String]) -> Result<Option<GraphUser>, GraphError> {
+    pub async fn manager(
+        &self,
+        user_id: &str,
+        select: &[String],
+    ) -> Result<Option<GraphUser>, GraphError> {
         let mut m = self.managers(&[user_id.to_string()], select).await?;
         Ok(m.remove(user_id).flatten())
     }
@@ -582,7 +632,10 @@ mod tests {
     fn aadsts_codes_become_advice() {
         assert!(aadsts_advice(Some(7000215), "").contains("Secret ID"));
         assert!(aadsts_advice(Some(7000222), "").contains("expired"));
-        assert_eq!(parse_aadsts("AADSTS7000215: Invalid client secret provided."), Some(7000215));
+        assert_eq!(
+            parse_aadsts("AADSTS7000215: Invalid client secret provided."),
+            Some(7000215)
+        );
         assert!(aadsts_advice(Some(1234), "AADSTS1234: odd\ntrace").ends_with("odd"));
     }
 }

@@ -33,7 +33,12 @@ impl GraphUser {
         }
         let s = match cur {
             Value::String(s) => s.trim().to_string(),
-            Value::Array(a) => a.first().and_then(|v| v.as_str()).unwrap_or("").trim().to_string(),
+            Value::Array(a) => a
+                .first()
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .trim()
+                .to_string(),
             Value::Bool(b) => b.to_string(),
             Value::Number(n) => n.to_string(),
             _ => String::new(),
@@ -61,7 +66,11 @@ mod tests {
         assert_eq!(u.string("businessPhones").as_deref(), Some("+1 555"));
         assert_eq!(u.string("accountEnabled").as_deref(), Some("false"));
         assert_eq!(u.string("mail"), None);
-        assert_eq!(u.string("onPremisesExtensionAttributes.extensionAttribute1").as_deref(), Some("x"));
+        assert_eq!(
+            u.string("onPremisesExtensionAttributes.extensionAttribute1")
+                .as_deref(),
+            Some("x")
+        );
         assert!(!u.props.contains_key("@odata.type"));
         assert!(GraphUser::from_value(json!({"displayName":"no id"})).is_err());
         assert!(GraphUser::from_value(json!([1])).is_err());

@@ -1,1 +1,2375 @@
-//! Graph tenant simulator (being written).
+//! In-process Microsoft Graph tenant simulator.
+//!
+//! Serves, over real HTTP on `127.0.0.1`, the slice of Microsoft Graph and of the Microsoft
+//! identity platform token endpoint that rostersync uses, following the documented wire formats
+//! (see `graph.md` sections 7, 8 and 9.1):
+//!
+//! * `POST /{tenant}/oauth2/v2.0/token` — client credentials (form body or HTTP Basic), AADSTS
+//!   error bodies.
+//! * `GET /v1.0/groups/{id}`, `/groups/{id}/members`, `/groups/{id}/transitiveMembers` (optionally
+//!   cast with `/microsoft.graph.user` or `/microsoft.graph.group`), with `$select`, `$top`
+//!   (1..=999, default 100) and opaque `$skiptoken` paging through absolute `@odata.nextLink`s.
+//! * `GET /v1.0/users/{id | userPrincipalName}` and `/users/{id}/manager`, with `$select`.
+//! * `POST /v1.0/$batch` (max 20 requests, responses shuffled, inner requests throttled
+//!   individually, `dependsOn` honoured).
+//! * Throttling faults: `429` + `Retry-After` from a seeded RNG.
+//!
+//! Anything else Graph offers but the simulator does not implement is refused with an error
+//! (never silently ignored), so a client relying on it fails here rather than in production.
+//!
+//! All state lives in one [`State`] behind one mutex; mutations go through methods on
+//! [`GraphSim`] (a later change-notification / delta feature can hook into
+//! `State::touch`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use actix_web::dev::ServerHandle;
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+
+// ---------------------------------------------------------------------------------------------
+// Public data model
+// ---------------------------------------------------------------------------------------------
+
+/// A user object of the simulated tenant (Graph property names in camelCase).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SimUser {
+    pub id: String,
+    pub user_principal_name: String,
+    pub mail: Option<String>,
+    pub given_name: Option<String>,
+    pub surname: Option<String>,
+    pub display_name: Option<String>,
+    pub job_title: Option<String>,
+    pub department: Option<String>,
+    pub office_location: Option<String>,
+    pub employee_id: Option<String>,
+    pub employee_type: Option<String>,
+    pub company_name: Option<String>,
+    pub city: Option<String>,
+    pub country: Option<String>,
+    pub usage_location: Option<String>,
+    pub mobile_phone: Option<String>,
+    pub business_phones: Vec<String>,
+    pub account_enabled: bool,
+    /// Entra object id of this user's manager (the manager need not be in any group).
+    pub manager_id: Option<String>,
+}
+
+/// A group of the simulated tenant.
+#[derive(Clone, Debug, Default)]
+pub struct SimGroup {
+    pub id: String,
+    pub display_name: String,
+    /// user or group ids (nested groups)
+    pub members: Vec<String>,
+}
+
+/// The initial contents and app registration of a simulated tenant.
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub users: Vec<SimUser>,
+    pub groups: Vec<SimGroup>,
+}
+
+/// Fault injection for the Graph API (the token endpoint is never throttled).
+#[derive(Clone, Debug, Default)]
+pub struct GraphFaults {
+    /// fraction 0.0..=1.0 of API requests (incl. each inner $batch request, excluding the token
+    /// endpoint) answered 429
+    pub throttle_rate: f64,
+    /// Retry-After seconds sent with those 429s
+    pub retry_after_secs: u64,
+    pub seed: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire constants
+// ---------------------------------------------------------------------------------------------
+
+/// Content type Graph uses for OData JSON payloads.
+const ODATA_JSON: &str =
+    "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8";
+/// Content type of Graph error bodies.
+const ERROR_JSON: &str = "application/json";
+/// Content type of the token endpoint.
+const TOKEN_JSON: &str = "application/json; charset=utf-8";
+
+const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 3599;
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 999;
+const MAX_BATCH: usize = 20;
+
+/// Every user property the simulator knows (Graph v1.0 names). `$select` of anything else is a
+/// 400, as on Graph.
+const USER_PROPS: &[&str] = &[
+    "id",
+    "userPrincipalName",
+    "mail",
+    "givenName",
+    "surname",
+    "displayName",
+    "jobTitle",
+    "department",
+    "officeLocation",
+    "employeeId",
+    "employeeType",
+    "companyName",
+    "city",
+    "country",
+    "usageLocation",
+    "mobilePhone",
+    "businessPhones",
+    "accountEnabled",
+    "preferredLanguage",
+    "onPremisesExtensionAttributes",
+    "userType",
+    "createdDateTime",
+    "deletedDateTime",
+    "state",
+    "streetAddress",
+    "postalCode",
+    "faxNumber",
+    "otherMails",
+    "proxyAddresses",
+    "imAddresses",
+    "mailNickname",
+    "onPremisesImmutableId",
+    "onPremisesSyncEnabled",
+    "onPremisesSamAccountName",
+    "onPremisesUserPrincipalName",
+    "employeeHireDate",
+    "ageGroup",
+];
+
+/// Graph's default user property set (returned when there is no `$select`).
+const USER_DEFAULT: &[&str] = &[
+    "businessPhones",
+    "displayName",
+    "givenName",
+    "id",
+    "jobTitle",
+    "mail",
+    "mobilePhone",
+    "officeLocation",
+    "preferredLanguage",
+    "surname",
+    "userPrincipalName",
+];
+
+const GROUP_PROPS: &[&str] = &[
+    "id",
+    "displayName",
+    "description",
+    "mail",
+    "mailEnabled",
+    "mailNickname",
+    "securityEnabled",
+    "groupTypes",
+    "visibility",
+    "classification",
+    "createdDateTime",
+    "deletedDateTime",
+    "onPremisesSyncEnabled",
+];
+
+const GROUP_DEFAULT: &[&str] = GROUP_PROPS;
+
+/// OData system query options Graph has but the simulator does not implement: refused, never
+/// silently ignored.
+const UNIMPLEMENTED_OPTIONS: &[&str] = &[
+    "$filter", "$count", "$orderby", "$search", "$expand", "$skip", "$format", "$levels",
+];
+
+/// Member types one may cast a member collection to. Only users and groups exist in the
+/// simulated tenant; casts to the other directory types yield empty collections.
+const EMPTY_CASTS: &[&str] = &[
+    "microsoft.graph.device",
+    "microsoft.graph.orgContact",
+    "microsoft.graph.servicePrincipal",
+    "microsoft.graph.application",
+];
+
+const CREATED_AT: &str = "2021-03-01T09:00:00Z";
+
+// ---------------------------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct ObjRef {
+    id: String,
+    group: bool,
+}
+
+/// Cached member expansion of one group (stable order: direct members in insertion order,
+/// then breadth-first through nested groups).
+#[derive(Debug, Default)]
+struct Expansion {
+    direct: Vec<ObjRef>,
+    direct_users: Vec<ObjRef>,
+    transitive: Vec<ObjRef>,
+    transitive_users: Vec<ObjRef>,
+}
+
+struct State {
+    tenant_id: String,
+    client_id: String,
+    client_secret: String,
+    users: HashMap<String, SimUser>,
+    /// lower-cased id and lower-cased UPN → id.
+    user_keys: HashMap<String, String>,
+    groups: HashMap<String, SimGroup>,
+    /// lower-cased id → id.
+    group_keys: HashMap<String, String>,
+    expansions: HashMap<String, Arc<Expansion>>,
+    /// Bumped by every directory mutation.
+    version: u64,
+    tokens: HashMap<String, Instant>,
+    token_lifetime_secs: u64,
+    faults: GraphFaults,
+    throttle_rng: StdRng,
+    shuffle_rng: StdRng,
+    counts: HashMap<String, u64>,
+}
+
+impl State {
+    fn new(t: Tenant) -> State {
+        let mut s = State {
+            tenant_id: t.tenant_id,
+            client_id: t.client_id,
+            client_secret: t.client_secret,
+            users: HashMap::new(),
+            user_keys: HashMap::new(),
+            groups: HashMap::new(),
+            group_keys: HashMap::new(),
+            expansions: HashMap::new(),
+            version: 0,
+            tokens: HashMap::new(),
+            token_lifetime_secs: DEFAULT_TOKEN_LIFETIME_SECS,
+            faults: GraphFaults::default(),
+            throttle_rng: StdRng::seed_from_u64(0),
+            shuffle_rng: StdRng::seed_from_u64(0x0ba7_c45e_ed00_0001),
+            counts: HashMap::new(),
+        };
+        for u in t.users {
+            s.upsert_user(u);
+        }
+        for g in t.groups {
+            s.add_group(g);
+        }
+        s
+    }
+
+    /// Records a directory mutation: drops cached expansions.
+    fn touch(&mut self) {
+        self.expansions.clear();
+        self.version += 1;
+    }
+
+    fn count(&mut self, kind: &str) {
+        *self.counts.entry(kind.to_string()).or_insert(0) += 1;
+    }
+
+    fn index_user(&mut self, u: &SimUser) {
+        self.user_keys.insert(u.id.to_lowercase(), u.id.clone());
+        if !u.user_principal_name.is_empty() {
+            self.user_keys
+                .insert(u.user_principal_name.to_lowercase(), u.id.clone());
+        }
+    }
+
+    fn unindex_user(&mut self, u: &SimUser) {
+        for k in [u.id.to_lowercase(), u.user_principal_name.to_lowercase()] {
+            if self.user_keys.get(&k) == Some(&u.id) {
+                self.user_keys.remove(&k);
+            }
+        }
+    }
+
+    fn upsert_user(&mut self, u: SimUser) {
+        if let Some(old) = self.users.remove(&u.id) {
+            self.unindex_user(&old);
+        }
+        self.index_user(&u);
+        self.users.insert(u.id.clone(), u);
+        self.touch();
+    }
+
+    fn update_user(&mut self, id: &str, f: impl FnOnce(&mut SimUser)) -> bool {
+        let Some(mut u) = self.users.remove(id) else {
+            return false;
+        };
+        self.unindex_user(&u);
+        f(&mut u);
+        // Object ids are immutable in Entra.
+        u.id = id.to_string();
+        self.index_user(&u);
+        self.users.insert(u.id.clone(), u);
+        self.version += 1;
+        true
+    }
+
+    fn delete_user(&mut self, id: &str) -> bool {
+        let Some(u) = self.users.remove(id) else {
+            return false;
+        };
+        self.unindex_user(&u);
+        for g in self.groups.values_mut() {
+            g.members.retain(|m| m != id);
+        }
+        self.touch();
+        true
+    }
+
+    fn add_group(&mut self, g: SimGroup) {
+        self.group_keys.insert(g.id.to_lowercase(), g.id.clone());
+        self.groups.insert(g.id.clone(), g);
+        self.touch();
+    }
+
+    fn delete_group(&mut self, id: &str) -> bool {
+        if self.groups.remove(id).is_none() {
+            return false;
+        }
+        self.group_keys.remove(&id.to_lowercase());
+        for g in self.groups.values_mut() {
+            g.members.retain(|m| m != id);
+        }
+        self.touch();
+        true
+    }
+
+    fn add_member(&mut self, group_id: &str, member_id: &str) {
+        let Some(g) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        if !g.members.iter().any(|m| m == member_id) {
+            g.members.push(member_id.to_string());
+            self.touch();
+        }
+    }
+
+    fn remove_member(&mut self, group_id: &str, member_id: &str) {
+        let Some(g) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        let before = g.members.len();
+        g.members.retain(|m| m != member_id);
+        if g.members.len() != before {
+            self.touch();
+        }
+    }
+
+    fn find_user(&self, key: &str) -> Option<&SimUser> {
+        self.users.get(key).or_else(|| {
+            self.user_keys
+                .get(&key.to_lowercase())
+                .and_then(|id| self.users.get(id))
+        })
+    }
+
+    fn find_group(&self, key: &str) -> Option<&SimGroup> {
+        self.groups.get(key).or_else(|| {
+            self.group_keys
+                .get(&key.to_lowercase())
+                .and_then(|id| self.groups.get(id))
+        })
+    }
+
+    fn expansion(&mut self, gid: &str) -> Arc<Expansion> {
+        if let Some(e) = self.expansions.get(gid) {
+            return e.clone();
+        }
+        let e = Arc::new(self.compute_expansion(gid));
+        self.expansions.insert(gid.to_string(), e.clone());
+        e
+    }
+
+    fn compute_expansion(&self, gid: &str) -> Expansion {
+        let mut e = Expansion::default();
+        if let Some(g) = self.groups.get(gid) {
+            let mut seen: HashSet<&str> = HashSet::new();
+            for m in &g.members {
+                if !seen.insert(m.as_str()) {
+                    continue;
+                }
+                if self.groups.contains_key(m) {
+                    e.direct.push(ObjRef {
+                        id: m.clone(),
+                        group: true,
+                    });
+                } else if self.users.contains_key(m) {
+                    let r = ObjRef {
+                        id: m.clone(),
+                        group: false,
+                    };
+                    e.direct_users.push(r.clone());
+                    e.direct.push(r);
+                }
+            }
+        }
+        let mut seen: HashSet<&str> = HashSet::new();
+        seen.insert(gid);
+        let mut queue: VecDeque<&str> = VecDeque::new();
+        queue.push_back(gid);
+        while let Some(cur) = queue.pop_front() {
+            let Some(g) = self.groups.get(cur) else {
+                continue;
+            };
+            for m in &g.members {
+                if self.groups.contains_key(m) {
+                    if seen.insert(m.as_str()) {
+                        e.transitive.push(ObjRef {
+                            id: m.clone(),
+                            group: true,
+                        });
+                        queue.push_back(m.as_str());
+                    }
+                } else if self.users.contains_key(m) && seen.insert(m.as_str()) {
+                    let r = ObjRef {
+                        id: m.clone(),
+                        group: false,
+                    };
+                    e.transitive_users.push(r.clone());
+                    e.transitive.push(r);
+                }
+            }
+        }
+        e
+    }
+
+    fn should_throttle(&mut self) -> bool {
+        let rate = self.faults.throttle_rate;
+        if rate.is_nan() || rate <= 0.0 {
+            return false;
+        }
+        if rate >= 1.0 {
+            return true;
+        }
+        self.throttle_rng.random::<f64>() < rate
+    }
+
+    fn prune_tokens(&mut self) {
+        let cutoff = Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now);
+        self.tokens.retain(|_, exp| *exp > cutoff);
+    }
+}
+
+struct Shared {
+    base_url: String,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GraphSim (public handle)
+// ---------------------------------------------------------------------------------------------
+
+/// A running Graph tenant simulator.
+pub struct GraphSim {
+    shared: web::Data<Shared>,
+    handle: ServerHandle,
+    join: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl GraphSim {
+    /// Binds 127.0.0.1:0, spawns the actix server on the current tokio runtime, returns once it
+    /// listens.
+    pub async fn start(tenant: Tenant) -> std::io::Result<GraphSim> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let shared = web::Data::new(Shared {
+            base_url: format!("http://127.0.0.1:{port}"),
+            state: Mutex::new(State::new(tenant)),
+        });
+        let data = shared.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(4 * 1024 * 1024))
+                .default_service(web::to(dispatch))
+        })
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .listen(listener)?
+        .run();
+        let handle = server.handle();
+        let join = tokio::spawn(server);
+        Ok(GraphSim {
+            shared,
+            handle,
+            join: Some(join),
+        })
+    }
+
+    /// Graph root, e.g. "http://127.0.0.1:PORT" (API under /v1.0).
+    pub fn graph_url(&self) -> String {
+        self.shared.base_url.clone()
+    }
+
+    /// Login host, same server; token at {login_url}/{tenant}/oauth2/v2.0/token.
+    pub fn login_url(&self) -> String {
+        self.shared.base_url.clone()
+    }
+
+    /// Token endpoint URL for the simulated tenant.
+    pub fn token_url(&self) -> String {
+        let tenant = self.shared.lock().tenant_id.clone();
+        format!("{}/{}/oauth2/v2.0/token", self.shared.base_url, tenant)
+    }
+
+    /// Replaces the fault configuration and re-seeds the throttling RNG from `f.seed`.
+    pub fn set_faults(&self, f: GraphFaults) {
+        let mut s = self.shared.lock();
+        s.throttle_rng = StdRng::seed_from_u64(f.seed);
+        s.faults = f;
+    }
+
+    /// Inserts or replaces a user (by id).
+    pub fn upsert_user(&self, u: SimUser) {
+        self.shared.lock().upsert_user(u);
+    }
+
+    /// Edits a user in place; returns false when there is no such user. The id cannot change.
+    pub fn update_user(&self, id: &str, f: impl FnOnce(&mut SimUser)) -> bool {
+        self.shared.lock().update_user(id, f)
+    }
+
+    /// Hard delete: removes the user and all its memberships.
+    pub fn delete_user(&self, id: &str) -> bool {
+        self.shared.lock().delete_user(id)
+    }
+
+    /// Inserts or replaces a group (by id).
+    pub fn add_group(&self, g: SimGroup) {
+        self.shared.lock().add_group(g);
+    }
+
+    /// Removes the group and its membership in other groups.
+    pub fn delete_group(&self, id: &str) -> bool {
+        self.shared.lock().delete_group(id)
+    }
+
+    /// Adds a user or group id to a group's direct members (no-op if the group is unknown or the
+    /// member already present).
+    pub fn add_member(&self, group_id: &str, member_id: &str) {
+        self.shared.lock().add_member(group_id, member_id);
+    }
+
+    pub fn remove_member(&self, group_id: &str, member_id: &str) {
+        self.shared.lock().remove_member(group_id, member_id);
+    }
+
+    pub fn user(&self, id: &str) -> Option<SimUser> {
+        self.shared.lock().users.get(id).cloned()
+    }
+
+    /// All users, sorted by id.
+    pub fn users(&self) -> Vec<SimUser> {
+        let s = self.shared.lock();
+        let mut v: Vec<SimUser> = s.users.values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn group(&self, id: &str) -> Option<SimGroup> {
+        self.shared.lock().groups.get(id).cloned()
+    }
+
+    /// Ids of the users that are transitive members of the group, in listing order.
+    pub fn transitive_user_ids(&self, group_id: &str) -> Vec<String> {
+        let mut s = self.shared.lock();
+        if !s.groups.contains_key(group_id) {
+            return Vec::new();
+        }
+        s.expansion(group_id)
+            .transitive_users
+            .iter()
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    /// Requests served since start, by kind: "token", "group", "transitiveMembers", "members",
+    /// "user", "manager", "batch", "other" (any other /v1.0 path) and "throttled" (429s, inner
+    /// batch requests included). Every received request counts under its kind, whatever its
+    /// outcome; each inner batch request counts under its own kind as well.
+    pub fn request_count(&self, kind: &str) -> u64 {
+        self.shared.lock().counts.get(kind).copied().unwrap_or(0)
+    }
+
+    /// `expires_in` in token responses (default 3599); applies to tokens issued afterwards.
+    pub fn set_token_lifetime_secs(&self, secs: u64) {
+        self.shared.lock().token_lifetime_secs = secs;
+    }
+
+    /// Makes every token issued so far invalid (as if revoked / expired).
+    pub fn expire_tokens(&self) {
+        let now = Instant::now();
+        for exp in self.shared.lock().tokens.values_mut() {
+            *exp = now;
+        }
+    }
+
+    /// Stops the server.
+    pub async fn stop(mut self) {
+        self.handle.stop(false).await;
+        if let Some(j) = self.join.take() {
+            let _ = j.await;
+        }
+    }
+}
+
+impl Drop for GraphSim {
+    fn drop(&mut self) {
+        if self.join.is_some() {
+            // Sends the stop command right away; the completion future is not needed.
+            drop(self.handle.stop(false));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP plumbing
+// ---------------------------------------------------------------------------------------------
+
+/// A response before it is put on the wire (also the shape of an inner $batch response).
+struct ApiResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+impl ApiResponse {
+    fn json(status: u16, body: Value) -> ApiResponse {
+        ApiResponse {
+            status,
+            headers: vec![("Content-Type".into(), ODATA_JSON.into())],
+            body,
+        }
+    }
+
+    fn header(mut self, k: &str, v: impl Into<String>) -> ApiResponse {
+        self.headers.push((k.to_string(), v.into()));
+        self
+    }
+
+    fn into_http(self, ctx: &Ctx) -> HttpResponse {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut b = HttpResponse::build(status);
+        for (k, v) in &self.headers {
+            b.insert_header((k.as_str(), v.as_str()));
+        }
+        b.insert_header(("request-id", ctx.request_id.as_str()));
+        b.insert_header(("client-request-id", ctx.client_request_id.as_str()));
+        b.body(serde_json::to_vec(&self.body).unwrap_or_default())
+    }
+}
+
+/// Per-request context.
+struct Ctx {
+    request_id: String,
+    client_request_id: String,
+}
+
+impl Ctx {
+    fn new(req: Option<&HttpRequest>) -> Ctx {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let client_request_id = req
+            .and_then(|r| r.headers().get("client-request-id"))
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| request_id.clone());
+        Ctx {
+            request_id,
+            client_request_id,
+        }
+    }
+}
+
+fn graph_date() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S").to_string()
+}
+
+/// Graph error body: `{"error":{"code","message","innerError":{"date","request-id","client-request-id"}}}`.
+fn graph_error(ctx: &Ctx, status: u16, code: &str, message: &str) -> ApiResponse {
+    ApiResponse {
+        status,
+        headers: vec![("Content-Type".into(), ERROR_JSON.into())],
+        body: json!({
+            "error": {
+                "code": code,
+                "message": message,
+                "innerError": {
+                    "date": graph_date(),
+                    "request-id": ctx.request_id,
+                    "client-request-id": ctx.client_request_id,
+                }
+            }
+        }),
+    }
+}
+
+fn bad_request(ctx: &Ctx, message: &str) -> ApiResponse {
+    graph_error(ctx, 400, "Request_BadRequest", message)
+}
+
+fn not_found(ctx: &Ctx, what: &str) -> ApiResponse {
+    graph_error(
+        ctx,
+        404,
+        "Request_ResourceNotFound",
+        &format!(
+            "Resource '{what}' does not exist or one of its queried reference-property objects are not present."
+        ),
+    )
+}
+
+fn throttled(ctx: &Ctx, s: &State) -> ApiResponse {
+    ApiResponse {
+        status: 429,
+        headers: vec![("Content-Type".into(), ERROR_JSON.into())],
+        body: json!({
+            "error": {
+                "code": "TooManyRequests",
+                "message": "Please retry again later.",
+                "innerError": {
+                    "code": "429",
+                    "status": "429",
+                    "message": "Please retry after",
+                    "date": graph_date(),
+                    "request-id": ctx.request_id,
+                    "client-request-id": ctx.client_request_id,
+                }
+            }
+        }),
+    }
+    .header("Retry-After", s.faults.retry_after_secs.to_string())
+    .header(
+        "x-ms-throttle-scope",
+        format!(
+            "Tenant_Application/ReadWrite/{}/{}",
+            s.client_id, s.tenant_id
+        ),
+    )
+    .header("x-ms-throttle-information", "ResourceUnitLimitExceeded")
+}
+
+async fn dispatch(req: HttpRequest, body: web::Bytes, sim: web::Data<Shared>) -> HttpResponse {
+    let path = req.uri().path().to_string();
+    let trimmed = path.trim_start_matches('/');
+    let segs: Vec<&str> = trimmed.split('/').collect();
+    if segs.len() == 4 && segs[1] == "oauth2" && segs[2] == "v2.0" && segs[3] == "token" {
+        return token_endpoint(&sim, &req, segs[0], &body);
+    }
+    let ctx = Ctx::new(Some(&req));
+    if let Some(rest) = trimmed.strip_prefix("v1.0/") {
+        let rest = rest.trim_end_matches('/');
+        let query = req.uri().query().unwrap_or("");
+        return api_request(&sim, &req, &ctx, rest, query, &body).into_http(&ctx);
+    }
+    graph_error(
+        &ctx,
+        404,
+        "NotFound",
+        &format!("No service is listening at '{path}'."),
+    )
+    .into_http(&ctx)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token endpoint
+// ---------------------------------------------------------------------------------------------
+
+fn aad_error(
+    req: &HttpRequest,
+    status: u16,
+    error: &str,
+    code: u32,
+    description: &str,
+) -> HttpResponse {
+    let trace_id = uuid::Uuid::new_v4().to_string();
+    let correlation_id = req
+        .headers()
+        .get("client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| uuid::Uuid::parse_str(v).ok())
+        .map(|u| u.to_string())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let timestamp = chrono::Utc::now().format("%Y-%m-%d %H:%M:%SZ").to_string();
+    let body = json!({
+        "error": error,
+        "error_description": format!(
+            "AADSTS{code}: {description} Trace ID: {trace_id} Correlation ID: {correlation_id} Timestamp: {timestamp}"
+        ),
+        "error_codes": [code],
+        "timestamp": timestamp,
+        "trace_id": trace_id,
+        "correlation_id": correlation_id,
+    });
+    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST))
+        .insert_header(("Content-Type", TOKEN_JSON))
+        .insert_header(("Cache-Control", "no-store, no-cache"))
+        .insert_header(("Pragma", "no-cache"))
+        .body(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// `(client_id, client_secret)` from an `Authorization: Basic` header (RFC 6749 2.3.1: both
+/// form-urlencoded before base64).
+fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
+    let v = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, rest) = v.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = b64_decode(rest.trim())?;
+    let text = String::from_utf8(raw).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    let dec = |s: &str| -> String {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    Some((dec(id), dec(secret)))
+}
+
+fn token_endpoint(sim: &Shared, req: &HttpRequest, tenant_raw: &str, body: &[u8]) -> HttpResponse {
+    let tenant = percent_encoding::percent_decode_str(tenant_raw)
+        .decode_utf8_lossy()
+        .into_owned();
+    let mut s = sim.lock();
+    s.count("token");
+    if req.method() != actix_web::http::Method::POST {
+        return aad_error(
+            req,
+            400,
+            "invalid_request",
+            900561,
+            &format!(
+                "The endpoint only accepts POST requests. Received a {} request.",
+                req.method()
+            ),
+        );
+    }
+    if !tenant.eq_ignore_ascii_case(&s.tenant_id) {
+        return aad_error(
+            req,
+            400,
+            "invalid_request",
+            90002,
+            &format!(
+                "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud. Check with your subscription administrator, this may happen if there are no active subscriptions for the tenant."
+            ),
+        );
+    }
+    let mut form: HashMap<String, String> = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(body) {
+        form.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+    }
+    let missing = |p: &str| {
+        aad_error(
+            req,
+            400,
+            "invalid_request",
+            900144,
+            &format!("The request body must contain the following parameter: '{p}'."),
+        )
+    };
+    let Some(grant_type) = form.get("grant_type") else {
+        return missing("grant_type");
+    };
+    if grant_type != "client_credentials" {
+        return aad_error(
+            req,
+            400,
+            "unsupported_grant_type",
+            70003,
+            &format!("The app requested an unsupported grant type '{grant_type}'."),
+        );
+    }
+    let basic = basic_credentials(req);
+    let client_id = match (&basic, form.get("client_id")) {
+        (Some((b, _)), Some(f)) if b != f => {
+            return aad_error(
+                req,
+                400,
+                "invalid_request",
+                900144,
+                "The client_id in the Authorization header does not match the client_id in the request body.",
+            )
+        }
+        (Some((b, _)), _) => b.clone(),
+        (None, Some(f)) => f.clone(),
+        (None, None) => return missing("client_id"),
+    };
+    if !client_id.eq_ignore_ascii_case(&s.client_id) {
+        return aad_error(
+            req,
+            400,
+            "unauthorized_client",
+            700016,
+            &format!(
+                "Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant."
+            ),
+        );
+    }
+    let secret = basic
+        .as_ref()
+        .map(|(_, sec)| sec.clone())
+        .or_else(|| form.get("client_secret").cloned());
+    match secret {
+        None if form.contains_key("client_assertion") => {
+            return aad_error(
+                req,
+                401,
+                "invalid_client",
+                700027,
+                "The certificate with identifier used to sign the client assertion is not registered on application.",
+            );
+        }
+        None => {
+            return aad_error(
+                req,
+                401,
+                "invalid_client",
+                7000218,
+                "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+            );
+        }
+        Some(sec) if sec != s.client_secret => {
+            return aad_error(
+                req,
+                401,
+                "invalid_client",
+                7000215,
+                &format!(
+                    "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{}'.",
+                    s.client_id
+                ),
+            );
+        }
+        Some(_) => {}
+    }
+    let Some(scope) = form.get("scope") else {
+        return missing("scope");
+    };
+    let scope_ok = !scope.trim().is_empty()
+        && !scope.trim().contains(' ')
+        && scope.trim().ends_with("/.default")
+        && scope.trim().len() > "/.default".len();
+    if !scope_ok {
+        return aad_error(
+            req,
+            400,
+            "invalid_scope",
+            70011,
+            &format!(
+                "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."
+            ),
+        );
+    }
+    s.prune_tokens();
+    let lifetime = s.token_lifetime_secs;
+    let token = new_access_token();
+    s.tokens.insert(
+        token.clone(),
+        Instant::now() + Duration::from_secs(lifetime),
+    );
+    let body = json!({
+        "token_type": "Bearer",
+        "expires_in": lifetime,
+        "ext_expires_in": lifetime,
+        "access_token": token,
+    });
+    HttpResponse::Ok()
+        .insert_header(("Content-Type", TOKEN_JSON))
+        .insert_header(("Cache-Control", "no-store, no-cache"))
+        .insert_header(("Pragma", "no-cache"))
+        .body(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// Random opaque bearer token (three dot-separated base64url parts, like a JWT, but meaningless).
+fn new_access_token() -> String {
+    let mut parts = Vec::new();
+    for len in [24usize, 96, 48] {
+        let mut bytes = vec![0u8; len];
+        rand::rng().fill(bytes.as_mut_slice());
+        parts.push(b64_encode(&bytes, B64_URL, false));
+    }
+    parts.join(".")
+}
+
+// ---------------------------------------------------------------------------------------------
+// API requests
+// ---------------------------------------------------------------------------------------------
+
+fn check_auth(s: &State, ctx: &Ctx, req: &HttpRequest) -> Result<(), ApiResponse> {
+    let unauthorized = |msg: &str| {
+        graph_error(ctx, 401, "InvalidAuthenticationToken", msg).header(
+            "WWW-Authenticate",
+            "Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", client_id=\"00000003-0000-0000-c000-000000000000\"",
+        )
+    };
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or("");
+    if header.is_empty() {
+        return Err(unauthorized("Access token is empty."));
+    }
+    let token = match header.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
+        _ => {
+            return Err(unauthorized(
+                "Access token validation failure. Invalid audience.",
+            ))
+        }
+    };
+    if token.is_empty() {
+        return Err(unauthorized("Access token is empty."));
+    }
+    match s.tokens.get(token) {
+        None => Err(unauthorized(
+            "Access token validation failure. Invalid audience.",
+        )),
+        Some(exp) if Instant::now() >= *exp => Err(unauthorized(
+            "Lifetime validation failed, the token is expired.",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn decode_segments(path: &str) -> Vec<String> {
+    path.split('/')
+        .map(|seg| {
+            percent_encoding::percent_decode_str(seg)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+fn classify(segs: &[String]) -> &'static str {
+    match segs {
+        [a, _] if a == "groups" => "group",
+        [a, _, b, ..] if a == "groups" && b == "transitiveMembers" => "transitiveMembers",
+        [a, _, b, ..] if a == "groups" && b == "members" => "members",
+        [a, _] if a == "users" => "user",
+        [a, _, b] if a == "users" && b == "manager" => "manager",
+        _ => "other",
+    }
+}
+
+/// A top-level `/v1.0/...` request.
+fn api_request(
+    sim: &Shared,
+    req: &HttpRequest,
+    ctx: &Ctx,
+    rest: &str,
+    query: &str,
+    body: &[u8],
+) -> ApiResponse {
+    let segs = decode_segments(rest);
+    let mut s = sim.lock();
+    if segs.len() == 1 && segs[0] == "$batch" {
+        s.count("batch");
+        if let Err(e) = check_auth(&s, ctx, req) {
+            return e;
+        }
+        if req.method() != actix_web::http::Method::POST {
+            return method_not_allowed(ctx);
+        }
+        return batch(&mut s, &sim.base_url, ctx, body);
+    }
+    let kind = classify(&segs);
+    s.count(kind);
+    if let Err(e) = check_auth(&s, ctx, req) {
+        return e;
+    }
+    serve(
+        &mut s,
+        &sim.base_url,
+        ctx,
+        req.method().as_str(),
+        rest,
+        &segs,
+        query,
+    )
+}
+
+fn method_not_allowed(ctx: &Ctx) -> ApiResponse {
+    graph_error(
+        ctx,
+        405,
+        "Request_BadRequest",
+        "Specified HTTP method is not allowed for the request target.",
+    )
+}
+
+/// Serves one authenticated API request (top level or inner $batch): throttling, method check,
+/// routing. `raw_path` is the path after `/v1.0/` as sent (used to build nextLinks).
+fn serve(
+    s: &mut State,
+    base: &str,
+    ctx: &Ctx,
+    method: &str,
+    raw_path: &str,
+    segs: &[String],
+    query: &str,
+) -> ApiResponse {
+    if s.should_throttle() {
+        s.count("throttled");
+        return throttled(ctx, s);
+    }
+    if !method.eq_ignore_ascii_case("GET") {
+        return method_not_allowed(ctx);
+    }
+    let q = match Query::parse(query) {
+        Ok(q) => q,
+        Err((code, msg)) => return graph_error(ctx, 400, code, &msg),
+    };
+    let next_base = format!("{base}/v1.0/{raw_path}");
+    let seg = |i: usize| segs.get(i).map(String::as_str);
+    match (seg(0), segs.len()) {
+        (Some("groups"), 2) => get_group(s, base, ctx, &segs[1], &q),
+        (Some("groups"), 3 | 4) => {
+            let transitive = match seg(2) {
+                Some("transitiveMembers") => true,
+                Some("members") => false,
+                _ => return unknown_segment(ctx, segs, 2),
+            };
+            let cast = seg(3);
+            list_members(s, base, &next_base, ctx, &segs[1], transitive, cast, &q)
+        }
+        (Some("users"), 2) => get_user(s, base, ctx, &segs[1], &q),
+        (Some("users"), 3) if seg(2) == Some("manager") => get_manager(s, base, ctx, &segs[1], &q),
+        (Some("users"), 3) => unknown_segment(ctx, segs, 2),
+        (Some("groups") | Some("users"), 1) => graph_error(
+            ctx,
+            501,
+            "NotImplemented",
+            "Listing this collection is not implemented by the Graph simulator.",
+        ),
+        (Some(""), _) | (None, _) => unknown_segment(ctx, segs, 0),
+        (Some("$batch"), _) => bad_request(ctx, "Nested batch requests are not supported."),
+        (Some("groups") | Some("users"), _) => unknown_segment(ctx, segs, 3.min(segs.len() - 1)),
+        _ => unknown_segment(ctx, segs, 0),
+    }
+}
+
+fn unknown_segment(ctx: &Ctx, segs: &[String], i: usize) -> ApiResponse {
+    let seg = segs.get(i).map(String::as_str).unwrap_or("");
+    graph_error(
+        ctx,
+        400,
+        "BadRequest",
+        &format!("Resource not found for the segment '{seg}'."),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Query options
+// ---------------------------------------------------------------------------------------------
+
+struct Query {
+    /// `$select` items as written by the client.
+    select: Option<Vec<String>>,
+    top: Option<String>,
+    skiptoken: Option<String>,
+    /// Raw `k=v` parts other than `$skiptoken`, kept for nextLinks.
+    passthrough: Vec<String>,
+}
+
+impl Query {
+    fn parse(raw: &str) -> Result<Query, (&'static str, String)> {
+        let mut q = Query {
+            select: None,
+            top: None,
+            skiptoken: None,
+            passthrough: Vec::new(),
+        };
+        let mut seen: HashSet<String> = HashSet::new();
+        for part in raw.split('&').filter(|p| !p.is_empty()) {
+            let Some((k, v)) = url::form_urlencoded::parse(part.as_bytes()).next() else {
+                continue;
+            };
+            let (k, v) = (k.into_owned(), v.into_owned());
+            if k.starts_with('$') && !seen.insert(k.clone()) {
+                return Err((
+                    "Request_BadRequest",
+                    format!(
+                        "Query option '{k}' was specified more than once, it must be specified at most once."
+                    ),
+                ));
+            }
+            match k.as_str() {
+                "$select" => {
+                    let items: Vec<String> = v
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    if !items.is_empty() {
+                        q.select = Some(items);
+                    }
+                }
+                "$top" => q.top = Some(v),
+                "$skiptoken" => {
+                    q.skiptoken = Some(v);
+                    continue;
+                }
+                other if UNIMPLEMENTED_OPTIONS.contains(&other) => {
+                    return Err((
+                        "Request_UnsupportedQuery",
+                        format!(
+                            "The query option '{other}' is not supported by the Graph simulator."
+                        ),
+                    ));
+                }
+                other if other.starts_with('$') => {
+                    return Err((
+                        "Request_BadRequest",
+                        format!("The query parameter '{other}' is not supported."),
+                    ));
+                }
+                _ => {}
+            }
+            q.passthrough.push(part.to_string());
+        }
+        Ok(q)
+    }
+
+    fn page_size(&self) -> Result<usize, String> {
+        let Some(t) = &self.top else {
+            return Ok(DEFAULT_PAGE_SIZE);
+        };
+        match t.trim().parse::<i64>() {
+            Ok(n) if (1..=MAX_PAGE_SIZE as i64).contains(&n) => Ok(n as usize),
+            _ => Err(format!(
+                "Invalid page size specified: '{t}'. Must be between 1 and {MAX_PAGE_SIZE} inclusive."
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum TypeKind {
+    User,
+    Group,
+    DirectoryObject,
+}
+
+impl TypeKind {
+    fn odata_name(self) -> &'static str {
+        match self {
+            TypeKind::User => "microsoft.graph.user",
+            TypeKind::Group => "microsoft.graph.group",
+            TypeKind::DirectoryObject => "microsoft.graph.directoryObject",
+        }
+    }
+}
+
+/// Validates `$select` against the properties of `kind`; returns canonical names.
+fn resolve_select(q: &Query, kind: TypeKind) -> Result<Option<Vec<&'static str>>, String> {
+    let Some(items) = &q.select else {
+        return Ok(None);
+    };
+    let mut out: Vec<&'static str> = Vec::new();
+    for item in items {
+        let find =
+            |list: &[&'static str]| list.iter().copied().find(|p| p.eq_ignore_ascii_case(item));
+        let found = match kind {
+            TypeKind::User => find(USER_PROPS),
+            TypeKind::Group => find(GROUP_PROPS),
+            TypeKind::DirectoryObject => find(USER_PROPS).or_else(|| find(GROUP_PROPS)),
+        };
+        match found {
+            Some(p) => {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+            None => {
+                return Err(format!(
+                    "Parsing OData Select and Expand failed: Could not find a property named '{item}' on type '{}'.",
+                    kind.odata_name()
+                ))
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// `@odata.context` value: `{base}/v1.0/$metadata#{set}` or `#{set}(a,b)` with `$select`, plus
+/// `/$entity` for single entities.
+fn context(base: &str, set: &str, q: &Query, entity: bool) -> String {
+    let mut c = format!("{base}/v1.0/$metadata#{set}");
+    if let Some(items) = &q.select {
+        c.push('(');
+        c.push_str(&items.join(","));
+        c.push(')');
+    }
+    if entity {
+        c.push_str("/$entity");
+    }
+    c
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------------------------
+
+fn opt(v: &Option<String>) -> Value {
+    v.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
+}
+
+fn user_prop(u: &SimUser, p: &str) -> Option<Value> {
+    Some(match p {
+        "id" => Value::String(u.id.clone()),
+        "userPrincipalName" => Value::String(u.user_principal_name.clone()),
+        "mail" => opt(&u.mail),
+        "givenName" => opt(&u.given_name),
+        "surname" => opt(&u.surname),
+        "displayName" => opt(&u.display_name),
+        "jobTitle" => opt(&u.job_title),
+        "department" => opt(&u.department),
+        "officeLocation" => opt(&u.office_location),
+        "employeeId" => opt(&u.employee_id),
+        "employeeType" => opt(&u.employee_type),
+        "companyName" => opt(&u.company_name),
+        "city" => opt(&u.city),
+        "country" => opt(&u.country),
+        "usageLocation" => opt(&u.usage_location),
+        "mobilePhone" => opt(&u.mobile_phone),
+        "businessPhones" => json!(u.business_phones),
+        "accountEnabled" => Value::Bool(u.account_enabled),
+        "onPremisesExtensionAttributes" => {
+            let mut m = Map::new();
+            for i in 1..=15 {
+                m.insert(format!("extensionAttribute{i}"), Value::Null);
+            }
+            Value::Object(m)
+        }
+        "userType" => json!("Member"),
+        "createdDateTime" => json!(CREATED_AT),
+        "otherMails" | "imAddresses" => json!([]),
+        "proxyAddresses" => match &u.mail {
+            Some(m) => json!([format!("SMTP:{m}")]),
+            None => json!([]),
+        },
+        "mailNickname" => json!(u.user_principal_name.split('@').next().unwrap_or_default()),
+        "onPremisesSyncEnabled" => Value::Null,
+        p if USER_PROPS.contains(&p) => Value::Null,
+        _ => return None,
+    })
+}
+
+fn render_user(u: &SimUser, select: Option<&[&'static str]>, with_type: bool) -> Value {
+    let mut m = Map::new();
+    if with_type {
+        m.insert("@odata.type".into(), json!("#microsoft.graph.user"));
+    }
+    for p in select.unwrap_or(USER_DEFAULT) {
+        if let Some(v) = user_prop(u, p) {
+            m.insert((*p).to_string(), v);
+        }
+    }
+    Value::Object(m)
+}
+
+fn mail_nickname(name: &str) -> String {
+    name.chars().filter(|c| c.is_ascii_alphanumeric()).collect()
+}
+
+fn group_prop(g: &SimGroup, p: &str) -> Option<Value> {
+    Some(match p {
+        "id" => json!(g.id),
+        "displayName" => json!(g.display_name),
+        "mailEnabled" => json!(false),
+        "mailNickname" => json!(mail_nickname(&g.display_name)),
+        "securityEnabled" => json!(true),
+        "groupTypes" => json!([]),
+        "createdDateTime" => json!(CREATED_AT),
+        p if GROUP_PROPS.contains(&p) => Value::Null,
+        _ => return None,
+    })
+}
+
+fn render_group(g: &SimGroup, select: Option<&[&'static str]>, with_type: bool) -> Value {
+    let mut m = Map::new();
+    if with_type {
+        m.insert("@odata.type".into(), json!("#microsoft.graph.group"));
+    }
+    for p in select.unwrap_or(GROUP_DEFAULT) {
+        if let Some(v) = group_prop(g, p) {
+            m.insert((*p).to_string(), v);
+        }
+    }
+    Value::Object(m)
+}
+
+/// With `kind` a key in the entity's own id space: a GUID that is not found is a 404, anything
+/// else that is not found is an invalid identifier (as Graph answers for groups).
+fn group_not_found(ctx: &Ctx, key: &str) -> ApiResponse {
+    if uuid::Uuid::parse_str(key).is_ok() {
+        not_found(ctx, key)
+    } else {
+        bad_request(ctx, &format!("Invalid object identifier '{key}'."))
+    }
+}
+
+fn get_group(s: &mut State, base: &str, ctx: &Ctx, key: &str, q: &Query) -> ApiResponse {
+    let select = match resolve_select(q, TypeKind::Group) {
+        Ok(sel) => sel,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let Some(g) = s.find_group(key) else {
+        return group_not_found(ctx, key);
+    };
+    let mut body = render_group(g, select.as_deref(), false);
+    if let Value::Object(m) = &mut body {
+        m.insert(
+            "@odata.context".into(),
+            json!(context(base, "groups", q, true)),
+        );
+    }
+    ApiResponse::json(200, body)
+}
+
+fn get_user(s: &mut State, base: &str, ctx: &Ctx, key: &str, q: &Query) -> ApiResponse {
+    let select = match resolve_select(q, TypeKind::User) {
+        Ok(sel) => sel,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let Some(u) = s.find_user(key) else {
+        return not_found(ctx, key);
+    };
+    let mut body = render_user(u, select.as_deref(), false);
+    if let Value::Object(m) = &mut body {
+        m.insert(
+            "@odata.context".into(),
+            json!(context(base, "users", q, true)),
+        );
+    }
+    ApiResponse::json(200, body)
+}
+
+fn get_manager(s: &mut State, base: &str, ctx: &Ctx, key: &str, q: &Query) -> ApiResponse {
+    let select = match resolve_select(q, TypeKind::DirectoryObject) {
+        Ok(sel) => sel,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let Some(u) = s.find_user(key) else {
+        return not_found(ctx, key);
+    };
+    let Some(m) = u.manager_id.as_deref().and_then(|id| s.users.get(id)) else {
+        return not_found(ctx, "manager");
+    };
+    let mut body = render_user(m, select.as_deref(), true);
+    if let Value::Object(obj) = &mut body {
+        obj.insert(
+            "@odata.context".into(),
+            json!(context(base, "directoryObjects", q, true)),
+        );
+    }
+    ApiResponse::json(200, body)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn list_members(
+    s: &mut State,
+    base: &str,
+    next_base: &str,
+    ctx: &Ctx,
+    key: &str,
+    transitive: bool,
+    cast: Option<&str>,
+    q: &Query,
+) -> ApiResponse {
+    let (kind, set) = match cast {
+        None => (Some(TypeKind::DirectoryObject), "directoryObjects"),
+        Some("microsoft.graph.user") => (Some(TypeKind::User), "users"),
+        Some("microsoft.graph.group") => (Some(TypeKind::Group), "groups"),
+        Some(c) if EMPTY_CASTS.contains(&c) => (None, "directoryObjects"),
+        Some(c) => {
+            return graph_error(
+                ctx,
+                400,
+                "Request_UnsupportedQuery",
+                &format!("The type cast '{c}' is not supported for this member collection."),
+            )
+        }
+    };
+    let select = match resolve_select(q, kind.unwrap_or(TypeKind::DirectoryObject)) {
+        Ok(sel) => sel,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let top = match q.page_size() {
+        Ok(t) => t,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let Some(gid) = s.find_group(key).map(|g| g.id.clone()) else {
+        return group_not_found(ctx, key);
+    };
+    let listing_key = format!(
+        "{}|{}|{}",
+        gid.to_lowercase(),
+        if transitive { "transitive" } else { "direct" },
+        cast.unwrap_or("")
+    );
+    let offset = match &q.skiptoken {
+        None => 0,
+        Some(t) => match decode_skiptoken(t, &listing_key) {
+            Some(o) => o,
+            None => {
+                return graph_error(
+                    ctx,
+                    400,
+                    "Directory_ExpiredPageToken",
+                    "The specified page token value has expired and can no longer be included in your request.",
+                )
+            }
+        },
+    };
+    let exp = s.expansion(&gid);
+    let groups_only: Vec<ObjRef>;
+    let list: &[ObjRef] = match (kind, transitive) {
+        (None, _) => &[],
+        (Some(TypeKind::User), true) => &exp.transitive_users,
+        (Some(TypeKind::User), false) => &exp.direct_users,
+        (Some(TypeKind::Group), t) => {
+            let src = if t { &exp.transitive } else { &exp.direct };
+            groups_only = src.iter().filter(|r| r.group).cloned().collect();
+            &groups_only
+        }
+        (Some(TypeKind::DirectoryObject), true) => &exp.transitive,
+        (Some(TypeKind::DirectoryObject), false) => &exp.direct,
+    };
+    let start = offset.min(list.len());
+    let end = start.saturating_add(top).min(list.len());
+    let with_type = kind == Some(TypeKind::DirectoryObject);
+    let mut items = Vec::with_capacity(end - start);
+    for r in &list[start..end] {
+        let v = if r.group {
+            s.groups
+                .get(&r.id)
+                .map(|g| render_group(g, select.as_deref(), with_type))
+        } else {
+            s.users
+                .get(&r.id)
+                .map(|u| render_user(u, select.as_deref(), with_type))
+        };
+        if let Some(v) = v {
+            items.push(v);
+        }
+    }
+    let mut body = Map::new();
+    body.insert("@odata.context".into(), json!(context(base, set, q, false)));
+    if end < list.len() {
+        let token = encode_skiptoken(end, &listing_key);
+        let mut query = q.passthrough.join("&");
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str("$skiptoken=");
+        query.push_str(&token);
+        body.insert(
+            "@odata.nextLink".into(),
+            json!(format!("{next_base}?{query}")),
+        );
+    }
+    body.insert("value".into(), Value::Array(items));
+    ApiResponse::json(200, Value::Object(body))
+}
+
+// ---------------------------------------------------------------------------------------------
+// $batch
+// ---------------------------------------------------------------------------------------------
+
+struct InnerRequest {
+    id: String,
+    method: String,
+    url: String,
+    depends_on: Vec<String>,
+}
+
+fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|_| "Invalid batch payload format.".to_string())?;
+    let reqs = v
+        .get("requests")
+        .and_then(Value::as_array)
+        .ok_or_else(|| "Invalid batch payload format.".to_string())?;
+    if reqs.len() > MAX_BATCH {
+        return Err(format!(
+            "The number of requests in the batch ({}) exceeds the limit of {MAX_BATCH}.",
+            reqs.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(reqs.len());
+    let mut ids: HashSet<String> = HashSet::new();
+    for r in reqs {
+        let id = r
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| "Each request in a batch must have a non-empty 'id'.".to_string())?;
+        if !ids.insert(id.to_string()) {
+            return Err(format!("Duplicate request id '{id}' in batch."));
+        }
+        let method = r
+            .get("method")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("Request '{id}' in batch has no 'method'."))?;
+        let url = r
+            .get("url")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("Request '{id}' in batch has no 'url'."))?;
+        if let Some(h) = r.get("headers") {
+            if !h.is_object() && !h.is_null() {
+                return Err(format!("Request '{id}' in batch has invalid 'headers'."));
+            }
+        }
+        let depends_on = match r.get("dependsOn") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|d| d.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| format!("Request '{id}' in batch has an invalid 'dependsOn'."))?,
+            Some(_) => {
+                return Err(format!(
+                    "Request '{id}' in batch has an invalid 'dependsOn'."
+                ))
+            }
+        };
+        out.push(InnerRequest {
+            id: id.to_string(),
+            method: method.to_string(),
+            url: url.to_string(),
+            depends_on,
+        });
+    }
+    for r in &out {
+        for d in &r.depends_on {
+            if !ids.contains(d) || d == &r.id {
+                return Err(format!(
+                    "Request '{}' depends on unknown request id '{d}'.",
+                    r.id
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8]) -> ApiResponse {
+    let reqs = match parse_batch(body) {
+        Ok(r) => r,
+        Err(msg) => return graph_error(ctx, 400, "BadRequest", &msg),
+    };
+    let mut done: HashMap<String, u16> = HashMap::new();
+    let mut responses: Vec<Value> = Vec::with_capacity(reqs.len());
+    // Resolve dependsOn: repeatedly serve the requests whose dependencies are answered.
+    let mut pending: Vec<&InnerRequest> = reqs.iter().collect();
+    while !pending.is_empty() {
+        let (ready, waiting): (Vec<&InnerRequest>, Vec<&InnerRequest>) = pending
+            .into_iter()
+            .partition(|r| r.depends_on.iter().all(|d| done.contains_key(d)));
+        if ready.is_empty() {
+            return graph_error(
+                ctx,
+                400,
+                "BadRequest",
+                "The dependsOn references in the batch form a cycle.",
+            );
+        }
+        for r in ready {
+            let inner_ctx = Ctx {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                client_request_id: ctx.client_request_id.clone(),
+            };
+            let failed_dep = r
+                .depends_on
+                .iter()
+                .find(|d| !(200..300).contains(done.get(*d).unwrap_or(&0)));
+            let resp = match failed_dep {
+                Some(d) => graph_error(
+                    &inner_ctx,
+                    424,
+                    "FailedDependency",
+                    &format!("The request depends on request '{d}', which failed."),
+                ),
+                None => serve_inner(s, base, &inner_ctx, r),
+            };
+            done.insert(r.id.clone(), resp.status);
+            let mut headers = Map::new();
+            for (k, v) in resp.headers {
+                headers.insert(k, Value::String(v));
+            }
+            responses.push(json!({
+                "id": r.id,
+                "status": resp.status,
+                "headers": headers,
+                "body": resp.body,
+            }));
+        }
+        pending = waiting;
+    }
+    // Graph does not preserve request order: shuffle deterministically, never the identity.
+    let before: Vec<Value> = responses.iter().map(|r| r["id"].clone()).collect();
+    responses.shuffle(&mut s.shuffle_rng);
+    if responses.len() > 1 && responses.iter().map(|r| &r["id"]).eq(before.iter()) {
+        responses.rotate_left(1);
+    }
+    ApiResponse::json(200, json!({ "responses": responses }))
+}
+
+fn serve_inner(s: &mut State, base: &str, ctx: &Ctx, r: &InnerRequest) -> ApiResponse {
+    let url = r.url.trim();
+    if url.starts_with("http://") || url.starts_with("https://") {
+        s.count("other");
+        return bad_request(
+            ctx,
+            "Invalid request URL: batch request URLs must be relative.",
+        );
+    }
+    let url = url.trim_start_matches('/');
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let path = path.trim_end_matches('/');
+    let segs = decode_segments(path);
+    if segs.len() == 1 && segs[0] == "$batch" {
+        s.count("other");
+        return bad_request(ctx, "Nested batch requests are not supported.");
+    }
+    s.count(classify(&segs));
+    serve(s, base, ctx, &r.method, path, &segs, query)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Skip tokens, base64
+// ---------------------------------------------------------------------------------------------
+
+fn fnv1a(data: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// Opaque page token: offset and a check value bound to the listing, base64url.
+fn encode_skiptoken(offset: usize, listing_key: &str) -> String {
+    let mut bytes = Vec::with_capacity(14);
+    bytes.extend_from_slice(b"RS");
+    bytes.extend_from_slice(&(offset as u64).to_le_bytes());
+    let mut check_input = listing_key.as_bytes().to_vec();
+    check_input.extend_from_slice(&(offset as u64).to_le_bytes());
+    bytes.extend_from_slice(&fnv1a(&check_input).to_le_bytes());
+    b64_encode(&bytes, B64_URL, false)
+}
+
+fn decode_skiptoken(token: &str, listing_key: &str) -> Option<usize> {
+    let bytes = b64_decode(token.trim())?;
+    if bytes.len() != 14 || &bytes[..2] != b"RS" {
+        return None;
+    }
+    let offset = u64::from_le_bytes(bytes[2..10].try_into().ok()?);
+    let check = u32::from_le_bytes(bytes[10..14].try_into().ok()?);
+    let mut check_input = listing_key.as_bytes().to_vec();
+    check_input.extend_from_slice(&offset.to_le_bytes());
+    (fnv1a(&check_input) == check).then_some(usize::try_from(offset).ok()?)
+}
+
+const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+fn b64_encode(data: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..4 {
+            if i < chars {
+                out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else if pad {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes standard or URL-safe base64, padded or not.
+fn b64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => B64_STD.iter().position(|&a| a == c)? as u32,
+        };
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------------------------
+
+/// A generated tenant: `tenant.users` holds the `n` members of "All Employees" plus the CEO
+/// (so `n + 1` users).
+pub struct Fixture {
+    pub tenant: Tenant,
+    pub all_group_id: String,
+    pub nested_group_id: String,
+    pub ceo_id: String,
+}
+
+pub const FIXTURE_TENANT_ID: &str = "6f1d2c3b-4a5e-4f60-9a7b-8c9d0e1f2a3b";
+pub const FIXTURE_CLIENT_ID: &str = "3e5a7c9b-1d2f-4a6b-8c0d-2e4f6a8b0c1d";
+pub const FIXTURE_CLIENT_SECRET: &str = "sim-secret-value";
+pub const FIXTURE_DOMAIN: &str = "contoso-sim.onmicrosoft.com";
+
+const FIRST_NAMES: &[&str] = &[
+    "Olivia",
+    "Liam",
+    "Emma",
+    "Noah",
+    "Amelia",
+    "Oliver",
+    "Sophia",
+    "Elijah",
+    "Isabella",
+    "Lucas",
+    "Mia",
+    "Mateo",
+    "Charlotte",
+    "Ethan",
+    "Harper",
+    "Aarav",
+    "Priya",
+    "Wei",
+    "Mei",
+    "Hiroshi",
+    "Yuki",
+    "Fatima",
+    "Omar",
+    "Lars",
+    "Ingrid",
+    "Pierre",
+    "Camille",
+    "Giulia",
+    "Marco",
+    "Sven",
+    "Anika",
+    "Kwame",
+    "Amara",
+    "Diego",
+    "Lucia",
+    "Rafael",
+    "Chloe",
+    "Daniel",
+    "Grace",
+    "Samuel",
+    "Hannah",
+    "Arjun",
+    "Nadia",
+    "Tomasz",
+    "Katarzyna",
+    "Jonas",
+    "Elena",
+    "Ana",
+    "Kenji",
+    "Leila",
+];
+
+const LAST_NAMES: &[&str] = &[
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Patel",
+    "Kumar",
+    "Nguyen",
+    "Kim",
+    "Chen",
+    "Wang",
+    "Tanaka",
+    "Suzuki",
+    "Schmidt",
+    "Mueller",
+    "Rossi",
+    "Bianchi",
+    "Dubois",
+    "Moreau",
+    "Kowalski",
+    "Nowak",
+    "Johansson",
+    "Larsen",
+    "Okafor",
+    "Mensah",
+    "Silva",
+    "Santos",
+    "Murphy",
+    "Kelly",
+    "Walsh",
+    "Cohen",
+    "Haddad",
+    "Ali",
+    "Singh",
+    "Fischer",
+];
+
+/// (office, city, country, usageLocation, phone prefix)
+const SITES: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "Redmond - Building 25",
+        "Redmond",
+        "United States",
+        "US",
+        "+1 425 555 ",
+    ),
+    (
+        "New York - Hudson Yards",
+        "New York",
+        "United States",
+        "US",
+        "+1 212 555 ",
+    ),
+    (
+        "London - Paddington",
+        "London",
+        "United Kingdom",
+        "GB",
+        "+44 20 7946 ",
+    ),
+    (
+        "Dublin - Sir John Rogerson's Quay",
+        "Dublin",
+        "Ireland",
+        "IE",
+        "+353 1 555 ",
+    ),
+    ("Berlin - Mitte", "Berlin", "Germany", "DE", "+49 30 5557 "),
+    ("Paris - La Défense", "Paris", "France", "FR", "+33 1 5555 "),
+    (
+        "Bengaluru - Whitefield",
+        "Bengaluru",
+        "India",
+        "IN",
+        "+91 80 5555 ",
+    ),
+    ("Tokyo - Marunouchi", "Tokyo", "Japan", "JP", "+81 3 5555 "),
+    (
+        "São Paulo - Avenida Paulista",
+        "São Paulo",
+        "Brazil",
+        "BR",
+        "+55 11 5555 ",
+    ),
+    (
+        "Sydney - Barangaroo",
+        "Sydney",
+        "Australia",
+        "AU",
+        "+61 2 5550 ",
+    ),
+    (
+        "Toronto - King Street",
+        "Toronto",
+        "Canada",
+        "CA",
+        "+1 416 555 ",
+    ),
+];
+
+const DEPARTMENTS: &[(&str, &[&str])] = &[
+    (
+        "Engineering",
+        &[
+            "Software Engineer",
+            "Senior Software Engineer",
+            "Principal Software Engineer",
+            "Site Reliability Engineer",
+            "QA Engineer",
+        ],
+    ),
+    (
+        "Sales",
+        &[
+            "Account Executive",
+            "Sales Development Representative",
+            "Solutions Consultant",
+            "Account Manager",
+        ],
+    ),
+    (
+        "Marketing",
+        &[
+            "Marketing Specialist",
+            "Content Strategist",
+            "Product Marketing Manager",
+        ],
+    ),
+    (
+        "Finance",
+        &["Financial Analyst", "Accountant", "Payroll Specialist"],
+    ),
+    (
+        "Human Resources",
+        &[
+            "HR Business Partner",
+            "Recruiter",
+            "Learning & Development Specialist",
+        ],
+    ),
+    (
+        "Customer Support",
+        &[
+            "Support Engineer",
+            "Customer Success Manager",
+            "Support Specialist",
+        ],
+    ),
+    (
+        "Operations",
+        &[
+            "Operations Analyst",
+            "Facilities Coordinator",
+            "Procurement Specialist",
+        ],
+    ),
+    (
+        "Legal",
+        &["Corporate Counsel", "Paralegal", "Compliance Analyst"],
+    ),
+    (
+        "Product Management",
+        &["Product Manager", "Senior Product Manager", "UX Designer"],
+    ),
+    (
+        "Information Technology",
+        &[
+            "Systems Administrator",
+            "IT Support Technician",
+            "Security Analyst",
+        ],
+    ),
+];
+
+/// (givenName, surname, displayName, UPN local part)
+const SPECIAL_NAMES: &[(&str, &str, &str, &str)] = &[
+    ("Zoë", "Ångström", "Zoë Ångström", "zoe.angstrom"),
+    ("José", "Núñez", "José Núñez", "jose.nunez"),
+    ("小龙", "李", "李 小龙", "xiaolong.li"),
+    ("Siobhán", "O'Brien", "Siobhán O'Brien", "siobhan.o'brien"),
+    ("Åsa", "Øvergård", "Åsa Øvergård", "asa.overgard"),
+    ("Ngọc Anh", "Nguyễn", "Nguyễn Ngọc Anh", "ngocanh.nguyen"),
+];
+
+/// Exactly 200 characters.
+const LONG_JOB_TITLE: &str = "Senior Principal Technical Program Manager, Global Identity Governance, Access Lifecycle Automation and Compliance Engineering for Cloud Infrastructure, Developer Platforms and Incident Response, EMEA";
+
+fn seeded_guid(rng: &mut StdRng) -> String {
+    let mut bytes = [0u8; 16];
+    rng.fill(&mut bytes);
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Vp,
+    Director,
+    Staff,
+}
+
+/// A deterministic tenant for tests, the demo and benches, built from a seed: group
+/// "All Employees" (`all_group_id`) with `n` transitive member users, ~10% of them members only
+/// through the nested group "Contractors" (itself a member of All Employees; one director is a
+/// member of both), ~3% disabled, a manager chain CEO → VP → Director → staff where the CEO is
+/// in no group (and has no manager) and every other user's manager is a direct member of All
+/// Employees, one user without mail, unicode names, one UPN with an apostrophe
+/// (`siobhan.o'brien@…`), one 200-character jobTitle, employeeIds on all but one user,
+/// realistic departments/offices/cities/countries; ids are GUIDs derived from the seed.
+pub fn fixture(n: usize, seed: u64) -> Fixture {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0fa1_1ee5);
+    let all_group_id = seeded_guid(&mut rng);
+    let nested_group_id = seeded_guid(&mut rng);
+    let ceo_id = seeded_guid(&mut rng);
+
+    let vps = if n == 0 {
+        0
+    } else {
+        (n / 60).clamp(1, DEPARTMENTS.len())
+    };
+    let directors = (n / 15).max(usize::from(n > vps)).min(n - vps);
+    let staff = n - vps - directors;
+    let contractors = ((n as f64) * 0.10).round() as usize;
+    let contractors = contractors.min(staff.saturating_sub(SPECIAL_NAMES.len() + 4));
+    let disabled = ((n as f64) * 0.03).ceil() as usize;
+
+    let mut used_upns: HashSet<String> = HashSet::new();
+    let mut make_upn = |local: &str| -> String {
+        let mut candidate = local.to_string();
+        let mut k = 2;
+        while !used_upns.insert(candidate.clone()) {
+            candidate = format!("{local}{k}");
+            k += 1;
+        }
+        format!("{candidate}@{FIXTURE_DOMAIN}")
+    };
+
+    let ceo = SimUser {
+        id: ceo_id.clone(),
+        user_principal_name: make_upn("margaret.whitfield"),
+        mail: Some(format!("margaret.whitfield@{FIXTURE_DOMAIN}")),
+        given_name: Some("Margaret".into()),
+        surname: Some("Whitfield".into()),
+        display_name: Some("Margaret Whitfield".into()),
+        job_title: Some("Chief Executive Officer".into()),
+        department: Some("Executive Office".into()),
+        office_location: Some(SITES[0].0.into()),
+        employee_id: Some("E000001".into()),
+        employee_type: Some("Employee".into()),
+        company_name: Some("Contoso Ltd".into()),
+        city: Some(SITES[0].1.into()),
+        country: Some(SITES[0].2.into()),
+        usage_location: Some(SITES[0].3.into()),
+        mobile_phone: Some("+1 425 555 0100".into()),
+        business_phones: vec!["+1 425 555 0101".into()],
+        account_enabled: true,
+        manager_id: None,
+    };
+
+    let mut users: Vec<SimUser> = Vec::with_capacity(n + 1);
+    let mut dept_of: Vec<usize> = Vec::with_capacity(n);
+    let mut special_i = 0;
+    let mut staff_seen = 0usize;
+    for i in 0..n {
+        let id = seeded_guid(&mut rng);
+        let (role, manager_id, dept) = if i < vps {
+            (Role::Vp, ceo_id.clone(), i % DEPARTMENTS.len())
+        } else if i < vps + directors {
+            let vp = (i - vps) % vps;
+            (Role::Director, users[vp].id.clone(), dept_of[vp])
+        } else {
+            let k = i - vps - directors;
+            let mgr = if directors > 0 {
+                vps + k % directors
+            } else {
+                k % vps.max(1)
+            };
+            (Role::Staff, users[mgr].id.clone(), dept_of[mgr])
+        };
+        let site = if role == Role::Staff {
+            rng.random_range(0..SITES.len())
+        } else {
+            i % SITES.len()
+        };
+        let (given, sur, display, local) = if role == Role::Staff && special_i < SPECIAL_NAMES.len()
+        {
+            let s = SPECIAL_NAMES[special_i];
+            special_i += 1;
+            (
+                s.0.to_string(),
+                s.1.to_string(),
+                s.2.to_string(),
+                s.3.to_string(),
+            )
+        } else {
+            let g = FIRST_NAMES[rng.random_range(0..FIRST_NAMES.len())];
+            let l = LAST_NAMES[rng.random_range(0..LAST_NAMES.len())];
+            (
+                g.to_string(),
+                l.to_string(),
+                format!("{g} {l}"),
+                format!("{}.{}", g.to_lowercase(), l.to_lowercase()),
+            )
+        };
+        let upn = make_upn(&local);
+        let (dname, titles) = DEPARTMENTS[dept];
+        let job_title = match role {
+            Role::Vp => format!("Vice President, {dname}"),
+            Role::Director => format!("Director, {dname}"),
+            Role::Staff => titles[rng.random_range(0..titles.len())].to_string(),
+        };
+        let (office, city, country, usage, phone) = SITES[site];
+        let business_phones = if rng.random_bool(0.8) {
+            vec![format!("{phone}{:04}", rng.random_range(0..10_000))]
+        } else {
+            Vec::new()
+        };
+        let mobile_phone = rng
+            .random_bool(0.5)
+            .then(|| format!("{phone}{:04}", rng.random_range(0..10_000)));
+        let staff_index = if role == Role::Staff {
+            staff_seen += 1;
+            Some(staff_seen - 1)
+        } else {
+            None
+        };
+        let contractor = staff_index.is_some_and(|k| k >= staff - contractors);
+        users.push(SimUser {
+            id,
+            mail: Some(upn.clone()),
+            user_principal_name: upn,
+            given_name: Some(given),
+            surname: Some(sur),
+            display_name: Some(display),
+            job_title: Some(job_title),
+            department: Some(dname.to_string()),
+            office_location: Some(office.to_string()),
+            employee_id: Some(if contractor {
+                format!("C{:05}", 10_000 + i)
+            } else {
+                format!("E{:06}", 100_000 + i)
+            }),
+            employee_type: Some(if contractor { "Contractor" } else { "Employee" }.to_string()),
+            company_name: Some(
+                if contractor {
+                    "Fabrikam Staffing Services"
+                } else {
+                    "Contoso Ltd"
+                }
+                .to_string(),
+            ),
+            city: Some(city.to_string()),
+            country: Some(country.to_string()),
+            usage_location: Some(usage.to_string()),
+            mobile_phone,
+            business_phones,
+            account_enabled: true,
+            manager_id: Some(manager_id),
+        });
+        dept_of.push(dept);
+    }
+
+    // Special properties on the first staff members after the named ones (or whoever exists).
+    let first_staff = vps + directors;
+    let pick = |k: usize| -> Option<usize> {
+        if n == 0 {
+            None
+        } else {
+            Some((first_staff + SPECIAL_NAMES.len() + k).min(n - 1))
+        }
+    };
+    if let Some(i) = pick(0) {
+        users[i].mail = None;
+    }
+    if let Some(i) = pick(1) {
+        users[i].job_title = Some(LONG_JOB_TITLE.to_string());
+    }
+    if let Some(i) = pick(2) {
+        users[i].employee_id = None;
+    }
+    // Disabled accounts: spread over non-contractor staff (never the managers).
+    let enabled_pool: Vec<usize> =
+        (first_staff + SPECIAL_NAMES.len() + 3..n.saturating_sub(contractors)).collect();
+    let mut pool = if enabled_pool.is_empty() {
+        (first_staff..n).collect::<Vec<_>>()
+    } else {
+        enabled_pool
+    };
+    pool.shuffle(&mut rng);
+    for &i in pool.iter().take(disabled) {
+        users[i].account_enabled = false;
+    }
+
+    let contractor_ids: Vec<String> = users[n - contractors..n]
+        .iter()
+        .map(|u| u.id.clone())
+        .collect();
+    let mut all_members: Vec<String> = users[..n - contractors]
+        .iter()
+        .map(|u| u.id.clone())
+        .collect();
+    all_members.push(nested_group_id.clone());
+    let mut nested_members = contractor_ids;
+    if directors > 0 {
+        // A contractor manager who is also a direct member: listed once.
+        nested_members.insert(0, users[vps].id.clone());
+    }
+    users.insert(0, ceo);
+
+    Fixture {
+        tenant: Tenant {
+            tenant_id: FIXTURE_TENANT_ID.to_string(),
+            client_id: FIXTURE_CLIENT_ID.to_string(),
+            client_secret: FIXTURE_CLIENT_SECRET.to_string(),
+            users,
+            groups: vec![
+                SimGroup {
+                    id: all_group_id.clone(),
+                    display_name: "All Employees".into(),
+                    members: all_members,
+                },
+                SimGroup {
+                    id: nested_group_id.clone(),
+                    display_name: "Contractors".into(),
+                    members: nested_members,
+                },
+            ],
+        },
+        all_group_id,
+        nested_group_id,
+        ceo_id,
+    }
+}

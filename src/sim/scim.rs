@@ -1,1 +1,778 @@
-//! SCIM LMS simulator (being written).
+//! In-process SCIM 2.0 LMS server simulator (RFC 7643 / RFC 7644).
+//!
+//! Serves `/Users`, `/Users/.search`, `/ServiceProviderConfig`, `/Schemas`, `/ResourceTypes`
+//! under `http://127.0.0.1:PORT/scim/v2` with bearer-token auth. Defaults are RFC-strict;
+//! Entra-compatible leniency is opt-in ([`ScimSimConfig::lenient_ops`]). Faults (429, 500,
+//! create-then-500, 503) are injected from a seeded RNG. The wire facts and quirks are in
+//! `shared/reference/scim.md`, cited below as "scim.md §n".
+//!
+//! Storage: a `HashMap` by id plus case-folded `userName` and exact `externalId` indexes
+//! (used for top-level `eq` filters) and a creation-order map for paging, so 100,000 users
+//! are fine.
+
+mod error;
+mod filter;
+mod patch;
+mod schema;
+mod store;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use actix_web::dev::ServerHandle;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+
+use error::{ScimError, SCIM_CONTENT_TYPE};
+use schema::{Registry, LIST_RESPONSE_URN, SEARCH_REQUEST_URN};
+use store::{normalize_resource, project, render, Opts, State};
+
+/// Path prefix of every endpoint (a versioned base URL, RFC 7644 §3.13).
+const BASE_PATH: &str = "/scim/v2";
+/// Request bodies above this size get 413.
+const MAX_BODY_BYTES: usize = 1 << 20;
+const WORKERS: usize = 2;
+
+/// Server behaviour. Defaults are RFC-strict (scim.md §10).
+#[derive(Clone, Debug)]
+pub struct ScimSimConfig {
+    /// Required bearer token.
+    pub token: String,
+    /// Custom extension schema the server declares, e.g.
+    /// `("urn:ietf:params:scim:schemas:extension:acme:2.0:User", vec!["officeLocation", …])`.
+    /// `None` = only core + enterprise.
+    pub custom_extension: Option<(String, Vec<String>)>,
+    /// Default true: `/ServiceProviderConfig`, `/Schemas`, `/ResourceTypes`; false → 404.
+    pub serve_discovery: bool,
+    /// Default false: PATCH `op` must be lowercase `add`/`remove`/`replace` and booleans must
+    /// be JSON booleans. True = Entra-compatible profile: `op` and PATCH member names in any
+    /// case, `"True"`/`"False"` strings for boolean attributes (POST, PUT, PATCH), `manager`
+    /// as a bare id string, and `remove` with a `value` array removing only those values.
+    pub lenient_ops: bool,
+    /// Default false: PATCH answers 200 + full resource; true → 204 without body.
+    pub patch_returns_204: bool,
+    /// Default 100: cap on `count` (advertised as `filter.maxResults`).
+    pub max_page_size: usize,
+}
+
+impl Default for ScimSimConfig {
+    fn default() -> Self {
+        ScimSimConfig {
+            token: "sim-scim-token".to_string(),
+            custom_extension: None,
+            serve_discovery: true,
+            lenient_ops: false,
+            patch_returns_204: false,
+            max_page_size: 100,
+        }
+    }
+}
+
+/// Injected faults, drawn from an RNG seeded with `seed` (reseeded by `set_faults`).
+#[derive(Clone, Debug, Default)]
+pub struct ScimFaults {
+    /// Fraction of requests answered 429 with `Retry-After: retry_after_secs`.
+    pub rate_429: f64,
+    pub retry_after_secs: u64,
+    /// Fraction of requests answered 500 before doing anything.
+    pub rate_500: f64,
+    /// Fraction of `POST /Users` that create the user and then answer 500 (lost response).
+    pub rate_500_after_create: f64,
+    pub seed: u64,
+}
+
+struct FaultState {
+    faults: ScimFaults,
+    rng: StdRng,
+}
+
+impl FaultState {
+    fn roll(&mut self, rate: f64) -> bool {
+        rate > 0.0 && self.rng.random::<f64>() < rate
+    }
+}
+
+struct Inner {
+    cfg: ScimSimConfig,
+    reg: Registry,
+    base_url: String,
+    state: RwLock<State>,
+    faults: Mutex<FaultState>,
+    down: AtomicBool,
+    counts: Mutex<HashMap<String, u64>>,
+}
+
+impl Inner {
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+    fn faults(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn count(&self, kind: &str) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *c.entry(kind.to_string()).or_insert(0) += 1;
+    }
+    fn opts(&self) -> Opts {
+        Opts {
+            lenient: self.cfg.lenient_ops,
+        }
+    }
+    fn render_id(&self, st: &State, id: &str) -> Option<Value> {
+        st.users
+            .get(id)
+            .map(|r| render(&self.reg, r, &self.base_url))
+    }
+}
+
+/// A running simulator. Stops when dropped (without waiting) or by [`ScimSim::stop`].
+pub struct ScimSim {
+    inner: Arc<Inner>,
+    handle: Option<ServerHandle>,
+    join: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    base_url: String,
+}
+
+impl std::fmt::Debug for ScimSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScimSim")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScimSim {
+    /// Binds 127.0.0.1:0, spawns the actix server on the current tokio runtime and returns
+    /// once the socket is listening.
+    pub async fn start(cfg: ScimSimConfig) -> std::io::Result<ScimSim> {
+        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+        let addr = listener.local_addr()?;
+        let base_url = format!("http://{addr}{BASE_PATH}");
+        let inner = Arc::new(Inner {
+            reg: Registry::new(cfg.custom_extension.as_ref()),
+            cfg,
+            base_url: base_url.clone(),
+            state: RwLock::new(State::default()),
+            faults: Mutex::new(FaultState {
+                faults: ScimFaults::default(),
+                rng: StdRng::seed_from_u64(0),
+            }),
+            down: AtomicBool::new(false),
+            counts: Mutex::new(HashMap::new()),
+        });
+        let data = web::Data::from(inner.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .default_service(web::to(dispatch))
+        })
+        .workers(WORKERS)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .listen(listener)?
+        .run();
+        let handle = server.handle();
+        let join = tokio::spawn(server);
+        tracing::debug!(%base_url, "SCIM simulator listening");
+        Ok(ScimSim {
+            inner,
+            handle: Some(handle),
+            join: Some(join),
+            base_url,
+        })
+    }
+
+    /// e.g. `http://127.0.0.1:PORT/scim/v2` (all endpoints under it).
+    pub fn base_url(&self) -> String {
+        self.base_url.clone()
+    }
+
+    /// The bearer token the server expects.
+    pub fn token(&self) -> String {
+        self.inner.cfg.token.clone()
+    }
+
+    pub fn set_faults(&self, f: ScimFaults) {
+        let mut fs = self.inner.faults();
+        fs.rng = StdRng::seed_from_u64(f.seed);
+        fs.faults = f;
+    }
+
+    /// All users as full JSON resources (as GET would return them), in creation order.
+    pub fn users(&self) -> Vec<Value> {
+        let st = self.inner.read();
+        st.order
+            .values()
+            .filter_map(|id| self.inner.render_id(&st, id))
+            .collect()
+    }
+
+    /// Number of stored users.
+    pub fn user_count(&self) -> usize {
+        self.inner.read().users.len()
+    }
+
+    /// A user by server id.
+    pub fn user(&self, id: &str) -> Option<Value> {
+        let st = self.inner.read();
+        self.inner.render_id(&st, id)
+    }
+
+    /// The first-created user with this `externalId` (case-exact).
+    pub fn user_by_external_id(&self, external_id: &str) -> Option<Value> {
+        let st = self.inner.read();
+        let id = st
+            .by_external_id
+            .get(external_id)
+            .and_then(|ids| {
+                ids.iter()
+                    .filter_map(|i| st.users.get(i))
+                    .min_by_key(|r| r.seq)
+            })
+            .map(|r| r.id.clone())?;
+        self.inner.render_id(&st, &id)
+    }
+
+    /// Case-insensitive (`userName` is `caseExact: false`).
+    pub fn user_by_user_name(&self, user_name: &str) -> Option<Value> {
+        let st = self.inner.read();
+        let id = st.id_by_user_name(user_name)?.clone();
+        self.inner.render_id(&st, &id)
+    }
+
+    /// Inserts a user as if made by hand in the LMS (validated like a POST); returns its id.
+    pub fn insert_user(&self, resource: Value) -> Result<String, String> {
+        let attrs = normalize_resource(&self.inner.reg, &resource, self.inner.opts())
+            .map_err(|e| e.to_string())?;
+        self.inner.write().insert(attrs).map_err(|e| e.to_string())
+    }
+
+    /// Removes a user directly (as if deleted by hand in the LMS). False when absent.
+    pub fn delete_user(&self, id: &str) -> bool {
+        self.inner.write().delete(id)
+    }
+
+    /// Requests received, by `"METHOD"` (`"GET"`, `"POST"`, `"PATCH"`, `"PUT"`,
+    /// `"DELETE"`; every request counts, including rejected and faulted ones) and by the
+    /// injected outcomes `"429"`, `"500"` (both fault kinds) and `"503"` (server down).
+    pub fn request_count(&self, kind: &str) -> u64 {
+        let c = self.inner.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.get(kind).copied().unwrap_or(0)
+    }
+
+    pub fn reset_counts(&self) {
+        self.inner
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Make the server answer 503 to everything (target down) or resume.
+    pub fn set_down(&self, down: bool) {
+        self.inner.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop(false).await;
+        }
+        if let Some(j) = self.join.take() {
+            let _ = j.await;
+        }
+    }
+}
+
+impl Drop for ScimSim {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            // The stop command is sent immediately; the returned future only waits for it.
+            drop(h.stop(false));
+        }
+    }
+}
+
+fn scim_json(status: StatusCode, body: &Value) -> HttpResponse {
+    HttpResponse::build(status)
+        .insert_header((header::CONTENT_TYPE, SCIM_CONTENT_TYPE))
+        .body(body.to_string())
+}
+
+fn authorized(req: &HttpRequest, token: &str) -> bool {
+    let Some(h) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let mut parts = h.trim().splitn(2, ' ');
+    let scheme = parts.next().unwrap_or_default();
+    let cred = parts.next().unwrap_or_default().trim();
+    scheme.eq_ignore_ascii_case("bearer") && !cred.is_empty() && cred == token
+}
+
+async fn read_body(req: &HttpRequest, mut payload: web::Payload) -> Result<Vec<u8>, ScimError> {
+    let too_large = || {
+        ScimError::new(
+            413,
+            None,
+            format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ScimError::invalid_syntax(format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Every request lands here: down → auth → faults → body → route.
+async fn dispatch(
+    req: HttpRequest,
+    payload: web::Payload,
+    inner: web::Data<Inner>,
+) -> HttpResponse {
+    inner.count(req.method().as_str());
+    if inner.down.load(Ordering::SeqCst) {
+        inner.count("503");
+        return ScimError::new(503, None, "the service is unavailable").response();
+    }
+    if !authorized(&req, &inner.cfg.token) {
+        return ScimError::new(401, None, "missing or invalid bearer token").response();
+    }
+    {
+        let mut fs = inner.faults();
+        let (r429, secs, r500) = (
+            fs.faults.rate_429,
+            fs.faults.retry_after_secs,
+            fs.faults.rate_500,
+        );
+        if fs.roll(r429) {
+            drop(fs);
+            inner.count("429");
+            // Not in RFC 7644's table, but real servers send it (scim.md §5, §9 item 10).
+            let mut resp = ScimError::new(429, None, "too many requests").response();
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return resp;
+        }
+        if fs.roll(r500) {
+            drop(fs);
+            inner.count("500");
+            return ScimError::new(500, None, "injected internal error").response();
+        }
+    }
+    let body = match read_body(&req, payload).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    match route(&inner, &req, &body) {
+        Ok(r) => r,
+        Err(e) => e.response(),
+    }
+}
+
+fn query_params(req: &HttpRequest) -> Vec<(String, String)> {
+    // form_urlencoded decodes `+` as a space as well as `%20` (Entra sends
+    // `filter=externalId+eq+%22x%22`, scim.md §3).
+    url::form_urlencoded::parse(req.query_string().as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+fn method_not_allowed(allow: &str) -> Result<HttpResponse, ScimError> {
+    let mut resp = ScimError::new(405, None, format!("method not allowed; use {allow}")).response();
+    if let Ok(v) = HeaderValue::from_str(allow) {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    Ok(resp)
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ScimError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ScimError::invalid_syntax("a JSON body is required"));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ScimError::invalid_syntax(format!("malformed JSON: {e}")))
+}
+
+fn route(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Result<HttpResponse, ScimError> {
+    let unknown = || ScimError::not_found(format!("no such endpoint: {}", req.path()));
+    let Some(rest) = req
+        .path()
+        .strip_prefix(BASE_PATH)
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+    else {
+        return Err(unknown());
+    };
+    let segs: Vec<String> = rest
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let params = query_params(req);
+    let m = req.method();
+    let base = inner.base_url.as_str();
+
+    let discovery = |doc: Option<Value>| -> Result<HttpResponse, ScimError> {
+        if !inner.cfg.serve_discovery {
+            return Err(unknown());
+        }
+        if m != Method::GET {
+            return method_not_allowed("GET");
+        }
+        if param(&params, "filter").is_some() {
+            // RFC 7644 §4: filtering discovery resources SHOULD get 403.
+            return Err(ScimError::new(
+                403,
+                None,
+                "filtering is not supported on discovery endpoints",
+            ));
+        }
+        match doc {
+            Some(d) => Ok(scim_json(StatusCode::OK, &d)),
+            None => Err(unknown()),
+        }
+    };
+
+    match segs.as_slice() {
+        ["ServiceProviderConfig"] => discovery(Some(schema::service_provider_config(
+            base,
+            inner.cfg.max_page_size.max(1),
+        ))),
+        ["Schemas"] => discovery(Some(schema::list_all(inner.reg.schema_docs(base)))),
+        ["Schemas", urn] => discovery(inner.reg.schema_doc(base, urn)),
+        ["ResourceTypes"] => discovery(Some(schema::list_all(vec![inner
+            .reg
+            .user_resource_type(base)]))),
+        ["ResourceTypes", "User"] => discovery(Some(inner.reg.user_resource_type(base))),
+        ["ResourceTypes", _] => discovery(None),
+        ["Bulk"] => Err(ScimError::new(
+            501,
+            None,
+            "bulk operations are not supported",
+        )),
+        // RFC 7644 §3.11: a server without /Me answers 501.
+        ["Me", ..] => Err(ScimError::new(501, None, "/Me is not supported")),
+        ["Users"] => match *m {
+            Method::GET => {
+                let q = ListQuery::from_params(&params)?;
+                Ok(scim_json(StatusCode::OK, &list_users(inner, &q)?))
+            }
+            Method::POST => create_user(inner, body, &params),
+            _ => method_not_allowed("GET, POST"),
+        },
+        ["Users", ".search"] => match *m {
+            Method::POST => {
+                let q = ListQuery::from_search(&parse_json(body)?)?;
+                Ok(scim_json(StatusCode::OK, &list_users(inner, &q)?))
+            }
+            _ => method_not_allowed("POST"),
+        },
+        ["Users", id] => match *m {
+            Method::GET => {
+                let st = inner.read();
+                let r = inner
+                    .render_id(&st, id)
+                    .ok_or_else(|| ScimError::not_found(format!("User {id} not found")))?;
+                Ok(scim_json(
+                    StatusCode::OK,
+                    &project_params(inner, r, &params),
+                ))
+            }
+            Method::PUT => replace_user(inner, id, body, &params),
+            Method::PATCH => patch_user(inner, id, body, &params),
+            Method::DELETE => {
+                if inner.write().delete(id) {
+                    Ok(HttpResponse::NoContent().finish())
+                } else {
+                    Err(ScimError::not_found(format!("User {id} not found")))
+                }
+            }
+            _ => method_not_allowed("GET, PUT, PATCH, DELETE"),
+        },
+        _ => Err(unknown()),
+    }
+}
+
+fn project_params(inner: &Inner, resource: Value, params: &[(String, String)]) -> Value {
+    let a = param(params, "attributes");
+    let x = param(params, "excludedAttributes");
+    if a.is_none() && x.is_none() {
+        return resource;
+    }
+    project(&inner.reg, resource, a, x)
+}
+
+fn create_user(
+    inner: &Inner,
+    body: &[u8],
+    params: &[(String, String)],
+) -> Result<HttpResponse, ScimError> {
+    let v = parse_json(body)?;
+    let attrs = normalize_resource(&inner.reg, &v, inner.opts())?;
+    let resource = {
+        let mut st = inner.write();
+        let id = st.insert(attrs)?;
+        inner
+            .render_id(&st, &id)
+            .ok_or_else(|| ScimError::new(500, None, "created user vanished"))?
+    };
+    let lost = {
+        let mut fs = inner.faults();
+        let rate = fs.faults.rate_500_after_create;
+        fs.roll(rate)
+    };
+    if lost {
+        inner.count("500");
+        return Err(ScimError::new(500, None, "injected error after create"));
+    }
+    let location = resource
+        .pointer("/meta/location")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    // 201 + Location = meta.location (RFC 7644 §3.3).
+    Ok(HttpResponse::Created()
+        .insert_header((header::CONTENT_TYPE, SCIM_CONTENT_TYPE))
+        .insert_header((header::LOCATION, location))
+        .body(project_params(inner, resource, params).to_string()))
+}
+
+fn replace_user(
+    inner: &Inner,
+    id: &str,
+    body: &[u8],
+    params: &[(String, String)],
+) -> Result<HttpResponse, ScimError> {
+    let v = parse_json(body)?;
+    // Full replace (RFC 7644 §3.5.1): readOnly attributes in the body are ignored.
+    let attrs = normalize_resource(&inner.reg, &v, inner.opts())?;
+    let mut st = inner.write();
+    st.update(id, attrs)?;
+    let r = inner
+        .render_id(&st, id)
+        .ok_or_else(|| ScimError::not_found(format!("User {id} not found")))?;
+    drop(st);
+    Ok(scim_json(StatusCode::OK, &project_params(inner, r, params)))
+}
+
+fn patch_user(
+    inner: &Inner,
+    id: &str,
+    body: &[u8],
+    params: &[(String, String)],
+) -> Result<HttpResponse, ScimError> {
+    let v = parse_json(body)?;
+    let mut st = inner.write();
+    let Some(rec) = st.users.get(id) else {
+        return Err(ScimError::not_found(format!("User {id} not found")));
+    };
+    // Atomic (RFC 7644 §3.5.2): work on a copy, commit only if every op succeeded.
+    let mut attrs = rec.attrs.clone();
+    patch::apply_patch(&inner.reg, &mut attrs, &v, inner.opts())?;
+    st.update(id, attrs)?;
+    let r = inner
+        .render_id(&st, id)
+        .ok_or_else(|| ScimError::not_found(format!("User {id} not found")))?;
+    drop(st);
+    // 200 + resource or 204 (RFC 7644 §3.5.2); 200 is mandatory when `attributes` is given.
+    if inner.cfg.patch_returns_204 && param(params, "attributes").is_none() {
+        return Ok(HttpResponse::NoContent().finish());
+    }
+    Ok(scim_json(StatusCode::OK, &project_params(inner, r, params)))
+}
+
+/// Query parameters of `GET /Users` or the body of `POST /Users/.search`.
+struct ListQuery {
+    filter: Option<String>,
+    start_index: Option<i64>,
+    count: Option<i64>,
+    attributes: Option<String>,
+    excluded: Option<String>,
+}
+
+impl ListQuery {
+    fn from_params(params: &[(String, String)]) -> Result<ListQuery, ScimError> {
+        let int = |name: &str| -> Result<Option<i64>, ScimError> {
+            match param(params, name) {
+                None => Ok(None),
+                Some(s) => s.trim().parse::<i64>().map(Some).map_err(|_| {
+                    ScimError::invalid_value(format!("\"{name}\" must be an integer, not \"{s}\""))
+                }),
+            }
+        };
+        Ok(ListQuery {
+            filter: param(params, "filter").map(str::to_string),
+            start_index: int("startIndex")?,
+            count: int("count")?,
+            attributes: param(params, "attributes").map(str::to_string),
+            excluded: param(params, "excludedAttributes").map(str::to_string),
+        })
+    }
+
+    /// SearchRequest (RFC 7644 §3.4.3).
+    fn from_search(body: &Value) -> Result<ListQuery, ScimError> {
+        let Value::Object(o) = body else {
+            return Err(ScimError::invalid_syntax(
+                "the SearchRequest must be a JSON object",
+            ));
+        };
+        let get = |k: &str| {
+            o.iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v)
+        };
+        let has_urn = get("schemas").and_then(Value::as_array).is_some_and(|a| {
+            a.iter().any(|s| {
+                s.as_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case(SEARCH_REQUEST_URN))
+            })
+        });
+        if !has_urn {
+            return Err(ScimError::invalid_syntax(format!(
+                "\"schemas\" must contain {SEARCH_REQUEST_URN}"
+            )));
+        }
+        let int = |k: &str| -> Result<Option<i64>, ScimError> {
+            match get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_i64()
+                    .map(Some)
+                    .ok_or_else(|| ScimError::invalid_value(format!("\"{k}\" must be an integer"))),
+            }
+        };
+        let list = |k: &str| -> Result<Option<String>, ScimError> {
+            match get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(Value::Array(a)) => {
+                    let names: Option<Vec<&str>> = a.iter().map(Value::as_str).collect();
+                    names.map(|n| Some(n.join(","))).ok_or_else(|| {
+                        ScimError::invalid_value(format!("\"{k}\" must hold strings"))
+                    })
+                }
+                Some(_) => Err(ScimError::invalid_value(format!(
+                    "\"{k}\" must be an array of strings"
+                ))),
+            }
+        };
+        let filter = match get("filter") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(ScimError::invalid_filter("\"filter\" must be a string")),
+        };
+        Ok(ListQuery {
+            filter,
+            start_index: int("startIndex")?,
+            count: int("count")?,
+            attributes: list("attributes")?,
+            excluded: list("excludedAttributes")?,
+        })
+    }
+}
+
+/// ListResponse (RFC 7644 §3.4.2; paging §3.4.2.4, scim.md §6): `startIndex` is 1-based
+/// (<1 → 1), `count` is capped at `max_page_size` (negative → 0; 0 → no `Resources`),
+/// `itemsPerPage` is the number returned on this page.
+fn list_users(inner: &Inner, q: &ListQuery) -> Result<Value, ScimError> {
+    let filter = match q.filter.as_deref() {
+        Some(f) if !f.trim().is_empty() => Some(filter::parse_filter(&inner.reg, f)?),
+        Some(_) => return Err(ScimError::invalid_filter("empty filter")),
+        None => None,
+    };
+    let cap = inner.cfg.max_page_size.max(1);
+    let start = q.start_index.unwrap_or(1).max(1);
+    let start_usize = usize::try_from(start).unwrap_or(usize::MAX);
+    let count = match q.count {
+        None => cap,
+        Some(c) => usize::try_from(c.max(0)).unwrap_or(usize::MAX).min(cap),
+    };
+    let st = inner.read();
+    let base = inner.base_url.as_str();
+    let (total, page): (usize, Vec<Value>) = match &filter {
+        None => (
+            st.users.len(),
+            st.order
+                .values()
+                .skip(start_usize - 1)
+                .take(count)
+                .filter_map(|id| inner.render_id(&st, id))
+                .collect(),
+        ),
+        Some(f) => {
+            let ids = st.query(&inner.reg, base, Some(f));
+            (
+                ids.len(),
+                ids.iter()
+                    .skip(start_usize - 1)
+                    .take(count)
+                    .filter_map(|id| inner.render_id(&st, id))
+                    .collect(),
+            )
+        }
+    };
+    drop(st);
+    let page: Vec<Value> = if q.attributes.is_some() || q.excluded.is_some() {
+        page.into_iter()
+            .map(|r| {
+                project(
+                    &inner.reg,
+                    r,
+                    q.attributes.as_deref(),
+                    q.excluded.as_deref(),
+                )
+            })
+            .collect()
+    } else {
+        page
+    };
+    let mut out = Map::new();
+    out.insert("schemas".into(), json!([LIST_RESPONSE_URN]));
+    out.insert("totalResults".into(), json!(total));
+    out.insert("startIndex".into(), json!(start));
+    out.insert("itemsPerPage".into(), json!(page.len()));
+    if total > 0 && count > 0 {
+        out.insert("Resources".into(), Value::Array(page));
+    }
+    Ok(Value::Object(out))
+}

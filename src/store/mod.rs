@@ -76,7 +76,10 @@ impl Store {
             .open()
             .map_err(|e| {
                 let msg = e.to_string();
-                if msg.contains("lock") || msg.contains("WouldBlock") || msg.contains("Resource temporarily unavailable") {
+                if msg.contains("lock")
+                    || msg.contains("WouldBlock")
+                    || msg.contains("Resource temporarily unavailable")
+                {
                     StoreError::Locked(path.to_path_buf())
                 } else {
                     StoreError::Open {
@@ -135,7 +138,11 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 impl IntegrationStore {
     pub fn get_user(&self, entra_id: &str) -> Result<Option<IndexEntry>, StoreError> {
         match self.users.get(entra_id.as_bytes())? {
-            Some(b) => Ok(Some(decode(&format!("{}/users", self.name), entra_id.as_bytes(), &b)?)),
+            Some(b) => Ok(Some(decode(
+                &format!("{}/users", self.name),
+                entra_id.as_bytes(),
+                &b,
+            )?)),
             None => Ok(None),
         }
     }
@@ -192,7 +199,11 @@ impl IntegrationStore {
 
     pub fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         match self.meta.get(key.as_bytes())? {
-            Some(b) => Ok(Some(decode(&format!("{}/meta", self.name), key.as_bytes(), &b)?)),
+            Some(b) => Ok(Some(decode(
+                &format!("{}/meta", self.name),
+                key.as_bytes(),
+                &b,
+            )?)),
             None => Ok(None),
         }
     }
@@ -236,8 +247,12 @@ mod tests {
     #[test]
     fn integrations_are_isolated() {
         let s = Store::temporary().unwrap();
-        let a = s.integration(&IntegrationName::parse("a").unwrap()).unwrap();
-        let b = s.integration(&IntegrationName::parse("b").unwrap()).unwrap();
+        let a = s
+            .integration(&IntegrationName::parse("a").unwrap())
+            .unwrap();
+        let b = s
+            .integration(&IntegrationName::parse("b").unwrap())
+            .unwrap();
         a.put_user("u1", &entry(true)).unwrap();
         assert!(a.get_user("u1").unwrap().is_some());
         assert!(b.get_user("u1").unwrap().is_none());
@@ -247,7 +262,9 @@ mod tests {
     #[test]
     fn runs_come_back_newest_first_and_corruption_is_reported() {
         let s = Store::temporary().unwrap();
-        let a = s.integration(&IntegrationName::parse("a").unwrap()).unwrap();
+        let a = s
+            .integration(&IntegrationName::parse("a").unwrap())
+            .unwrap();
         a.put_run("2026-01", &1u32).unwrap();
         a.put_run("2026-02", &2u32).unwrap();
         assert_eq!(a.runs::<u32>(10).unwrap(), vec![2, 1]);

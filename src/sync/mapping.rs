@@ -327,7 +327,9 @@ impl Parser<'_> {
                     }
                     return Ok(Expr::Manager(p.to_string()));
                 }
-                if let Some(n) = ident.strip_prefix("onPremisesExtensionAttributes.extensionAttribute") {
+                if let Some(n) =
+                    ident.strip_prefix("onPremisesExtensionAttributes.extensionAttribute")
+                {
                     if n.parse::<u8>().is_ok_and(|n| (1..=15).contains(&n)) {
                         return Ok(Expr::Prop(ident.to_string()));
                     }
@@ -340,7 +342,10 @@ impl Parser<'_> {
                     USER_PROPERTIES.join(", ")
                 ))
             }
-            Some(_) => Err(format!("cannot parse expression {:?}", String::from_utf8_lossy(self.s))),
+            Some(_) => Err(format!(
+                "cannot parse expression {:?}",
+                String::from_utf8_lossy(self.s)
+            )),
         }
     }
 }
@@ -366,7 +371,10 @@ impl Mapping {
     /// Builds the mapping: defaults, then each configured entry overrides or adds a rule.
     /// An entry is an expression string, `{ from = "expr", on_empty = "clear"|"keep" }`, or
     /// `false` to drop a default.
-    pub fn build(username: UsernameSource, table: Option<&toml::Table>) -> Result<Self, MappingError> {
+    pub fn build(
+        username: UsernameSource,
+        table: Option<&toml::Table>,
+    ) -> Result<Self, MappingError> {
         let mut rules: BTreeMap<String, Rule> = default_rules()
             .into_iter()
             .map(|(k, e)| {
@@ -452,10 +460,11 @@ impl Mapping {
 
     /// Graph properties to `$select` when listing users.
     pub fn user_select(&self) -> Vec<String> {
-        let mut set: BTreeSet<String> = ["id", "userPrincipalName", "accountEnabled", "displayName"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut set: BTreeSet<String> =
+            ["id", "userPrincipalName", "accountEnabled", "displayName"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         set.insert(self.username.graph_property().to_string());
         for r in &self.rules {
             collect_props(&r.expr, &mut set, false);
@@ -484,7 +493,11 @@ impl Mapping {
     }
 
     /// Maps one Graph user. `manager` is the manager's Graph object when there is one.
-    pub fn apply(&self, user: &GraphUser, manager: Option<&GraphUser>) -> Result<Desired, MapFailure> {
+    pub fn apply(
+        &self,
+        user: &GraphUser,
+        manager: Option<&GraphUser>,
+    ) -> Result<Desired, MapFailure> {
         let uprop = self.username.graph_property();
         let user_name = user.string(uprop).ok_or_else(|| {
             MapFailure(format!(
@@ -496,7 +509,11 @@ impl Mapping {
         record.insert(USER_NAME.into(), AttrValue::Str(user_name.clone()));
         record.insert(EXTERNAL_ID.into(), AttrValue::Str(user.id.clone()));
         // Membership is decided by the caller; accountEnabled=false deactivates.
-        let enabled = user.props.get("accountEnabled").and_then(|v| v.as_bool()).unwrap_or(true);
+        let enabled = user
+            .props
+            .get("accountEnabled")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
         record.insert(ACTIVE.into(), AttrValue::Bool(enabled));
         for r in &self.rules {
             match eval(&r.expr, user, manager) {
@@ -514,7 +531,11 @@ impl Mapping {
             entra_id: user.id.clone(),
             user_name,
             record,
-            manager_entra_id: if self.link_manager { manager_entra_id } else { None },
+            manager_entra_id: if self.link_manager {
+                manager_entra_id
+            } else {
+                None
+            },
             keep,
         })
     }
@@ -566,17 +587,28 @@ mod tests {
     #[test]
     fn defaults_map_the_usual_fields() {
         let m = Mapping::build(UsernameSource::UserPrincipalName, None).unwrap();
-        let u = user(json!({"id":"u1","userPrincipalName":"ada@x.com","mail":"ada@x.com","givenName":"Ada",
+        let u = user(
+            json!({"id":"u1","userPrincipalName":"ada@x.com","mail":"ada@x.com","givenName":"Ada",
             "surname":"Lovelace","displayName":"Ada Lovelace","jobTitle":"Engineer","department":"R&D",
-            "employeeId":"007","officeLocation":"B1","accountEnabled":true}));
+            "employeeId":"007","officeLocation":"B1","accountEnabled":true}),
+        );
         let mgr = user(json!({"id":"m1","displayName":"Boss","mail":"boss@x.com"}));
         let d = m.apply(&u, Some(&mgr)).unwrap();
         assert_eq!(d.user_name, "ada@x.com");
         assert_eq!(d.record["externalId"], AttrValue::Str("u1".into()));
         assert_eq!(d.record["title"], AttrValue::Str("Engineer".into()));
-        assert_eq!(d.record["enterprise.employeeNumber"], AttrValue::Str("007".into()));
-        assert_eq!(d.record["custom.managerEmail"], AttrValue::Str("boss@x.com".into()));
-        assert_eq!(d.record["custom.managerDisplayName"], AttrValue::Str("Boss".into()));
+        assert_eq!(
+            d.record["enterprise.employeeNumber"],
+            AttrValue::Str("007".into())
+        );
+        assert_eq!(
+            d.record["custom.managerEmail"],
+            AttrValue::Str("boss@x.com".into())
+        );
+        assert_eq!(
+            d.record["custom.managerDisplayName"],
+            AttrValue::Str("Boss".into())
+        );
         assert_eq!(d.record["active"], AttrValue::Bool(true));
         assert_eq!(d.manager_entra_id.as_deref(), Some("m1"));
         assert!(!d.record.contains_key("custom.city"));
@@ -585,7 +617,9 @@ mod tests {
     #[test]
     fn missing_username_attribute_is_a_per_user_failure() {
         let m = Mapping::build(UsernameSource::Mail, None).unwrap();
-        let e = m.apply(&user(json!({"id":"u1","userPrincipalName":"a@x"})), None).unwrap_err();
+        let e = m
+            .apply(&user(json!({"id":"u1","userPrincipalName":"a@x"})), None)
+            .unwrap_err();
         assert!(e.0.contains("has no mail"), "{e:?}");
         for (src, want) in [
             (UsernameSource::UserPrincipalName, "a@x"),
@@ -593,7 +627,12 @@ mod tests {
             (UsernameSource::Id, "u1"),
         ] {
             let m = Mapping::build(src, None).unwrap();
-            let d = m.apply(&user(json!({"id":"u1","userPrincipalName":"a@x","employeeId":"E1"})), None).unwrap();
+            let d = m
+                .apply(
+                    &user(json!({"id":"u1","userPrincipalName":"a@x","employeeId":"E1"})),
+                    None,
+                )
+                .unwrap();
             assert_eq!(d.user_name, want);
         }
     }
@@ -632,10 +671,15 @@ custom.city = false
             ("favouriteColour = \"mail\"", "unknown target attribute"),
             ("title = \"manager.salary\"", "manager.salary"),
             ("title = 5", "expected an expression"),
-            ("title = { from = \"jobTitle\", on_empty = \"maybe\" }", "on_empty"),
+            (
+                "title = { from = \"jobTitle\", on_empty = \"maybe\" }",
+                "on_empty",
+            ),
         ] {
             let t: toml::Table = toml::from_str(src).unwrap();
-            let e = Mapping::build(UsernameSource::Id, Some(&t)).unwrap_err().to_string();
+            let e = Mapping::build(UsernameSource::Id, Some(&t))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{src}: {e}");
         }
     }
@@ -643,7 +687,10 @@ custom.city = false
     #[test]
     fn manager_select_follows_the_mapping() {
         let m = Mapping::build(UsernameSource::Id, None).unwrap();
-        assert_eq!(m.manager_select().unwrap(), vec!["displayName", "id", "mail"]);
+        assert_eq!(
+            m.manager_select().unwrap(),
+            vec!["displayName", "id", "mail"]
+        );
         let t: toml::Table = toml::from_str(
             "enterprise.manager = false\ncustom.managerEmail = false\ncustom.managerDisplayName = false",
         )

@@ -7,11 +7,13 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-use super::mapping::{AttrChange, AttrValue, Desired, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME};
+use super::mapping::{
+    AttrChange, AttrValue, Desired, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME,
+};
 use crate::config::DeactivationLimit;
 use crate::store::IndexEntry;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Create,
@@ -63,7 +65,10 @@ pub enum ManagerRef {
 }
 
 /// The record keys rostersync manages for a mapping (others in the target are never touched).
-pub fn managed_keys<'a>(rule_keys: impl Iterator<Item = &'a str>, link_manager: bool) -> BTreeSet<String> {
+pub fn managed_keys<'a>(
+    rule_keys: impl Iterator<Item = &'a str>,
+    link_manager: bool,
+) -> BTreeSet<String> {
     let mut keys: BTreeSet<String> = rule_keys.map(str::to_string).collect();
     keys.extend([USER_NAME, EXTERNAL_ID, ACTIVE].map(str::to_string));
     if link_manager {
@@ -122,7 +127,11 @@ pub fn desired_record(d: &Desired, manager: &ManagerRef, current: Option<&Record
 
 /// Plans one group member. `existing` is the user's index entry with its record already
 /// restricted to the managed keys. Returns `None` when nothing changes.
-pub fn plan_member(d: &Desired, existing: Option<&IndexEntry>, manager: &ManagerRef) -> Option<PlannedChange> {
+pub fn plan_member(
+    d: &Desired,
+    existing: Option<&IndexEntry>,
+    manager: &ManagerRef,
+) -> Option<PlannedChange> {
     let record = desired_record(d, manager, existing.map(|e| &e.record));
     match existing {
         None => {
@@ -156,8 +165,14 @@ pub fn plan_member(d: &Desired, existing: Option<&IndexEntry>, manager: &Manager
             }
             let (was, is) = (active(&e.record), active(&record));
             let (action, reason) = match (was, is) {
-                (true, false) => (Action::Deactivate, Some("disabled in Entra (accountEnabled = false)".to_string())),
-                (false, true) => (Action::Reactivate, Some("member again and enabled".to_string())),
+                (true, false) => (
+                    Action::Deactivate,
+                    Some("disabled in Entra (accountEnabled = false)".to_string()),
+                ),
+                (false, true) => (
+                    Action::Reactivate,
+                    Some("member again and enabled".to_string()),
+                ),
                 _ => (Action::Update, None),
             };
             Some(PlannedChange {
@@ -191,7 +206,9 @@ pub fn plan_departure(entra_id: &str, e: &IndexEntry) -> Option<PlannedChange> {
             old: Some(AttrValue::Bool(true)),
             new: Some(AttrValue::Bool(false)),
         }],
-        reason: Some("no longer a member of any configured group (removed, or deleted in Entra)".into()),
+        reason: Some(
+            "no longer a member of any configured group (removed, or deleted in Entra)".into(),
+        ),
         record,
         manager: e.manager.clone(),
     })
@@ -217,7 +234,12 @@ impl std::fmt::Display for GuardTrip {
 }
 
 /// The mass-deactivation guard.
-pub fn guard(would_deactivate: u64, active_before: u64, limit: DeactivationLimit, allow: bool) -> Result<(), GuardTrip> {
+pub fn guard(
+    would_deactivate: u64,
+    active_before: u64,
+    limit: DeactivationLimit,
+    allow: bool,
+) -> Result<(), GuardTrip> {
     let allowed = limit.allowed(active_before);
     if allow || would_deactivate <= allowed {
         return Ok(());
@@ -278,19 +300,46 @@ mod tests {
         assert_eq!(p.action, Action::Create);
         assert_eq!(p.record[MANAGER], s("tm"));
         let e = entry(&d, Some("tm"));
-        assert_eq!(plan_member(&d, Some(&e), &ManagerRef::Known("tm".into())), None);
-        assert_eq!(plan_member(&desired(None, false), None, &ManagerRef::None), None, "disabled never-provisioned users are not created");
+        assert_eq!(
+            plan_member(&d, Some(&e), &ManagerRef::Known("tm".into())),
+            None
+        );
+        assert_eq!(
+            plan_member(&desired(None, false), None, &ManagerRef::None),
+            None,
+            "disabled never-provisioned users are not created"
+        );
     }
 
     #[test]
     fn only_changed_fields_are_updated() {
         let before = desired(Some("Engineer"), true);
         let e = entry(&before, Some("tm"));
-        let p = plan_member(&desired(Some("Lead"), true), Some(&e), &ManagerRef::Known("tm".into())).unwrap();
+        let p = plan_member(
+            &desired(Some("Lead"), true),
+            Some(&e),
+            &ManagerRef::Known("tm".into()),
+        )
+        .unwrap();
         assert_eq!(p.action, Action::Update);
-        assert_eq!(p.changes, vec![AttrChange { key: "title".into(), old: Some(s("Engineer")), new: Some(s("Lead")) }]);
-        let p = plan_member(&desired(None, true), Some(&e), &ManagerRef::Known("tm".into())).unwrap();
-        assert_eq!(p.changes[0].new, None, "an emptied source clears the attribute");
+        assert_eq!(
+            p.changes,
+            vec![AttrChange {
+                key: "title".into(),
+                old: Some(s("Engineer")),
+                new: Some(s("Lead"))
+            }]
+        );
+        let p = plan_member(
+            &desired(None, true),
+            Some(&e),
+            &ManagerRef::Known("tm".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            p.changes[0].new, None,
+            "an emptied source clears the attribute"
+        );
     }
 
     #[test]
@@ -306,7 +355,11 @@ mod tests {
         let p = plan_departure("u1", &e).unwrap();
         assert_eq!(p.action, Action::Deactivate);
         assert_eq!(p.changes.len(), 1);
-        assert_eq!(plan_departure("u1", &gone), None, "already inactive users are left alone");
+        assert_eq!(
+            plan_departure("u1", &gone),
+            None,
+            "already inactive users are left alone"
+        );
     }
 
     #[test]
@@ -317,7 +370,14 @@ mod tests {
         e.record.insert("title".into(), s("Hand-set"));
         assert_eq!(plan_member(&d, Some(&e), &ManagerRef::Deferred), None);
         let p = plan_member(&d, Some(&e), &ManagerRef::None).unwrap();
-        assert_eq!(p.changes, vec![AttrChange { key: MANAGER.into(), old: Some(s("old-mgr")), new: None }]);
+        assert_eq!(
+            p.changes,
+            vec![AttrChange {
+                key: MANAGER.into(),
+                old: Some(s("old-mgr")),
+                new: None
+            }]
+        );
     }
 
     #[test]

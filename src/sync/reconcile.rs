@@ -151,7 +151,11 @@ struct Run<'a, 'c, T: Target> {
 
 /// Runs a full reconcile of one integration. Never panics on bad input; whole-run errors end
 /// up in `report.error` with `Outcome::Failed`.
-pub async fn reconcile<T: Target>(ctx: &Context<'_, T>, opts: RunOptions, progress: Option<ProgressFn>) -> RunReport {
+pub async fn reconcile<T: Target>(
+    ctx: &Context<'_, T>,
+    opts: RunOptions,
+    progress: Option<ProgressFn>,
+) -> RunReport {
     let run_id = new_run_id();
     let span = tracing::info_span!("reconcile", integration = %ctx.cfg.name, run_id = %run_id, dry_run = opts.dry_run);
     async move {
@@ -243,10 +247,13 @@ impl<T: Target> Run<'_, '_, T> {
         }
         self.report.notes.extend(self.caps.notes.iter().cloned());
         let link_manager = cfg.mapping.link_manager && self.caps.enterprise;
-        self.managed = plan::managed_keys(cfg.mapping.rules.iter().map(|r| r.key.as_str()), link_manager)
-            .into_iter()
-            .filter(|k| self.caps.accepts(k))
-            .collect();
+        self.managed = plan::managed_keys(
+            cfg.mapping.rules.iter().map(|r| r.key.as_str()),
+            link_manager,
+        )
+        .into_iter()
+        .filter(|k| self.caps.accepts(k))
+        .collect();
 
         let active_before = self
             .ctx
@@ -267,24 +274,42 @@ impl<T: Target> Run<'_, '_, T> {
             let mut count = 0u64;
             let mut next = Some(self.ctx.graph.transitive_users_url(group_id, &user_select));
             while let Some(url) = next.take() {
-                let page = self.ctx.graph.user_page(&url).instrument(span.clone()).await?;
+                let page = self
+                    .ctx
+                    .graph
+                    .user_page(&url)
+                    .instrument(span.clone())
+                    .await?;
                 next = page.next;
                 for m in page.malformed {
                     self.fail_user("?", None, format!("Graph returned a malformed member: {m}"));
                 }
                 count += page.users.len() as u64;
                 if !page.users.is_empty()
-                    && page.users.iter().all(|u| u.string("userPrincipalName").is_none())
+                    && page
+                        .users
+                        .iter()
+                        .all(|u| u.string("userPrincipalName").is_none())
                 {
                     return Err(RunError::Source(
                         "Graph returns members without properties (no userPrincipalName): the app lacks User.Read.All; grant it and have an administrator consent".into(),
                     ));
                 }
-                let fresh: Vec<GraphUser> = page.users.into_iter().filter(|u| seen.insert(u.id.clone())).collect();
+                let fresh: Vec<GraphUser> = page
+                    .users
+                    .into_iter()
+                    .filter(|u| seen.insert(u.id.clone()))
+                    .collect();
                 self.report.counts.members += fresh.len() as u64;
-                self.tick(Progress::PageRead { members: self.report.counts.members });
+                self.tick(Progress::PageRead {
+                    members: self.report.counts.members,
+                });
                 let managers = match &manager_select {
-                    Some(sel) => self.read_managers(&fresh, sel).instrument(span.clone()).await?,
+                    Some(sel) => {
+                        self.read_managers(&fresh, sel)
+                            .instrument(span.clone())
+                            .await?
+                    }
                     None => HashMap::new(),
                 };
                 let mut changes = Vec::new();
@@ -294,7 +319,11 @@ impl<T: Target> Run<'_, '_, T> {
                         Ok(d) => d,
                         Err(f) => {
                             let name = u.string("userPrincipalName");
-                            self.fail_user(&u.id, name.as_deref(), format!("cannot be mapped: {}", f.0));
+                            self.fail_user(
+                                &u.id,
+                                name.as_deref(),
+                                format!("cannot be mapped: {}", f.0),
+                            );
                             continue;
                         }
                     };
@@ -336,15 +365,27 @@ impl<T: Target> Run<'_, '_, T> {
             }
         }
 
-        match plan::guard(deactivations.len() as u64, active_before, cfg.max_deactivations, self.opts.allow_mass_deactivation) {
+        match plan::guard(
+            deactivations.len() as u64,
+            active_before,
+            cfg.max_deactivations,
+            self.opts.allow_mass_deactivation,
+        ) {
             Ok(()) => {
                 if self.opts.allow_mass_deactivation && !deactivations.is_empty() {
-                    tracing::warn!(count = deactivations.len(), "mass-deactivation guard overridden by --allow-mass-deactivation");
+                    tracing::warn!(
+                        count = deactivations.len(),
+                        "mass-deactivation guard overridden by --allow-mass-deactivation"
+                    );
                 }
                 self.apply_all(deactivations, true).await?;
             }
             Err(trip) => {
-                tracing::error!(would = trip.would_deactivate, allowed = trip.allowed, "mass-deactivation guard tripped");
+                tracing::error!(
+                    would = trip.would_deactivate,
+                    allowed = trip.allowed,
+                    "mass-deactivation guard tripped"
+                );
                 if self.opts.dry_run {
                     self.report.changes.extend(deactivations);
                 }
@@ -356,7 +397,9 @@ impl<T: Target> Run<'_, '_, T> {
 
         if !self.opts.dry_run {
             for g in &self.report.groups {
-                self.ctx.store.put_meta(&format!("group_count/{}", g.id), &g.members)?;
+                self.ctx
+                    .store
+                    .put_meta(&format!("group_count/{}", g.id), &g.members)?;
             }
             self.ctx.store.flush()?;
         }
@@ -364,7 +407,13 @@ impl<T: Target> Run<'_, '_, T> {
     }
 
     /// A group that had members and now has none is an error, never "everyone left".
-    fn check_group_size(&mut self, id: &str, name: &str, count: u64, active_before: u64) -> Result<(), RunError> {
+    fn check_group_size(
+        &mut self,
+        id: &str,
+        name: &str,
+        count: u64,
+        active_before: u64,
+    ) -> Result<(), RunError> {
         if count > 0 {
             return Ok(());
         }
@@ -375,7 +424,9 @@ impl<T: Target> Run<'_, '_, T> {
                 before.unwrap_or(active_before)
             )));
         }
-        self.report.notes.push(format!("group {name:?} ({id}) has no user members"));
+        self.report
+            .notes
+            .push(format!("group {name:?} ({id}) has no user members"));
         Ok(())
     }
 
@@ -397,7 +448,11 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// Applies changes with the target's bounded concurrency, recording results.
     /// `counted` is false for follow-up changes of users already counted in this run.
-    async fn apply_all(&mut self, changes: Vec<PlannedChange>, counted: bool) -> Result<(), RunError> {
+    async fn apply_all(
+        &mut self,
+        changes: Vec<PlannedChange>,
+        counted: bool,
+    ) -> Result<(), RunError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -413,14 +468,16 @@ impl<T: Target> Run<'_, '_, T> {
         let conc = self.ctx.cfg.target.concurrency;
         let ctx = self.ctx;
         let managed = &self.managed;
-        let results: Vec<(PlannedChange, Result<(), ApplyError>)> = stream::iter(changes.into_iter().map(|c| async move {
-            let span = tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
-            let r = apply_change(ctx, managed, &c).instrument(span).await;
-            (c, r)
-        }))
-        .buffer_unordered(conc)
-        .collect()
-        .await;
+        let results: Vec<(PlannedChange, Result<(), ApplyError>)> =
+            stream::iter(changes.into_iter().map(|c| async move {
+                let span =
+                    tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
+                let r = apply_change(ctx, managed, &c).instrument(span).await;
+                (c, r)
+            }))
+            .buffer_unordered(conc)
+            .collect()
+            .await;
         let mut fatal = None;
         for (c, r) in results {
             match r {
@@ -434,7 +491,9 @@ impl<T: Target> Run<'_, '_, T> {
                         });
                     }
                 }
-                Err(ApplyError::User(reason)) => self.fail_user(&c.entra_id, Some(&c.user_name), reason),
+                Err(ApplyError::User(reason)) => {
+                    self.fail_user(&c.entra_id, Some(&c.user_name), reason)
+                }
                 Err(ApplyError::Fatal(e)) => fatal = Some(e),
             }
         }
@@ -466,7 +525,11 @@ impl<T: Target> Run<'_, '_, T> {
                 continue;
             };
             let want = match &e.manager {
-                Some(m) => self.ctx.store.get_user(m)?.map(|me| AttrValue::Str(me.target_id)),
+                Some(m) => self
+                    .ctx
+                    .store
+                    .get_user(m)?
+                    .map(|me| AttrValue::Str(me.target_id)),
                 None => None,
             };
             if e.record.get(MANAGER) == want.as_ref() {
@@ -494,8 +557,15 @@ impl<T: Target> Run<'_, '_, T> {
             ));
         }
         // A user created or updated earlier in this run is not counted a second time.
-        let already: HashSet<&str> = self.report.changes.iter().map(|c| c.entra_id.as_str()).collect();
-        let (again, fresh): (Vec<_>, Vec<_>) = changes.into_iter().partition(|c| already.contains(c.entra_id.as_str()));
+        let already: HashSet<&str> = self
+            .report
+            .changes
+            .iter()
+            .map(|c| c.entra_id.as_str())
+            .collect();
+        let (again, fresh): (Vec<_>, Vec<_>) = changes
+            .into_iter()
+            .partition(|c| already.contains(c.entra_id.as_str()));
         self.apply_all(again, false).await?;
         self.apply_all(fresh, true).await?;
         Ok(())
@@ -503,7 +573,11 @@ impl<T: Target> Run<'_, '_, T> {
 }
 
 /// Applies one planned change to the target and records it in the index.
-async fn apply_change<T: Target>(ctx: &Context<'_, T>, managed: &BTreeSet<String>, c: &PlannedChange) -> Result<(), ApplyError> {
+async fn apply_change<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+) -> Result<(), ApplyError> {
     match c.action {
         Action::Create => create_or_link(ctx, managed, c).await,
         _ => {
@@ -530,10 +604,19 @@ async fn apply_change<T: Target>(ctx: &Context<'_, T>, managed: &BTreeSet<String
     }
 }
 
-fn put_index<T: Target>(ctx: &Context<'_, T>, c: &PlannedChange, target_id: &str, linked: Option<bool>) -> Result<(), StoreError> {
+fn put_index<T: Target>(
+    ctx: &Context<'_, T>,
+    c: &PlannedChange,
+    target_id: &str,
+    linked: Option<bool>,
+) -> Result<(), StoreError> {
     let linked = match linked {
         Some(l) => l,
-        None => ctx.store.get_user(&c.entra_id)?.map(|e| e.linked).unwrap_or(false),
+        None => ctx
+            .store
+            .get_user(&c.entra_id)?
+            .map(|e| e.linked)
+            .unwrap_or(false),
     };
     ctx.store.put_user(
         &c.entra_id,
@@ -548,7 +631,11 @@ fn put_index<T: Target>(ctx: &Context<'_, T>, c: &PlannedChange, target_id: &str
     )
 }
 
-async fn create_or_link<T: Target>(ctx: &Context<'_, T>, managed: &BTreeSet<String>, c: &PlannedChange) -> Result<(), ApplyError> {
+async fn create_or_link<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+) -> Result<(), ApplyError> {
     // POST first: one request per new user. A 409 means the userName exists (made by hand,
     // by another tool, or by us before the index entry was written): adopt it then.
     if let Some(u) = ctx.target.create(&c.record).await? {
@@ -569,7 +656,12 @@ async fn create_or_link<T: Target>(ctx: &Context<'_, T>, managed: &BTreeSet<Stri
     link(ctx, managed, c, u).await
 }
 
-async fn link<T: Target>(ctx: &Context<'_, T>, managed: &BTreeSet<String>, c: &PlannedChange, u: TargetUser) -> Result<(), ApplyError> {
+async fn link<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+    u: TargetUser,
+) -> Result<(), ApplyError> {
     let theirs = match u.record.get(super::mapping::EXTERNAL_ID) {
         Some(AttrValue::Str(x)) if !x.is_empty() && x != &c.entra_id => Some(x.clone()),
         _ => None,

@@ -39,7 +39,10 @@ pub enum TargetError {
 impl TargetError {
     /// Errors that concern the whole target (not one user): the run stops on them.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, TargetError::Unauthorized | TargetError::Transport { .. })
+        matches!(
+            self,
+            TargetError::Unauthorized | TargetError::Transport { .. }
+        )
     }
 }
 
@@ -94,9 +97,16 @@ pub trait Target: Send + Sync {
         user_name: &str,
     ) -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
     /// Creates a user. A conflict (the user exists) is `Ok(None)`: the caller looks it up.
-    fn create(&self, record: &Record) -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
+    fn create(
+        &self,
+        record: &Record,
+    ) -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
     /// Applies attribute changes to an existing user; never called with no change.
-    fn update(&self, id: &str, changes: &[AttrChange]) -> impl Future<Output = Result<(), TargetError>> + Send;
+    fn update(
+        &self,
+        id: &str,
+        changes: &[AttrChange],
+    ) -> impl Future<Output = Result<(), TargetError>> + Send;
     /// One page of all users (`start` is 1-based); an empty page ends the listing.
     fn list(
         &self,

@@ -104,10 +104,14 @@ impl ScimTarget {
         loop {
             attempt += 1;
             let resp = {
-                let _permit = self.permits.acquire().await.map_err(|_| TargetError::Transport {
-                    url: self.base.clone(),
-                    message: "client is shutting down".into(),
-                })?;
+                let _permit = self
+                    .permits
+                    .acquire()
+                    .await
+                    .map_err(|_| TargetError::Transport {
+                        url: self.base.clone(),
+                        message: "client is shutting down".into(),
+                    })?;
                 let mut req = self
                     .http
                     .request(method.clone(), &url)
@@ -143,7 +147,14 @@ impl ScimTarget {
                     server_errors += 1;
                 }
                 let delay = self.retry.delay(attempt, retry_after(resp.headers()));
-                tracing::debug!(attempt, status, method = mname, path = path_and_query, ?delay, "LMS throttled or failed; backing off");
+                tracing::debug!(
+                    attempt,
+                    status,
+                    method = mname,
+                    path = path_and_query,
+                    ?delay,
+                    "LMS throttled or failed; backing off"
+                );
                 tokio::time::sleep(delay).await;
                 continue;
             }
@@ -155,10 +166,12 @@ impl ScimTarget {
                 .get("location")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let bytes = read_limited(resp, MAX_BODY).await.map_err(|m| TargetError::Transport {
-                url: self.base.clone(),
-                message: m,
-            })?;
+            let bytes = read_limited(resp, MAX_BODY)
+                .await
+                .map_err(|m| TargetError::Transport {
+                    url: self.base.clone(),
+                    message: m,
+                })?;
             return Ok((status, location, bytes));
         }
     }
@@ -170,7 +183,9 @@ impl ScimTarget {
             .and_then(|d| d.as_str())
             .map(str::to_string)
             .unwrap_or_else(|| {
-                let text = String::from_utf8_lossy(&body[..body.len().min(300)]).trim().to_string();
+                let text = String::from_utf8_lossy(&body[..body.len().min(300)])
+                    .trim()
+                    .to_string();
                 if text.is_empty() {
                     "no detail given".into()
                 } else {
@@ -181,7 +196,10 @@ impl ScimTarget {
             method,
             path: path.to_string(),
             status,
-            scim_type: v.get("scimType").and_then(|t| t.as_str()).map(str::to_string),
+            scim_type: v
+                .get("scimType")
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
             detail,
         }
     }
@@ -247,21 +265,27 @@ impl ScimTarget {
                 Place::Ext(urn, a) => (format!("{urn}:{a}"), None, None),
             };
             match (&c.old, &c.new) {
-                (_, None) => ops.push(json!({"op": "remove", "path": elem_path.unwrap_or(set_path)})),
+                (_, None) => {
+                    ops.push(json!({"op": "remove", "path": elem_path.unwrap_or(set_path)}))
+                }
                 (old, Some(new)) => {
                     let v = scalar(new);
                     match container {
                         // A typed element that did not exist must be added as a whole: a
                         // replace through a value filter that matches nothing is `noTarget`.
-                        Some((attr, ty)) if old.is_none() => {
-                            ops.push(json!({"op": "add", "path": attr, "value": [typed_element(ty, v)]}))
-                        }
+                        Some((attr, ty)) if old.is_none() => ops.push(
+                            json!({"op": "add", "path": attr, "value": [typed_element(ty, v)]}),
+                        ),
                         _ => {
                             let v = match self.place(key) {
                                 Place::Ext(_, a) => ext_value(a, v),
                                 _ => v,
                             };
-                            let op = if old.is_some() || key == ACTIVE { "replace" } else { "add" };
+                            let op = if old.is_some() || key == ACTIVE {
+                                "replace"
+                            } else {
+                                "add"
+                            };
                             ops.push(json!({"op": op, "path": set_path, "value": v}))
                         }
                     }
@@ -277,19 +301,34 @@ impl ScimTarget {
             what: "User resource".into(),
             message: m.to_string(),
         };
-        let id = v.get("id").and_then(|i| i.as_str()).ok_or_else(|| bad("a user has no id"))?;
-        let user_name = get_ci(v, USER_NAME).and_then(|u| u.as_str()).unwrap_or("").to_string();
+        let id = v
+            .get("id")
+            .and_then(|i| i.as_str())
+            .ok_or_else(|| bad("a user has no id"))?;
+        let user_name = get_ci(v, USER_NAME)
+            .and_then(|u| u.as_str())
+            .unwrap_or("")
+            .to_string();
         let mut record = Record::new();
         record.insert(USER_NAME.into(), AttrValue::Str(user_name.clone()));
         if let Some(e) = get_ci(v, EXTERNAL_ID).and_then(|e| e.as_str()) {
             record.insert(EXTERNAL_ID.into(), AttrValue::Str(e.to_string()));
         }
-        record.insert(ACTIVE.into(), AttrValue::Bool(lenient_bool(get_ci(v, ACTIVE)).unwrap_or(true)));
+        record.insert(
+            ACTIVE.into(),
+            AttrValue::Bool(lenient_bool(get_ci(v, ACTIVE)).unwrap_or(true)),
+        );
         if let Some(o) = v.as_object() {
             for (k, val) in o {
                 let lk = k.to_ascii_lowercase();
-                if lk == ENTERPRISE_USER.to_ascii_lowercase() || lk == self.custom_schema.to_ascii_lowercase() {
-                    let prefix = if lk == ENTERPRISE_USER.to_ascii_lowercase() { "enterprise" } else { "custom" };
+                if lk == ENTERPRISE_USER.to_ascii_lowercase()
+                    || lk == self.custom_schema.to_ascii_lowercase()
+                {
+                    let prefix = if lk == ENTERPRISE_USER.to_ascii_lowercase() {
+                        "enterprise"
+                    } else {
+                        "custom"
+                    };
                     if let Some(ext) = val.as_object() {
                         for (a, av) in ext {
                             let s = if a.eq_ignore_ascii_case("manager") {
@@ -298,18 +337,26 @@ impl ScimTarget {
                                 av.as_str()
                             };
                             if let Some(s) = s.filter(|s| !s.is_empty()) {
-                                record.insert(format!("{prefix}.{a}"), AttrValue::Str(s.to_string()));
+                                record
+                                    .insert(format!("{prefix}.{a}"), AttrValue::Str(s.to_string()));
                             }
                         }
                     }
                 } else if TYPED.iter().any(|t| t.eq_ignore_ascii_case(k)) {
-                    let attr = TYPED.iter().find(|t| t.eq_ignore_ascii_case(k)).copied().unwrap_or("emails");
+                    let attr = TYPED
+                        .iter()
+                        .find(|t| t.eq_ignore_ascii_case(k))
+                        .copied()
+                        .unwrap_or("emails");
                     for el in val.as_array().into_iter().flatten() {
                         if let (Some(ty), Some(s)) = (
                             el.get("type").and_then(|t| t.as_str()),
                             el.get("value").and_then(|t| t.as_str()),
                         ) {
-                            record.insert(format!("{attr}.{}", ty.to_ascii_lowercase()), AttrValue::Str(s.to_string()));
+                            record.insert(
+                                format!("{attr}.{}", ty.to_ascii_lowercase()),
+                                AttrValue::Str(s.to_string()),
+                            );
                         }
                     }
                 } else if lk == "name" {
@@ -318,7 +365,10 @@ impl ScimTarget {
                             record.insert(format!("name.{sub}"), AttrValue::Str(s.to_string()));
                         }
                     }
-                } else if !matches!(lk.as_str(), "id" | "schemas" | "meta" | "username" | "externalid" | "active") {
+                } else if !matches!(
+                    lk.as_str(),
+                    "id" | "schemas" | "meta" | "username" | "externalid" | "active"
+                ) {
                     if let Some(s) = val.as_str().filter(|s| !s.is_empty()) {
                         record.insert(k.clone(), AttrValue::Str(s.to_string()));
                     }
@@ -332,7 +382,11 @@ impl ScimTarget {
         })
     }
 
-    async fn find(&self, attr: &'static str, value: &str) -> Result<Option<TargetUser>, TargetError> {
+    async fn find(
+        &self,
+        attr: &'static str,
+        value: &str,
+    ) -> Result<Option<TargetUser>, TargetError> {
         // Values are JSON strings (RFC 7644 §3.4.2.2): the serializer escapes quotes and
         // backslashes; the whole filter is then percent-encoded with %20 for spaces.
         let literal = serde_json::to_string(value).unwrap_or_default();
@@ -343,7 +397,11 @@ impl ScimTarget {
             return Err(self.error("GET", &format!("/Users?filter={attr} eq …"), status, &body));
         }
         let v = Self::decode("filtered ListResponse", &body)?;
-        let resources = v.get("Resources").and_then(|r| r.as_array()).cloned().unwrap_or_default();
+        let resources = v
+            .get("Resources")
+            .and_then(|r| r.as_array())
+            .cloned()
+            .unwrap_or_default();
         // Some servers ignore filters (scim.md §9.6): re-check every returned resource.
         let mut matches = Vec::new();
         for r in &resources {
@@ -385,14 +443,22 @@ impl Target for ScimTarget {
             caps.patch = lenient_bool(v.pointer("/patch/supported")).unwrap_or(true);
             caps.filter = lenient_bool(v.pointer("/filter/supported")).unwrap_or(true);
         } else {
-            caps.notes.push(format!("/ServiceProviderConfig not served ({status}); assuming PATCH and filters work"));
+            caps.notes.push(format!(
+                "/ServiceProviderConfig not served ({status}); assuming PATCH and filters work"
+            ));
         }
-        let (status, _, body) = self.send(reqwest::Method::GET, "/Schemas", None, true).await?;
+        let (status, _, body) = self
+            .send(reqwest::Method::GET, "/Schemas", None, true)
+            .await?;
         if status == 200 {
             let v = Self::decode("/Schemas", &body)?;
             let list = match &v {
                 Value::Array(a) => a.clone(),
-                _ => v.get("Resources").and_then(|r| r.as_array()).cloned().unwrap_or_default(),
+                _ => v
+                    .get("Resources")
+                    .and_then(|r| r.as_array())
+                    .cloned()
+                    .unwrap_or_default(),
             };
             caps.discovered = true;
             caps.enterprise = false;
@@ -406,7 +472,9 @@ impl Target for ScimTarget {
                         .and_then(|a| a.as_array())
                         .map(|a| {
                             a.iter()
-                                .filter_map(|x| x.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                                .filter_map(|x| {
+                                    x.get("name").and_then(|n| n.as_str()).map(str::to_string)
+                                })
                                 .collect()
                         })
                         .unwrap_or_default();
@@ -417,19 +485,26 @@ impl Target for ScimTarget {
                 caps.notes.push(format!("the LMS does not declare {ENTERPRISE_USER}; employeeNumber, department and manager are not sent"));
             }
             if caps.custom_attributes.is_none() {
-                caps.notes.push(format!("the LMS does not declare {}; custom.* attributes are not sent", self.custom_schema));
+                caps.notes.push(format!(
+                    "the LMS does not declare {}; custom.* attributes are not sent",
+                    self.custom_schema
+                ));
             }
         } else {
             caps.custom_attributes = None;
             caps.notes.push(format!("/Schemas not served ({status}); assuming core User and the enterprise extension only"));
         }
         if !caps.patch {
-            caps.notes.push("the LMS says PATCH is not supported; rostersync needs PATCH".into());
+            caps.notes
+                .push("the LMS says PATCH is not supported; rostersync needs PATCH".into());
         }
         Ok(caps)
     }
 
-    async fn find_by_external_id(&self, external_id: &str) -> Result<Option<TargetUser>, TargetError> {
+    async fn find_by_external_id(
+        &self,
+        external_id: &str,
+    ) -> Result<Option<TargetUser>, TargetError> {
         self.find(EXTERNAL_ID, external_id).await
     }
 
@@ -446,7 +521,9 @@ impl Target for ScimTarget {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let res = self.send(reqwest::Method::POST, "/Users", Some(&body), false).await;
+            let res = self
+                .send(reqwest::Method::POST, "/Users", Some(&body), false)
+                .await;
             let (status, location, bytes) = match res {
                 Ok(r) => r,
                 Err(TargetError::Transport { url, message }) => {
@@ -468,7 +545,11 @@ impl Target for ScimTarget {
                         return self.parse_user(&v).map(Some);
                     }
                     // No body: take the id from Location, else look it up.
-                    if let Some(id) = location.as_deref().and_then(|l| l.rsplit('/').next()).filter(|s| !s.is_empty()) {
+                    if let Some(id) = location
+                        .as_deref()
+                        .and_then(|l| l.rsplit('/').next())
+                        .filter(|s| !s.is_empty())
+                    {
                         let mut u = TargetUser {
                             id: id.to_string(),
                             user_name: String::new(),
@@ -501,7 +582,9 @@ impl Target for ScimTarget {
         }
         let body = json!({"schemas": [PATCH_OP], "Operations": ops});
         let path = format!("/Users/{}", crate::graph::urlencode(id));
-        let (status, _, bytes) = self.send(reqwest::Method::PATCH, &path, Some(&body), true).await?;
+        let (status, _, bytes) = self
+            .send(reqwest::Method::PATCH, &path, Some(&body), true)
+            .await?;
         match status {
             200 | 204 => Ok(()),
             404 => Err(TargetError::NotFound(id.to_string())),
@@ -509,7 +592,11 @@ impl Target for ScimTarget {
         }
     }
 
-    async fn list(&self, start: usize, count: usize) -> Result<(Vec<TargetUser>, usize), TargetError> {
+    async fn list(
+        &self,
+        start: usize,
+        count: usize,
+    ) -> Result<(Vec<TargetUser>, usize), TargetError> {
         let path = format!("/Users?startIndex={start}&count={count}");
         let (status, _, body) = self.send(reqwest::Method::GET, &path, None, true).await?;
         if status != 200 {
@@ -520,7 +607,11 @@ impl Target for ScimTarget {
         let users = v
             .get("Resources")
             .and_then(|r| r.as_array())
-            .map(|a| a.iter().map(|r| self.parse_user(r)).collect::<Result<Vec<_>, _>>())
+            .map(|a| {
+                a.iter()
+                    .map(|r| self.parse_user(r))
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .transpose()?
             .unwrap_or_default();
         Ok((users, total))
@@ -620,9 +711,15 @@ mod tests {
         let v = target().resource(&r);
         assert_eq!(v["name"]["givenName"], "Ada");
         assert_eq!(v["active"], true);
-        assert_eq!(v["emails"][0], json!({"value":"a@x","type":"work","primary":true}));
+        assert_eq!(
+            v["emails"][0],
+            json!({"value":"a@x","type":"work","primary":true})
+        );
         assert_eq!(v[ENTERPRISE_USER]["manager"], json!({"value":"m-1"}));
-        assert_eq!(v["urn:ietf:params:scim:schemas:extension:acme:2.0:User"]["city"], "Oslo");
+        assert_eq!(
+            v["urn:ietf:params:scim:schemas:extension:acme:2.0:User"]["city"],
+            "Oslo"
+        );
         let schemas = v["schemas"].as_array().unwrap();
         assert_eq!(schemas.len(), 3);
         // Round trip back into the record vocabulary.
@@ -634,22 +731,72 @@ mod tests {
     #[test]
     fn patch_ops_are_rfc_shaped() {
         let ops = target().patch_ops(&[
-            AttrChange { key: "title".into(), old: s("A"), new: s("B") },
-            AttrChange { key: "emails.work".into(), old: None, new: s("n@x") },
-            AttrChange { key: "emails.work".into(), old: s("o@x"), new: s("n@x") },
-            AttrChange { key: "emails.work".into(), old: s("o@x"), new: None },
-            AttrChange { key: "active".into(), old: Some(AttrValue::Bool(true)), new: Some(AttrValue::Bool(false)) },
-            AttrChange { key: "enterprise.department".into(), old: None, new: s("R&D") },
-            AttrChange { key: "enterprise.manager".into(), old: s("m1"), new: s("m2") },
-            AttrChange { key: "name.familyName".into(), old: s("X"), new: None },
+            AttrChange {
+                key: "title".into(),
+                old: s("A"),
+                new: s("B"),
+            },
+            AttrChange {
+                key: "emails.work".into(),
+                old: None,
+                new: s("n@x"),
+            },
+            AttrChange {
+                key: "emails.work".into(),
+                old: s("o@x"),
+                new: s("n@x"),
+            },
+            AttrChange {
+                key: "emails.work".into(),
+                old: s("o@x"),
+                new: None,
+            },
+            AttrChange {
+                key: "active".into(),
+                old: Some(AttrValue::Bool(true)),
+                new: Some(AttrValue::Bool(false)),
+            },
+            AttrChange {
+                key: "enterprise.department".into(),
+                old: None,
+                new: s("R&D"),
+            },
+            AttrChange {
+                key: "enterprise.manager".into(),
+                old: s("m1"),
+                new: s("m2"),
+            },
+            AttrChange {
+                key: "name.familyName".into(),
+                old: s("X"),
+                new: None,
+            },
         ]);
         assert_eq!(ops[0], json!({"op":"replace","path":"title","value":"B"}));
-        assert_eq!(ops[1], json!({"op":"add","path":"emails","value":[{"value":"n@x","type":"work","primary":true}]}));
-        assert_eq!(ops[2], json!({"op":"replace","path":"emails[type eq \"work\"].value","value":"n@x"}));
-        assert_eq!(ops[3], json!({"op":"remove","path":"emails[type eq \"work\"]"}));
-        assert_eq!(ops[4], json!({"op":"replace","path":"active","value":false}));
-        assert_eq!(ops[5], json!({"op":"add","path":format!("{ENTERPRISE_USER}:department"),"value":"R&D"}));
-        assert_eq!(ops[6], json!({"op":"replace","path":format!("{ENTERPRISE_USER}:manager"),"value":{"value":"m2"}}));
+        assert_eq!(
+            ops[1],
+            json!({"op":"add","path":"emails","value":[{"value":"n@x","type":"work","primary":true}]})
+        );
+        assert_eq!(
+            ops[2],
+            json!({"op":"replace","path":"emails[type eq \"work\"].value","value":"n@x"})
+        );
+        assert_eq!(
+            ops[3],
+            json!({"op":"remove","path":"emails[type eq \"work\"]"})
+        );
+        assert_eq!(
+            ops[4],
+            json!({"op":"replace","path":"active","value":false})
+        );
+        assert_eq!(
+            ops[5],
+            json!({"op":"add","path":format!("{ENTERPRISE_USER}:department"),"value":"R&D"})
+        );
+        assert_eq!(
+            ops[6],
+            json!({"op":"replace","path":format!("{ENTERPRISE_USER}:manager"),"value":{"value":"m2"}})
+        );
         assert_eq!(ops[7], json!({"op":"remove","path":"name.familyName"}));
     }
 

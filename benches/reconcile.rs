@@ -1,0 +1,191 @@
+//! Reconcile benchmark against the in-repo simulators on 127.0.0.1.
+//!
+//! `cargo bench --bench reconcile [-- --creates N] [--members M]`
+//!
+//! A. Baseline: the SCIM simulator's own POST rate — N user resources shaped like rostersync's
+//!    POSTed by a bare reqwest loop at the same concurrency (8).
+//! B. rostersync's first reconcile creating N users (Graph reads, managers, mapping, index
+//!    writes included), as a rate and as a ratio of A measured in the same run.
+//! C. The `rostersync` binary reconciling an M-member group twice: the first run creates every
+//!    user, the second changes nothing. Wall time and the child's peak RSS (VmHWM, polled).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::{stream, StreamExt};
+use rostersync::app::Integration;
+use rostersync::config::Config;
+use rostersync::demo::{demo_custom_extension, sim_config_toml};
+use rostersync::sim::graph::{fixture, GraphSim};
+use rostersync::sim::scim::{ScimSim, ScimSimConfig};
+use rostersync::store::Store;
+use rostersync::sync::reconcile::RunOptions;
+use serde_json::json;
+
+const TOKEN: &str = "bench-token";
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn scim() -> ScimSim {
+    ScimSim::start(ScimSimConfig {
+        token: TOKEN.into(),
+        custom_extension: Some(demo_custom_extension()),
+        ..Default::default()
+    })
+    .await
+    .expect("scim sim")
+}
+
+async fn baseline_post_rate(n: usize) -> f64 {
+    let sim = scim().await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/Users", sim.base_url());
+    let (custom, _) = demo_custom_extension();
+    let started = Instant::now();
+    let ok = stream::iter(0..n)
+        .map(|i| {
+            let body = json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
+                    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User", custom.clone()],
+                "userName": format!("baseline.user{i}@contoso.example"), "externalId": format!("ext-{i}"),
+                "active": true, "displayName": format!("Baseline User {i}"), "title": "Engineer",
+                "name": {"givenName": "Baseline", "familyName": format!("User {i}")},
+                "emails": [{"value": format!("baseline.user{i}@contoso.example"), "type": "work", "primary": true}],
+                "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User": {"employeeNumber": format!("E{i}"), "department": "R&D"},
+                custom.clone(): {"officeLocation": "B1", "city": "Oslo", "country": "NO", "managerEmail": "boss@contoso.example", "managerDisplayName": "Boss"}
+            });
+            let req = http
+                .post(&url)
+                .bearer_auth(TOKEN)
+                .header("Content-Type", "application/scim+json")
+                .body(body.to_string());
+            async move { req.send().await.map(|r| r.status().as_u16() == 201).unwrap_or(false) }
+        })
+        .buffer_unordered(8)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(ok, n, "every baseline POST succeeds");
+    sim.stop().await;
+    n as f64 / secs
+}
+
+async fn first_reconcile_rate(n: usize) -> (f64, u64) {
+    let fx = fixture(n, 3);
+    let graph = GraphSim::start(fx.tenant.clone()).await.expect("graph sim");
+    let sim = scim().await;
+    let text = sim_config_toml("bench", &graph, &fx.tenant, &fx.all_group_id, &sim, TOKEN);
+    let config = Config::from_toml(&text, Path::new(".")).expect("config");
+    let store = Store::temporary().expect("store");
+    let integration = Integration::build(&config.integrations[0], &store).expect("integration");
+    let started = Instant::now();
+    let r = integration.reconcile(RunOptions::default(), None).await;
+    let secs = started.elapsed().as_secs_f64();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    graph.stop().await;
+    sim.stop().await;
+    (r.counts.created as f64 / secs, r.counts.created)
+}
+
+/// Runs the binary and returns (wall time, peak RSS in MiB, stdout).
+async fn run_binary(config: &Path) -> (Duration, f64, String) {
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
+        .arg("--config")
+        .arg(config)
+        .args(["reconcile", "--json"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn rostersync");
+    let pid = child.id().expect("pid");
+    let mut peak_kib = 0u64;
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut s = String::new();
+        let mut out = stdout;
+        let _ = out.read_to_string(&mut s).await;
+        s
+    });
+    loop {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kib) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = reader.await.unwrap_or_default();
+    (started.elapsed(), peak_kib as f64 / 1024.0, out)
+}
+
+fn summary(json_out: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json_out).unwrap_or_default();
+    let c = &v[0]["counts"];
+    format!(
+        "outcome {}, members {}, created {}, updated {}, deactivated {}",
+        v[0]["outcome"], c["members"], c["created"], c["updated"], c["deactivated"]
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let creates = arg("--creates", 10_000);
+    let members = arg("--members", 100_000);
+    println!(
+        "rostersync reconcile bench ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+
+    let base = baseline_post_rate(creates).await;
+    println!("A. SCIM simulator POST rate, bare client, concurrency 8: {base:.0} users/s ({creates} users)");
+    let (ours, created) = first_reconcile_rate(creates).await;
+    println!(
+        "B. rostersync first reconcile: {ours:.0} users/s ({created} created) = {:.2} x A",
+        ours / base
+    );
+
+    let fx = fixture(members, 9);
+    let graph = GraphSim::start(fx.tenant.clone()).await.expect("graph sim");
+    let sim = scim().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "[server]\ndata_dir = \"{}\"\n{}",
+        dir.path().join("data").display(),
+        sim_config_toml("bench", &graph, &fx.tenant, &fx.all_group_id, &sim, TOKEN)
+    );
+    let config = dir.path().join("bench.toml");
+    std::fs::write(&config, text).expect("write config");
+    let (t1, rss1, out1) = run_binary(&config).await;
+    println!(
+        "C1. binary, first reconcile of {members} members: {:.1} s, peak RSS {rss1:.0} MiB ({})",
+        t1.as_secs_f64(),
+        summary(&out1)
+    );
+    let (t2, rss2, out2) = run_binary(&config).await;
+    println!("C2. binary, no-change reconcile of {members} members: {:.1} s, peak RSS {rss2:.0} MiB ({})", t2.as_secs_f64(), summary(&out2));
+    println!(
+        "Graph requests in C2: transitiveMembers pages {}, manager $batch {}",
+        graph.request_count("transitiveMembers"),
+        graph.request_count("batch")
+    );
+}

@@ -1,0 +1,176 @@
+//! Wiring: one [`Integration`] per configured integration (its Graph client, its target and
+//! its slice of the store), and the commands the CLI runs on them.
+//!
+//! Owns: turning a validated config into live clients, `check`, and running reconciles over
+//! several integrations. It knows no wire format.
+
+use std::time::Duration;
+
+use crate::config::IntegrationConfig;
+use crate::graph::{GraphClient, GraphSettings};
+use crate::store::{IntegrationStore, Store, StoreError};
+use crate::sync::reconcile::{self, Context, ProgressFn, RunOptions, RunReport};
+use crate::target::scim::ScimTarget;
+use crate::target::Target;
+
+/// One integration's live parts.
+pub struct Integration {
+    pub cfg: IntegrationConfig,
+    pub graph: GraphClient,
+    pub target: ScimTarget,
+    pub store: IntegrationStore,
+}
+
+impl Integration {
+    pub fn build(cfg: &IntegrationConfig, store: &Store) -> Result<Self, StoreError> {
+        let graph = GraphClient::new(
+            GraphSettings {
+                tenant_id: cfg.tenant_id.clone(),
+                client_id: cfg.client_id.clone(),
+                client_secret: cfg.client_secret.clone(),
+                login_url: cfg.login_url.clone(),
+                graph_url: cfg.graph_url.clone(),
+            },
+            GraphClient::default_http(),
+        );
+        let target = ScimTarget::new(
+            &cfg.target.url,
+            cfg.target.token.clone(),
+            &cfg.target.custom_schema,
+            cfg.target.concurrency,
+            Duration::from_secs(cfg.target.timeout_secs),
+        );
+        Ok(Self {
+            cfg: cfg.clone(),
+            graph,
+            target,
+            store: store.integration(&cfg.name)?,
+        })
+    }
+
+    pub fn context(&self) -> Context<'_, ScimTarget> {
+        Context {
+            cfg: &self.cfg,
+            graph: &self.graph,
+            target: &self.target,
+            store: &self.store,
+        }
+    }
+
+    pub async fn reconcile(&self, opts: RunOptions, progress: Option<ProgressFn>) -> RunReport {
+        reconcile::reconcile(&self.context(), opts, progress).await
+    }
+
+    /// Really talks to Graph and the target; one line per check.
+    pub async fn check(&self) -> Vec<CheckLine> {
+        let mut out = Vec::new();
+        let mut line = |what: String, status: CheckStatus, detail: String| {
+            out.push(CheckLine {
+                integration: self.cfg.name.to_string(),
+                what,
+                status,
+                detail,
+            })
+        };
+        let split = |r: Result<String, String>| match r {
+            Ok(d) => (CheckStatus::Ok, d),
+            Err(d) => (CheckStatus::Fail, d),
+        };
+        match self.graph.token().await {
+            Ok(_) => {
+                line(
+                    "Graph token".into(),
+                    CheckStatus::Ok,
+                    "got an app-only token".into(),
+                );
+                for g in &self.cfg.groups {
+                    let (st, d) = split(self.check_group(g).await);
+                    line(format!("group {g}"), st, d);
+                }
+            }
+            Err(e) => line("Graph token".into(), CheckStatus::Fail, e.to_string()),
+        }
+        match self.target.discover().await {
+            Ok(caps) => {
+                let notes = if caps.notes.is_empty() {
+                    "discovery documents read".to_string()
+                } else {
+                    caps.notes.join("; ")
+                };
+                line("LMS discovery".into(), CheckStatus::Ok, notes);
+                let rejected: Vec<&str> = self
+                    .cfg
+                    .mapping
+                    .rules
+                    .iter()
+                    .map(|r| r.key.as_str())
+                    .filter(|k| !caps.accepts(k))
+                    .collect();
+                if !rejected.is_empty() {
+                    line(
+                        "mapping".into(),
+                        CheckStatus::Warn,
+                        format!(
+                            "the LMS cannot take these mapped attributes, so they are not sent: {} (declare the extension schema in the LMS, or drop the entries with `= false`)",
+                            rejected.join(", ")
+                        ),
+                    );
+                }
+                let r = self
+                    .target
+                    .list(1, 1)
+                    .await
+                    .map(|(_, total)| format!("GET /Users works ({total} users)"))
+                    .map_err(|e| e.to_string());
+                let (st, d) = split(r);
+                line("LMS users".into(), st, d);
+            }
+            Err(e) => line("LMS discovery".into(), CheckStatus::Fail, e.to_string()),
+        }
+        out
+    }
+
+    async fn check_group(&self, id: &str) -> Result<String, String> {
+        let select = self.cfg.mapping.user_select();
+        let group = self.graph.group(id).await.map_err(|e| e.to_string())?;
+        let page = self
+            .graph
+            .user_page(&self.graph.transitive_users_url(id, &select))
+            .await
+            .map_err(|e| e.to_string())?;
+        if !page.users.is_empty()
+            && page
+                .users
+                .iter()
+                .all(|u| u.string("userPrincipalName").is_none())
+        {
+            return Err(format!(
+                "group {:?} is readable but its members come without properties: grant User.Read.All and consent",
+                group.display_name
+            ));
+        }
+        let more = if page.next.is_some() { "+" } else { "" };
+        Ok(format!(
+            "{:?} readable, {}{more} user members",
+            group.display_name,
+            page.users.len()
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One line of `check` output.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckLine {
+    pub integration: String,
+    pub what: String,
+    pub status: CheckStatus,
+    pub detail: String,
+}

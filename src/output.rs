@@ -1,0 +1,141 @@
+//! Human-readable rendering of run reports and check results for the terminal.
+//!
+//! Owns wording only; the same data is printed as JSON with `--json`.
+
+use std::fmt::Write;
+
+use crate::app::{CheckLine, CheckStatus};
+use crate::sync::mapping::{ACTIVE, EXTERNAL_ID, USER_NAME};
+use crate::sync::plan::{Action, PlannedChange};
+use crate::sync::reconcile::{Outcome, RunReport};
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
+fn opt(v: &Option<crate::sync::mapping::AttrValue>) -> String {
+    match v {
+        Some(v) => clip(&v.to_string(), 60),
+        None => "(none)".into(),
+    }
+}
+
+/// One line per planned or applied change.
+pub fn change_line(c: &PlannedChange) -> String {
+    let detail = match c.action {
+        Action::Create => c
+            .changes
+            .iter()
+            .filter(|a| ![USER_NAME, EXTERNAL_ID, ACTIVE].contains(&a.key.as_str()))
+            .map(|a| format!("{}={}", a.key, opt(&a.new)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => {
+            let diffs = c
+                .changes
+                .iter()
+                .map(|a| format!("{}: {} → {}", a.key, opt(&a.old), opt(&a.new)))
+                .collect::<Vec<_>>()
+                .join("; ");
+            match &c.reason {
+                Some(r) => format!("{diffs} ({r})"),
+                None => diffs,
+            }
+        }
+    };
+    format!(
+        "  {:<10} {:<40} {}",
+        c.action.as_str(),
+        clip(&c.user_name, 40),
+        clip(&detail, 400)
+    )
+}
+
+/// The report of one run; `max_changes` limits the change lines (all for a dry run).
+pub fn render_report(r: &RunReport, max_changes: usize) -> String {
+    let mut s = String::new();
+    let c = &r.counts;
+    let kind = if r.dry_run {
+        "dry run (nothing applied)"
+    } else {
+        "reconcile"
+    };
+    let _ = writeln!(s, "{}: {} {}", r.integration, kind, r.run_id);
+    for g in &r.groups {
+        let _ = writeln!(
+            s,
+            "  group {:?} ({}): {} user members",
+            g.name, g.id, g.members
+        );
+    }
+    let verb = if r.dry_run { "plan" } else { "applied" };
+    let _ = writeln!(
+        s,
+        "  {verb}: {} create, {} update, {} deactivate, {} reactivate; {} unchanged, {} failed (of {} members)",
+        c.created, c.updated, c.deactivated, c.reactivated, c.unchanged, c.failed, c.members
+    );
+    for line in r.changes.iter().take(max_changes).map(change_line) {
+        let _ = writeln!(s, "{line}");
+    }
+    if r.changes.len() > max_changes {
+        let _ = writeln!(
+            s,
+            "  … and {} more changes (use --json for all)",
+            r.changes.len() - max_changes
+        );
+    }
+    for f in &r.failures {
+        let who = f.user_name.as_deref().unwrap_or("?");
+        let _ = writeln!(s, "  FAILED     {} ({}): {}", who, f.entra_id, f.reason);
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "  note: {n}");
+    }
+    if let Some(g) = &r.guard {
+        let _ = writeln!(s, "  GUARD: {g}");
+    }
+    if let Some(e) = &r.error {
+        let _ = writeln!(s, "  ERROR: {e}");
+    }
+    let outcome = match r.outcome {
+        Outcome::Ok => "ok",
+        Outcome::Partial => "some users failed",
+        Outcome::GuardTripped => "guard tripped",
+        Outcome::Failed => "failed",
+    };
+    let secs = (r.finished_at - r.started_at).num_milliseconds() as f64 / 1000.0;
+    let _ = writeln!(s, "  outcome: {outcome} in {secs:.1} s");
+    s
+}
+
+pub fn render_checks(lines: &[CheckLine]) -> String {
+    let mut s = String::new();
+    for l in lines {
+        let tag = match l.status {
+            CheckStatus::Ok => "OK  ",
+            CheckStatus::Warn => "WARN",
+            CheckStatus::Fail => "FAIL",
+        };
+        let _ = writeln!(s, "{tag} {}: {}: {}", l.integration, l.what, l.detail);
+    }
+    s
+}
+
+/// The process exit status for a set of reports: 1 if any failed or tripped the guard,
+/// 2 if some users failed, else 0.
+pub fn exit_code(reports: &[RunReport]) -> i32 {
+    if reports
+        .iter()
+        .any(|r| matches!(r.outcome, Outcome::Failed | Outcome::GuardTripped))
+    {
+        1
+    } else if reports.iter().any(|r| r.outcome == Outcome::Partial) {
+        2
+    } else {
+        0
+    }
+}

@@ -1,0 +1,153 @@
+//! The `rostersync` binary as a user runs it: config errors, check, reconcile exit codes, and
+//! that no secret reaches its output or logs.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{spawn, EnvOptions, SCIM_TOKEN};
+use rostersync::sim::graph::FIXTURE_CLIENT_SECRET;
+
+async fn rostersync(args: &[&str], config: &Path) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("run rostersync")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("rostersync.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test]
+async fn a_broken_config_names_the_key_and_exits_1() {
+    let env = spawn(EnvOptions {
+        users: 5,
+        ..Default::default()
+    })
+    .await;
+    for (from, to, key) in [
+        (
+            "\n[integration.target]",
+            "username = \"email\"\n\n[integration.target]",
+            "(test).username",
+        ),
+        (
+            "kind = \"scim\"",
+            "kind = \"scim\"\nconcurrency = 0",
+            "(test).target.concurrency",
+        ),
+        (
+            "name = \"test\"",
+            "name = \"Test Co\"",
+            "integration[0].name",
+        ),
+        ("[server]", "[server]\nlisten_adress = 1", "listen_adress"),
+    ] {
+        let cfg = write_config(env.dir.path(), &env.config_toml.replacen(from, to, 1));
+        let o = rostersync(&["check"], &cfg).await;
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains(key), "expected {key:?} in: {}", text(&o));
+    }
+    let o = rostersync(&["check"], &env.dir.path().join("missing.toml")).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("missing.toml"), "{}", text(&o));
+}
+
+#[tokio::test]
+async fn check_reports_each_probe_and_turns_aadsts_codes_into_advice() {
+    let env = spawn(EnvOptions {
+        users: 5,
+        ..Default::default()
+    })
+    .await;
+    let cfg = write_config(env.dir.path(), &env.config_toml);
+    let o = rostersync(&["check"], &cfg).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("OK   test: Graph token"), "{out}");
+    assert!(out.contains("All Employees"), "{out}");
+    assert!(out.contains("OK   test: LMS users"), "{out}");
+
+    let bad = env
+        .config_toml
+        .replace(FIXTURE_CLIENT_SECRET, "wrong-secret-value-123");
+    let cfg = write_config(env.dir.path(), &bad);
+    let o = rostersync(&["check"], &cfg).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("FAIL test: Graph token")
+            && out.contains("AADSTS7000215")
+            && out.contains("App registrations"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("wrong-secret-value-123"),
+        "the secret must not be echoed: {out}"
+    );
+}
+
+#[tokio::test]
+async fn reconcile_applies_and_no_secret_reaches_output_or_logs() {
+    let env = spawn(EnvOptions {
+        users: 40,
+        ..Default::default()
+    })
+    .await;
+    let cfg = write_config(env.dir.path(), &env.config_toml);
+    let dry = rostersync(&["reconcile", "--dry-run", "--log", "trace"], &cfg).await;
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
+    assert!(text(&dry).contains("dry run"), "{}", text(&dry));
+    assert!(env.scim.users().is_empty(), "dry run applied nothing");
+
+    let o = rostersync(&["reconcile", "--json", "--log", "trace"], &cfg).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let reports: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints JSON");
+    assert_eq!(reports[0]["outcome"], "ok");
+    assert!(reports[0]["counts"]["created"].as_u64().unwrap() > 30);
+    assert!(!env.scim.users().is_empty());
+    for out in [text(&dry), text(&o)] {
+        assert!(!out.contains(FIXTURE_CLIENT_SECRET), "client secret leaked");
+        assert!(!out.contains(SCIM_TOKEN), "SCIM token leaked");
+    }
+    // Logs carry the run id and the integration.
+    assert!(
+        text(&o).contains("run_id") && text(&o).contains("integration"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[tokio::test]
+async fn a_run_with_failed_users_exits_2_and_lists_them() {
+    let env = spawn(EnvOptions {
+        users: 40,
+        integration_extra: "username = \"mail\"".into(),
+        ..Default::default()
+    })
+    .await;
+    let cfg = write_config(env.dir.path(), &env.config_toml);
+    let o = rostersync(&["reconcile"], &cfg).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("FAILED") && out.contains("has no mail"),
+        "{out}"
+    );
+}

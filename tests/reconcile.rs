@@ -1,0 +1,554 @@
+//! Full reconcile against the simulated tenant and LMS over real HTTP on 127.0.0.1.
+
+mod common;
+
+use common::{spawn, upn, EnvOptions};
+use rostersync::sim::graph::{GraphFaults, SimGroup};
+use rostersync::sim::scim::ScimFaults;
+use rostersync::sync::plan::Action;
+use rostersync::sync::reconcile::{Outcome, RunOptions};
+use serde_json::json;
+
+fn some_enabled_members(env: &common::TestEnv, n: usize) -> Vec<String> {
+    env.member_ids()
+        .into_iter()
+        .filter(|id| {
+            let u = env.graph.user(id).unwrap();
+            u.account_enabled && u.id != env.fx.ceo_id
+        })
+        .take(n)
+        .collect()
+}
+
+#[tokio::test]
+async fn first_reconcile_makes_the_lms_equal_the_group_and_a_second_changes_nothing() {
+    let env = spawn(EnvOptions::default()).await;
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert!(r.counts.created > 250, "{:?}", r.counts);
+    // The fixture has unicode names, an apostrophe in a UPN, a user without mail, a 200-char
+    // title, nested members and a manager chain whose top is outside the group.
+    env.assert_lms_matches_tenant(upn);
+    let members = env.member_ids();
+    let nested = env.graph.transitive_user_ids(&env.fx.nested_group_id);
+    assert!(!nested.is_empty() && nested.iter().all(|n| members.contains(n)));
+    assert!(env
+        .scim
+        .users()
+        .iter()
+        .any(|u| u["userName"].as_str().unwrap().contains('\'')));
+    assert!(env.scim.users().iter().any(|u| u["title"]
+        .as_str()
+        .is_some_and(|t| t.chars().count() == 200)));
+
+    env.scim.reset_counts();
+    let again = env.reconcile().await;
+    assert_eq!(again.outcome, Outcome::Ok);
+    assert_eq!(
+        (
+            again.counts.created,
+            again.counts.updated,
+            again.counts.deactivated,
+            again.counts.reactivated
+        ),
+        (0, 0, 0, 0),
+        "{:?}",
+        again.changes
+    );
+    assert_eq!(
+        env.writes(),
+        0,
+        "an unchanged tenant costs no write in the LMS"
+    );
+}
+
+#[tokio::test]
+async fn each_kind_of_change_produces_exactly_the_expected_change() {
+    let env = spawn(EnvOptions::default()).await;
+    assert_eq!(env.reconcile().await.outcome, Outcome::Ok);
+    let ids = some_enabled_members(&env, 3);
+    let (promoted, leaver, disabled) = (&ids[0], &ids[1], &ids[2]);
+
+    env.graph.update_user(promoted, |u| {
+        u.job_title = Some("Chief Learning Officer".into())
+    });
+    let r = env.reconcile().await;
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert_eq!(r.changes[0].action, Action::Update);
+    assert_eq!(r.changes[0].entra_id, *promoted);
+    assert_eq!(r.changes[0].changes.len(), 1);
+    assert_eq!(r.changes[0].changes[0].key, "title");
+    assert_eq!(env.lms_user(promoted)["title"], "Chief Learning Officer");
+
+    // Direct members may also sit in the nested group; remove from both.
+    env.graph.remove_member(&env.fx.all_group_id, leaver);
+    env.graph.remove_member(&env.fx.nested_group_id, leaver);
+    let r = env.reconcile().await;
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert_eq!(
+        (r.changes[0].action, r.changes[0].entra_id.as_str()),
+        (Action::Deactivate, leaver.as_str())
+    );
+    assert_eq!(env.lms_user(leaver)["active"], false);
+
+    env.graph
+        .update_user(disabled, |u| u.account_enabled = false);
+    let r = env.reconcile().await;
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert_eq!(r.changes[0].action, Action::Deactivate);
+    assert_eq!(env.lms_user(disabled)["active"], false);
+
+    env.graph.add_member(&env.fx.all_group_id, leaver);
+    env.graph
+        .update_user(disabled, |u| u.account_enabled = true);
+    let r = env.reconcile().await;
+    let mut got: Vec<_> = r
+        .changes
+        .iter()
+        .map(|c| (c.action, c.entra_id.clone()))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (Action::Reactivate, leaver.clone()),
+        (Action::Reactivate, disabled.clone()),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(env.lms_user(leaver)["active"], true);
+
+    // A hard-deleted user is deactivated, never deleted in the LMS.
+    env.graph.delete_user(promoted);
+    let r = env.reconcile().await;
+    assert!(r
+        .changes
+        .iter()
+        .any(|c| c.action == Action::Deactivate && c.entra_id == *promoted));
+    assert_eq!(env.lms_user(promoted)["active"], false);
+    assert_eq!(env.scim.request_count("DELETE"), 0);
+    env.assert_lms_matches_tenant(upn);
+}
+
+#[tokio::test]
+async fn a_hire_into_the_nested_group_and_a_new_manager_are_linked_in_one_run() {
+    let env = spawn(EnvOptions::default()).await;
+    env.reconcile().await;
+    let template = env.graph.user(&some_enabled_members(&env, 1)[0]).unwrap();
+    let boss = rostersync::sim::graph::SimUser {
+        id: "aaaaaaaa-0000-4000-8000-000000000001".into(),
+        user_principal_name: "new.boss@contoso-sim.onmicrosoft.com".into(),
+        mail: Some("new.boss@contoso-sim.onmicrosoft.com".into()),
+        display_name: Some("New Boss".into()),
+        manager_id: None,
+        ..template.clone()
+    };
+    let hire = rostersync::sim::graph::SimUser {
+        id: "aaaaaaaa-0000-4000-8000-000000000002".into(),
+        user_principal_name: "new.hire@contoso-sim.onmicrosoft.com".into(),
+        mail: Some("new.hire@contoso-sim.onmicrosoft.com".into()),
+        manager_id: Some(boss.id.clone()),
+        ..template
+    };
+    env.graph.upsert_user(boss.clone());
+    env.graph.upsert_user(hire.clone());
+    env.graph.add_member(&env.fx.nested_group_id, &hire.id);
+    env.graph.add_member(&env.fx.all_group_id, &boss.id);
+    let r = env.reconcile().await;
+    assert_eq!(r.counts.created, 2, "{:?}", r.changes);
+    let boss_target = env.lms_user(&boss.id)["id"].clone();
+    let h = env.lms_user(&hire.id);
+    assert_eq!(h[common::ENTERPRISE]["manager"]["value"], boss_target);
+    assert_eq!(
+        h[rostersync::config::DEFAULT_CUSTOM_SCHEMA]["managerEmail"],
+        "new.boss@contoso-sim.onmicrosoft.com"
+    );
+    assert_eq!(
+        r.counts.updated, 0,
+        "the manager link of a user created in this run is not an extra update"
+    );
+    env.assert_lms_matches_tenant(upn);
+}
+
+#[tokio::test]
+async fn the_guard_stops_mass_deactivation_until_overridden() {
+    let env = spawn(EnvOptions {
+        users: 100,
+        integration_extra: "max_deactivations = \"10%\"".into(),
+        ..Default::default()
+    })
+    .await;
+    env.reconcile().await;
+    let victims = some_enabled_members(&env, 30);
+    for v in &victims {
+        env.graph.remove_member(&env.fx.all_group_id, v);
+        env.graph.remove_member(&env.fx.nested_group_id, v);
+    }
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::GuardTripped);
+    let g = r.guard.as_ref().unwrap();
+    assert_eq!(g.would_deactivate, 30);
+    assert!(
+        victims.iter().all(|v| env.lms_user(v)["active"] == true),
+        "nothing deactivated"
+    );
+    assert_eq!(rostersync::output::exit_code(&[r]), 1);
+
+    let r = env
+        .run(RunOptions {
+            allow_mass_deactivation: true,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.outcome, Outcome::Ok);
+    assert_eq!(r.counts.deactivated, 30);
+    assert!(victims.iter().all(|v| env.lms_user(v)["active"] == false));
+}
+
+#[tokio::test]
+async fn an_emptied_or_missing_group_is_an_error_not_everyone_leaving() {
+    let env = spawn(EnvOptions {
+        users: 60,
+        ..Default::default()
+    })
+    .await;
+    env.reconcile().await;
+    let active_before = env
+        .scim
+        .users()
+        .iter()
+        .filter(|u| u["active"] == true)
+        .count();
+    // Empty the group entirely.
+    let group = env.graph.group(&env.fx.all_group_id).unwrap();
+    for m in &group.members {
+        env.graph.remove_member(&env.fx.all_group_id, m);
+    }
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(
+        r.error.as_deref().unwrap().contains("no members"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(
+        env.scim
+            .users()
+            .iter()
+            .filter(|u| u["active"] == true)
+            .count(),
+        active_before
+    );
+
+    env.graph.delete_group(&env.fx.all_group_id);
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(
+        r.error.as_deref().unwrap().contains("does not exist"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(
+        env.scim
+            .users()
+            .iter()
+            .filter(|u| u["active"] == true)
+            .count(),
+        active_before
+    );
+}
+
+#[tokio::test]
+async fn twenty_percent_throttling_on_both_sides_still_converges() {
+    let env = spawn(EnvOptions {
+        users: 200,
+        ..Default::default()
+    })
+    .await;
+    env.graph.set_faults(GraphFaults {
+        throttle_rate: 0.2,
+        retry_after_secs: 0,
+        seed: 11,
+    });
+    env.scim.set_faults(ScimFaults {
+        rate_429: 0.2,
+        retry_after_secs: 0,
+        seed: 12,
+        ..Default::default()
+    });
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert!(env.graph.request_count("throttled") > 0 && env.scim.request_count("429") > 0);
+    env.assert_lms_matches_tenant(upn);
+    let again = env.reconcile().await;
+    assert_eq!(again.changes.len(), 0);
+}
+
+#[tokio::test]
+async fn lost_create_responses_do_not_duplicate_users() {
+    let env = spawn(EnvOptions {
+        users: 80,
+        ..Default::default()
+    })
+    .await;
+    env.scim.set_faults(ScimFaults {
+        rate_500_after_create: 0.3,
+        seed: 5,
+        ..Default::default()
+    });
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.failures);
+    let users = env.scim.users();
+    let mut names: Vec<_> = users
+        .iter()
+        .map(|u| u["userName"].as_str().unwrap().to_lowercase())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), users.len(), "no duplicate LMS users");
+    env.assert_lms_matches_tenant(upn);
+}
+
+#[tokio::test]
+async fn dry_run_applies_nothing_but_shows_the_plan() {
+    let env = spawn(EnvOptions {
+        users: 50,
+        ..Default::default()
+    })
+    .await;
+    let r = env
+        .run(RunOptions {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.outcome, Outcome::Ok);
+    assert!(r.counts.created > 40);
+    assert_eq!(r.changes.len() as u64, r.counts.created);
+    assert_eq!(env.writes(), 0);
+    assert!(env.scim.users().is_empty());
+    env.reconcile().await;
+    let id = some_enabled_members(&env, 1)[0].clone();
+    env.graph
+        .update_user(&id, |u| u.department = Some("Dry Run Dept".into()));
+    let r = env
+        .run(RunOptions {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.changes.len(), 1);
+    let text = rostersync::output::render_report(&r, 10);
+    assert!(
+        text.contains("enterprise.department") && text.contains("Dry Run Dept"),
+        "{text}"
+    );
+    assert_ne!(
+        env.lms_user(&id)[common::ENTERPRISE]["department"],
+        "Dry Run Dept"
+    );
+}
+
+#[tokio::test]
+async fn every_username_mode_works_and_a_missing_value_is_a_per_user_failure() {
+    for (mode, pick) in [
+        (
+            "mail",
+            (|u: &rostersync::sim::graph::SimUser| u.mail.clone()) as fn(&_) -> Option<String>,
+        ),
+        ("employeeId", |u| u.employee_id.clone()),
+        ("id", |u| Some(u.id.clone())),
+        ("userPrincipalName", upn),
+    ] {
+        let env = spawn(EnvOptions {
+            users: 40,
+            integration_extra: format!("username = \"{mode}\""),
+            ..Default::default()
+        })
+        .await;
+        let r = env.reconcile().await;
+        env.assert_lms_matches_tenant(pick);
+        let lacking: Vec<_> = env
+            .member_ids()
+            .into_iter()
+            .filter(|id| {
+                let u = env.graph.user(id).unwrap();
+                u.account_enabled && pick(&u).is_none()
+            })
+            .collect();
+        assert_eq!(r.failures.len(), lacking.len(), "{mode}: {:?}", r.failures);
+        for f in &r.failures {
+            assert!(f.reason.contains(mode), "{mode}: {}", f.reason);
+        }
+        if mode == "mail" || mode == "employeeId" {
+            assert!(!lacking.is_empty(), "the fixture has a user without {mode}");
+            assert_eq!(r.outcome, Outcome::Partial);
+            assert_eq!(rostersync::output::exit_code(&[r]), 2);
+        }
+    }
+}
+
+#[tokio::test]
+async fn existing_lms_users_are_linked_once_and_others_never_touched() {
+    let env = spawn(EnvOptions {
+        users: 30,
+        ..Default::default()
+    })
+    .await;
+    let member = env.graph.user(&some_enabled_members(&env, 1)[0]).unwrap();
+    // Made by hand in the LMS: same userName (other case), no externalId.
+    let linked_id = env
+        .scim
+        .insert_user(json!({"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": member.user_principal_name.to_uppercase(), "title": "set by hand", "active": true}))
+        .unwrap();
+    let stranger = env
+        .scim
+        .insert_user(
+            json!({"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": "contractor@elsewhere.example", "active": true, "nickName": "hands off"}),
+        )
+        .unwrap();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.failures);
+    let l = env.lms_user(&member.id);
+    assert_eq!(
+        l["id"],
+        linked_id.as_str(),
+        "the existing user was adopted, not duplicated"
+    );
+    assert_eq!(l["title"].as_str(), member.job_title.as_deref());
+    let s = env
+        .scim
+        .users()
+        .into_iter()
+        .find(|u| u["id"] == stranger.as_str())
+        .unwrap();
+    assert_eq!(
+        (s["active"].clone(), s["nickName"].clone()),
+        (json!(true), json!("hands off"))
+    );
+    // Removing everyone but the stranger's lookalikes never touches the stranger.
+    env.graph.remove_member(&env.fx.all_group_id, &member.id);
+    env.graph.remove_member(&env.fx.nested_group_id, &member.id);
+    env.reconcile().await;
+    let s = env
+        .scim
+        .users()
+        .into_iter()
+        .find(|u| u["id"] == stranger.as_str())
+        .unwrap();
+    assert_eq!(s["active"], true);
+}
+
+#[tokio::test]
+async fn link_existing_false_reports_the_collision_and_leaves_the_user_alone() {
+    let env = spawn(EnvOptions {
+        users: 20,
+        integration_extra: "link_existing = false".into(),
+        ..Default::default()
+    })
+    .await;
+    let member = env.graph.user(&some_enabled_members(&env, 1)[0]).unwrap();
+    env.scim
+        .insert_user(
+            json!({"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": member.user_principal_name, "title": "set by hand", "active": true}),
+        )
+        .unwrap();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Partial);
+    assert_eq!(r.failures.len(), 1);
+    assert!(
+        r.failures[0].reason.contains("link_existing"),
+        "{}",
+        r.failures[0].reason
+    );
+    let l = env
+        .scim
+        .user_by_user_name(&member.user_principal_name)
+        .unwrap();
+    assert_eq!(l["title"], "set by hand");
+}
+
+#[tokio::test]
+async fn empty_values_are_cleared_by_default_and_kept_when_configured() {
+    let env = spawn(EnvOptions {
+        users: 20,
+        tail: "\n[integration.mapping]\nenterprise.department = { on_empty = \"keep\" }\n".into(),
+        ..Default::default()
+    })
+    .await;
+    env.reconcile().await;
+    let id = some_enabled_members(&env, 1)[0].clone();
+    let before = env.lms_user(&id);
+    assert!(before["title"].is_string() && before[common::ENTERPRISE]["department"].is_string());
+    env.graph.update_user(&id, |u| {
+        u.job_title = None;
+        u.department = None;
+    });
+    let r = env.reconcile().await;
+    assert_eq!(r.changes.len(), 1);
+    let after = env.lms_user(&id);
+    assert!(after.get("title").is_none(), "title cleared: {after}");
+    assert_eq!(
+        after[common::ENTERPRISE]["department"],
+        before[common::ENTERPRISE]["department"],
+        "department kept"
+    );
+}
+
+#[tokio::test]
+async fn custom_attributes_are_not_sent_to_an_lms_that_does_not_declare_them() {
+    let env = spawn(EnvOptions {
+        users: 20,
+        custom_extension: false,
+        ..Default::default()
+    })
+    .await;
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.failures);
+    assert!(env
+        .scim
+        .users()
+        .iter()
+        .all(|u| u.get(rostersync::config::DEFAULT_CUSTOM_SCHEMA).is_none()));
+    let checks = env.integration.check().await;
+    let mapping = checks
+        .iter()
+        .find(|c| c.what == "mapping")
+        .expect("a mapping line");
+    assert!(
+        mapping.detail.contains("custom.officeLocation"),
+        "{}",
+        mapping.detail
+    );
+}
+
+#[tokio::test]
+async fn users_in_two_groups_are_synced_once() {
+    let env = spawn(EnvOptions {
+        users: 40,
+        ..Default::default()
+    })
+    .await;
+    // A second configured group overlapping the first.
+    let ids = some_enabled_members(&env, 5);
+    env.graph.add_group(SimGroup {
+        id: "bbbbbbbb-0000-4000-8000-000000000009".into(),
+        display_name: "Trainers".into(),
+        members: ids.clone(),
+    });
+    let mut cfg = env.integration.cfg.clone();
+    cfg.groups
+        .push("bbbbbbbb-0000-4000-8000-000000000009".into());
+    let two = rostersync::app::Integration::build(&cfg, &env.store).unwrap();
+    let r = two.reconcile(RunOptions::default(), None).await;
+    assert_eq!(r.outcome, Outcome::Ok);
+    assert_eq!(r.groups.len(), 2);
+    assert_eq!(r.counts.members as usize, env.member_ids().len());
+    // Leaving one of two groups is not leaving.
+    env.graph.remove_member(&env.fx.all_group_id, &ids[0]);
+    env.graph.remove_member(&env.fx.nested_group_id, &ids[0]);
+    let r = two.reconcile(RunOptions::default(), None).await;
+    assert_eq!(r.counts.deactivated, 0);
+    assert_eq!(env.lms_user(&ids[0])["active"], true);
+}
