@@ -57,6 +57,9 @@ enum Cmd {
         /// Apply deactivations even when there are more than max_deactivations (once).
         #[arg(long)]
         allow_mass_deactivation: bool,
+        /// Also read every LMS user and repair changes made by hand in the LMS.
+        #[arg(long)]
+        deep: bool,
     },
     /// Runs the whole flow against in-process simulators; needs no config and no tenant.
     Demo {
@@ -153,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             integration,
             json,
             allow_mass_deactivation,
+            deep,
         } => {
             let tty = std::io::stderr().is_terminal() && !json;
             init_logging(&cli, tty);
@@ -161,6 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let opts = RunOptions {
                 dry_run: *dry_run,
                 allow_mass_deactivation: *allow_mass_deactivation,
+                deep: *deep,
             };
             let mut reports = Vec::new();
             for cfg in config.select(integration.as_deref())? {

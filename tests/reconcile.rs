@@ -552,3 +552,75 @@ async fn users_in_two_groups_are_synced_once() {
     assert_eq!(r.counts.deactivated, 0);
     assert_eq!(env.lms_user(&ids[0])["active"], true);
 }
+
+#[tokio::test]
+async fn a_deep_reconcile_repairs_changes_made_by_hand_in_the_lms() {
+    let env = spawn(EnvOptions {
+        users: 30,
+        ..Default::default()
+    })
+    .await;
+    env.reconcile().await;
+    let ids = some_enabled_members(&env, 2);
+    let (edited, deleted) = (env.lms_user(&ids[0]), env.lms_user(&ids[1]));
+    let http = reqwest::Client::new();
+    let r = http
+        .patch(format!(
+            "{}/Users/{}",
+            env.scim.base_url(),
+            edited["id"].as_str().unwrap()
+        ))
+        .bearer_auth(common::SCIM_TOKEN)
+        .header("Content-Type", "application/scim+json")
+        .body(
+            json!({"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations":[{"op":"replace","path":"title","value":"edited by hand"},
+                          {"op":"replace","path":"active","value":false}]})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert!(env.scim.delete_user(deleted["id"].as_str().unwrap()));
+
+    let plain = env.reconcile().await;
+    assert_eq!(plain.changes.len(), 0, "a plain reconcile trusts the index");
+    let deep = env
+        .run(RunOptions {
+            deep: true,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(deep.outcome, Outcome::Ok, "{:?}", deep.failures);
+    let mut got: Vec<_> = deep
+        .changes
+        .iter()
+        .filter(|c| c.action != Action::Update)
+        .map(|c| (c.action, c.entra_id.clone()))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (Action::Reactivate, ids[0].clone()),
+        (Action::Create, ids[1].clone()),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // The re-created user has a new LMS id: its direct reports' manager links follow it.
+    for c in deep.changes.iter().filter(|c| c.action == Action::Update) {
+        assert_eq!(
+            env.graph.user(&c.entra_id).unwrap().manager_id.as_deref(),
+            Some(ids[1].as_str())
+        );
+        assert_eq!(c.changes.len(), 1);
+        assert_eq!(c.changes[0].key, "enterprise.manager");
+    }
+    env.assert_lms_matches_tenant(upn);
+    let again = env
+        .run(RunOptions {
+            deep: true,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(again.changes.len(), 0);
+}

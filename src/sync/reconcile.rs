@@ -33,6 +33,8 @@ pub struct Context<'a, T: Target> {
 pub struct RunOptions {
     pub dry_run: bool,
     pub allow_mass_deactivation: bool,
+    /// Also read every LMS user and repair drift made by hand (changed or deleted users).
+    pub deep: bool,
 }
 
 /// Progress events for a terminal display.
@@ -65,6 +67,9 @@ pub struct Counts {
     pub deactivated: u64,
     pub reactivated: u64,
     pub unchanged: u64,
+    /// Disabled members that are not in the LMS (they are not created).
+    #[serde(default)]
+    pub skipped: u64,
     pub failed: u64,
 }
 
@@ -147,6 +152,9 @@ struct Run<'a, 'c, T: Target> {
     progress: Option<ProgressFn>,
     report: RunReport,
     applied: u64,
+    /// Deep runs: what the LMS really holds for indexed users whose record differs from the
+    /// index (`None`: deleted in the LMS). Consulted before the index.
+    actual: HashMap<String, Option<Record>>,
 }
 
 /// Runs a full reconcile of one integration. Never panics on bad input; whole-run errors end
@@ -183,6 +191,7 @@ pub async fn reconcile<T: Target>(
             progress,
             report,
             applied: 0,
+            actual: HashMap::new(),
         };
         tracing::info!("reconcile started");
         let result = run.execute().await;
@@ -233,10 +242,63 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// The user's index entry with its record cut down to the managed keys.
     fn indexed(&self, entra_id: &str) -> Result<Option<IndexEntry>, StoreError> {
-        Ok(self.ctx.store.get_user(entra_id)?.map(|mut e| {
-            e.record.retain(|k, _| self.managed.contains(k));
-            e
-        }))
+        let Some(mut e) = self.ctx.store.get_user(entra_id)? else {
+            return Ok(None);
+        };
+        match self.actual.get(entra_id) {
+            Some(None) => return Ok(None),
+            Some(Some(r)) => e.record = r.clone(),
+            None => {}
+        }
+        e.record.retain(|k, _| self.managed.contains(k));
+        Ok(Some(e))
+    }
+
+    /// Deep runs: reads every LMS user (startIndex/count paging) and notes where the LMS
+    /// differs from the index, so the plan repairs it.
+    async fn read_target_state(&mut self) -> Result<(), RunError> {
+        let mut by_target: HashMap<String, (String, IndexEntry)> = HashMap::new();
+        for r in self.ctx.store.users() {
+            let (id, e) = r?;
+            by_target.insert(e.target_id.clone(), (id, e));
+        }
+        const PAGE: usize = 100;
+        let mut start = 1;
+        let mut drifted = 0u64;
+        // A server that misreports totalResults must not loop forever.
+        for _ in 0..1_000_000 {
+            let (users, total) = self.ctx.target.list(start, PAGE).await?;
+            if users.is_empty() {
+                break;
+            }
+            start += users.len();
+            for u in users {
+                let Some((entra_id, e)) = by_target.remove(&u.id) else {
+                    continue;
+                };
+                let mut real = u.record;
+                real.retain(|k, _| self.managed.contains(k));
+                let mut known = e.record;
+                known.retain(|k, _| self.managed.contains(k));
+                if real != known {
+                    tracing::info!(user = %entra_id, "LMS user differs from what was applied; repairing");
+                    drifted += 1;
+                    self.actual.insert(entra_id, Some(real));
+                }
+            }
+            if total > 0 && start > total {
+                break;
+            }
+        }
+        let gone = by_target.len();
+        for (_, (entra_id, _)) in by_target {
+            tracing::info!(user = %entra_id, "LMS user was deleted by hand; it is created again if still a member");
+            self.actual.insert(entra_id, None);
+        }
+        self.report.notes.push(format!(
+            "deep: {drifted} LMS users changed by hand, {gone} deleted by hand"
+        ));
+        Ok(())
     }
 
     async fn execute(&mut self) -> Result<(), RunError> {
@@ -254,6 +316,10 @@ impl<T: Target> Run<'_, '_, T> {
         .into_iter()
         .filter(|k| self.caps.accepts(k))
         .collect();
+
+        if self.opts.deep {
+            self.read_target_state().await?;
+        }
 
         let active_before = self
             .ctx
@@ -330,7 +396,7 @@ impl<T: Target> Run<'_, '_, T> {
                     d.record.retain(|k, _| self.managed.contains(k));
                     let existing = self.indexed(&u.id)?;
                     let mref = match (&d.manager_entra_id, link_manager) {
-                        (Some(mid), true) => match self.ctx.store.get_user(mid)? {
+                        (Some(mid), true) => match self.indexed(mid)? {
                             Some(me) => ManagerRef::Known(me.target_id),
                             None => {
                                 deferred_managers.push(u.id.clone());
@@ -340,6 +406,7 @@ impl<T: Target> Run<'_, '_, T> {
                         _ => ManagerRef::None,
                     };
                     match plan::plan_member(&d, existing.as_ref(), &mref) {
+                        None if existing.is_none() => self.report.counts.skipped += 1,
                         None => self.report.counts.unchanged += 1,
                         Some(c) if c.action == Action::Deactivate => deactivations.push(c),
                         Some(c) => changes.push(c),
@@ -521,6 +588,7 @@ impl<T: Target> Run<'_, '_, T> {
         let mut pending_in_dry_run = 0;
         for id in users {
             let Some(e) = self.indexed(&id)? else {
+                // Only in a dry run (or after a failed create) is the user still unindexed.
                 pending_in_dry_run += 1;
                 continue;
             };
@@ -553,7 +621,7 @@ impl<T: Target> Run<'_, '_, T> {
         }
         if self.opts.dry_run && pending_in_dry_run > 0 {
             self.report.notes.push(format!(
-                "{pending_in_dry_run} new users get their manager linked once the manager exists in the LMS"
+                "{pending_in_dry_run} new users get their manager link at the end of the run, once their manager exists in the LMS"
             ));
         }
         // A user created or updated earlier in this run is not counted a second time.
