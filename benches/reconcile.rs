@@ -66,7 +66,13 @@ async fn baseline_post_rate(n: usize) -> f64 {
                 .bearer_auth(TOKEN)
                 .header("Content-Type", "application/scim+json")
                 .body(body.to_string());
-            async move { req.send().await.map(|r| r.status().as_u16() == 201).unwrap_or(false) }
+            // Like any client, read the answer (the id is in it).
+            async move {
+                match req.send().await {
+                    Ok(r) if r.status().as_u16() == 201 => r.bytes().await.is_ok(),
+                    _ => false,
+                }
+            }
         })
         .buffer_unordered(8)
         .filter(|ok| futures::future::ready(*ok))
@@ -78,7 +84,51 @@ async fn baseline_post_rate(n: usize) -> f64 {
     n as f64 / secs
 }
 
-async fn first_reconcile_rate(n: usize) -> (f64, u64) {
+async fn target_create_rate(n: usize) -> f64 {
+    use rostersync::sync::mapping::{AttrValue, Record};
+    use rostersync::target::Target;
+    let sim = scim().await;
+    let target = rostersync::target::scim::ScimTarget::new(
+        &url::Url::parse(&sim.base_url()).unwrap(),
+        secrecy::SecretString::from(TOKEN),
+        rostersync::config::DEFAULT_CUSTOM_SCHEMA,
+        8,
+        Duration::from_secs(30),
+    )
+    .expect("client");
+    target.discover().await.expect("discover");
+    let records: Vec<Record> = (0..n)
+        .map(|i| {
+            let mut r = Record::new();
+            for (k, v) in [
+                ("userName", format!("t.user{i}@contoso.example")),
+                ("externalId", format!("ext-{i}")),
+                ("displayName", format!("T User {i}")),
+                ("title", "Engineer".into()),
+                ("name.givenName", "T".into()),
+                ("name.familyName", format!("User {i}")),
+                ("emails.work", format!("t.user{i}@contoso.example")),
+                ("enterprise.employeeNumber", format!("E{i}")),
+                ("enterprise.department", "R&D".into()),
+                ("custom.city", "Oslo".into()),
+            ] {
+                r.insert(k.into(), AttrValue::Str(v));
+            }
+            r.insert("active".into(), AttrValue::Bool(true));
+            r
+        })
+        .collect();
+    let started = Instant::now();
+    let ok = stream::iter(records.iter().map(|r| target.create(r)))
+        .buffer_unordered(8)
+        .filter(|r| futures::future::ready(matches!(r, Ok(Some(_)))))
+        .count()
+        .await;
+    assert_eq!(ok, n);
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn first_reconcile_rate(n: usize) -> (f64, u64, String) {
     let fx = fixture(n, 3);
     let graph = GraphSim::start(fx.tenant.clone()).await.expect("graph sim");
     let sim = scim().await;
@@ -87,12 +137,35 @@ async fn first_reconcile_rate(n: usize) -> (f64, u64) {
     let store = Store::temporary().expect("store");
     let integration = Integration::build(&config.integrations[0], &store).expect("integration");
     let started = Instant::now();
+    let dry = integration
+        .reconcile(
+            RunOptions {
+                dry_run: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .await;
+    println!(
+        "   (dry run of the same: {:.2} s, {} planned)",
+        started.elapsed().as_secs_f64(),
+        dry.counts.created
+    );
+    let started = Instant::now();
     let r = integration.reconcile(RunOptions::default(), None).await;
     let secs = started.elapsed().as_secs_f64();
     assert!(r.error.is_none(), "{:?}", r.error);
+    let requests = format!(
+        "LMS requests: POST {}, PATCH {}, GET {}; Graph: member pages {}, manager $batch {}",
+        sim.request_count("POST"),
+        sim.request_count("PATCH"),
+        sim.request_count("GET"),
+        graph.request_count("transitiveMembers"),
+        graph.request_count("batch")
+    );
     graph.stop().await;
     sim.stop().await;
-    (r.counts.created as f64 / secs, r.counts.created)
+    (r.counts.created as f64 / secs, r.counts.created, requests)
 }
 
 /// Runs the binary and returns (wall time, peak RSS in MiB, stdout).
@@ -158,9 +231,14 @@ async fn main() {
 
     let base = baseline_post_rate(creates).await;
     println!("A. SCIM simulator POST rate, bare client, concurrency 8: {base:.0} users/s ({creates} users)");
-    let (ours, created) = first_reconcile_rate(creates).await;
+    let direct = target_create_rate(creates).await;
     println!(
-        "B. rostersync first reconcile: {ours:.0} users/s ({created} created) = {:.2} x A",
+        "A2. ScimTarget::create alone: {direct:.0} users/s = {:.2} x A",
+        direct / base
+    );
+    let (ours, created, requests) = first_reconcile_rate(creates).await;
+    println!(
+        "B. rostersync first reconcile: {ours:.0} users/s ({created} created) = {:.2} x A\n   {requests}",
         ours / base
     );
 
@@ -181,11 +259,15 @@ async fn main() {
         t1.as_secs_f64(),
         summary(&out1)
     );
+    let (pages, batches) = (
+        graph.request_count("transitiveMembers"),
+        graph.request_count("batch"),
+    );
     let (t2, rss2, out2) = run_binary(&config).await;
     println!("C2. binary, no-change reconcile of {members} members: {:.1} s, peak RSS {rss2:.0} MiB ({})", t2.as_secs_f64(), summary(&out2));
     println!(
-        "Graph requests in C2: transitiveMembers pages {}, manager $batch {}",
-        graph.request_count("transitiveMembers"),
-        graph.request_count("batch")
+        "Graph requests in C2: member pages {}, manager $batch {}; LMS writes in C2: none expected",
+        graph.request_count("transitiveMembers") - pages,
+        graph.request_count("batch") - batches
     );
 }

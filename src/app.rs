@@ -21,8 +21,18 @@ pub struct Integration {
     pub store: IntegrationStore,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Graph(#[from] crate::graph::GraphError),
+    #[error(transparent)]
+    Target(#[from] crate::target::TargetError),
+}
+
 impl Integration {
-    pub fn build(cfg: &IntegrationConfig, store: &Store) -> Result<Self, StoreError> {
+    pub fn build(cfg: &IntegrationConfig, store: &Store) -> Result<Self, BuildError> {
         let graph = GraphClient::new(
             GraphSettings {
                 tenant_id: cfg.tenant_id.clone(),
@@ -31,7 +41,7 @@ impl Integration {
                 login_url: cfg.login_url.clone(),
                 graph_url: cfg.graph_url.clone(),
             },
-            GraphClient::default_http(),
+            GraphClient::default_http()?,
         );
         let target = ScimTarget::new(
             &cfg.target.url,
@@ -39,7 +49,7 @@ impl Integration {
             &cfg.target.custom_schema,
             cfg.target.concurrency,
             Duration::from_secs(cfg.target.timeout_secs),
-        );
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             graph,
@@ -98,6 +108,13 @@ impl Integration {
                     caps.notes.join("; ")
                 };
                 line("LMS discovery".into(), CheckStatus::Ok, notes);
+                if !caps.patch {
+                    line(
+                        "LMS PATCH".into(),
+                        CheckStatus::Fail,
+                        "the LMS says PATCH is not supported (ServiceProviderConfig patch.supported = false); rostersync updates users with PATCH only".into(),
+                    );
+                }
                 let rejected: Vec<&str> = self
                     .cfg
                     .mapping

@@ -225,7 +225,11 @@ impl DeactivationLimit {
     pub fn allowed(&self, active: u64) -> u64 {
         match *self {
             Self::Count(n) => n,
-            Self::Percent(p) => ((active as f64) * p / 100.0).floor() as u64,
+            // At least one, so a small tenant's single leaver does not trip the guard.
+            Self::Percent(p) if p > 0.0 && active > 0 => {
+                (((active as f64) * p / 100.0).floor() as u64).max(1)
+            }
+            Self::Percent(_) => 0,
         }
     }
 }
@@ -269,11 +273,16 @@ pub struct TargetConfig {
 fn parse_http_url(key: &str, s: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(s.trim_end_matches('/'))
         .map_err(|e| invalid(key, format!("{s:?} is not a URL: {e}")))?;
-    if url.scheme() != "https" && url.scheme() != "http" {
-        return Err(invalid(key, format!("{s:?} must be an https:// URL")));
-    }
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
     if url.host_str().is_none() {
         return Err(invalid(key, format!("{s:?} has no host")));
+    }
+    // Secrets and tokens travel on these connections: cleartext only on loopback.
+    if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+        return Err(invalid(
+            key,
+            format!("{s:?} must be an https:// URL (http:// is accepted only for 127.0.0.1 and localhost)"),
+        ));
     }
     Ok(url)
 }
@@ -285,6 +294,45 @@ fn looks_like_guid(s: &str) -> bool {
             .iter()
             .zip(&parts)
             .all(|(n, p)| p.len() == *n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// A TOML error without the offending source line or any quoted value: the line or value may
+/// be a secret (`client_secret = "..."` instead of `{ value = "..." }`).
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let mut msg = String::new();
+    let mut quoted = false;
+    for c in e.message().chars() {
+        if c == '"' {
+            if !quoted {
+                msg.push_str("\"…");
+            }
+            quoted = !quoted;
+            if !quoted {
+                msg.push('"');
+            }
+            continue;
+        }
+        if !quoted {
+            msg.push(c);
+        }
+    }
+    let msg = msg.trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let line_text = text.lines().nth(line - 1).unwrap_or("");
+            let key = line_text
+                .split_once('=')
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !k.starts_with('['));
+            match key {
+                Some(k) => format!("line {line} (key `{k}`): {msg}"),
+                None => format!("line {line}: {msg}"),
+            }
+        }
+        None => msg,
+    }
 }
 
 impl Config {
@@ -308,7 +356,7 @@ impl Config {
     pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<config>"),
-            message: e.to_string(),
+            message: describe_toml_error(text, &e),
         })?;
         let data_dir = raw
             .server
@@ -523,10 +571,28 @@ token = { value = "scim-token" }
             e.contains("client_secret") && e.contains("RS_TEST_SURELY_UNSET"),
             "{e}"
         );
+        let e = err_of(&GOOD.replace("https://lms.example.com", "http://lms.example.com"));
+        assert!(e.contains("target.url") && e.contains("https"), "{e}");
         let e = err_of(&GOOD.replace("kind = \"scim\"", "kind = \"ldap\""));
         assert!(e.contains("target.kind"), "{e}");
         let e = err_of(&GOOD.replace("username = \"mail\"", "usernme = \"mail\""));
         assert!(e.contains("usernme"), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_echo_secrets() {
+        for bad in [
+            GOOD.replace("{ value = \"s3cr3t-value\" }", "\"s3cr3t-value\""),
+            GOOD.replace(
+                "{ value = \"s3cr3t-value\" }",
+                "{ valu = \"s3cr3t-value\" }",
+            ),
+            GOOD.replace("{ value = \"s3cr3t-value\" }", "{ value = \"s3cr3t-value }"),
+        ] {
+            let e = err_of(&bad);
+            assert!(!e.contains("s3cr3t"), "{e}");
+            assert!(e.contains("line 9") || e.contains("line 10"), "{e}");
+        }
     }
 
     #[test]
@@ -576,5 +642,7 @@ token = { value = "scim-token" }
         );
         assert!(DeactivationLimit::parse(&Value::String("150%".into())).is_err());
         assert_eq!(DeactivationLimit::Percent(10.0).allowed(305), 30);
+        assert_eq!(DeactivationLimit::Percent(10.0).allowed(5), 1);
+        assert_eq!(DeactivationLimit::Percent(0.0).allowed(500), 0);
     }
 }

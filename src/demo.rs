@@ -22,6 +22,8 @@ pub enum DemoError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Build(#[from] crate::app::BuildError),
     #[error("demo step failed: {0}")]
     Step(String),
 }

@@ -13,8 +13,10 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// Delay before the second attempt when the server gives no `Retry-After`.
     pub base: Duration,
-    /// Upper bound of any single delay, `Retry-After` included.
+    /// Upper bound of a computed backoff delay.
     pub cap: Duration,
+    /// Upper bound of a server's `Retry-After`: honoured in full up to this.
+    pub retry_after_cap: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -23,6 +25,7 @@ impl Default for RetryPolicy {
             max_attempts: 8,
             base: Duration::from_millis(200),
             cap: Duration::from_secs(60),
+            retry_after_cap: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -34,7 +37,7 @@ impl RetryPolicy {
         if let Some(ra) = retry_after {
             // Honour the server, plus a little jitter so many waiters do not return at once.
             let jitter = Duration::from_millis(rng.random_range(0..=50));
-            return (ra + jitter).min(self.cap);
+            return ra.min(self.retry_after_cap).saturating_add(jitter);
         }
         let exp = self
             .base
@@ -92,14 +95,23 @@ mod tests {
             max_attempts: 5,
             base: Duration::from_millis(100),
             cap: Duration::from_secs(1),
+            retry_after_cap: Duration::from_secs(3),
         };
         let d1 = p.delay(1, None);
         assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
         let d4 = p.delay(4, None);
         assert!(d4 >= Duration::from_millis(400) && d4 <= Duration::from_millis(800));
         assert!(p.delay(30, None) <= Duration::from_secs(1));
-        let ra = p.delay(1, Some(Duration::from_secs(5)));
-        assert_eq!(ra, Duration::from_secs(1), "Retry-After is capped too");
+        let ra = p.delay(1, Some(Duration::from_secs(2)));
+        assert!(
+            ra >= Duration::from_secs(2),
+            "Retry-After is honoured beyond the backoff cap"
+        );
+        let huge = p.delay(1, Some(Duration::from_secs(u64::MAX)));
+        assert!(
+            huge <= Duration::from_millis(3050),
+            "an absurd Retry-After is clamped, not overflowed"
+        );
     }
 
     #[test]

@@ -624,3 +624,149 @@ async fn a_deep_reconcile_repairs_changes_made_by_hand_in_the_lms() {
         .await;
     assert_eq!(again.changes.len(), 0);
 }
+
+/// Delegates to the real SCIM target but answers 401 to creates after the first `ok` ones.
+struct FailingAfter<'a> {
+    inner: &'a rostersync::target::scim::ScimTarget,
+    ok: usize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl rostersync::target::Target for FailingAfter<'_> {
+    async fn discover(
+        &self,
+    ) -> Result<rostersync::target::Capabilities, rostersync::target::TargetError> {
+        self.inner.discover().await
+    }
+    async fn find_by_external_id(
+        &self,
+        id: &str,
+    ) -> Result<Option<rostersync::target::TargetUser>, rostersync::target::TargetError> {
+        self.inner.find_by_external_id(id).await
+    }
+    async fn find_by_user_name(
+        &self,
+        n: &str,
+    ) -> Result<Option<rostersync::target::TargetUser>, rostersync::target::TargetError> {
+        self.inner.find_by_user_name(n).await
+    }
+    async fn create(
+        &self,
+        r: &rostersync::sync::mapping::Record,
+    ) -> Result<Option<String>, rostersync::target::TargetError> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.ok {
+            return Err(rostersync::target::TargetError::Unauthorized);
+        }
+        self.inner.create(r).await
+    }
+    async fn update(
+        &self,
+        id: &str,
+        c: &[rostersync::sync::mapping::AttrChange],
+    ) -> Result<(), rostersync::target::TargetError> {
+        self.inner.update(id, c).await
+    }
+    async fn get(
+        &self,
+        id: &str,
+    ) -> Result<Option<rostersync::target::TargetUser>, rostersync::target::TargetError> {
+        self.inner.get(id).await
+    }
+    async fn list(
+        &self,
+        s: usize,
+        c: usize,
+    ) -> Result<(Vec<rostersync::target::TargetUser>, usize), rostersync::target::TargetError> {
+        self.inner.list(s, c).await
+    }
+}
+
+#[tokio::test]
+async fn a_fatal_lms_error_mid_run_ends_the_run_instead_of_hanging() {
+    // 5,000 members are six pages: the Graph reader is far ahead when the LMS fails.
+    let env = spawn(EnvOptions {
+        users: 5000,
+        ..Default::default()
+    })
+    .await;
+    let failing = FailingAfter {
+        inner: &env.integration.target,
+        ok: 100,
+        calls: Default::default(),
+    };
+    let ctx = rostersync::sync::reconcile::Context {
+        cfg: &env.integration.cfg,
+        graph: &env.integration.graph,
+        target: &failing,
+        store: &env.integration.store,
+    };
+    let run = rostersync::sync::reconcile::reconcile(&ctx, RunOptions::default(), None);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(60), run)
+        .await
+        .expect("the run ends");
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(r.error.as_deref().unwrap().contains("401"), "{:?}", r.error);
+    assert_eq!(r.counts.deactivated, 0);
+}
+
+#[tokio::test]
+async fn a_manager_change_to_someone_outside_the_groups_removes_the_stale_link() {
+    // Without the custom extension the manager link is the only manager attribute.
+    let env = spawn(EnvOptions {
+        users: 40,
+        custom_extension: false,
+        ..Default::default()
+    })
+    .await;
+    env.reconcile().await;
+    let id = env
+        .member_ids()
+        .into_iter()
+        .find(|id| {
+            let u = env.graph.user(id).unwrap();
+            u.account_enabled && u.manager_id.as_deref().is_some_and(|m| m != env.fx.ceo_id)
+        })
+        .unwrap();
+    assert!(env.lms_user(&id)[common::ENTERPRISE]["manager"]["value"].is_string());
+    let ceo = env.fx.ceo_id.clone();
+    env.graph.update_user(&id, |u| u.manager_id = Some(ceo));
+    let r = env.reconcile().await;
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert!(env.lms_user(&id)[common::ENTERPRISE]
+        .get("manager")
+        .is_none());
+    assert_eq!(env.reconcile().await.changes.len(), 0);
+}
+
+#[tokio::test]
+async fn a_disabled_user_that_can_no_longer_be_mapped_is_still_deactivated() {
+    let env = spawn(EnvOptions {
+        users: 30,
+        integration_extra: "username = \"mail\"".into(),
+        ..Default::default()
+    })
+    .await;
+    env.reconcile().await;
+    let id = env
+        .member_ids()
+        .into_iter()
+        .find(|id| {
+            let u = env.graph.user(id).unwrap();
+            u.account_enabled && u.mail.is_some()
+        })
+        .unwrap();
+    // Offboarding: the account is disabled and the mailbox removed.
+    env.graph.update_user(&id, |u| {
+        u.account_enabled = false;
+        u.mail = None;
+    });
+    let r = env.reconcile().await;
+    assert!(
+        r.changes
+            .iter()
+            .any(|c| c.action == Action::Deactivate && c.entra_id == id),
+        "{:?}",
+        r.changes
+    );
+    assert_eq!(env.lms_user(&id)["active"], false);
+}

@@ -151,13 +151,16 @@ impl GraphClient {
     }
 
     /// An HTTP client with the timeouts rostersync uses for Graph.
-    pub fn default_http() -> reqwest::Client {
+    pub fn default_http() -> Result<reqwest::Client, GraphError> {
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .user_agent(concat!("rostersync/", env!("CARGO_PKG_VERSION")))
             .build()
-            .unwrap_or_default()
+            .map_err(|e| GraphError::Transport {
+                what: "the HTTP client".into(),
+                message: e.to_string(),
+            })
     }
 
     /// A valid access token, from the cache or the token endpoint.
@@ -240,7 +243,11 @@ impl GraphClient {
                 };
                 // Refresh five minutes early (or halfway, for short-lived tokens).
                 let margin = (expires_in / 2).min(300);
-                let refresh_at = started + Duration::from_secs(expires_in.saturating_sub(margin));
+                // A hostile or broken endpoint could send anything: keep at most a day.
+                let lifetime = expires_in.min(86_400).saturating_sub(margin);
+                let refresh_at = started
+                    .checked_add(Duration::from_secs(lifetime))
+                    .unwrap_or(started);
                 tracing::debug!(expires_in, "got a Graph access token");
                 return Ok(CachedToken {
                     token: SecretString::from(ok.access_token),

@@ -152,6 +152,16 @@ impl IntegrationStore {
         Ok(())
     }
 
+    /// Writes several index entries in one atomic batch.
+    pub fn put_users(&self, entries: &[(String, IndexEntry)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (id, e) in entries {
+            batch.insert(id.as_bytes(), encode(e)?);
+        }
+        self.users.apply_batch(batch)?;
+        Ok(())
+    }
+
     pub fn remove_user(&self, entra_id: &str) -> Result<(), StoreError> {
         self.users.remove(entra_id.as_bytes())?;
         Ok(())

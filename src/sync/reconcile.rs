@@ -13,10 +13,10 @@ use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use super::mapping::{AttrValue, Record, MANAGER};
+use super::mapping::{AttrValue, Desired, Record, ACTIVE, MANAGER};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
 use crate::config::IntegrationConfig;
-use crate::graph::models::GraphUser;
+use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{GraphClient, GraphError, BATCH_LIMIT};
 use crate::store::{new_run_id, IndexEntry, IntegrationStore, StoreError};
 use crate::target::{Capabilities, Target, TargetError, TargetUser};
@@ -256,6 +256,19 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// Deep runs: reads every LMS user (startIndex/count paging) and notes where the LMS
     /// differs from the index, so the plan repairs it.
+    /// Records what the LMS really holds when it differs from the index; true if it does.
+    fn note_drift(&mut self, entra_id: String, e: IndexEntry, mut real: Record) -> bool {
+        real.retain(|k, _| self.managed.contains(k));
+        let mut known = e.record;
+        known.retain(|k, _| self.managed.contains(k));
+        if real == known {
+            return false;
+        }
+        tracing::info!(user = %entra_id, "LMS user differs from what was applied; repairing");
+        self.actual.insert(entra_id, Some(real));
+        true
+    }
+
     async fn read_target_state(&mut self) -> Result<(), RunError> {
         let mut by_target: HashMap<String, (String, IndexEntry)> = HashMap::new();
         for r in self.ctx.store.users() {
@@ -271,29 +284,26 @@ impl<T: Target> Run<'_, '_, T> {
             if users.is_empty() {
                 break;
             }
+            // Advance by what came back, not by `total`: servers misreport it (scim.md §9.7).
+            let _ = total;
             start += users.len();
             for u in users {
-                let Some((entra_id, e)) = by_target.remove(&u.id) else {
-                    continue;
-                };
-                let mut real = u.record;
-                real.retain(|k, _| self.managed.contains(k));
-                let mut known = e.record;
-                known.retain(|k, _| self.managed.contains(k));
-                if real != known {
-                    tracing::info!(user = %entra_id, "LMS user differs from what was applied; repairing");
-                    drifted += 1;
-                    self.actual.insert(entra_id, Some(real));
+                if let Some((entra_id, e)) = by_target.remove(&u.id) {
+                    drifted += u64::from(self.note_drift(entra_id, e, u.record));
                 }
             }
-            if total > 0 && start > total {
-                break;
-            }
         }
-        let gone = by_target.len();
-        for (_, (entra_id, _)) in by_target {
-            tracing::info!(user = %entra_id, "LMS user was deleted by hand; it is created again if still a member");
-            self.actual.insert(entra_id, None);
+        // Not listed is not proof of deletion: ask for each one.
+        let mut gone = 0u64;
+        for (target_id, (entra_id, e)) in by_target {
+            match self.ctx.target.get(&target_id).await? {
+                Some(u) => drifted += u64::from(self.note_drift(entra_id, e, u.record)),
+                None => {
+                    tracing::info!(user = %entra_id, "LMS user was deleted by hand; it is created again if still a member");
+                    gone += 1;
+                    self.actual.insert(entra_id, None);
+                }
+            }
         }
         self.report.notes.push(format!(
             "deep: {drifted} LMS users changed by hand, {gone} deleted by hand"
@@ -330,97 +340,71 @@ impl<T: Target> Run<'_, '_, T> {
 
         let user_select = cfg.mapping.user_select();
         let manager_select = cfg.mapping.manager_select();
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut deferred_managers: Vec<String> = Vec::new();
+        // (user, the manager it should have) for users whose manager was not in the LMS yet.
+        let mut deferred_managers: Vec<(String, Option<String>)> = Vec::new();
         let mut deactivations: Vec<PlannedChange> = Vec::new();
 
-        for group_id in &cfg.groups {
-            let group = self.ctx.graph.group(group_id).await?;
-            let span = tracing::info_span!("group", group = %group.id, name = %group.display_name);
-            let mut count = 0u64;
-            let mut next = Some(self.ctx.graph.transitive_users_url(group_id, &user_select));
-            while let Some(url) = next.take() {
-                let page = self
-                    .ctx
-                    .graph
-                    .user_page(&url)
-                    .instrument(span.clone())
-                    .await?;
-                next = page.next;
-                for m in page.malformed {
-                    self.fail_user("?", None, format!("Graph returned a malformed member: {m}"));
-                }
-                count += page.users.len() as u64;
-                if !page.users.is_empty()
-                    && page
-                        .users
-                        .iter()
-                        .all(|u| u.string("userPrincipalName").is_none())
-                {
-                    return Err(RunError::Source(
-                        "Graph returns members without properties (no userPrincipalName): the app lacks User.Read.All; grant it and have an administrator consent".into(),
-                    ));
-                }
-                let fresh: Vec<GraphUser> = page
-                    .users
-                    .into_iter()
-                    .filter(|u| seen.insert(u.id.clone()))
-                    .collect();
-                self.report.counts.members += fresh.len() as u64;
-                self.tick(Progress::PageRead {
-                    members: self.report.counts.members,
-                });
-                let managers = match &manager_select {
-                    Some(sel) => {
-                        self.read_managers(&fresh, sel)
-                            .instrument(span.clone())
-                            .await?
-                    }
-                    None => HashMap::new(),
-                };
-                let mut changes = Vec::new();
-                for u in &fresh {
-                    let mgr = managers.get(&u.id).and_then(|m| m.as_ref());
-                    let mut d = match cfg.mapping.apply(u, mgr) {
-                        Ok(d) => d,
-                        Err(f) => {
-                            let name = u.string("userPrincipalName");
+        // Graph reads run ahead of the LMS writes by up to two pages.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let feed = feed_members(
+            self.ctx.graph,
+            &cfg.groups,
+            &user_select,
+            manager_select.as_deref(),
+            cfg.graph_concurrency,
+            tx,
+        );
+        let consume = async {
+            // Owned here: when planning stops on an error, dropping the receiver ends the feed.
+            let mut rx = rx;
+            while let Some(item) = rx.recv().await {
+                match item? {
+                    Feed::Page {
+                        users,
+                        malformed,
+                        managers,
+                    } => {
+                        for m in malformed {
                             self.fail_user(
-                                &u.id,
-                                name.as_deref(),
-                                format!("cannot be mapped: {}", f.0),
+                                "?",
+                                None,
+                                format!("Graph returned a malformed member: {m}"),
                             );
-                            continue;
                         }
-                    };
-                    d.record.retain(|k, _| self.managed.contains(k));
-                    let existing = self.indexed(&u.id)?;
-                    let mref = match (&d.manager_entra_id, link_manager) {
-                        (Some(mid), true) => match self.indexed(mid)? {
-                            Some(me) => ManagerRef::Known(me.target_id),
-                            None => {
-                                deferred_managers.push(u.id.clone());
-                                ManagerRef::Deferred
-                            }
-                        },
-                        _ => ManagerRef::None,
-                    };
-                    match plan::plan_member(&d, existing.as_ref(), &mref) {
-                        None if existing.is_none() => self.report.counts.skipped += 1,
-                        None => self.report.counts.unchanged += 1,
-                        Some(c) if c.action == Action::Deactivate => deactivations.push(c),
-                        Some(c) => changes.push(c),
+                        self.report.counts.members += users.len() as u64;
+                        self.tick(Progress::PageRead {
+                            members: self.report.counts.members,
+                        });
+                        self.process_page(
+                            &users,
+                            &managers,
+                            link_manager,
+                            &mut deferred_managers,
+                            &mut deactivations,
+                        )
+                        .await?;
+                    }
+                    Feed::GroupDone { group, count } => {
+                        self.check_group_size(
+                            &group.id,
+                            &group.display_name,
+                            count,
+                            active_before,
+                        )?;
+                        self.report.groups.push(GroupSummary {
+                            id: group.id.clone(),
+                            name: group.display_name.clone(),
+                            members: count,
+                        });
                     }
                 }
-                self.apply_all(changes, true).await?;
             }
-            self.check_group_size(&group.id, &group.display_name, count, active_before)?;
-            self.report.groups.push(GroupSummary {
-                id: group.id.clone(),
-                name: group.display_name.clone(),
-                members: count,
-            });
-        }
+            Ok::<(), RunError>(())
+        };
+        let (seen, consumed) = tokio::join!(feed, consume);
+        consumed?;
+        // The feed ends early only after sending an error, which `consume` returned above.
+        let seen = seen?;
 
         // Every group was listed completely: whoever is indexed but unseen has left.
         for r in self.ctx.store.users() {
@@ -473,6 +457,91 @@ impl<T: Target> Run<'_, '_, T> {
         Ok(())
     }
 
+    /// Maps, plans and applies one page of members. Users whose manager is created in this
+    /// same page are planned in a later wave, after their manager exists, so the manager link
+    /// is set in the create instead of by an extra PATCH.
+    async fn process_page(
+        &mut self,
+        fresh: &[GraphUser],
+        managers: &HashMap<String, Option<GraphUser>>,
+        link_manager: bool,
+        deferred: &mut Vec<(String, Option<String>)>,
+        deactivations: &mut Vec<PlannedChange>,
+    ) -> Result<(), RunError> {
+        let mut mapped: Vec<(Desired, Option<IndexEntry>)> = Vec::with_capacity(fresh.len());
+        for u in fresh {
+            let mgr = managers.get(&u.id).and_then(|m| m.as_ref());
+            match self.ctx.cfg.mapping.apply(u, mgr) {
+                Ok(mut d) => {
+                    d.record.retain(|k, _| self.managed.contains(k));
+                    let existing = self.indexed(&u.id)?;
+                    mapped.push((d, existing));
+                }
+                Err(f) => {
+                    let name = u.string("userPrincipalName");
+                    // A disabled account that can no longer be mapped (e.g. its mailbox was
+                    // removed at offboarding) must still be deactivated.
+                    let disabled =
+                        u.props.get("accountEnabled").and_then(|v| v.as_bool()) == Some(false);
+                    if let (true, Some(e)) = (disabled, self.ctx.store.get_user(&u.id)?) {
+                        if let Some(mut c) = plan::plan_departure(&u.id, &e) {
+                            c.reason = Some("disabled in Entra (accountEnabled = false)".into());
+                            deactivations.push(c);
+                            continue;
+                        }
+                    }
+                    self.fail_user(&u.id, name.as_deref(), format!("cannot be mapped: {}", f.0));
+                }
+            }
+        }
+        let creating: HashSet<&str> = mapped
+            .iter()
+            .filter(|(d, e)| e.is_none() && d.record.get(ACTIVE) != Some(&AttrValue::Bool(false)))
+            .map(|(d, _)| d.entra_id.as_str())
+            .collect();
+        let manager_of: HashMap<&str, &str> = mapped
+            .iter()
+            .filter_map(|(d, _)| Some((d.entra_id.as_str(), d.manager_entra_id.as_deref()?)))
+            .collect();
+        // Depth in the chain of managers created in this page (capped: cycles exist).
+        let depth = |id: &str| {
+            let (mut n, mut cur) = (0usize, id);
+            while let Some(m) = manager_of.get(cur) {
+                if n >= 8 || !creating.contains(m) {
+                    break;
+                }
+                n += 1;
+                cur = m;
+            }
+            n
+        };
+        let depths: Vec<usize> = mapped.iter().map(|(d, _)| depth(&d.entra_id)).collect();
+        let waves = depths.iter().copied().max().unwrap_or(0);
+        for wave in 0..=waves {
+            let mut changes = Vec::new();
+            for ((d, existing), _) in mapped.iter().zip(&depths).filter(|(_, w)| **w == wave) {
+                let mref = match (&d.manager_entra_id, link_manager) {
+                    (Some(mid), true) => match self.indexed(mid)? {
+                        Some(me) => ManagerRef::Known(me.target_id),
+                        None => {
+                            deferred.push((d.entra_id.clone(), d.manager_entra_id.clone()));
+                            ManagerRef::Deferred
+                        }
+                    },
+                    _ => ManagerRef::None,
+                };
+                match plan::plan_member(d, existing.as_ref(), &mref) {
+                    None if existing.is_none() => self.report.counts.skipped += 1,
+                    None => self.report.counts.unchanged += 1,
+                    Some(c) if c.action == Action::Deactivate => deactivations.push(c),
+                    Some(c) => changes.push(c),
+                }
+            }
+            self.apply_all(changes, true).await?;
+        }
+        Ok(())
+    }
+
     /// A group that had members and now has none is an error, never "everyone left".
     fn check_group_size(
         &mut self,
@@ -485,9 +554,16 @@ impl<T: Target> Run<'_, '_, T> {
             return Ok(());
         }
         let before: Option<u64> = self.ctx.store.get_meta(&format!("group_count/{id}"))?;
-        if before.unwrap_or(0) > 0 || (self.ctx.cfg.groups.len() == 1 && active_before > 0) {
+        let suspicious =
+            before.unwrap_or(0) > 0 || (self.ctx.cfg.groups.len() == 1 && active_before > 0);
+        if suspicious && self.opts.allow_mass_deactivation {
+            tracing::warn!(
+                group = id,
+                "group is empty; accepted because of --allow-mass-deactivation"
+            );
+        } else if suspicious {
             return Err(RunError::Source(format!(
-                "group {name:?} ({id}) returned no members but had {} before; refusing to treat that as everyone leaving. Check the group in Entra and the app's GroupMember.Read.All permission",
+                "group {name:?} ({id}) returned no members but had {} before; refusing to treat that as everyone leaving. Check the group in Entra and the app's GroupMember.Read.All permission; if it really is empty now, run once with --allow-mass-deactivation",
                 before.unwrap_or(active_before)
             )));
         }
@@ -495,22 +571,6 @@ impl<T: Target> Run<'_, '_, T> {
             .notes
             .push(format!("group {name:?} ({id}) has no user members"));
         Ok(())
-    }
-
-    async fn read_managers(
-        &self,
-        users: &[GraphUser],
-        select: &[String],
-    ) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
-        let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
-        let graph = self.ctx.graph;
-        let mut out = HashMap::with_capacity(ids.len());
-        let mut batches = stream::iter(ids.chunks(BATCH_LIMIT).map(|c| graph.managers(c, select)))
-            .buffer_unordered(self.ctx.cfg.graph_concurrency);
-        while let Some(r) = batches.next().await {
-            out.extend(r?);
-        }
-        Ok(out)
     }
 
     /// Applies changes with the target's bounded concurrency, recording results.
@@ -535,7 +595,7 @@ impl<T: Target> Run<'_, '_, T> {
         let conc = self.ctx.cfg.target.concurrency;
         let ctx = self.ctx;
         let managed = &self.managed;
-        let results: Vec<(PlannedChange, Result<(), ApplyError>)> =
+        let results: Vec<(PlannedChange, Result<IndexEntry, ApplyError>)> =
             stream::iter(changes.into_iter().map(|c| async move {
                 let span =
                     tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
@@ -546,14 +606,23 @@ impl<T: Target> Run<'_, '_, T> {
             .collect()
             .await;
         let mut fatal = None;
+        let mut entries = Vec::with_capacity(results.len());
         for (c, r) in results {
             match r {
-                Ok(()) => {
+                Ok(entry) => {
+                    entries.push((c.entra_id.clone(), entry));
                     self.applied += 1;
                     if counted {
                         self.count(c.action);
+                        // A create's diff is its whole record: keep the report small.
+                        let changes = if c.action == Action::Create {
+                            Vec::new()
+                        } else {
+                            c.changes
+                        };
                         self.report.changes.push(PlannedChange {
                             record: Record::new(),
+                            changes,
                             ..c
                         });
                     }
@@ -563,6 +632,12 @@ impl<T: Target> Run<'_, '_, T> {
                 }
                 Err(ApplyError::Fatal(e)) => fatal = Some(e),
             }
+        }
+        // One batch per wave: the LMS changes are done, so record them together.
+        self.ctx.store.put_users(&entries)?;
+        // What was just applied is what the LMS holds now.
+        for (id, _) in &entries {
+            self.actual.remove(id);
         }
         self.tick(Progress::Applied { done: self.applied });
         match fatal {
@@ -583,26 +658,34 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// Links managers that were not in the target when their reports were planned (created
     /// later in this run), and clears links to managers that are not in the target at all.
-    async fn settle_managers(&mut self, users: Vec<String>) -> Result<(), RunError> {
+    async fn settle_managers(
+        &mut self,
+        users: Vec<(String, Option<String>)>,
+    ) -> Result<(), RunError> {
         let mut changes = Vec::new();
+        let mut index_only = Vec::new();
         let mut pending_in_dry_run = 0;
-        for id in users {
-            let Some(e) = self.indexed(&id)? else {
+        for (id, manager) in users {
+            let Some(mut e) = self.indexed(&id)? else {
                 // Only in a dry run (or after a failed create) is the user still unindexed.
                 pending_in_dry_run += 1;
                 continue;
             };
-            let want = match &e.manager {
-                Some(m) => self
-                    .ctx
-                    .store
-                    .get_user(m)?
-                    .map(|me| AttrValue::Str(me.target_id)),
+            let want = match &manager {
+                Some(m) => self.indexed(m)?.map(|me| AttrValue::Str(me.target_id)),
                 None => None,
             };
             if e.record.get(MANAGER) == want.as_ref() {
+                if e.manager != manager && !self.opts.dry_run {
+                    // Nothing to send, but remember who the manager is now.
+                    if let Some(mut full) = self.ctx.store.get_user(&id)? {
+                        full.manager = manager;
+                        index_only.push((id, full));
+                    }
+                }
                 continue;
             }
+            e.manager = manager;
             let mut record = e.record.clone();
             match &want {
                 Some(v) => record.insert(MANAGER.into(), v.clone()),
@@ -624,6 +707,7 @@ impl<T: Target> Run<'_, '_, T> {
                 "{pending_in_dry_run} new users get their manager link at the end of the run, once their manager exists in the LMS"
             ));
         }
+        self.ctx.store.put_users(&index_only)?;
         // A user created or updated earlier in this run is not counted a second time.
         let already: HashSet<&str> = self
             .report
@@ -635,35 +719,34 @@ impl<T: Target> Run<'_, '_, T> {
             .into_iter()
             .partition(|c| already.contains(c.entra_id.as_str()));
         self.apply_all(again, false).await?;
+        let before = self.report.counts.updated;
         self.apply_all(fresh, true).await?;
+        // Those were counted as unchanged when first planned.
+        let moved = self.report.counts.updated - before;
+        self.report.counts.unchanged = self.report.counts.unchanged.saturating_sub(moved);
         Ok(())
     }
 }
 
-/// Applies one planned change to the target and records it in the index.
+/// Applies one planned change to the target; returns the index entry to record.
 async fn apply_change<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
     c: &PlannedChange,
-) -> Result<(), ApplyError> {
+) -> Result<IndexEntry, ApplyError> {
     match c.action {
         Action::Create => create_or_link(ctx, managed, c).await,
         _ => {
             let target_id = c.target_id.clone().unwrap_or_default();
             match ctx.target.update(&target_id, &c.changes).await {
-                Ok(()) => {
-                    put_index(ctx, c, &target_id, None)?;
-                    Ok(())
-                }
+                Ok(()) => Ok(index_entry(ctx, c, &target_id, None)?),
                 Err(TargetError::NotFound(_)) if c.action == Action::Deactivate => {
                     // Deleted in the LMS by hand: nothing left to deactivate.
                     tracing::warn!("target user is gone; recording it as inactive");
-                    put_index(ctx, c, &target_id, None)?;
-                    Ok(())
+                    Ok(index_entry(ctx, c, &target_id, None)?)
                 }
                 Err(TargetError::NotFound(_)) => {
                     tracing::warn!("target user was deleted in the LMS; creating it again");
-                    ctx.store.remove_user(&c.entra_id)?;
                     create_or_link(ctx, managed, c).await
                 }
                 Err(e) => Err(e.into()),
@@ -672,12 +755,12 @@ async fn apply_change<T: Target>(
     }
 }
 
-fn put_index<T: Target>(
+fn index_entry<T: Target>(
     ctx: &Context<'_, T>,
     c: &PlannedChange,
     target_id: &str,
     linked: Option<bool>,
-) -> Result<(), StoreError> {
+) -> Result<IndexEntry, StoreError> {
     let linked = match linked {
         Some(l) => l,
         None => ctx
@@ -686,30 +769,26 @@ fn put_index<T: Target>(
             .map(|e| e.linked)
             .unwrap_or(false),
     };
-    ctx.store.put_user(
-        &c.entra_id,
-        &IndexEntry {
-            target_id: target_id.to_string(),
-            user_name: c.user_name.clone(),
-            record: c.record.clone(),
-            manager: c.manager.clone(),
-            linked,
-            updated_at: Utc::now(),
-        },
-    )
+    Ok(IndexEntry {
+        target_id: target_id.to_string(),
+        user_name: c.user_name.clone(),
+        record: c.record.clone(),
+        manager: c.manager.clone(),
+        linked,
+        updated_at: Utc::now(),
+    })
 }
 
 async fn create_or_link<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
     c: &PlannedChange,
-) -> Result<(), ApplyError> {
+) -> Result<IndexEntry, ApplyError> {
     // POST first: one request per new user. A 409 means the userName exists (made by hand,
     // by another tool, or by us before the index entry was written): adopt it then.
-    if let Some(u) = ctx.target.create(&c.record).await? {
-        tracing::info!(target_id = %u.id, "created LMS user");
-        put_index(ctx, c, &u.id, Some(false))?;
-        return Ok(());
+    if let Some(id) = ctx.target.create(&c.record).await? {
+        tracing::info!(target_id = %id, "created LMS user");
+        return Ok(index_entry(ctx, c, &id, Some(false))?);
     }
     let found = match ctx.target.find_by_user_name(&c.user_name).await? {
         Some(u) => Some(u),
@@ -729,14 +808,13 @@ async fn link<T: Target>(
     managed: &BTreeSet<String>,
     c: &PlannedChange,
     u: TargetUser,
-) -> Result<(), ApplyError> {
-    let theirs = match u.record.get(super::mapping::EXTERNAL_ID) {
-        Some(AttrValue::Str(x)) if !x.is_empty() && x != &c.entra_id => Some(x.clone()),
+) -> Result<IndexEntry, ApplyError> {
+    let external = match u.record.get(super::mapping::EXTERNAL_ID) {
+        Some(AttrValue::Str(x)) if !x.is_empty() => Some(x.as_str()),
         _ => None,
     };
-    let ours = theirs.is_none()
-        && matches!(u.record.get(super::mapping::EXTERNAL_ID), Some(AttrValue::Str(x)) if x == &c.entra_id);
-    if let Some(other) = theirs {
+    let ours = external == Some(c.entra_id.as_str());
+    if let Some(other) = external.filter(|_| !ours) {
         return Err(ApplyError::User(format!(
             "userName {:?} is taken in the LMS by user {} with externalId {other:?} (another identity); not touching it",
             c.user_name, u.id
@@ -755,6 +833,102 @@ async fn link<T: Target>(
         ctx.target.update(&u.id, &changes).await?;
     }
     tracing::info!(target_id = %u.id, changed = changes.len(), "linked existing LMS user");
-    put_index(ctx, c, &u.id, Some(!ours))?;
-    Ok(())
+    Ok(index_entry(ctx, c, &u.id, Some(!ours))?)
+}
+
+/// What the Graph reader hands to the planner.
+enum Feed {
+    /// Members not seen before in this run, with their managers.
+    Page {
+        users: Vec<GraphUser>,
+        malformed: Vec<String>,
+        managers: HashMap<String, Option<GraphUser>>,
+    },
+    /// A group was listed completely.
+    GroupDone { group: GraphGroup, count: u64 },
+}
+
+/// Reads every group's members page by page (and their managers) into `tx`. Returns the ids
+/// of all members seen once every group was listed completely; on an error it sends the error
+/// and returns it too.
+async fn feed_members(
+    graph: &GraphClient,
+    groups: &[String],
+    user_select: &[String],
+    manager_select: Option<&[String]>,
+    concurrency: usize,
+    tx: tokio::sync::mpsc::Sender<Result<Feed, RunError>>,
+) -> Result<HashSet<String>, RunError> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let result: Result<bool, RunError> = async {
+        for group_id in groups {
+            let group = graph.group(group_id).await?;
+            let span = tracing::info_span!("group", group = %group.id, name = %group.display_name);
+            let mut count = 0u64;
+            let mut pages = 0u64;
+            let mut next = Some(graph.transitive_users_url(group_id, user_select));
+            while let Some(url) = next.take() {
+                let page = graph.user_page(&url).instrument(span.clone()).await?;
+                pages += 1;
+                // A peer that repeats a nextLink or never ends must not hold the run forever
+                // (10 million members at 100 a page).
+                if page.next.as_deref() == Some(url.as_str()) || pages > 100_000 {
+                    return Err(RunError::Source(format!(
+                        "Graph paging of group {group_id} does not end (page {pages} links to itself or the listing is implausibly long)"
+                    )));
+                }
+                next = page.next;
+                count += page.users.len() as u64;
+                if !page.users.is_empty() && page.users.iter().all(|u| u.string("userPrincipalName").is_none()) {
+                    return Err(RunError::Source(
+                        "Graph returns members without properties (no userPrincipalName): the app lacks User.Read.All; grant it and have an administrator consent".into(),
+                    ));
+                }
+                let users: Vec<GraphUser> = page.users.into_iter().filter(|u| seen.insert(u.id.clone())).collect();
+                let managers = match manager_select {
+                    Some(sel) => read_managers(graph, &users, sel, concurrency).instrument(span.clone()).await?,
+                    None => HashMap::new(),
+                };
+                let msg = Feed::Page {
+                    users,
+                    malformed: page.malformed,
+                    managers,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            if tx.send(Ok(Feed::GroupDone { group, count })).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+    .await;
+    match result {
+        Ok(true) => Ok(seen),
+        Ok(false) => Err(RunError::Source("the member listing was abandoned".into())),
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = tx.send(Err(e)).await;
+            Err(RunError::Source(msg))
+        }
+    }
+}
+
+/// Managers of a page of users, in `$batch`es of 20 with bounded concurrency.
+async fn read_managers(
+    graph: &GraphClient,
+    users: &[GraphUser],
+    select: &[String],
+    concurrency: usize,
+) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
+    let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
+    let mut out = HashMap::with_capacity(ids.len());
+    let mut batches = stream::iter(ids.chunks(BATCH_LIMIT).map(|c| graph.managers(c, select)))
+        .buffer_unordered(concurrency);
+    while let Some(r) = batches.next().await {
+        out.extend(r?);
+    }
+    Ok(out)
 }

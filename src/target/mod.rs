@@ -96,17 +96,21 @@ pub trait Target: Send + Sync {
         &self,
         user_name: &str,
     ) -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
-    /// Creates a user. A conflict (the user exists) is `Ok(None)`: the caller looks it up.
+    /// Creates a user and returns its target id. A conflict (the user exists) is `Ok(None)`:
+    /// the caller looks it up.
     fn create(
         &self,
         record: &Record,
-    ) -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
+    ) -> impl Future<Output = Result<Option<String>, TargetError>> + Send;
     /// Applies attribute changes to an existing user; never called with no change.
     fn update(
         &self,
         id: &str,
         changes: &[AttrChange],
     ) -> impl Future<Output = Result<(), TargetError>> + Send;
+    /// One user by target id; `None` when it does not exist (404).
+    fn get(&self, id: &str)
+        -> impl Future<Output = Result<Option<TargetUser>, TargetError>> + Send;
     /// One page of all users (`start` is 1-based); an empty page ends the listing.
     fn list(
         &self,

@@ -50,22 +50,25 @@ impl ScimTarget {
         custom_schema: &str,
         concurrency: usize,
         timeout: Duration,
-    ) -> Self {
+    ) -> Result<Self, TargetError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(timeout)
             .user_agent(concat!("rostersync/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(concurrency)
             .build()
-            .unwrap_or_default();
-        Self {
+            .map_err(|e| TargetError::Transport {
+                url: base.to_string(),
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
+        Ok(Self {
             http,
             base: base.as_str().trim_end_matches('/').to_string(),
             token,
             custom_schema: custom_schema.to_string(),
             permits: Semaphore::new(concurrency.max(1)),
             retry: RetryPolicy::default(),
-        }
+        })
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -139,8 +142,9 @@ impl ScimTarget {
                 }
             };
             let status = resp.status().as_u16();
-            // 429 and 503 mean "not processed": safe to retry even for POST.
-            let throttled = matches!(status, 429 | 503);
+            // 429 means "not processed": safe to retry even for POST. A 503 may come from a
+            // proxy after the backend acted, so a POST leaves it to its caller.
+            let throttled = status == 429 || (status == 503 && idempotent);
             let transient = matches!(status, 500 | 502 | 504) && idempotent && server_errors < 2;
             if (throttled || transient) && attempt < self.retry.max_attempts {
                 if transient {
@@ -382,6 +386,20 @@ impl ScimTarget {
         })
     }
 
+    /// After an ambiguous create: looks the user up by externalId a few times, since filtered
+    /// lists can lag behind a create (scim.md §9.11).
+    async fn find_created(&self, external_id: &str) -> Result<Option<String>, TargetError> {
+        for attempt in 1..=3u32 {
+            if let Some(u) = self.find(EXTERNAL_ID, external_id).await? {
+                return Ok(Some(u.id));
+            }
+            if attempt < 3 {
+                tokio::time::sleep(Duration::from_millis(150 * u64::from(attempt))).await;
+            }
+        }
+        Ok(None)
+    }
+
     async fn find(
         &self,
         attr: &'static str,
@@ -438,6 +456,9 @@ impl Target for ScimTarget {
         let (status, _, body) = self
             .send(reqwest::Method::GET, "/ServiceProviderConfig", None, true)
             .await?;
+        if status >= 500 {
+            return Err(self.error("GET", "/ServiceProviderConfig", status, &body));
+        }
         if status == 200 {
             let v = Self::decode("/ServiceProviderConfig", &body)?;
             caps.patch = lenient_bool(v.pointer("/patch/supported")).unwrap_or(true);
@@ -450,6 +471,9 @@ impl Target for ScimTarget {
         let (status, _, body) = self
             .send(reqwest::Method::GET, "/Schemas", None, true)
             .await?;
+        if status >= 500 {
+            return Err(self.error("GET", "/Schemas", status, &body));
+        }
         if status == 200 {
             let v = Self::decode("/Schemas", &body)?;
             let list = match &v {
@@ -512,7 +536,11 @@ impl Target for ScimTarget {
         self.find(USER_NAME, user_name).await
     }
 
-    async fn create(&self, record: &Record) -> Result<Option<TargetUser>, TargetError> {
+    async fn create(&self, record: &Record) -> Result<Option<String>, TargetError> {
+        #[derive(serde::Deserialize)]
+        struct Created {
+            id: Option<String>,
+        }
         let body = self.resource(record);
         let external_id = match record.get(EXTERNAL_ID) {
             Some(AttrValue::Str(s)) => s.clone(),
@@ -528,8 +556,8 @@ impl Target for ScimTarget {
                 Ok(r) => r,
                 Err(TargetError::Transport { url, message }) => {
                     // The first attempt may have succeeded: look before posting again.
-                    if let Some(u) = self.find_by_external_id(&external_id).await? {
-                        return Ok(Some(u));
+                    if let Some(id) = self.find_created(&external_id).await? {
+                        return Ok(Some(id));
                     }
                     if attempt >= 3 {
                         return Err(TargetError::Transport { url, message });
@@ -540,35 +568,27 @@ impl Target for ScimTarget {
             };
             match status {
                 201 | 200 => {
-                    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                    if v.get("id").is_some() {
-                        return self.parse_user(&v).map(Some);
+                    if let Ok(Created { id: Some(id) }) = serde_json::from_slice::<Created>(&bytes)
+                    {
+                        return Ok(Some(id));
                     }
-                    // No body: take the id from Location, else look it up.
+                    // No usable body: take the id from Location, else look it up.
                     if let Some(id) = location
                         .as_deref()
-                        .and_then(|l| l.rsplit('/').next())
+                        .and_then(|l| l.trim_end_matches('/').rsplit('/').next())
                         .filter(|s| !s.is_empty())
                     {
-                        let mut u = TargetUser {
-                            id: id.to_string(),
-                            user_name: String::new(),
-                            record: record.clone(),
-                        };
-                        if let Some(AttrValue::Str(n)) = record.get(USER_NAME) {
-                            u.user_name = n.clone();
-                        }
-                        return Ok(Some(u));
+                        return Ok(Some(id.to_string()));
                     }
-                    return self.find_by_external_id(&external_id).await;
+                    return self.find_created(&external_id).await;
                 }
                 409 => return Ok(None),
-                500 | 502 | 504 if attempt < 3 => {
+                500 | 502 | 503 | 504 if attempt < 3 => {
                     // Maybe created, maybe not: re-query before trying again.
-                    if let Some(u) = self.find_by_external_id(&external_id).await? {
-                        return Ok(Some(u));
+                    if let Some(id) = self.find_created(&external_id).await? {
+                        return Ok(Some(id));
                     }
-                    tokio::time::sleep(self.retry.delay(attempt, None)).await;
+                    tokio::time::sleep(self.retry.delay(attempt, retry_after_of(status))).await;
                 }
                 _ => return Err(self.error("POST", "/Users", status, &bytes)),
             }
@@ -589,6 +609,16 @@ impl Target for ScimTarget {
             200 | 204 => Ok(()),
             404 => Err(TargetError::NotFound(id.to_string())),
             _ => Err(self.error("PATCH", &path, status, &bytes)),
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TargetUser>, TargetError> {
+        let path = format!("/Users/{}", crate::graph::urlencode(id));
+        let (status, _, body) = self.send(reqwest::Method::GET, &path, None, true).await?;
+        match status {
+            200 => self.parse_user(&Self::decode("User", &body)?).map(Some),
+            404 => Ok(None),
+            _ => Err(self.error("GET", &path, status, &body)),
         }
     }
 
@@ -616,6 +646,11 @@ impl Target for ScimTarget {
             .unwrap_or_default();
         Ok((users, total))
     }
+}
+
+/// No `Retry-After` is kept for these statuses; the policy's backoff applies.
+fn retry_after_of(_status: u16) -> Option<Duration> {
+    None
 }
 
 fn method_name(m: &reqwest::Method) -> &'static str {
@@ -693,6 +728,7 @@ mod tests {
             2,
             Duration::from_secs(5),
         )
+        .unwrap()
     }
 
     fn s(v: &str) -> Option<AttrValue> {
