@@ -7,7 +7,9 @@
 //! B. rostersync's first reconcile creating N users (Graph reads, managers, mapping, index
 //!    writes included), as a rate and as a ratio of A measured in the same run.
 //! C. The `rostersync` binary reconciling an M-member group twice: the first run creates every
-//!    user, the second changes nothing. Wall time and the child's peak RSS (VmHWM, polled).
+//!    user, the second changes nothing. Wall time and the child's peak RSS (VmHWM, polled
+//!    every 20 ms). The simulators run in this process, on the same cores.
+//! A2 isolates the SCIM client (ScimTarget::create on prepared records) from the pipeline.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
