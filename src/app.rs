@@ -16,7 +16,7 @@ use crate::target::Target;
 /// One integration's live parts.
 pub struct Integration {
     pub cfg: IntegrationConfig,
-    pub graph: GraphClient,
+    pub graph: std::sync::Arc<GraphClient>,
     pub target: ScimTarget,
     pub store: IntegrationStore,
 }
@@ -33,7 +33,7 @@ pub enum BuildError {
 
 impl Integration {
     pub fn build(cfg: &IntegrationConfig, store: &Store) -> Result<Self, BuildError> {
-        let graph = GraphClient::new(
+        let graph = std::sync::Arc::new(GraphClient::new(
             GraphSettings {
                 tenant_id: cfg.tenant_id.clone(),
                 client_id: cfg.client_id.clone(),
@@ -42,7 +42,7 @@ impl Integration {
                 graph_url: cfg.graph_url.clone(),
             },
             GraphClient::default_http()?,
-        );
+        ));
         let target = ScimTarget::new(
             &cfg.target.url,
             cfg.target.token.clone(),

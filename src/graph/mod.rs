@@ -620,7 +620,7 @@ fn parse_aadsts(desc: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Percent-encodes one path segment.
+/// Percent-encodes one path segment or query value (RFC 3986 unreserved characters stay).
 pub fn urlencode(s: &str) -> String {
     // RFC 3986 unreserved characters stay as they are.
     const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC

@@ -24,7 +24,8 @@ use crate::target::{Capabilities, Target, TargetError, TargetUser};
 /// Everything one integration's sync needs.
 pub struct Context<'a, T: Target> {
     pub cfg: &'a IntegrationConfig,
-    pub graph: &'a GraphClient,
+    /// Shared so the member reader can run as its own task, on another core.
+    pub graph: &'a Arc<GraphClient>,
     pub target: &'a T,
     pub store: &'a IntegrationStore,
 }
@@ -346,14 +347,19 @@ impl<T: Target> Run<'_, '_, T> {
 
         // Graph reads run ahead of the LMS writes by up to two pages.
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let feed = feed_members(
-            self.ctx.graph,
-            &cfg.groups,
-            &user_select,
-            manager_select.as_deref(),
-            cfg.graph_concurrency,
-            tx,
+        let feed = tokio::spawn(
+            feed_members(
+                Arc::clone(self.ctx.graph),
+                cfg.groups.clone(),
+                user_select,
+                manager_select,
+                cfg.graph_concurrency,
+                tx,
+            )
+            .instrument(tracing::Span::current()),
         );
+        // Dropping the handle does not stop the task; the abort guard does.
+        let feed_guard = AbortOnDrop(feed.abort_handle());
         let consume = async {
             // Owned here: when planning stops on an error, dropping the receiver ends the feed.
             let mut rx = rx;
@@ -401,10 +407,11 @@ impl<T: Target> Run<'_, '_, T> {
             }
             Ok::<(), RunError>(())
         };
-        let (seen, consumed) = tokio::join!(feed, consume);
-        consumed?;
+        consumed_or_abort(consume.await, &feed_guard)?;
         // The feed ends early only after sending an error, which `consume` returned above.
-        let seen = seen?;
+        let seen = feed
+            .await
+            .map_err(|e| RunError::Source(format!("the member reader stopped: {e}")))??;
 
         // Every group was listed completely: whoever is indexed but unseen has left.
         for r in self.ctx.store.users() {
@@ -836,6 +843,22 @@ async fn link<T: Target>(
     Ok(index_entry(ctx, c, &u.id, Some(!ours))?)
 }
 
+/// Aborts the member reader task when the run ends early.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn consumed_or_abort(r: Result<(), RunError>, guard: &AbortOnDrop) -> Result<(), RunError> {
+    if r.is_err() {
+        guard.0.abort();
+    }
+    r
+}
+
 /// What the Graph reader hands to the planner.
 enum Feed {
     /// Members not seen before in this run, with their managers.
@@ -852,21 +875,21 @@ enum Feed {
 /// of all members seen once every group was listed completely; on an error it sends the error
 /// and returns it too.
 async fn feed_members(
-    graph: &GraphClient,
-    groups: &[String],
-    user_select: &[String],
-    manager_select: Option<&[String]>,
+    graph: Arc<GraphClient>,
+    groups: Vec<String>,
+    user_select: Vec<String>,
+    manager_select: Option<Vec<String>>,
     concurrency: usize,
     tx: tokio::sync::mpsc::Sender<Result<Feed, RunError>>,
 ) -> Result<HashSet<String>, RunError> {
     let mut seen: HashSet<String> = HashSet::new();
     let result: Result<bool, RunError> = async {
-        for group_id in groups {
+        for group_id in &groups {
             let group = graph.group(group_id).await?;
             let span = tracing::info_span!("group", group = %group.id, name = %group.display_name);
             let mut count = 0u64;
             let mut pages = 0u64;
-            let mut next = Some(graph.transitive_users_url(group_id, user_select));
+            let mut next = Some(graph.transitive_users_url(group_id, &user_select));
             while let Some(url) = next.take() {
                 let page = graph.user_page(&url).instrument(span.clone()).await?;
                 pages += 1;
@@ -885,8 +908,8 @@ async fn feed_members(
                     ));
                 }
                 let users: Vec<GraphUser> = page.users.into_iter().filter(|u| seen.insert(u.id.clone())).collect();
-                let managers = match manager_select {
-                    Some(sel) => read_managers(graph, &users, sel, concurrency).instrument(span.clone()).await?,
+                let managers = match &manager_select {
+                    Some(sel) => read_managers(&graph, &users, sel, concurrency).instrument(span.clone()).await?,
                     None => HashMap::new(),
                 };
                 let msg = Feed::Page {
@@ -925,8 +948,13 @@ async fn read_managers(
 ) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
     let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
     let mut out = HashMap::with_capacity(ids.len());
-    let mut batches = stream::iter(ids.chunks(BATCH_LIMIT).map(|c| graph.managers(c, select)))
-        .buffer_unordered(concurrency);
+    // Collected first: a lazily mapped iterator here trips the compiler's Send check for
+    // the spawned reader task.
+    let calls: Vec<_> = ids
+        .chunks(BATCH_LIMIT)
+        .map(|c| graph.managers(c, select))
+        .collect();
+    let mut batches = stream::iter(calls).buffer_unordered(concurrency);
     while let Some(r) = batches.next().await {
         out.extend(r?);
     }

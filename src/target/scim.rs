@@ -707,13 +707,10 @@ fn lenient_bool(v: Option<&Value>) -> Option<bool> {
     }
 }
 
+/// A query value: everything but RFC 3986 unreserved characters is percent-encoded, so a
+/// space is `%20`, never `+` (scim.md §3).
 fn query_encode(s: &str) -> String {
-    const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'.')
-        .remove(b'_')
-        .remove(b'~');
-    percent_encoding::utf8_percent_encode(s, QUERY).to_string()
+    crate::graph::urlencode(s)
 }
 
 #[cfg(test)]
