@@ -155,12 +155,7 @@ impl Integration {
             .user_page(&self.graph.transitive_users_url(id, &select))
             .await
             .map_err(|e| e.to_string())?;
-        if !page.users.is_empty()
-            && page
-                .users
-                .iter()
-                .all(|u| u.string("userPrincipalName").is_none())
-        {
+        if page.lacks_properties() {
             return Err(format!(
                 "group {:?} is readable but its members come without properties: grant User.Read.All and consent",
                 group.display_name

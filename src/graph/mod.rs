@@ -133,6 +133,18 @@ pub struct UserPage {
     pub malformed: Vec<String>,
 }
 
+impl UserPage {
+    /// Users came back without properties (no userPrincipalName, which every user has): the
+    /// app lacks User.Read.All, and Graph returns only ids.
+    pub fn lacks_properties(&self) -> bool {
+        !self.users.is_empty()
+            && self
+                .users
+                .iter()
+                .all(|u| u.string("userPrincipalName").is_none())
+    }
+}
+
 impl GraphClient {
     pub fn new(settings: GraphSettings, http: reqwest::Client) -> Self {
         let api_root = format!("{}/v1.0", root(&settings.graph_url));

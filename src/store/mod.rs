@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::config::IntegrationName;
-use crate::sync::mapping::{AttrValue, Record, ACTIVE};
+use crate::sync::mapping::Record;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,7 +53,7 @@ pub struct IndexEntry {
 
 impl IndexEntry {
     pub fn active(&self) -> bool {
-        !matches!(self.record.get(ACTIVE), Some(AttrValue::Bool(false)))
+        crate::sync::mapping::is_active(&self.record)
     }
 }
 
@@ -240,6 +240,7 @@ pub fn new_run_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::mapping::{AttrValue, ACTIVE};
 
     fn entry(active: bool) -> IndexEntry {
         let mut record = Record::new();

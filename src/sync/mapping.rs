@@ -38,6 +38,11 @@ pub const EXTERNAL_ID: &str = "externalId";
 pub const ACTIVE: &str = "active";
 pub const MANAGER: &str = "enterprise.manager";
 
+/// Whether a record is active: only an explicit `active = false` makes it inactive.
+pub fn is_active(record: &Record) -> bool {
+    !matches!(record.get(ACTIVE), Some(AttrValue::Bool(false)))
+}
+
 /// Which Entra property becomes the LMS username.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UsernameSource {

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use super::mapping::{
-    AttrChange, AttrValue, Desired, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME,
+    is_active, AttrChange, AttrValue, Desired, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME,
 };
 use crate::config::DeactivationLimit;
 use crate::store::IndexEntry;
@@ -92,10 +92,6 @@ pub fn diff(old: &Record, new: &Record) -> Vec<AttrChange> {
         .collect()
 }
 
-fn active(r: &Record) -> bool {
-    !matches!(r.get(ACTIVE), Some(AttrValue::Bool(false)))
-}
-
 /// Completes a desired record against what the target holds now (`current`, restricted to the
 /// managed keys): `keep` attributes and a deferred manager keep their current values.
 pub fn desired_record(d: &Desired, manager: &ManagerRef, current: Option<&Record>) -> Record {
@@ -135,7 +131,7 @@ pub fn plan_member(
     let record = desired_record(d, manager, existing.map(|e| &e.record));
     match existing {
         None => {
-            if !active(&record) {
+            if !is_active(&record) {
                 // A disabled member that was never provisioned is not created.
                 return None;
             }
@@ -163,7 +159,7 @@ pub fn plan_member(
             if changes.is_empty() {
                 return None;
             }
-            let (was, is) = (active(&e.record), active(&record));
+            let (was, is) = (is_active(&e.record), is_active(&record));
             let (action, reason) = match (was, is) {
                 (true, false) => (
                     Action::Deactivate,

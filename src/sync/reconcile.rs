@@ -13,7 +13,7 @@ use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use super::mapping::{AttrValue, Desired, Record, ACTIVE, MANAGER};
+use super::mapping::{is_active, AttrValue, Desired, Record, MANAGER};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
 use crate::config::IntegrationConfig;
 use crate::graph::models::{GraphGroup, GraphUser};
@@ -359,7 +359,7 @@ impl<T: Target> Run<'_, '_, T> {
             .instrument(tracing::Span::current()),
         );
         // Dropping the handle does not stop the task; the abort guard does.
-        let feed_guard = AbortOnDrop(feed.abort_handle());
+        let _feed_guard = AbortOnDrop(feed.abort_handle());
         let consume = async {
             // Owned here: when planning stops on an error, dropping the receiver ends the feed.
             let mut rx = rx;
@@ -407,7 +407,8 @@ impl<T: Target> Run<'_, '_, T> {
             }
             Ok::<(), RunError>(())
         };
-        consumed_or_abort(consume.await, &feed_guard)?;
+        // On an error the guard's drop stops the reader.
+        consume.await?;
         // The feed ends early only after sending an error, which `consume` returned above.
         let seen = feed
             .await
@@ -503,7 +504,7 @@ impl<T: Target> Run<'_, '_, T> {
         }
         let creating: HashSet<&str> = mapped
             .iter()
-            .filter(|(d, e)| e.is_none() && d.record.get(ACTIVE) != Some(&AttrValue::Bool(false)))
+            .filter(|(d, e)| e.is_none() && is_active(&d.record))
             .map(|(d, _)| d.entra_id.as_str())
             .collect();
         let manager_of: HashMap<&str, &str> = mapped
@@ -852,13 +853,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn consumed_or_abort(r: Result<(), RunError>, guard: &AbortOnDrop) -> Result<(), RunError> {
-    if r.is_err() {
-        guard.0.abort();
-    }
-    r
-}
-
 /// What the Graph reader hands to the planner.
 enum Feed {
     /// Members not seen before in this run, with their managers.
@@ -891,7 +885,7 @@ async fn feed_members(
             let mut pages = 0u64;
             let mut next = Some(graph.transitive_users_url(group_id, &user_select));
             while let Some(url) = next.take() {
-                let page = graph.user_page(&url).instrument(span.clone()).await?;
+                let mut page = graph.user_page(&url).instrument(span.clone()).await?;
                 pages += 1;
                 // A peer that repeats a nextLink or never ends must not hold the run forever
                 // (10 million members at 100 a page).
@@ -900,9 +894,9 @@ async fn feed_members(
                         "Graph paging of group {group_id} does not end (page {pages} links to itself or the listing is implausibly long)"
                     )));
                 }
-                next = page.next;
+                next = page.next.take();
                 count += page.users.len() as u64;
-                if !page.users.is_empty() && page.users.iter().all(|u| u.string("userPrincipalName").is_none()) {
+                if page.lacks_properties() {
                     return Err(RunError::Source(
                         "Graph returns members without properties (no userPrincipalName): the app lacks User.Read.All; grant it and have an administrator consent".into(),
                     ));

@@ -588,7 +588,7 @@ impl Target for ScimTarget {
                     if let Some(id) = self.find_created(&external_id).await? {
                         return Ok(Some(id));
                     }
-                    tokio::time::sleep(self.retry.delay(attempt, retry_after_of(status))).await;
+                    tokio::time::sleep(self.retry.delay(attempt, None)).await;
                 }
                 _ => return Err(self.error("POST", "/Users", status, &bytes)),
             }
@@ -646,11 +646,6 @@ impl Target for ScimTarget {
             .unwrap_or_default();
         Ok((users, total))
     }
-}
-
-/// No `Retry-After` is kept for these statuses; the policy's backoff applies.
-fn retry_after_of(_status: u16) -> Option<Duration> {
-    None
 }
 
 fn method_name(m: &reqwest::Method) -> &'static str {
