@@ -50,6 +50,9 @@ pub struct PlannedChange {
     pub record: Record,
     #[serde(skip)]
     pub manager: Option<String>,
+    /// Whether the LMS user was adopted rather than created (kept in the index).
+    #[serde(skip)]
+    pub linked: bool,
 }
 
 /// What is known about a user's manager when the user is planned.
@@ -152,6 +155,7 @@ pub fn plan_member(
                 reason: None,
                 record,
                 manager: d.manager_entra_id.clone(),
+                linked: existing.is_some_and(|e| e.linked),
             })
         }
         Some(e) => {
@@ -180,6 +184,7 @@ pub fn plan_member(
                 reason,
                 record,
                 manager: d.manager_entra_id.clone(),
+                linked: existing.is_some_and(|e| e.linked),
             })
         }
     }
@@ -207,6 +212,7 @@ pub fn plan_departure(entra_id: &str, e: &IndexEntry) -> Option<PlannedChange> {
         ),
         record,
         manager: e.manager.clone(),
+        linked: e.linked,
     })
 }
 

@@ -708,6 +708,7 @@ impl<T: Target> Run<'_, '_, T> {
                 reason: Some("manager link".into()),
                 record,
                 manager: e.manager.clone(),
+                linked: e.linked,
             });
         }
         if self.opts.dry_run && pending_in_dry_run > 0 {
@@ -747,11 +748,11 @@ async fn apply_change<T: Target>(
         _ => {
             let target_id = c.target_id.clone().unwrap_or_default();
             match ctx.target.update(&target_id, &c.changes).await {
-                Ok(()) => Ok(index_entry(ctx, c, &target_id, None)?),
+                Ok(()) => Ok(index_entry(c, &target_id, c.linked)),
                 Err(TargetError::NotFound(_)) if c.action == Action::Deactivate => {
                     // Deleted in the LMS by hand: nothing left to deactivate.
                     tracing::warn!("target user is gone; recording it as inactive");
-                    Ok(index_entry(ctx, c, &target_id, None)?)
+                    Ok(index_entry(c, &target_id, c.linked))
                 }
                 Err(TargetError::NotFound(_)) => {
                     tracing::warn!("target user was deleted in the LMS; creating it again");
@@ -763,28 +764,15 @@ async fn apply_change<T: Target>(
     }
 }
 
-fn index_entry<T: Target>(
-    ctx: &Context<'_, T>,
-    c: &PlannedChange,
-    target_id: &str,
-    linked: Option<bool>,
-) -> Result<IndexEntry, StoreError> {
-    let linked = match linked {
-        Some(l) => l,
-        None => ctx
-            .store
-            .get_user(&c.entra_id)?
-            .map(|e| e.linked)
-            .unwrap_or(false),
-    };
-    Ok(IndexEntry {
+fn index_entry(c: &PlannedChange, target_id: &str, linked: bool) -> IndexEntry {
+    IndexEntry {
         target_id: target_id.to_string(),
         user_name: c.user_name.clone(),
         record: c.record.clone(),
         manager: c.manager.clone(),
         linked,
         updated_at: Utc::now(),
-    })
+    }
 }
 
 async fn create_or_link<T: Target>(
@@ -796,7 +784,7 @@ async fn create_or_link<T: Target>(
     // by another tool, or by us before the index entry was written): adopt it then.
     if let Some(id) = ctx.target.create(&c.record).await? {
         tracing::info!(target_id = %id, "created LMS user");
-        return Ok(index_entry(ctx, c, &id, Some(false))?);
+        return Ok(index_entry(c, &id, false));
     }
     let found = match ctx.target.find_by_user_name(&c.user_name).await? {
         Some(u) => Some(u),
@@ -841,7 +829,7 @@ async fn link<T: Target>(
         ctx.target.update(&u.id, &changes).await?;
     }
     tracing::info!(target_id = %u.id, changed = changes.len(), "linked existing LMS user");
-    Ok(index_entry(ctx, c, &u.id, Some(!ours))?)
+    Ok(index_entry(c, &u.id, !ours))
 }
 
 /// Aborts the member reader task when the run ends early.
