@@ -13,11 +13,36 @@ use serde::{Deserialize, Serialize};
 use crate::graph::models::GraphUser;
 
 /// A mapped attribute value.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum AttrValue {
     Bool(bool),
     Str(String),
+}
+
+// By hand rather than `#[serde(untagged)]`: the derived version buffers each value and builds
+// (and throws away) an error for every string it first tries as a bool, which showed up in
+// profiles of a 100k-user reconcile (every index read decodes a whole record).
+impl<'de> Deserialize<'de> for AttrValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = AttrValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a boolean")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<AttrValue, E> {
+                Ok(AttrValue::Bool(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AttrValue, E> {
+                Ok(AttrValue::Str(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<AttrValue, E> {
+                Ok(AttrValue::Str(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl fmt::Display for AttrValue {
@@ -587,6 +612,23 @@ mod tests {
 
     fn user(v: serde_json::Value) -> GraphUser {
         GraphUser::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn attr_values_round_trip_and_reject_other_json() {
+        let r: Record = [
+            ("a".to_string(), AttrValue::Str("true".into())),
+            ("b".to_string(), AttrValue::Bool(false)),
+            ("c".to_string(), AttrValue::Str("Zoë \"quoted\"".into())),
+        ]
+        .into_iter()
+        .collect();
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"a":"true","b":false,"c":"Zoë \"quoted\""}"#);
+        assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), r);
+        for bad in [r#"{"a":1}"#, r#"{"a":null}"#, r#"{"a":["x"]}"#] {
+            assert!(serde_json::from_str::<Record>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

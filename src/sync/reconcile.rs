@@ -13,7 +13,7 @@ use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use super::mapping::{is_active, AttrValue, Desired, Record, MANAGER};
+use super::mapping::{is_active, AttrValue, Desired, MapFailure, Mapping, Record, MANAGER};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
 use crate::config::IntegrationConfig;
 use crate::graph::models::{GraphGroup, GraphUser};
@@ -350,10 +350,14 @@ impl<T: Target> Run<'_, '_, T> {
         let feed = tokio::spawn(
             feed_members(
                 Arc::clone(self.ctx.graph),
-                cfg.groups.clone(),
-                user_select,
-                manager_select,
-                cfg.graph_concurrency,
+                FeedSpec {
+                    groups: cfg.groups.clone(),
+                    user_select,
+                    manager_select,
+                    concurrency: cfg.graph_concurrency,
+                    mapping: cfg.mapping.clone(),
+                    managed: self.managed.clone(),
+                },
                 tx,
             )
             .instrument(tracing::Span::current()),
@@ -365,11 +369,7 @@ impl<T: Target> Run<'_, '_, T> {
             let mut rx = rx;
             while let Some(item) = rx.recv().await {
                 match item? {
-                    Feed::Page {
-                        users,
-                        malformed,
-                        managers,
-                    } => {
+                    Feed::Page { users, malformed } => {
                         for m in malformed {
                             self.fail_user(
                                 "?",
@@ -382,8 +382,7 @@ impl<T: Target> Run<'_, '_, T> {
                             members: self.report.counts.members,
                         });
                         self.process_page(
-                            &users,
-                            &managers,
+                            users,
                             link_manager,
                             &mut deferred_managers,
                             &mut deactivations,
@@ -470,18 +469,15 @@ impl<T: Target> Run<'_, '_, T> {
     /// is set in the create instead of by an extra PATCH.
     async fn process_page(
         &mut self,
-        fresh: &[GraphUser],
-        managers: &HashMap<String, Option<GraphUser>>,
+        fresh: Vec<(GraphUser, Result<Desired, MapFailure>)>,
         link_manager: bool,
         deferred: &mut Vec<(String, Option<String>)>,
         deactivations: &mut Vec<PlannedChange>,
     ) -> Result<(), RunError> {
         let mut mapped: Vec<(Desired, Option<IndexEntry>)> = Vec::with_capacity(fresh.len());
-        for u in fresh {
-            let mgr = managers.get(&u.id).and_then(|m| m.as_ref());
-            match self.ctx.cfg.mapping.apply(u, mgr) {
-                Ok(mut d) => {
-                    d.record.retain(|k, _| self.managed.contains(k));
+        for (u, d) in fresh {
+            match d {
+                Ok(d) => {
                     let existing = self.indexed(&u.id)?;
                     mapped.push((d, existing));
                 }
@@ -845,9 +841,10 @@ impl Drop for AbortOnDrop {
 enum Feed {
     /// Members not seen before in this run, with their managers.
     Page {
-        users: Vec<GraphUser>,
+        /// Each user with its mapping (done by the reader, on its own task, so mapping the
+        /// next page overlaps with applying this one).
+        users: Vec<(GraphUser, Result<Desired, MapFailure>)>,
         malformed: Vec<String>,
-        managers: HashMap<String, Option<GraphUser>>,
     },
     /// A group was listed completely.
     GroupDone { group: GraphGroup, count: u64 },
@@ -856,14 +853,30 @@ enum Feed {
 /// Reads every group's members page by page (and their managers) into `tx`. Returns the ids
 /// of all members seen once every group was listed completely; on an error it sends the error
 /// and returns it too.
-async fn feed_members(
-    graph: Arc<GraphClient>,
+/// What the member reader reads and how it maps what it read.
+struct FeedSpec {
     groups: Vec<String>,
     user_select: Vec<String>,
     manager_select: Option<Vec<String>>,
     concurrency: usize,
+    mapping: Mapping,
+    /// Attributes the target accepts; others are dropped from mapped records.
+    managed: BTreeSet<String>,
+}
+
+async fn feed_members(
+    graph: Arc<GraphClient>,
+    spec: FeedSpec,
     tx: tokio::sync::mpsc::Sender<Result<Feed, RunError>>,
 ) -> Result<HashSet<String>, RunError> {
+    let FeedSpec {
+        groups,
+        user_select,
+        manager_select,
+        concurrency,
+        mapping,
+        managed,
+    } = spec;
     let mut seen: HashSet<String> = HashSet::new();
     let result: Result<bool, RunError> = async {
         for group_id in &groups {
@@ -894,10 +907,20 @@ async fn feed_members(
                     Some(sel) => read_managers(&graph, &users, sel, concurrency).instrument(span.clone()).await?,
                     None => HashMap::new(),
                 };
+                let users = users
+                    .into_iter()
+                    .map(|u| {
+                        let mgr = managers.get(&u.id).and_then(|m| m.as_ref());
+                        let mut d = mapping.apply(&u, mgr);
+                        if let Ok(d) = &mut d {
+                            d.record.retain(|k, _| managed.contains(k));
+                        }
+                        (u, d)
+                    })
+                    .collect();
                 let msg = Feed::Page {
                     users,
                     malformed: page.malformed,
-                    managers,
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(false);
