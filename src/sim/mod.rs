@@ -4,4 +4,5 @@
 //! serve tests, benchmarks and the `demo` command over real HTTP on 127.0.0.1.
 
 pub mod graph;
+pub mod keys;
 pub mod scim;

@@ -1,0 +1,76 @@
+//! Fixed RSA keys for the Graph simulator's signed tokens (validationTokens, JWKS).
+//! Test material only: published here on purpose, never used outside the simulators.
+
+/// PKCS#8 PEM private key.
+pub const SIGNING_KEY_PEM: &str = r"-----BEGIN PRIVATE KEY-----
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCduvLJuRvDrk4p
+3EiVsezWkW8AW8eyn3sFDm4isPzvk2wulzA0tb6q/lcjANNtSfWk9pX3QnWKGlBo
+9woNx+NjhMLHqzVEy50ONh9UUhDd7a9sTaA9lHduCiL70IRH+GPPGZKANWu+8XSI
+xXFn1i3kBKfz2BA+BYkl5eKSxLGwYG72/9Ak6KMPPLikzuqNka+oSN+n2uGYUaad
+GndaFYvbhwvScT7SPououtHK3JIkQRTqQ70aaIbaS5Y3knO/J1QDTKU+MPXtEtrK
+DBCOj5hArigbh71lXJzoLAOIZTfNmYmFyz/3idNgSAd9u/i+ItifgdiSDihaAk30
+zekYZkH9AgMBAAECggEADPlsm4ZD+o/THc4Lvxswdvfl5brRouehGBSMn62SU2dQ
+2JuWxgcweg1Lf/Vt7slM0Pci9StSKCbWTW62Cisn5lmXJ2h1txp5PqAvaeFe7M/D
+2cigMTXjWw8Eu1T2xJrHJFPKAWIjjO8nSFGBbL/+l16ArZCsyVqYN6Crcf+G+ZHb
+4r0PVnyTzlMBdfyrOIZk7udR0xyCxoHZyZUYtridE5HB+i9XBHeupg8yLrV6J+Wy
+qPa/dlFFeH3HNn/2VaMOO8eSmZayG8kIn+mu+S8bd/lCJoP+1xrRig6eevBaR0J5
+rRDeqHboq0GjyloTRlCdM/bFf8v6gHBh94FrmUH5awKBgQDeyrKvqiGPvRtQxUwH
+Oby+Cqk6nA34tVtudcYGi6E9RBBehwNLiFTof4przu7Xbf8ECa8Sl4TNnbwim/pi
+npTnyS9td6enq38sNV+pSJeidP6i1bsUGc1hnKPQWHTa8lajIKQsxuv3ldCtiJSn
+0DOSXpbaajtPXMqq1xbrYIdViwKBgQC1PaEK4NVbADDhl9h/wHB6GxtK7M51XPns
+3VNFYyfKJ5sCzrX87A8VhDMFwQ9FLVlhPDKJG7f5Msgmh4mvlw1Hyav07bEnk/xP
+bNsfBs5CJwy5zBaxrhDb8ewrGoeeGYWbnYjZnlmw6sx+xOd6cnSMeAVl27WUsH99
+s2kK3zQHlwKBgAKrKOLDxe0j1bzs8BEyFtmr5QUHs38kJPk4vet8Jq1GMHABa/+u
+nV2/kVfjPack8SYKO6ecWwHffs5nUeN2hNAV79R+12pBup878G5lqTNP9XDb4IbI
+HFar+qZXOOcaegEwNec3ZsIrcDlz5lvwOX3qViI9nYJA2UiclPCy0kwrAoGBAJON
+QA3mK2zxw9n10Gl5V1jhtp+SGSeNcV94dLG53wwCoH1xotHtsP4YaZ2WpoLwP6Mc
+6hubuHSl9jMAB4Uvmb1HH7rAxIhvP2u+OMqStNtAhWjCEfvHtawK0fXpnF2Hc7HU
+WDSraWPSVHgkgDu88MvnbqWVcMhDxRemN6+FNguzAoGBAMg6aLJE/W0E54/lrh4S
+hTb8C9WQbOPmPLWgoCjgN/QoLoEx+9dPhWiO6/8OfSd+dY96QdUIyZDkbko9SHLD
+3EkbMs278ewJnOO6Rpi5ly91Ce7hIUINpN8RW+0myhkgyR2lWXIgNCAXtazMhiAZ
+vSLrW8KeWM2yMed/tMjtNjJX
+-----END PRIVATE KEY-----
+";
+
+/// Modulus, base64url without padding (JWK `n`).
+pub const SIGNING_KEY_N: &str = "nbryybkbw65OKdxIlbHs1pFvAFvHsp97BQ5uIrD875NsLpcwNLW-qv5XIwDTbUn1pPaV90J1ihpQaPcKDcfjY4TCx6s1RMudDjYfVFIQ3e2vbE2gPZR3bgoi-9CER_hjzxmSgDVrvvF0iMVxZ9Yt5ASn89gQPgWJJeXiksSxsGBu9v_QJOijDzy4pM7qjZGvqEjfp9rhmFGmnRp3WhWL24cL0nE-0j6LqLrRytySJEEU6kO9GmiG2kuWN5JzvydUA0ylPjD17RLaygwQjo-YQK4oG4e9ZVyc6CwDiGU3zZmJhcs_94nTYEgHfbv4viLYn4HYkg4oWgJN9M3pGGZB_Q";
+
+/// PKCS#8 PEM private key.
+pub const FORGER_KEY_PEM: &str = r"-----BEGIN PRIVATE KEY-----
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQDhJetw5BHnL9Rg
+ZiAdmn+Q22gkftpzSkkny8eswt1Ovqj9qKdbSH5E4biXaVuaceVsIMj8W+rS7+Cg
+laDW2PomQFq8lYzZguiO9VFV/hh4wCAxoRVALwopiYZKypqsPqrw567plXBbpqv8
++Lz8P8s4EU3IWk1UrOEz0ToPLnsFS41o8XmYTDr1Jjrj0cC2E99ztjuJJQcYzP81
+yBIdW/Kn38Wz+VaFvz0mGdS/09IMWSQWNmHckMjvkq+FxvBeBAbVqYQgcoDkMn62
+tO2VRX+cQvpGjpWpbR8LCJdSuKAq5zgjbPuq3uquLKUsS5r5fSy6ICCux2vY4Lqs
+6XDtTMj9AgMBAAECggEAMkUV8EcQA0Mv41UyEwIJvQVsF4f2TPsXYeoTO2zn3lre
+HwLO2SgSv1z5qt7ki9Ol4rJgRc5dHDtgd2JpPsdD9RH14HjwsakTtUWrYyygeKeH
+GKWrecD2/ya8ZAsgJVi5sJ++M1vBMkmAybMc+SJiRLLCX/tfnEocX0Y2NSkO4TOd
+z4bkfFvL/6ZfxSX476Z6n5zu5k17Eu8phqN2xpBhy4sL9dCixyQuLXKYtZbaQ0Ac
+pn+eQy9Eg1H10XGxAd5lIp//0M6smi835hYs85RtyC3+ou7W7khDKmjuNqmu9t3s
+xwFMUnn9a9zJQVL4O0e/jugKFYGUI6RjYPrwPO0CyQKBgQD209oKKfxz5cms2jjp
+FgNDHvxngLf7rr9CitB4p2Eo7MuuaU3EO3T/mDZ8RNTcBkU3RNibp5a7NX7EuwYs
+31BSemmHGhmYjoe35I9Ehpnf9dzBQcXDtMyy3+xhpnZrAyk631Nwsy3UVM0PVILT
+hA3KfuvC30NwUA7pKB6jh4dIBQKBgQDpg9Mlzrr7D3o8i52bssb7h0W306v/hgYn
+UiQPZOkXBCmJEYejs51yCpitt5xUx3y+ZbTDeg9EaQu5AvtUOuOANBgCS07zOk29
+uzSa1XJDqetyLjVrGs0+4ko5RnT+T9jVN4CGnGE/C4nyicrBTguiaLLXpR9QUxHy
+LOnjG1ommQKBgQDIKfdpRLFI37FULsf2JfbRSOCRoy4QuZ66/M2g+sPtJ1LqBtWc
+7EauPCb7Uep439DjyD4MxLSU7wX1zmFspFCEAmdvu3fEYtmnBIA2px1EJSM3yfny
+Ar351WPhsNfZYn/eEVueSoBA7+A3rWZG15FDhPf2WY5cF2BwLivim7bWbQKBgBtR
+e7s5kzBZ4DADGV4krRix+5sE3WNYV5H0Dxnp8UbrCrzpWxfwpGO6D6CLEXPtno9b
+sKkJt42GSIPNcH+rIABYl9J04vibgorGwuG2RNbboxrJgyBTk11e9dX7gyZZSwGu
+q4+T7eCFRg8kxZ6VtdC7NOj7fU1VWo0dagNSqNpJAoGBAN6VRt/yQuRaUQl6ZhXC
+3uwBYR3Uw3FKwO/hafsRXp1PaGNVz9mYxp0yLdU3l3vgbmA3nawZ46JncSm+RaKV
+pJWh6Ehic//vNuHolOtQXr0m6gq0g2Bm3xM1O8v756jcU5yCpLGbFa+XQIOQdDur
+8h8wQmeRpUjX2rqPhVh0OSjh
+-----END PRIVATE KEY-----
+";
+
+/// Modulus, base64url without padding (JWK `n`).
+pub const FORGER_KEY_N: &str = "4SXrcOQR5y_UYGYgHZp_kNtoJH7ac0pJJ8vHrMLdTr6o_ainW0h-ROG4l2lbmnHlbCDI_Fvq0u_goJWg1tj6JkBavJWM2YLojvVRVf4YeMAgMaEVQC8KKYmGSsqarD6q8Oeu6ZVwW6ar_Pi8_D_LOBFNyFpNVKzhM9E6Dy57BUuNaPF5mEw69SY649HAthPfc7Y7iSUHGMz_NcgSHVvyp9_Fs_lWhb89JhnUv9PSDFkkFjZh3JDI75KvhcbwXgQG1amEIHKA5DJ-trTtlUV_nEL6Ro6VqW0fCwiXUrigKuc4I2z7qt7qriylLEua-X0suiAgrsdr2OC6rOlw7UzI_Q";
+
+/// Public exponent 65537 as a JWK `e`.
+pub const KEY_E: &str = "AQAB";
+
+/// `kid` of the signing key in the simulator's JWKS.
+pub const SIGNING_KID: &str = "sim-key-1";
