@@ -126,6 +126,11 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    public_url: Option<String>,
+    max_body_kib: Option<usize>,
+    worker_concurrency: Option<usize>,
+    max_attempts: Option<u32>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -149,6 +154,11 @@ struct RawIntegration {
     target: RawTarget,
     #[serde(default)]
     mapping: Option<toml::Table>,
+    schedule: Option<String>,
+    timezone: Option<String>,
+    subscription_minutes: Option<u32>,
+    renew_before_minutes: Option<u32>,
+    client_state: Option<RawSecret>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -182,7 +192,23 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// Address `serve` listens on.
+    pub listen: std::net::SocketAddr,
+    /// Base URL Graph posts notifications to (`{public_url}/webhooks/graph/{integration}`).
+    /// Required by `serve` (checked there), unused by the other commands.
+    pub public_url: Option<Url>,
+    /// Largest webhook body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Users synced at once by the incremental worker, per integration.
+    pub worker_concurrency: usize,
+    /// Attempts before a queued notification moves to the dead-letter tree.
+    pub max_attempts: u32,
 }
+
+/// The longest subscription lifetime Graph grants for users and groups (under 29 days).
+pub const MAX_SUBSCRIPTION_MINUTES: u32 = 41_760;
+/// Default full-reconcile schedule (seconds minutes hours day-of-month month day-of-week).
+pub const DEFAULT_SCHEDULE: &str = "0 0 7,12,17 * * Mon-Fri";
 
 /// How many deactivations one run may apply before the guard stops it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -259,6 +285,30 @@ pub struct IntegrationConfig {
     pub graph_concurrency: usize,
     pub target: TargetConfig,
     pub mapping: Mapping,
+    /// Cron expression of the scheduled full reconcile (as written, validated).
+    pub schedule: String,
+    pub timezone: chrono_tz::Tz,
+    /// Lifetime asked for when creating or renewing a subscription.
+    pub subscription_minutes: u32,
+    /// How long before expiry a subscription is renewed.
+    pub renew_before_minutes: u32,
+    /// Configured clientState; when absent a random one is generated once and kept in the store.
+    pub client_state: Option<SecretString>,
+}
+
+impl IntegrationConfig {
+    /// The parsed schedule (validated at load time).
+    pub fn cron(&self) -> Result<croner::Cron, String> {
+        parse_schedule(&self.schedule)
+    }
+}
+
+fn parse_schedule(s: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(s)
+        .map_err(|e| format!("{s:?} is not a cron expression (e.g. {DEFAULT_SCHEDULE:?}): {e}"))
 }
 
 #[derive(Debug, Clone)]
@@ -454,6 +504,47 @@ impl Config {
             let mapping = Mapping::build(username, ri.mapping.as_ref()).map_err(|e| match e {
                 MappingError::At { key, message } => invalid(k(&format!("mapping.{key}")), message),
             })?;
+            let schedule = ri.schedule.unwrap_or_else(|| DEFAULT_SCHEDULE.to_string());
+            parse_schedule(&schedule).map_err(|m| invalid(k("schedule"), m))?;
+            let timezone: chrono_tz::Tz = match ri.timezone.as_deref() {
+                None => chrono_tz::UTC,
+                Some(z) => z.trim().parse().map_err(|_| {
+                    invalid(
+                        k("timezone"),
+                        format!("{z:?} is not an IANA time zone such as \"Australia/Sydney\" or \"UTC\""),
+                    )
+                })?,
+            };
+            let subscription_minutes = ri.subscription_minutes.unwrap_or(MAX_SUBSCRIPTION_MINUTES);
+            if !(1..=MAX_SUBSCRIPTION_MINUTES).contains(&subscription_minutes) {
+                return Err(invalid(
+                    k("subscription_minutes"),
+                    format!("must be between 1 and {MAX_SUBSCRIPTION_MINUTES} (Graph's maximum for users and groups)"),
+                ));
+            }
+            let renew_before_minutes = ri
+                .renew_before_minutes
+                .unwrap_or_else(|| (subscription_minutes / 4).clamp(1, 2 * 24 * 60));
+            if renew_before_minutes == 0 || renew_before_minutes >= subscription_minutes {
+                return Err(invalid(
+                    k("renew_before_minutes"),
+                    format!("must be at least 1 and less than subscription_minutes ({subscription_minutes})"),
+                ));
+            }
+            let client_state = match &ri.client_state {
+                None => None,
+                Some(raw) => {
+                    let v = raw.resolve(&k("client_state"), base)?;
+                    let len = secrecy::ExposeSecret::expose_secret(&v).len();
+                    if !(16..=128).contains(&len) {
+                        return Err(invalid(
+                            k("client_state"),
+                            "must be 16 to 128 characters (Graph's limit is 128); leave it out to have a random one generated",
+                        ));
+                    }
+                    Some(v)
+                }
+            };
             integrations.push(IntegrationConfig {
                 name,
                 tenant_id: ri.tenant_id.trim().to_string(),
@@ -474,10 +565,51 @@ impl Config {
                     custom_schema,
                 },
                 mapping,
+                schedule,
+                timezone,
+                subscription_minutes,
+                renew_before_minutes,
+                client_state,
             });
         }
+        let listen_text = raw.server.listen.as_deref().unwrap_or("0.0.0.0:8080");
+        let listen = listen_text.trim().parse().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!("{listen_text:?} is not an address such as \"0.0.0.0:8080\""),
+            )
+        })?;
+        let public_url = match raw.server.public_url.as_deref() {
+            None => None,
+            Some(u) => Some(parse_http_url("server.public_url", u)?),
+        };
+        let max_body_kib = raw.server.max_body_kib.unwrap_or(1024);
+        if !(4..=64 * 1024).contains(&max_body_kib) {
+            return Err(invalid(
+                "server.max_body_kib",
+                "must be between 4 and 65536",
+            ));
+        }
+        let worker_concurrency = raw.server.worker_concurrency.unwrap_or(8);
+        if !(1..=64).contains(&worker_concurrency) {
+            return Err(invalid(
+                "server.worker_concurrency",
+                "must be between 1 and 64",
+            ));
+        }
+        let max_attempts = raw.server.max_attempts.unwrap_or(8);
+        if !(1..=100).contains(&max_attempts) {
+            return Err(invalid("server.max_attempts", "must be between 1 and 100"));
+        }
         Ok(Config {
-            server: ServerConfig { data_dir },
+            server: ServerConfig {
+                data_dir,
+                listen,
+                public_url,
+                max_body_bytes: max_body_kib * 1024,
+                worker_concurrency,
+                max_attempts,
+            },
             integrations,
         })
     }

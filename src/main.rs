@@ -61,12 +61,77 @@ enum Cmd {
         #[arg(long)]
         deep: bool,
     },
+    /// Serves Graph webhooks and keeps the LMS in step in near real time (subscriptions,
+    /// durable queue, incremental sync, scheduled reconciles). Stops on SIGTERM/SIGINT.
+    Serve,
+    /// Lists, renews or deletes the Graph subscriptions rostersync owns.
+    Subscriptions {
+        #[command(subcommand)]
+        action: SubsCmd,
+        #[arg(long, global = true)]
+        integration: Option<String>,
+    },
+    /// Inspects the notification queue and its dead letters.
+    Queue {
+        #[command(subcommand)]
+        action: QueueCmd,
+        #[arg(long, global = true)]
+        integration: Option<String>,
+    },
     /// Runs the whole flow against in-process simulators; needs no config and no tenant.
     Demo {
         /// Users in the simulated tenant.
         #[arg(long, default_value_t = 300)]
         users: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum SubsCmd {
+    /// Subscriptions in the store and what Graph says about them.
+    List,
+    /// Renews every subscription now (recreating any that is gone).
+    Renew,
+    /// Deletes every subscription rostersync owns (serve creates them again at start).
+    Delete,
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Queued, waiting-for-retry and dead-letter counts.
+    Stats,
+    /// Dead letters with their error, attempts and times.
+    Dead,
+    /// Moves dead letters back to the queue.
+    Replay {
+        /// One dead letter id (see `queue dead`).
+        id: Option<u64>,
+        /// All dead letters.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn init_logging(cli: &Cli, quiet_default: bool) {
@@ -124,6 +189,147 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             init_logging(&cli, true);
             let mut out = std::io::stdout();
             Ok(rostersync::demo::run(*users, &mut out).await?)
+        }
+        Cmd::Serve => {
+            init_logging(&cli, false);
+            let config = load_config(&cli)?;
+            rostersync::serve::serve(
+                config,
+                rostersync::serve::ServeOptions::default(),
+                |addr| println!("listening on {addr}"),
+                shutdown_signal(),
+            )
+            .await?;
+            Ok(0)
+        }
+        Cmd::Subscriptions {
+            action,
+            integration,
+        } => {
+            init_logging(&cli, true);
+            let config = load_config(&cli)?;
+            let store = Store::open(&config.server.data_dir)?;
+            for cfg in config.select(integration.as_deref())? {
+                let i = Integration::build(cfg, &store)?;
+                match action {
+                    SubsCmd::List => {
+                        let remote = i.graph.list_subscriptions().await?;
+                        for r in i.store.subscriptions()? {
+                            let at_graph = remote.iter().find(|s| s.id == r.id);
+                            println!(
+                                "{}  {}  {}  expires {}  {}",
+                                cfg.name,
+                                r.id,
+                                r.resource,
+                                r.expires_at.to_rfc3339(),
+                                match at_graph {
+                                    Some(_) => "live at Graph".to_string(),
+                                    None => "NOT FOUND at Graph".to_string(),
+                                }
+                            );
+                        }
+                        for s in remote.iter().filter(|s| {
+                            s.notification_url
+                                .ends_with(&format!("/webhooks/graph/{}", cfg.name))
+                                && i.store.subscription(&s.id).ok().flatten().is_none()
+                        }) {
+                            println!(
+                                "{}  {}  {}  (at Graph, unknown to this store)",
+                                cfg.name, s.id, s.resource
+                            );
+                        }
+                    }
+                    SubsCmd::Renew => {
+                        let public =
+                            config.server.public_url.clone().context(
+                                "server.public_url is needed to create subscriptions again",
+                            )?;
+                        let state = match &cfg.client_state {
+                            Some(s) => secrecy::ExposeSecret::expose_secret(s).to_string(),
+                            None => i.store.client_state()?,
+                        };
+                        let mut recs = i.store.subscriptions()?;
+                        for r in &mut recs {
+                            // Force renewal now.
+                            r.expires_at = chrono::Utc::now() + chrono::Duration::seconds(1);
+                            i.store.put_subscription(r)?;
+                        }
+                        rostersync::serve::subs::ensure(&i, &public, &state).await?;
+                        for r in i.store.subscriptions()? {
+                            println!(
+                                "{}  {}  {}  expires {}",
+                                cfg.name,
+                                r.id,
+                                r.resource,
+                                r.expires_at.to_rfc3339()
+                            );
+                        }
+                    }
+                    SubsCmd::Delete => {
+                        for r in i.store.subscriptions()? {
+                            let gone = i.graph.delete_subscription(&r.id).await?;
+                            i.store.remove_subscription(&r.id)?;
+                            println!(
+                                "{}  {}  {}  {}",
+                                cfg.name,
+                                r.id,
+                                r.resource,
+                                if gone { "deleted" } else { "was already gone" }
+                            );
+                        }
+                    }
+                }
+            }
+            store.flush()?;
+            Ok(0)
+        }
+        Cmd::Queue {
+            action,
+            integration,
+        } => {
+            init_logging(&cli, true);
+            let config = load_config(&cli)?;
+            let store = Store::open(&config.server.data_dir)?;
+            for cfg in config.select(integration.as_deref())? {
+                let s = store.integration(&cfg.name)?;
+                match action {
+                    QueueCmd::Stats => {
+                        let st = s.queue_stats(chrono::Utc::now())?;
+                        println!(
+                            "{}  queued {}  waiting retry {}  dead {}  oldest {}",
+                            cfg.name,
+                            st.queued,
+                            st.waiting_retry,
+                            st.dead,
+                            st.oldest_queued_at
+                                .map(|t| t.to_rfc3339())
+                                .unwrap_or_else(|| "-".into())
+                        );
+                    }
+                    QueueCmd::Dead => {
+                        for (id, it) in s.dead_letters()? {
+                            println!(
+                                "{}  {id}  {}  attempts {}  received {}  dead {}  error: {}",
+                                cfg.name,
+                                it.hint.describe(),
+                                it.attempts,
+                                it.received_at.to_rfc3339(),
+                                it.dead_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                                it.last_error.unwrap_or_default()
+                            );
+                        }
+                    }
+                    QueueCmd::Replay { id, all } => {
+                        if id.is_none() && !all {
+                            anyhow::bail!("queue replay: give a dead letter id or --all");
+                        }
+                        let n = s.replay(if *all { None } else { *id })?;
+                        println!("{}  {n} dead letter(s) queued again", cfg.name);
+                    }
+                }
+            }
+            store.flush()?;
+            Ok(0)
         }
         Cmd::Check { integration, json } => {
             init_logging(&cli, true);

@@ -4,7 +4,9 @@
 //! Owns every Graph URL and wire detail (see README "Graph"). It must not know SCIM, sled or
 //! the mapping; callers pass the `$select` lists.
 
+pub mod delta;
 pub mod models;
+pub mod subscriptions;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -291,6 +293,17 @@ impl GraphClient {
         url: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Vec<u8>), GraphError> {
+        let (status, _, body) = self.send_raw(method, url, body).await?;
+        Ok((status, body))
+    }
+
+    /// [`Self::send`] with the response headers.
+    async fn send_raw(
+        &self,
+        method: &'static str,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), GraphError> {
         let path = url.strip_prefix(&self.api_root).unwrap_or(url).to_string();
         let mut attempt = 0;
         let mut refreshed = false;
@@ -299,6 +312,8 @@ impl GraphClient {
             let token = self.token().await?;
             let mut req = match method {
                 "POST" => self.http.post(url),
+                "PATCH" => self.http.patch(url),
+                "DELETE" => self.http.delete(url),
                 _ => self.http.get(url),
             };
             req = req
@@ -334,6 +349,7 @@ impl GraphClient {
                 self.invalidate_token().await;
                 continue;
             }
+            let headers = resp.headers().clone();
             let bytes =
                 read_limited(resp, MAX_PAGE_BYTES)
                     .await
@@ -341,7 +357,7 @@ impl GraphClient {
                         what: format!("Graph {method} {path}"),
                         message: m,
                     })?;
-            return Ok((status, bytes));
+            return Ok((status, headers, bytes));
         }
     }
 

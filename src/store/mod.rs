@@ -5,7 +5,13 @@
 //! never read or overwrite another's state. Nothing outside this module names a sled type, so
 //! the engine can be swapped.
 
+mod commit;
+pub mod queue;
+pub mod state;
+
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -61,6 +67,8 @@ impl IndexEntry {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    commit: Arc<commit::GroupCommit>,
+    fail_writes: Arc<AtomicBool>,
 }
 
 impl Store {
@@ -88,13 +96,45 @@ impl Store {
                     }
                 }
             })?;
-        Ok(Store { db })
+        Ok(Store::wrap(db))
+    }
+
+    fn wrap(db: sled::Db) -> Store {
+        Store {
+            commit: commit::GroupCommit::start(db.clone()),
+            db,
+            fail_writes: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Resolves once every write made before the call is on disk (group commit: concurrent
+    /// callers share one flush). sled's flush survives a killed process; see README on power loss.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        if self.fail_writes.load(Ordering::Relaxed) {
+            return Err(StoreError::Io("writes are failing (injected)".into()));
+        }
+        self.commit.durable().await.map_err(StoreError::Io)
+    }
+
+    /// Test hook: make queue appends and durability fail, as a full or broken disk would.
+    #[doc(hidden)]
+    pub fn inject_write_failure(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::Relaxed);
+    }
+
+    /// Whether a trivial write and flush work (readiness).
+    pub fn writable(&self) -> bool {
+        !self.fail_writes.load(Ordering::Relaxed)
+            && self
+                .db
+                .insert(b"__probe", Utc::now().to_rfc3339().as_bytes())
+                .is_ok()
     }
 
     /// A temporary store for tests and the demo (removed when dropped).
     pub fn temporary() -> Result<Store, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Ok(Store { db })
+        Ok(Store::wrap(db))
     }
 
     pub fn integration(&self, name: &IntegrationName) -> Result<IntegrationStore, StoreError> {
@@ -104,6 +144,15 @@ impl Store {
             users: t("users")?,
             runs: t("runs")?,
             meta: t("meta")?,
+            queue: t("queue")?,
+            dead: t("dead")?,
+            subs: t("subs")?,
+            delta: t("delta")?,
+            members: t("members")?,
+            reports: t("reports")?,
+            db: self.db.clone(),
+            commit: Arc::clone(&self.commit),
+            fail_writes: Arc::clone(&self.fail_writes),
         })
     }
 
@@ -121,6 +170,15 @@ pub struct IntegrationStore {
     users: sled::Tree,
     runs: sled::Tree,
     meta: sled::Tree,
+    queue: sled::Tree,
+    dead: sled::Tree,
+    subs: sled::Tree,
+    delta: sled::Tree,
+    members: sled::Tree,
+    reports: sled::Tree,
+    db: sled::Db,
+    commit: Arc<commit::GroupCommit>,
+    fail_writes: Arc<AtomicBool>,
 }
 
 fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
@@ -148,23 +206,66 @@ impl IntegrationStore {
     }
 
     pub fn put_user(&self, entra_id: &str, e: &IndexEntry) -> Result<(), StoreError> {
-        self.users.insert(entra_id.as_bytes(), encode(e)?)?;
-        Ok(())
+        self.put_users(&[(entra_id.to_string(), e.clone())])
     }
 
-    /// Writes several index entries in one atomic batch.
+    /// Writes several index entries in one atomic batch and keeps the reverse manager index
+    /// (manager → reports) in step. New links are written before the entries and stale ones
+    /// removed after, so a crash in between leaves an extra candidate, never a missing one.
     pub fn put_users(&self, entries: &[(String, IndexEntry)]) -> Result<(), StoreError> {
+        #[derive(Deserialize)]
+        struct ManagerOnly {
+            #[serde(default)]
+            manager: Option<String>,
+        }
         let mut batch = sled::Batch::default();
+        let mut add = sled::Batch::default();
+        let mut drop = sled::Batch::default();
         for (id, e) in entries {
+            let old: Option<String> = match self.users.get(id.as_bytes())? {
+                Some(v) => serde_json::from_slice::<ManagerOnly>(&v)
+                    .ok()
+                    .and_then(|m| m.manager),
+                None => None,
+            };
+            if old != e.manager {
+                self.link_report(&mut add, id, None, e.manager.as_deref());
+                self.link_report(&mut drop, id, old.as_deref(), None);
+            }
             batch.insert(id.as_bytes(), encode(e)?);
         }
+        self.reports.apply_batch(add)?;
         self.users.apply_batch(batch)?;
+        self.reports.apply_batch(drop)?;
         Ok(())
     }
 
     pub fn remove_user(&self, entra_id: &str) -> Result<(), StoreError> {
+        if let Some(e) = self.get_user(entra_id)? {
+            if let Some(m) = e.manager.as_deref() {
+                let mut drop = sled::Batch::default();
+                self.link_report(&mut drop, entra_id, Some(m), None);
+                self.reports.apply_batch(drop)?;
+            }
+        }
         self.users.remove(entra_id.as_bytes())?;
         Ok(())
+    }
+
+    /// Resolves once everything written before the call is on disk (group commit).
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        if self.fail_writes() {
+            return Err(StoreError::Io("writes are failing (injected)".into()));
+        }
+        self.commit.durable().await.map_err(StoreError::Io)
+    }
+
+    pub(crate) fn fail_writes(&self) -> bool {
+        self.fail_writes.load(Ordering::Relaxed)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Every index entry, in key order.

@@ -6,3 +6,4 @@
 pub mod mapping;
 pub mod plan;
 pub mod reconcile;
+pub mod worker;

@@ -124,7 +124,7 @@ pub enum RunError {
     Source(String),
 }
 
-enum ApplyError {
+pub(crate) enum ApplyError {
     User(String),
     Fatal(RunError),
 }
@@ -734,7 +734,7 @@ impl<T: Target> Run<'_, '_, T> {
 }
 
 /// Applies one planned change to the target; returns the index entry to record.
-async fn apply_change<T: Target>(
+pub(crate) async fn apply_change<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
     c: &PlannedChange,

@@ -1,0 +1,463 @@
+//! `serve`: the long-running process. Starts the HTTP server (webhooks, health), then per
+//! integration: learns the group tree, ensures subscriptions, drains the queue with the
+//! incremental worker, renews subscriptions and runs the scheduled full reconcile. Stops
+//! gracefully: no new requests, in-flight requests and the current batch finish, store flushed.
+
+pub mod subs;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+use chrono::Utc;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{watch, Mutex, Notify};
+use url::Url;
+
+use crate::app::Integration;
+use crate::config::Config;
+use crate::http::{Health, IntegrationHealth};
+use crate::store::queue::{Hint, QueueItem};
+use crate::store::{Store, StoreError};
+use crate::sync::reconcile::{Outcome, RunOptions};
+use crate::sync::worker::{self, Targeting, WorkerSettings};
+use crate::webhook::{tokens::JwksCache, Hook, WebhookState, WebhookStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Build(#[from] crate::app::BuildError),
+    #[error("cannot listen on {addr}: {message}")]
+    Bind { addr: SocketAddr, message: String },
+    #[error("server.public_url is required by serve when listening on {0} (Graph must reach it over https)")]
+    NoPublicUrl(SocketAddr),
+}
+
+/// Knobs tests turn; defaults suit production.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub worker: WorkerSettings,
+    /// How often Graph and the LMS are probed for `/readyz`.
+    pub health_interval: Duration,
+    /// How often subscriptions are checked for renewal.
+    pub renew_interval: Duration,
+    /// Queue poll interval when nothing wakes the worker (backoff retries).
+    pub poll_interval: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            worker: WorkerSettings::default(),
+            health_interval: Duration::from_secs(30),
+            renew_interval: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Live {
+    integ: Integration,
+    client_state: String,
+    wake: Arc<Notify>,
+    /// Held by a full reconcile and by each incremental batch: never both at once.
+    run_lock: Mutex<()>,
+    health: Arc<IntegrationHealth>,
+}
+
+/// Runs until `shutdown` resolves. `on_listening` gets the bound address (tests use port 0).
+pub async fn serve(
+    config: Config,
+    opts: ServeOptions,
+    on_listening: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let store = Store::open(&config.server.data_dir)?;
+    let mut lives: Vec<Arc<Live>> = Vec::new();
+    let mut hooks = HashMap::new();
+    for cfg in &config.integrations {
+        let integ = Integration::build(cfg, &store)?;
+        let client_state = match &cfg.client_state {
+            Some(s) => s.expose_secret().to_string(),
+            None => integ.store.client_state()?,
+        };
+        let wake = Arc::new(Notify::new());
+        let jwks = Url::parse(&format!(
+            "{}/common/discovery/v2.0/keys",
+            cfg.login_url.as_str().trim_end_matches('/')
+        ))
+        .ok()
+        .and_then(|u| {
+            crate::graph::GraphClient::default_http()
+                .ok()
+                .map(|h| JwksCache::new(h, u))
+        });
+        hooks.insert(
+            cfg.name.to_string(),
+            Hook {
+                name: cfg.name.to_string(),
+                tenant_id: cfg.tenant_id.clone(),
+                client_id: cfg.client_id.clone(),
+                client_state: SecretString::from(client_state.clone()),
+                store: integ.store.clone(),
+                wake: Arc::clone(&wake),
+                tokens: jwks,
+            },
+        );
+        lives.push(Arc::new(Live {
+            health: Arc::new(IntegrationHealth::new(cfg.name.as_str())),
+            integ,
+            client_state,
+            wake,
+            run_lock: Mutex::new(()),
+        }));
+    }
+    let stats = Arc::new(WebhookStats::default());
+    let state = web::Data::new(WebhookState {
+        hooks,
+        stats: Arc::clone(&stats),
+    });
+    let health = web::Data::new(Health {
+        store: store.clone(),
+        integrations: lives.iter().map(|l| Arc::clone(&l.health)).collect(),
+        webhooks: stats,
+    });
+    let max_body = config.server.max_body_bytes;
+    let listen = config.server.listen;
+    let server = HttpServer::new(move || {
+        App::new()
+            .configure(|c| crate::webhook::configure(c, state.clone(), max_body))
+            .configure(|c| crate::http::configure(c, health.clone()))
+    })
+    .workers(2)
+    .shutdown_timeout(20)
+    .disable_signals()
+    .bind(listen)
+    .map_err(|e| ServeError::Bind {
+        addr: listen,
+        message: e.to_string(),
+    })?;
+    let bound = server.addrs().first().copied().unwrap_or(listen);
+    let public = match &config.server.public_url {
+        Some(u) => u.clone(),
+        None if bound.ip().is_loopback() => {
+            Url::parse(&format!("http://{bound}")).map_err(|_| ServeError::NoPublicUrl(bound))?
+        }
+        None => return Err(ServeError::NoPublicUrl(bound)),
+    };
+    let server = server.run();
+    let handle = server.handle();
+    let server_task = tokio::spawn(server);
+    tracing::info!(%bound, public_url = %public, "listening");
+    on_listening(bound);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for live in &lives {
+        let public = public.clone();
+        tasks.push(tokio::spawn(integration_main(
+            Arc::clone(live),
+            public,
+            opts.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    shutdown.await;
+    tracing::info!("shutting down: no new requests; finishing in-flight work");
+    handle.stop(true).await;
+    let _ = server_task.await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    store.flush()?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.changed() => true,
+    }
+}
+
+/// Everything one integration does while serving.
+async fn integration_main(
+    live: Arc<Live>,
+    public: Url,
+    opts: ServeOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = live.integ.cfg.name.to_string();
+    let span = tracing::info_span!("integration", integration = %name);
+    let _e = span.clone().entered();
+    drop(_e);
+    // Start-up: capabilities, group tree, subscriptions. Retried until it works.
+    let mut delay = Duration::from_secs(1);
+    let tg = loop {
+        match startup(&live, &public).await {
+            Ok(tg) => break tg,
+            Err(e) => {
+                tracing::error!(integration = %name, error = %e, "start-up failed; retrying");
+                live.health.set_problem("startup", Some(e));
+                if sleep_or_stop(delay, &mut stop).await {
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    };
+    live.health.set_problem("startup", None);
+    let tg = Arc::new(tg);
+    let tasks = vec![
+        tokio::spawn(worker_loop(
+            Arc::clone(&live),
+            Arc::clone(&tg),
+            public.clone(),
+            opts.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(schedule_loop(Arc::clone(&live), stop.clone())),
+        tokio::spawn(renew_loop(
+            Arc::clone(&live),
+            public.clone(),
+            opts.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(health_loop(Arc::clone(&live), opts.clone(), stop.clone())),
+    ];
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
+    let integ = &live.integ;
+    let ctx = integ.context();
+    let tg = worker::targeting(&ctx).await.map_err(|e| e.to_string())?;
+    worker::init_tree(&ctx).await.map_err(|e| e.to_string())?;
+    subs::ensure(integ, public, &live.client_state)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ever_reconciled = integ
+        .store
+        .runs::<crate::sync::reconcile::RunReport>(1)
+        .map(|r| !r.is_empty())
+        .unwrap_or(false);
+    if !ever_reconciled {
+        integ
+            .store
+            .enqueue(&[QueueItem::new(Hint::Reconcile {
+                reason: "first start".into(),
+            })])
+            .map_err(|e| e.to_string())?;
+        live.wake.notify_one();
+    }
+    Ok(tg)
+}
+
+async fn full_reconcile(live: &Live, reason: &str) {
+    tracing::info!(integration = %live.integ.cfg.name, %reason, "full reconcile");
+    let report = live.integ.reconcile(RunOptions::default(), None).await;
+    live.health.set_problem(
+        "last reconcile",
+        (report.outcome == Outcome::Failed)
+            .then(|| report.error.clone().unwrap_or_else(|| "failed".into())),
+    );
+}
+
+async fn worker_loop(
+    live: Arc<Live>,
+    tg: Arc<Targeting>,
+    public: Url,
+    opts: ServeOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let store = &live.integ.store;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let _guard = live.run_lock.lock().await;
+        let mut fatal = false;
+        loop {
+            let items = match store.queue_ready(Utc::now(), 500) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the queue");
+                    fatal = true;
+                    break;
+                }
+            };
+            if items.is_empty() {
+                break;
+            }
+            let (special, normal): (Vec<_>, Vec<_>) = items.into_iter().partition(|(_, it)| {
+                matches!(it.hint, Hint::Lifecycle { .. } | Hint::Reconcile { .. })
+            });
+            let mut reconcile_reason: Option<String> = None;
+            let mut done = Vec::new();
+            for (id, it) in special {
+                match &it.hint {
+                    Hint::Reconcile { reason } => reconcile_reason = Some(reason.clone()),
+                    Hint::Lifecycle {
+                        event,
+                        subscription_id,
+                    } => {
+                        match subs::lifecycle(
+                            &live.integ,
+                            &public,
+                            &live.client_state,
+                            event,
+                            subscription_id,
+                        )
+                        .await
+                        {
+                            Ok(true) => reconcile_reason = Some(format!("lifecycle event {event}")),
+                            Ok(false) => {}
+                            Err(e) => {
+                                tracing::error!(%event, error = %e, "lifecycle event handling failed")
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                done.push(id);
+            }
+            if !normal.is_empty() {
+                let ctx = live.integ.context();
+                match worker::process(&ctx, &tg, &opts.worker, normal).await {
+                    Ok(out) => {
+                        live.health.set_problem("worker", None);
+                        if !out.expired_groups.is_empty() {
+                            reconcile_reason = Some("a delta link expired".into());
+                        }
+                        if !out.new_groups.is_empty() {
+                            if let Err(e) =
+                                subs::ensure(&live.integ, &public, &live.client_state).await
+                            {
+                                tracing::error!(error = %e, "subscriptions for new nested groups failed");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "incremental batch stopped; will retry");
+                        live.health.set_problem("worker", Some(e.to_string()));
+                        fatal = true;
+                    }
+                }
+            }
+            if let Some(reason) = reconcile_reason {
+                full_reconcile(&live, &reason).await;
+            }
+            if let Err(e) = store.dequeue(&done) {
+                tracing::error!(error = %e, "cannot remove handled items");
+            }
+            if fatal || *stop.borrow() {
+                break;
+            }
+        }
+        drop(_guard);
+        if fatal {
+            if sleep_or_stop(backoff, &mut stop).await {
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            continue;
+        }
+        backoff = Duration::from_millis(500);
+        tokio::select! {
+            _ = live.wake.notified() => {}
+            _ = tokio::time::sleep(opts.poll_interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn schedule_loop(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
+    let cfg = &live.integ.cfg;
+    let Ok(cron) = cfg.cron() else { return };
+    loop {
+        let now = Utc::now().with_timezone(&cfg.timezone);
+        let next = match cron.find_next_occurrence(&now, false) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "schedule has no next run");
+                return;
+            }
+        };
+        let wait = (next.with_timezone(&Utc) - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::from_secs(1));
+        tracing::debug!(next = %next, "next scheduled reconcile");
+        if sleep_or_stop(wait, &mut stop).await {
+            return;
+        }
+        // Incremental work waits while this runs (and this waits for a batch in flight).
+        let _guard = live.run_lock.lock().await;
+        full_reconcile(&live, "schedule").await;
+    }
+}
+
+async fn renew_loop(
+    live: Arc<Live>,
+    public: Url,
+    opts: ServeOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Check often enough that renew_before_minutes is honoured with margin.
+    let every = opts.renew_interval.min(
+        Duration::from_secs(u64::from(live.integ.cfg.renew_before_minutes) * 60 / 4)
+            .max(Duration::from_secs(1)),
+    );
+    loop {
+        if sleep_or_stop(every, &mut stop).await {
+            return;
+        }
+        match subs::ensure(&live.integ, &public, &live.client_state).await {
+            Ok(recreated) => {
+                live.health.set_problem("subscriptions", None);
+                if recreated {
+                    let _ = live.integ.store.enqueue(&[QueueItem::new(Hint::Reconcile {
+                        reason: "a subscription was recreated".into(),
+                    })]);
+                    live.wake.notify_one();
+                }
+            }
+            Err(e) => live
+                .health
+                .set_problem("subscriptions", Some(e.to_string())),
+        }
+    }
+}
+
+async fn health_loop(live: Arc<Live>, opts: ServeOptions, mut stop: watch::Receiver<bool>) {
+    use crate::target::Target;
+    loop {
+        let token = live.integ.graph.token().await.err().map(|e| e.to_string());
+        live.health.set_problem("graph token", token);
+        let target = live
+            .integ
+            .target
+            .list(1, 1)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        live.health.set_problem("lms", target);
+        let subs = match subs::live(&live.integ) {
+            Ok(r) => r.err(),
+            Err(e) => Some(e.to_string()),
+        };
+        live.health.set_problem("subscriptions live", subs);
+        if sleep_or_stop(opts.health_interval, &mut stop).await {
+            return;
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Incremental-sync state: subscriptions (`<integration>/subs`), delta links
+//! (`<integration>/delta`), direct group memberships learnt from group delta
+//! (`<integration>/members`, key `group \0 member`) and the reverse manager index
+//! (`<integration>/reports`, key `manager \0 report`).
+
+use std::collections::{BTreeSet, VecDeque};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, IntegrationStore, StoreError};
+
+/// What a subscription watches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Watch {
+    /// Membership of a group (configured or nested).
+    Members { group_id: String },
+    /// Property changes of all users of the tenant.
+    Users,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    pub id: String,
+    pub watch: Watch,
+    pub resource: String,
+    pub change_type: String,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub renewed_at: Option<DateTime<Utc>>,
+    /// Last renewal or creation error, cleared on success.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// A direct member of a group as group delta reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberKind {
+    User,
+    Group,
+    Other,
+}
+
+fn pair(a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn prefix(a: &str) -> Vec<u8> {
+    let mut k = a.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn second(k: &[u8]) -> String {
+    let i = k.iter().position(|b| *b == 0).map_or(k.len(), |i| i + 1);
+    String::from_utf8_lossy(&k[i..]).into_owned()
+}
+
+impl IntegrationStore {
+    // ---- subscriptions ----
+
+    pub fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        let tree = format!("{}/subs", self.name);
+        self.subs
+            .iter()
+            .map(|r| {
+                let (k, v) = r?;
+                decode(&tree, &k, &v)
+            })
+            .collect()
+    }
+
+    pub fn subscription(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
+        match self.subs.get(id.as_bytes())? {
+            Some(v) => Ok(Some(decode(
+                &format!("{}/subs", self.name),
+                id.as_bytes(),
+                &v,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_subscription(&self, s: &SubscriptionRecord) -> Result<(), StoreError> {
+        self.subs.insert(s.id.as_bytes(), encode(s)?)?;
+        Ok(())
+    }
+
+    pub fn remove_subscription(&self, id: &str) -> Result<(), StoreError> {
+        self.subs.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    // ---- delta links ----
+
+    pub fn delta_link(&self, group_id: &str) -> Result<Option<String>, StoreError> {
+        match self.delta.get(group_id.as_bytes())? {
+            Some(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_delta_link(&self, group_id: &str, link: &str) -> Result<(), StoreError> {
+        self.delta.insert(group_id.as_bytes(), link.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn remove_delta_link(&self, group_id: &str) -> Result<(), StoreError> {
+        self.delta.remove(group_id.as_bytes())?;
+        Ok(())
+    }
+
+    // ---- direct memberships ----
+
+    /// Applies one delta round's membership changes of `group_id`.
+    pub fn apply_members(
+        &self,
+        group_id: &str,
+        added: &[(String, MemberKind)],
+        removed: &[String],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in removed {
+            batch.remove(pair(group_id, id));
+        }
+        for (id, kind) in added {
+            batch.insert(pair(group_id, id), encode(kind)?);
+        }
+        self.members.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Forgets everything known about `group_id`'s members (before a fresh initial round).
+    pub fn clear_members(&self, group_id: &str) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for r in self.members.scan_prefix(prefix(group_id)) {
+            let (k, _) = r?;
+            batch.remove(k);
+        }
+        self.members.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn direct_members(&self, group_id: &str) -> Result<Vec<(String, MemberKind)>, StoreError> {
+        let tree = format!("{}/members", self.name);
+        self.members
+            .scan_prefix(prefix(group_id))
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((second(&k), decode(&tree, &k, &v)?))
+            })
+            .collect()
+    }
+
+    pub fn is_direct_member(&self, group_id: &str, member: &str) -> Result<bool, StoreError> {
+        Ok(self.members.contains_key(pair(group_id, member))?)
+    }
+
+    /// `roots` and every group nested in them (as far as delta has told us), cycles allowed.
+    pub fn group_tree(&self, roots: &[String]) -> Result<BTreeSet<String>, StoreError> {
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut todo: VecDeque<String> = roots.iter().cloned().collect();
+        while let Some(g) = todo.pop_front() {
+            if !seen.insert(g.clone()) {
+                continue;
+            }
+            for (m, kind) in self.direct_members(&g)? {
+                if kind == MemberKind::Group && !seen.contains(&m) {
+                    todo.push_back(m);
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    // ---- reverse manager index ----
+
+    pub(crate) fn link_report(
+        &self,
+        batch: &mut sled::Batch,
+        report: &str,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) {
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            batch.remove(pair(o, report));
+        }
+        if let Some(n) = new {
+            batch.insert(pair(n, report), &[][..]);
+        }
+    }
+
+    /// Entra ids of the users whose last applied manager is `manager`.
+    pub fn reports_of(&self, manager: &str) -> Result<Vec<String>, StoreError> {
+        self.reports
+            .scan_prefix(prefix(manager))
+            .map(|r| Ok(second(&r?.0)))
+            .collect()
+    }
+
+    // ---- clientState ----
+
+    /// The integration's clientState: the one stored, or a new random one (kept from now on).
+    pub fn client_state(&self) -> Result<String, StoreError> {
+        if let Some(v) = self.meta.get(b"client_state")? {
+            return Ok(String::from_utf8_lossy(&v).into_owned());
+        }
+        let fresh: String = {
+            use rand::distr::{Alphanumeric, SampleString};
+            Alphanumeric.sample_string(&mut rand::rng(), 64)
+        };
+        // Another caller may have won the race: keep whichever was stored first.
+        let _ = self.meta.compare_and_swap(
+            b"client_state",
+            None as Option<&[u8]>,
+            Some(fresh.as_bytes()),
+        )?;
+        match self.meta.get(b"client_state")? {
+            Some(v) => Ok(String::from_utf8_lossy(&v).into_owned()),
+            None => Err(StoreError::Io("clientState was not stored".into())),
+        }
+    }
+}
