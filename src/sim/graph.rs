@@ -18,8 +18,19 @@
 //! (never silently ignored), so a client relying on it fails here rather than in production.
 //!
 //! All state lives in one [`State`] behind one mutex; mutations go through methods on
-//! [`GraphSim`] (a later change-notification / delta feature can hook into
-//! `State::touch`).
+//! [`GraphSim`], which also queue change notifications (see [`subscriptions`]).
+//!
+//! Change notifications, subscriptions, lifecycle events and their `validationTokens` live in
+//! `graph/subscriptions.rs` and `graph/tokens.rs`; group delta queries in `graph/delta.rs`
+//! (`graph.md` sections 1–6).
+
+mod delta;
+mod subscriptions;
+mod tokens;
+
+pub use subscriptions::{
+    DeliveryAttempt, LifecycleEvent, NotifyFaults, NotifyStats, SimSubscription, TokenForgery,
+};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::TcpListener;
@@ -242,6 +253,11 @@ struct State {
     throttle_rng: StdRng,
     shuffle_rng: StdRng,
     counts: HashMap<String, u64>,
+    /// Soft-deleted users (restorable); their ids stay in the groups' member lists but they are
+    /// neither listed nor served.
+    soft_deleted: HashMap<String, SimUser>,
+    notify: subscriptions::NotifyState,
+    delta: delta::DeltaState,
 }
 
 impl State {
@@ -262,6 +278,9 @@ impl State {
             throttle_rng: StdRng::seed_from_u64(0),
             shuffle_rng: StdRng::seed_from_u64(0x0ba7_c45e_ed00_0001),
             counts: HashMap::new(),
+            soft_deleted: HashMap::new(),
+            notify: subscriptions::NotifyState::default(),
+            delta: delta::DeltaState::default(),
         };
         for u in t.users {
             s.upsert_user(u);
@@ -302,9 +321,12 @@ impl State {
         if let Some(old) = self.users.remove(&u.id) {
             self.unindex_user(&old);
         }
+        self.soft_deleted.remove(&u.id);
+        let id = u.id.clone();
         self.index_user(&u);
         self.users.insert(u.id.clone(), u);
         self.touch();
+        self.on_user_change(&id, subscriptions::Change::Updated);
     }
 
     fn update_user(&mut self, id: &str, f: impl FnOnce(&mut SimUser)) -> bool {
@@ -318,25 +340,66 @@ impl State {
         self.index_user(&u);
         self.users.insert(u.id.clone(), u);
         self.version += 1;
+        self.on_user_change(id, subscriptions::Change::Updated);
         true
     }
 
+    /// Hard delete (also of a soft-deleted user): notifies `deleted` for the user and `updated`
+    /// for every group it was a direct member of.
     fn delete_user(&mut self, id: &str) -> bool {
+        if let Some(u) = self.users.remove(id) {
+            self.unindex_user(&u);
+        } else if self.soft_deleted.remove(id).is_none() {
+            return false;
+        }
+        let mut affected: Vec<String> = Vec::new();
+        for g in self.groups.values_mut() {
+            let before = g.members.len();
+            g.members.retain(|m| m != id);
+            if g.members.len() != before {
+                affected.push(g.id.clone());
+            }
+        }
+        affected.sort();
+        self.touch();
+        self.on_user_change(id, subscriptions::Change::Deleted);
+        for gid in affected {
+            self.on_membership_change(&gid, id, true);
+        }
+        true
+    }
+
+    /// Soft delete: the user disappears from reads and listings but keeps its (hidden)
+    /// memberships; notifies `updated` (graph.md 1.1, gotcha 9).
+    fn soft_delete_user(&mut self, id: &str) -> bool {
         let Some(u) = self.users.remove(id) else {
             return false;
         };
         self.unindex_user(&u);
-        for g in self.groups.values_mut() {
-            g.members.retain(|m| m != id);
-        }
+        self.soft_deleted.insert(u.id.clone(), u);
         self.touch();
+        self.on_user_change(id, subscriptions::Change::Updated);
+        true
+    }
+
+    /// Restores a soft-deleted user with its memberships; notifies `updated`.
+    fn restore_user(&mut self, id: &str) -> bool {
+        let Some(u) = self.soft_deleted.remove(id) else {
+            return false;
+        };
+        self.index_user(&u);
+        self.users.insert(u.id.clone(), u);
+        self.touch();
+        self.on_user_change(id, subscriptions::Change::Updated);
         true
     }
 
     fn add_group(&mut self, g: SimGroup) {
+        let id = g.id.clone();
         self.group_keys.insert(g.id.to_lowercase(), g.id.clone());
         self.groups.insert(g.id.clone(), g);
         self.touch();
+        self.on_group_change(&id, subscriptions::Change::Updated);
     }
 
     fn delete_group(&mut self, id: &str) -> bool {
@@ -344,10 +407,20 @@ impl State {
             return false;
         }
         self.group_keys.remove(&id.to_lowercase());
+        let mut affected: Vec<String> = Vec::new();
         for g in self.groups.values_mut() {
+            let before = g.members.len();
             g.members.retain(|m| m != id);
+            if g.members.len() != before {
+                affected.push(g.id.clone());
+            }
         }
+        affected.sort();
         self.touch();
+        self.on_group_change(id, subscriptions::Change::Deleted);
+        for gid in affected {
+            self.on_membership_change(&gid, id, true);
+        }
         true
     }
 
@@ -358,6 +431,7 @@ impl State {
         if !g.members.iter().any(|m| m == member_id) {
             g.members.push(member_id.to_string());
             self.touch();
+            self.on_membership_change(group_id, member_id, false);
         }
     }
 
@@ -369,6 +443,7 @@ impl State {
         g.members.retain(|m| m != member_id);
         if g.members.len() != before {
             self.touch();
+            self.on_membership_change(group_id, member_id, true);
         }
     }
 
@@ -472,6 +547,8 @@ impl State {
 struct Shared {
     base_url: String,
     state: Mutex<State>,
+    /// Client for the simulator's own outgoing calls (validation handshakes, deliveries).
+    http: reqwest::Client,
 }
 
 impl Shared {
@@ -489,6 +566,8 @@ pub struct GraphSim {
     shared: web::Data<Shared>,
     handle: ServerHandle,
     join: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Change-notification delivery loop.
+    notifier: tokio::task::JoinHandle<()>,
 }
 
 impl GraphSim {
@@ -497,9 +576,14 @@ impl GraphSim {
     pub async fn start(tenant: Tenant) -> std::io::Result<GraphSim> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(std::io::Error::other)?;
         let shared = web::Data::new(Shared {
             base_url: format!("http://127.0.0.1:{port}"),
             state: Mutex::new(State::new(tenant)),
+            http,
         });
         let data = shared.clone();
         let server = HttpServer::new(move || {
@@ -515,10 +599,12 @@ impl GraphSim {
         .run();
         let handle = server.handle();
         let join = tokio::spawn(server);
+        let notifier = subscriptions::spawn_delivery_loop(shared.clone());
         Ok(GraphSim {
             shared,
             handle,
             join: Some(join),
+            notifier,
         })
     }
 
@@ -555,9 +641,23 @@ impl GraphSim {
         self.shared.lock().update_user(id, f)
     }
 
-    /// Hard delete: removes the user and all its memberships.
+    /// Hard delete: removes the user (live or soft-deleted) and all its memberships; notifies
+    /// `deleted` on user subscriptions and `updated` on the groups it was a member of; group
+    /// delta reports the membership removal.
     pub fn delete_user(&self, id: &str) -> bool {
         self.shared.lock().delete_user(id)
+    }
+
+    /// Soft delete: the user answers 404 and leaves member listings, but keeps its memberships
+    /// for a restore; notifies `updated` on user subscriptions. Group delta does not report the
+    /// removal (graph.md gotcha 9). False when there is no such live user.
+    pub fn soft_delete_user(&self, id: &str) -> bool {
+        self.shared.lock().soft_delete_user(id)
+    }
+
+    /// Restores a soft-deleted user with its memberships; notifies `updated`.
+    pub fn restore_user(&self, id: &str) -> bool {
+        self.shared.lock().restore_user(id)
     }
 
     /// Inserts or replaces a group (by id).
@@ -610,8 +710,9 @@ impl GraphSim {
     }
 
     /// Requests served since start, by kind: "token", "group", "transitiveMembers", "members",
-    /// "user", "manager", "batch", "other" (any other /v1.0 path) and "throttled" (429s, inner
-    /// batch requests included). Every received request counts under its kind, whatever its
+    /// "user", "manager", "batch", "subscriptions" (any /v1.0/subscriptions request), "delta"
+    /// (`/groups/delta`), "jwks" (signing-key metadata), "other" (any other /v1.0 path) and
+    /// "throttled" (429s, inner batch requests included). Every received request counts under its kind, whatever its
     /// outcome; each inner batch request counts under its own kind as well.
     pub fn request_count(&self, kind: &str) -> u64 {
         self.shared.lock().counts.get(kind).copied().unwrap_or(0)
@@ -632,6 +733,7 @@ impl GraphSim {
 
     /// Stops the server.
     pub async fn stop(mut self) {
+        self.notifier.abort();
         self.handle.stop(false).await;
         if let Some(j) = self.join.take() {
             let _ = j.await;
@@ -641,6 +743,7 @@ impl GraphSim {
 
 impl Drop for GraphSim {
     fn drop(&mut self) {
+        self.notifier.abort();
         if self.join.is_some() {
             // Sends the stop command right away; the completion future is not needed.
             drop(self.handle.stop(false));
@@ -782,9 +885,17 @@ async fn dispatch(req: HttpRequest, body: web::Bytes, sim: web::Data<Shared>) ->
     if segs.len() == 4 && segs[1] == "oauth2" && segs[2] == "v2.0" && segs[3] == "token" {
         return token_endpoint(&sim, &req, segs[0], &body);
     }
+    if let Some(resp) = tokens::metadata_endpoint(&sim, &req, &segs) {
+        return resp;
+    }
     let ctx = Ctx::new(Some(&req));
     if let Some(rest) = trimmed.strip_prefix("v1.0/") {
         let rest = rest.trim_end_matches('/');
+        if rest == "subscriptions" || rest.starts_with("subscriptions/") {
+            return subscriptions::api(&sim, &req, &ctx, rest, &body)
+                .await
+                .into_http(&ctx);
+        }
         let query = req.uri().query().unwrap_or("");
         return api_request(&sim, &req, &ctx, rest, query, &body).into_http(&ctx);
     }
@@ -1074,6 +1185,7 @@ fn decode_segments(path: &str) -> Vec<String> {
 
 fn classify(segs: &[String]) -> &'static str {
     match segs {
+        [a, b] if a == "groups" && b == "delta" => "delta",
         [a, _] if a == "groups" => "group",
         [a, _, b, ..] if a == "groups" && b == "transitiveMembers" => "transitiveMembers",
         [a, _, b, ..] if a == "groups" && b == "members" => "members",
@@ -1146,6 +1258,9 @@ fn serve(
     }
     if !method.eq_ignore_ascii_case("GET") {
         return method_not_allowed(ctx);
+    }
+    if segs.len() == 2 && segs[0] == "groups" && segs[1] == "delta" {
+        return delta::serve(s, base, ctx, query);
     }
     let q = match Query::parse(query) {
         Ok(q) => q,
