@@ -127,22 +127,12 @@ pub async fn serve(
         integrations: lives.iter().map(|l| Arc::clone(&l.health)).collect(),
         webhooks: stats,
     });
-    let max_body = config.server.max_body_bytes;
-    let listen = config.server.listen;
-    let server = HttpServer::new(move || {
-        App::new()
-            .configure(|c| crate::webhook::configure(c, state.clone(), max_body))
-            .configure(|c| crate::http::configure(c, health.clone()))
-    })
-    .workers(2)
-    .shutdown_timeout(20)
-    .disable_signals()
-    .bind(listen)
-    .map_err(|e| ServeError::Bind {
-        addr: listen,
-        message: e.to_string(),
-    })?;
-    let bound = server.addrs().first().copied().unwrap_or(listen);
+    let (server, bound) = start_http(
+        config.server.listen,
+        config.server.max_body_bytes,
+        state,
+        health,
+    )?;
     let public = match &config.server.public_url {
         Some(u) => u.clone(),
         None if bound.ip().is_loopback() => {
@@ -150,7 +140,6 @@ pub async fn serve(
         }
         None => return Err(ServeError::NoPublicUrl(bound)),
     };
-    let server = server.run();
     let handle = server.handle();
     let server_task = tokio::spawn(server);
     tracing::info!(%bound, public_url = %public, "listening");
@@ -178,6 +167,30 @@ pub async fn serve(
     store.flush()?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Builds and starts the HTTP server (kept out of `serve` so its future stays `Send`).
+fn start_http(
+    listen: SocketAddr,
+    max_body: usize,
+    state: web::Data<WebhookState>,
+    health: web::Data<Health>,
+) -> Result<(actix_web::dev::Server, SocketAddr), ServeError> {
+    let server = HttpServer::new(move || {
+        App::new()
+            .configure(|c| crate::webhook::configure(c, state.clone(), max_body))
+            .configure(|c| crate::http::configure(c, health.clone()))
+    })
+    .workers(2)
+    .shutdown_timeout(20)
+    .disable_signals()
+    .bind(listen)
+    .map_err(|e| ServeError::Bind {
+        addr: listen,
+        message: e.to_string(),
+    })?;
+    let bound = server.addrs().first().copied().unwrap_or(listen);
+    Ok((server.run(), bound))
 }
 
 async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
@@ -439,17 +452,10 @@ async fn renew_loop(
 }
 
 async fn health_loop(live: Arc<Live>, opts: ServeOptions, mut stop: watch::Receiver<bool>) {
-    use crate::target::Target;
     loop {
         let token = live.integ.graph.token().await.err().map(|e| e.to_string());
         live.health.set_problem("graph token", token);
-        let target = live
-            .integ
-            .target
-            .list(1, 1)
-            .await
-            .err()
-            .map(|e| e.to_string());
+        let target = live.integ.target.probe().await.err();
         live.health.set_problem("lms", target);
         let subs = match subs::live(&live.integ) {
             Ok(r) => r.err(),

@@ -93,6 +93,25 @@ impl ScimTarget {
 
     /// Sends one request (bounded, retried on 429/5xx unless `idempotent` is false) and
     /// returns status, Location header and body.
+    /// One quick request (no retries, 5 s timeout) for health checks: `GET /Users?count=1`.
+    pub async fn probe(&self) -> Result<(), String> {
+        let url = format!("{}/Users?startIndex=1&count=1", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(self.token.expose_secret())
+            .header("Accept", "application/scim+json")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("LMS unreachable: {}", e.without_url()))?;
+        match resp.status().as_u16() {
+            200..=299 => Ok(()),
+            401 | 403 => Err("LMS rejects the token (401/403)".into()),
+            s => Err(format!("LMS answered {s}")),
+        }
+    }
+
     async fn send(
         &self,
         method: reqwest::Method,
