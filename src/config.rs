@@ -686,6 +686,52 @@ token = { value = "scim-token" }
     }
 
     #[test]
+    fn serve_settings_are_validated_with_the_key_named() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "username = \"mail\"",
+                &format!("username = \"mail\"\n{extra}"),
+            )
+        };
+        let c = Config::from_toml(
+            &with("schedule = \"0 */15 * * * *\"\ntimezone = \"Australia/Sydney\""),
+            Path::new("."),
+        )
+        .unwrap();
+        let i = &c.integrations[0];
+        assert_eq!(i.timezone, chrono_tz::Australia::Sydney);
+        assert_eq!(i.subscription_minutes, MAX_SUBSCRIPTION_MINUTES);
+        assert!(i.renew_before_minutes < i.subscription_minutes);
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+        let e = err_of(&with("schedule = \"every day\""));
+        assert!(e.starts_with("integration[0] (contoso).schedule:"), "{e}");
+        let e = err_of(&with("timezone = \"Mars/Olympus\""));
+        assert!(e.contains(".timezone:") && e.contains("IANA"), "{e}");
+        let e = err_of(&with("subscription_minutes = 50000"));
+        assert!(
+            e.contains(".subscription_minutes:") && e.contains("41760"),
+            "{e}"
+        );
+        let e = err_of(&with(
+            "subscription_minutes = 60\nrenew_before_minutes = 60",
+        ));
+        assert!(e.contains(".renew_before_minutes:"), "{e}");
+        let e = err_of(&with("client_state = { value = \"short\" }"));
+        assert!(
+            e.contains(".client_state:") && !e.contains("short\""),
+            "{e}"
+        );
+        let e = err_of(&GOOD.replacen("[server]", "[server]\nlisten = \"everywhere\"", 1));
+        assert!(e.starts_with("server.listen:"), "{e}");
+        let e = err_of(&GOOD.replacen(
+            "[server]",
+            "[server]\npublic_url = \"http://example.com\"",
+            1,
+        ));
+        assert!(e.starts_with("server.public_url:"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = err_of(&GOOD.replace("username = \"mail\"", "username = \"email\""));
         assert!(e.starts_with("integration[0] (contoso).username:"), "{e}");

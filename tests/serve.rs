@@ -356,3 +356,71 @@ async fn readiness_follows_the_lms() {
     }
     s.stop().await;
 }
+
+/// Duplicated and reordered notifications end in the same state as clean delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicated_and_reordered_notifications_converge() {
+    use rostersync::sim::graph::NotifyFaults;
+    let s = start(20, "").await;
+    let env = &s.env;
+    env.graph.set_notify_faults(NotifyFaults {
+        duplicate_rate: 1.0,
+        reorder: true,
+        seed: 3,
+        ..Default::default()
+    });
+    let members = env.member_ids();
+    for (i, id) in members.iter().take(6).enumerate() {
+        env.graph
+            .update_user(id, |u| u.job_title = Some(format!("Title {i}")));
+    }
+    env.graph.remove_member(&env.fx.all_group_id, &members[7]);
+    env.graph.upsert_user(new_user(9, None));
+    env.graph
+        .add_member(&env.fx.all_group_id, &new_user(9, None).id);
+    wait_for("all changes applied", 3_000, || {
+        members.iter().take(6).enumerate().all(|(i, id)| {
+            lms(env, id).and_then(|u| u["title"].as_str().map(str::to_string))
+                == Some(format!("Title {i}"))
+        }) && active(env, &members[7]) == Some(false)
+            && active(env, &new_user(9, None).id) == Some(true)
+    })
+    .await;
+    assert!(
+        env.graph.notify_stats().duplicated > 0,
+        "the knob did nothing"
+    );
+    // Exactly one LMS user per Entra user, whatever was delivered twice.
+    let ids: Vec<String> = env
+        .scim
+        .users()
+        .iter()
+        .filter_map(|u| u["externalId"].as_str().map(str::to_string))
+        .collect();
+    let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), unique.len());
+    s.stop().await;
+}
+
+/// Notifications Graph never delivered are repaired by the scheduled full reconcile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_notifications_are_repaired_by_the_scheduled_reconcile() {
+    use rostersync::sim::graph::NotifyFaults;
+    let s = start(20, "schedule = \"*/3 * * * * *\"").await;
+    let env = &s.env;
+    env.graph.set_notify_faults(NotifyFaults {
+        drop_rate: 1.0,
+        seed: 5,
+        ..Default::default()
+    });
+    let id = env.member_ids()[3].clone();
+    env.graph
+        .update_user(&id, |u| u.department = Some("Dropped Dept".into()));
+    wait_for("scheduled reconcile repairs the drop", 8_000, || {
+        lms(env, &id).and_then(|u| u[ENTERPRISE]["department"].as_str().map(str::to_string))
+            == Some("Dropped Dept".into())
+    })
+    .await;
+    assert!(env.graph.notify_stats().dropped > 0, "the knob did nothing");
+    s.stop().await;
+}
