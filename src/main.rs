@@ -244,10 +244,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                             config.server.public_url.clone().context(
                                 "server.public_url is needed to create subscriptions again",
                             )?;
-                        let state = match &cfg.client_state {
-                            Some(s) => secrecy::ExposeSecret::expose_secret(s).to_string(),
-                            None => i.store.client_state()?,
-                        };
+                        let state = rostersync::serve::client_state(&i)?;
                         let mut recs = i.store.subscriptions()?;
                         for r in &mut recs {
                             // Force renewal now.

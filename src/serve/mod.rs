@@ -70,6 +70,14 @@ struct Live {
     health: Arc<IntegrationHealth>,
 }
 
+/// The integration's clientState: configured, or generated once and kept in the store.
+pub fn client_state(integ: &Integration) -> Result<String, StoreError> {
+    match &integ.cfg.client_state {
+        Some(s) => Ok(s.expose_secret().to_string()),
+        None => integ.store.client_state(),
+    }
+}
+
 /// Runs until `shutdown` resolves. `on_listening` gets the bound address (tests use port 0).
 pub async fn serve(
     config: Config,
@@ -82,10 +90,7 @@ pub async fn serve(
     let mut hooks = HashMap::new();
     for cfg in &config.integrations {
         let integ = Integration::build(cfg, &store)?;
-        let client_state = match &cfg.client_state {
-            Some(s) => s.expose_secret().to_string(),
-            None => integ.store.client_state()?,
-        };
+        let client_state = client_state(&integ)?;
         let wake = Arc::new(Notify::new());
         let jwks = Url::parse(&format!(
             "{}/common/discovery/v2.0/keys",

@@ -107,15 +107,6 @@ impl Store {
         }
     }
 
-    /// Resolves once every write made before the call is on disk (group commit: concurrent
-    /// callers share one flush). sled's flush survives a killed process; see README on power loss.
-    pub async fn durable(&self) -> Result<(), StoreError> {
-        if self.fail_writes.load(Ordering::Relaxed) {
-            return Err(StoreError::Io("writes are failing (injected)".into()));
-        }
-        self.commit.durable().await.map_err(StoreError::Io)
-    }
-
     /// Test hook: make queue appends and durability fail, as a full or broken disk would.
     #[doc(hidden)]
     pub fn inject_write_failure(&self, fail: bool) {
@@ -276,6 +267,14 @@ impl IntegrationStore {
             let e = decode(&tree, &k, &v)?;
             Ok((String::from_utf8_lossy(&k).into_owned(), e))
         })
+    }
+
+    /// Index entries that are active in the LMS (the guard's base); unreadable entries count
+    /// as inactive.
+    pub fn active_count(&self) -> u64 {
+        self.users()
+            .filter(|r| r.as_ref().map(|(_, e)| e.active()).unwrap_or(false))
+            .count() as u64
     }
 
     pub fn user_count(&self) -> usize {

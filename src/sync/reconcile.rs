@@ -332,12 +332,7 @@ impl<T: Target> Run<'_, '_, T> {
             self.read_target_state().await?;
         }
 
-        let active_before = self
-            .ctx
-            .store
-            .users()
-            .filter(|r| r.as_ref().map(|(_, e)| e.active()).unwrap_or(false))
-            .count() as u64;
+        let active_before = self.ctx.store.active_count();
 
         let user_select = cfg.mapping.user_select();
         let manager_select = cfg.mapping.manager_select();

@@ -157,11 +157,16 @@ pub async fn process<T: Target>(
     }
 
     // 2. Users: plan each one (Graph reads run concurrently), then guard, then apply.
+    // After the membership rounds above, so it includes groups they added.
+    let tree = ctx.store.group_tree(&ctx.cfg.groups)?;
+    let tree = &tree;
     let wanted: Vec<(String, bool)> = users.iter().map(|(u, (f, _))| (u.clone(), *f)).collect();
     let plans: Vec<(String, Result<UserPlan, Failure>)> =
         stream::iter(wanted.into_iter().map(|(uid, follow_up)| async move {
             let span = tracing::info_span!("user", user = %uid);
-            let r = plan_user(ctx, tg, &uid, follow_up).instrument(span).await;
+            let r = plan_user(ctx, tg, tree, &uid, follow_up)
+                .instrument(span)
+                .await;
             (uid, r)
         }))
         .buffer_unordered(ws.concurrency.max(1))
@@ -199,11 +204,7 @@ pub async fn process<T: Target>(
         .filter(|c| c.action == Action::Deactivate)
         .count() as u64;
     if deactivations > 0 {
-        let active_before = ctx
-            .store
-            .users()
-            .filter(|r| r.as_ref().map(|(_, e)| e.active()).unwrap_or(false))
-            .count() as u64;
+        let active_before = ctx.store.active_count();
         if let Err(trip) = plan::guard(
             deactivations,
             active_before,
@@ -345,19 +346,7 @@ async fn membership<T: Target>(
             }
             store.clear_members(group_id)?;
             store.remove_delta_link(group_id)?;
-            let fresh = ctx.graph.group_delta_url(group_id);
-            match ctx.graph.group_delta(group_id, &fresh).await? {
-                DeltaRound::Changes {
-                    changes,
-                    delta_link,
-                    ..
-                } => (changes, delta_link),
-                DeltaRound::Expired(why) => {
-                    return Err(Failure::Item(format!(
-                        "a fresh delta round of group {group_id} was refused: {why}"
-                    )))
-                }
-            }
+            fresh_round(ctx, group_id).await?
         }
     };
     let (added, removed) = fold(&changes);
@@ -431,6 +420,24 @@ fn fold(changes: &[MemberChange]) -> (Vec<(String, MemberKind)>, Vec<String>) {
     (added, removed)
 }
 
+/// A delta round from scratch (the group's current direct members): changes and delta link.
+async fn fresh_round<T: Target>(
+    ctx: &Context<'_, T>,
+    group_id: &str,
+) -> Result<(Vec<MemberChange>, String), Failure> {
+    let fresh = ctx.graph.group_delta_url(group_id);
+    match ctx.graph.group_delta(group_id, &fresh).await? {
+        DeltaRound::Changes {
+            changes,
+            delta_link,
+            ..
+        } => Ok((changes, delta_link)),
+        DeltaRound::Expired(why) => Err(Failure::Item(format!(
+            "a fresh delta round of group {group_id} was refused: {why}"
+        ))),
+    }
+}
+
 /// Takes a fresh delta round of a group that is new to the tree (and of the groups nested in
 /// it), stores members and links, and adds every user member to `candidates`.
 async fn init_group<T: Target>(
@@ -443,19 +450,7 @@ async fn init_group<T: Target>(
     if depth > 32 || ctx.store.delta_link(group_id)?.is_some() {
         return Ok(());
     }
-    let fresh = ctx.graph.group_delta_url(group_id);
-    let (changes, link) = match ctx.graph.group_delta(group_id, &fresh).await? {
-        DeltaRound::Changes {
-            changes,
-            delta_link,
-            ..
-        } => (changes, delta_link),
-        DeltaRound::Expired(why) => {
-            return Err(Failure::Item(format!(
-                "a fresh delta round of group {group_id} was refused: {why}"
-            )))
-        }
-    };
+    let (changes, link) = fresh_round(ctx, group_id).await?;
     let (added, _) = fold(&changes);
     ctx.store.clear_members(group_id)?;
     ctx.store.apply_members(group_id, &added, &[])?;
@@ -497,9 +492,13 @@ struct UserPlan {
 }
 
 /// Whether a user is a direct member of any group in the integration's tree.
-fn in_scope<T: Target>(ctx: &Context<'_, T>, user_id: &str) -> Result<bool, StoreError> {
-    for g in ctx.store.group_tree(&ctx.cfg.groups)? {
-        if ctx.store.is_direct_member(&g, user_id)? {
+fn in_scope<T: Target>(
+    ctx: &Context<'_, T>,
+    tree: &BTreeSet<String>,
+    user_id: &str,
+) -> Result<bool, StoreError> {
+    for g in tree {
+        if ctx.store.is_direct_member(g, user_id)? {
             return Ok(true);
         }
     }
@@ -509,11 +508,12 @@ fn in_scope<T: Target>(ctx: &Context<'_, T>, user_id: &str) -> Result<bool, Stor
 async fn plan_user<T: Target>(
     ctx: &Context<'_, T>,
     tg: &Targeting,
+    tree: &BTreeSet<String>,
     user_id: &str,
     follow_up: bool,
 ) -> Result<UserPlan, Failure> {
     let store = ctx.store;
-    let member = in_scope(ctx, user_id)?;
+    let member = in_scope(ctx, tree, user_id)?;
     let indexed = store.get_user(user_id)?;
     let reports = store.reports_of(user_id)?;
     if !member && indexed.is_none() && reports.is_empty() {
@@ -549,7 +549,7 @@ async fn plan_user<T: Target>(
                     let mref = match (&d.manager_entra_id, tg.link_manager) {
                         (Some(mid), true) => match store.get_user(mid)? {
                             Some(me) => ManagerRef::Known(me.target_id),
-                            None if in_scope(ctx, mid)? && !follow_up => {
+                            None if in_scope(ctx, tree, mid)? && !follow_up => {
                                 // The manager is joining too: sync it, then this user again.
                                 follow_ups.push(Hint::User {
                                     user_id: mid.clone(),

@@ -90,8 +90,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<WebhookState>, m
         web::scope("/webhooks")
             .app_data(state)
             .app_data(web::PayloadConfig::new(max_body))
-            .route("/graph/{integration}", web::post().to(graph))
-            .route("/lifecycle/{integration}", web::post().to(lifecycle)),
+            // Graph may send lifecycle events to either URL; one handler serves both.
+            .route("/graph/{integration}", web::post().to(handle))
+            .route("/lifecycle/{integration}", web::post().to(handle)),
     );
 }
 
@@ -100,24 +101,6 @@ struct Collection {
     value: Vec<Value>,
     #[serde(default, rename = "validationTokens")]
     validation_tokens: Option<Vec<String>>,
-}
-
-async fn graph(
-    req: HttpRequest,
-    path: web::Path<String>,
-    body: web::Bytes,
-    st: web::Data<WebhookState>,
-) -> HttpResponse {
-    handle(req, path.into_inner(), body, st).await
-}
-
-async fn lifecycle(
-    req: HttpRequest,
-    path: web::Path<String>,
-    body: web::Bytes,
-    st: web::Data<WebhookState>,
-) -> HttpResponse {
-    handle(req, path.into_inner(), body, st).await
 }
 
 fn validation_token(req: &HttpRequest) -> Option<String> {
@@ -167,21 +150,17 @@ fn hint_for(hook: &Hook, n: &Value) -> Result<Hint, Reject> {
     let Some(sub_id) = s("subscriptionId") else {
         return Err(Reject::Shape("no subscriptionId"));
     };
-    if let Some(event) = s("lifecycleEvent") {
-        // Lifecycle events for subscriptions we no longer track are still worth acting on
-        // only when they are ours; an unknown id is ignored like any forged notification.
-        return match hook.store.subscription(sub_id) {
-            Ok(Some(_)) => Ok(Hint::Lifecycle {
-                event: event.to_string(),
-                subscription_id: sub_id.to_string(),
-            }),
-            _ => Err(Reject::Subscription),
-        };
-    }
+    // Only subscriptions we track: an unknown id is ignored like any forged notification.
     let record = match hook.store.subscription(sub_id) {
         Ok(Some(r)) => r,
         _ => return Err(Reject::Subscription),
     };
+    if let Some(event) = s("lifecycleEvent") {
+        return Ok(Hint::Lifecycle {
+            event: event.to_string(),
+            subscription_id: sub_id.to_string(),
+        });
+    }
     match record.watch {
         Watch::Members { group_id } => Ok(Hint::Membership { group_id }),
         Watch::Users => {
@@ -205,11 +184,12 @@ fn hint_for(hook: &Hook, n: &Value) -> Result<Hint, Reject> {
 
 async fn handle(
     req: HttpRequest,
-    name: String,
+    path: web::Path<String>,
     body: web::Bytes,
     st: web::Data<WebhookState>,
 ) -> HttpResponse {
     use actix_web::http::StatusCode;
+    let name = path.into_inner();
     let stats = &st.stats;
     let Some(hook) = st.hooks.get(&name) else {
         stats.unknown_integration.fetch_add(1, Ordering::Relaxed);
