@@ -10,12 +10,15 @@ use std::time::{Duration, Instant};
 use common::{spawn, EnvOptions, TestEnv, ENTERPRISE};
 use rostersync::config::Config;
 use rostersync::serve::{serve, ServeOptions};
-use rostersync::sim::graph::SimUser;
+use rostersync::sim::graph::{LifecycleEvent, SimSubscription, SimUser};
+use rostersync::store::{IntegrationStore, Store};
 use rostersync::sync::worker::WorkerSettings;
 use serde_json::{json, Value};
 
 struct Served {
     env: TestEnv,
+    /// The store `serve` uses (handed in, so tests can inspect or break it).
+    store: Store,
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -32,27 +35,42 @@ fn opts() -> ServeOptions {
         health_interval: Duration::from_millis(300),
         renew_interval: Duration::from_secs(1),
         poll_interval: Duration::from_millis(200),
+        store: None,
     }
 }
 
 async fn start(users: usize, extra: &str) -> Served {
+    start_with(users, extra, |_| {}).await
+}
+
+/// `setup` runs after the simulators start and before `serve` does.
+async fn start_with(users: usize, extra: &str, setup: impl FnOnce(&TestEnv)) -> Served {
     let env = spawn(EnvOptions {
         users,
         integration_extra: extra.to_string(),
         ..Default::default()
     })
     .await;
+    setup(&env);
+    launch(env).await
+}
+
+/// Starts `serve` for an environment (again, after a stop: same data directory).
+async fn launch(env: TestEnv) -> Served {
     let text = env
         .config_toml
         .replacen("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n", 1);
     let config = Config::from_toml(&text, Path::new(".")).expect("config");
+    let store = Store::open(&config.server.data_dir).expect("store");
+    let mut options = opts();
+    options.store = Some(store.clone());
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut addr_tx = Some(addr_tx);
         serve(
             config,
-            opts(),
+            options,
             move |a| {
                 if let Some(t) = addr_tx.take() {
                     let _ = t.send(a);
@@ -71,6 +89,7 @@ async fn start(users: usize, extra: &str) -> Served {
         .expect("address");
     let s = Served {
         env,
+        store,
         addr,
         stop: Some(stop_tx),
         task,
@@ -87,6 +106,16 @@ async fn start(users: usize, extra: &str) -> Served {
 impl Served {
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+    fn integ_store(&self) -> IntegrationStore {
+        let name = self.env.integration.cfg.name.clone();
+        self.store.integration(&name).expect("integration store")
+    }
+    fn runs(&self) -> usize {
+        self.integ_store()
+            .runs::<serde_json::Value>(1000)
+            .expect("runs")
+            .len()
     }
     async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
@@ -423,4 +452,454 @@ async fn dropped_notifications_are_repaired_by_the_scheduled_reconcile() {
     .await;
     assert!(env.graph.notify_stats().dropped > 0, "the knob did nothing");
     s.stop().await;
+}
+
+fn users_subscription(env: &TestEnv) -> SimSubscription {
+    env.graph
+        .subscriptions()
+        .into_iter()
+        .find(|s| {
+            s.resource
+                .trim_start_matches('/')
+                .eq_ignore_ascii_case("users")
+        })
+        .expect("a /users subscription")
+}
+
+/// A genuine change notification for one user, as Graph would post it.
+fn user_notification(env: &TestEnv, sub: &SimSubscription, user_id: &str) -> Value {
+    json!({"value": [{
+        "subscriptionId": sub.id,
+        "subscriptionExpirationDateTime": sub.expires_at.to_rfc3339(),
+        "clientState": sub.client_state.clone().unwrap_or_default(),
+        "changeType": "updated",
+        "resource": format!("Users/{user_id}"),
+        "resourceData": {
+            "@odata.type": "#Microsoft.Graph.User",
+            "@odata.id": format!("Users/{user_id}"),
+            "id": user_id,
+        },
+        "tenantId": env.fx.tenant.tenant_id,
+    }]})
+}
+
+fn title(env: &TestEnv, id: &str) -> Option<String> {
+    lms(env, id).and_then(|u| u["title"].as_str().map(str::to_string))
+}
+
+/// A store that cannot write answers 503 (Graph retries), queues nothing and says so in
+/// `/readyz`; once it can write again the same notification is accepted and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_failure_answers_503_and_the_retry_is_applied() {
+    let s = start(10, "").await;
+    let env = &s.env;
+    let http = reqwest::Client::new();
+    let someone = env.member_ids()[3].clone();
+    // Graph's own delivery is held back: the only notification is the one posted here.
+    env.graph.pause_delivery(true);
+    env.graph
+        .update_user(&someone, |u| u.job_title = Some("Storage Survivor".into()));
+    let body = user_notification(env, &users_subscription(env), &someone);
+
+    s.store.inject_write_failure(true);
+    let r = http
+        .post(s.url("/webhooks/graph/test"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(s.integ_store().queue_len(), 0, "a 503 must queue nothing");
+    let mut readyz = (0, String::new());
+    wait_for("/readyz reports the store", 3_000, || {
+        let h = http.get(s.url("/readyz")).send();
+        readyz = futures::executor::block_on(async {
+            let r = h.await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        });
+        readyz.0 == 503 && readyz.1.contains("store")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_ne!(title(env, &someone).as_deref(), Some("Storage Survivor"));
+
+    s.store.inject_write_failure(false);
+    let r = http
+        .post(s.url("/webhooks/graph/test"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    wait_for("the retried notification applied", 2_000, || {
+        title(env, &someone).as_deref() == Some("Storage Survivor")
+    })
+    .await;
+    s.stop().await;
+}
+
+/// reauthorizationRequired renews (and reconciles, since notifications may have paused);
+/// subscriptionRemoved recreates the subscription and reconciles; missed reconciles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lifecycle_events_are_answered() {
+    let s = start(10, "").await;
+    let env = &s.env;
+    wait_for("first reconcile recorded", 5_000, || s.runs() >= 1).await;
+    let runs0 = s.runs();
+
+    // reauthorizationRequired → PATCH with a new expiry, then a reconcile.
+    let users = users_subscription(env);
+    assert!(env
+        .graph
+        .send_lifecycle(&users.id, LifecycleEvent::ReauthorizationRequired));
+    wait_for("renewed after reauthorizationRequired", 5_000, || {
+        env.graph
+            .subscriptions()
+            .iter()
+            .any(|x| x.id == users.id && x.expires_at > users.expires_at)
+    })
+    .await;
+    wait_for("reconcile after reauthorizationRequired", 5_000, || {
+        s.runs() > runs0
+    })
+    .await;
+    let runs1 = s.runs();
+
+    // subscriptionRemoved → a new subscription for the same resource, then a reconcile.
+    let members = env
+        .graph
+        .subscriptions()
+        .into_iter()
+        .find(|x| x.resource.contains(&env.fx.all_group_id))
+        .expect("membership subscription");
+    assert!(env
+        .graph
+        .send_lifecycle(&members.id, LifecycleEvent::SubscriptionRemoved));
+    wait_for("membership subscription recreated", 5_000, || {
+        let subs = env.graph.subscriptions();
+        !subs.iter().any(|x| x.id == members.id)
+            && subs
+                .iter()
+                .any(|x| x.resource == members.resource && x.id != members.id)
+    })
+    .await;
+    wait_for("reconcile after subscriptionRemoved", 5_000, || {
+        s.runs() > runs1
+    })
+    .await;
+    let recorded: Vec<String> = s
+        .integ_store()
+        .subscriptions()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert!(
+        !recorded.contains(&members.id),
+        "the removed id is forgotten"
+    );
+    let runs2 = s.runs();
+
+    // missed → a reconcile.
+    assert!(env.graph.send_lifecycle(&users.id, LifecycleEvent::Missed));
+    wait_for("reconcile after missed", 5_000, || s.runs() > runs2).await;
+
+    // The recreated membership subscription delivers: a hire still arrives.
+    env.graph.upsert_user(new_user(7, None));
+    env.graph
+        .add_member(&env.fx.all_group_id, &new_user(7, None).id);
+    let id = new_user(7, None).id;
+    wait_for("hire through the recreated subscription", 3_000, || {
+        active(env, &id) == Some(true)
+    })
+    .await;
+    s.stop().await;
+}
+
+/// With a 2-minute maximum lifetime Graph refuses our usual request; rostersync learns the
+/// maximum from the 400, asks for it, and renews every subscription before it lapses: the same
+/// subscriptions are alive after their first expiry and still deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn short_subscription_lifetime_is_renewed_before_it_lapses() {
+    let s = start_with(10, "", |env| env.graph.set_max_subscription_minutes(2.0)).await;
+    let env = &s.env;
+    let first = env.graph.subscriptions();
+    assert!(first.len() >= 2);
+    let now = chrono::Utc::now();
+    for x in &first {
+        assert!(
+            x.expires_at <= now + chrono::Duration::minutes(2),
+            "granted lifetime is within Graph's maximum: {}",
+            x.expires_at
+        );
+    }
+    let lapse = first.iter().map(|x| x.expires_at).max().unwrap();
+    let wait = (lapse - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(3);
+    tokio::time::sleep(wait).await;
+    let later = env.graph.subscriptions();
+    for x in &first {
+        let now = later
+            .iter()
+            .find(|y| y.id == x.id)
+            .unwrap_or_else(|| panic!("subscription {} for {} lapsed", x.id, x.resource));
+        assert!(now.expires_at > x.expires_at, "{} was renewed", x.resource);
+    }
+    // Still delivering.
+    let someone = env.member_ids()[2].clone();
+    env.graph
+        .update_user(&someone, |u| u.job_title = Some("Renewed".into()));
+    wait_for("change after renewals", 2_000, || {
+        title(env, &someone).as_deref() == Some("Renewed")
+    })
+    .await;
+    s.stop().await;
+}
+
+/// An item that keeps failing goes to the dead letters with its error and attempts; `queue
+/// dead` shows it and `queue replay` (CLI, with serve stopped: one process per store) puts it
+/// back, and the next serve applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_items_go_to_dead_letters_and_replay_applies_them() {
+    let s = start(10, "").await;
+    let env = &s.env;
+    // An LMS user someone made by hand holds the new hire's userName: creating would take it
+    // over, so rostersync refuses, item by item, until it is buried.
+    let hire = new_user(9, None);
+    env.scim
+        .insert_user(json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": hire.user_principal_name,
+            "externalId": "made-by-hand",
+            "active": true,
+        }))
+        .expect("insert");
+    env.graph.upsert_user(hire.clone());
+    env.graph.add_member(&env.fx.all_group_id, &hire.id);
+    wait_for("the failing item buried", 8_000, || {
+        s.integ_store()
+            .dead_letters()
+            .map(|d| !d.is_empty())
+            .unwrap_or(false)
+    })
+    .await;
+    let dead = s.integ_store().dead_letters().unwrap();
+    let (_, item) = dead
+        .iter()
+        .find(|(_, it)| format!("{:?}", it.hint).contains(&hire.id))
+        .expect("the hire's item is the dead letter");
+    assert_eq!(item.attempts, 3, "max_attempts");
+    assert!(item.last_error.is_some() && item.dead_at.is_some());
+    assert!(lms(env, &hire.id).is_none());
+
+    // The conflict is resolved in the LMS; the operator replays with serve stopped.
+    let hand = env
+        .scim
+        .user_by_user_name(&hire.user_principal_name)
+        .unwrap();
+    assert!(env.scim.delete_user(hand["id"].as_str().unwrap()));
+    let config_path = env.dir.path().join("rostersync.toml");
+    std::fs::write(&config_path, &env.config_toml).unwrap();
+    let Served {
+        env,
+        store,
+        stop,
+        task,
+        ..
+    } = s;
+    if let Some(tx) = stop {
+        let _ = tx.send(());
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    drop(store);
+    let cli = |args: &[&str]| {
+        // serve ran in this process: its last handles (actix workers' app data) may take a
+        // moment to drop after it returned, and sled's lock goes with the last one.
+        let mut tries = 0;
+        let out = loop {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
+                .arg("--config")
+                .arg(&config_path)
+                .args(args)
+                .output()
+                .expect("run rostersync");
+            tries += 1;
+            if tries < 50 && String::from_utf8_lossy(&out.stderr).contains("in use by another") {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            break out;
+        };
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, out) = cli(&["queue", "dead"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&hire.id), "queue dead lists the user: {out}");
+    let (code, out) = cli(&["queue", "replay", "--all"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (_, out) = cli(&["queue", "stats"]);
+    assert!(
+        !out.contains("queued 0  ") && out.contains("  dead 0  "),
+        "{out}"
+    );
+
+    // serve again on the same data, on another port (a new public address): the replayed
+    // item is applied, and the subscriptions move to the new address.
+    let again = launch(env).await;
+    let env = &again.env;
+    wait_for("replayed item applied", 5_000, || {
+        active(env, &hire.id) == Some(true)
+    })
+    .await;
+    let port = again.addr.port().to_string();
+    wait_for("subscriptions moved to the new address", 5_000, || {
+        let subs = env.graph.subscriptions();
+        subs.len() >= 2 && subs.iter().all(|x| x.notification_url.contains(&port))
+    })
+    .await;
+    env.graph
+        .update_user(&hire.id, |u| u.job_title = Some("Moved".into()));
+    wait_for("a change after the move", 2_000, || {
+        title(env, &hire.id).as_deref() == Some("Moved")
+    })
+    .await;
+    wait_for("queue drained", 2_000, || {
+        again.integ_store().queue_len() == 0
+    })
+    .await;
+    again.stop().await;
+}
+
+/// `wait_for`, but a timeout shows the end of the child's log.
+async fn wait_logged(what: &str, ms: u64, log: &Path, mut f: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(ms) {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    panic!(
+        "timed out after {ms} ms waiting for {what}; serve's log ends:\n{}",
+        tail.join("\n")
+    );
+}
+
+/// The `rostersync serve` binary as a child process.
+struct Child {
+    proc: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+async fn spawn_serve(config: &Path, log: &Path) -> Child {
+    use tokio::io::AsyncBufReadExt;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut proc = tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
+        .arg("--config")
+        .arg(config)
+        .args(["--log", "info", "serve"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn rostersync serve");
+    let stdout = proc.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(a) = line.strip_prefix("listening on ") {
+                return a.trim().parse::<SocketAddr>().unwrap();
+            }
+        }
+        panic!("serve exited before listening");
+    })
+    .await
+    .expect("serve listening in time");
+    Child { proc, addr }
+}
+
+/// A notification answered 202 survives SIGKILL right after the answer: the next process
+/// applies it. The LMS is down while the first process runs, so only the queue can carry the
+/// change across; Graph's own delivery is held back and no reconcile runs at the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notification_acknowledged_before_sigkill_is_applied_after_restart() {
+    let env = spawn(EnvOptions {
+        users: 10,
+        // No scheduled reconcile during the test.
+        integration_extra: "schedule = \"0 0 0 1 1 *\"".into(),
+        ..Default::default()
+    })
+    .await;
+    let config = env.dir.path().join("rostersync.toml");
+    let log = env.dir.path().join("serve.log");
+    let write_config = |listen: &str| {
+        let text = env.config_toml.replacen(
+            "[server]\n",
+            &format!("[server]\nlisten = \"{listen}\"\n"),
+            1,
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write_config("127.0.0.1:0");
+    let mut first = spawn_serve(&config, &log).await;
+    let members = env.member_ids().len();
+    wait_logged(
+        "subscriptions and the first reconcile",
+        20_000,
+        &log,
+        || env.graph.subscriptions().len() >= 2 && env.scim.user_count() >= members * 9 / 10,
+    )
+    .await;
+
+    let someone = env.member_ids()[4].clone();
+    env.graph.pause_delivery(true);
+    env.scim.set_down(true);
+    env.graph
+        .update_user(&someone, |u| u.job_title = Some("Survived SIGKILL".into()));
+    let body = user_notification(&env, &users_subscription(&env), &someone);
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/webhooks/graph/test", first.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    first.proc.start_kill().unwrap(); // SIGKILL
+    let status = first.proc.wait().await.unwrap();
+    assert!(!status.success(), "killed, not exited: {status:?}");
+    env.scim.set_down(false);
+    assert_ne!(title(&env, &someone).as_deref(), Some("Survived SIGKILL"));
+
+    // Same port, so the subscriptions Graph holds still point at us.
+    write_config(&first.addr.to_string());
+    let mut second = spawn_serve(&config, &log).await;
+    wait_for(
+        "the acknowledged notification applied after restart",
+        15_000,
+        || title(&env, &someone).as_deref() == Some("Survived SIGKILL"),
+    )
+    .await;
+    second.proc.start_kill().unwrap();
+    let _ = second.proc.wait().await;
+    // Only the first start's reconcile ever ran: the queue carried the change.
+    let store = Store::open(&env.dir.path().join("data")).unwrap();
+    let runs = store
+        .integration(&env.integration.cfg.name)
+        .unwrap()
+        .runs::<Value>(100)
+        .unwrap();
+    assert_eq!(runs.len(), 1, "no reconcile at restart");
 }

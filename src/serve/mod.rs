@@ -48,6 +48,9 @@ pub struct ServeOptions {
     pub renew_interval: Duration,
     /// Queue poll interval when nothing wakes the worker (backoff retries).
     pub poll_interval: Duration,
+    /// An already open store to use instead of opening `data_dir` (embedding, tests that
+    /// inspect or break the store while serving).
+    pub store: Option<Store>,
 }
 
 impl Default for ServeOptions {
@@ -57,6 +60,7 @@ impl Default for ServeOptions {
             health_interval: Duration::from_secs(30),
             renew_interval: Duration::from_secs(60),
             poll_interval: Duration::from_secs(1),
+            store: None,
         }
     }
 }
@@ -85,7 +89,10 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let store = Store::open(&config.server.data_dir)?;
+    let store = match &opts.store {
+        Some(s) => s.clone(),
+        None => Store::open(&config.server.data_dir)?,
+    };
     let mut lives: Vec<Arc<Live>> = Vec::new();
     let mut hooks = HashMap::new();
     for cfg in &config.integrations {
@@ -430,12 +437,9 @@ async fn renew_loop(
     opts: ServeOptions,
     mut stop: watch::Receiver<bool>,
 ) {
-    // Check often enough that renew_before_minutes is honoured with margin.
-    let every = opts.renew_interval.min(
-        Duration::from_secs(u64::from(live.integ.cfg.renew_before_minutes) * 60 / 4)
-            .max(Duration::from_secs(1)),
-    );
     loop {
+        // Often enough that no subscription lapses between two checks.
+        let every = opts.renew_interval.min(subs::check_interval(&live.integ));
         if sleep_or_stop(every, &mut stop).await {
             return;
         }

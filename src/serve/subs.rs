@@ -55,15 +55,110 @@ pub fn wanted(integ: &Integration) -> Result<Vec<Watch>, StoreError> {
     Ok(out)
 }
 
+/// Meta key: the maximum lifetime (minutes) Graph told us for this integration's resources.
+const LEARNED_MAX: &str = "subscription_max_minutes";
+
+/// The lifetime to ask for, in minutes: `subscription_minutes`, capped by a maximum Graph
+/// reported in an earlier 400 ("can only be N minutes in the future").
+fn lifetime_minutes(integ: &Integration) -> f64 {
+    let configured = f64::from(integ.cfg.subscription_minutes);
+    match integ.store.get_meta::<f64>(LEARNED_MAX) {
+        Ok(Some(m)) if m > 0.0 => configured.min(m),
+        _ => configured,
+    }
+}
+
 fn expiry(integ: &Integration) -> chrono::DateTime<Utc> {
-    let mins = integ.cfg.subscription_minutes;
-    // At Graph's maximum, keep a minute of slack for clock skew and latency.
-    let mins = if mins >= MAX_SUBSCRIPTION_MINUTES {
-        mins - 1
+    let mins = lifetime_minutes(integ);
+    // Slack for clock skew and latency: a minute at long lifetimes, 5 % at short ones.
+    let slack = (mins * 0.05).min(1.0);
+    let mins = if mins >= f64::from(MAX_SUBSCRIPTION_MINUTES) || mins < 45.0 {
+        mins - slack
     } else {
         mins
     };
-    Utc::now() + Duration::minutes(i64::from(mins))
+    Utc::now() + Duration::milliseconds((mins * 60_000.0) as i64)
+}
+
+/// Graph's 400 for a too-long lifetime: "Subscription expiration can only be N minutes in
+/// the future." → N.
+fn max_minutes_in(e: &GraphError) -> Option<f64> {
+    let GraphError::Api {
+        status: 400,
+        message,
+        ..
+    } = e
+    else {
+        return None;
+    };
+    let rest = message.split("can only be ").nth(1)?;
+    let mut words = rest.split_whitespace();
+    let n: f64 = words.next()?.parse().ok()?;
+    (words.next()?.starts_with("minute") && n > 0.0 && n.is_finite()).then_some(n)
+}
+
+/// Remembers the maximum lifetime an error names; true when the request is worth repeating.
+fn learn_max(integ: &Integration, e: &GraphError) -> bool {
+    let Some(max) = max_minutes_in(e) else {
+        return false;
+    };
+    if lifetime_minutes(integ) <= max {
+        return false;
+    }
+    tracing::warn!(
+        max_minutes = max,
+        asked = lifetime_minutes(integ),
+        "Graph allows a shorter subscription lifetime than subscription_minutes; using its maximum"
+    );
+    integ.store.put_meta(LEARNED_MAX, &max).is_ok()
+}
+
+/// How long before expiry a subscription is renewed: `renew_before_minutes`, but at most half
+/// the lifetime Graph granted it.
+fn renew_before(integ: &Integration, rec: &SubscriptionRecord) -> Duration {
+    let configured = Duration::minutes(i64::from(integ.cfg.renew_before_minutes));
+    let granted = rec.expires_at - rec.renewed_at.unwrap_or(rec.created_at);
+    if granted > Duration::zero() {
+        configured.min(granted / 2)
+    } else {
+        configured
+    }
+}
+
+/// How often the renewal check must run so no subscription lapses between checks.
+pub fn check_interval(integ: &Integration) -> std::time::Duration {
+    let before_mins = f64::from(integ.cfg.renew_before_minutes).min(lifetime_minutes(integ) / 2.0);
+    std::time::Duration::from_secs_f64((before_mins * 60.0 / 4.0).max(1.0))
+}
+
+/// Renews a recorded subscription and stores its new expiry. `Ok(false)`: Graph says it is
+/// gone (404).
+async fn renew_record(
+    integ: &Integration,
+    rec: &mut SubscriptionRecord,
+) -> Result<bool, SubsError> {
+    let renewed = match integ.graph.renew_subscription(&rec.id, expiry(integ)).await {
+        Err(e) if learn_max(integ, &e) => {
+            integ.graph.renew_subscription(&rec.id, expiry(integ)).await
+        }
+        r => r,
+    };
+    match renewed {
+        Ok(Some(s)) => {
+            tracing::info!(subscription = %rec.id, resource = %rec.resource, expires = %s.expires_at, "subscription renewed");
+            rec.expires_at = s.expires_at;
+            rec.renewed_at = Some(Utc::now());
+            rec.last_error = None;
+            integ.store.put_subscription(rec)?;
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
+        Err(e) => {
+            rec.last_error = Some(e.to_string());
+            integ.store.put_subscription(rec)?;
+            Err(e.into())
+        }
+    }
 }
 
 /// Creates one subscription; a 409 duplicate we know is adopted (renewed), one we do not
@@ -86,7 +181,17 @@ async fn create(
             expires_at: expiry(integ),
             client_state,
         };
-        match integ.graph.create_subscription(&req).await? {
+        let created = match integ.graph.create_subscription(&req).await {
+            Err(e) if learn_max(integ, &e) => {
+                let req = NewSubscription {
+                    expires_at: expiry(integ),
+                    ..req
+                };
+                integ.graph.create_subscription(&req).await
+            }
+            r => r,
+        };
+        match created? {
             Created::New(s) => {
                 tracing::info!(subscription = %s.id, resource = %res, expires = %s.expires_at, "subscription created");
                 let rec = SubscriptionRecord {
@@ -98,6 +203,7 @@ async fn create(
                     created_at: Utc::now(),
                     renewed_at: None,
                     last_error: None,
+                    notification_url: n.clone(),
                 };
                 integ.store.put_subscription(&rec)?;
                 return Ok(rec);
@@ -124,12 +230,9 @@ async fn create(
                     )));
                 };
                 if let Some(mut rec) = integ.store.subscription(&id)? {
-                    if let Some(s) = integ.graph.renew_subscription(&id, expiry(integ)).await? {
+                    rec.watch = w.clone();
+                    if renew_record(integ, &mut rec).await? {
                         tracing::info!(subscription = %id, resource = %res, "adopted our existing subscription");
-                        rec.expires_at = s.expires_at;
-                        rec.renewed_at = Some(Utc::now());
-                        rec.watch = w.clone();
-                        integ.store.put_subscription(&rec)?;
                         return Ok(rec);
                     }
                 } else if attempt == 0 {
@@ -155,35 +258,35 @@ pub async fn ensure(
     let wanted = wanted(integ)?;
     let mut have = integ.store.subscriptions()?;
     let now = Utc::now();
-    let renew_before = Duration::minutes(i64::from(integ.cfg.renew_before_minutes));
     let mut recreated = false;
     let mut errors = Vec::new();
     for w in &wanted {
         let existing = have.iter().position(|r| &r.watch == w);
         let result = match existing.map(|i| have.remove(i)) {
-            Some(rec) if rec.expires_at > now + renew_before => Ok(()),
-            Some(mut rec) if rec.expires_at > now => {
-                match integ.graph.renew_subscription(&rec.id, expiry(integ)).await {
-                    Ok(Some(s)) => {
-                        tracing::info!(subscription = %rec.id, resource = %rec.resource, expires = %s.expires_at, "subscription renewed");
-                        rec.expires_at = s.expires_at;
-                        rec.renewed_at = Some(Utc::now());
-                        rec.last_error = None;
-                        integ.store.put_subscription(&rec).map_err(SubsError::from)
-                    }
-                    Ok(None) => {
-                        tracing::warn!(subscription = %rec.id, "subscription is gone (404); creating it again");
-                        integ.store.remove_subscription(&rec.id)?;
-                        recreated = true;
-                        create(integ, public, client_state, w).await.map(|_| ())
-                    }
-                    Err(e) => {
-                        rec.last_error = Some(e.to_string());
-                        integ.store.put_subscription(&rec)?;
-                        Err(e.into())
-                    }
-                }
+            // public_url changed: Graph would keep posting to the old address. The lifecycle
+            // URL cannot be changed by PATCH, so the subscription is made again.
+            Some(rec)
+                if !rec.notification_url.is_empty()
+                    && rec.notification_url
+                        != notification_url(public, integ.cfg.name.as_str()) =>
+            {
+                tracing::warn!(subscription = %rec.id, old = %rec.notification_url, "public_url changed; creating the subscription again at the new address");
+                let _ = integ.graph.delete_subscription(&rec.id).await;
+                integ.store.remove_subscription(&rec.id)?;
+                recreated = true;
+                create(integ, public, client_state, w).await.map(|_| ())
             }
+            Some(rec) if rec.expires_at > now + renew_before(integ, &rec) => Ok(()),
+            Some(mut rec) if rec.expires_at > now => match renew_record(integ, &mut rec).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    tracing::warn!(subscription = %rec.id, "subscription is gone (404); creating it again");
+                    integ.store.remove_subscription(&rec.id)?;
+                    recreated = true;
+                    create(integ, public, client_state, w).await.map(|_| ())
+                }
+                Err(e) => Err(e),
+            },
             Some(rec) => {
                 tracing::warn!(subscription = %rec.id, "subscription expired before renewal; creating it again");
                 integ.store.remove_subscription(&rec.id)?;
@@ -246,29 +349,20 @@ pub async fn lifecycle(
     match event {
         "reauthorizationRequired" => {
             // A renewal also reauthorizes (one call; never both within 10 minutes).
-            match integ
-                .graph
-                .renew_subscription(&rec.id, expiry(integ))
-                .await?
-            {
-                Some(s) => {
-                    tracing::info!(subscription = %rec.id, "reauthorized (renewed) after reauthorizationRequired");
-                    rec.expires_at = s.expires_at;
-                    rec.renewed_at = Some(Utc::now());
-                    integ.store.put_subscription(&rec)?;
-                    // Notifications may have paused until now.
-                    Ok(true)
-                }
-                None => {
-                    integ.store.remove_subscription(&rec.id)?;
-                    create(integ, public, client_state, &rec.watch).await?;
-                    Ok(true)
-                }
+            if renew_record(integ, &mut rec).await? {
+                tracing::info!(subscription = %rec.id, "reauthorized (renewed) after reauthorizationRequired");
+            } else {
+                integ.store.remove_subscription(&rec.id)?;
+                create(integ, public, client_state, &rec.watch).await?;
             }
+            // Notifications may have paused until now.
+            Ok(true)
         }
         "subscriptionRemoved" => {
             tracing::warn!(subscription = %rec.id, "Graph removed the subscription; creating it again");
             integ.store.remove_subscription(&rec.id)?;
+            // Normally gone already; if not, the duplicate would block the new one.
+            let _ = integ.graph.delete_subscription(&rec.id).await;
             create(integ, public, client_state, &rec.watch).await?;
             Ok(true)
         }
@@ -277,5 +371,57 @@ pub async fn lifecycle(
             tracing::warn!(event = %other.chars().take(64).collect::<String>(), "unknown lifecycle event ignored");
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16, message: &str) -> GraphError {
+        GraphError::Api {
+            method: "POST",
+            path: "/subscriptions".into(),
+            status,
+            code: "ExtensionError".into(),
+            message: message.into(),
+            hint: String::new(),
+        }
+    }
+
+    #[test]
+    fn graph_maximum_lifetime_is_read_from_its_400() {
+        let e = api(
+            400,
+            "Subscription expiration can only be 4230 minutes in the future.",
+        );
+        assert_eq!(max_minutes_in(&e), Some(4230.0));
+        assert_eq!(
+            max_minutes_in(&api(
+                400,
+                "Subscription expiration can only be 2.5 minutes in the future."
+            )),
+            Some(2.5)
+        );
+        // Other 400s, other statuses and nonsense numbers are not a maximum.
+        assert_eq!(max_minutes_in(&api(400, "Invalid notificationUrl")), None);
+        assert_eq!(
+            max_minutes_in(&api(
+                403,
+                "Subscription expiration can only be 10 minutes in the future."
+            )),
+            None
+        );
+        assert_eq!(
+            max_minutes_in(&api(
+                400,
+                "expiration can only be -3 minutes in the future."
+            )),
+            None
+        );
+        assert_eq!(
+            max_minutes_in(&api(400, "expiration can only be 10 hours in the future.")),
+            None
+        );
     }
 }

@@ -16,6 +16,24 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 
 pub(crate) struct GroupCommit {
     tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for GroupCommit {
+    /// The flusher holds a database handle: stop it with the last store handle, so the
+    /// directory's lock is released when the store is dropped, not some time later.
+    fn drop(&mut self) {
+        let tx = self.tx.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        drop(tx);
+        if let Some(t) = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
+    }
 }
 
 impl GroupCommit {
@@ -35,15 +53,16 @@ impl GroupCommit {
                     }
                 }
             });
-        let tx = match spawned {
-            Ok(_) => Some(tx),
+        let (tx, thread) = match spawned {
+            Ok(t) => (Some(tx), Some(t)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the store flusher thread; durable writes will fail");
-                None
+                (None, None)
             }
         };
         Arc::new(GroupCommit {
             tx: std::sync::Mutex::new(tx),
+            thread: std::sync::Mutex::new(thread),
         })
     }
 

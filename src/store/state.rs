@@ -33,6 +33,10 @@ pub struct SubscriptionRecord {
     /// Last renewal or creation error, cleared on success.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Where Graph posts this subscription's notifications (empty in records from before it
+    /// was kept).
+    #[serde(default)]
+    pub notification_url: String,
 }
 
 /// A direct member of a group as group delta reports it.
