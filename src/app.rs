@@ -37,7 +37,7 @@ impl Integration {
             GraphSettings {
                 tenant_id: cfg.tenant_id.clone(),
                 client_id: cfg.client_id.clone(),
-                client_secret: cfg.client_secret.clone(),
+                credential: cfg.credential.clone(),
                 login_url: cfg.login_url.clone(),
                 graph_url: cfg.graph_url.clone(),
             },
@@ -91,7 +91,10 @@ impl Integration {
                 line(
                     "Graph token".into(),
                     CheckStatus::Ok,
-                    "got an app-only token".into(),
+                    format!(
+                        "got an app-only token {}",
+                        self.graph.credential().describe()
+                    ),
                 );
                 for g in &self.cfg.groups {
                     let (st, d) = split(self.check_group(g).await);

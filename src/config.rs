@@ -12,6 +12,9 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use url::Url;
 
+use crate::graph::credential::{
+    Certificate, CertificateAlg, CertificateCredential, ClientCredential,
+};
 use crate::sync::mapping::{Mapping, MappingError, UsernameSource};
 
 /// Default SCIM custom extension URN for attributes that have no standard SCIM home.
@@ -139,7 +142,14 @@ struct RawIntegration {
     name: String,
     tenant_id: String,
     client_id: String,
-    client_secret: RawSecret,
+    /// Required with `credential = "secret"` (the default) only.
+    client_secret: Option<RawSecret>,
+    /// "secret" (default), "certificate" or "workload_identity".
+    credential: Option<String>,
+    certificate: Option<PathBuf>,
+    certificate_key: Option<RawSecret>,
+    certificate_alg: Option<String>,
+    federated_token_file: Option<PathBuf>,
     groups: Vec<String>,
     #[serde(default = "default_username")]
     username: String,
@@ -170,6 +180,108 @@ struct RawTarget {
     concurrency: Option<usize>,
     timeout_secs: Option<u64>,
     custom_schema: Option<String>,
+}
+
+/// Set by the AKS workload identity webhook to the projected service account token's path.
+pub const FEDERATED_TOKEN_FILE_ENV: &str = "AZURE_FEDERATED_TOKEN_FILE";
+
+/// The integration's credential keys: `credential` picks the kind, which needs its own keys and
+/// refuses the others' (a stale `client_secret` beside a certificate would mislead readers).
+/// `env_token_file` is the value of [`FEDERATED_TOKEN_FILE_ENV`].
+fn resolve_credential(
+    ri: &RawIntegration,
+    k: &dyn Fn(&str) -> String,
+    base: &Path,
+    env_token_file: Option<std::ffi::OsString>,
+) -> Result<ClientCredential, ConfigError> {
+    let kind = ri.credential.as_deref().unwrap_or("secret");
+    let used: &[&str] = match kind {
+        "secret" => &["client_secret"],
+        "certificate" => &["certificate", "certificate_key", "certificate_alg"],
+        "workload_identity" => &["federated_token_file"],
+        other => {
+            return Err(invalid(
+                k("credential"),
+                format!("{other:?} is not supported; use \"secret\", \"certificate\" or \"workload_identity\""),
+            ))
+        }
+    };
+    let present = [
+        ("client_secret", ri.client_secret.is_some()),
+        ("certificate", ri.certificate.is_some()),
+        ("certificate_key", ri.certificate_key.is_some()),
+        ("certificate_alg", ri.certificate_alg.is_some()),
+        ("federated_token_file", ri.federated_token_file.is_some()),
+    ];
+    if let Some((key, _)) = present
+        .iter()
+        .find(|(key, set)| *set && !used.contains(key))
+    {
+        return Err(invalid(
+            k(key),
+            format!("is not used with credential = {kind:?}; remove it (or change credential)"),
+        ));
+    }
+    let resolve_path = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    match kind {
+        "certificate" => {
+            let Some(cert_path) = &ri.certificate else {
+                return Err(invalid(k("certificate"), "is required with credential = \"certificate\": the path of the certificate's PEM file (the public part uploaded to the app registration)"));
+            };
+            let Some(raw_key) = &ri.certificate_key else {
+                return Err(invalid(k("certificate_key"), "is required with credential = \"certificate\": the certificate's private key in PEM, as { file = \"path\" }, { env = \"VAR\" } or { value = \"...\" }"));
+            };
+            let alg = match ri.certificate_alg.as_deref() {
+                None => CertificateAlg::Ps256,
+                Some(a) => CertificateAlg::parse(a).ok_or_else(|| {
+                    invalid(
+                        k("certificate_alg"),
+                        format!("{a:?} is not supported; use \"PS256\" (default) or \"RS256\""),
+                    )
+                })?,
+            };
+            let path = resolve_path(cert_path);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    k("certificate"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let cert = Certificate::from_pem(&text)
+                .map_err(|e| invalid(k("certificate"), format!("{}: {e}", path.display())))?;
+            let key = raw_key.resolve(&k("certificate_key"), base)?;
+            let cred = CertificateCredential::new(cert, &key, alg)
+                .and_then(|c| c.check_pair().map(|()| c))
+                .map_err(|e| invalid(k("certificate_key"), e.to_string()))?;
+            Ok(ClientCredential::Certificate(cred))
+        }
+        "workload_identity" => {
+            let token_file = match (&ri.federated_token_file, env_token_file) {
+                (Some(p), _) => resolve_path(p),
+                (None, Some(env)) if !env.is_empty() => PathBuf::from(env),
+                (None, _) => return Err(invalid(
+                    k("federated_token_file"),
+                    format!("is not set and neither is the environment variable {FEDERATED_TOKEN_FILE_ENV} (the AKS workload identity webhook sets it); give the path of the projected service account token"),
+                )),
+            };
+            Ok(ClientCredential::WorkloadIdentity { token_file })
+        }
+        _ => match &ri.client_secret {
+            Some(raw) => Ok(ClientCredential::Secret(
+                raw.resolve(&k("client_secret"), base)?,
+            )),
+            None => Err(invalid(
+                k("client_secret"),
+                "is required (or choose credential = \"certificate\" or \"workload_identity\")",
+            )),
+        },
+    }
 }
 
 fn default_username() -> String {
@@ -274,7 +386,8 @@ pub struct IntegrationConfig {
     pub name: IntegrationName,
     pub tenant_id: String,
     pub client_id: String,
-    pub client_secret: SecretString,
+    /// Client secret, certificate or workload identity (key material resolved and redacted).
+    pub credential: ClientCredential,
     pub groups: Vec<String>,
     pub username: UsernameSource,
     pub login_url: Url,
@@ -461,7 +574,8 @@ impl Config {
             )?;
             let max_deactivations = DeactivationLimit::parse(&ri.max_deactivations)
                 .map_err(|m| invalid(k("max_deactivations"), m))?;
-            let client_secret = ri.client_secret.resolve(&k("client_secret"), base)?;
+            let credential =
+                resolve_credential(&ri, &k, base, std::env::var_os(FEDERATED_TOKEN_FILE_ENV))?;
             let graph_concurrency = ri.graph_concurrency.unwrap_or(4);
             if !(1..=32).contains(&graph_concurrency) {
                 return Err(invalid(k("graph_concurrency"), "must be between 1 and 32"));
@@ -549,7 +663,7 @@ impl Config {
                 name,
                 tenant_id: ri.tenant_id.trim().to_string(),
                 client_id: ri.client_id,
-                client_secret,
+                credential,
                 groups: ri.groups,
                 username,
                 login_url,
@@ -675,8 +789,15 @@ token = { value = "scim-token" }
         assert_eq!(i.login_url.as_str(), "https://login.microsoftonline.com/");
         assert_eq!(i.target.url.as_str(), "https://lms.example.com/scim/v2");
         assert_eq!(i.target.concurrency, 8);
-        assert_eq!(i.client_secret.expose_secret(), "s3cr3t-value");
+        assert_eq!(secret_of(i), "s3cr3t-value");
         assert!(i.link_existing);
+    }
+
+    fn secret_of(i: &IntegrationConfig) -> &str {
+        match &i.credential {
+            ClientCredential::Secret(s) => s.expose_secret(),
+            other => panic!("expected a client secret, got {other:?}"),
+        }
     }
 
     fn err_of(text: &str) -> String {
@@ -789,7 +910,7 @@ token = { value = "scim-token" }
         std::fs::write(dir.path().join("secret.txt"), "from-file\n").unwrap();
         let text = GOOD.replace("{ value = \"s3cr3t-value\" }", "{ file = \"secret.txt\" }");
         let c = Config::from_toml(&text, dir.path()).unwrap();
-        assert_eq!(c.integrations[0].client_secret.expose_secret(), "from-file");
+        assert_eq!(secret_of(&c.integrations[0]), "from-file");
     }
 
     #[test]
@@ -805,6 +926,169 @@ token = { value = "scim-token" }
             .rules
             .iter()
             .any(|r| r.key == "custom.company"));
+    }
+
+    /// GOOD with its client_secret line replaced by `credential_lines`.
+    fn with_credential(credential_lines: &str) -> String {
+        GOOD.replace(
+            "client_secret = { value = \"s3cr3t-value\" }",
+            credential_lines,
+        )
+    }
+
+    fn write_cert_files(dir: &Path) {
+        use crate::sim::keys;
+        std::fs::write(dir.join("app.crt.pem"), keys::APP_CERT_PEM).unwrap();
+        std::fs::write(dir.join("app.key.pem"), keys::APP_KEY_PEM).unwrap();
+        std::fs::write(dir.join("other.key.pem"), keys::FORGER_KEY_PEM).unwrap();
+    }
+
+    #[test]
+    fn certificate_credentials_load_from_files_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert_files(dir.path());
+        let text = with_credential(
+            "credential = \"certificate\"\ncertificate = \"app.crt.pem\"\ncertificate_key = { file = \"app.key.pem\" }",
+        );
+        let c = Config::from_toml(&text, dir.path()).unwrap();
+        let ClientCredential::Certificate(cert) = &c.integrations[0].credential else {
+            panic!("not a certificate credential");
+        };
+        assert_eq!(cert.alg(), CertificateAlg::Ps256);
+        assert_eq!(
+            cert.certificate().thumbprints().x5t_s256,
+            crate::sim::keys::APP_CERT_X5T_S256
+        );
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("PRIVATE KEY") && !dbg.contains("MII"),
+            "{dbg}"
+        );
+        let rs = Config::from_toml(
+            &text.replace(
+                "credential = \"certificate\"",
+                "credential = \"certificate\"\ncertificate_alg = \"RS256\"",
+            ),
+            dir.path(),
+        )
+        .unwrap();
+        assert!(matches!(&rs.integrations[0].credential,
+            ClientCredential::Certificate(c) if c.alg() == CertificateAlg::Rs256));
+    }
+
+    #[test]
+    fn credential_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert_files(dir.path());
+        let err_in = |text: &str| Config::from_toml(text, dir.path()).unwrap_err().to_string();
+        let p = "integration[0] (contoso).";
+        let cert = "credential = \"certificate\"\ncertificate = \"app.crt.pem\"\ncertificate_key = { file = \"app.key.pem\" }";
+        let cases: Vec<(String, &str, &str)> = vec![
+            (with_credential(""), "client_secret", "required"),
+            (
+                with_credential("credential = \"password\""),
+                "credential",
+                "workload_identity",
+            ),
+            (
+                with_credential("credential = \"certificate\"\ncertificate_key = { file = \"app.key.pem\" }"),
+                "certificate",
+                "required",
+            ),
+            (
+                with_credential("credential = \"certificate\"\ncertificate = \"app.crt.pem\""),
+                "certificate_key",
+                "required",
+            ),
+            (
+                with_credential(&cert.replace("app.crt.pem", "missing.pem")),
+                "certificate",
+                "missing.pem",
+            ),
+            (
+                with_credential(&cert.replace("app.crt.pem", "app.key.pem")),
+                "certificate",
+                "certificate_key",
+            ),
+            (
+                with_credential(&cert.replace("{ file = \"app.key.pem\" }", "{ file = \"app.crt.pem\" }")),
+                "certificate_key",
+                "only a certificate",
+            ),
+            (
+                with_credential(&cert.replace("app.key.pem", "other.key.pem")),
+                "certificate_key",
+                "does not belong to the certificate",
+            ),
+            (
+                with_credential(&format!("{cert}\ncertificate_alg = \"ES256\"")),
+                "certificate_alg",
+                "PS256",
+            ),
+            (
+                GOOD.replace(
+                    "client_secret = { value = \"s3cr3t-value\" }",
+                    &format!("client_secret = {{ value = \"s3cr3t-value\" }}\n{cert}"),
+                ),
+                "client_secret",
+                "not used with credential = \"certificate\"",
+            ),
+            (
+                with_credential("certificate = \"app.crt.pem\""),
+                "certificate",
+                "not used with credential = \"secret\"",
+            ),
+            (
+                with_credential("credential = \"workload_identity\"\ncertificate_alg = \"PS256\"\nfederated_token_file = \"t\""),
+                "certificate_alg",
+                "not used",
+            ),
+        ];
+        for (text, key, words) in cases {
+            let e = err_in(&text);
+            assert!(e.starts_with(&format!("{p}{key}:")), "{key}: {e}");
+            assert!(e.contains(words), "{key}: {e}");
+            assert!(!e.contains("MII"), "{e}");
+        }
+    }
+
+    #[test]
+    fn workload_identity_takes_the_file_from_the_key_or_the_environment() {
+        let raw = |extra: &str| -> RawConfig {
+            toml::from_str(&with_credential(&format!(
+                "credential = \"workload_identity\"\n{extra}"
+            )))
+            .unwrap()
+        };
+        let k = |f: &str| format!("integration[0] (contoso).{f}");
+        let base = Path::new("/etc/rs");
+        let env = Some(std::ffi::OsString::from(
+            "/var/run/secrets/azure/tokens/azure-identity-token",
+        ));
+        let path_of = |r: RawConfig, env: Option<std::ffi::OsString>| match resolve_credential(
+            &r.integration[0],
+            &k,
+            base,
+            env,
+        ) {
+            Ok(ClientCredential::WorkloadIdentity { token_file }) => Ok(token_file),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(
+            path_of(raw(""), env.clone()).unwrap(),
+            PathBuf::from("/var/run/secrets/azure/tokens/azure-identity-token")
+        );
+        assert_eq!(
+            path_of(raw("federated_token_file = \"tokens/t.jwt\""), env).unwrap(),
+            PathBuf::from("/etc/rs/tokens/t.jwt")
+        );
+        let e = path_of(raw(""), None).unwrap_err();
+        assert!(
+            e.starts_with("integration[0] (contoso).federated_token_file:")
+                && e.contains(FEDERATED_TOKEN_FILE_ENV),
+            "{e}"
+        );
     }
 
     #[test]

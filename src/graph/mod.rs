@@ -4,6 +4,7 @@
 //! Owns every Graph URL and wire detail (see README "Graph"). It must not know SCIM, sled or
 //! the mapping; callers pass the `$select` lists.
 
+pub mod credential;
 pub mod delta;
 pub mod models;
 pub mod subscriptions;
@@ -18,6 +19,7 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use crate::retry::{read_limited, retry_after, RetryPolicy};
+use credential::{ClientCredential, Proof, JWT_BEARER};
 use models::{GraphGroup, GraphUser};
 
 /// Graph pages of 999 users are ~2 MB; anything far beyond is a broken or hostile peer.
@@ -46,6 +48,9 @@ pub enum GraphError {
     Decode { what: String, message: String },
     #[error("group {0} does not exist in the tenant (deleted, or a wrong object id in `groups`)")]
     GroupNotFound(String),
+    /// The credential could not be used (unreadable token file, signing failure).
+    #[error(transparent)]
+    Credential(#[from] credential::CredentialError),
 }
 
 impl GraphError {
@@ -57,7 +62,9 @@ impl GraphError {
     }
 }
 
-/// Plain advice for the token endpoint's AADSTS codes.
+/// Plain advice for the token endpoint's AADSTS codes. Codes other than 7000215, 7000222,
+/// 700016, 7000218, 70011, 700027 and 90002 are not in Microsoft's published table (graph.md
+/// §12): their advice follows what Entra is widely reported to send.
 pub fn aadsts_advice(code: Option<u64>, description: &str) -> String {
     let first_line = description.lines().next().unwrap_or("").trim();
     match code {
@@ -67,8 +74,14 @@ pub fn aadsts_advice(code: Option<u64>, description: &str) -> String {
         Some(90002) => "tenant not found (AADSTS90002): check tenant_id (a GUID or a verified domain such as contoso.onmicrosoft.com) and login_url".into(),
         Some(7000218) => "no client credential was sent (AADSTS7000218): client_secret is empty".into(),
         Some(70011) => "invalid scope (AADSTS70011): check graph_url; the scope is <graph_url>/.default".into(),
-        Some(700027) => "client assertion has an invalid signature (AADSTS700027): upload the certificate to the app registration".into(),
-        Some(70021) => "no matching federated identity credential (AADSTS70021): check the issuer, subject and audience of the app's federated credential".into(),
+        Some(700027) => "client assertion refused (AADSTS700027): its signature or certificate is not registered on the app. Upload `certificate` (the public .pem/.cer, not the key) under App registrations > Certificates & secrets > Certificates, and check that certificate_key is that certificate's private key".into(),
+        Some(700024) => "client assertion is not within its valid time range (AADSTS700024): check this machine's clock (NTP); for workload identity, the federated token file holds an expired token (is the kubelet still rotating it?)".into(),
+        Some(700021) => "client assertion refused (AADSTS700021): its issuer and subject must be the client_id of the app registration".into(),
+        Some(50027) => "client assertion refused (AADSTS50027): it is not a well-formed JWT; for workload identity, check that federated_token_file holds the projected service account token itself".into(),
+        Some(70021) | Some(700211) | Some(700212) | Some(700213) => format!(
+            "no matching federated identity credential (AADSTS{}): the app's federated credential (App registrations > Certificates & secrets > Federated credentials) must name exactly the token's issuer (the cluster's OIDC issuer URL), subject (system:serviceaccount:<namespace>:<service account>) and audience (api://AzureADTokenExchange). {first_line}",
+            code.unwrap_or(70021)
+        ),
         Some(c) => format!("token request refused (AADSTS{c}): {first_line}"),
         None => format!("token request refused: {first_line}"),
     }
@@ -79,7 +92,7 @@ pub fn aadsts_advice(code: Option<u64>, description: &str) -> String {
 pub struct GraphSettings {
     pub tenant_id: String,
     pub client_id: String,
-    pub client_secret: SecretString,
+    pub credential: ClientCredential,
     pub login_url: Url,
     pub graph_url: Url,
 }
@@ -159,6 +172,11 @@ impl GraphClient {
         }
     }
 
+    /// How this client authenticates (for `check`).
+    pub fn credential(&self) -> &ClientCredential {
+        &self.settings.credential
+    }
+
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -203,17 +221,26 @@ impl GraphClient {
             urlencode(&s.tenant_id)
         );
         let scope = format!("{}/.default", root(&s.graph_url));
-        let form = [
-            ("client_id", s.client_id.as_str()),
-            ("scope", scope.as_str()),
-            ("client_secret", s.client_secret.expose_secret()),
-            ("grant_type", "client_credentials"),
-        ];
         let what = || format!("the token endpoint {}", root(&s.login_url));
         let mut attempt = 0;
         loop {
             attempt += 1;
             let started = Instant::now();
+            // A fresh proof per attempt: an assertion's jti must never be sent twice, and the
+            // federated token file may have been rotated since the last try.
+            let proof = s.credential.proof(&url, &s.client_id).await?;
+            let mut form = vec![
+                ("client_id", s.client_id.as_str()),
+                ("scope", scope.as_str()),
+                ("grant_type", "client_credentials"),
+            ];
+            match &proof {
+                Proof::Secret(secret) => form.push(("client_secret", secret.expose_secret())),
+                Proof::Assertion(jwt) => {
+                    form.push(("client_assertion_type", JWT_BEARER));
+                    form.push(("client_assertion", jwt.expose_secret()));
+                }
+            }
             let resp = self.http.post(&url).form(&form).send().await;
             let resp = match resp {
                 Ok(r) => r,
@@ -262,7 +289,11 @@ impl GraphClient {
                 let refresh_at = started
                     .checked_add(Duration::from_secs(lifetime))
                     .unwrap_or(started);
-                tracing::debug!(expires_in, "got a Graph access token");
+                tracing::debug!(
+                    expires_in,
+                    credential = s.credential.kind(),
+                    "got a Graph access token"
+                );
                 return Ok(CachedToken {
                     token: SecretString::from(ok.access_token),
                     refresh_at,
@@ -278,10 +309,19 @@ impl GraphClient {
                 .error_description
                 .or(err.error)
                 .unwrap_or_else(|| format!("HTTP {status}"));
-            return Err(GraphError::Auth {
+            let mut advice = aadsts_advice(code, &desc);
+            if let (Some(700027), ClientCredential::Certificate(c)) = (code, &s.credential) {
+                advice.push_str(&format!(
+                    " (this certificate's thumbprint: {})",
+                    c.certificate().thumbprints().sha1_hex
+                ));
+            }
+            tracing::warn!(
                 code,
-                advice: aadsts_advice(code, &desc),
-            });
+                credential = s.credential.kind(),
+                "token request refused"
+            );
+            return Err(GraphError::Auth { code, advice });
         }
     }
 
@@ -672,5 +712,17 @@ mod tests {
             Some(7000215)
         );
         assert!(aadsts_advice(Some(1234), "AADSTS1234: odd\ntrace").ends_with("odd"));
+        assert!(aadsts_advice(Some(700027), "").contains("Certificates & secrets > Certificates"));
+        assert!(aadsts_advice(Some(700024), "").contains("clock"));
+        for c in [70021, 700211, 700212, 700213] {
+            let a = aadsts_advice(
+                Some(c),
+                "AADSTS700212: No matching federated identity record",
+            );
+            assert!(
+                a.contains(&format!("AADSTS{c}")) && a.contains("api://AzureADTokenExchange"),
+                "{a}"
+            );
+        }
     }
 }

@@ -4,8 +4,10 @@
 //! identity platform token endpoint that rostersync uses, following the documented wire formats
 //! (see `graph.md` sections 7, 8 and 9.1):
 //!
-//! * `POST /{tenant}/oauth2/v2.0/token` — client credentials (form body or HTTP Basic), AADSTS
-//!   error bodies.
+//! * `POST /{tenant}/oauth2/v2.0/token` — client credentials with a secret (form body or HTTP
+//!   Basic) or a client assertion (a certificate registered with
+//!   [`GraphSim::add_app_certificate`], or a federated token matching
+//!   [`GraphSim::add_federated_credential`]; checks in `graph/tokens.rs`), AADSTS error bodies.
 //! * `GET /v1.0/groups/{id}`, `/groups/{id}/members`, `/groups/{id}/transitiveMembers` (optionally
 //!   cast with `/microsoft.graph.user` or `/microsoft.graph.group`), with `$select`, `$top`
 //!   (1..=999, default 100) and opaque `$skiptoken` paging through absolute `@odata.nextLink`s.
@@ -30,6 +32,9 @@ mod tokens;
 
 pub use subscriptions::{
     DeliveryAttempt, LifecycleEvent, NotifyFaults, NotifyStats, SimSubscription, TokenForgery,
+};
+pub use tokens::{
+    sign_federated_token, FederatedCredential, TEST_KUBE_ISSUER, TOKEN_EXCHANGE_AUDIENCE,
 };
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -258,6 +263,8 @@ struct State {
     soft_deleted: HashMap<String, SimUser>,
     notify: subscriptions::NotifyState,
     delta: delta::DeltaState,
+    /// Certificates and federated credentials of the app registration.
+    app_credentials: tokens::AppCredentials,
 }
 
 impl State {
@@ -281,6 +288,7 @@ impl State {
             soft_deleted: HashMap::new(),
             notify: subscriptions::NotifyState::default(),
             delta: delta::DeltaState::default(),
+            app_credentials: tokens::AppCredentials::default(),
         };
         for u in t.users {
             s.upsert_user(u);
@@ -1049,17 +1057,37 @@ fn token_endpoint(sim: &Shared, req: &HttpRequest, tenant_raw: &str, body: &[u8]
         .as_ref()
         .map(|(_, sec)| sec.clone())
         .or_else(|| form.get("client_secret").cloned());
-    match secret {
-        None if form.contains_key("client_assertion") => {
+    match (secret, form.get("client_assertion")) {
+        (Some(_), Some(_)) => {
             return aad_error(
                 req,
-                401,
-                "invalid_client",
-                700027,
-                "The certificate with identifier used to sign the client assertion is not registered on application.",
+                400,
+                "invalid_request",
+                90014,
+                "The request must contain either 'client_secret' or 'client_assertion', not both.",
             );
         }
-        None => {
+        (None, Some(assertion)) => {
+            match form.get("client_assertion_type").map(String::as_str) {
+                None => return missing("client_assertion_type"),
+                Some(t) if t != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" => {
+                    return aad_error(
+                        req,
+                        400,
+                        "invalid_request",
+                        90014,
+                        &format!("The 'client_assertion_type' '{t}' is not supported; use 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer'."),
+                    );
+                }
+                Some(_) => {}
+            }
+            let token_url = format!("{}/{}/oauth2/v2.0/token", sim.base_url, s.tenant_id);
+            let client_id = s.client_id.clone();
+            if let Err(r) = s.app_credentials.check(assertion, &client_id, &token_url) {
+                return aad_error(req, r.status, r.error, r.code, &r.description);
+            }
+        }
+        (None, None) => {
             return aad_error(
                 req,
                 401,
@@ -1068,7 +1096,7 @@ fn token_endpoint(sim: &Shared, req: &HttpRequest, tenant_raw: &str, body: &[u8]
                 "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
             );
         }
-        Some(sec) if sec != s.client_secret => {
+        (Some(sec), None) if sec != s.client_secret => {
             return aad_error(
                 req,
                 401,
@@ -1080,7 +1108,7 @@ fn token_endpoint(sim: &Shared, req: &HttpRequest, tenant_raw: &str, body: &[u8]
                 ),
             );
         }
-        Some(_) => {}
+        (Some(_), None) => {}
     }
     let Some(scope) = form.get("scope") else {
         return missing("scope");

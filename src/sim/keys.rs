@@ -1,5 +1,6 @@
-//! Fixed RSA keys for the Graph simulator's signed tokens (validationTokens, JWKS).
-//! Test material only: published here on purpose, never used outside the simulators.
+//! Fixed RSA keys and certificates for the Graph simulator's signed tokens (validationTokens,
+//! JWKS), client-assertion certificates and the workload-identity issuer. Test material only:
+//! published here on purpose, never used outside the simulators and tests.
 
 /// PKCS#8 PEM private key.
 pub const SIGNING_KEY_PEM: &str = r"-----BEGIN PRIVATE KEY-----
@@ -74,3 +75,164 @@ pub const KEY_E: &str = "AQAB";
 
 /// `kid` of the signing key in the simulator's JWKS.
 pub const SIGNING_KID: &str = "sim-key-1";
+
+/// Certificate of the simulated app registration (self-signed, CN=rostersync-sim-app, RSA 2048,
+/// valid until 2126). Register it with `GraphSim::add_app_certificate`.
+pub const APP_CERT_PEM: &str = r"-----BEGIN CERTIFICATE-----
+MIIDHTCCAgWgAwIBAgIUJw/rt4uu/NyZXVr7BKVvismT2UMwDQYJKoZIhvcNAQEL
+BQAwHTEbMBkGA1UEAwwScm9zdGVyc3luYy1zaW0tYXBwMCAXDTI2MTEyODAyMDkx
+OFoYDzIxMjYxMTA0MDIwOTE4WjAdMRswGQYDVQQDDBJyb3N0ZXJzeW5jLXNpbS1h
+cHAwggEiMA0GCSqGSIb3DQEBAQUAA4IBDwAwggEKAoIBAQCfdamLXnTOBLtqhNsq
+H0NKnRj4P8aRpqd+lNl0G3W134uGTkJhfehx507d6Dcxjq4xQcbLRqjakYYa5x6y
+wDiCEtWG9F/Kc0mFMqMQoimdPyO3pylltOeVJRMv4FTggyV1KRQUDE8MzS6HOR6P
+9QBC1+yV70UU/rCpF4Z70Yjd7zdwol4tlsVlPDJ3SoEm/jijYuL9EV/QkMlIxGLR
+JTvokTsGxYamn2iy+yDfw4FXJiGYUQAh5tSjnK7zvDDYx7pGI5BuCBn9cFhFXirp
+OkwSmN3eA/xhAkgy00KjgTqf2z43sBvG91EIlWUlF8HoM0tIScGVxPToZ3UYebA9
+BOBVAgMBAAGjUzBRMB0GA1UdDgQWBBQMv02t8sBZLJw3weSWZNzzoBoTQTAfBgNV
+HSMEGDAWgBQMv02t8sBZLJw3weSWZNzzoBoTQTAPBgNVHRMBAf8EBTADAQH/MA0G
+CSqGSIb3DQEBCwUAA4IBAQATHLV5DVzt73zNUC/Xm0R2ZigBgXbR+30Twuhfi4p/
+ipjUo460JunbUyvlD6Fa8ngBVDiqivxefGRjbchCjHNvAH+vSMvLp7pSLvepRYzf
+h6ba12vdF7dKeFwEzqeDwHpVubm0p0Fh/HszQ8IVwxqQUeGaeRMd7915eRSfRHcv
+AFipniDk2umGnUplix7xr1YRc+aD5Ftpmni/rh+xKXTpwmWqlOkXQhUJwATmWxNx
+w++LK7KRsW8WCpginf/idfOM+7xEkW20/0qdAyzCOl0k/k+GkNLAfBPMs5lbqStj
+y0zNhqZvh1AsMumBsSWAjFzh4jQBPlBuEPoogF68KRAq
+-----END CERTIFICATE-----
+";
+
+/// `x5t#S256` of [`APP_CERT_PEM`]: base64url SHA-256 of its DER (computed with openssl).
+pub const APP_CERT_X5T_S256: &str = "5JrO9m2dUCJav4wotcYMth6byBKDyMnfsoTSburi0Xs";
+/// `x5t` of [`APP_CERT_PEM`]: base64url SHA-1 of its DER.
+pub const APP_CERT_X5T: &str = "wn8ZFlxNefSfvE3EbHgDn4nGWj4";
+/// The SHA-1 thumbprint as the Entra admin center shows it.
+pub const APP_CERT_SHA1_HEX: &str = "C27F19165C4D79F49FBC4DC46C78039F89C65A3E";
+
+/// Private key of [`APP_CERT_PEM`], PKCS#8 PEM.
+pub const APP_KEY_PEM: &str = r"-----BEGIN PRIVATE KEY-----
+MIIEvAIBADANBgkqhkiG9w0BAQEFAASCBKYwggSiAgEAAoIBAQCfdamLXnTOBLtq
+hNsqH0NKnRj4P8aRpqd+lNl0G3W134uGTkJhfehx507d6Dcxjq4xQcbLRqjakYYa
+5x6ywDiCEtWG9F/Kc0mFMqMQoimdPyO3pylltOeVJRMv4FTggyV1KRQUDE8MzS6H
+OR6P9QBC1+yV70UU/rCpF4Z70Yjd7zdwol4tlsVlPDJ3SoEm/jijYuL9EV/QkMlI
+xGLRJTvokTsGxYamn2iy+yDfw4FXJiGYUQAh5tSjnK7zvDDYx7pGI5BuCBn9cFhF
+XirpOkwSmN3eA/xhAkgy00KjgTqf2z43sBvG91EIlWUlF8HoM0tIScGVxPToZ3UY
+ebA9BOBVAgMBAAECggEADgCEPIF1EsEeHuafIxX/L+5XCrd47YG7i/Uwmg4uOiPw
+ycCV+h8W+eeEiJ5TOGYNvDQJK4DfI2ArbTHVw373B071koXjYnDYqBpP8M44hr8M
+WRxT2YM24aURh/70HQnPEHhks7T3/QkIWKXmnd/236e7tde+km8h3ps6+yTlVo1/
+LXfHMgsdiU4qBemqJmnmI81Uy4Uxv+AsPnY6LYIk9Eece/PhKMz4aW6xM8+rgiRR
+bguU9ZzZR8wjG1ZlXRJhNZIpfTGJOMiD6XMv1JiqknUBgniT+IXVw18hpHkSFzhx
+w6PHYFRLrLNLWBZNfGSUl5vqMusfIjbH4396togHEQKBgQDM2xAlezJLX3Jdk7BJ
+e9DIcAsZSSVUJB8FoofvsZTzMjJ0IQIoBgj7BL03OkHYta5h+yMOt0ESA90vE798
+d6tVreqRh9p7uSCOqfG5h+4J/e6yJ5H9W8cFFYllr0OVq8AMHEtYhisEYd2qORx/
+/vthi31tKH1ELn5g/4DkR46w5QKBgQDHRTMsCaWnnLS4UK6wWltxywbjO5GBs0a7
+F1RSII+yPsqp3kMrhzyMVco5NTADuN0MeqAO1bKy8prhqksqzMD2uuHV99749/nb
+KHKf/NyuqcCxWLvYBl0GUQSk0gtq/7ca7TSEnQqIo7GweR1c8v20gLWyCrWTurQx
+QZTXNosqsQKBgBiUA+jrUgp3BiqyCImYgGE8CCjdfMwOlWZArNyWSs+u6xzBxRd2
+OeecFvOkWrgcfDKnRfqDBBycOBJo5SWS2gyqlCUnzo/fk0dqnmTrKSUrwVLAqqRi
+OYujnNuFXq97bsxFLMkPN+QLteOxfHji59g5OzA4lmbyyRjsLtO0vir9AoGAB//w
+MPlmLBdvbeLXUH8gIq5a5W5zxfgzg7lJCk8CVc6NhkpE+g9gz+V1y9wlxFB8l06o
+9E+B8AsrSpnykJJNwNn5zQQ5cFdMMY8rIt8c4OoxsSz1xZNj0qgX/qHsEWyYpj0V
+malQTfH8ZTBHjH64zrFIGhCx/29EYqHWXtlyttECgYBon8zSo/SmS9UuM4j/ZOw4
+siMadHx4qnbtQYxIzD2HKWPU5d91Jiw4QkVSVat+TEeXUwr/B40g/oLI959hke9Y
+Lv8b+88U8o7T8dZvpVx/7F6HIm3bt5XKnrbxlxpVtxsH6YInMXwP3HUZ1NwUX+R8
+FCBm+9icb8zhuAq0y0vMqg==
+-----END PRIVATE KEY-----
+";
+
+/// The same key as [`APP_KEY_PEM`] in PKCS#1 (`BEGIN RSA PRIVATE KEY`), as older tools write it.
+pub const APP_KEY_PKCS1_PEM: &str = r"-----BEGIN RSA PRIVATE KEY-----
+MIIEogIBAAKCAQEAn3Wpi150zgS7aoTbKh9DSp0Y+D/GkaanfpTZdBt1td+Lhk5C
+YX3ocedO3eg3MY6uMUHGy0ao2pGGGucessA4ghLVhvRfynNJhTKjEKIpnT8jt6cp
+ZbTnlSUTL+BU4IMldSkUFAxPDM0uhzkej/UAQtfsle9FFP6wqReGe9GI3e83cKJe
+LZbFZTwyd0qBJv44o2Li/RFf0JDJSMRi0SU76JE7BsWGpp9osvsg38OBVyYhmFEA
+IebUo5yu87ww2Me6RiOQbggZ/XBYRV4q6TpMEpjd3gP8YQJIMtNCo4E6n9s+N7Ab
+xvdRCJVlJRfB6DNLSEnBlcT06Gd1GHmwPQTgVQIDAQABAoIBAA4AhDyBdRLBHh7m
+nyMV/y/uVwq3eO2Bu4v1MJoOLjoj8MnAlfofFvnnhIieUzhmDbw0CSuA3yNgK20x
+1cN+9wdO9ZKF42Jw2KgaT/DOOIa/DFkcU9mDNuGlEYf+9B0JzxB4ZLO09/0JCFil
+5p3f9t+nu7XXvpJvId6bOvsk5VaNfy13xzILHYlOKgXpqiZp5iPNVMuFMb/gLD52
+Oi2CJPRHnHvz4SjM+GlusTPPq4IkUW4LlPWc2UfMIxtWZV0SYTWSKX0xiTjIg+lz
+L9SYqpJ1AYJ4k/iF1cNfIaR5Ehc4ccOjx2BUS6yzS1gWTXxklJeb6jLrHyI2x+N/
+eraIBxECgYEAzNsQJXsyS19yXZOwSXvQyHALGUklVCQfBaKH77GU8zIydCECKAYI
++wS9NzpB2LWuYfsjDrdBEgPdLxO/fHerVa3qkYfae7kgjqnxuYfuCf3usieR/VvH
+BRWJZa9DlavADBxLWIYrBGHdqjkcf/77YYt9bSh9RC5+YP+A5EeOsOUCgYEAx0Uz
+LAmlp5y0uFCusFpbccsG4zuRgbNGuxdUUiCPsj7Kqd5DK4c8jFXKOTUwA7jdDHqg
+DtWysvKa4apLKszA9rrh1ffe+Pf52yhyn/zcrqnAsVi72AZdBlEEpNILav+3Gu00
+hJ0KiKOxsHkdXPL9tIC1sgq1k7q0MUGU1zaLKrECgYAYlAPo61IKdwYqsgiJmIBh
+PAgo3XzMDpVmQKzclkrPruscwcUXdjnnnBbzpFq4HHwyp0X6gwQcnDgSaOUlktoM
+qpQlJ86P35NHap5k6yklK8FSwKqkYjmLo5zbhV6ve27MRSzJDzfkC7XjsXx44ufY
+OTswOJZm8skY7C7TtL4q/QKBgAf/8DD5ZiwXb23i11B/ICKuWuVuc8X4M4O5SQpP
+AlXOjYZKRPoPYM/ldcvcJcRQfJdOqPRPgfALK0qZ8pCSTcDZ+c0EOXBXTDGPKyLf
+HODqMbEs9cWTY9KoF/6h7BFsmKY9FZmpUE3x/GUwR4x+uM6xSBoQsf9vRGKh1l7Z
+crbRAoGAaJ/M0qP0pkvVLjOI/2TsOLIjGnR8eKp27UGMSMw9hylj1OXfdSYsOEJF
+UlWrfkxHl1MK/weNIP6CyPefYZHvWC7/G/vPFPKO0/HWb6Vcf+xehyJt27eVyp62
+8ZcaVbcbB+mCJzF8D9x1GdTcFF/kfBQgZvvYnG/M4bgKtMtLzKo=
+-----END RSA PRIVATE KEY-----
+";
+
+/// A certificate for [`FORGER_KEY_PEM`] (CN=rostersync-sim-unregistered): a valid pair that the
+/// simulated app does not know.
+pub const UNREGISTERED_CERT_PEM: &str = r"-----BEGIN CERTIFICATE-----
+MIIDLzCCAhegAwIBAgIUMkuRTC3vnMzCSzB1obFo5sybB3QwDQYJKoZIhvcNAQEL
+BQAwJjEkMCIGA1UEAwwbcm9zdGVyc3luYy1zaW0tdW5yZWdpc3RlcmVkMCAXDTI2
+MTEyODAyMDkxOFoYDzIxMjYxMTA0MDIwOTE4WjAmMSQwIgYDVQQDDBtyb3N0ZXJz
+eW5jLXNpbS11bnJlZ2lzdGVyZWQwggEiMA0GCSqGSIb3DQEBAQUAA4IBDwAwggEK
+AoIBAQDhJetw5BHnL9RgZiAdmn+Q22gkftpzSkkny8eswt1Ovqj9qKdbSH5E4biX
+aVuaceVsIMj8W+rS7+CglaDW2PomQFq8lYzZguiO9VFV/hh4wCAxoRVALwopiYZK
+ypqsPqrw567plXBbpqv8+Lz8P8s4EU3IWk1UrOEz0ToPLnsFS41o8XmYTDr1Jjrj
+0cC2E99ztjuJJQcYzP81yBIdW/Kn38Wz+VaFvz0mGdS/09IMWSQWNmHckMjvkq+F
+xvBeBAbVqYQgcoDkMn62tO2VRX+cQvpGjpWpbR8LCJdSuKAq5zgjbPuq3uquLKUs
+S5r5fSy6ICCux2vY4Lqs6XDtTMj9AgMBAAGjUzBRMB0GA1UdDgQWBBRCstO01f2V
+trjgdrONcsfPUtSo6zAfBgNVHSMEGDAWgBRCstO01f2VtrjgdrONcsfPUtSo6zAP
+BgNVHRMBAf8EBTADAQH/MA0GCSqGSIb3DQEBCwUAA4IBAQA0ztqJh9mZ0clEr8iy
+8LpKS8MohPtWsU/kH+89A8HAn1oKiE0PhiSxl6Hlfj8F5pyuDMvBvg2DPEgtRsEp
+CkbosDbxFp6+LYM05UuceAbFqcl/bxiK4O0zzE7rj1+3u3ndMdMFU1hgPppHFDWR
+5vzqjQt7jMfygvuDRCuquVXZ67cUMgr+BsMRaAxvkY/61bCIwbG+5Udtw6h6EhGM
+b0EG4bP/XPRKsn03b8W0rCkMswEnAuIogaczEo+oXWFkGyFMSjAnijOmRcsgBpp2
+xbmq5icj1er37UuoKBsBxBai28WFs93aJ8UG40wH63goUo+t4HdSm5jG/jN8/qi/
+z3S8
+-----END CERTIFICATE-----
+";
+
+/// `x5t#S256` of [`UNREGISTERED_CERT_PEM`].
+pub const UNREGISTERED_CERT_X5T_S256: &str = "J9lAs1_vQvAzpQORK7svBALM0hrxLQSsSau5PKA2HEM";
+
+/// Signing key of the test "Kubernetes service-account issuer" (workload identity), PKCS#8 PEM.
+pub const KUBE_ISSUER_KEY_PEM: &str = r"-----BEGIN PRIVATE KEY-----
+MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCfADZ+rWPryOff
+8vfHKqLSrz1c8vM/gbl4QxEmoT3DOBBVbsjoE0azX+HDC342e3E1PH+FeMfjNTCf
+A7cHXPc4TEQ28eRLF08XkbKpxisPNtD5IdrobL9ErkliY+PeU9l6ECuhcI1hJY+E
+q4sE+icOeiHNEGFeT7V79DUaCp0oKjUio9IXmnrPsyisxcKJjt+U/cieD7ux2Ybd
+gcluN/cuM/YXG+uEtPiATJDWR0ObNpahslkvAKfLBuXJnCbFCUhj9tN8E3Cp9EuX
+2ANSFl2IGqbZ/P2R15dK7drDsMRKzwWRBUi31UG56RYkftHk13DeINtkWswAWbjh
+yZqvODr5AgMBAAECggEAKiSZzRCzE8s/3kVddD4yQupstsa0P4hoOt533MfPAX/K
+IILJIG3/hsqqoZJZxSIJ2wTqfduKC4hNF1CaQgrbgeIBEJkjm92VOpeFBee/APzT
+/byB86njNlaFn9z/CC4sTeScU+Frr6yPcigvpEWTdYxciihFzoQNA8oyCvF2Py8p
+MtpOzGAtVl+Tsmt5YxRGpzMYNFsXkIDNqw6snullc5Dcmdxoy/NrevHeRfa+CRK1
+E2K79dA0xDFH45dGTZl/2G8ZQfRXcuYijZ8W2WhYdhmVD5GS+GyXIbDeNe5oGChl
+5cRhbfr7nIte0y1FUTPv+OLJtHKLO91BY1C2zZf7+wKBgQDgP6Gyd88/2L+sOg6y
+d2moKyUUalhcGXiL5B/58tgLPO+zW3wdc7GzfMFViqYVG4CfkzDrzponySlmKuII
+OwIL2saglfiB/CVHsCCqQoNBzGzCTV+YpNIYFcCl/WeAdyztW++TQgArCPElshTY
+Nz8HhlTUVy7RtHWm9zfjiVEcQwKBgQC1g4mvdfQ/15GPl6NAOa06A9f9lNccsT4/
+pWyS3WMVu0cw5afi3uTu5YDh8ZM5oOV4OSbWWhzCVeI+KiwM046liP15+GSk3o1Y
+VzJoVD3j0cFuuD5bqc1gDFiStTI457h+tIRZQ4MUafZ/M8j1nGSN9/RPv6uYdkiq
+Uw633382EwKBgBU9EZR0knVqkuS97uxqMOCTjYR8effnFaqyJXEn1dxinhUvofas
+IXVtaGYwpoAzRaBXcXez7pe8Dqa1gwjihdQXmV5WNd4hwmoivUVC3Wma8eYJK/eq
+DJfpX4CZGndpUiD85xjcVGW/CA/Y6O59dQPCbkBaLX4BCG+S1IFBXSQ/AoGBAJ+P
+E5eD7sO4MaKyP7WTfe1Dt7iYAEiengPA3SJ1LkbKLBiVqPFL0p8WbCcx/qNoBo+a
+XcOLz0Ad0xWmaLaVug1V0MxJR9+OK13+uLbxZr4/gvRbTaWyLHFEKRA96/oN6Cap
+dLYrHKzzQNYspXkSk2ohD0iTSrppMBNZk9SayO61AoGAK9Qzzo+YHU/ZzJj48T+b
+8VVag08lOSJxABE9+YjJd2Q32oBW3lAXY9F7xJE+sD2qccATOiu97XUUTh4LMRku
+Xd1KkyV8u/l/L8b+FbyZ+UK1CJp3LGcF+sKjBzyyC8AonlM6n/F9DslXFEdCO3fY
+bzBeADnB+aeymf3vhiHt3HY=
+-----END PRIVATE KEY-----
+";
+
+/// Public key of [`KUBE_ISSUER_KEY_PEM`] (SPKI PEM): what Entra would fetch from the issuer's JWKS.
+pub const KUBE_ISSUER_PUBLIC_PEM: &str = r"-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAnwA2fq1j68jn3/L3xyqi
+0q89XPLzP4G5eEMRJqE9wzgQVW7I6BNGs1/hwwt+NntxNTx/hXjH4zUwnwO3B1z3
+OExENvHkSxdPF5GyqcYrDzbQ+SHa6Gy/RK5JYmPj3lPZehAroXCNYSWPhKuLBPon
+DnohzRBhXk+1e/Q1GgqdKCo1IqPSF5p6z7MorMXCiY7flP3Ing+7sdmG3YHJbjf3
+LjP2FxvrhLT4gEyQ1kdDmzaWobJZLwCnywblyZwmxQlIY/bTfBNwqfRLl9gDUhZd
+iBqm2fz9kdeXSu3aw7DESs8FkQVIt9VBuekWJH7R5Ndw3iDbZFrMAFm44cmarzg6
++QIDAQAB
+-----END PUBLIC KEY-----
+";
