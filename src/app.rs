@@ -33,23 +33,27 @@ pub enum BuildError {
 
 impl Integration {
     pub fn build(cfg: &IntegrationConfig, store: &Store) -> Result<Self, BuildError> {
-        let graph = std::sync::Arc::new(GraphClient::new(
-            GraphSettings {
-                tenant_id: cfg.tenant_id.clone(),
-                client_id: cfg.client_id.clone(),
-                credential: cfg.credential.clone(),
-                login_url: cfg.login_url.clone(),
-                graph_url: cfg.graph_url.clone(),
-            },
-            GraphClient::default_http()?,
-        ));
+        let graph = std::sync::Arc::new(
+            GraphClient::new(
+                GraphSettings {
+                    tenant_id: cfg.tenant_id.clone(),
+                    client_id: cfg.client_id.clone(),
+                    credential: cfg.credential.clone(),
+                    login_url: cfg.login_url.clone(),
+                    graph_url: cfg.graph_url.clone(),
+                },
+                GraphClient::default_http()?,
+            )
+            .with_label(cfg.name.as_str()),
+        );
         let target = ScimTarget::new(
             &cfg.target.url,
             cfg.target.token.clone(),
             &cfg.target.custom_schema,
             cfg.target.concurrency,
             Duration::from_secs(cfg.target.timeout_secs),
-        )?;
+        )?
+        .with_label(cfg.name.as_str());
         Ok(Self {
             cfg: cfg.clone(),
             graph,
@@ -68,7 +72,22 @@ impl Integration {
     }
 
     pub async fn reconcile(&self, opts: RunOptions, progress: Option<ProgressFn>) -> RunReport {
-        reconcile::reconcile(&self.context(), opts, progress).await
+        let dry_run = opts.dry_run;
+        let report = reconcile::reconcile(&self.context(), opts, progress).await;
+        if !dry_run {
+            let seconds = (report.finished_at - report.started_at)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64();
+            let (outcome, success) = match report.outcome {
+                reconcile::Outcome::Ok => ("ok", true),
+                reconcile::Outcome::Partial => ("partial", true),
+                reconcile::Outcome::GuardTripped => ("guard_tripped", false),
+                reconcile::Outcome::Failed => ("failed", false),
+            };
+            crate::metrics::reconcile_finished(self.cfg.name.as_str(), seconds, outcome, success);
+        }
+        report
     }
 
     /// Really talks to Graph and the target; one line per check.

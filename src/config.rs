@@ -134,6 +134,9 @@ struct RawServer {
     max_body_kib: Option<usize>,
     worker_concurrency: Option<usize>,
     max_attempts: Option<u32>,
+    /// Bearer token for `/status` (and `/metrics` with `metrics_require_token`).
+    admin_token: Option<RawSecret>,
+    metrics_require_token: Option<bool>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -315,6 +318,10 @@ pub struct ServerConfig {
     pub worker_concurrency: usize,
     /// Attempts before a queued notification moves to the dead-letter tree.
     pub max_attempts: u32,
+    /// Bearer token `/status` requires (disabled without one), and `/metrics` too when
+    /// `metrics_require_token`.
+    pub admin_token: Option<SecretString>,
+    pub metrics_require_token: bool,
 }
 
 /// The longest subscription lifetime Graph grants for users and groups (under 29 days).
@@ -715,6 +722,26 @@ impl Config {
         if !(1..=100).contains(&max_attempts) {
             return Err(invalid("server.max_attempts", "must be between 1 and 100"));
         }
+        let admin_token = match &raw.server.admin_token {
+            None => None,
+            Some(t) => {
+                let t = t.resolve("server.admin_token", base)?;
+                if secrecy::ExposeSecret::expose_secret(&t).trim().len() < 16 {
+                    return Err(invalid(
+                        "server.admin_token",
+                        "must be at least 16 characters (e.g. `openssl rand -hex 24`)",
+                    ));
+                }
+                Some(t)
+            }
+        };
+        let metrics_require_token = raw.server.metrics_require_token.unwrap_or(false);
+        if metrics_require_token && admin_token.is_none() {
+            return Err(invalid(
+                "server.metrics_require_token",
+                "needs server.admin_token",
+            ));
+        }
         Ok(Config {
             server: ServerConfig {
                 data_dir,
@@ -723,6 +750,8 @@ impl Config {
                 max_body_bytes: max_body_kib * 1024,
                 worker_concurrency,
                 max_attempts,
+                admin_token,
+                metrics_require_token,
             },
             integrations,
         })

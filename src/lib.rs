@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod graph;
 pub mod http;
+pub mod metrics;
 pub mod output;
 pub mod retry;
 pub mod serve;

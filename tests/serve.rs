@@ -111,6 +111,15 @@ impl Served {
         let name = self.env.integration.cfg.name.clone();
         self.store.integration(&name).expect("integration store")
     }
+    fn runs_of(&self, name: &str) -> usize {
+        let name = rostersync::config::IntegrationName::parse(name).expect("name");
+        self.store
+            .integration(&name)
+            .expect("integration store")
+            .runs::<serde_json::Value>(1000)
+            .expect("runs")
+            .len()
+    }
     fn runs(&self) -> usize {
         self.integ_store()
             .runs::<serde_json::Value>(1000)
@@ -902,4 +911,319 @@ async fn notification_acknowledged_before_sigkill_is_applied_after_restart() {
         .runs::<Value>(100)
         .unwrap();
     assert_eq!(runs.len(), 1, "no reconcile at restart");
+}
+
+/// Parses Prometheus text exposition strictly: every sample line must be
+/// `name{label="value",...} number`; returns series → value.
+fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                && !name.starts_with(|c: char| c.is_ascii_digit()),
+            "bad metric name in {line:?}"
+        );
+        if name_end < series.len() {
+            let labels = series[name_end..]
+                .strip_prefix('{')
+                .and_then(|l| l.strip_suffix('}'))
+                .unwrap_or_else(|| panic!("bad labels in {line:?}"));
+            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair
+                    .split_once("=\"")
+                    .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                let _ = v;
+            }
+        }
+        out.insert(series.to_string(), value);
+    }
+    out
+}
+
+fn sample(m: &std::collections::HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.iter()
+        .filter(|(k, _)| {
+            k.split('{').next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(l, v)| k.contains(&format!("{l}=\"{v}\"")))
+        })
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+/// `/metrics` is Prometheus text and moves when work happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_parse_and_move_with_work() {
+    let mut env = spawn(EnvOptions {
+        users: 10,
+        ..Default::default()
+    })
+    .await;
+    // A name no other test uses: the recorder is process-wide.
+    env.config_toml = env
+        .config_toml
+        .replace("name = \"test\"", "name = \"metered\"");
+    let s = launch(env).await;
+    let http = reqwest::Client::new();
+    let scrape = || async {
+        let r = http.get(s.url("/metrics")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        parse_prometheus(&r.text().await.unwrap())
+    };
+    let i = ("integration", "metered");
+    wait_for("first reconcile", 5_000, || s.runs_of("metered") >= 1).await;
+    let m = scrape().await;
+    assert!(
+        sample(
+            &m,
+            "rostersync_applies_total",
+            &[i, ("kind", "create"), ("outcome", "ok")]
+        ) >= 8.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "rostersync_reconcile_runs_total",
+            &[i, ("outcome", "ok")]
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &m,
+            "rostersync_reconcile_last_success_timestamp_seconds",
+            &[i]
+        ) > 1.7e9
+    );
+    assert!(sample(&m, "rostersync_reconcile_duration_seconds_count", &[i]) >= 1.0);
+    assert!(
+        sample(
+            &m,
+            "rostersync_graph_requests_total",
+            &[i, ("status", "200")]
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &m,
+            "rostersync_target_requests_total",
+            &[i, ("status", "201")]
+        ) >= 8.0
+    );
+    let users_sub = sample(
+        &m,
+        "rostersync_subscription_expiry_seconds",
+        &[i, ("resource", "/users")],
+    );
+    assert!(
+        users_sub > 24.0 * 3600.0,
+        "subscription expiry: {users_sub}"
+    );
+    assert!(m
+        .keys()
+        .any(|k| k.starts_with("rostersync_queue_depth{") && k.contains("metered")));
+    assert!(m
+        .keys()
+        .any(|k| k.starts_with("rostersync_dead_letters{") && k.contains("metered")));
+
+    // A change in Entra: a notification is received and an update applied.
+    let someone = s.env.member_ids()[1].clone();
+    s.env
+        .graph
+        .update_user(&someone, |u| u.job_title = Some("Measured".into()));
+    wait_for("the change applied", 2_000, || {
+        title(&s.env, &someone).as_deref() == Some("Measured")
+    })
+    .await;
+    let m2 = scrape().await;
+    assert!(
+        sample(&m2, "rostersync_notifications_received_total", &[i])
+            > sample(&m, "rostersync_notifications_received_total", &[i])
+    );
+    assert!(
+        sample(
+            &m2,
+            "rostersync_applies_total",
+            &[i, ("kind", "update"), ("outcome", "ok")]
+        ) > sample(
+            &m,
+            "rostersync_applies_total",
+            &[i, ("kind", "update"), ("outcome", "ok")]
+        )
+    );
+    // A forged notification is counted by reason.
+    let forged = json!({"value": [{"clientState": "forged", "subscriptionId": "x", "changeType": "updated", "resource": "Users/x"}]});
+    let r = http
+        .post(s.url("/webhooks/graph/metered"))
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let m3 = scrape().await;
+    assert_eq!(
+        sample(
+            &m3,
+            "rostersync_notifications_rejected_total",
+            &[i, ("reason", "client_state")]
+        ),
+        1.0
+    );
+    s.stop().await;
+}
+
+const ADMIN_TOKEN: &str = "status-token-5f0c1d2e3a4b";
+
+/// `/status` needs the admin token (Bearer, or Basic for browsers); its JSON and HTML show
+/// a user that failed to sync and a tripped guard, and never a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_requires_the_token_and_shows_failures_and_guard() {
+    let mut env = spawn(EnvOptions {
+        users: 12,
+        integration_extra: "max_deactivations = 1".into(),
+        ..Default::default()
+    })
+    .await;
+    env.config_toml = env.config_toml.replacen(
+        "[server]\n",
+        &format!("[server]\nadmin_token = {{ value = \"{ADMIN_TOKEN}\" }}\nmetrics_require_token = true\n"),
+        1,
+    );
+    // A member whose userName a hand-made LMS user holds: fails in every reconcile.
+    let members = env.member_ids();
+    let victim = env.graph.user(&members[2]).expect("member");
+    env.scim
+        .insert_user(json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": victim.user_principal_name,
+            "externalId": "made-by-hand",
+            "active": true,
+        }))
+        .unwrap();
+    let s = launch(env).await;
+    let env = &s.env;
+    let http = reqwest::Client::new();
+
+    // Access control.
+    let r = http.get(s.url("/status")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    let r = http
+        .get(s.url("/status"))
+        .bearer_auth("status-token-wrong-guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401, "metrics_require_token");
+    let r = http
+        .get(s.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    // Three members leave while Graph's delivery is held; a `missed` lifecycle event then
+    // runs a full reconcile, whose guard stops the three deactivations (limit 1).
+    wait_for("first reconcile", 5_000, || s.runs() >= 1).await;
+    env.graph.pause_delivery(true);
+    for m in &members[5..8] {
+        env.graph.remove_member(&env.fx.all_group_id, m);
+    }
+    let sub = users_subscription(env);
+    let missed = json!({"value": [{
+        "subscriptionId": sub.id, "clientState": sub.client_state.clone().unwrap_or_default(),
+        "lifecycleEvent": "missed", "tenantId": env.fx.tenant.tenant_id,
+        "subscriptionExpirationDateTime": sub.expires_at.to_rfc3339(),
+    }]});
+    let r = http
+        .post(s.url("/webhooks/lifecycle/test"))
+        .json(&missed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    wait_for("the guarded reconcile", 5_000, || s.runs() >= 2).await;
+
+    let r = http
+        .get(s.url("/status"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let integ = &doc["integrations"][0];
+    assert_eq!(integ["name"], "test");
+    let last = &integ["runs"][0];
+    assert_eq!(last["outcome"], "guard_tripped", "{last}");
+    assert_eq!(last["guard"]["would_deactivate"], 3);
+    let failures = last["failures"].as_array().unwrap();
+    assert!(
+        failures.iter().any(|f| f["entra_id"] == victim.id.as_str()),
+        "failed user listed: {failures:?}"
+    );
+    let warnings = integ["warnings"].to_string();
+    assert!(warnings.contains("guard tripped"), "{warnings}");
+    assert!(warnings.contains("failed to sync"), "{warnings}");
+    assert!(integ["subscriptions"].as_array().unwrap().len() >= 2);
+
+    // The same through HTML, with Basic auth as a browser would send it.
+    let r = http
+        .get(s.url("/status"))
+        .header("accept", "text/html,application/xhtml+xml")
+        .basic_auth("admin", Some(ADMIN_TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let html = r.text().await.unwrap();
+    assert!(html.contains("guard tripped"));
+    assert!(
+        html.contains(&victim.user_principal_name),
+        "failed user in HTML"
+    );
+    assert!(html.contains("Users that failed in the last reconcile"));
+
+    // No secret anywhere.
+    for body in [&text, &html] {
+        for secret in [
+            ADMIN_TOKEN,
+            env.fx.tenant.client_secret.as_str(),
+            common::SCIM_TOKEN,
+            sub.client_state.as_deref().unwrap_or("-"),
+        ] {
+            assert!(!body.contains(secret), "a secret leaked into /status");
+        }
+    }
+    s.stop().await;
 }

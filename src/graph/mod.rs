@@ -111,6 +111,8 @@ pub struct GraphClient {
     /// Held across the token request so concurrent callers share one refresh.
     token: Mutex<Option<CachedToken>>,
     retry: RetryPolicy,
+    /// Integration name for metrics.
+    label: String,
 }
 
 #[derive(Deserialize)]
@@ -169,7 +171,14 @@ impl GraphClient {
             api_root,
             token: Mutex::new(None),
             retry: RetryPolicy::default(),
+            label: String::new(),
         }
+    }
+
+    /// Names the integration in this client's metrics.
+    pub fn with_label(mut self, integration: &str) -> Self {
+        self.label = integration.to_string();
+        self
     }
 
     /// How this client authenticates (for `check`).
@@ -362,7 +371,13 @@ impl GraphClient {
             if let Some(b) = body {
                 req = req.json(b);
             }
-            let resp = match req.send().await {
+            let resp = req.send().await;
+            crate::metrics::request(
+                crate::metrics::Remote::Graph,
+                &self.label,
+                resp.as_ref().ok().map(|r| r.status().as_u16()),
+            );
+            let resp = match resp {
                 Ok(r) => r,
                 Err(e) if attempt < self.retry.max_attempts => {
                     tracing::warn!(attempt, %path, error = %e, "Graph request failed; retrying");

@@ -3,6 +3,8 @@
 //! a reachable LMS, live subscriptions and no failed last reconcile). Bodies never carry
 //! secrets: problems are error messages, which are built without them.
 
+pub mod admin;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -34,7 +36,7 @@ impl IntegrationHealth {
         m.insert(check.to_string(), problem);
     }
 
-    fn snapshot(&self) -> BTreeMap<String, Option<String>> {
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, Option<String>> {
         self.problems
             .lock()
             .unwrap_or_else(|e| e.into_inner())

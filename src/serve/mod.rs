@@ -19,6 +19,7 @@ use url::Url;
 
 use crate::app::Integration;
 use crate::config::Config;
+use crate::http::admin::{Admin, AdminIntegration};
 use crate::http::{Health, IntegrationHealth};
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::{Store, StoreError};
@@ -134,6 +135,23 @@ pub async fn serve(
         hooks,
         stats: Arc::clone(&stats),
     });
+    // Before anything records a metric.
+    let _ = crate::metrics::handle();
+    let admin = web::Data::new(Admin {
+        store: store.clone(),
+        integrations: lives
+            .iter()
+            .map(|l| AdminIntegration {
+                name: l.integ.cfg.name.to_string(),
+                store: l.integ.store.clone(),
+                health: Arc::clone(&l.health),
+                schedule: l.integ.cfg.schedule.clone(),
+                timezone: l.integ.cfg.timezone.to_string(),
+            })
+            .collect(),
+        token: config.server.admin_token.clone(),
+        metrics_require_token: config.server.metrics_require_token,
+    });
     let health = web::Data::new(Health {
         store: store.clone(),
         integrations: lives.iter().map(|l| Arc::clone(&l.health)).collect(),
@@ -144,6 +162,7 @@ pub async fn serve(
         config.server.max_body_bytes,
         state,
         health,
+        admin,
     )?;
     let public = match &config.server.public_url {
         Some(u) => u.clone(),
@@ -187,11 +206,13 @@ fn start_http(
     max_body: usize,
     state: web::Data<WebhookState>,
     health: web::Data<Health>,
+    admin: web::Data<Admin>,
 ) -> Result<(actix_web::dev::Server, SocketAddr), ServeError> {
     let server = HttpServer::new(move || {
         App::new()
             .configure(|c| crate::webhook::configure(c, state.clone(), max_body))
             .configure(|c| crate::http::configure(c, health.clone()))
+            .configure(|c| crate::http::admin::configure(c, admin.clone()))
     })
     .workers(2)
     .shutdown_timeout(20)

@@ -177,6 +177,23 @@ impl IntegrationStore {
         Ok(())
     }
 
+    /// The first `limit` queued items that failed at least once (for `/status`).
+    pub fn retrying(&self, limit: usize) -> Result<Vec<(u64, QueueItem)>, StoreError> {
+        let tree = format!("{}/queue", self.name);
+        let mut out = Vec::new();
+        for r in self.queue.iter() {
+            let (k, v) = r?;
+            let it: QueueItem = decode(&tree, &k, &v)?;
+            if it.attempts > 0 {
+                out.push((id_of(&k), it));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn dead_letters(&self) -> Result<Vec<(u64, QueueItem)>, StoreError> {
         let tree = format!("{}/dead", self.name);
         self.dead

@@ -734,6 +734,16 @@ pub(crate) async fn apply_change<T: Target>(
     managed: &BTreeSet<String>,
     c: &PlannedChange,
 ) -> Result<IndexEntry, ApplyError> {
+    let r = apply_one(ctx, managed, c).await;
+    crate::metrics::apply(ctx.cfg.name.as_str(), c.action.as_str(), r.is_ok());
+    r
+}
+
+async fn apply_one<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+) -> Result<IndexEntry, ApplyError> {
     match c.action {
         Action::Create => create_or_link(ctx, managed, c).await,
         _ => {

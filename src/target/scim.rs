@@ -31,6 +31,8 @@ pub struct ScimTarget {
     /// Bounds concurrent requests to this LMS (config `target.concurrency`).
     permits: Semaphore,
     retry: RetryPolicy,
+    /// Integration name for metrics.
+    label: String,
 }
 
 /// Where a record key lives in a SCIM User.
@@ -68,7 +70,14 @@ impl ScimTarget {
             custom_schema: custom_schema.to_string(),
             permits: Semaphore::new(concurrency.max(1)),
             retry: RetryPolicy::default(),
+            label: String::new(),
         })
+    }
+
+    /// Names the integration in this target's metrics.
+    pub fn with_label(mut self, integration: &str) -> Self {
+        self.label = integration.to_string();
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -146,6 +155,11 @@ impl ScimTarget {
                 }
                 req.send().await
             };
+            crate::metrics::request(
+                crate::metrics::Remote::Target,
+                &self.label,
+                resp.as_ref().ok().map(|r| r.status().as_u16()),
+            );
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) => {

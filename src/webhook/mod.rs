@@ -193,6 +193,7 @@ async fn handle(
     let stats = &st.stats;
     let Some(hook) = st.hooks.get(&name) else {
         stats.unknown_integration.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::notification_rejected("(unknown)", "unknown_integration");
         tracing::warn!(integration = %name.chars().take(64).collect::<String>(), "notification for an unknown integration; ignored");
         return plain(StatusCode::NOT_FOUND, "unknown integration");
     };
@@ -206,6 +207,7 @@ async fn handle(
         Ok(c) => c,
         Err(e) => {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::notification_rejected(&hook.name, "malformed");
             tracing::warn!(integration = %name, error = %e, bytes = body.len(), "malformed notification body");
             return plain(
                 StatusCode::BAD_REQUEST,
@@ -215,6 +217,7 @@ async fn handle(
     };
     if parsed.value.len() > 1000 {
         stats.malformed.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::notification_rejected(&hook.name, "malformed");
         return plain(
             StatusCode::BAD_REQUEST,
             "too many notifications in one body",
@@ -227,24 +230,25 @@ async fn handle(
             Ok(h) => hints.push(h),
             Err(r) => {
                 rejected += 1;
-                let why = match r {
+                let (why, reason) = match r {
                     Reject::ClientState => {
                         stats.rejected_client_state.fetch_add(1, Ordering::Relaxed);
-                        "clientState does not match"
+                        ("clientState does not match", "client_state")
                     }
                     Reject::Subscription => {
                         stats.rejected_subscription.fetch_add(1, Ordering::Relaxed);
-                        "unknown subscription"
+                        ("unknown subscription", "unknown_subscription")
                     }
                     Reject::Tenant => {
                         stats.rejected_subscription.fetch_add(1, Ordering::Relaxed);
-                        "another tenant"
+                        ("another tenant", "tenant")
                     }
                     Reject::Shape(m) => {
                         stats.malformed.fetch_add(1, Ordering::Relaxed);
-                        m
+                        (m, "malformed")
                     }
                 };
+                crate::metrics::notification_rejected(&hook.name, reason);
                 let sub = n
                     .get("subscriptionId")
                     .and_then(|v| v.as_str())
@@ -266,6 +270,7 @@ async fn handle(
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     stats.rejected_token.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::notification_rejected(&hook.name, "validation_token");
                     tracing::warn!(integration = %name, error = %e, "validationTokens failed verification; batch ignored");
                     return plain(StatusCode::FORBIDDEN, "validation tokens rejected");
                 }
@@ -290,10 +295,12 @@ async fn handle(
     };
     if let Err(e) = stored {
         stats.store_failures.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::notification_rejected(&hook.name, "store_failure");
         tracing::error!(integration = %name, error = %e, "cannot store notifications; answering 503 so Graph retries");
         return plain(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
     }
     stats.accepted.fetch_add(n, Ordering::Relaxed);
+    crate::metrics::notifications_received(&hook.name, n);
     hook.wake.notify_one();
     tracing::debug!(integration = %name, queued = n, rejected, "notifications queued");
     HttpResponse::Accepted().finish()

@@ -1,0 +1,494 @@
+//! Admin endpoints: `GET /metrics` (Prometheus text) and `GET /status` (JSON, or a small
+//! server-rendered HTML page for browsers). `/status` needs `server.admin_token` (as a bearer
+//! token, or as the password of HTTP Basic so a browser can prompt for it) and is disabled
+//! without one; `/metrics` needs it only with `metrics_require_token`. Nothing here shows a
+//! secret: the documents are built from run reports, queue items, subscription records and
+//! health problems, none of which hold one.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use super::IntegrationHealth;
+use crate::store::queue::{QueueItem, QueueStats};
+use crate::store::{IntegrationStore, Store};
+use crate::sync::reconcile::RunReport;
+
+/// One integration as the admin endpoints see it.
+pub struct AdminIntegration {
+    pub name: String,
+    pub store: IntegrationStore,
+    pub health: Arc<IntegrationHealth>,
+    pub schedule: String,
+    pub timezone: String,
+}
+
+pub struct Admin {
+    pub store: Store,
+    pub integrations: Vec<AdminIntegration>,
+    pub token: Option<SecretString>,
+    pub metrics_require_token: bool,
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig, admin: web::Data<Admin>) {
+    cfg.app_data(admin)
+        .route("/metrics", web::get().to(metrics))
+        .route("/status", web::get().to(status))
+        .route("/status.json", web::get().to(status_json));
+}
+
+/// Whether the request carries the admin token (Bearer, or Basic with it as password).
+fn authorized(req: &HttpRequest, token: &SecretString) -> bool {
+    let Some(h) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let presented: Option<String> = if let Some(t) = h.strip_prefix("Bearer ") {
+        Some(t.trim().to_string())
+    } else if let Some(b) = h.strip_prefix("Basic ") {
+        base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .ok()
+            .and_then(|d| String::from_utf8(d).ok())
+            .and_then(|s| s.split_once(':').map(|(_, p)| p.to_string()))
+    } else {
+        None
+    };
+    let expected = token.expose_secret().as_bytes();
+    match presented {
+        Some(p) => p.len() == expected.len() && bool::from(p.as_bytes().ct_eq(expected)),
+        None => false,
+    }
+}
+
+fn unauthorized() -> HttpResponse {
+    HttpResponse::Unauthorized()
+        .insert_header((header::WWW_AUTHENTICATE, "Basic realm=\"rostersync\""))
+        .content_type("text/plain; charset=utf-8")
+        .body("admin token required (Authorization: Bearer <server.admin_token>)")
+}
+
+/// Checks access for `/status` (always) or `/metrics` (when configured so).
+fn gate(req: &HttpRequest, admin: &Admin, required: bool) -> Option<HttpResponse> {
+    match (&admin.token, required) {
+        (_, false) => None,
+        (None, true) => Some(
+            HttpResponse::NotFound()
+                .content_type("text/plain; charset=utf-8")
+                .body("the status page is disabled: set server.admin_token to enable it"),
+        ),
+        (Some(t), true) if authorized(req, t) => None,
+        (Some(_), true) => {
+            tracing::warn!(path = %req.path(), peer = ?req.peer_addr(), "admin request without a valid token");
+            Some(unauthorized())
+        }
+    }
+}
+
+async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    if let Some(r) = gate(&req, &admin, admin.metrics_require_token) {
+        return r;
+    }
+    let now = Utc::now();
+    for i in &admin.integrations {
+        if let Ok(q) = i.store.queue_stats(now) {
+            crate::metrics::queue(&i.name, q.queued as u64, q.dead as u64);
+        }
+        if let Ok(subs) = i.store.subscriptions() {
+            for s in subs {
+                let secs = (s.expires_at - now).num_milliseconds() as f64 / 1000.0;
+                crate::metrics::subscription_expiry(&i.name, &s.resource, secs);
+            }
+        }
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(crate::metrics::render())
+}
+
+#[derive(Serialize)]
+pub struct StatusDoc {
+    pub generated_at: DateTime<Utc>,
+    pub store_writable: bool,
+    pub integrations: Vec<IntegrationStatus>,
+}
+
+#[derive(Serialize)]
+pub struct IntegrationStatus {
+    pub name: String,
+    pub ready: bool,
+    pub schedule: String,
+    pub timezone: String,
+    pub warnings: Vec<String>,
+    pub checks: Vec<CheckView>,
+    pub runs: Vec<RunReport>,
+    pub queue: Option<QueueStats>,
+    pub retrying: Vec<ItemView>,
+    pub dead_letters: Vec<ItemView>,
+    pub subscriptions: Vec<SubscriptionView>,
+}
+
+#[derive(Serialize)]
+pub struct CheckView {
+    pub check: String,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ItemView {
+    pub id: u64,
+    pub what: String,
+    pub attempts: u32,
+    pub received_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+pub struct SubscriptionView {
+    pub id: String,
+    pub resource: String,
+    pub expires_at: DateTime<Utc>,
+    pub expires_in_seconds: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+const RUNS_SHOWN: usize = 10;
+const ITEMS_SHOWN: usize = 50;
+
+fn item_view((id, it): (u64, QueueItem)) -> ItemView {
+    ItemView {
+        id,
+        what: it.hint.describe(),
+        attempts: it.attempts,
+        received_at: it.received_at,
+        last_error: it.last_error,
+        dead_at: it.dead_at,
+    }
+}
+
+/// Builds the status document from the store and the health checks.
+pub fn status_doc(admin: &Admin) -> StatusDoc {
+    let now = Utc::now();
+    let mut out = Vec::new();
+    for i in &admin.integrations {
+        let mut warnings = Vec::new();
+        let checks: Vec<CheckView> = i
+            .health
+            .snapshot()
+            .into_iter()
+            .map(|(check, problem)| CheckView {
+                ok: problem.is_none(),
+                check,
+                detail: problem,
+            })
+            .collect();
+        for c in checks.iter().filter(|c| !c.ok) {
+            warnings.push(format!(
+                "{}: {}",
+                c.check,
+                c.detail.as_deref().unwrap_or("failing")
+            ));
+        }
+        let runs: Vec<RunReport> = i.store.runs(RUNS_SHOWN).unwrap_or_else(|e| {
+            warnings.push(format!("run history unreadable: {e}"));
+            Vec::new()
+        });
+        if let Some(last) = runs.first() {
+            if let Some(g) = &last.guard {
+                warnings.push(format!("last reconcile: guard tripped: {g}"));
+            }
+            if !last.failures.is_empty() {
+                warnings.push(format!(
+                    "last reconcile: {} user(s) failed to sync",
+                    last.failures.len()
+                ));
+            }
+            if let Some(e) = &last.error {
+                warnings.push(format!("last reconcile failed: {e}"));
+            }
+        }
+        let queue = i.store.queue_stats(now).ok();
+        let retrying: Vec<ItemView> = i
+            .store
+            .retrying(ITEMS_SHOWN)
+            .unwrap_or_default()
+            .into_iter()
+            .map(item_view)
+            .collect();
+        let dead_letters: Vec<ItemView> = i
+            .store
+            .dead_letters()
+            .unwrap_or_default()
+            .into_iter()
+            .take(ITEMS_SHOWN)
+            .map(item_view)
+            .collect();
+        if let Some(q) = &queue {
+            if q.dead > 0 {
+                warnings.push(format!(
+                    "{} dead letter(s): fix the cause, then `queue replay`",
+                    q.dead
+                ));
+            }
+        }
+        let subscriptions: Vec<SubscriptionView> = i
+            .store
+            .subscriptions()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| {
+                let left = (s.expires_at - now).num_seconds();
+                if left < 24 * 3600 {
+                    warnings.push(format!(
+                        "subscription for {} expires in {} min",
+                        s.resource,
+                        left / 60
+                    ));
+                }
+                if let Some(e) = &s.last_error {
+                    warnings.push(format!("subscription for {}: {e}", s.resource));
+                }
+                SubscriptionView {
+                    id: s.id,
+                    resource: s.resource,
+                    expires_at: s.expires_at,
+                    expires_in_seconds: left,
+                    last_error: s.last_error,
+                }
+            })
+            .collect();
+        out.push(IntegrationStatus {
+            name: i.name.clone(),
+            ready: checks.iter().all(|c| c.ok),
+            schedule: i.schedule.clone(),
+            timezone: i.timezone.clone(),
+            warnings,
+            checks,
+            runs,
+            queue,
+            retrying,
+            dead_letters,
+            subscriptions,
+        });
+    }
+    StatusDoc {
+        generated_at: now,
+        store_writable: admin.store.writable(),
+        integrations: out,
+    }
+}
+
+fn wants_html(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(|a| a.contains("text/html"))
+        .unwrap_or(false)
+}
+
+async fn status(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    if let Some(r) = gate(&req, &admin, true) {
+        return r;
+    }
+    let doc = status_doc(&admin);
+    if wants_html(&req) {
+        HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .body(html(&doc))
+    } else {
+        HttpResponse::Ok()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(doc)
+    }
+}
+
+async fn status_json(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    if let Some(r) = gate(&req, &admin, true) {
+        return r;
+    }
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(status_doc(&admin))
+}
+
+/// HTML-escapes text for element content and attribute values.
+pub fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn time(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+/// The page: one section per integration; everything escaped.
+pub fn html(doc: &StatusDoc) -> String {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>rostersync status</title>\
+<meta name=\"viewport\" content=\"width=device-width\">\
+<style>body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222}}table{{border-collapse:collapse;margin:.5em 0 1.2em}}\
+td,th{{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}}th{{background:#f3f3f3}}\
+.ok{{color:#176f2c}}.bad{{color:#b00020;font-weight:600}}.warn{{background:#fff4ce;padding:.4em .6em;margin:.2em 0}}\
+code{{font-size:12px}}</style></head><body><h1>rostersync</h1><p>Generated {} · store {}</p>",
+        time(&doc.generated_at),
+        if doc.store_writable {
+            "<span class=\"ok\">writable</span>"
+        } else {
+            "<span class=\"bad\">NOT writable</span>"
+        }
+    );
+    for i in &doc.integrations {
+        let _ = write!(
+            h,
+            "<h2 id=\"{n}\">{n} <span class=\"{c}\">{r}</span></h2><p>Schedule <code>{s}</code> ({tz})</p>",
+            n = esc(&i.name),
+            c = if i.ready { "ok" } else { "bad" },
+            r = if i.ready { "ready" } else { "not ready" },
+            s = esc(&i.schedule),
+            tz = esc(&i.timezone),
+        );
+        for w in &i.warnings {
+            let _ = write!(h, "<div class=\"warn\">⚠ {}</div>", esc(w));
+        }
+        h.push_str("<h3>Checks</h3><table><tr><th>check</th><th>state</th></tr>");
+        for c in &i.checks {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td class=\"{}\">{}</td></tr>",
+                esc(&c.check),
+                if c.ok { "ok" } else { "bad" },
+                esc(c.detail.as_deref().unwrap_or("ok"))
+            );
+        }
+        h.push_str("</table><h3>Last reconciles</h3><table><tr><th>started</th><th>outcome</th><th>members</th><th>created</th><th>updated</th><th>deactivated</th><th>reactivated</th><th>failed</th><th>notes</th></tr>");
+        for r in &i.runs {
+            let mut notes = String::new();
+            if let Some(g) = &r.guard {
+                let _ = write!(notes, "guard tripped: {} ", esc(&g.to_string()));
+            }
+            if let Some(e) = &r.error {
+                let _ = write!(notes, "{} ", esc(e));
+            }
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td class=\"{}\">{:?}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                time(&r.started_at),
+                if r.error.is_none() && r.guard.is_none() && r.failures.is_empty() { "ok" } else { "bad" },
+                r.outcome,
+                r.counts.members,
+                r.counts.created,
+                r.counts.updated,
+                r.counts.deactivated,
+                r.counts.reactivated,
+                r.counts.failed,
+                notes
+            );
+        }
+        h.push_str("</table>");
+        if let Some(last) = i.runs.first() {
+            if !last.failures.is_empty() {
+                h.push_str("<h3>Users that failed in the last reconcile</h3><table><tr><th>user</th><th>userName</th><th>reason</th></tr>");
+                for f in &last.failures {
+                    let _ = write!(
+                        h,
+                        "<tr><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+                        esc(&f.entra_id),
+                        esc(f.user_name.as_deref().unwrap_or("")),
+                        esc(&f.reason)
+                    );
+                }
+                h.push_str("</table>");
+            }
+        }
+        if let Some(q) = &i.queue {
+            let _ = write!(
+                h,
+                "<h3>Queue</h3><p>queued {} · waiting for retry {} · dead letters {}{}</p>",
+                q.queued,
+                q.waiting_retry,
+                q.dead,
+                q.oldest_queued_at
+                    .map(|t| format!(" · oldest {}", time(&t)))
+                    .unwrap_or_default()
+            );
+        }
+        for (title, items) in [("Retrying", &i.retrying), ("Dead letters", &i.dead_letters)] {
+            if items.is_empty() {
+                continue;
+            }
+            let _ = write!(
+                h,
+                "<h3>{title}</h3><table><tr><th>id</th><th>what</th><th>attempts</th><th>received</th><th>error</th></tr>"
+            );
+            for it in items {
+                let _ = write!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    it.id,
+                    esc(&it.what),
+                    it.attempts,
+                    time(&it.received_at),
+                    esc(it.last_error.as_deref().unwrap_or(""))
+                );
+            }
+            h.push_str("</table>");
+        }
+        h.push_str("<h3>Subscriptions</h3><table><tr><th>resource</th><th>id</th><th>expires</th><th>error</th></tr>");
+        for s in &i.subscriptions {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td><code>{}</code></td><td>{} (in {} h)</td><td>{}</td></tr>",
+                esc(&s.resource),
+                esc(&s.id),
+                time(&s.expires_at),
+                s.expires_in_seconds / 3600,
+                esc(s.last_error.as_deref().unwrap_or(""))
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("</body></html>");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_escapes_everything_it_prints() {
+        assert_eq!(
+            esc("<script>alert('x')</script>&\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
+        );
+    }
+}
