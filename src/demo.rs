@@ -1,18 +1,23 @@
 //! `rostersync demo`: the whole flow against the in-repo simulators, no tenant needed.
 //!
-//! Starts a simulated Entra tenant and a simulated SCIM LMS on 127.0.0.1, then runs a dry run,
-//! a reconcile, a no-change reconcile, and a reconcile after a few changes in the tenant.
+//! Starts a simulated Entra tenant and a simulated SCIM LMS on 127.0.0.1, runs a dry run and a
+//! reconcile, then starts `serve` (subscriptions through the webhook handshake) and makes live
+//! changes in the tenant (hire, promotion, manager change, leaving, disabling, returning),
+//! timing each until the LMS shows it.
 
 use std::io::Write;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::app::Integration;
 use crate::config::{Config, DEFAULT_CUSTOM_SCHEMA};
 use crate::output::{exit_code, render_report};
-use crate::sim::graph::{fixture, GraphSim};
+use crate::serve::{serve, ServeOptions};
+use crate::sim::graph::{fixture, GraphSim, SimUser};
 use crate::sim::scim::{ScimSim, ScimSimConfig};
 use crate::store::Store;
 use crate::sync::reconcile::{RunOptions, RunReport};
+use crate::target::scim::ENTERPRISE_USER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -82,6 +87,13 @@ fn step(out: &mut impl Write, title: &str) {
     let _ = writeln!(out, "\n== {title}");
 }
 
+/// One live change: what was done in Entra, and how to tell the LMS has it.
+struct LiveChange {
+    what: String,
+    apply: Box<dyn FnOnce(&GraphSim) + Send>,
+    arrived: Box<dyn Fn(&ScimSim) -> bool + Send>,
+}
+
 /// Runs the demo and returns the process exit status.
 pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, DemoError> {
     let fx = fixture(users.max(20), 42);
@@ -100,13 +112,16 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
         graph.graph_url(),
         scim.base_url()
     );
-    let text = sim_config_toml(
-        "demo",
-        &graph,
-        &fx.tenant,
-        &fx.all_group_id,
-        &scim,
-        scim_token,
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+        sim_config_toml(
+            "demo",
+            &graph,
+            &fx.tenant,
+            &fx.all_group_id,
+            &scim,
+            scim_token,
+        )
     );
     let config = Config::from_toml(&text, Path::new("."))?;
     let store = Store::temporary()?;
@@ -122,7 +137,7 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
             None,
         )
         .await;
-    let _ = write!(out, "{}", render_report(&dry, 12));
+    let _ = write!(out, "{}", render_report(&dry, 8));
     check(&dry)?;
 
     step(out, "2. reconcile: apply it");
@@ -133,51 +148,243 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
 
     step(
         out,
-        "3. reconcile again: nothing changed, so nothing is sent",
+        "3. serve: subscribe to Graph change notifications and listen for them",
     );
-    let again = integration.reconcile(RunOptions::default(), None).await;
-    let _ = write!(out, "{}", render_report(&again, 0));
-    check(&again)?;
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = ServeOptions {
+        store: Some(store.clone()),
+        ..Default::default()
+    };
+    let server = tokio::spawn(async move {
+        let mut addr_tx = Some(addr_tx);
+        serve(
+            config,
+            opts,
+            move |a| {
+                if let Some(t) = addr_tx.take() {
+                    let _ = t.send(a);
+                }
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(10), addr_rx)
+        .await
+        .map_err(|_| DemoError::Step("serve did not start listening".into()))?
+        .map_err(|_| DemoError::Step("serve stopped before listening".into()))?;
+    let started = Instant::now();
+    while graph.subscriptions().len() < 3 {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(DemoError::Step("subscriptions were not created".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = writeln!(
+        out,
+        "  listening on http://{addr}; Graph validated the webhook and holds these subscriptions:"
+    );
+    for sub in graph.subscriptions() {
+        let _ = writeln!(
+            out,
+            "    {:<52} changeType {}  expires {}",
+            sub.resource,
+            sub.change_type,
+            sub.expires_at.format("%Y-%m-%d %H:%M UTC")
+        );
+    }
 
     step(
         out,
-        "4. changes in Entra: a promotion, a leaver, a disabled account, a hire",
+        "4. live changes in Entra, each timed until the LMS shows it",
     );
-    let members: Vec<_> = fx
-        .tenant
-        .users
-        .iter()
-        .filter(|u| u.account_enabled && u.manager_id.is_some())
-        .take(3)
-        .cloned()
-        .collect();
-    if members.len() == 3 {
-        graph.update_user(&members[0].id, |u| {
-            u.job_title = Some("Head of Learning".into())
-        });
-        graph.remove_member(&fx.all_group_id, &members[1].id);
-        graph.update_user(&members[2].id, |u| u.account_enabled = false);
+    let changes = live_changes(&fx, &scim);
+    let mut latencies = Vec::new();
+    let mut missed = Vec::new();
+    for c in changes {
+        let t0 = Instant::now();
+        (c.apply)(&graph);
+        let mut arrived = false;
+        while t0.elapsed() < Duration::from_secs(10) {
+            if (c.arrived)(&scim) {
+                arrived = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if arrived {
+            let _ = writeln!(out, "  {:<62} in the LMS after {ms:>6.0} ms", c.what);
+            latencies.push(ms);
+        } else {
+            let _ = writeln!(out, "  {:<62} NOT in the LMS after 10 s", c.what);
+            missed.push(c.what);
+        }
     }
-    let mut hire = members.first().cloned().unwrap_or_default();
-    hire.id = "00000000-0000-4000-8000-00000000d3e0".into();
-    hire.user_principal_name = "new.hire@contoso.example".into();
-    hire.mail = Some("new.hire@contoso.example".into());
-    hire.display_name = Some("New Hire".into());
-    hire.given_name = Some("New".into());
-    hire.surname = Some("Hire".into());
-    hire.employee_id = Some("E-NEW-1".into());
-    hire.account_enabled = true;
-    graph.upsert_user(hire.clone());
-    graph.add_member(&fx.all_group_id, &hire.id);
-    let changed = integration.reconcile(RunOptions::default(), None).await;
-    let _ = write!(out, "{}", render_report(&changed, 10));
-    check(&changed)?;
 
-    let code = exit_code(&[dry, first, again, changed]);
+    step(out, "5. summary");
+    latencies.sort_by(f64::total_cmp);
+    let median = latencies.get(latencies.len() / 2).copied().unwrap_or(0.0);
+    let max = latencies.last().copied().unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "  {} users reconciled; {} live changes reached the LMS (median {median:.0} ms, slowest {max:.0} ms), {} did not",
+        first.counts.created + first.counts.updated + first.counts.unchanged,
+        latencies.len(),
+        missed.len()
+    );
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(20), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(DemoError::Step(format!("serve failed: {e}"))),
+        _ => return Err(DemoError::Step("serve did not stop in time".into())),
+    }
+    let mut code = exit_code(&[dry, first]);
+    if !missed.is_empty() {
+        code = code.max(1);
+    }
     let _ = writeln!(out, "\ndemo finished (exit {code})");
     graph.stop().await;
     scim.stop().await;
     Ok(code)
+}
+
+fn lms_field(scim: &ScimSim, id: &str, f: impl Fn(&serde_json::Value) -> bool) -> bool {
+    scim.user_by_external_id(id).map(|u| f(&u)).unwrap_or(false)
+}
+
+/// Hire, promote, manager change, leaving the group, disable, and coming back.
+fn live_changes(fx: &crate::sim::graph::Fixture, scim: &ScimSim) -> Vec<LiveChange> {
+    let people: Vec<SimUser> = fx
+        .tenant
+        .users
+        .iter()
+        .filter(|u| u.account_enabled && u.manager_id.is_some())
+        .filter(|u| scim.user_by_external_id(&u.id).is_some())
+        .take(4)
+        .cloned()
+        .collect();
+    let [a, b, c, d] = match <[SimUser; 4]>::try_from(people) {
+        Ok(p) => p,
+        Err(_) => return Vec::new(),
+    };
+    let group = fx.all_group_id.clone();
+    let name = |u: &SimUser| {
+        u.display_name
+            .clone()
+            .unwrap_or_else(|| u.user_principal_name.clone())
+    };
+    let mut hire = a.clone();
+    hire.id = "00000000-0000-4000-8000-00000000d3e0".into();
+    hire.user_principal_name = "new.hire@contoso.example".into();
+    hire.mail = Some("new.hire@contoso.example".into());
+    hire.display_name = Some("Nia Newcomer".into());
+    hire.given_name = Some("Nia".into());
+    hire.surname = Some("Newcomer".into());
+    hire.employee_id = Some("E-NEW-1".into());
+    hire.job_title = Some("Analyst".into());
+    hire.manager_id = Some(b.id.clone());
+    let boss_lms = scim
+        .user_by_external_id(&d.id)
+        .and_then(|u| u["id"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let (hid, g1) = (hire.id.clone(), group.clone());
+    let (aid, cid, did, bid) = (a.id.clone(), c.id.clone(), d.id.clone(), b.id.clone());
+    let (g2, g3) = (group.clone(), group.clone());
+    vec![
+        LiveChange {
+            what: format!("hire: {} joins All Employees", name(&hire)),
+            apply: Box::new(move |g| {
+                g.upsert_user(hire);
+                g.add_member(&g1, &hid);
+            }),
+            arrived: {
+                let id = "00000000-0000-4000-8000-00000000d3e0".to_string();
+                Box::new(move |s| lms_field(s, &id, |u| u["active"] == true))
+            },
+        },
+        LiveChange {
+            what: format!("promote: {} becomes Head of Learning", name(&a)),
+            apply: {
+                let id = aid.clone();
+                Box::new(move |g| {
+                    g.update_user(&id, |u| u.job_title = Some("Head of Learning".into()));
+                })
+            },
+            arrived: {
+                let id = aid.clone();
+                Box::new(move |s| lms_field(s, &id, |u| u["title"] == "Head of Learning"))
+            },
+        },
+        LiveChange {
+            what: format!("manager change: {} now reports to {}", name(&a), name(&d)),
+            apply: {
+                let (id, m) = (aid.clone(), did.clone());
+                Box::new(move |g| {
+                    g.update_user(&id, |u| u.manager_id = Some(m));
+                })
+            },
+            arrived: {
+                let id = aid.clone();
+                Box::new(move |s| {
+                    lms_field(s, &id, |u| {
+                        u[ENTERPRISE_USER]["manager"]["value"] == boss_lms.as_str()
+                    })
+                })
+            },
+        },
+        LiveChange {
+            what: format!("leave: {} is removed from the group", name(&b)),
+            apply: {
+                let id = bid.clone();
+                Box::new(move |g| g.remove_member(&g2, &id))
+            },
+            arrived: {
+                let id = bid.clone();
+                Box::new(move |s| lms_field(s, &id, |u| u["active"] == false))
+            },
+        },
+        LiveChange {
+            what: format!("disable: {}'s account is disabled", name(&c)),
+            apply: {
+                let id = cid.clone();
+                Box::new(move |g| {
+                    g.update_user(&id, |u| u.account_enabled = false);
+                })
+            },
+            arrived: {
+                let id = cid.clone();
+                Box::new(move |s| lms_field(s, &id, |u| u["active"] == false))
+            },
+        },
+        LiveChange {
+            what: format!("return: {} rejoins the group", name(&b)),
+            apply: {
+                let id = bid.clone();
+                Box::new(move |g| g.add_member(&g3, &id))
+            },
+            arrived: {
+                let id = bid.clone();
+                Box::new(move |s| lms_field(s, &id, |u| u["active"] == true))
+            },
+        },
+        LiveChange {
+            what: format!("return: {}'s account is enabled again", name(&c)),
+            apply: {
+                let id = cid.clone();
+                Box::new(move |g| {
+                    g.update_user(&id, |u| u.account_enabled = true);
+                })
+            },
+            arrived: {
+                let id = cid;
+                Box::new(move |s| lms_field(s, &id, |u| u["active"] == true))
+            },
+        },
+    ]
 }
 
 fn check(r: &RunReport) -> Result<(), DemoError> {

@@ -151,3 +151,44 @@ async fn a_run_with_failed_users_exits_2_and_lists_them() {
         "{out}"
     );
 }
+
+/// `rostersync demo` needs no config or tenant: it reconciles the simulated tenant, starts
+/// serve, and every live change reaches the LMS; exit 0, no secret printed.
+#[tokio::test]
+async fn demo_runs_live_changes_end_to_end_and_exits_0() {
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
+            .args(["demo", "--users", "200"])
+            .env_remove("RUST_LOG")
+            .env_remove("ROSTERSYNC_CONFIG")
+            .output(),
+    )
+    .await
+    .expect("demo finishes")
+    .expect("run demo");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    for change in [
+        "hire:",
+        "promote:",
+        "manager change:",
+        "leave:",
+        "disable:",
+        "rejoins the group",
+        "enabled again",
+    ] {
+        let line = t
+            .lines()
+            .find(|l| l.contains(change))
+            .unwrap_or_else(|| panic!("no line for {change}: {t}"));
+        assert!(line.contains("in the LMS after"), "{line}");
+    }
+    assert!(t.contains("7 live changes reached the LMS"), "{t}");
+    assert!(t.contains(", 0 did not"), "{t}");
+    assert!(
+        t.contains("/users") && t.contains("/members"),
+        "subscriptions listed"
+    );
+    assert!(!t.contains(FIXTURE_CLIENT_SECRET) && !t.contains("demo-scim-token"));
+}
