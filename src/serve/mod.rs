@@ -135,16 +135,18 @@ pub async fn serve(
     let (server, bound) = start_http(
         config.server.listen,
         config.server.max_body_bytes,
+        config
+            .server
+            .tls
+            .as_ref()
+            .map(|t| (*t.server_config).clone()),
         state,
         health,
     )?;
-    let public = match &config.server.public_url {
-        Some(u) => u.clone(),
-        None if bound.ip().is_loopback() => {
-            Url::parse(&format!("http://{bound}")).map_err(|_| ServeError::NoPublicUrl(bound))?
-        }
-        None => return Err(ServeError::NoPublicUrl(bound)),
-    };
+    let public = config
+        .server
+        .public_url_for(bound)
+        .ok_or(ServeError::NoPublicUrl(bound))?;
     let handle = server.handle();
     let server_task = tokio::spawn(server);
     tracing::info!(%bound, public_url = %public, "listening");
@@ -174,10 +176,12 @@ pub async fn serve(
     Ok(())
 }
 
-/// Builds and starts the HTTP server (kept out of `serve` so its future stays `Send`).
+/// Builds and starts the HTTP server (kept out of `serve` so its future stays `Send`); with
+/// `tls` it speaks only HTTPS (built-in TLS, no proxy needed).
 fn start_http(
     listen: SocketAddr,
     max_body: usize,
+    tls: Option<rustls::ServerConfig>,
     state: web::Data<WebhookState>,
     health: web::Data<Health>,
 ) -> Result<(actix_web::dev::Server, SocketAddr), ServeError> {
@@ -188,8 +192,11 @@ fn start_http(
     })
     .workers(2)
     .shutdown_timeout(20)
-    .disable_signals()
-    .bind(listen)
+    .disable_signals();
+    let server = match tls {
+        Some(tls) => server.bind_rustls_0_23(listen, tls),
+        None => server.bind(listen),
+    }
     .map_err(|e| ServeError::Bind {
         addr: listen,
         message: e.to_string(),
