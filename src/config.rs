@@ -137,6 +137,8 @@ struct RawServer {
     /// Bearer token for `/status` (and `/metrics` with `metrics_require_token`).
     admin_token: Option<RawSecret>,
     metrics_require_token: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -322,6 +324,99 @@ pub struct ServerConfig {
     /// `metrics_require_token`.
     pub admin_token: Option<SecretString>,
     pub metrics_require_token: bool,
+    /// Built-in TLS for `serve` (`tls_cert` and `tls_key`); `None`: plain HTTP behind a proxy.
+    pub tls: Option<TlsSettings>,
+}
+
+impl ServerConfig {
+    /// The base URL Graph posts to: `public_url`, or when `serve` is bound to a loopback
+    /// address (tests, local trials) `http://{bound}`, `https://` with built-in TLS.
+    pub fn public_url_for(&self, bound: std::net::SocketAddr) -> Option<Url> {
+        match &self.public_url {
+            Some(u) => Some(u.clone()),
+            None if bound.ip().is_loopback() => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                Url::parse(&format!("{scheme}://{bound}")).ok()
+            }
+            None => None,
+        }
+    }
+}
+
+/// `serve`'s certificate and key, read and checked at load (so a bad file fails every command
+/// at once, naming the key, rather than the listener later). The key is never printed.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The certificate chain and matching key, ready for the listener.
+    pub server_config: std::sync::Arc<rustls::ServerConfig>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a PEM file did not load, without quoting any of its content (it may be a private key).
+fn describe_pem_error(e: &rustls::pki_types::pem::Error, expected: &str) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::Io(io) => format!("cannot read it: {io}"),
+        Error::NoItemsFound => format!("holds no {expected}"),
+        _ => format!("is not a valid PEM file (expected {expected})"),
+    }
+}
+
+impl TlsSettings {
+    /// Reads the PEM certificate chain (leaf first) and private key (PKCS#8, PKCS#1 RSA or
+    /// SEC1 EC) and checks that they belong together.
+    fn load(cert: PathBuf, key: PathBuf) -> Result<Self, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let at = |p: &Path| format!("{}: ", p.display());
+        let chain = CertificateDer::pem_file_iter(&cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                let what = "PEM certificate (-----BEGIN CERTIFICATE-----)";
+                invalid("server.tls_cert", at(&cert) + &describe_pem_error(&e, what))
+            })?;
+        if chain.is_empty() {
+            return Err(invalid(
+                "server.tls_cert",
+                at(&cert) + "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
+        let private = PrivateKeyDer::from_pem_file(&key).map_err(|e| {
+            let what = "PEM private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)";
+            invalid("server.tls_key", at(&key) + &describe_pem_error(&e, what))
+        })?;
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server_config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("server.tls_cert", e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .map_err(|e| {
+                invalid(
+                    "server.tls_key",
+                    format!(
+                        "{}cannot be used with the certificate in {}: {e}",
+                        at(&key),
+                        cert.display()
+                    ),
+                )
+            })?;
+        Ok(TlsSettings {
+            cert,
+            key,
+            server_config: std::sync::Arc::new(server_config),
+        })
+    }
 }
 
 /// The longest subscription lifetime Graph grants for users and groups (under 29 days).
@@ -742,6 +837,23 @@ impl Config {
                 "needs server.admin_token",
             ));
         }
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let tls = match (raw.server.tls_cert, raw.server.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsSettings::load(resolve(cert), resolve(key))?),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "server.tls_key",
+                    "is missing: server.tls_cert is set, and built-in TLS needs both (the private key's PEM file)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "server.tls_cert",
+                    "is missing: server.tls_key is set, and built-in TLS needs both (the certificate chain's PEM file)",
+                ))
+            }
+        };
         Ok(Config {
             server: ServerConfig {
                 data_dir,
@@ -752,6 +864,7 @@ impl Config {
                 max_attempts,
                 admin_token,
                 metrics_require_token,
+                tls,
             },
             integrations,
         })

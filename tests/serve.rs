@@ -36,6 +36,7 @@ fn opts() -> ServeOptions {
         renew_interval: Duration::from_secs(1),
         poll_interval: Duration::from_millis(200),
         store: None,
+        shutdown_grace: Duration::from_secs(1),
     }
 }
 
@@ -61,7 +62,18 @@ async fn launch(env: TestEnv) -> Served {
         .config_toml
         .replacen("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n", 1);
     let config = Config::from_toml(&text, Path::new(".")).expect("config");
-    let store = Store::open(&config.server.data_dir).expect("store");
+    // After a stop in this process, the last handles (aborted tasks, actix workers' app data)
+    // drop a moment later, and sled's lock goes with them.
+    let mut tries = 0;
+    let store = loop {
+        match Store::open(&config.server.data_dir) {
+            Err(rostersync::store::StoreError::Locked(_)) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => break r.expect("store"),
+        }
+    };
     let mut options = opts();
     options.store = Some(store.clone());
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
@@ -1226,4 +1238,51 @@ async fn status_requires_the_token_and_shows_failures_and_guard() {
         }
     }
     s.stop().await;
+}
+
+/// SIGTERM while a batch is stuck in LMS retries: serve stops within its grace period instead
+/// of waiting minutes, and the unfinished change is applied after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_does_not_wait_for_a_stuck_lms_and_loses_nothing() {
+    let s = start(10, "").await;
+    let someone = s.env.member_ids()[6].clone();
+    s.env.scim.set_down(true);
+    s.env
+        .graph
+        .update_user(&someone, |u| u.job_title = Some("Patient".into()));
+    // The change is queued and the worker is retrying against the unavailable LMS.
+    wait_for("notification queued", 3_000, || {
+        s.env.graph.notify_stats().delivered_batches > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Served {
+        env,
+        store,
+        stop,
+        task,
+        ..
+    } = s;
+    let t0 = Instant::now();
+    if let Some(tx) = stop {
+        let _ = tx.send(());
+    }
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("serve stopped within the grace period, not after the LMS retries")
+        .expect("serve task");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let queued = store
+        .integration(&env.integration.cfg.name)
+        .unwrap()
+        .queue_len();
+    assert!(queued >= 1, "the cut-off item is still queued");
+    drop(store);
+    env.scim.set_down(false);
+    let again = launch(env).await;
+    wait_for("the cut-off change applied after restart", 5_000, || {
+        title(&again.env, &someone).as_deref() == Some("Patient")
+    })
+    .await;
+    again.stop().await;
 }

@@ -52,6 +52,9 @@ pub struct ServeOptions {
     /// An already open store to use instead of opening `data_dir` (embedding, tests that
     /// inspect or break the store while serving).
     pub store: Option<Store>,
+    /// How long the stop waits for in-flight batches and reconciles once the HTTP server has
+    /// stopped; then they are cut off (their queue items stay queued).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeOptions {
@@ -62,6 +65,7 @@ impl Default for ServeOptions {
             renew_interval: Duration::from_secs(60),
             poll_interval: Duration::from_secs(1),
             store: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -160,17 +164,19 @@ pub async fn serve(
     let (server, bound) = start_http(
         config.server.listen,
         config.server.max_body_bytes,
+        config
+            .server
+            .tls
+            .as_ref()
+            .map(|t| (*t.server_config).clone()),
         state,
         health,
         admin,
     )?;
-    let public = match &config.server.public_url {
-        Some(u) => u.clone(),
-        None if bound.ip().is_loopback() => {
-            Url::parse(&format!("http://{bound}")).map_err(|_| ServeError::NoPublicUrl(bound))?
-        }
-        None => return Err(ServeError::NoPublicUrl(bound)),
-    };
+    let public = config
+        .server
+        .public_url_for(bound)
+        .ok_or(ServeError::NoPublicUrl(bound))?;
     let handle = server.handle();
     let server_task = tokio::spawn(server);
     tracing::info!(%bound, public_url = %public, "listening");
@@ -192,18 +198,30 @@ pub async fn serve(
     handle.stop(true).await;
     let _ = server_task.await;
     let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
+    // A batch stuck in Graph or LMS retries must not hold the stop past a service manager's
+    // timeout: unfinished items are still in the queue and run after the restart.
+    let deadline = tokio::time::Instant::now() + opts.shutdown_grace;
+    for mut t in tasks {
+        if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            tracing::warn!(
+                grace_secs = opts.shutdown_grace.as_secs_f64(),
+                "work still in flight at the end of the shutdown grace period (a slow Graph or LMS); stopping it, its queue items stay queued"
+            );
+            t.abort();
+            let _ = t.await;
+        }
     }
     store.flush()?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Builds and starts the HTTP server (kept out of `serve` so its future stays `Send`).
+/// Builds and starts the HTTP server (kept out of `serve` so its future stays `Send`); with
+/// `tls` it speaks only HTTPS (built-in TLS, no proxy needed).
 fn start_http(
     listen: SocketAddr,
     max_body: usize,
+    tls: Option<rustls::ServerConfig>,
     state: web::Data<WebhookState>,
     health: web::Data<Health>,
     admin: web::Data<Admin>,
@@ -216,8 +234,11 @@ fn start_http(
     })
     .workers(2)
     .shutdown_timeout(20)
-    .disable_signals()
-    .bind(listen)
+    .disable_signals();
+    let server = match tls {
+        Some(tls) => server.bind_rustls_0_23(listen, tls),
+        None => server.bind(listen),
+    }
     .map_err(|e| ServeError::Bind {
         addr: listen,
         message: e.to_string(),
@@ -261,26 +282,24 @@ async fn integration_main(
     };
     live.health.set_problem("startup", None);
     let tg = Arc::new(tg);
-    let tasks = vec![
-        tokio::spawn(worker_loop(
-            Arc::clone(&live),
-            Arc::clone(&tg),
-            public.clone(),
-            opts.clone(),
-            stop.clone(),
-        )),
-        tokio::spawn(schedule_loop(Arc::clone(&live), stop.clone())),
-        tokio::spawn(renew_loop(
-            Arc::clone(&live),
-            public.clone(),
-            opts.clone(),
-            stop.clone(),
-        )),
-        tokio::spawn(health_loop(Arc::clone(&live), opts.clone(), stop.clone())),
-    ];
-    for t in tasks {
-        let _ = t.await;
-    }
+    // Dropping the set (also when this task is aborted at shutdown) aborts them all.
+    let mut set = tokio::task::JoinSet::new();
+    set.spawn(worker_loop(
+        Arc::clone(&live),
+        Arc::clone(&tg),
+        public.clone(),
+        opts.clone(),
+        stop.clone(),
+    ));
+    set.spawn(schedule_loop(Arc::clone(&live), stop.clone()));
+    set.spawn(renew_loop(
+        Arc::clone(&live),
+        public.clone(),
+        opts.clone(),
+        stop.clone(),
+    ));
+    set.spawn(health_loop(Arc::clone(&live), opts.clone(), stop.clone()));
+    while set.join_next().await.is_some() {}
 }
 
 async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
