@@ -12,6 +12,8 @@
 //!   cast with `/microsoft.graph.user` or `/microsoft.graph.group`), with `$select`, `$top`
 //!   (1..=999, default 100) and opaque `$skiptoken` paging through absolute `@odata.nextLink`s.
 //! * `GET /v1.0/users/{id | userPrincipalName}` and `/users/{id}/manager`, with `$select`.
+//! * `GET /v1.0/users/{id | userPrincipalName}/memberOf` and `/transitiveMemberOf` (optionally
+//!   cast with `/microsoft.graph.group`), with `$select`, `$top` and paging as above.
 //! * `POST /v1.0/$batch` (max 20 requests, responses shuffled, inner requests throttled
 //!   individually, `dependsOn` honoured).
 //! * Throttling faults: `429` + `Retry-After` from a seeded RNG.
@@ -461,6 +463,34 @@ impl State {
                 .get(&key.to_lowercase())
                 .and_then(|id| self.users.get(id))
         })
+    }
+
+    /// Ids of the groups `member` belongs to, directly or (`transitive`) at any depth: direct
+    /// ones first, each level ordered by displayName.
+    fn groups_of(&self, member: &str, transitive: bool) -> Vec<String> {
+        let parents = |x: &str| -> Vec<String> {
+            let mut v: Vec<&SimGroup> = self
+                .groups
+                .values()
+                .filter(|g| g.members.iter().any(|m| m == x))
+                .collect();
+            v.sort_by(|a, b| a.display_name.cmp(&b.display_name).then(a.id.cmp(&b.id)));
+            v.into_iter().map(|g| g.id.clone()).collect()
+        };
+        let mut out = parents(member);
+        if transitive {
+            let mut seen: HashSet<String> = out.iter().cloned().collect();
+            let mut queue: VecDeque<String> = out.iter().cloned().collect();
+            while let Some(g) = queue.pop_front() {
+                for p in parents(&g) {
+                    if seen.insert(p.clone()) {
+                        out.push(p.clone());
+                        queue.push_back(p);
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn find_group(&self, key: &str) -> Option<&SimGroup> {
@@ -1219,6 +1249,9 @@ fn classify(segs: &[String]) -> &'static str {
         [a, _, b, ..] if a == "groups" && b == "members" => "members",
         [a, _] if a == "users" => "user",
         [a, _, b] if a == "users" && b == "manager" => "manager",
+        [a, _, b, ..] if a == "users" && (b == "memberOf" || b == "transitiveMemberOf") => {
+            "memberOf"
+        }
         _ => "other",
     }
 }
@@ -1309,6 +1342,10 @@ fn serve(
         }
         (Some("users"), 2) => get_user(s, base, ctx, &segs[1], &q),
         (Some("users"), 3) if seg(2) == Some("manager") => get_manager(s, base, ctx, &segs[1], &q),
+        (Some("users"), 3 | 4) if matches!(seg(2), Some("memberOf" | "transitiveMemberOf")) => {
+            let transitive = seg(2) == Some("transitiveMemberOf");
+            list_member_of(s, base, &next_base, ctx, &segs[1], transitive, seg(3), &q)
+        }
         (Some("users"), 3) => unknown_segment(ctx, segs, 2),
         (Some("groups") | Some("users"), 1) => graph_error(
             ctx,
@@ -1739,6 +1776,94 @@ fn list_members(
         }
         query.push_str("$skiptoken=");
         query.push_str(&token);
+        body.insert(
+            "@odata.nextLink".into(),
+            json!(format!("{next_base}?{query}")),
+        );
+    }
+    body.insert("value".into(), Value::Array(items));
+    ApiResponse::json(200, Value::Object(body))
+}
+
+/// `GET /users/{id | userPrincipalName}/memberOf` and `/transitiveMemberOf` (optionally cast to
+/// `microsoft.graph.group`): the groups the user is a member of, directly or at any depth,
+/// ordered by displayName. Without a cast the items carry `@odata.type`, as Graph's
+/// directoryObject collections do.
+#[allow(clippy::too_many_arguments)]
+fn list_member_of(
+    s: &mut State,
+    base: &str,
+    next_base: &str,
+    ctx: &Ctx,
+    key: &str,
+    transitive: bool,
+    cast: Option<&str>,
+    q: &Query,
+) -> ApiResponse {
+    let (kind, set) = match cast {
+        None => (TypeKind::DirectoryObject, "directoryObjects"),
+        Some("microsoft.graph.group") => (TypeKind::Group, "groups"),
+        Some(c) => {
+            return graph_error(
+                ctx,
+                400,
+                "Request_UnsupportedQuery",
+                &format!("The type cast '{c}' is not supported for this collection."),
+            )
+        }
+    };
+    let select = match resolve_select(q, kind) {
+        Ok(sel) => sel,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let top = match q.page_size() {
+        Ok(t) => t,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let Some(uid) = s.find_user(key).map(|u| u.id.clone()) else {
+        return not_found(ctx, key);
+    };
+    let listing_key = format!(
+        "{}|{}|{}",
+        uid.to_lowercase(),
+        if transitive {
+            "transitiveMemberOf"
+        } else {
+            "memberOf"
+        },
+        cast.unwrap_or("")
+    );
+    let offset = match &q.skiptoken {
+        None => 0,
+        Some(t) => match decode_skiptoken(t, &listing_key) {
+            Some(o) => o,
+            None => {
+                return graph_error(
+                    ctx,
+                    400,
+                    "Directory_ExpiredPageToken",
+                    "The specified page token value has expired and can no longer be included in your request.",
+                )
+            }
+        },
+    };
+    let ids = s.groups_of(&uid, transitive);
+    let start = offset.min(ids.len());
+    let end = start.saturating_add(top).min(ids.len());
+    let items: Vec<Value> = ids[start..end]
+        .iter()
+        .filter_map(|id| s.groups.get(id))
+        .map(|g| render_group(g, select.as_deref(), cast.is_none()))
+        .collect();
+    let mut body = Map::new();
+    body.insert("@odata.context".into(), json!(context(base, set, q, false)));
+    if end < ids.len() {
+        let mut query = q.passthrough.join("&");
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str("$skiptoken=");
+        query.push_str(&encode_skiptoken(end, &listing_key));
         body.insert(
             "@odata.nextLink".into(),
             json!(format!("{next_base}?{query}")),
