@@ -695,6 +695,89 @@ impl GraphClient {
         let mut m = self.managers(&[user_id.to_string()], select).await?;
         Ok(m.remove(user_id).flatten())
     }
+
+    /// The groups a user (object id or UPN) is a member of: directly (`memberOf`) or at any
+    /// depth (`transitiveMemberOf`). Directory roles and administrative units are left out;
+    /// `display_name` is empty when the app may not read the group's properties.
+    pub async fn user_groups(
+        &self,
+        id_or_upn: &str,
+        transitive: bool,
+    ) -> Result<Vec<GraphGroup>, GraphError> {
+        let relation = if transitive {
+            "transitiveMemberOf"
+        } else {
+            "memberOf"
+        };
+        let url = format!(
+            "{}/users/{}/{relation}?$select=id,displayName",
+            self.api_root,
+            urlencode(id_or_upn)
+        );
+        self.group_list(&url).await
+    }
+
+    /// Every group nested (at any depth) in a group.
+    pub async fn nested_groups(&self, group_id: &str) -> Result<Vec<GraphGroup>, GraphError> {
+        let url = format!(
+            "{}/groups/{}/transitiveMembers/microsoft.graph.group?$select=id,displayName&$top=999",
+            self.api_root,
+            urlencode(group_id)
+        );
+        self.group_list(&url).await
+    }
+
+    /// Reads a listing of directory objects page by page and keeps the groups.
+    async fn group_list(&self, first: &str) -> Result<Vec<GraphGroup>, GraphError> {
+        let decode = |m: String| GraphError::Decode {
+            what: "Graph group listing".into(),
+            message: m,
+        };
+        let mut out = Vec::new();
+        let mut next = Some(first.to_string());
+        let mut pages = 0u32;
+        while let Some(url) = next.take() {
+            pages += 1;
+            if !url.starts_with(&self.api_root) || pages > 10_000 {
+                return Err(decode(format!(
+                    "refusing to follow a nextLink outside {} or beyond 10,000 pages: {url}",
+                    self.api_root
+                )));
+            }
+            let v = self.get_json(&url).await?;
+            next = match v.get("@odata.nextLink") {
+                Some(Value::String(s)) if *s == url => {
+                    return Err(decode("a page links to itself".into()))
+                }
+                Some(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            };
+            let items = v
+                .get("value")
+                .and_then(|v| v.as_array())
+                .ok_or_else(|| decode("the page has no `value` array".into()))?;
+            for item in items {
+                let is_group = item
+                    .get("@odata.type")
+                    .and_then(|t| t.as_str())
+                    .is_none_or(|t| t.eq_ignore_ascii_case("#microsoft.graph.group"));
+                let Some(id) = item.get("id").and_then(|i| i.as_str()) else {
+                    continue;
+                };
+                if is_group {
+                    out.push(GraphGroup {
+                        id: id.to_string(),
+                        display_name: item
+                            .get("displayName")
+                            .and_then(|n| n.as_str())
+                            .unwrap_or("")
+                            .to_string(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn parse_aadsts(desc: &str) -> Option<u64> {
