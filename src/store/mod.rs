@@ -8,6 +8,7 @@
 mod commit;
 pub mod queue;
 pub mod state;
+pub mod traces;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -147,6 +148,8 @@ impl Store {
             delta: t("delta")?,
             members: t("members")?,
             reports: t("reports")?,
+            traces: t("traces")?,
+            trace_names: t("trace_names")?,
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
             fail_writes: Arc::clone(&self.fail_writes),
@@ -173,6 +176,10 @@ pub struct IntegrationStore {
     delta: sled::Tree,
     members: sled::Tree,
     reports: sled::Tree,
+    /// Each user's last decision trace (`store::traces`).
+    traces: sled::Tree,
+    /// Lower-cased userName / UPN → Entra id, for traces looked up by name.
+    trace_names: sled::Tree,
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
     fail_writes: Arc<AtomicBool>,

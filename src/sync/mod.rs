@@ -6,4 +6,5 @@
 pub mod mapping;
 pub mod plan;
 pub mod reconcile;
+pub mod trace;
 pub mod worker;

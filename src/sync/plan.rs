@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::mapping::{
     is_active, AttrChange, AttrValue, Desired, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME,
@@ -13,7 +13,7 @@ use super::mapping::{
 use crate::config::DeactivationLimit;
 use crate::store::IndexEntry;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Create,

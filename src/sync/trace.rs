@@ -1,0 +1,1095 @@
+//! Decision traces: why one user is in the LMS as they are (or not at all).
+//!
+//! Owns the trace record — when and by what it was decided, scope (which configured group,
+//! directly or through which nested group, or why not), how the LMS user was matched, the mapped
+//! values, the planned change and the target's answer — its size bounds, and its wording for the
+//! terminal. The reconcile, the incremental worker and `sync-user` fill one in where they decide;
+//! the store keeps each user's last one (`IntegrationStore::put_traces`). Only decisions that are
+//! not "unchanged" are recorded (plus every `sync-user`), so a no-change run writes nothing.
+//!
+//! Building and rendering are pure; [`explain`] only reads through `IntegrationStore`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use super::mapping::{AttrChange, AttrValue, Record};
+use super::plan::{Action, PlannedChange};
+use crate::config::IntegrationConfig;
+use crate::store::{IndexEntry, IntegrationStore, StoreError};
+
+/// Longest string value kept in a trace (longer ones end in `…`).
+pub const MAX_VALUE_CHARS: usize = 256;
+/// Longest reason or error text kept in a trace.
+pub const MAX_TEXT_CHARS: usize = 1024;
+/// Most mapped values, attribute changes or groups kept in a trace.
+pub const MAX_ITEMS: usize = 64;
+
+/// What made the decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    Reconcile,
+    Incremental,
+    SyncUser,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Reconcile => "reconcile",
+            Source::Incremental => "incremental",
+            Source::SyncUser => "sync-user",
+        }
+    }
+}
+
+/// How a user belongs to a configured group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Path {
+    /// A direct member of the configured group.
+    Direct,
+    /// A member through this group, nested (at some depth) in the configured group.
+    Nested {
+        group_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_name: Option<String>,
+    },
+    /// Listed among the configured group's transitive members (a full reconcile reads them
+    /// flattened, so it does not know whether directly).
+    Transitive,
+}
+
+/// One configured group that puts the user in scope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Via {
+    pub group_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_name: Option<String>,
+    pub path: Path,
+}
+
+/// Why a user is not (or no longer) in scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutOfScope {
+    /// Was synced, and is no longer a member of any configured group (a full reconcile cannot
+    /// tell this from a deletion: both are "not listed").
+    LeftAllGroups,
+    /// A member, but the account is disabled.
+    Disabled,
+    /// Deleted (or soft-deleted) in Entra.
+    Deleted,
+    /// Not a member of any configured group, and never synced.
+    NotMember,
+}
+
+impl OutOfScope {
+    pub fn describe(self) -> &'static str {
+        match self {
+            OutOfScope::LeftAllGroups => {
+                "left all groups: no longer a member of any configured group (removed, or deleted in Entra)"
+            }
+            OutOfScope::Disabled => "disabled in Entra (accountEnabled = false)",
+            OutOfScope::Deleted => "deleted in Entra (or soft-deleted)",
+            OutOfScope::NotMember => "not a member of any configured group",
+        }
+    }
+}
+
+/// Scope: whether the user should be active in the LMS, and through which groups.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scope {
+    pub in_scope: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out: Option<OutOfScope>,
+    /// The configured groups the user is a member of (also for a disabled member).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub via: Vec<Via>,
+}
+
+impl Scope {
+    /// An enabled member (`out` = None) or not, through `via`.
+    pub fn of(out: Option<OutOfScope>, mut via: Vec<Via>) -> Scope {
+        via.truncate(MAX_ITEMS);
+        for v in &mut via {
+            v.group_name = v.group_name.take().map(|n| clip(&n, MAX_VALUE_CHARS));
+            if let Path::Nested { group_name, .. } = &mut v.path {
+                *group_name = group_name.take().map(|n| clip(&n, MAX_VALUE_CHARS));
+            }
+        }
+        Scope {
+            in_scope: out.is_none(),
+            out,
+            via,
+        }
+    }
+}
+
+/// How the LMS user was found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum Match {
+    /// Not in the index and nothing applied: a create is (or would be) the plan.
+    #[default]
+    None,
+    /// In the user index: rostersync created or linked this LMS user before.
+    Index { target_id: String },
+    /// The create answered 409 and the LMS user with this userName was taken over: one that
+    /// already had the user's externalId, or (`adopted`) one without any, by `link_existing`.
+    UserName { target_id: String, adopted: bool },
+    /// The create answered 409 and the LMS user with the user's externalId was found.
+    ExternalId { target_id: String },
+    /// A new LMS user was created.
+    Created { target_id: String },
+}
+
+/// What was decided for the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Created,
+    /// An existing LMS user was taken over instead of creating one.
+    Linked,
+    Updated,
+    Deactivated,
+    Reactivated,
+    /// Nothing to change (only `sync-user` records this).
+    Unchanged,
+    /// A disabled member that was never in the LMS: not created.
+    Skipped,
+    /// A dry run: planned, not applied.
+    Planned,
+    Failed,
+    /// A deactivation the mass-deactivation guard held back.
+    Held,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Linked => "linked",
+            Outcome::Updated => "updated",
+            Outcome::Deactivated => "deactivated",
+            Outcome::Reactivated => "reactivated",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Skipped => "skipped",
+            Outcome::Planned => "planned (dry run)",
+            Outcome::Failed => "failed",
+            Outcome::Held => "held by the guard",
+        }
+    }
+}
+
+/// The planned change, as planned (a create lists every attribute under `mapped` instead).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TracePlan {
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<AttrChange>,
+    /// Changes left out beyond [`MAX_ITEMS`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: usize,
+}
+
+/// What the LMS answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Answer {
+    Ok {
+        target_id: String,
+    },
+    /// The error as the LMS gave it (status, SCIM type and detail), or why rostersync would not
+    /// proceed after what the LMS answered (e.g. the userName belongs to another identity).
+    Error {
+        message: String,
+    },
+}
+
+/// One user's decision, as stored and as `sync-user` / `explain` print it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    pub at: DateTime<Utc>,
+    pub integration: String,
+    pub source: Source,
+    /// The reconcile's run id, or "incremental" / "sync-user".
+    pub run: String,
+    #[serde(default)]
+    pub dry_run: bool,
+    pub entra_id: String,
+    /// The LMS userName, as mapped (or as indexed when the user could not be mapped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upn: Option<String>,
+    pub scope: Scope,
+    pub matched: Match,
+    /// What the mapping produced (the attributes rostersync manages), when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped: Option<Record>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mapped_omitted: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<TracePlan>,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Answer>,
+    /// Why it failed, was held or skipped, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// `s` cut to at most `max` characters (the last being `…` when cut).
+pub fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+fn clip_value(v: &AttrValue) -> AttrValue {
+    match v {
+        AttrValue::Str(s) => AttrValue::Str(clip(s, MAX_VALUE_CHARS)),
+        b => b.clone(),
+    }
+}
+
+fn clip_change(c: &AttrChange) -> AttrChange {
+    AttrChange {
+        key: clip(&c.key, MAX_VALUE_CHARS),
+        old: c.old.as_ref().map(clip_value),
+        new: c.new.as_ref().map(clip_value),
+    }
+}
+
+impl Trace {
+    /// A trace of `entra_id` decided now; the rest is filled in as the decision is made.
+    pub fn new(integration: &str, source: Source, run: &str, entra_id: &str) -> Trace {
+        Trace {
+            at: Utc::now(),
+            integration: integration.to_string(),
+            source,
+            run: run.to_string(),
+            dry_run: false,
+            entra_id: entra_id.to_string(),
+            user_name: None,
+            upn: None,
+            scope: Scope::default(),
+            matched: Match::None,
+            mapped: None,
+            mapped_omitted: 0,
+            plan: None,
+            outcome: Outcome::Unchanged,
+            answer: None,
+            note: None,
+        }
+    }
+
+    pub fn user(&mut self, user_name: Option<&str>, upn: Option<&str>) -> &mut Self {
+        if let Some(n) = user_name {
+            self.user_name = Some(clip(n, MAX_VALUE_CHARS));
+        }
+        if let Some(u) = upn {
+            self.upn = Some(clip(u, MAX_VALUE_CHARS));
+        }
+        self
+    }
+
+    pub fn scope(&mut self, scope: Scope) -> &mut Self {
+        self.scope = scope;
+        self
+    }
+
+    /// The mapped record (bounded).
+    pub fn mapped(&mut self, record: &Record) -> &mut Self {
+        self.mapped_omitted = record.len().saturating_sub(MAX_ITEMS);
+        self.mapped = Some(
+            record
+                .iter()
+                .take(MAX_ITEMS)
+                .map(|(k, v)| (clip(k, MAX_VALUE_CHARS), clip_value(v)))
+                .collect(),
+        );
+        self
+    }
+
+    /// The planned change; the match follows from it (indexed, or none → create).
+    pub fn plan(&mut self, c: &PlannedChange) -> &mut Self {
+        self.user(Some(&c.user_name), None);
+        self.matched = match &c.target_id {
+            Some(id) => Match::Index {
+                target_id: clip(id, MAX_VALUE_CHARS),
+            },
+            None => Match::None,
+        };
+        // A create's diff is its whole record, already under `mapped`.
+        let changes: &[AttrChange] = if c.action == Action::Create {
+            &[]
+        } else {
+            &c.changes
+        };
+        self.plan = Some(TracePlan {
+            action: c.action,
+            reason: c.reason.as_deref().map(|r| clip(r, MAX_TEXT_CHARS)),
+            changes: changes.iter().take(MAX_ITEMS).map(clip_change).collect(),
+            omitted: changes.len().saturating_sub(MAX_ITEMS),
+        });
+        self.outcome = Outcome::Planned;
+        self
+    }
+
+    /// The LMS took the change: `matched` is how the user was found when it was applied.
+    pub fn applied(&mut self, c: &PlannedChange, matched: &Match) -> &mut Self {
+        if self.plan.is_none() {
+            self.plan(c);
+        }
+        self.matched = matched.clone();
+        let target_id = match matched {
+            Match::Index { target_id }
+            | Match::UserName { target_id, .. }
+            | Match::ExternalId { target_id }
+            | Match::Created { target_id } => target_id.clone(),
+            Match::None => c.target_id.clone().unwrap_or_default(),
+        };
+        self.outcome = match (c.action, matched) {
+            (Action::Create, Match::UserName { .. } | Match::ExternalId { .. }) => Outcome::Linked,
+            (Action::Create, _) => Outcome::Created,
+            (Action::Update, _) => Outcome::Updated,
+            (Action::Deactivate, _) => Outcome::Deactivated,
+            (Action::Reactivate, _) => Outcome::Reactivated,
+        };
+        self.answer = Some(Answer::Ok {
+            target_id: clip(&target_id, MAX_VALUE_CHARS),
+        });
+        self
+    }
+
+    /// The user failed: `from_target` when the message is the LMS's answer to the change.
+    pub fn failed(&mut self, message: &str, from_target: bool) -> &mut Self {
+        self.outcome = Outcome::Failed;
+        let message = clip(message, MAX_TEXT_CHARS);
+        if from_target {
+            self.answer = Some(Answer::Error { message });
+        } else {
+            self.note = Some(message);
+        }
+        self
+    }
+
+    pub fn held(&mut self, why: &str) -> &mut Self {
+        self.outcome = Outcome::Held;
+        self.note = Some(clip(why, MAX_TEXT_CHARS));
+        self
+    }
+
+    pub fn skipped(&mut self, why: &str) -> &mut Self {
+        self.outcome = Outcome::Skipped;
+        self.note = Some(clip(why, MAX_TEXT_CHARS));
+        self
+    }
+
+    /// A change applied later in the same run (the manager link, once the manager exists) is
+    /// added to this run's trace instead of replacing it.
+    pub fn amend(&mut self, c: &PlannedChange, reason: &str) -> &mut Self {
+        let Some(plan) = self.plan.as_mut() else {
+            return self.plan(c);
+        };
+        for ch in &c.changes {
+            plan.changes.retain(|x| x.key != ch.key);
+            if plan.changes.len() < MAX_ITEMS {
+                plan.changes.push(clip_change(ch));
+            } else {
+                plan.omitted += 1;
+            }
+        }
+        let r = match plan.reason.take() {
+            Some(r) => format!("{r}; {reason}"),
+            None => reason.to_string(),
+        };
+        plan.reason = Some(clip(&r, MAX_TEXT_CHARS));
+        if let Some(m) = self.mapped.as_mut() {
+            for ch in &c.changes {
+                match &ch.new {
+                    Some(v) => m.insert(ch.key.clone(), clip_value(v)),
+                    None => m.remove(&ch.key),
+                };
+            }
+        }
+        self
+    }
+
+    /// Replaces every occurrence of a secret (a configured token or client secret) in the
+    /// trace's text; nothing should ever carry one, but an LMS could echo one in an error.
+    pub fn scrub(&mut self, secrets: &[String]) -> &mut Self {
+        let fix = |s: &mut String| {
+            for secret in secrets {
+                if s.contains(secret.as_str()) {
+                    *s = s.replace(secret.as_str(), "[redacted]");
+                }
+            }
+        };
+        let fix_value = |v: &mut AttrValue| {
+            if let AttrValue::Str(s) = v {
+                fix(s);
+            }
+        };
+        if secrets.is_empty() {
+            return self;
+        }
+        for s in [&mut self.user_name, &mut self.upn, &mut self.note]
+            .into_iter()
+            .flatten()
+        {
+            fix(s);
+        }
+        if let Some(Answer::Error { message }) = self.answer.as_mut() {
+            fix(message);
+        }
+        if let Some(m) = self.mapped.as_mut() {
+            m.values_mut().for_each(fix_value);
+        }
+        if let Some(p) = self.plan.as_mut() {
+            if let Some(r) = p.reason.as_mut() {
+                fix(r);
+            }
+            for c in &mut p.changes {
+                c.old.iter_mut().chain(c.new.iter_mut()).for_each(fix_value);
+            }
+        }
+        self
+    }
+
+    /// The decision in one line, e.g. `deactivated 2026-11-28T07:00:00Z by reconcile …: disabled
+    /// in Entra (accountEnabled = false)`.
+    pub fn summary(&self) -> String {
+        let when = format!("{} by {}", time(&self.at), self.by());
+        let why = self
+            .scope
+            .out
+            .map(|o| o.describe().to_string())
+            .or_else(|| self.plan.as_ref().and_then(|p| p.reason.clone()));
+        match self.outcome {
+            Outcome::Deactivated => format!(
+                "inactive since {when}: {}",
+                why.unwrap_or_else(|| "deactivated".into())
+            ),
+            Outcome::Reactivated => format!(
+                "reactivated {when}: {}",
+                why.unwrap_or_else(|| "member again and enabled".into())
+            ),
+            Outcome::Created => format!("created in the LMS {when}"),
+            Outcome::Linked => format!("linked to an existing LMS user {when}"),
+            Outcome::Updated => {
+                let keys: Vec<&str> = self
+                    .plan
+                    .iter()
+                    .flat_map(|p| p.changes.iter().map(|c| c.key.as_str()))
+                    .collect();
+                format!("updated {when}: {}", keys.join(", "))
+            }
+            Outcome::Unchanged => format!("checked {when}: nothing to change"),
+            Outcome::Skipped => format!(
+                "not in the LMS (since {when}): {}",
+                self.note.as_deref().unwrap_or("skipped")
+            ),
+            Outcome::Planned => format!(
+                "dry run {when}: would {}",
+                self.plan
+                    .as_ref()
+                    .map_or("change nothing", |p| p.action.as_str())
+            ),
+            Outcome::Failed => {
+                let why = match &self.answer {
+                    Some(Answer::Error { message }) => message.as_str(),
+                    _ => self.note.as_deref().unwrap_or("failed"),
+                };
+                format!("failed {when}: {why}")
+            }
+            Outcome::Held => format!(
+                "deactivation held {when} by the mass-deactivation guard: {}",
+                self.note.as_deref().unwrap_or("")
+            ),
+        }
+    }
+
+    fn by(&self) -> String {
+        match self.source {
+            Source::Reconcile => format!("reconcile {}", self.run),
+            s => s.as_str().to_string(),
+        }
+    }
+
+    /// The whole trace for the terminal, several indented lines.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let who = self
+            .user_name
+            .as_deref()
+            .or(self.upn.as_deref())
+            .unwrap_or("?");
+        let _ = writeln!(
+            s,
+            "{}: {} (Entra id {})",
+            self.integration, who, self.entra_id
+        );
+        if let Some(upn) = self
+            .upn
+            .as_deref()
+            .filter(|u| Some(*u) != self.user_name.as_deref())
+        {
+            let _ = writeln!(s, "  upn        {upn}");
+        }
+        let dry = if self.dry_run { " (dry run)" } else { "" };
+        let _ = writeln!(s, "  decided    {} by {}{dry}", time(&self.at), self.by());
+        let _ = writeln!(s, "  scope      {}", render_scope(&self.scope));
+        let _ = writeln!(
+            s,
+            "  match      {}",
+            render_match(&self.matched, self.plan.as_ref())
+        );
+        match &self.mapped {
+            Some(m) if !m.is_empty() => {
+                let mut first = true;
+                for (k, v) in m {
+                    let label = if first { "mapped" } else { "" };
+                    first = false;
+                    let _ = writeln!(s, "  {label:<10} {k} = {v}");
+                }
+                if self.mapped_omitted > 0 {
+                    let _ = writeln!(s, "             … {} more", self.mapped_omitted);
+                }
+            }
+            _ => {
+                let _ = writeln!(s, "  mapped     (not mapped)");
+            }
+        }
+        match &self.plan {
+            Some(p) => {
+                let reason = p
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default();
+                let detail = if p.action == Action::Create {
+                    " (every mapped attribute)".to_string()
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(s, "  plan       {}{detail}{reason}", p.action.as_str());
+                for c in &p.changes {
+                    let _ = writeln!(
+                        s,
+                        "             {}: {} → {}",
+                        c.key,
+                        opt(&c.old),
+                        opt(&c.new)
+                    );
+                }
+                if p.omitted > 0 {
+                    let _ = writeln!(s, "             … {} more", p.omitted);
+                }
+            }
+            None => {
+                let _ = writeln!(s, "  plan       no change");
+            }
+        }
+        let answer = match &self.answer {
+            Some(Answer::Ok { target_id }) => format!("ok, LMS user id {target_id}"),
+            Some(Answer::Error { message }) => format!("error: {message}"),
+            None if self.dry_run => "nothing sent (dry run)".into(),
+            None => "nothing sent".into(),
+        };
+        let _ = writeln!(s, "  answer     {answer}");
+        let _ = writeln!(s, "  outcome    {}", self.outcome.as_str());
+        if let Some(n) = &self.note {
+            let _ = writeln!(s, "  note       {n}");
+        }
+        s
+    }
+}
+
+fn time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn opt(v: &Option<AttrValue>) -> String {
+    v.as_ref().map_or("(none)".into(), |v| v.to_string())
+}
+
+fn group(id: &str, name: Option<&str>) -> String {
+    match name {
+        Some(n) if !n.is_empty() => format!("{n:?} ({id})"),
+        _ => format!("group {id}"),
+    }
+}
+
+fn render_via(v: &Via) -> String {
+    let g = group(&v.group_id, v.group_name.as_deref());
+    match &v.path {
+        Path::Direct => format!("direct member of {g}"),
+        Path::Nested {
+            group_id,
+            group_name,
+        } => format!(
+            "member of {g} through nested group {}",
+            group(group_id, group_name.as_deref())
+        ),
+        Path::Transitive => format!("listed among the members of {g} (direct or nested)"),
+    }
+}
+
+fn render_scope(s: &Scope) -> String {
+    let via = s.via.iter().map(render_via).collect::<Vec<_>>().join("; ");
+    match (s.out, via.is_empty()) {
+        (None, true) => "in scope".into(),
+        (None, false) => format!("in scope: {via}"),
+        (Some(o), true) => format!("not in scope: {}", o.describe()),
+        (Some(o), false) => format!("not in scope: {}; groups: {via}", o.describe()),
+    }
+}
+
+fn render_match(m: &Match, plan: Option<&TracePlan>) -> String {
+    match m {
+        Match::None if plan.is_some_and(|p| p.action == Action::Create) => {
+            "not in the index → create".into()
+        }
+        Match::None => "not in the index".into(),
+        Match::Index { target_id } => format!("by the index (LMS user {target_id})"),
+        Match::Created { target_id } => {
+            format!("not in the index → created LMS user {target_id}")
+        }
+        Match::UserName {
+            target_id,
+            adopted: true,
+        } => format!(
+            "the create answered 409: by userName, LMS user {target_id} (no externalId) adopted (link_existing)"
+        ),
+        Match::UserName { target_id, .. } => format!(
+            "the create answered 409: by userName, LMS user {target_id} already carries this externalId"
+        ),
+        Match::ExternalId { target_id } => {
+            format!("the create answered 409: by externalId, LMS user {target_id}")
+        }
+    }
+}
+
+/// The configured secrets of an integration, for [`Trace::scrub`]. Very short values are left
+/// out: replacing them would mangle ordinary text.
+pub fn secrets_of(cfg: &IntegrationConfig) -> Vec<String> {
+    let mut out = vec![cfg.target.token.expose_secret().to_string()];
+    if let crate::graph::credential::ClientCredential::Secret(s) = &cfg.credential {
+        out.push(s.expose_secret().to_string());
+    }
+    if let Some(s) = &cfg.client_state {
+        out.push(s.expose_secret().to_string());
+    }
+    out.retain(|s| s.chars().count() >= 6);
+    out
+}
+
+/// Traces of one run being decided: each planned change's trace waits here for its answer.
+pub struct Pending {
+    integration: String,
+    source: Source,
+    run: String,
+    /// Dry runs keep nothing: their traces are never stored.
+    enabled: bool,
+    secrets: Vec<String>,
+    waiting: HashMap<String, Trace>,
+}
+
+impl Pending {
+    pub fn new(cfg: &IntegrationConfig, source: Source, run: &str, enabled: bool) -> Pending {
+        Pending {
+            integration: cfg.name.to_string(),
+            source,
+            run: run.to_string(),
+            enabled,
+            secrets: secrets_of(cfg),
+            waiting: HashMap::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    pub fn start(&self, entra_id: &str) -> Trace {
+        Trace::new(&self.integration, self.source, &self.run, entra_id)
+    }
+
+    /// Keeps a planned change's trace until [`Pending::take`].
+    pub fn wait(&mut self, t: Trace) {
+        if self.enabled {
+            self.waiting.insert(t.entra_id.clone(), t);
+        }
+    }
+
+    /// The trace `c` was planned with (a bare one if none was kept).
+    pub fn take(&mut self, c: &PlannedChange) -> Trace {
+        self.waiting.remove(&c.entra_id).unwrap_or_else(|| {
+            let mut t = self.start(&c.entra_id);
+            t.scope(Scope {
+                in_scope: c.action != Action::Deactivate,
+                ..Scope::default()
+            })
+            .plan(c);
+            t
+        })
+    }
+
+    /// Ready to store: scrubbed.
+    pub fn finish(&self, mut t: Trace) -> Trace {
+        t.scrub(&self.secrets);
+        t
+    }
+}
+
+/// What rostersync knows about a user now: the last applied state from the index.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct IndexState {
+    pub target_id: String,
+    pub user_name: String,
+    pub active: bool,
+    pub linked: bool,
+    pub last_applied_at: DateTime<Utc>,
+    pub record: Record,
+}
+
+impl From<&IndexEntry> for IndexState {
+    fn from(e: &IndexEntry) -> Self {
+        IndexState {
+            target_id: e.target_id.clone(),
+            user_name: e.user_name.clone(),
+            active: e.active(),
+            linked: e.linked,
+            last_applied_at: e.updated_at,
+            record: e
+                .record
+                .iter()
+                .take(MAX_ITEMS)
+                .map(|(k, v)| (k.clone(), clip_value(v)))
+                .collect(),
+        }
+    }
+}
+
+/// The answer to "why is this user as they are": the last stored trace and the index entry.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Explanation {
+    pub integration: String,
+    /// What was asked for (object id, UPN or userName).
+    pub query: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entra_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Trace>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexState>,
+}
+
+impl Explanation {
+    pub fn known(&self) -> bool {
+        self.trace.is_some() || self.index.is_some()
+    }
+}
+
+/// Looks a user up by object id, UPN or userName and returns what the store knows. Makes no
+/// Graph or LMS call.
+pub fn explain(store: &IntegrationStore, key: &str) -> Result<Explanation, StoreError> {
+    let entra_id = store.resolve_user(key)?;
+    let (trace, index) = match &entra_id {
+        Some(id) => (store.trace(id)?, store.get_user(id)?),
+        None => (None, None),
+    };
+    Ok(Explanation {
+        integration: store.name().to_string(),
+        query: key.to_string(),
+        entra_id,
+        trace,
+        index: index.as_ref().map(IndexState::from),
+    })
+}
+
+/// `explain` for the terminal.
+pub fn render_explanation(e: &Explanation) -> String {
+    let mut s = String::new();
+    if !e.known() {
+        let _ = writeln!(
+            s,
+            "{}: nothing is known about {:?}: no decision was recorded for it and it is not in the user index (not an object id, UPN or userName rostersync has synced). `sync-user` asks Entra now.",
+            e.integration, e.query
+        );
+        return s;
+    }
+    let id = e.entra_id.as_deref().unwrap_or("?");
+    let name = e
+        .index
+        .as_ref()
+        .map(|i| i.user_name.as_str())
+        .or_else(|| e.trace.as_ref().and_then(|t| t.user_name.as_deref()))
+        .unwrap_or(&e.query);
+    let _ = writeln!(s, "{}: {name} (Entra id {id})", e.integration);
+    match &e.index {
+        Some(i) => {
+            let _ = writeln!(
+                s,
+                "  now        {} in the LMS, LMS user id {}, userName {:?}{}; last applied {}",
+                if i.active { "active" } else { "inactive" },
+                i.target_id,
+                i.user_name,
+                if i.linked { " (adopted)" } else { "" },
+                time(&i.last_applied_at)
+            );
+        }
+        None => {
+            let _ = writeln!(s, "  now        not in the LMS (not in the user index)");
+        }
+    }
+    match &e.trace {
+        Some(t) => {
+            let _ = writeln!(s, "  why        {}", t.summary());
+            let _ = writeln!(
+                s,
+                "  since      no change since {} (every change and failure is recorded; unchanged runs are not)",
+                time(&t.at)
+            );
+            let _ = writeln!(s, "  last decision:");
+            for line in t.render().lines().skip(1) {
+                let _ = writeln!(s, "  {line}");
+            }
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "  why        no decision recorded (synced before decision traces were kept, and unchanged since); `sync-user` traces it now"
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::mapping::{ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME};
+
+    fn s(v: &str) -> AttrValue {
+        AttrValue::Str(v.into())
+    }
+
+    fn change(action: Action, target: Option<&str>) -> PlannedChange {
+        let mut record = Record::new();
+        record.insert(USER_NAME.into(), s("ada@x"));
+        record.insert(EXTERNAL_ID.into(), s("u1"));
+        record.insert(ACTIVE.into(), AttrValue::Bool(action != Action::Deactivate));
+        record.insert("title".into(), s("Engineer"));
+        PlannedChange {
+            action,
+            entra_id: "u1".into(),
+            user_name: "ada@x".into(),
+            target_id: target.map(str::to_string),
+            changes: vec![AttrChange {
+                key: "title".into(),
+                old: Some(s("Intern")),
+                new: Some(s("Engineer")),
+            }],
+            reason: None,
+            record,
+            manager: None,
+            linked: false,
+        }
+    }
+
+    fn direct() -> Via {
+        Via {
+            group_id: "g1".into(),
+            group_name: Some("All Employees".into()),
+            path: Path::Direct,
+        }
+    }
+
+    #[test]
+    fn long_values_and_long_lists_are_cut() {
+        assert_eq!(clip("abc", 3), "abc");
+        let long = "x".repeat(1000);
+        let c = clip(&long, MAX_VALUE_CHARS);
+        assert_eq!(c.chars().count(), MAX_VALUE_CHARS);
+        assert!(c.ends_with('…'));
+        assert_eq!(clip("ÅÅÅÅ", 3), "ÅÅ…", "cut on characters, not bytes");
+
+        let mut record = Record::new();
+        for i in 0..100 {
+            record.insert(format!("custom.a{i:03}"), s(&long));
+        }
+        let mut c = change(Action::Update, Some("t1"));
+        c.changes = (0..100)
+            .map(|i| AttrChange {
+                key: format!("custom.a{i:03}"),
+                old: None,
+                new: Some(s(&long)),
+            })
+            .collect();
+        let mut t = Trace::new("x", Source::Reconcile, "r1", "u1");
+        t.mapped(&record).plan(&c).failed(&long.repeat(3), true);
+        let m = t.mapped.as_ref().unwrap();
+        assert_eq!((m.len(), t.mapped_omitted), (MAX_ITEMS, 100 - MAX_ITEMS));
+        assert!(m
+            .values()
+            .all(|v| matches!(v, AttrValue::Str(s) if s.chars().count() == MAX_VALUE_CHARS)));
+        let p = t.plan.as_ref().unwrap();
+        assert_eq!((p.changes.len(), p.omitted), (MAX_ITEMS, 100 - MAX_ITEMS));
+        match &t.answer {
+            Some(Answer::Error { message }) => {
+                assert_eq!(message.chars().count(), MAX_TEXT_CHARS)
+            }
+            other => panic!("{other:?}"),
+        }
+        // The stored form stays small.
+        let bytes = serde_json::to_vec(&t).unwrap();
+        assert!(bytes.len() < 64 * 1024, "{}", bytes.len());
+    }
+
+    #[test]
+    fn a_create_renders_scope_match_mapping_plan_and_answer() {
+        let c = change(Action::Create, None);
+        let mut t = Trace::new("test", Source::SyncUser, "sync-user", "u1");
+        t.user(None, Some("ada@x"))
+            .scope(Scope::of(None, vec![direct()]))
+            .mapped(&c.record)
+            .plan(&c)
+            .applied(
+                &c,
+                &Match::Created {
+                    target_id: "t9".into(),
+                },
+            );
+        let out = t.render();
+        for want in [
+            "test: ada@x (Entra id u1)",
+            "in scope: direct member of \"All Employees\" (g1)",
+            "not in the index → created LMS user t9",
+            "title = \"Engineer\"",
+            "plan       create",
+            "answer     ok, LMS user id t9",
+            "outcome    created",
+        ] {
+            assert!(out.contains(want), "{want:?} missing in:\n{out}");
+        }
+        assert!(t.summary().starts_with("created in the LMS"));
+        // Round trip through the stored form.
+        let back: Trace = serde_json::from_slice(&serde_json::to_vec(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
+    }
+
+    #[test]
+    fn scope_wording_covers_nested_and_every_reason_to_be_out() {
+        let nested = Via {
+            path: Path::Nested {
+                group_id: "g2".into(),
+                group_name: Some("Contractors".into()),
+            },
+            ..direct()
+        };
+        assert_eq!(
+            render_scope(&Scope::of(None, vec![nested])),
+            "in scope: member of \"All Employees\" (g1) through nested group \"Contractors\" (g2)"
+        );
+        let disabled = render_scope(&Scope::of(Some(OutOfScope::Disabled), vec![direct()]));
+        assert!(
+            disabled.contains("accountEnabled = false")
+                && disabled.contains("; groups: direct member of"),
+            "{disabled}"
+        );
+        assert!(
+            render_scope(&Scope::of(Some(OutOfScope::LeftAllGroups), vec![]))
+                .contains("left all groups")
+        );
+        assert!(render_scope(&Scope::of(Some(OutOfScope::Deleted), vec![])).contains("deleted"));
+
+        let mut t = Trace::new("test", Source::Reconcile, "r1", "u1");
+        let c = change(Action::Deactivate, Some("t1"));
+        t.scope(Scope::of(Some(OutOfScope::Disabled), vec![direct()]))
+            .plan(&c)
+            .applied(
+                &c,
+                &Match::Index {
+                    target_id: "t1".into(),
+                },
+            );
+        let sum = t.summary();
+        assert!(
+            sum.starts_with("inactive since") && sum.contains("accountEnabled = false"),
+            "{sum}"
+        );
+        assert!(sum.contains("by reconcile r1"), "{sum}");
+    }
+
+    #[test]
+    fn secrets_are_scrubbed_from_every_text() {
+        let secret = "s3cr3t-token-value".to_string();
+        let c = change(Action::Update, Some("t1"));
+        let mut t = Trace::new("x", Source::Incremental, "incremental", "u1");
+        t.plan(&c)
+            .failed(&format!("PATCH answered 400: bad token {secret}"), true);
+        t.note = Some(format!("note {secret}"));
+        t.scrub(std::slice::from_ref(&secret));
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(
+            !json.contains(&secret) && json.contains("[redacted]"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn a_later_manager_link_amends_the_runs_trace() {
+        let c = change(Action::Create, None);
+        let mut t = Trace::new("x", Source::Reconcile, "r1", "u1");
+        t.mapped(&c.record).plan(&c);
+        let link = PlannedChange {
+            action: Action::Update,
+            changes: vec![AttrChange {
+                key: MANAGER.into(),
+                old: None,
+                new: Some(s("t-boss")),
+            }],
+            ..change(Action::Update, Some("t1"))
+        };
+        t.amend(&link, "manager link");
+        let p = t.plan.as_ref().unwrap();
+        assert_eq!(p.action, Action::Create);
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(p.reason.as_deref(), Some("manager link"));
+        assert_eq!(t.mapped.as_ref().unwrap()[MANAGER], s("t-boss"));
+    }
+
+    #[test]
+    fn an_unknown_user_is_said_to_be_unknown() {
+        let e = Explanation {
+            integration: "test".into(),
+            query: "nobody@x".into(),
+            entra_id: None,
+            trace: None,
+            index: None,
+        };
+        let out = render_explanation(&e);
+        assert!(out.contains("nothing is known about \"nobody@x\""), "{out}");
+    }
+}
