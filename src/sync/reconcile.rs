@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::mapping::{is_active, AttrValue, Desired, MapFailure, Mapping, Record, MANAGER};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
+use super::trace::{self, Match, OutOfScope, Pending, Scope, Source, Trace, Via};
 use crate::config::IntegrationConfig;
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{GraphClient, GraphError, BATCH_LIMIT};
@@ -129,6 +130,12 @@ pub(crate) enum ApplyError {
     Fatal(RunError),
 }
 
+/// A change the target took: the index entry to record and how the LMS user was found.
+pub(crate) struct Applied {
+    pub entry: IndexEntry,
+    pub matched: Match,
+}
+
 impl From<StoreError> for ApplyError {
     fn from(e: StoreError) -> Self {
         ApplyError::Fatal(e.into())
@@ -156,6 +163,8 @@ struct Run<'a, 'c, T: Target> {
     /// Deep runs: what the LMS really holds for indexed users whose record differs from the
     /// index (`None`: deleted in the LMS). Consulted before the index.
     actual: HashMap<String, Option<Record>>,
+    /// Decision traces of the changes planned and not yet applied (none in a dry run).
+    traces: Pending,
 }
 
 /// Runs a full reconcile of one integration. Never panics on bad input; whole-run errors end
@@ -193,6 +202,7 @@ pub async fn reconcile<T: Target>(
             report,
             applied: 0,
             actual: HashMap::new(),
+            traces: Pending::new(ctx.cfg, Source::Reconcile, &run_id, !opts.dry_run),
         };
         tracing::info!("reconcile started");
         let result = run.execute().await;
@@ -239,6 +249,125 @@ impl<T: Target> Run<'_, '_, T> {
             user_name: user_name.map(str::to_string),
             reason,
         });
+    }
+
+    /// Keeps the trace of a planned change until it is applied (`u`: the Graph user it was
+    /// mapped from; `group`: the configured group it was listed in).
+    fn trace_plan(
+        &mut self,
+        c: &PlannedChange,
+        u: Option<&GraphUser>,
+        group: Option<&GraphGroup>,
+        out: Option<OutOfScope>,
+        mapped: Option<&Record>,
+    ) {
+        if !self.traces.enabled() {
+            return;
+        }
+        let mut t = self.traces.start(&c.entra_id);
+        let upn = u.and_then(|u| u.string("userPrincipalName"));
+        t.user(None, upn.as_deref())
+            .scope(Scope::of(out, group.map(listed_in).into_iter().collect()));
+        if let Some(m) = mapped {
+            t.mapped(m);
+        }
+        t.plan(c);
+        self.traces.wait(t);
+    }
+
+    /// A member that cannot be mapped: nothing to apply, so its trace is stored at once.
+    fn trace_unmapped(
+        &self,
+        u: &GraphUser,
+        group: &GraphGroup,
+        disabled: bool,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        if !self.traces.enabled() {
+            return Ok(());
+        }
+        let indexed = self.ctx.store.get_user(&u.id)?;
+        let mut t = self.traces.start(&u.id);
+        let upn = u.string("userPrincipalName");
+        let out = disabled.then_some(OutOfScope::Disabled);
+        t.user(
+            indexed.as_ref().map(|e| e.user_name.as_str()),
+            upn.as_deref(),
+        )
+        .scope(Scope::of(out, vec![listed_in(group)]))
+        .failed(reason, false);
+        if let Some(e) = &indexed {
+            t.matched = Match::Index {
+                target_id: e.target_id.clone(),
+            };
+        }
+        self.ctx.store.put_traces(&[self.traces.finish(t)])
+    }
+
+    /// A disabled member that was never provisioned is not created. Recorded once rather than
+    /// at every run: the first such trace stays, and its time says since when.
+    fn trace_skipped(
+        &self,
+        d: &Desired,
+        u: &GraphUser,
+        group: &GraphGroup,
+    ) -> Result<(), StoreError> {
+        if !self.traces.enabled()
+            || self
+                .ctx
+                .store
+                .trace(&d.entra_id)?
+                .is_some_and(|t| t.outcome == trace::Outcome::Skipped)
+        {
+            return Ok(());
+        }
+        let mut t = self.traces.start(&d.entra_id);
+        let upn = u.string("userPrincipalName");
+        t.user(Some(&d.user_name), upn.as_deref())
+            .scope(Scope::of(
+                Some(OutOfScope::Disabled),
+                vec![listed_in(group)],
+            ))
+            .mapped(&d.record)
+            .skipped(
+                "disabled in Entra (accountEnabled = false) and never in the LMS: not created",
+            );
+        self.ctx.store.put_traces(&[self.traces.finish(t)])
+    }
+
+    /// Deactivations the guard held back.
+    fn trace_held(&mut self, held: &[PlannedChange], trip: &GuardTrip) -> Result<(), StoreError> {
+        if !self.traces.enabled() {
+            return Ok(());
+        }
+        let why = trip.to_string();
+        let mut traces = Vec::with_capacity(held.len());
+        for c in held {
+            let mut t = self.traces.take(c);
+            t.held(&why);
+            traces.push(self.traces.finish(t));
+        }
+        self.ctx.store.put_traces(&traces)
+    }
+
+    /// The trace of an applied change. A follow-up change of a user already changed in this
+    /// run (`counted` = false: the manager link, once the manager exists) amends that trace.
+    fn trace_applied(
+        &mut self,
+        c: &PlannedChange,
+        matched: &Match,
+        counted: bool,
+    ) -> Result<Trace, StoreError> {
+        if !counted {
+            let stored = self.ctx.store.trace(&c.entra_id)?;
+            if let Some(mut t) = stored.filter(|t| t.run == self.traces.run()) {
+                t.amend(c, "manager link set once the manager was in the LMS");
+                return Ok(self.traces.finish(t));
+            }
+        }
+        let mut t = self.traces.take(c);
+        t.applied(c, matched);
+        Ok(self.traces.finish(t))
     }
 
     /// The user's index entry with its record cut down to the managed keys.
@@ -364,7 +493,11 @@ impl<T: Target> Run<'_, '_, T> {
             let mut rx = rx;
             while let Some(item) = rx.recv().await {
                 match item? {
-                    Feed::Page { users, malformed } => {
+                    Feed::Page {
+                        users,
+                        malformed,
+                        group,
+                    } => {
                         for m in malformed {
                             self.fail_user(
                                 "?",
@@ -378,6 +511,7 @@ impl<T: Target> Run<'_, '_, T> {
                         });
                         self.process_page(
                             users,
+                            &group,
                             link_manager,
                             &mut deferred_managers,
                             &mut deactivations,
@@ -409,10 +543,12 @@ impl<T: Target> Run<'_, '_, T> {
             .map_err(|e| RunError::Source(format!("the member reader stopped: {e}")))??;
 
         // Every group was listed completely: whoever is indexed but unseen has left.
-        for r in self.ctx.store.users() {
+        let store = self.ctx.store;
+        for r in store.users() {
             let (id, e) = r?;
             if !seen.contains(&id) {
                 if let Some(c) = plan::plan_departure(&id, &e) {
+                    self.trace_plan(&c, None, None, Some(OutOfScope::LeftAllGroups), None);
                     deactivations.push(c);
                 }
             }
@@ -441,6 +577,8 @@ impl<T: Target> Run<'_, '_, T> {
                 );
                 if self.opts.dry_run {
                     self.report.changes.extend(deactivations);
+                } else {
+                    self.trace_held(&deactivations, &trip)?;
                 }
                 self.report.guard = Some(trip);
             }
@@ -453,6 +591,10 @@ impl<T: Target> Run<'_, '_, T> {
                 self.ctx
                     .store
                     .put_meta(&format!("group_count/{}", g.id), &g.members)?;
+                // For the traces of the incremental worker, which knows groups by id only.
+                self.ctx
+                    .store
+                    .put_meta(&format!("group_name/{}", g.id), &g.name)?;
             }
             self.ctx.store.flush()?;
         }
@@ -465,16 +607,20 @@ impl<T: Target> Run<'_, '_, T> {
     async fn process_page(
         &mut self,
         fresh: Vec<(GraphUser, Result<Desired, MapFailure>)>,
+        group: &GraphGroup,
         link_manager: bool,
         deferred: &mut Vec<(String, Option<String>)>,
         deactivations: &mut Vec<PlannedChange>,
     ) -> Result<(), RunError> {
         let mut mapped: Vec<(Desired, Option<IndexEntry>)> = Vec::with_capacity(fresh.len());
+        // Beside `mapped`, for the traces of the users that change.
+        let mut sources: Vec<GraphUser> = Vec::with_capacity(fresh.len());
         for (u, d) in fresh {
             match d {
                 Ok(d) => {
                     let existing = self.indexed(&u.id)?;
                     mapped.push((d, existing));
+                    sources.push(u);
                 }
                 Err(f) => {
                     let name = u.string("userPrincipalName");
@@ -485,11 +631,15 @@ impl<T: Target> Run<'_, '_, T> {
                     if let (true, Some(e)) = (disabled, self.ctx.store.get_user(&u.id)?) {
                         if let Some(mut c) = plan::plan_departure(&u.id, &e) {
                             c.reason = Some("disabled in Entra (accountEnabled = false)".into());
+                            let out = Some(OutOfScope::Disabled);
+                            self.trace_plan(&c, Some(&u), Some(group), out, None);
                             deactivations.push(c);
                             continue;
                         }
                     }
-                    self.fail_user(&u.id, name.as_deref(), format!("cannot be mapped: {}", f.0));
+                    let reason = format!("cannot be mapped: {}", f.0);
+                    self.trace_unmapped(&u, group, disabled, &reason)?;
+                    self.fail_user(&u.id, name.as_deref(), reason);
                 }
             }
         }
@@ -518,7 +668,8 @@ impl<T: Target> Run<'_, '_, T> {
         let waves = depths.iter().copied().max().unwrap_or(0);
         for wave in 0..=waves {
             let mut changes = Vec::new();
-            for ((d, existing), _) in mapped.iter().zip(&depths).filter(|(_, w)| **w == wave) {
+            let this_wave = mapped.iter().zip(&sources).zip(&depths);
+            for (((d, existing), u), _) in this_wave.filter(|(_, w)| **w == wave) {
                 let mref = match (&d.manager_entra_id, link_manager) {
                     (Some(mid), true) => match self.indexed(mid)? {
                         Some(me) => ManagerRef::Known(me.target_id),
@@ -530,10 +681,20 @@ impl<T: Target> Run<'_, '_, T> {
                     _ => ManagerRef::None,
                 };
                 match plan::plan_member(d, existing.as_ref(), &mref) {
-                    None if existing.is_none() => self.report.counts.skipped += 1,
+                    None if existing.is_none() => {
+                        self.report.counts.skipped += 1;
+                        self.trace_skipped(d, u, group)?;
+                    }
                     None => self.report.counts.unchanged += 1,
-                    Some(c) if c.action == Action::Deactivate => deactivations.push(c),
-                    Some(c) => changes.push(c),
+                    Some(c) => {
+                        let out = (!is_active(&c.record)).then_some(OutOfScope::Disabled);
+                        self.trace_plan(&c, Some(u), Some(group), out, Some(&c.record));
+                        if c.action == Action::Deactivate {
+                            deactivations.push(c);
+                        } else {
+                            changes.push(c);
+                        }
+                    }
                 }
             }
             self.apply_all(changes, true).await?;
@@ -594,7 +755,7 @@ impl<T: Target> Run<'_, '_, T> {
         let conc = self.ctx.cfg.target.concurrency;
         let ctx = self.ctx;
         let managed = &self.managed;
-        let results: Vec<(PlannedChange, Result<IndexEntry, ApplyError>)> =
+        let results: Vec<(PlannedChange, Result<Applied, ApplyError>)> =
             stream::iter(changes.into_iter().map(|c| async move {
                 let span =
                     tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
@@ -606,10 +767,14 @@ impl<T: Target> Run<'_, '_, T> {
             .await;
         let mut fatal = None;
         let mut entries = Vec::with_capacity(results.len());
+        let mut traces = Vec::with_capacity(results.len());
         for (c, r) in results {
             match r {
-                Ok(entry) => {
-                    entries.push((c.entra_id.clone(), entry));
+                Ok(applied) => {
+                    if self.traces.enabled() {
+                        traces.push(self.trace_applied(&c, &applied.matched, counted)?);
+                    }
+                    entries.push((c.entra_id.clone(), applied.entry));
                     self.applied += 1;
                     if counted {
                         self.count(c.action);
@@ -627,6 +792,11 @@ impl<T: Target> Run<'_, '_, T> {
                     }
                 }
                 Err(ApplyError::User(reason)) => {
+                    if self.traces.enabled() {
+                        let mut t = self.traces.take(&c);
+                        t.failed(&reason, true);
+                        traces.push(self.traces.finish(t));
+                    }
                     self.fail_user(&c.entra_id, Some(&c.user_name), reason)
                 }
                 Err(ApplyError::Fatal(e)) => fatal = Some(e),
@@ -634,6 +804,7 @@ impl<T: Target> Run<'_, '_, T> {
         }
         // One batch per wave: the LMS changes are done, so record them together.
         self.ctx.store.put_users(&entries)?;
+        self.ctx.store.put_traces(&traces)?;
         // What was just applied is what the LMS holds now.
         for (id, _) in &entries {
             self.actual.remove(id);
@@ -733,7 +904,7 @@ pub(crate) async fn apply_change<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
     c: &PlannedChange,
-) -> Result<IndexEntry, ApplyError> {
+) -> Result<Applied, ApplyError> {
     let r = apply_one(ctx, managed, c).await;
     crate::metrics::apply(ctx.cfg.name.as_str(), c.action.as_str(), r.is_ok());
     r
@@ -743,17 +914,23 @@ async fn apply_one<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
     c: &PlannedChange,
-) -> Result<IndexEntry, ApplyError> {
+) -> Result<Applied, ApplyError> {
     match c.action {
         Action::Create => create_or_link(ctx, managed, c).await,
         _ => {
             let target_id = c.target_id.clone().unwrap_or_default();
+            let indexed = || Applied {
+                entry: index_entry(c, &target_id, c.linked),
+                matched: Match::Index {
+                    target_id: target_id.clone(),
+                },
+            };
             match ctx.target.update(&target_id, &c.changes).await {
-                Ok(()) => Ok(index_entry(c, &target_id, c.linked)),
+                Ok(()) => Ok(indexed()),
                 Err(TargetError::NotFound(_)) if c.action == Action::Deactivate => {
                     // Deleted in the LMS by hand: nothing left to deactivate.
                     tracing::warn!("target user is gone; recording it as inactive");
-                    Ok(index_entry(c, &target_id, c.linked))
+                    Ok(indexed())
                 }
                 Err(TargetError::NotFound(_)) => {
                     tracing::warn!("target user was deleted in the LMS; creating it again");
@@ -780,24 +957,27 @@ async fn create_or_link<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
     c: &PlannedChange,
-) -> Result<IndexEntry, ApplyError> {
+) -> Result<Applied, ApplyError> {
     // POST first: one request per new user. A 409 means the userName exists (made by hand,
     // by another tool, or by us before the index entry was written): adopt it then.
     if let Some(id) = ctx.target.create(&c.record).await? {
         tracing::info!(target_id = %id, "created LMS user");
-        return Ok(index_entry(c, &id, false));
+        return Ok(Applied {
+            entry: index_entry(c, &id, false),
+            matched: Match::Created { target_id: id },
+        });
     }
     let found = match ctx.target.find_by_user_name(&c.user_name).await? {
-        Some(u) => Some(u),
-        None => ctx.target.find_by_external_id(&c.entra_id).await?,
+        Some(u) => Some((u, true)),
+        None => (ctx.target.find_by_external_id(&c.entra_id).await?).map(|u| (u, false)),
     };
-    let Some(u) = found else {
+    let Some((u, by_user_name)) = found else {
         return Err(ApplyError::User(format!(
             "the LMS answered 409 (exists) to the create, but no user with userName {:?} or externalId {} can be found",
             c.user_name, c.entra_id
         )));
     };
-    link(ctx, managed, c, u).await
+    link(ctx, managed, c, u, by_user_name).await
 }
 
 async fn link<T: Target>(
@@ -805,7 +985,8 @@ async fn link<T: Target>(
     managed: &BTreeSet<String>,
     c: &PlannedChange,
     u: TargetUser,
-) -> Result<IndexEntry, ApplyError> {
+    by_user_name: bool,
+) -> Result<Applied, ApplyError> {
     let external = match u.record.get(super::mapping::EXTERNAL_ID) {
         Some(AttrValue::Str(x)) if !x.is_empty() => Some(x.as_str()),
         _ => None,
@@ -830,7 +1011,29 @@ async fn link<T: Target>(
         ctx.target.update(&u.id, &changes).await?;
     }
     tracing::info!(target_id = %u.id, changed = changes.len(), "linked existing LMS user");
-    Ok(index_entry(c, &u.id, !ours))
+    let matched = if by_user_name {
+        Match::UserName {
+            target_id: u.id.clone(),
+            adopted: !ours,
+        }
+    } else {
+        Match::ExternalId {
+            target_id: u.id.clone(),
+        }
+    };
+    Ok(Applied {
+        entry: index_entry(c, &u.id, !ours),
+        matched,
+    })
+}
+
+/// The configured group a member was listed in, as a trace's scope.
+fn listed_in(g: &GraphGroup) -> Via {
+    Via {
+        group_id: g.id.clone(),
+        group_name: (!g.display_name.is_empty()).then(|| g.display_name.clone()),
+        path: trace::Path::Transitive,
+    }
 }
 
 /// Aborts the member reader task when the run ends early.
@@ -850,6 +1053,8 @@ enum Feed {
         /// next page overlaps with applying this one).
         users: Vec<(GraphUser, Result<Desired, MapFailure>)>,
         malformed: Vec<String>,
+        /// The configured group being listed (for the decision traces).
+        group: GraphGroup,
     },
     /// A group was listed completely.
     GroupDone { group: GraphGroup, count: u64 },
@@ -926,6 +1131,7 @@ async fn feed_members(
                 let msg = Feed::Page {
                     users,
                     malformed: page.malformed,
+                    group: group.clone(),
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(false);

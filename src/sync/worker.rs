@@ -16,9 +16,12 @@ use chrono::Utc;
 use futures::{stream, StreamExt};
 use tracing::Instrument;
 
+use super::mapping::Record;
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
-use super::reconcile::{apply_change, ApplyError, Context, RunError};
+use super::reconcile::{apply_change, Applied, ApplyError, Context, RunError};
+use super::trace::{self, Match, OutOfScope, Scope, Source, Trace, Via};
 use crate::graph::delta::{DeltaRound, MemberChange};
+use crate::graph::models::GraphUser;
 use crate::graph::GraphError;
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::state::MemberKind;
@@ -82,7 +85,7 @@ pub struct BatchOutcome {
     pub guard: Option<GuardTrip>,
 }
 
-enum Failure {
+pub(crate) enum Failure {
     /// This item failed; retry it later.
     Item(String),
     /// The whole batch must stop (store, auth, LMS down).
@@ -176,13 +179,21 @@ pub async fn process<T: Target>(
     let mut follow_ups: Vec<QueueItem> = Vec::new();
     let mut fatal: Option<RunError> = None;
     let mut outcome_of: BTreeMap<String, Result<(), String>> = BTreeMap::new();
+    // The decisions worth a trace (changes and failures), by user.
+    let mut traces: BTreeMap<String, Trace> = BTreeMap::new();
     for (uid, r) in plans {
         match r {
             Ok(p) => {
                 follow_ups.extend(p.follow_ups.into_iter().map(QueueItem::new));
-                match p.change {
-                    Some(c) => to_apply.push(c),
-                    None => {
+                if let Some(t) = p.trace {
+                    traces.insert(uid.clone(), t);
+                }
+                match (p.change, p.failure) {
+                    (_, Some(m)) => {
+                        outcome_of.insert(uid, Err(m));
+                    }
+                    (Some(c), None) => to_apply.push(c),
+                    (None, None) => {
                         out.unchanged += 1;
                         outcome_of.insert(uid, Ok(()));
                     }
@@ -216,6 +227,9 @@ pub async fn process<T: Target>(
             to_apply.retain(|c| {
                 if c.action == Action::Deactivate {
                     outcome_of.insert(c.entra_id.clone(), Err(format!("HOLD {msg}")));
+                    if let Some(t) = traces.get_mut(&c.entra_id) {
+                        t.held(&msg);
+                    }
                     false
                 } else {
                     true
@@ -225,7 +239,7 @@ pub async fn process<T: Target>(
         }
     }
 
-    let results: Vec<(PlannedChange, Result<IndexEntry, ApplyError>)> =
+    let results: Vec<(PlannedChange, Result<Applied, ApplyError>)> =
         stream::iter(to_apply.into_iter().map(|c| async move {
             let span = tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
             let r = apply_change(ctx, &tg.managed, &c).instrument(span).await;
@@ -237,13 +251,19 @@ pub async fn process<T: Target>(
     let mut entries = Vec::new();
     for (c, r) in results {
         match r {
-            Ok(e) => {
+            Ok(a) => {
                 tracing::info!(user = %c.entra_id, user_name = %c.user_name, action = c.action.as_str(), "applied");
-                entries.push((c.entra_id.clone(), e));
+                if let Some(t) = traces.get_mut(&c.entra_id) {
+                    t.applied(&c, &a.matched);
+                }
+                entries.push((c.entra_id.clone(), a.entry));
                 outcome_of.insert(c.entra_id.clone(), Ok(()));
                 out.changes.push(c);
             }
             Err(ApplyError::User(m)) => {
+                if let Some(t) = traces.get_mut(&c.entra_id) {
+                    t.failed(&m, true);
+                }
                 outcome_of.insert(c.entra_id.clone(), Err(m));
             }
             Err(ApplyError::Fatal(e)) => {
@@ -252,6 +272,17 @@ pub async fn process<T: Target>(
         }
     }
     ctx.store.put_users(&entries)?;
+    // Changes a fatal error left undecided (still `planned`) are not a decision.
+    let secrets = trace::secrets_of(ctx.cfg);
+    let traces: Vec<Trace> = traces
+        .into_values()
+        .filter(|t| t.outcome != trace::Outcome::Planned)
+        .map(|mut t| {
+            t.scrub(&secrets);
+            t
+        })
+        .collect();
+    ctx.store.put_traces(&traces)?;
     if !follow_ups.is_empty() {
         ctx.store.enqueue(&follow_ups)?;
     }
@@ -489,6 +520,27 @@ pub async fn init_tree<T: Target>(ctx: &Context<'_, T>) -> Result<Vec<String>, R
 struct UserPlan {
     change: Option<PlannedChange>,
     follow_ups: Vec<Hint>,
+    /// Why the user cannot be synced (a per-user failure, retried).
+    failure: Option<String>,
+    /// The decision's trace when it is worth keeping (a change or a failure).
+    trace: Option<Trace>,
+}
+
+/// A group of the integration's tree the user is a direct member of (a configured group
+/// first), `None` when the user is in none.
+fn direct_group<T: Target>(
+    ctx: &Context<'_, T>,
+    tree: &BTreeSet<String>,
+    user_id: &str,
+) -> Result<Option<String>, StoreError> {
+    let configured = ctx.cfg.groups.iter().filter(|g| tree.contains(*g));
+    let nested = tree.iter().filter(|g| !ctx.cfg.groups.contains(g));
+    for g in configured.chain(nested) {
+        if ctx.store.is_direct_member(g, user_id)? {
+            return Ok(Some(g.clone()));
+        }
+    }
+    Ok(None)
 }
 
 /// Whether a user is a direct member of any group in the integration's tree.
@@ -497,12 +549,38 @@ fn in_scope<T: Target>(
     tree: &BTreeSet<String>,
     user_id: &str,
 ) -> Result<bool, StoreError> {
-    for g in tree {
-        if ctx.store.is_direct_member(g, user_id)? {
-            return Ok(true);
+    Ok(direct_group(ctx, tree, user_id)?.is_some())
+}
+
+/// A direct membership in a group of the tree, as a trace's scope: the configured group, and
+/// the nested group in between when there is one. Names come from the last reconcile.
+fn via_group<T: Target>(ctx: &Context<'_, T>, group: &str) -> Result<Via, StoreError> {
+    let name = |id: &str| -> Result<Option<String>, StoreError> {
+        ctx.store.get_meta::<String>(&format!("group_name/{id}"))
+    };
+    if !ctx.cfg.groups.iter().any(|g| g == group) {
+        for root in &ctx.cfg.groups {
+            if ctx
+                .store
+                .group_tree(std::slice::from_ref(root))?
+                .contains(group)
+            {
+                return Ok(Via {
+                    group_id: root.clone(),
+                    group_name: name(root)?,
+                    path: trace::Path::Nested {
+                        group_id: group.to_string(),
+                        group_name: name(group)?,
+                    },
+                });
+            }
         }
     }
-    Ok(false)
+    Ok(Via {
+        group_id: group.to_string(),
+        group_name: name(group)?,
+        path: trace::Path::Direct,
+    })
 }
 
 async fn plan_user<T: Target>(
@@ -513,7 +591,8 @@ async fn plan_user<T: Target>(
     follow_up: bool,
 ) -> Result<UserPlan, Failure> {
     let store = ctx.store;
-    let member = in_scope(ctx, tree, user_id)?;
+    let direct = direct_group(ctx, tree, user_id)?;
+    let member = direct.is_some();
     let indexed = store.get_user(user_id)?;
     let reports = store.reports_of(user_id)?;
     if !member && indexed.is_none() && reports.is_empty() {
@@ -521,6 +600,8 @@ async fn plan_user<T: Target>(
         return Ok(UserPlan {
             change: None,
             follow_ups: Vec::new(),
+            failure: None,
+            trace: None,
         });
     }
     let mapping = &ctx.cfg.mapping;
@@ -537,19 +618,116 @@ async fn plan_user<T: Target>(
         e.record.retain(|k, _| tg.managed.contains(k));
         e
     });
-    let change = match (member, user) {
+    let d = decide(
+        ctx,
+        tg,
+        tree,
+        user_id,
+        follow_up,
+        member,
+        user.as_ref(),
+        existing.as_ref(),
+        &mut follow_ups,
+    )
+    .await?;
+    let trace = if d.change.is_some() || d.failure.is_some() {
+        let mut t = Trace::new(
+            ctx.cfg.name.as_str(),
+            Source::Incremental,
+            "incremental",
+            user_id,
+        );
+        let via = match &direct {
+            Some(g) => vec![via_group(ctx, g)?],
+            None => Vec::new(),
+        };
+        let upn = user.as_ref().and_then(|u| u.string("userPrincipalName"));
+        t.user(
+            existing.as_ref().map(|e| e.user_name.as_str()),
+            upn.as_deref(),
+        )
+        .scope(Scope::of(d.out, via));
+        d.fill(&mut t, existing.as_ref());
+        Some(t)
+    } else {
+        None
+    };
+    Ok(UserPlan {
+        change: d.change,
+        follow_ups,
+        failure: d.failure,
+        trace,
+    })
+}
+
+/// What one user's facts come to, with what its trace needs.
+#[derive(Default)]
+pub(crate) struct Decision {
+    pub change: Option<PlannedChange>,
+    /// The mapped record (managed keys, manager link resolved), when the user was mapped.
+    pub mapped: Option<Record>,
+    /// Why the user is not (or no longer) in scope; `None` for an enabled member.
+    pub out: Option<OutOfScope>,
+    /// Why the user cannot be mapped (a per-user failure).
+    pub failure: Option<String>,
+}
+
+impl Decision {
+    /// Writes the match, mapped values, plan and failure into a trace.
+    pub(crate) fn fill(&self, t: &mut Trace, existing: Option<&IndexEntry>) {
+        if let Some(e) = existing {
+            t.matched = Match::Index {
+                target_id: e.target_id.clone(),
+            };
+        }
+        if let Some(m) = &self.mapped {
+            t.mapped(m);
+        }
+        if let Some(c) = &self.change {
+            t.plan(c);
+        }
+        if let Some(f) = &self.failure {
+            t.failed(f, false);
+        }
+    }
+}
+
+/// Plans one user from its facts: membership, the user as Graph has it now (`None`: deleted)
+/// and its index entry (record cut to the managed keys). Reads the manager from Graph. Shared
+/// by the worker and `sync-user`; with `follow_up` false, a manager that is joining too is
+/// queued in `follow_ups` (with the user after it) instead of linked now.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn decide<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    tree: &BTreeSet<String>,
+    user_id: &str,
+    follow_up: bool,
+    member: bool,
+    user: Option<&GraphUser>,
+    existing: Option<&IndexEntry>,
+    follow_ups: &mut Vec<Hint>,
+) -> Result<Decision, Failure> {
+    let store = ctx.store;
+    let mapping = &ctx.cfg.mapping;
+    let mut d = Decision::default();
+    match (member, user) {
         (true, Some(u)) => {
+            let disabled = u.props.get("accountEnabled").and_then(|v| v.as_bool()) == Some(false);
+            if disabled {
+                d.out = Some(OutOfScope::Disabled);
+            }
             let mgr = match mapping.manager_select() {
                 Some(sel) => ctx.graph.manager(user_id, &sel).await?,
                 None => None,
             };
-            match mapping.apply(&u, mgr.as_ref()) {
-                Ok(mut d) => {
-                    d.record.retain(|k, _| tg.managed.contains(k));
-                    let mref = match (&d.manager_entra_id, tg.link_manager) {
+            match mapping.apply(u, mgr.as_ref()) {
+                Ok(mut des) => {
+                    des.record.retain(|k, _| tg.managed.contains(k));
+                    let mref = match (&des.manager_entra_id, tg.link_manager) {
                         (Some(mid), true) => match store.get_user(mid)? {
                             Some(me) => ManagerRef::Known(me.target_id),
-                            None if in_scope(ctx, tree, mid)? && !follow_up => {
+                            None if !follow_up && in_scope(ctx, tree, mid)? => {
                                 // The manager is joining too: sync it, then this user again.
                                 follow_ups.push(Hint::User {
                                     user_id: mid.clone(),
@@ -565,32 +743,39 @@ async fn plan_user<T: Target>(
                         },
                         _ => ManagerRef::None,
                     };
-                    plan::plan_member(&d, existing.as_ref(), &mref)
+                    let current = existing.map(|e| &e.record);
+                    d.mapped = Some(plan::desired_record(&des, &mref, current));
+                    d.change = plan::plan_member(&des, existing, &mref);
                 }
-                Err(f) => {
-                    let disabled =
-                        u.props.get("accountEnabled").and_then(|v| v.as_bool()) == Some(false);
-                    match (&existing, disabled) {
-                        (Some(e), true) => plan::plan_departure(user_id, e).map(|mut c| {
+                Err(f) => match (existing, disabled) {
+                    (Some(e), true) => {
+                        d.change = plan::plan_departure(user_id, e).map(|mut c| {
                             c.reason = Some("disabled in Entra (accountEnabled = false)".into());
                             c
-                        }),
-                        _ => return Err(Failure::Item(format!("cannot be mapped: {}", f.0))),
+                        })
                     }
-                }
+                    _ => d.failure = Some(format!("cannot be mapped: {}", f.0)),
+                },
             }
         }
-        (_, None) => existing.as_ref().and_then(|e| {
-            plan::plan_departure(user_id, e).map(|mut c| {
-                c.reason = Some("deleted in Entra (or soft-deleted)".into());
-                c
-            })
-        }),
-        (false, Some(_)) => existing
-            .as_ref()
-            .and_then(|e| plan::plan_departure(user_id, e)),
-    };
-    Ok(UserPlan { change, follow_ups })
+        (_, None) => {
+            d.out = Some(OutOfScope::Deleted);
+            d.change = existing.and_then(|e| {
+                plan::plan_departure(user_id, e).map(|mut c| {
+                    c.reason = Some("deleted in Entra (or soft-deleted)".into());
+                    c
+                })
+            });
+        }
+        (false, Some(_)) => {
+            d.out = Some(match existing {
+                Some(_) => OutOfScope::LeftAllGroups,
+                None => OutOfScope::NotMember,
+            });
+            d.change = existing.and_then(|e| plan::plan_departure(user_id, e));
+        }
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
