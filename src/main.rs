@@ -13,6 +13,8 @@ use rostersync::config::Config;
 use rostersync::output::{exit_code, render_checks, render_report};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::{Progress, ProgressFn, RunOptions};
+use rostersync::sync::sync_user::{sync_user, SyncUserError};
+use rostersync::sync::trace::{explain, render_explanation, Outcome, Trace};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +62,34 @@ enum Cmd {
         /// Also read every LMS user and repair changes made by hand in the LMS.
         #[arg(long)]
         deep: bool,
+    },
+    /// Syncs one user now and prints why: scope (which group, directly or nested), match,
+    /// mapped values, the planned change and the LMS's answer. Exit 0 ok, 2 the user failed,
+    /// 1 an error (or a deactivation the guard held).
+    SyncUser {
+        /// Entra object id or userPrincipalName.
+        user: String,
+        /// Plan and print; apply and record nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only this integration.
+        #[arg(long)]
+        integration: Option<String>,
+        /// Print the traces as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explains a user from the store alone (no Graph or LMS call): the last recorded decision
+    /// and what was last applied. Exit 1 when nothing is known about the user.
+    Explain {
+        /// Entra object id, userPrincipalName or LMS userName.
+        user: String,
+        /// Only this integration.
+        #[arg(long)]
+        integration: Option<String>,
+        /// Print the explanations as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Serves Graph webhooks and keeps the LMS in step in near real time (subscriptions,
     /// durable queue, incremental sync, scheduled reconciles). Stops on SIGTERM/SIGINT.
@@ -396,6 +426,83 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(exit_code(&reports))
         }
+        Cmd::SyncUser {
+            user,
+            dry_run,
+            integration,
+            json,
+        } => {
+            init_logging(&cli, true);
+            let config = load_config(&cli)?;
+            let store = Store::open(&config.server.data_dir)?;
+            let mut traces = Vec::new();
+            let mut missing = Vec::new();
+            for cfg in config.select(integration.as_deref())? {
+                let i = Integration::build(cfg, &store)?;
+                match sync_user(&i.context(), user, *dry_run).await {
+                    Ok(t) => {
+                        if !json {
+                            print!("{}", t.render());
+                        }
+                        traces.push(t);
+                    }
+                    Err(e @ SyncUserError::NotFound(_)) => {
+                        missing.push(format!("{}: {e}", cfg.name))
+                    }
+                    Err(e) => {
+                        return Err(
+                            anyhow::Error::new(e).context(format!("{}: sync-user", cfg.name))
+                        )
+                    }
+                }
+            }
+            store.flush()?;
+            if traces.is_empty() {
+                anyhow::bail!("{}", missing.join("\n"));
+            }
+            for m in &missing {
+                eprintln!("note: {m}");
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&traces)?);
+            }
+            Ok(traces.iter().map(sync_user_exit_code).max().unwrap_or(0))
+        }
+        Cmd::Explain {
+            user,
+            integration,
+            json,
+        } => {
+            init_logging(&cli, true);
+            let config = load_config(&cli)?;
+            let store = Store::open(&config.server.data_dir)?;
+            let mut all = Vec::new();
+            for cfg in config.select(integration.as_deref())? {
+                all.push(explain(&store.integration(&cfg.name)?, user)?);
+            }
+            let known = all.iter().any(|e| e.known());
+            // Several integrations: speak of the ones that know the user.
+            if known {
+                all.retain(|e| e.known());
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for e in &all {
+                    print!("{}", render_explanation(e));
+                }
+            }
+            Ok(if known { 0 } else { 1 })
+        }
+    }
+}
+
+/// Like `reconcile`: 2 when the user failed, 1 when the guard held its deactivation.
+fn sync_user_exit_code(t: &Trace) -> i32 {
+    match t.outcome {
+        Outcome::Failed => 2,
+        Outcome::Held => 1,
+        _ => 0,
     }
 }
 

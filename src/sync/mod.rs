@@ -6,5 +6,6 @@
 pub mod mapping;
 pub mod plan;
 pub mod reconcile;
+pub mod sync_user;
 pub mod trace;
 pub mod worker;
