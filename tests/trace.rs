@@ -323,6 +323,18 @@ async fn a_no_change_reconcile_records_no_trace() {
             .unwrap()
     };
     let before = latest(store);
+    // A disabled member is never created; the trace says so (recorded once).
+    let disabled = env
+        .member_ids()
+        .into_iter()
+        .find(|id| env.graph.user(id).is_some_and(|u| !u.account_enabled))
+        .expect("the fixture has disabled members");
+    let e = explain(store, &disabled).unwrap();
+    assert!(e.index.is_none());
+    let t = e.trace.expect("skip traced");
+    assert_eq!(t.outcome, Outcome::Skipped);
+    assert_eq!(t.scope.out, Some(OutOfScope::Disabled));
+    assert!(t.summary().starts_with("not in the LMS"), "{}", t.summary());
     let again = env.reconcile().await;
     assert_eq!(
         again.counts.unchanged + again.counts.skipped,

@@ -150,6 +150,7 @@ impl Store {
             reports: t("reports")?,
             traces: t("traces")?,
             trace_names: t("trace_names")?,
+            trace_skips: t("trace_skips")?,
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
             fail_writes: Arc::clone(&self.fail_writes),
@@ -180,6 +181,8 @@ pub struct IntegrationStore {
     traces: sled::Tree,
     /// Lower-cased userName / UPN → Entra id, for traces looked up by name.
     trace_names: sled::Tree,
+    /// Entra ids whose last trace is a skip (a small tree, read at every reconcile).
+    trace_skips: sled::Tree,
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
     fail_writes: Arc<AtomicBool>,

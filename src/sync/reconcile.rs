@@ -301,7 +301,7 @@ impl<T: Target> Run<'_, '_, T> {
                 target_id: e.target_id.clone(),
             };
         }
-        self.ctx.store.put_traces(&[self.traces.finish(t)])
+        self.ctx.store.put_traces(vec![self.traces.finish(t)])
     }
 
     /// A disabled member that was never provisioned is not created. Recorded once rather than
@@ -312,13 +312,7 @@ impl<T: Target> Run<'_, '_, T> {
         u: &GraphUser,
         group: &GraphGroup,
     ) -> Result<(), StoreError> {
-        if !self.traces.enabled()
-            || self
-                .ctx
-                .store
-                .trace(&d.entra_id)?
-                .is_some_and(|t| t.outcome == trace::Outcome::Skipped)
-        {
+        if !self.traces.enabled() || self.ctx.store.trace_is_skip(&d.entra_id)? {
             return Ok(());
         }
         let mut t = self.traces.start(&d.entra_id);
@@ -332,7 +326,7 @@ impl<T: Target> Run<'_, '_, T> {
             .skipped(
                 "disabled in Entra (accountEnabled = false) and never in the LMS: not created",
             );
-        self.ctx.store.put_traces(&[self.traces.finish(t)])
+        self.ctx.store.put_traces(vec![self.traces.finish(t)])
     }
 
     /// Deactivations the guard held back.
@@ -347,7 +341,7 @@ impl<T: Target> Run<'_, '_, T> {
             t.held(&why);
             traces.push(self.traces.finish(t));
         }
-        self.ctx.store.put_traces(&traces)
+        self.ctx.store.put_traces(traces)
     }
 
     /// The trace of an applied change. A follow-up change of a user already changed in this
@@ -804,7 +798,7 @@ impl<T: Target> Run<'_, '_, T> {
         }
         // One batch per wave: the LMS changes are done, so record them together.
         self.ctx.store.put_users(&entries)?;
-        self.ctx.store.put_traces(&traces)?;
+        self.ctx.store.put_traces(traces)?;
         // What was just applied is what the LMS holds now.
         for (id, _) in &entries {
             self.actual.remove(id);

@@ -168,7 +168,7 @@ async fn run<T: Target>(
     }
     t.scrub(&trace::secrets_of(ctx.cfg));
     if !dry_run {
-        ctx.store.put_traces(std::slice::from_ref(&t))?;
+        ctx.store.put_traces(vec![t.clone()])?;
         ctx.store.flush()?;
     }
     Ok(t)

@@ -654,7 +654,8 @@ fn render_via(v: &Via) -> String {
 fn render_scope(s: &Scope) -> String {
     let via = s.via.iter().map(render_via).collect::<Vec<_>>().join("; ");
     match (s.out, via.is_empty()) {
-        (None, true) => "in scope".into(),
+        (None, true) if s.in_scope => "in scope".into(),
+        (None, true) => "not in scope".into(),
         (None, false) => format!("in scope: {via}"),
         (Some(o), true) => format!("not in scope: {}", o.describe()),
         (Some(o), false) => format!("not in scope: {}; groups: {via}", o.describe()),

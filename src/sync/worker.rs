@@ -282,7 +282,7 @@ pub async fn process<T: Target>(
             t
         })
         .collect();
-    ctx.store.put_traces(&traces)?;
+    ctx.store.put_traces(traces)?;
     if !follow_ups.is_empty() {
         ctx.store.enqueue(&follow_ups)?;
     }
