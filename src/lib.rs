@@ -10,6 +10,7 @@
 //!
 //! Architecture notes live in `ARCHITECTURE.md`.
 
+pub mod alert;
 pub mod app;
 pub mod config;
 pub mod demo;
