@@ -36,6 +36,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, message: String },
     #[error("server.public_url is required by serve when listening on {0} (Graph must reach it over https)")]
     NoPublicUrl(SocketAddr),
+    #[error(transparent)]
+    Alert(#[from] crate::alert::AlertError),
 }
 
 /// Knobs tests turn; defaults suit production.
@@ -152,6 +154,10 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // Secret-expiry checks (now and daily) and alert delivery.
+    tasks.push(tokio::spawn(
+        crate::alert::Alerter::new(&config, &store)?.run(stop_rx.clone()),
+    ));
     for live in &lives {
         let public = public.clone();
         tasks.push(tokio::spawn(integration_main(
@@ -458,8 +464,12 @@ async fn renew_loop(
 
 async fn health_loop(live: Arc<Live>, opts: ServeOptions, mut stop: watch::Receiver<bool>) {
     loop {
-        let token = live.integ.graph.token().await.err().map(|e| e.to_string());
-        live.health.set_problem("graph token", token);
+        let token = live.integ.graph.token().await.err();
+        if let Some(e) = &token {
+            crate::alert::graph_token_failed(&live.integ.cfg, &live.integ.store, e);
+        }
+        live.health
+            .set_problem("graph token", token.map(|e| e.to_string()));
         let target = live.integ.target.probe().await.err();
         live.health.set_problem("lms", target);
         let subs = match subs::live(&live.integ) {
