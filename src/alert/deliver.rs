@@ -239,10 +239,9 @@ impl Alerter {
             if let Some(u) = &s.webhook_url {
                 add(&mut secrets, u);
             }
-            if let Some(e) = &s.email {
-                for v in [&e.smtp.username, &e.smtp.password].into_iter().flatten() {
-                    add(&mut secrets, v);
-                }
+            // Not the SMTP username: often a plain word or the sender's address.
+            if let Some(p) = s.email.as_ref().and_then(|e| e.smtp.password.as_ref()) {
+                add(&mut secrets, p);
             }
         }
         (settings, secrets)

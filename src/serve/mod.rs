@@ -88,6 +88,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let store = Store::open(&config.server.data_dir)?;
+    let alerter = crate::alert::Alerter::new(&config, &store)?;
     let mut lives: Vec<Arc<Live>> = Vec::new();
     let mut hooks = HashMap::new();
     for cfg in &config.integrations {
@@ -155,9 +156,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     // Secret-expiry checks (now and daily) and alert delivery.
-    tasks.push(tokio::spawn(
-        crate::alert::Alerter::new(&config, &store)?.run(stop_rx.clone()),
-    ));
+    tasks.push(tokio::spawn(alerter.run(stop_rx.clone())));
     for live in &lives {
         let public = public.clone();
         tasks.push(tokio::spawn(integration_main(
