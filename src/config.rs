@@ -1215,6 +1215,44 @@ password = { value = "smtp-pw" }
     }
 
     #[test]
+    fn the_example_alert_settings_are_valid_uncommented() {
+        std::env::set_var("CONTOSO_SECRET", "x");
+        std::env::set_var("CONTOSO_SCIM_TOKEN", "y");
+        std::env::set_var("ROSTERSYNC_ALERT_WEBHOOK", "https://hooks.example.com/x");
+        std::env::set_var("ROSTERSYNC_SMTP_USER", "mailer");
+        std::env::set_var("ROSTERSYNC_SMTP_PASSWORD", "pw");
+        let text = include_str!("../config/example.toml");
+        // Uncomment the settings of the alert blocks (they run to the next blank line) and
+        // client_secret_expires.
+        let mut in_block = false;
+        let mut lines = Vec::new();
+        for l in text.lines() {
+            if l == "# [alerts]" || l == "# [integration.alerts]" {
+                in_block = true;
+            } else if l.is_empty() {
+                in_block = false;
+            }
+            let rest = l.strip_prefix("# ").unwrap_or(l);
+            let setting = rest.starts_with('[')
+                || rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            let wanted = (in_block || rest.starts_with("client_secret_expires")) && setting;
+            lines.push(if wanted { rest } else { l });
+        }
+        let uncommented = lines.join("\n");
+        let c = Config::from_toml(&uncommented, Path::new("config")).unwrap();
+        let i = &c.integrations[0];
+        assert!(i.client_secret_expires.is_some());
+        assert!(c.alerts.email.is_some() && c.alerts.webhook_url.is_some());
+        assert_eq!(
+            i.alerts.email.as_ref().unwrap().to,
+            ["contoso-it@example.com"]
+        );
+        assert_eq!(i.alerts.repeat_minutes, 120);
+    }
+
+    #[test]
     fn deactivation_limits_parse() {
         use toml::Value;
         assert_eq!(
