@@ -194,6 +194,10 @@ impl Hook {
 /// An `[alerts]` table pointing at the test SMTP server (and the hook, if any), with the SMTP
 /// password in a file.
 fn alerts_toml(dir: &Path, smtp_port: u16, hook: Option<&Hook>) -> String {
+    alerts_toml_tls(dir, smtp_port, hook, "none")
+}
+
+fn alerts_toml_tls(dir: &Path, smtp_port: u16, hook: Option<&Hook>, tls: &str) -> String {
     let pw = dir.join("smtp-password");
     std::fs::write(&pw, format!("{SMTP_PASSWORD}\n")).unwrap();
     let webhook = match hook.and_then(|h| h.addr) {
@@ -209,7 +213,7 @@ email_from = "rostersync <rostersync@example.com>"
 [alerts.smtp]
 host = "127.0.0.1"
 port = {smtp_port}
-tls = "none"
+tls = "{tls}"
 username = {{ value = "{SMTP_USER}" }}
 password = {{ file = "{pw}" }}
 timeout_secs = 5
@@ -687,4 +691,71 @@ async fn serve_sends_expiry_warnings_and_subscription_failures_on_its_own() {
         .await
         .expect("serve stops")
         .unwrap();
+}
+
+#[tokio::test]
+async fn the_reconcile_command_sends_its_alerts_before_it_exits() {
+    let smtp = start_smtp(free_port());
+    let expires = Utc::now().date_naive() + chrono::Duration::days(30);
+    let s = setup(
+        30,
+        &format!("client_secret_expires = \"{expires}\""),
+        smtp.port,
+        None,
+    )
+    .await;
+    let victim = &enabled_members(&s.env, 1)[0];
+    squat(&s.env, &victim.user_principal_name, 0);
+    let config = s.env.dir.path().join("rostersync.toml");
+    std::fs::write(&config, &s.env.config_toml).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
+        .arg("--config")
+        .arg(&config)
+        .arg("reconcile")
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "some users failed");
+    // Sent by the command itself, before it exited.
+    let mails = smtp.mails();
+    let mut subjects: Vec<&str> = mails.iter().map(|m| m.subject.as_str()).collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        vec![
+            "[rostersync] test: 1 user failed to sync".to_string(),
+            format!("[rostersync] test: the client secret expires in 30 days ({expires})"),
+        ]
+    );
+    for m in &mails {
+        assert_clean_mail(&s.env, m);
+    }
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_no_secret(&s.env, &printed);
+}
+
+#[tokio::test]
+async fn starttls_is_required_never_skipped() {
+    // The test server offers no STARTTLS: nothing may be sent in the clear.
+    let smtp = start_smtp(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let env = spawn(EnvOptions {
+        users: 5,
+        integration_extra: "client_secret_expires = \"2000-01-01\"".into(),
+        tail: alerts_toml_tls(dir.path(), smtp.port, None, "starttls"),
+        ..Default::default()
+    })
+    .await;
+    let config = Config::from_toml(&env.config_toml, Path::new(".")).unwrap();
+    let alerter = Alerter::new(&config, &env.store).unwrap();
+    alerter.check_secret_expiry(Utc::now().date_naive());
+    let d = alerter.deliver_due(Utc::now()).await;
+    assert_eq!((d.sent, d.failed), (0, 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(smtp.mails().is_empty());
 }
