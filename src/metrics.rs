@@ -82,6 +82,11 @@ fn describe() {
         "LMS (SCIM) responses by status (error: no response)"
     );
     describe_gauge!(
+        "rostersync_client_secret_expiry_seconds",
+        Unit::Seconds,
+        "Seconds until client_secret_expires (negative: expired); only when configured"
+    );
+    describe_gauge!(
         "rostersync_subscription_expiry_seconds",
         Unit::Seconds,
         "Seconds until a Graph subscription expires (negative: expired)"
@@ -152,6 +157,11 @@ pub fn request(remote: Remote, integration: &str, status: Option<u16>) {
 pub fn queue(integration: &str, depth: u64, dead: u64) {
     gauge!("rostersync_queue_depth", "integration" => integration.to_string()).set(depth as f64);
     gauge!("rostersync_dead_letters", "integration" => integration.to_string()).set(dead as f64);
+}
+
+pub fn secret_expiry(integration: &str, seconds: f64) {
+    gauge!("rostersync_client_secret_expiry_seconds", "integration" => integration.to_string())
+        .set(seconds);
 }
 
 pub fn subscription_expiry(integration: &str, resource: &str, seconds: f64) {

@@ -986,6 +986,7 @@ fn sample(m: &std::collections::HashMap<String, f64>, name: &str, labels: &[(&st
 async fn metrics_parse_and_move_with_work() {
     let mut env = spawn(EnvOptions {
         users: 10,
+        integration_extra: "client_secret_expires = \"2099-12-31\"".into(),
         ..Default::default()
     })
     .await;
@@ -1052,6 +1053,18 @@ async fn metrics_parse_and_move_with_work() {
     assert!(
         users_sub > 24.0 * 3600.0,
         "subscription expiry: {users_sub}"
+    );
+    let secret = sample(&m, "rostersync_client_secret_expiry_seconds", &[i]);
+    let expected = (chrono::NaiveDate::from_ymd_opt(2099, 12, 31)
+        .unwrap()
+        .and_hms_opt(23, 59, 59)
+        .unwrap()
+        .and_utc()
+        - chrono::Utc::now())
+    .num_seconds() as f64;
+    assert!(
+        (secret - expected).abs() < 60.0,
+        "secret expiry {secret} vs {expected}"
     );
     assert!(m
         .keys()

@@ -28,6 +28,8 @@ pub struct AdminIntegration {
     pub health: Arc<IntegrationHealth>,
     pub schedule: String,
     pub timezone: String,
+    /// `client_secret_expires` (the end of that day, UTC).
+    pub secret_expires: Option<chrono::NaiveDate>,
 }
 
 pub struct Admin {
@@ -103,6 +105,12 @@ async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
     for i in &admin.integrations {
         if let Ok(q) = i.store.queue_stats(now) {
             crate::metrics::queue(&i.name, q.queued as u64, q.dead as u64);
+        }
+        if let Some(d) = i.secret_expires {
+            let end = d.and_hms_opt(23, 59, 59).map(|t| t.and_utc());
+            if let Some(end) = end {
+                crate::metrics::secret_expiry(&i.name, (end - now).num_seconds() as f64);
+            }
         }
         if let Ok(subs) = i.store.subscriptions() {
             for s in subs {

@@ -37,6 +37,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, message: String },
     #[error("server.public_url is required by serve when listening on {0} (Graph must reach it over https)")]
     NoPublicUrl(SocketAddr),
+    #[error(transparent)]
+    Alert(#[from] crate::alert::AlertError),
 }
 
 /// Knobs tests turn; defaults suit production.
@@ -98,6 +100,7 @@ pub async fn serve(
         Some(s) => s.clone(),
         None => Store::open(&config.server.data_dir)?,
     };
+    let alerter = crate::alert::Alerter::new(&config, &store)?;
     let mut lives: Vec<Arc<Live>> = Vec::new();
     let mut hooks = HashMap::new();
     for cfg in &config.integrations {
@@ -151,6 +154,7 @@ pub async fn serve(
                 health: Arc::clone(&l.health),
                 schedule: l.integ.cfg.schedule.clone(),
                 timezone: l.integ.cfg.timezone.to_string(),
+                secret_expires: l.integ.cfg.client_secret_expires,
             })
             .collect(),
         token: config.server.admin_token.clone(),
@@ -184,6 +188,8 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // Secret-expiry checks (now and daily) and alert delivery.
+    tasks.push(tokio::spawn(alerter.run(stop_rx.clone())));
     for live in &lives {
         let public = public.clone();
         tasks.push(tokio::spawn(integration_main(
@@ -502,8 +508,12 @@ async fn renew_loop(
 
 async fn health_loop(live: Arc<Live>, opts: ServeOptions, mut stop: watch::Receiver<bool>) {
     loop {
-        let token = live.integ.graph.token().await.err().map(|e| e.to_string());
-        live.health.set_problem("graph token", token);
+        let token = live.integ.graph.token().await.err();
+        if let Some(e) = &token {
+            crate::alert::graph_token_failed(&live.integ.cfg, &live.integ.store, e);
+        }
+        live.health
+            .set_problem("graph token", token.map(|e| e.to_string()));
         let target = live.integ.target.probe().await.err();
         live.health.set_problem("lms", target);
         let subs = match subs::live(&live.integ) {

@@ -5,6 +5,7 @@
 //! never read or overwrite another's state. Nothing outside this module names a sled type, so
 //! the engine can be swapped.
 
+pub mod alerts;
 mod commit;
 pub mod queue;
 pub mod state;
