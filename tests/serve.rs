@@ -1082,22 +1082,25 @@ async fn metrics_parse_and_move_with_work() {
         title(&s.env, &someone).as_deref() == Some("Measured")
     })
     .await;
-    let m2 = scrape().await;
+    // The apply metric is recorded when the LMS has answered, a moment after the LMS shows
+    // the change: scrape until it moves (or time out).
+    let update = [i, ("kind", "update"), ("outcome", "ok")];
+    let before_updates = sample(&m, "rostersync_applies_total", &update);
+    let started = Instant::now();
+    let m2 = loop {
+        let m2 = scrape().await;
+        if sample(&m2, "rostersync_applies_total", &update) > before_updates
+            || started.elapsed() > Duration::from_secs(3)
+        {
+            break m2;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         sample(&m2, "rostersync_notifications_received_total", &[i])
             > sample(&m, "rostersync_notifications_received_total", &[i])
     );
-    assert!(
-        sample(
-            &m2,
-            "rostersync_applies_total",
-            &[i, ("kind", "update"), ("outcome", "ok")]
-        ) > sample(
-            &m,
-            "rostersync_applies_total",
-            &[i, ("kind", "update"), ("outcome", "ok")]
-        )
-    );
+    assert!(sample(&m2, "rostersync_applies_total", &update) > before_updates);
     // A forged notification is counted by reason.
     let forged = json!({"value": [{"clientState": "forged", "subscriptionId": "x", "changeType": "updated", "resource": "Users/x"}]});
     let r = http
