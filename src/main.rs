@@ -375,7 +375,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let config = load_config(&cli)?;
             let store = Store::open(&config.server.data_dir)?;
             let alerts = Alerter::new(&config, &store)?;
-            alerts.check_secret_expiry(chrono::Utc::now().date_naive());
+            if !*dry_run {
+                alerts.check_secret_expiry(chrono::Utc::now().date_naive());
+            }
             let opts = RunOptions {
                 dry_run: *dry_run,
                 allow_mass_deactivation: *allow_mass_deactivation,

@@ -133,6 +133,13 @@ pub fn reconcile_finished(integration: &str, seconds: f64, outcome: &'static str
     }
 }
 
+/// The last successful reconcile known from the run history (set when `serve` starts, so the
+/// gauge exists before the next run).
+pub fn last_success_at(integration: &str, unix_seconds: i64) {
+    gauge!("rostersync_reconcile_last_success_timestamp_seconds", "integration" => integration.to_string())
+        .set(unix_seconds as f64);
+}
+
 /// Which remote a request went to.
 #[derive(Clone, Copy, Debug)]
 pub enum Remote {

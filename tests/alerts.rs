@@ -693,6 +693,54 @@ async fn serve_sends_expiry_warnings_and_subscription_failures_on_its_own() {
         .unwrap();
 }
 
+/// A secret Entra refuses when `serve` starts: start-up cannot finish, yet the token probe
+/// alerts at once with the advice, and a start-up alert follows after a few attempts.
+#[tokio::test]
+async fn serve_alerts_when_it_cannot_start_because_the_secret_is_refused() {
+    let smtp = start_smtp(free_port());
+    let s = setup(10, "", smtp.port, None).await;
+    let good = format!(
+        "client_secret = {{ value = \"{}\" }}",
+        s.env.fx.tenant.client_secret
+    );
+    let text = s
+        .env
+        .config_toml
+        .replace(
+            &good,
+            &format!("client_secret = {{ value = \"{WRONG_SECRET}\" }}"),
+        )
+        .replacen("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n", 1);
+    let config = Config::from_toml(&text, Path::new(".")).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        serve(config, ServeOptions::default(), |_| {}, async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .expect("serve");
+    });
+    let mails = smtp.wait_mails(2).await;
+    let subjects: Vec<&str> = mails.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects[0],
+        "[rostersync] test: Graph authentication fails (AADSTS7000215)"
+    );
+    assert_eq!(
+        subjects[1],
+        "[rostersync] test: serve cannot start syncing this integration"
+    );
+    assert!(mails[1].body.contains("AADSTS7000215"), "{}", mails[1].body);
+    for m in &mails {
+        assert_clean_mail(&s.env, m);
+    }
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("serve stops")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn the_reconcile_command_sends_its_alerts_before_it_exits() {
     let smtp = start_smtp(free_port());

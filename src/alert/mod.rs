@@ -349,10 +349,17 @@ pub fn subscriptions_failed(cfg: &IntegrationConfig, store: &IntegrationStore, e
 /// A token request refused by Entra ID (wrong or expired secret, missing consent, …).
 /// Other errors (network) raise nothing here.
 pub fn graph_token_failed(cfg: &IntegrationConfig, store: &IntegrationStore, e: &GraphError) {
-    let GraphError::Auth { code, advice } = e else {
-        return;
+    let (code, advice) = match e {
+        GraphError::Auth { code, advice } => (*code, advice.clone()),
+        // The certificate key or the federated token file cannot be used: no token either.
+        GraphError::Credential(c) => (None, c.to_string()),
+        _ => return,
     };
-    let code_text = code.map_or_else(|| "unknown".to_string(), |c| c.to_string());
+    let code_text = match (code, e) {
+        (Some(c), _) => c.to_string(),
+        (None, GraphError::Credential(_)) => "credential".to_string(),
+        (None, _) => "unknown".to_string(),
+    };
     raise(
         cfg,
         store,
@@ -368,12 +375,36 @@ pub fn graph_token_failed(cfg: &IntegrationConfig, store: &IntegrationStore, e: 
                     "Entra ID refuses the token request of app {} in tenant {}: nothing syncs until this is fixed.",
                     cfg.client_id, cfg.tenant_id
                 ),
-                advice.clone(),
+                advice,
             ],
             items: Vec::new(),
             advice: format!(
                 "Follow the advice above, then check with `rostersync --config FILE check --integration {}`. This alert repeats every {} minutes while the failure lasts.",
                 cfg.name, cfg.alerts.repeat_minutes
+            ),
+            repeat: Repeat::Window(minutes(cfg.alerts.repeat_minutes)),
+        },
+    );
+}
+
+/// `serve` cannot start an integration (LMS unreachable, a group missing, subscriptions
+/// refused, ...): nothing is synced for it until it can.
+pub fn startup_failed(cfg: &IntegrationConfig, store: &IntegrationStore, error: &str) {
+    raise(
+        cfg,
+        store,
+        Alert {
+            kind: AlertKind::RunFailed,
+            key: "startup-failed".into(),
+            title: "serve cannot start syncing this integration".into(),
+            details: vec![
+                "serve retries on its own (backing off up to a minute), but until start-up succeeds no notification is applied and no scheduled reconcile runs.".into(),
+                format!("Last error: {error}"),
+            ],
+            items: Vec::new(),
+            advice: format!(
+                "The error names the cause; `rostersync --config FILE check --integration {}` tests Graph and the LMS (stop serve first: one process per data directory). /readyz shows the failing check.",
+                cfg.name
             ),
             repeat: Repeat::Window(minutes(cfg.alerts.repeat_minutes)),
         },

@@ -144,6 +144,16 @@ pub async fn serve(
     });
     // Before anything records a metric.
     let _ = crate::metrics::handle();
+    for l in &lives {
+        let runs: Vec<crate::sync::reconcile::RunReport> =
+            l.integ.store.runs(50).unwrap_or_default();
+        if let Some(r) = runs
+            .iter()
+            .find(|r| matches!(r.outcome, Outcome::Ok | Outcome::Partial))
+        {
+            crate::metrics::last_success_at(l.integ.cfg.name.as_str(), r.finished_at.timestamp());
+        }
+    }
     let admin = web::Data::new(Admin {
         store: store.clone(),
         integrations: lives
@@ -271,13 +281,24 @@ async fn integration_main(
     let span = tracing::info_span!("integration", integration = %name);
     let _e = span.clone().entered();
     drop(_e);
+    // Dropping the set (also when this task is aborted at shutdown) aborts them all.
+    let mut set = tokio::task::JoinSet::new();
+    // Probes (and their token alerts) run from the start: a refused secret or an unreachable
+    // LMS at start-up is exactly when someone must hear of it.
+    set.spawn(health_loop(Arc::clone(&live), opts.clone(), stop.clone()));
     // Start-up: capabilities, group tree, subscriptions. Retried until it works.
     let mut delay = Duration::from_secs(1);
+    let mut failures = 0u32;
     let tg = loop {
         match startup(&live, &public).await {
             Ok(tg) => break tg,
             Err(e) => {
                 tracing::error!(integration = %name, error = %e, "start-up failed; retrying");
+                failures += 1;
+                // Not for a blip: after a few attempts (about 7 s).
+                if failures == 3 {
+                    crate::alert::startup_failed(&live.integ.cfg, &live.integ.store, &e);
+                }
                 live.health.set_problem("startup", Some(e));
                 if sleep_or_stop(delay, &mut stop).await {
                     return;
@@ -288,8 +309,6 @@ async fn integration_main(
     };
     live.health.set_problem("startup", None);
     let tg = Arc::new(tg);
-    // Dropping the set (also when this task is aborted at shutdown) aborts them all.
-    let mut set = tokio::task::JoinSet::new();
     set.spawn(worker_loop(
         Arc::clone(&live),
         Arc::clone(&tg),
@@ -304,7 +323,6 @@ async fn integration_main(
         opts.clone(),
         stop.clone(),
     ));
-    set.spawn(health_loop(Arc::clone(&live), opts.clone(), stop.clone()));
     while set.join_next().await.is_some() {}
 }
 

@@ -12,6 +12,7 @@ use super::{decode, encode, IntegrationStore, Store, StoreError};
 
 const OUTBOX: &str = "_alerts/outbox";
 const MARKS: &str = "_alerts/marks";
+const UNDECODABLE: &str = "_alerts/undecodable";
 
 /// Handle on the alert trees. Clone is cheap.
 #[derive(Clone)]
@@ -30,15 +31,23 @@ impl AlertTrees {
         })
     }
 
-    /// Every outbox entry, oldest first.
+    /// Every outbox entry, oldest first. An entry that no longer decodes (corruption, or
+    /// written by a newer version before a rollback) is moved to `_alerts/undecodable` with an
+    /// error log line, so it cannot stop every other alert from being sent.
     pub fn entries<T: DeserializeOwned>(&self) -> Result<Vec<(u64, T)>, StoreError> {
-        self.outbox
-            .iter()
-            .map(|r| {
-                let (k, v) = r?;
-                Ok((id_of(&k), decode(OUTBOX, &k, &v)?))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for r in self.outbox.iter() {
+            let (k, v) = r?;
+            match decode(OUTBOX, &k, &v) {
+                Ok(e) => out.push((id_of(&k), e)),
+                Err(e) => {
+                    tracing::error!(error = %e, "ALERT LOST: an outbox entry cannot be read; set aside in _alerts/undecodable");
+                    self.db.open_tree(UNDECODABLE)?.insert(&k, v)?;
+                    self.outbox.remove(&k)?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn entry<T: DeserializeOwned>(&self, id: u64) -> Result<Option<T>, StoreError> {
@@ -153,5 +162,20 @@ mod tests {
         assert_eq!(a.prune_marks(now - chrono::Duration::days(1)).unwrap(), 1);
         assert_eq!(a.mark("x\0new").unwrap(), Some(now));
         assert_eq!(a.mark("x\0old").unwrap(), None);
+    }
+
+    #[test]
+    fn an_undecodable_entry_is_set_aside_and_the_rest_still_read() {
+        let s = Store::temporary().unwrap();
+        let a = s.alerts().unwrap();
+        let bad = a.push(&"not a number").unwrap();
+        let good = a.push(&7u32).unwrap();
+        assert_eq!(a.entries::<u32>().unwrap(), vec![(good, 7)]);
+        assert_eq!(
+            a.entry::<u32>(bad).unwrap(),
+            None,
+            "moved out of the outbox"
+        );
+        assert_eq!(a.entries::<u32>().unwrap(), vec![(good, 7)]);
     }
 }

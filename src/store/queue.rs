@@ -200,6 +200,19 @@ impl IntegrationStore {
         Ok(out)
     }
 
+    /// The oldest `limit` dead letters (for `/status`), without decoding the rest.
+    pub fn dead_letters_first(&self, limit: usize) -> Result<Vec<(u64, QueueItem)>, StoreError> {
+        let tree = format!("{}/dead", self.name);
+        self.dead
+            .iter()
+            .take(limit)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((id_of(&k), decode(&tree, &k, &v)?))
+            })
+            .collect()
+    }
+
     pub fn dead_letters(&self) -> Result<Vec<(u64, QueueItem)>, StoreError> {
         let tree = format!("{}/dead", self.name);
         self.dead
