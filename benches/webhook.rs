@@ -542,6 +542,7 @@ fn real() -> Scenario {
             store: st.clone(),
             wake: Arc::new(Notify::new()),
             tokens: None,
+                known: Default::default(),
         },
     );
     let state = web::Data::new(WebhookState {

@@ -127,6 +127,7 @@ pub async fn serve(
                 store: integ.store.clone(),
                 wake: Arc::clone(&wake),
                 tokens: jwks,
+                known: Default::default(),
             },
         );
         lives.push(Arc::new(Live {
