@@ -19,12 +19,11 @@
 //!   every waiting body, appends them to a file, calls `fdatasync` once and wakes them all
 //!   (group commit); 202 after that;
 //! * b2. (for comparison, no goal) the same with `sync_file_range` instead of `fdatasync`, which
-//!   is what sled 0.34's `flush()` does on Linux: c's durability is b2's (survives a process
-//!   crash, not a power loss; README "Durability"), so c can beat b;
+//!   is what sled 0.34's `flush()` does on Linux;
 //! * c. rostersync's real webhook (`webhook::configure`, one `Hook` over an on-disk `Store` in
 //!   a temporary directory whose subscription record makes every notification accepted): parse,
-//!   check clientState, tenant and subscription, append to the sled queue, group-commit flush,
-//!   metrics, 202.
+//!   check clientState, tenant and subscription, append to the webhook journal with a
+//!   group-commit `fdatasync` (b's durability), insert into the sled queue, metrics, 202.
 //!
 //! After c, the queue length must equal the number of 202s (one notification per body):
 //! nothing acknowledged is lost. The load generator is one tokio thread writing prebuilt
@@ -542,7 +541,7 @@ fn real() -> Scenario {
             store: st.clone(),
             wake: Arc::new(Notify::new()),
             tokens: None,
-                known: Default::default(),
+            known: Default::default(),
         },
     );
     let state = web::Data::new(WebhookState {
@@ -554,7 +553,7 @@ fn real() -> Scenario {
     });
     Scenario {
         key: 'c',
-        name: "c. rostersync webhook (sled queue, group commit)",
+        name: "c. rostersync webhook (journal fdatasync, sled queue)",
         addr,
         handle,
         load: Load::default(),

@@ -885,6 +885,9 @@ async fn notification_acknowledged_before_sigkill_is_applied_after_restart() {
     )
     .await;
 
+    // sled writes its log every 500 ms: after this the first reconcile's dequeue is on disk,
+    // so a restart has no reason to reconcile again (which would hide what the queue carries).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let someone = env.member_ids()[4].clone();
     env.graph.pause_delivery(true);
     env.scim.set_down(true);

@@ -7,6 +7,7 @@
 
 pub mod alerts;
 mod commit;
+mod journal;
 pub mod queue;
 pub mod state;
 
@@ -69,6 +70,8 @@ impl IndexEntry {
 pub struct Store {
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
+    /// The webhook journal (on-disk stores only; temporary ones flush sled instead).
+    journal: Option<Arc<journal::Journal>>,
     fail_writes: Arc<AtomicBool>,
 }
 
@@ -103,12 +106,16 @@ impl Store {
                     }
                 }
             })?;
-        Ok(Store::wrap(db))
+        let journal = journal::Journal::open(db.clone(), path)?;
+        let mut store = Store::wrap(db);
+        store.journal = Some(journal);
+        Ok(store)
     }
 
     fn wrap(db: sled::Db) -> Store {
         Store {
             commit: commit::GroupCommit::start(db.clone()),
+            journal: None,
             db,
             fail_writes: Arc::new(AtomicBool::new(false)),
         }
@@ -150,6 +157,7 @@ impl Store {
             reports: t("reports")?,
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
+            journal: self.journal.clone(),
             fail_writes: Arc::clone(&self.fail_writes),
         })
     }
@@ -176,6 +184,7 @@ pub struct IntegrationStore {
     reports: sled::Tree,
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
+    journal: Option<Arc<journal::Journal>>,
     fail_writes: Arc<AtomicBool>,
 }
 

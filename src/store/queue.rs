@@ -96,6 +96,21 @@ pub struct QueueStats {
 }
 
 impl IntegrationStore {
+    /// Appends items and resolves once they are durable (what a 202 may promise): through the
+    /// webhook journal when the store has one, else by a sled flush.
+    pub async fn enqueue_durable(&self, items: &[QueueItem]) -> Result<(), StoreError> {
+        if self.fail_writes() {
+            return Err(StoreError::Io("writes are failing (injected)".into()));
+        }
+        match &self.journal {
+            Some(j) => j.append(&self.name, items).await.map_err(StoreError::Io),
+            None => {
+                self.enqueue(items)?;
+                self.durable().await
+            }
+        }
+    }
+
     /// Appends items (not yet durable: await [`IntegrationStore::durable`] before acknowledging).
     ///
     /// Plain inserts, not one atomic batch: sled 0.34's `apply_batch` writes out (and

@@ -213,6 +213,10 @@ pub async fn reconcile<T: Target>(
             if let Err(e) = ctx.store.put_run(&report.run_id, &history) {
                 tracing::error!(error = %e, "could not record the run");
             }
+            // The run history decides whether `serve` reconciles at start: keep it durable.
+            if let Err(e) = ctx.store.durable().await {
+                tracing::error!(error = %e, "could not flush the run record");
+            }
         }
         crate::alert::after_run(ctx.cfg, ctx.store, &report, result.err().as_ref());
         let c = &report.counts;

@@ -336,10 +336,7 @@ async fn handle(
     }
     let items: Vec<QueueItem> = hints.into_iter().map(QueueItem::new).collect();
     let n = items.len() as u64;
-    let stored = match hook.store.enqueue(&items) {
-        Ok(_) => hook.store.durable().await,
-        Err(e) => Err(e),
-    };
+    let stored = hook.store.enqueue_durable(&items).await;
     if let Err(e) = stored {
         stats.store_failures.fetch_add(1, Ordering::Relaxed);
         crate::metrics::notification_rejected(&hook.name, "store_failure");
