@@ -123,6 +123,7 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     integration: Vec<RawIntegration>,
+    alerts: Option<RawAlerts>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -174,6 +175,8 @@ struct RawIntegration {
     subscription_minutes: Option<u32>,
     renew_before_minutes: Option<u32>,
     client_state: Option<RawSecret>,
+    client_secret_expires: Option<toml::Value>,
+    alerts: Option<RawAlerts>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -304,6 +307,8 @@ fn yes() -> bool {
 pub struct Config {
     pub server: ServerConfig,
     pub integrations: Vec<IntegrationConfig>,
+    /// `[alerts]` as written (each integration carries its merged copy).
+    pub alerts: std::sync::Arc<AlertSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -509,6 +514,10 @@ pub struct IntegrationConfig {
     pub renew_before_minutes: u32,
     /// Configured clientState; when absent a random one is generated once and kept in the store.
     pub client_state: Option<SecretString>,
+    /// When the client secret expires (alerts warn ahead of it).
+    pub client_secret_expires: Option<chrono::NaiveDate>,
+    /// `[alerts]` merged with this integration's `[integration.alerts]`.
+    pub alerts: std::sync::Arc<AlertSettings>,
 }
 
 impl IntegrationConfig {
@@ -634,6 +643,8 @@ impl Config {
                 "no [[integration]] is configured; add one (see config/example.toml)",
             ));
         }
+        let global_alerts = raw.alerts.unwrap_or_default();
+        let alerts = std::sync::Arc::new(global_alerts.build("alerts", None, base)?);
         let mut names = BTreeSet::new();
         let mut integrations = Vec::new();
         for (i, ri) in raw.integration.into_iter().enumerate() {
@@ -761,6 +772,17 @@ impl Config {
                     Some(v)
                 }
             };
+            let client_secret_expires = ri
+                .client_secret_expires
+                .as_ref()
+                .map(|v| parse_date(v).map_err(|m| invalid(k("client_secret_expires"), m)))
+                .transpose()?;
+            let alerts = match &ri.alerts {
+                None => std::sync::Arc::clone(&alerts),
+                Some(own) => {
+                    std::sync::Arc::new(own.build(&k("alerts"), Some(&global_alerts), base)?)
+                }
+            };
             integrations.push(IntegrationConfig {
                 name,
                 tenant_id: ri.tenant_id.trim().to_string(),
@@ -786,6 +808,8 @@ impl Config {
                 subscription_minutes,
                 renew_before_minutes,
                 client_state,
+                client_secret_expires,
+                alerts,
             });
         }
         let listen_text = raw.server.listen.as_deref().unwrap_or("0.0.0.0:8080");
@@ -867,6 +891,7 @@ impl Config {
                 tls,
             },
             integrations,
+            alerts,
         })
     }
 
@@ -894,6 +919,277 @@ impl Config {
             }
         }
     }
+}
+
+// ---- alerts ----
+
+/// `[alerts]`, and `[integration.alerts]` whose keys override it one by one.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    enabled: Option<bool>,
+    email_to: Option<Vec<String>>,
+    email_from: Option<String>,
+    webhook_url: Option<RawSecret>,
+    digest_minutes: Option<u32>,
+    repeat_minutes: Option<u32>,
+    repeat_hours: Option<u32>,
+    smtp: Option<RawSmtp>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    host: String,
+    port: Option<u16>,
+    tls: Option<String>,
+    username: Option<RawSecret>,
+    password: Option<RawSecret>,
+    timeout_secs: Option<u64>,
+}
+
+/// Where alerts go and how often they may repeat, for one integration (or the global
+/// `[alerts]`). No channel configured = alerts are off.
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    pub email: Option<EmailAlerts>,
+    /// Incoming-webhook URL (Slack, Teams): its path is a credential, so it is a secret.
+    pub webhook_url: Option<SecretString>,
+    /// The failed-user and dead-letter digests go out at most once per this many minutes.
+    pub digest_minutes: u32,
+    /// A persisting problem (Graph authentication, subscriptions, failed runs) is repeated at
+    /// most once per this many minutes.
+    pub repeat_minutes: u32,
+    /// The same user failing for the same reason, and a guard trip, are repeated at most once
+    /// per this many hours.
+    pub repeat_hours: u32,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        AlertSettings {
+            email: None,
+            webhook_url: None,
+            digest_minutes: 15,
+            repeat_minutes: 60,
+            repeat_hours: 24,
+        }
+    }
+}
+
+impl AlertSettings {
+    /// Whether any channel is configured.
+    pub fn enabled(&self) -> bool {
+        self.email.is_some() || self.webhook_url.is_some()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EmailAlerts {
+    pub to: Vec<String>,
+    pub from: String,
+    pub smtp: SmtpSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<SecretString>,
+    pub password: Option<SecretString>,
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (required, never skipped); port 587.
+    StartTls,
+    /// TLS from the first byte (SMTPS); port 465.
+    Tls,
+    /// No encryption: only for a server on 127.0.0.1/localhost (test servers, a local relay).
+    None,
+}
+
+fn is_loopback_host(h: &str) -> bool {
+    matches!(h, "127.0.0.1" | "localhost" | "::1" | "[::1]")
+}
+
+impl RawAlerts {
+    /// Validates these settings, each key falling back to `parent`'s (the global `[alerts]`).
+    /// `prefix` names this table in errors.
+    fn build(
+        &self,
+        prefix: &str,
+        parent: Option<&RawAlerts>,
+        base: &Path,
+    ) -> Result<AlertSettings, ConfigError> {
+        // An inherited value's errors name the global key.
+        macro_rules! pick {
+            ($f:ident) => {
+                match (&self.$f, parent.and_then(|p| p.$f.as_ref())) {
+                    (Some(v), _) => Some((v, format!("{prefix}.{}", stringify!($f)))),
+                    (None, Some(v)) => Some((v, format!("alerts.{}", stringify!($f)))),
+                    (None, None) => None,
+                }
+            };
+        }
+        let defaults = AlertSettings::default();
+        let minutes = |v: Option<(&u32, String)>, default: u32, max: u32| match v {
+            None => Ok(default),
+            Some((n, _)) if (1..=max).contains(n) => Ok(*n),
+            Some((_, key)) => Err(invalid(key, format!("must be between 1 and {max}"))),
+        };
+        let digest_minutes = minutes(pick!(digest_minutes), defaults.digest_minutes, 24 * 60)?;
+        let repeat_minutes = minutes(pick!(repeat_minutes), defaults.repeat_minutes, 7 * 24 * 60)?;
+        let repeat_hours = minutes(pick!(repeat_hours), defaults.repeat_hours, 30 * 24)?;
+        if pick!(enabled).is_some_and(|(on, _)| !*on) {
+            return Ok(AlertSettings {
+                digest_minutes,
+                repeat_minutes,
+                repeat_hours,
+                ..defaults
+            });
+        }
+        let webhook_url = match pick!(webhook_url) {
+            None => None,
+            Some((raw, key)) => {
+                let v = raw.resolve(&key, base)?;
+                // Never echo the URL: its path is the webhook's credential.
+                let url = Url::parse(secrecy::ExposeSecret::expose_secret(&v).trim())
+                    .map_err(|e| invalid(&key, format!("is not a URL ({e})")))?;
+                let loopback = url.host_str().is_some_and(is_loopback_host);
+                if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+                    return Err(invalid(
+                        key,
+                        "must be an https:// URL (http:// is accepted only for 127.0.0.1 and localhost)",
+                    ));
+                }
+                Some(v)
+            }
+        };
+        let to = pick!(email_to).map(|(v, key)| (v.clone(), key));
+        let email = match to {
+            None => None,
+            Some((to, _)) if to.is_empty() => None,
+            Some((to, key)) => {
+                for a in &to {
+                    crate::alert::check_mailbox(a).map_err(|m| invalid(&key, m))?;
+                }
+                let (from, from_key) = pick!(email_from).ok_or_else(|| {
+                    invalid(
+                        format!("{prefix}.email_from"),
+                        "is needed when email_to is set, e.g. \"rostersync <rostersync@example.com>\"",
+                    )
+                })?;
+                crate::alert::check_mailbox(from).map_err(|m| invalid(from_key, m))?;
+                let (smtp, smtp_key) = pick!(smtp).ok_or_else(|| {
+                    invalid(
+                        format!("{prefix}.smtp"),
+                        "is needed when email_to is set: add an [alerts.smtp] table with at least host",
+                    )
+                })?;
+                Some(EmailAlerts {
+                    to,
+                    from: from.clone(),
+                    smtp: smtp.build(&smtp_key, base)?,
+                })
+            }
+        };
+        Ok(AlertSettings {
+            email,
+            webhook_url,
+            digest_minutes,
+            repeat_minutes,
+            repeat_hours,
+        })
+    }
+}
+
+impl RawSmtp {
+    fn build(&self, prefix: &str, base: &Path) -> Result<SmtpSettings, ConfigError> {
+        let k = |f: &str| format!("{prefix}.{f}");
+        let host = self.host.trim().to_string();
+        if host.is_empty() || host.contains(['/', ' ', ':']) && !host.starts_with('[') {
+            return Err(invalid(
+                k("host"),
+                format!("{host:?} is not a host name such as \"smtp.example.com\""),
+            ));
+        }
+        let tls = match self.tls.as_deref().unwrap_or("starttls") {
+            "starttls" => SmtpTls::StartTls,
+            "tls" => SmtpTls::Tls,
+            "none" if is_loopback_host(&host) => SmtpTls::None,
+            "none" => {
+                return Err(invalid(
+                    k("tls"),
+                    "\"none\" (no encryption) is accepted only for a server on 127.0.0.1 or localhost; use \"starttls\" or \"tls\"",
+                ))
+            }
+            other => {
+                return Err(invalid(
+                    k("tls"),
+                    format!("{other:?} is not supported; use \"starttls\" (port 587), \"tls\" (port 465) or \"none\" (localhost only)"),
+                ))
+            }
+        };
+        let port = self.port.unwrap_or(match tls {
+            SmtpTls::StartTls => 587,
+            SmtpTls::Tls => 465,
+            SmtpTls::None => 25,
+        });
+        if port == 0 {
+            return Err(invalid(k("port"), "must be between 1 and 65535"));
+        }
+        let username = self
+            .username
+            .as_ref()
+            .map(|u| u.resolve(&k("username"), base))
+            .transpose()?;
+        let password = self
+            .password
+            .as_ref()
+            .map(|p| p.resolve(&k("password"), base))
+            .transpose()?;
+        if username.is_some() != password.is_some() {
+            return Err(invalid(
+                k(if username.is_some() {
+                    "password"
+                } else {
+                    "username"
+                }),
+                "give both username and password, or neither (no authentication)",
+            ));
+        }
+        let timeout_secs = self.timeout_secs.unwrap_or(30);
+        if !(1..=600).contains(&timeout_secs) {
+            return Err(invalid(k("timeout_secs"), "must be between 1 and 600"));
+        }
+        Ok(SmtpSettings {
+            host,
+            port,
+            tls,
+            username,
+            password,
+            timeout_secs,
+        })
+    }
+}
+
+/// A calendar date: a TOML date (2027-03-31) or a string ("2027-03-31").
+fn parse_date(v: &toml::Value) -> Result<chrono::NaiveDate, String> {
+    let text = match v {
+        toml::Value::String(s) => s.trim().to_string(),
+        toml::Value::Datetime(d) if d.time.is_none() && d.offset.is_none() => d.to_string(),
+        other => {
+            return Err(format!(
+                "expected a date such as \"2027-03-31\", got {}",
+                other.type_str()
+            ))
+        }
+    };
+    chrono::NaiveDate::parse_from_str(&text, "%Y-%m-%d")
+        .map_err(|_| format!("{text:?} is not a date such as \"2027-03-31\" (year-month-day)"))
 }
 
 #[cfg(test)]
@@ -1231,6 +1527,155 @@ token = { value = "scim-token" }
                 && e.contains(FEDERATED_TOKEN_FILE_ENV),
             "{e}"
         );
+    }
+
+    const ALERTS: &str = r#"
+[alerts]
+email_to = ["ops@example.com"]
+email_from = "rostersync <rostersync@example.com>"
+webhook_url = { value = "https://hooks.example.com/services/T0/B0/tok3n" }
+digest_minutes = 30
+
+[alerts.smtp]
+host = "smtp.example.com"
+username = { value = "mailer" }
+password = { value = "smtp-pw" }
+"#;
+
+    #[test]
+    fn alerts_are_global_and_overridable_per_integration() {
+        let c = Config::from_toml(&format!("{GOOD}{ALERTS}"), Path::new(".")).unwrap();
+        let a = &c.integrations[0].alerts;
+        assert!(a.enabled());
+        let e = a.email.as_ref().unwrap();
+        assert_eq!(e.to, ["ops@example.com"]);
+        assert_eq!((e.smtp.port, e.smtp.tls), (587, SmtpTls::StartTls));
+        assert_eq!(e.smtp.password.as_ref().unwrap().expose_secret(), "smtp-pw");
+        assert_eq!(
+            (a.digest_minutes, a.repeat_minutes, a.repeat_hours),
+            (30, 60, 24)
+        );
+        assert_eq!(c.integrations[0].client_secret_expires, None);
+        // Without [alerts], alerts are off.
+        let c = Config::from_toml(GOOD, Path::new(".")).unwrap();
+        assert!(!c.integrations[0].alerts.enabled() && !c.alerts.enabled());
+
+        // Per integration: its own recipients and windows, the rest inherited.
+        let own = format!(
+            "{}{ALERTS}",
+            GOOD.replace(
+                "\n[integration.target]",
+                "client_secret_expires = 2027-03-31\n\n[integration.alerts]\nemail_to = [\"contoso-it@example.com\"]\nrepeat_minutes = 120\n\n[integration.target]"
+            )
+        );
+        let c = Config::from_toml(&own, Path::new(".")).unwrap();
+        let i = &c.integrations[0];
+        let a = &i.alerts;
+        assert_eq!(a.email.as_ref().unwrap().to, ["contoso-it@example.com"]);
+        assert_eq!(a.email.as_ref().unwrap().smtp.host, "smtp.example.com");
+        assert_eq!((a.digest_minutes, a.repeat_minutes), (30, 120));
+        assert!(a.webhook_url.is_some());
+        assert_eq!(c.alerts.email.as_ref().unwrap().to, ["ops@example.com"]);
+        assert_eq!(
+            i.client_secret_expires,
+            chrono::NaiveDate::from_ymd_opt(2027, 3, 31)
+        );
+        // Or none at all for this integration.
+        let off = GOOD.replace(
+            "\n[integration.target]",
+            "client_secret_expires = \"2027-03-31\"\n[integration.alerts]\nenabled = false\n\n[integration.target]",
+        );
+        let c = Config::from_toml(&format!("{off}{ALERTS}"), Path::new(".")).unwrap();
+        assert!(!c.integrations[0].alerts.enabled() && c.alerts.enabled());
+        assert!(c.integrations[0].client_secret_expires.is_some());
+    }
+
+    #[test]
+    fn alert_settings_are_validated_without_echoing_secrets() {
+        let with = |from: &str, to: &str| err_of(&format!("{GOOD}{}", ALERTS.replace(from, to)));
+        let e = with(
+            "host = \"smtp.example.com\"",
+            "host = \"smtp.example.com\"\ntls = \"none\"",
+        );
+        assert!(
+            e.starts_with("alerts.smtp.tls:") && e.contains("localhost"),
+            "{e}"
+        );
+        let e = with(
+            "https://hooks.example.com/services/T0/B0/tok3n",
+            "http://hooks.example.com/services/T0/B0/tok3n",
+        );
+        assert!(
+            e.starts_with("alerts.webhook_url:") && !e.contains("tok3n"),
+            "{e}"
+        );
+        let e = with("email_from = \"rostersync <rostersync@example.com>\"\n", "");
+        assert!(e.starts_with("alerts.email_from:"), "{e}");
+        let e = with("[\"ops@example.com\"]", "[\"ops at example\"]");
+        assert!(e.starts_with("alerts.email_to:"), "{e}");
+        let e = with("password = { value = \"smtp-pw\" }\n", "");
+        assert!(e.starts_with("alerts.smtp.password:"), "{e}");
+        let e = with("digest_minutes = 30", "digest_minutes = 0");
+        assert!(e.starts_with("alerts.digest_minutes:"), "{e}");
+        let e = with("digest_minutes = 30", "digest_minute = 30");
+        assert!(e.contains("digest_minute"), "{e}");
+        let e = err_of(&GOOD.replace(
+            "\n[integration.target]",
+            "client_secret_expires = \"31/03/2027\"\n\n[integration.target]",
+        ));
+        assert!(
+            e.starts_with("integration[0] (contoso).client_secret_expires:"),
+            "{e}"
+        );
+        let e = err_of(&format!(
+            "{}{ALERTS}",
+            GOOD.replace(
+                "\n[integration.target]",
+                "[integration.alerts]\nemail_to = [\"x\"]\n\n[integration.target]"
+            )
+        ));
+        assert!(
+            e.starts_with("integration[0] (contoso).alerts.email_to:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_example_alert_settings_are_valid_uncommented() {
+        std::env::set_var("CONTOSO_SECRET", "x");
+        std::env::set_var("CONTOSO_SCIM_TOKEN", "y");
+        std::env::set_var("ROSTERSYNC_ALERT_WEBHOOK", "https://hooks.example.com/x");
+        std::env::set_var("ROSTERSYNC_SMTP_USER", "mailer");
+        std::env::set_var("ROSTERSYNC_SMTP_PASSWORD", "pw");
+        let text = include_str!("../config/example.toml");
+        // Uncomment the settings of the alert blocks (they run to the next blank line) and
+        // client_secret_expires.
+        let mut in_block = false;
+        let mut lines = Vec::new();
+        for l in text.lines() {
+            if l == "# [alerts]" || l == "# [integration.alerts]" {
+                in_block = true;
+            } else if l.is_empty() {
+                in_block = false;
+            }
+            let rest = l.strip_prefix("# ").unwrap_or(l);
+            let setting = rest.starts_with('[')
+                || rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            let wanted = (in_block || rest.starts_with("client_secret_expires")) && setting;
+            lines.push(if wanted { rest } else { l });
+        }
+        let uncommented = lines.join("\n");
+        let c = Config::from_toml(&uncommented, Path::new("config")).unwrap();
+        let i = &c.integrations[0];
+        assert!(i.client_secret_expires.is_some());
+        assert!(c.alerts.email.is_some() && c.alerts.webhook_url.is_some());
+        assert_eq!(
+            i.alerts.email.as_ref().unwrap().to,
+            ["contoso-it@example.com"]
+        );
+        assert_eq!(i.alerts.repeat_minutes, 120);
     }
 
     #[test]

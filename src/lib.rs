@@ -6,10 +6,12 @@
 //! - [`target`]: the [`target::Target`] trait and its SCIM 2.0 implementation.
 //! - [`store`]: sled-backed state (user index, run history), keys per integration.
 //! - [`sync`]: mapping, plan (pure), guard (pure), full reconcile (effects).
+//! - [`alert`]: alerts by e-mail and webhook, through a durable outbox with deduplication.
 //! - [`sim`]: in-process Graph tenant and SCIM LMS simulators for tests, benches and `demo`.
 //!
 //! Architecture notes live in `ARCHITECTURE.md`.
 
+pub mod alert;
 pub mod app;
 pub mod config;
 pub mod demo;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use rostersync::alert::Alerter;
 use rostersync::app::{CheckStatus, Integration};
 use rostersync::config::Config;
 use rostersync::output::{exit_code, render_checks, render_report};
@@ -15,6 +16,10 @@ use rostersync::store::Store;
 use rostersync::sync::reconcile::{Progress, ProgressFn, RunOptions};
 use rostersync::sync::sync_user::{sync_user, SyncUserError};
 use rostersync::sync::trace::{explain, render_explanation, Outcome, Trace};
+
+/// How long `reconcile` and `check` try to send alerts before exiting; what is left stays in
+/// the outbox for the next run or `serve`.
+const ALERT_DELIVERY_LIMIT: std::time::Duration = std::time::Duration::from_secs(45);
 
 #[derive(Parser)]
 #[command(
@@ -369,11 +374,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             let store = Store::open(&config.server.data_dir)?;
+            let alerts = Alerter::new(&config, &store)?;
+            alerts.check_secret_expiry(chrono::Utc::now().date_naive());
             let mut lines = Vec::new();
             for cfg in config.select(integration.as_deref())? {
                 let i = Integration::build(cfg, &store)?;
                 lines.extend(i.check().await);
             }
+            alerts.deliver_before_exit(ALERT_DELIVERY_LIMIT).await;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&lines)?);
             } else {
@@ -396,6 +404,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             init_logging(&cli, tty);
             let config = load_config(&cli)?;
             let store = Store::open(&config.server.data_dir)?;
+            let alerts = Alerter::new(&config, &store)?;
+            if !*dry_run {
+                alerts.check_secret_expiry(chrono::Utc::now().date_naive());
+            }
             let opts = RunOptions {
                 dry_run: *dry_run,
                 allow_mass_deactivation: *allow_mass_deactivation,
@@ -420,6 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 reports.push(report);
             }
+            alerts.deliver_before_exit(ALERT_DELIVERY_LIMIT).await;
             store.flush()?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);

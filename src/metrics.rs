@@ -82,6 +82,11 @@ fn describe() {
         "LMS (SCIM) responses by status (error: no response)"
     );
     describe_gauge!(
+        "rostersync_client_secret_expiry_seconds",
+        Unit::Seconds,
+        "Seconds until client_secret_expires (negative: expired); only when configured"
+    );
+    describe_gauge!(
         "rostersync_subscription_expiry_seconds",
         Unit::Seconds,
         "Seconds until a Graph subscription expires (negative: expired)"
@@ -128,6 +133,13 @@ pub fn reconcile_finished(integration: &str, seconds: f64, outcome: &'static str
     }
 }
 
+/// The last successful reconcile known from the run history (set when `serve` starts, so the
+/// gauge exists before the next run).
+pub fn last_success_at(integration: &str, unix_seconds: i64) {
+    gauge!("rostersync_reconcile_last_success_timestamp_seconds", "integration" => integration.to_string())
+        .set(unix_seconds as f64);
+}
+
 /// Which remote a request went to.
 #[derive(Clone, Copy, Debug)]
 pub enum Remote {
@@ -152,6 +164,11 @@ pub fn request(remote: Remote, integration: &str, status: Option<u16>) {
 pub fn queue(integration: &str, depth: u64, dead: u64) {
     gauge!("rostersync_queue_depth", "integration" => integration.to_string()).set(depth as f64);
     gauge!("rostersync_dead_letters", "integration" => integration.to_string()).set(dead as f64);
+}
+
+pub fn secret_expiry(integration: &str, seconds: f64) {
+    gauge!("rostersync_client_secret_expiry_seconds", "integration" => integration.to_string())
+        .set(seconds);
 }
 
 pub fn subscription_expiry(integration: &str, resource: &str, seconds: f64) {

@@ -885,6 +885,9 @@ async fn notification_acknowledged_before_sigkill_is_applied_after_restart() {
     )
     .await;
 
+    // sled writes its log every 500 ms: after this the first reconcile's dequeue is on disk,
+    // so a restart has no reason to reconcile again (which would hide what the queue carries).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let someone = env.member_ids()[4].clone();
     env.graph.pause_delivery(true);
     env.scim.set_down(true);
@@ -986,6 +989,7 @@ fn sample(m: &std::collections::HashMap<String, f64>, name: &str, labels: &[(&st
 async fn metrics_parse_and_move_with_work() {
     let mut env = spawn(EnvOptions {
         users: 10,
+        integration_extra: "client_secret_expires = \"2099-12-31\"".into(),
         ..Default::default()
     })
     .await;
@@ -1053,6 +1057,18 @@ async fn metrics_parse_and_move_with_work() {
         users_sub > 24.0 * 3600.0,
         "subscription expiry: {users_sub}"
     );
+    let secret = sample(&m, "rostersync_client_secret_expiry_seconds", &[i]);
+    let expected = (chrono::NaiveDate::from_ymd_opt(2099, 12, 31)
+        .unwrap()
+        .and_hms_opt(23, 59, 59)
+        .unwrap()
+        .and_utc()
+        - chrono::Utc::now())
+    .num_seconds() as f64;
+    assert!(
+        (secret - expected).abs() < 60.0,
+        "secret expiry {secret} vs {expected}"
+    );
     assert!(m
         .keys()
         .any(|k| k.starts_with("rostersync_queue_depth{") && k.contains("metered")));
@@ -1069,22 +1085,25 @@ async fn metrics_parse_and_move_with_work() {
         title(&s.env, &someone).as_deref() == Some("Measured")
     })
     .await;
-    let m2 = scrape().await;
+    // The apply metric is recorded when the LMS has answered, a moment after the LMS shows
+    // the change: scrape until it moves (or time out).
+    let update = [i, ("kind", "update"), ("outcome", "ok")];
+    let before_updates = sample(&m, "rostersync_applies_total", &update);
+    let started = Instant::now();
+    let m2 = loop {
+        let m2 = scrape().await;
+        if sample(&m2, "rostersync_applies_total", &update) > before_updates
+            || started.elapsed() > Duration::from_secs(3)
+        {
+            break m2;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         sample(&m2, "rostersync_notifications_received_total", &[i])
             > sample(&m, "rostersync_notifications_received_total", &[i])
     );
-    assert!(
-        sample(
-            &m2,
-            "rostersync_applies_total",
-            &[i, ("kind", "update"), ("outcome", "ok")]
-        ) > sample(
-            &m,
-            "rostersync_applies_total",
-            &[i, ("kind", "update"), ("outcome", "ok")]
-        )
-    );
+    assert!(sample(&m2, "rostersync_applies_total", &update) > before_updates);
     // A forged notification is counted by reason.
     let forged = json!({"value": [{"clientState": "forged", "subscriptionId": "x", "changeType": "updated", "resource": "Users/x"}]});
     let r = http

@@ -251,6 +251,12 @@ impl GraphClient {
                 }
             }
             let resp = self.http.post(&url).form(&form).send().await;
+            // Token endpoint answers count as Graph responses (a 400/401 here is an auth problem).
+            crate::metrics::request(
+                crate::metrics::Remote::Graph,
+                &self.label,
+                resp.as_ref().ok().map(|r| r.status().as_u16()),
+            );
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) if attempt < self.retry.max_attempts => {

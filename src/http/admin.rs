@@ -28,6 +28,8 @@ pub struct AdminIntegration {
     pub health: Arc<IntegrationHealth>,
     pub schedule: String,
     pub timezone: String,
+    /// `client_secret_expires` (the end of that day, UTC).
+    pub secret_expires: Option<chrono::NaiveDate>,
 }
 
 pub struct Admin {
@@ -99,10 +101,28 @@ async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
     if let Some(r) = gate(&req, &admin, admin.metrics_require_token) {
         return r;
     }
+    // Store scans run off the HTTP workers, which must answer Graph within its 3 s budget.
+    let refreshed = web::block(move || refresh_gauges(&admin)).await;
+    if refreshed.is_err() {
+        return HttpResponse::InternalServerError().body("metrics could not be collected");
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(crate::metrics::render())
+}
+
+/// Sets the gauges that are read from the store and the config.
+fn refresh_gauges(admin: &Admin) {
     let now = Utc::now();
     for i in &admin.integrations {
         if let Ok(q) = i.store.queue_stats(now) {
             crate::metrics::queue(&i.name, q.queued as u64, q.dead as u64);
+        }
+        if let Some(d) = i.secret_expires {
+            let end = d.and_hms_opt(23, 59, 59).map(|t| t.and_utc());
+            if let Some(end) = end {
+                crate::metrics::secret_expiry(&i.name, (end - now).num_seconds() as f64);
+            }
         }
         if let Ok(subs) = i.store.subscriptions() {
             for s in subs {
@@ -111,9 +131,6 @@ async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
             }
         }
     }
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(crate::metrics::render())
 }
 
 #[derive(Serialize)]
@@ -233,10 +250,9 @@ pub fn status_doc(admin: &Admin) -> StatusDoc {
             .collect();
         let dead_letters: Vec<ItemView> = i
             .store
-            .dead_letters()
+            .dead_letters_first(ITEMS_SHOWN)
             .unwrap_or_default()
             .into_iter()
-            .take(ITEMS_SHOWN)
             .map(item_view)
             .collect();
         if let Some(q) = &queue {
@@ -306,7 +322,9 @@ async fn status(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
     if let Some(r) = gate(&req, &admin, true) {
         return r;
     }
-    let doc = status_doc(&admin);
+    let Ok(doc) = web::block(move || status_doc(&admin)).await else {
+        return HttpResponse::InternalServerError().body("status could not be collected");
+    };
     if wants_html(&req) {
         HttpResponse::Ok()
             .content_type("text/html; charset=utf-8")
@@ -323,9 +341,12 @@ async fn status_json(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse 
     if let Some(r) = gate(&req, &admin, true) {
         return r;
     }
-    HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(status_doc(&admin))
+    match web::block(move || status_doc(&admin)).await {
+        Ok(doc) => HttpResponse::Ok()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(doc),
+        Err(_) => HttpResponse::InternalServerError().body("status could not be collected"),
+    }
 }
 
 /// HTML-escapes text for element content and attribute values.

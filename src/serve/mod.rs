@@ -37,6 +37,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, message: String },
     #[error("server.public_url is required by serve when listening on {0} (Graph must reach it over https)")]
     NoPublicUrl(SocketAddr),
+    #[error(transparent)]
+    Alert(#[from] crate::alert::AlertError),
 }
 
 /// Knobs tests turn; defaults suit production.
@@ -98,6 +100,7 @@ pub async fn serve(
         Some(s) => s.clone(),
         None => Store::open(&config.server.data_dir)?,
     };
+    let alerter = crate::alert::Alerter::new(&config, &store)?;
     let mut lives: Vec<Arc<Live>> = Vec::new();
     let mut hooks = HashMap::new();
     for cfg in &config.integrations {
@@ -124,6 +127,7 @@ pub async fn serve(
                 store: integ.store.clone(),
                 wake: Arc::clone(&wake),
                 tokens: jwks,
+                known: Default::default(),
             },
         );
         lives.push(Arc::new(Live {
@@ -141,6 +145,16 @@ pub async fn serve(
     });
     // Before anything records a metric.
     let _ = crate::metrics::handle();
+    for l in &lives {
+        let runs: Vec<crate::sync::reconcile::RunReport> =
+            l.integ.store.runs(50).unwrap_or_default();
+        if let Some(r) = runs
+            .iter()
+            .find(|r| matches!(r.outcome, Outcome::Ok | Outcome::Partial))
+        {
+            crate::metrics::last_success_at(l.integ.cfg.name.as_str(), r.finished_at.timestamp());
+        }
+    }
     let admin = web::Data::new(Admin {
         store: store.clone(),
         integrations: lives
@@ -151,6 +165,7 @@ pub async fn serve(
                 health: Arc::clone(&l.health),
                 schedule: l.integ.cfg.schedule.clone(),
                 timezone: l.integ.cfg.timezone.to_string(),
+                secret_expires: l.integ.cfg.client_secret_expires,
             })
             .collect(),
         token: config.server.admin_token.clone(),
@@ -184,6 +199,8 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // Secret-expiry checks (now and daily) and alert delivery.
+    tasks.push(tokio::spawn(alerter.run(stop_rx.clone())));
     for live in &lives {
         let public = public.clone();
         tasks.push(tokio::spawn(integration_main(
@@ -265,13 +282,24 @@ async fn integration_main(
     let span = tracing::info_span!("integration", integration = %name);
     let _e = span.clone().entered();
     drop(_e);
+    // Dropping the set (also when this task is aborted at shutdown) aborts them all.
+    let mut set = tokio::task::JoinSet::new();
+    // Probes (and their token alerts) run from the start: a refused secret or an unreachable
+    // LMS at start-up is exactly when someone must hear of it.
+    set.spawn(health_loop(Arc::clone(&live), opts.clone(), stop.clone()));
     // Start-up: capabilities, group tree, subscriptions. Retried until it works.
     let mut delay = Duration::from_secs(1);
+    let mut failures = 0u32;
     let tg = loop {
         match startup(&live, &public).await {
             Ok(tg) => break tg,
             Err(e) => {
                 tracing::error!(integration = %name, error = %e, "start-up failed; retrying");
+                failures += 1;
+                // Not for a blip: after a few attempts (about 7 s).
+                if failures == 3 {
+                    crate::alert::startup_failed(&live.integ.cfg, &live.integ.store, &e);
+                }
                 live.health.set_problem("startup", Some(e));
                 if sleep_or_stop(delay, &mut stop).await {
                     return;
@@ -282,8 +310,6 @@ async fn integration_main(
     };
     live.health.set_problem("startup", None);
     let tg = Arc::new(tg);
-    // Dropping the set (also when this task is aborted at shutdown) aborts them all.
-    let mut set = tokio::task::JoinSet::new();
     set.spawn(worker_loop(
         Arc::clone(&live),
         Arc::clone(&tg),
@@ -298,7 +324,6 @@ async fn integration_main(
         opts.clone(),
         stop.clone(),
     ));
-    set.spawn(health_loop(Arc::clone(&live), opts.clone(), stop.clone()));
     while set.join_next().await.is_some() {}
 }
 
@@ -502,8 +527,12 @@ async fn renew_loop(
 
 async fn health_loop(live: Arc<Live>, opts: ServeOptions, mut stop: watch::Receiver<bool>) {
     loop {
-        let token = live.integ.graph.token().await.err().map(|e| e.to_string());
-        live.health.set_problem("graph token", token);
+        let token = live.integ.graph.token().await.err();
+        if let Some(e) = &token {
+            crate::alert::graph_token_failed(&live.integ.cfg, &live.integ.store, e);
+        }
+        live.health
+            .set_problem("graph token", token.map(|e| e.to_string()));
         let target = live.integ.target.probe().await.err();
         live.health.set_problem("lms", target);
         let subs = match subs::live(&live.integ) {

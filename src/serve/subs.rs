@@ -310,6 +310,7 @@ pub async fn ensure(
     if errors.is_empty() {
         Ok(recreated)
     } else {
+        crate::alert::subscriptions_failed(&integ.cfg, &integ.store, &errors);
         Err(SubsError::Other(errors.join("; ")))
     }
 }

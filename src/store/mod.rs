@@ -5,7 +5,9 @@
 //! never read or overwrite another's state. Nothing outside this module names a sled type, so
 //! the engine can be swapped.
 
+pub mod alerts;
 mod commit;
+mod journal;
 pub mod queue;
 pub mod state;
 pub mod traces;
@@ -69,6 +71,8 @@ impl IndexEntry {
 pub struct Store {
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
+    /// The webhook journal (on-disk stores only; temporary ones flush sled instead).
+    journal: Option<Arc<journal::Journal>>,
     fail_writes: Arc<AtomicBool>,
 }
 
@@ -103,12 +107,16 @@ impl Store {
                     }
                 }
             })?;
-        Ok(Store::wrap(db))
+        let journal = journal::Journal::open(db.clone(), path)?;
+        let mut store = Store::wrap(db);
+        store.journal = Some(journal);
+        Ok(store)
     }
 
     fn wrap(db: sled::Db) -> Store {
         Store {
             commit: commit::GroupCommit::start(db.clone()),
+            journal: None,
             db,
             fail_writes: Arc::new(AtomicBool::new(false)),
         }
@@ -153,6 +161,7 @@ impl Store {
             trace_skips: t("trace_skips")?,
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
+            journal: self.journal.clone(),
             fail_writes: Arc::clone(&self.fail_writes),
         })
     }
@@ -185,6 +194,7 @@ pub struct IntegrationStore {
     trace_skips: sled::Tree,
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
+    journal: Option<Arc<journal::Journal>>,
     fail_writes: Arc<AtomicBool>,
 }
 

@@ -96,19 +96,40 @@ pub struct QueueStats {
 }
 
 impl IntegrationStore {
+    /// Appends items and resolves once they are durable (what a 202 may promise): through the
+    /// webhook journal when the store has one, else by a sled flush.
+    pub async fn enqueue_durable(&self, items: &[QueueItem]) -> Result<(), StoreError> {
+        if self.fail_writes() {
+            return Err(StoreError::Io("writes are failing (injected)".into()));
+        }
+        match &self.journal {
+            Some(j) => j.append(&self.name, items).await.map_err(StoreError::Io),
+            None => {
+                self.enqueue(items)?;
+                self.durable().await
+            }
+        }
+    }
+
     /// Appends items (not yet durable: await [`IntegrationStore::durable`] before acknowledging).
+    ///
+    /// Plain inserts, not one atomic batch: sled 0.34's `apply_batch` writes out (and
+    /// `sync_file_range`s) its log buffer twice per call, which undid the group commit at
+    /// every webhook request. No caller needs the items all-or-nothing: each awaits `durable`
+    /// before acknowledging (the webhook's 202) or advancing (a delta link), so a crash in
+    /// between can only keep some of the hints, and Graph retries or the round repeats
+    /// (hints are idempotent).
     pub fn enqueue(&self, items: &[QueueItem]) -> Result<Vec<u64>, StoreError> {
         if self.fail_writes() {
             return Err(StoreError::Io("writes are failing (injected)".into()));
         }
-        let mut batch = sled::Batch::default();
+        let encoded = items.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
         let mut ids = Vec::with_capacity(items.len());
-        for it in items {
+        for bytes in encoded {
             let id = self.db.generate_id()?;
-            batch.insert(&key(id), encode(it)?);
+            self.queue.insert(key(id), bytes)?;
             ids.push(id);
         }
-        self.queue.apply_batch(batch)?;
         Ok(ids)
     }
 
@@ -192,6 +213,19 @@ impl IntegrationStore {
             }
         }
         Ok(out)
+    }
+
+    /// The oldest `limit` dead letters (for `/status`), without decoding the rest.
+    pub fn dead_letters_first(&self, limit: usize) -> Result<Vec<(u64, QueueItem)>, StoreError> {
+        let tree = format!("{}/dead", self.name);
+        self.dead
+            .iter()
+            .take(limit)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((id_of(&k), decode(&tree, &k, &v)?))
+            })
+            .collect()
     }
 
     pub fn dead_letters(&self) -> Result<Vec<(u64, QueueItem)>, StoreError> {

@@ -208,7 +208,7 @@ pub async fn reconcile<T: Target>(
         let result = run.execute().await;
         let mut report = run.report;
         report.finished_at = Utc::now();
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!(error = %e, "reconcile failed");
             report.error = Some(e.to_string());
             report.outcome = Outcome::Failed;
@@ -223,7 +223,12 @@ pub async fn reconcile<T: Target>(
             if let Err(e) = ctx.store.put_run(&report.run_id, &history) {
                 tracing::error!(error = %e, "could not record the run");
             }
+            // The run history decides whether `serve` reconciles at start: keep it durable.
+            if let Err(e) = ctx.store.durable().await {
+                tracing::error!(error = %e, "could not flush the run record");
+            }
         }
+        crate::alert::after_run(ctx.cfg, ctx.store, &report, result.err().as_ref());
         let c = &report.counts;
         tracing::info!(outcome = ?report.outcome, members = c.members, created = c.created, updated = c.updated,
             deactivated = c.deactivated, reactivated = c.reactivated, unchanged = c.unchanged, failed = c.failed,

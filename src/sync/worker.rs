@@ -78,6 +78,8 @@ pub struct BatchOutcome {
     /// Items that failed this time (retried later or buried).
     pub failed: Vec<(String, String)>,
     pub buried: usize,
+    /// What was moved to the dead letters (for the alert).
+    pub dead_letters: Vec<(u64, QueueItem)>,
     /// Groups whose delta link had expired: the caller should run a full reconcile.
     pub expired_groups: Vec<String>,
     /// Groups (nested) that joined the tree: they need subscriptions.
@@ -294,6 +296,7 @@ pub async fn process<T: Target>(
                     it.last_error = Some(m.trim_start_matches("HOLD ").to_string());
                     ctx.store.bury(id, &it)?;
                     out.buried += 1;
+                    out.dead_letters.push((id, it));
                 }
             }
             Some(Err(m)) => {
@@ -328,6 +331,7 @@ fn settle<T: Target>(
             tracing::error!(item = id, hint = %it.hint.describe(), attempts = it.attempts, error = ?it.last_error, "giving up; moved to dead letters");
             ctx.store.bury(id, &it)?;
             out.buried += 1;
+            out.dead_letters.push((id, it));
         } else {
             let exp = ws
                 .backoff_base
@@ -338,6 +342,8 @@ fn settle<T: Target>(
             ctx.store.requeue(id, &it)?;
         }
     }
+    // Every path of `process` ends here, after the last burial.
+    crate::alert::after_batch(ctx.cfg, ctx.store, &out.dead_letters, out.guard.as_ref());
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 
 pub mod tokens;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +17,6 @@ use std::time::Duration;
 use actix_web::{web, HttpRequest, HttpResponse};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
@@ -36,6 +36,8 @@ pub struct Hook {
     pub wake: Arc<Notify>,
     /// Verifies `validationTokens` (keys of this integration's cloud) when present.
     pub tokens: Option<JwksCache>,
+    /// Subscription ids already confirmed by the store.
+    pub known: KnownSubscriptions,
 }
 
 /// Counters for `/metrics` and logs.
@@ -96,11 +98,60 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<WebhookState>, m
     );
 }
 
+/// The notification collection, read into borrowed fields: nothing else in the body is kept
+/// (unknown properties are skipped, not built into JSON trees).
 #[derive(Deserialize)]
-struct Collection {
-    value: Vec<Value>,
+struct Collection<'a> {
+    #[serde(borrow)]
+    value: Vec<Notification<'a>>,
     #[serde(default, rename = "validationTokens")]
     validation_tokens: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct Notification<'a> {
+    #[serde(default, borrow, rename = "subscriptionId")]
+    subscription_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "clientState")]
+    client_state: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "tenantId")]
+    tenant_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "organizationId")]
+    organization_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "lifecycleEvent")]
+    lifecycle_event: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    resource: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "resourceData")]
+    resource_data: Option<ResourceData<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ResourceData<'a> {
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+/// Subscription ids the store confirmed, so most notifications skip the store read. Only
+/// confirmed ids enter (an unknown id always goes to the store), and it is bounded.
+#[derive(Default)]
+pub struct KnownSubscriptions(std::sync::RwLock<HashMap<String, Watch>>);
+
+const KNOWN_SUBSCRIPTIONS_MAX: usize = 1024;
+
+impl KnownSubscriptions {
+    fn get(&self, store: &IntegrationStore, id: &str) -> Option<Watch> {
+        if let Some(w) = self.0.read().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Some(w.clone());
+        }
+        let record = store.subscription(id).ok().flatten()?;
+        let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= KNOWN_SUBSCRIPTIONS_MAX {
+            m.clear();
+        }
+        m.insert(id.to_string(), record.watch.clone());
+        Some(record.watch)
+    }
 }
 
 fn validation_token(req: &HttpRequest) -> Option<String> {
@@ -136,41 +187,39 @@ enum Reject {
 }
 
 /// Turns one notification into a hint, or says why it is not ours.
-fn hint_for(hook: &Hook, n: &Value) -> Result<Hint, Reject> {
-    let s = |k: &str| n.get(k).and_then(|v| v.as_str());
-    if !client_state_ok(&hook.client_state, s("clientState")) {
+fn hint_for(hook: &Hook, n: &Notification<'_>) -> Result<Hint, Reject> {
+    if !client_state_ok(&hook.client_state, n.client_state.as_deref()) {
         return Err(Reject::ClientState);
     }
-    let tenant = s("tenantId").or_else(|| s("organizationId"));
+    let tenant = n.tenant_id.as_deref().or(n.organization_id.as_deref());
     if let Some(t) = tenant {
         if looks_like_guid(&hook.tenant_id) && !t.eq_ignore_ascii_case(&hook.tenant_id) {
             return Err(Reject::Tenant);
         }
     }
-    let Some(sub_id) = s("subscriptionId") else {
+    let Some(sub_id) = n.subscription_id.as_deref() else {
         return Err(Reject::Shape("no subscriptionId"));
     };
     // Only subscriptions we track: an unknown id is ignored like any forged notification.
-    let record = match hook.store.subscription(sub_id) {
-        Ok(Some(r)) => r,
-        _ => return Err(Reject::Subscription),
+    let Some(watch) = hook.known.get(&hook.store, sub_id) else {
+        return Err(Reject::Subscription);
     };
-    if let Some(event) = s("lifecycleEvent") {
+    if let Some(event) = n.lifecycle_event.as_deref() {
         return Ok(Hint::Lifecycle {
             event: event.to_string(),
             subscription_id: sub_id.to_string(),
         });
     }
-    match record.watch {
+    match watch {
         Watch::Members { group_id } => Ok(Hint::Membership { group_id }),
         Watch::Users => {
             let id = n
-                .get("resourceData")
-                .and_then(|d| d.get("id"))
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-                .or_else(|| s("resource").and_then(|r| r.rsplit('/').next().map(str::to_string)))
-                .filter(|id| !id.is_empty() && id.len() <= 64);
+                .resource_data
+                .as_ref()
+                .and_then(|d| d.id.as_deref())
+                .or_else(|| n.resource.as_deref().and_then(|r| r.rsplit('/').next()))
+                .filter(|id| !id.is_empty() && id.len() <= 64)
+                .map(str::to_string);
             match id {
                 Some(user_id) => Ok(Hint::User {
                     user_id,
@@ -226,6 +275,7 @@ async fn handle(
     let mut hints = Vec::new();
     let mut rejected = 0usize;
     for n in &parsed.value {
+        let n: &Notification<'_> = n;
         match hint_for(hook, n) {
             Ok(h) => hints.push(h),
             Err(r) => {
@@ -249,10 +299,7 @@ async fn handle(
                     }
                 };
                 crate::metrics::notification_rejected(&hook.name, reason);
-                let sub = n
-                    .get("subscriptionId")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("?");
+                let sub = n.subscription_id.as_deref().unwrap_or("?");
                 tracing::warn!(integration = %name, subscription = %sub.chars().take(64).collect::<String>(), reason = why, "notification rejected; nothing queued");
             }
         }
@@ -289,10 +336,7 @@ async fn handle(
     }
     let items: Vec<QueueItem> = hints.into_iter().map(QueueItem::new).collect();
     let n = items.len() as u64;
-    let stored = match hook.store.enqueue(&items) {
-        Ok(_) => hook.store.durable().await,
-        Err(e) => Err(e),
-    };
+    let stored = hook.store.enqueue_durable(&items).await;
     if let Err(e) = stored {
         stats.store_failures.fetch_add(1, Ordering::Relaxed);
         crate::metrics::notification_rejected(&hook.name, "store_failure");
