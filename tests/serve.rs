@@ -1244,9 +1244,45 @@ async fn status_requires_the_token_and_shows_failures_and_guard() {
         "failed user in HTML"
     );
     assert!(html.contains("Users that failed in the last reconcile"));
+    // Each failed user links to why.
+    assert!(
+        html.contains(&format!(
+            "href=\"/status/test/users/{}\"",
+            victim.id.replace('-', "%2D")
+        )),
+        "explain link in HTML"
+    );
+    let why = |key: String| {
+        let http = http.clone();
+        let url = s.url(&format!("/status/test/users/{key}"));
+        async move {
+            let r = http.get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (st, body) = why(victim.user_principal_name.clone()).await;
+    assert_eq!(st, 200, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["entra_id"], victim.id.as_str());
+    assert_eq!(e["trace"]["outcome"], "failed", "{body}");
+    assert_eq!(e["trace"]["plan"]["action"], "create");
+    let answer = e["trace"]["answer"]["message"].as_str().unwrap_or_default();
+    assert!(
+        answer.contains("made-by-hand"),
+        "the LMS's answer: {answer}"
+    );
+    let (st, _) = why("nobody@nowhere.example".into()).await;
+    assert_eq!(st, 404);
+    let r = http
+        .get(s.url(&format!("/status/test/users/{}", victim.id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
 
     // No secret anywhere.
-    for body in [&text, &html] {
+    let (_, why_body) = why(victim.id.clone()).await;
+    for body in [&text, &html, &why_body] {
         for secret in [
             ADMIN_TOKEN,
             env.fx.tenant.client_secret.as_str(),

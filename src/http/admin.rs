@@ -43,7 +43,72 @@ pub fn configure(cfg: &mut web::ServiceConfig, admin: web::Data<Admin>) {
     cfg.app_data(admin)
         .route("/metrics", web::get().to(metrics))
         .route("/status", web::get().to(status))
-        .route("/status.json", web::get().to(status_json));
+        .route("/status.json", web::get().to(status_json))
+        .route(
+            "/status/{integration}/users/{user}",
+            web::get().to(explain_user),
+        );
+}
+
+/// `explain` over HTTP: the last decision traced for one user (object id, UPN or userName)
+/// and the index entry; JSON, or the same text as the CLI in a page for browsers.
+async fn explain_user(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    if let Some(r) = gate(&req, &admin, true) {
+        return r;
+    }
+    let (integration, user) = path.into_inner();
+    if user.len() > 256 {
+        return HttpResponse::BadRequest().body("user key too long");
+    }
+    let Some(store) = admin
+        .integrations
+        .iter()
+        .find(|i| i.name == integration)
+        .map(|i| i.store.clone())
+    else {
+        return HttpResponse::NotFound().body("unknown integration");
+    };
+    let html = wants_html(&req);
+    let found = web::block(move || crate::sync::trace::explain(&store, &user)).await;
+    let e = match found {
+        Ok(Ok(e)) => e,
+        _ => return HttpResponse::InternalServerError().body("the store could not be read"),
+    };
+    let status = if e.known() {
+        actix_web::http::StatusCode::OK
+    } else {
+        actix_web::http::StatusCode::NOT_FOUND
+    };
+    if html {
+        HttpResponse::build(status)
+            .content_type("text/html; charset=utf-8")
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .body(format!(
+                "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>rostersync: why</title></head><body><p><a href=\"/status\">← status</a></p><pre>{}</pre></body></html>",
+                esc(&crate::sync::trace::render_explanation(&e))
+            ))
+    } else {
+        HttpResponse::build(status)
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(e)
+    }
+}
+
+/// Link to the explanation of one user (path segments percent-encoded, then HTML-escaped).
+fn explain_link(integration: &str, user: &str, label: &str) -> String {
+    let seg = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    format!(
+        "<a href=\"/status/{}/users/{}\">{}</a>",
+        esc(&seg(integration)),
+        esc(&seg(user)),
+        esc(label)
+    )
 }
 
 /// Whether the request carries the admin token (Bearer, or Basic with it as password).
@@ -390,7 +455,7 @@ code{{font-size:12px}}</style></head><body><h1>rostersync</h1><p>Generated {} ·
     for i in &doc.integrations {
         let _ = write!(
             h,
-            "<h2 id=\"{n}\">{n} <span class=\"{c}\">{r}</span></h2><p>Schedule <code>{s}</code> ({tz})</p>",
+            "<h2 id=\"{n}\">{n} <span class=\"{c}\">{r}</span></h2><p>Schedule <code>{s}</code> ({tz}) · why is a user as they are? <code>/status/{n}/users/&lt;object id, UPN or userName&gt;</code></p>",
             n = esc(&i.name),
             c = if i.ready { "ok" } else { "bad" },
             r = if i.ready { "ready" } else { "not ready" },
@@ -442,7 +507,7 @@ code{{font-size:12px}}</style></head><body><h1>rostersync</h1><p>Generated {} ·
                     let _ = write!(
                         h,
                         "<tr><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
-                        esc(&f.entra_id),
+                        explain_link(&i.name, &f.entra_id, &f.entra_id),
                         esc(f.user_name.as_deref().unwrap_or("")),
                         esc(&f.reason)
                     );
