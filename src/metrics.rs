@@ -125,11 +125,10 @@ pub fn apply(integration: &str, kind: &'static str, ok: bool) {
 pub fn reconcile_finished(integration: &str, seconds: f64, outcome: &'static str, success: bool) {
     let i = integration.to_string();
     histogram!("rostersync_reconcile_duration_seconds", "integration" => i.clone()).record(seconds);
-    counter!("rostersync_reconcile_runs_total", "integration" => i.clone(), "outcome" => outcome)
+    counter!("rostersync_reconcile_runs_total", "integration" => i, "outcome" => outcome)
         .increment(1);
     if success {
-        gauge!("rostersync_reconcile_last_success_timestamp_seconds", "integration" => i)
-            .set(chrono::Utc::now().timestamp() as f64);
+        last_success_at(integration, chrono::Utc::now().timestamp());
     }
 }
 

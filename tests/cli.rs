@@ -4,29 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 
-use common::{spawn, EnvOptions, SCIM_TOKEN};
+use common::{rostersync, spawn, text, EnvOptions, SCIM_TOKEN};
 use rostersync::sim::graph::FIXTURE_CLIENT_SECRET;
-
-async fn rostersync(args: &[&str], config: &Path) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .expect("run rostersync")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     let p = dir.join("rostersync.toml");

@@ -3,10 +3,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Output;
-
-use common::{spawn, EnvOptions, TestEnv, SCIM_TOKEN};
+use common::{rostersync, spawn, text, EnvOptions, TestEnv, SCIM_TOKEN};
 use rostersync::sim::graph::{SimUser, FIXTURE_CLIENT_SECRET};
 use rostersync::store::queue::{Hint, QueueItem};
 use rostersync::sync::plan::Action;
@@ -56,25 +53,6 @@ fn nested_only(env: &TestEnv) -> Vec<String> {
         .filter(|id| !direct.contains(id))
         .filter(|id| env.graph.user(id).is_some_and(|u| u.account_enabled))
         .collect()
-}
-
-async fn rostersync(args: &[&str], config: &Path) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .expect("run rostersync")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn config_file(env: &TestEnv) -> std::path::PathBuf {

@@ -384,13 +384,22 @@ fn wants_html(req: &HttpRequest) -> bool {
 }
 
 async fn status(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    let as_html = wants_html(&req);
+    status_as(req, admin, as_html).await
+}
+
+async fn status_json(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    status_as(req, admin, false).await
+}
+
+async fn status_as(req: HttpRequest, admin: web::Data<Admin>, as_html: bool) -> HttpResponse {
     if let Some(r) = gate(&req, &admin, true) {
         return r;
     }
     let Ok(doc) = web::block(move || status_doc(&admin)).await else {
         return HttpResponse::InternalServerError().body("status could not be collected");
     };
-    if wants_html(&req) {
+    if as_html {
         HttpResponse::Ok()
             .content_type("text/html; charset=utf-8")
             .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -399,18 +408,6 @@ async fn status(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
         HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .json(doc)
-    }
-}
-
-async fn status_json(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
-    if let Some(r) = gate(&req, &admin, true) {
-        return r;
-    }
-    match web::block(move || status_doc(&admin)).await {
-        Ok(doc) => HttpResponse::Ok()
-            .insert_header((header::CACHE_CONTROL, "no-store"))
-            .json(doc),
-        Err(_) => HttpResponse::InternalServerError().body("status could not be collected"),
     }
 }
 

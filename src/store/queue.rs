@@ -229,14 +229,7 @@ impl IntegrationStore {
     }
 
     pub fn dead_letters(&self) -> Result<Vec<(u64, QueueItem)>, StoreError> {
-        let tree = format!("{}/dead", self.name);
-        self.dead
-            .iter()
-            .map(|r| {
-                let (k, v) = r?;
-                Ok((id_of(&k), decode(&tree, &k, &v)?))
-            })
-            .collect()
+        self.dead_letters_first(usize::MAX)
     }
 
     /// Moves dead letters back to the queue with a fresh attempt count (`None`: all of them).

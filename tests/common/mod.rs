@@ -229,3 +229,24 @@ impl TestEnv {
 pub fn upn(u: &SimUser) -> Option<String> {
     Some(u.user_principal_name.clone())
 }
+
+/// Runs the `rostersync` binary with `--config CONFIG ARGS` (RUST_LOG unset).
+pub async fn rostersync(args: &[&str], config: &Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("run rostersync")
+}
+
+/// A finished command's stdout then stderr.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
