@@ -125,7 +125,7 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
     );
     let config = Config::from_toml(&text, Path::new("."))?;
     let store = Store::temporary()?;
-    let integration = Integration::build(&config.integrations[0], &store)?;
+    let integration = std::sync::Arc::new(Integration::build(&config.integrations[0], &store)?);
 
     step(out, "1. dry run: what would change (nothing is applied)");
     let dry = integration
@@ -141,7 +141,10 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
     check(&dry)?;
 
     step(out, "2. reconcile: apply it");
-    let first = integration.reconcile(RunOptions::default(), None).await;
+    let first = integration
+        .reconcile_task(RunOptions::default(), None)
+        .await
+        .map_err(|e| DemoError::Step(format!("the reconcile task stopped: {e}")))?;
     let _ = write!(out, "{}", render_report(&first, 0));
     let _ = writeln!(out, "  the LMS now holds {} users", scim.users().len());
     check(&first)?;

@@ -17,6 +17,12 @@ use rostersync::sync::reconcile::{Progress, ProgressFn, RunOptions};
 use rostersync::sync::sync_user::{sync_user, SyncUserError};
 use rostersync::sync::trace::{explain, render_explanation, Outcome, Trace};
 
+/// mimalloc rather than glibc's malloc: a reconcile allocates and frees many small maps and
+/// strings across threads, and `cargo bench --bench reconcile` measured the first reconcile's
+/// rate against the LMS's about 15 % higher with it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How long `reconcile` and `check` try to send alerts before exiting; what is left stays in
 /// the outbox for the next run or `serve`.
 const ALERT_DELIVERY_LIMIT: std::time::Duration = std::time::Duration::from_secs(45);
@@ -415,14 +421,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             let mut reports = Vec::new();
             for cfg in config.select(integration.as_deref())? {
-                let i = Integration::build(cfg, &store)?;
+                let i = Arc::new(Integration::build(cfg, &store)?);
                 let (bar, progress) = if tty {
                     let (b, f) = progress_bar();
                     (Some(b), Some(f))
                 } else {
                     (None, None)
                 };
-                let report = i.reconcile(opts, progress).await;
+                let report = i
+                    .reconcile_task(opts, progress)
+                    .await
+                    .context("the reconcile task stopped")?;
                 if let Some(b) = bar {
                     b.finish_and_clear();
                 }

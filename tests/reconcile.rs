@@ -41,6 +41,11 @@ async fn first_reconcile_makes_the_lms_equal_the_group_and_a_second_changes_noth
         .as_str()
         .is_some_and(|t| t.chars().count() == 200)));
 
+    // Managers created in the same run are created before their reports, so every manager link
+    // is set in the report's own POST: no follow-up PATCH.
+    assert_eq!(env.scim.request_count("PATCH"), 0);
+    assert_eq!(env.scim.request_count("POST"), r.counts.created);
+
     env.scim.reset_counts();
     let again = env.reconcile().await;
     assert_eq!(again.outcome, Outcome::Ok);
@@ -166,6 +171,88 @@ async fn a_hire_into_the_nested_group_and_a_new_manager_are_linked_in_one_run() 
         "the manager link of a user created in this run is not an extra update"
     );
     env.assert_lms_matches_tenant(upn);
+}
+
+#[tokio::test]
+async fn managers_and_reports_across_several_member_pages_are_linked_in_one_run() {
+    // 2,500 users: three member pages of at most 999, with managers and reports spread over
+    // them; the LMS writes of one page overlap with the next page's planning.
+    let env = spawn(EnvOptions {
+        users: 2_500,
+        ..Default::default()
+    })
+    .await;
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert!(r.counts.created > 2_000, "{:?}", r.counts);
+    env.assert_lms_matches_tenant(upn);
+    // A report listed before its manager's page gets the link by one PATCH at the end; every
+    // other link is in the create.
+    let patches = env.scim.request_count("PATCH");
+    assert!(
+        patches < r.counts.created / 2,
+        "{patches} PATCHes for {} creates",
+        r.counts.created
+    );
+    env.scim.reset_counts();
+    let again = env.reconcile().await;
+    assert_eq!(
+        (again.counts.created, again.counts.updated, env.writes()),
+        (0, 0, 0),
+        "{:?}",
+        again.changes
+    );
+}
+
+#[tokio::test]
+async fn a_manager_that_fails_to_sync_does_not_hold_back_its_reports() {
+    let env = spawn(EnvOptions {
+        users: 20,
+        ..Default::default()
+    })
+    .await;
+    let template = env.graph.user(&some_enabled_members(&env, 1)[0]).unwrap();
+    let boss = rostersync::sim::graph::SimUser {
+        id: "bbbbbbbb-0000-4000-8000-000000000001".into(),
+        user_principal_name: "taken.boss@contoso-sim.onmicrosoft.com".into(),
+        mail: Some("taken.boss@contoso-sim.onmicrosoft.com".into()),
+        display_name: Some("Taken Boss".into()),
+        manager_id: None,
+        ..template.clone()
+    };
+    let report = rostersync::sim::graph::SimUser {
+        id: "bbbbbbbb-0000-4000-8000-000000000002".into(),
+        user_principal_name: "report.of.taken@contoso-sim.onmicrosoft.com".into(),
+        mail: Some("report.of.taken@contoso-sim.onmicrosoft.com".into()),
+        manager_id: Some(boss.id.clone()),
+        ..template
+    };
+    env.graph.upsert_user(boss.clone());
+    env.graph.upsert_user(report.clone());
+    env.graph.add_member(&env.fx.all_group_id, &boss.id);
+    env.graph.add_member(&env.fx.all_group_id, &report.id);
+    // The boss's userName belongs to another identity in the LMS: its create fails.
+    env.scim
+        .insert_user(
+            json!({"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": boss.user_principal_name, "externalId": "someone-else", "active": true}),
+        )
+        .unwrap();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Partial, "{:?}", r.error);
+    assert_eq!(
+        r.failures
+            .iter()
+            .map(|f| f.entra_id.as_str())
+            .collect::<Vec<_>>(),
+        vec![boss.id.as_str()]
+    );
+    let l = env.lms_user(&report.id);
+    assert_eq!(l["active"], true, "the report is created all the same");
+    assert!(
+        l[common::ENTERPRISE]["manager"].is_null(),
+        "no link to a manager that is not in the LMS: {l}"
+    );
 }
 
 #[tokio::test]

@@ -206,6 +206,36 @@ fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T
     })
 }
 
+/// Writes to one tree, applied as plain inserts and removes in order.
+///
+/// Not `sled::Batch`: sled 0.34's `apply_batch` writes out (and `sync_file_range`s) its log
+/// buffer twice per call, which made the index and trace writes of a first reconcile cost more
+/// than the LMS writes themselves. None of the callers needs all-or-nothing: each orders its
+/// writes so that a crash part-way leaves an extra candidate, never a missing one, and an
+/// index entry that is lost is found again by its userName or externalId at the next run.
+#[derive(Default)]
+pub(crate) struct Writes(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Writes {
+    pub(crate) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
+        self.0.push((key.as_ref().to_vec(), Some(value.into())));
+    }
+
+    pub(crate) fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.0.push((key.as_ref().to_vec(), None));
+    }
+
+    pub(crate) fn apply(self, tree: &sled::Tree) -> Result<(), StoreError> {
+        for (k, v) in self.0 {
+            match v {
+                Some(v) => tree.insert(k, v)?,
+                None => tree.remove(k)?,
+            };
+        }
+        Ok(())
+    }
+}
+
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encoding: {e}")))
 }
@@ -235,9 +265,9 @@ impl IntegrationStore {
             #[serde(default)]
             manager: Option<String>,
         }
-        let mut batch = sled::Batch::default();
-        let mut add = sled::Batch::default();
-        let mut drop = sled::Batch::default();
+        let mut batch = Writes::default();
+        let mut add = Writes::default();
+        let mut drop = Writes::default();
         for (id, e) in entries {
             let old: Option<String> = match self.users.get(id.as_bytes())? {
                 Some(v) => serde_json::from_slice::<ManagerOnly>(&v)
@@ -251,18 +281,18 @@ impl IntegrationStore {
             }
             batch.insert(id.as_bytes(), encode(e)?);
         }
-        self.reports.apply_batch(add)?;
-        self.users.apply_batch(batch)?;
-        self.reports.apply_batch(drop)?;
+        add.apply(&self.reports)?;
+        batch.apply(&self.users)?;
+        drop.apply(&self.reports)?;
         Ok(())
     }
 
     pub fn remove_user(&self, entra_id: &str) -> Result<(), StoreError> {
         if let Some(e) = self.get_user(entra_id)? {
             if let Some(m) = e.manager.as_deref() {
-                let mut drop = sled::Batch::default();
+                let mut drop = Writes::default();
                 self.link_report(&mut drop, entra_id, Some(m), None);
-                self.reports.apply_batch(drop)?;
+                drop.apply(&self.reports)?;
             }
         }
         self.users.remove(entra_id.as_bytes())?;

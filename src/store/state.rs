@@ -188,7 +188,7 @@ impl IntegrationStore {
 
     pub(crate) fn link_report(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut super::Writes,
         report: &str,
         old: Option<&str>,
         new: Option<&str>,

@@ -16,7 +16,7 @@
 
 use serde::Deserialize;
 
-use super::{decode, encode, IntegrationStore, StoreError};
+use super::{decode, encode, IntegrationStore, StoreError, Writes};
 use crate::sync::trace::{Answer, Outcome, Trace};
 
 /// Marks a stored trace whose mapped values are the index entry's record.
@@ -29,9 +29,9 @@ impl IntegrationStore {
         if traces.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        let mut names = sled::Batch::default();
-        let mut skips = sled::Batch::default();
+        let mut batch = Writes::default();
+        let mut names = Writes::default();
+        let mut skips = Writes::default();
         for mut t in traces {
             if t.outcome == Outcome::Skipped {
                 skips.insert(t.entra_id.as_bytes(), &[][..]);
@@ -61,9 +61,9 @@ impl IntegrationStore {
             };
             batch.insert(t.entra_id.as_bytes(), value);
         }
-        self.trace_names.apply_batch(names)?;
-        self.traces.apply_batch(batch)?;
-        self.trace_skips.apply_batch(skips)?;
+        names.apply(&self.trace_names)?;
+        batch.apply(&self.traces)?;
+        skips.apply(&self.trace_skips)?;
         Ok(())
     }
 

@@ -4,12 +4,20 @@
 //! Members are processed a page at a time (a page of at most 999 users and their managers is
 //! all that is held of Graph's data); creates and updates are applied as pages arrive, while
 //! deactivations wait until every group has been listed completely and the guard has passed.
+//!
+//! The LMS writes run as one continuous stream (`Run::drive`): `concurrency` changes stay in
+//! flight across page boundaries, the next page is planned while the last one's writes finish,
+//! and a user whose manager is being created in this run waits for that one create only (not
+//! for a whole wave), so its create carries the manager link. The index entries and traces of
+//! applied changes are written in batches on a blocking thread while the LMS writes go on; the
+//! drive ends only once they are written.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use futures::{stream, StreamExt};
+use futures::stream::{self, FuturesUnordered};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
@@ -165,6 +173,68 @@ struct Run<'a, 'c, T: Target> {
     actual: HashMap<String, Option<Record>>,
     /// Decision traces of the changes planned and not yet applied (none in a dry run).
     traces: Pending,
+    /// Whether `manager.value` is set (mapping asks for it and the target takes it).
+    link_manager: bool,
+    /// (user, the manager it should have) for users whose manager was not in the LMS when they
+    /// were planned: settled at the end of the run.
+    deferred: Vec<(String, Option<String>)>,
+    /// Deactivations planned; applied once every group was listed and the guard passed.
+    deactivations: Vec<PlannedChange>,
+    pipe: Pipe,
+}
+
+/// Index entries and traces are handed to the writer thread in batches of about this many.
+const WRITE_BATCH: usize = 256;
+
+/// The LMS-write stream of a run (see the module comment).
+#[derive(Default)]
+struct Pipe {
+    /// Pages read and mapped, not completely planned yet.
+    pages: VecDeque<PageWork>,
+    /// Planned changes not started yet, in planning order.
+    ready: VecDeque<PlannedChange>,
+    /// Users being created in this run whose create has not answered yet.
+    pending: HashSet<String>,
+    /// Members planned once the create of their manager (the key) has answered.
+    waiting: HashMap<String, Vec<Waiter>>,
+    /// Applied, not yet written to the index: Entra id → LMS id (managers are looked up here
+    /// first).
+    unwritten: HashMap<String, String>,
+    /// Applied and waiting for the writer.
+    entries: Vec<(String, IndexEntry)>,
+    traces: Vec<Trace>,
+}
+
+/// Members of one page still to be planned (`Run::plan_some`).
+struct PageWork {
+    group: GraphGroup,
+    members: VecDeque<(Desired, Option<IndexEntry>, GraphUser)>,
+    /// Depth in the page's chain of managers being created, of members with a manager or
+    /// being created themselves.
+    depths: HashMap<String, usize>,
+}
+
+/// Members planned at a time between picking up LMS answers.
+const PLAN_CHUNK: usize = 64;
+
+/// A member whose manager is being created in this run.
+struct Waiter {
+    desired: Desired,
+    existing: Option<IndexEntry>,
+    user: GraphUser,
+    group: GraphGroup,
+}
+
+/// The writer thread's answer: the Entra ids it wrote, and whether the store took them.
+type Written = (Vec<String>, Result<(), StoreError>);
+type WriteJob = tokio::task::JoinHandle<Written>;
+type WriteResult = Result<Written, tokio::task::JoinError>;
+
+/// What woke the drive loop.
+enum Event<A> {
+    Applied(A),
+    Written(WriteResult),
+    Feed(Option<Result<Feed, RunError>>),
 }
 
 /// Runs a full reconcile of one integration. Never panics on bad input; whole-run errors end
@@ -203,6 +273,10 @@ pub async fn reconcile<T: Target>(
             applied: 0,
             actual: HashMap::new(),
             traces: Pending::new(ctx.cfg, Source::Reconcile, &run_id, !opts.dry_run),
+            link_manager: false,
+            deferred: Vec::new(),
+            deactivations: Vec::new(),
+            pipe: Pipe::default(),
         };
         tracing::info!("reconcile started");
         let result = run.execute().await;
@@ -371,16 +445,7 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// The user's index entry with its record cut down to the managed keys.
     fn indexed(&self, entra_id: &str) -> Result<Option<IndexEntry>, StoreError> {
-        let Some(mut e) = self.ctx.store.get_user(entra_id)? else {
-            return Ok(None);
-        };
-        match self.actual.get(entra_id) {
-            Some(None) => return Ok(None),
-            Some(Some(r)) => e.record = r.clone(),
-            None => {}
-        }
-        e.record.retain(|k, _| self.managed.contains(k));
-        Ok(Some(e))
+        lookup(self.ctx.store, &self.actual, &self.managed, entra_id)
     }
 
     /// Deep runs: reads every LMS user (startIndex/count paging) and notes where the LMS
@@ -447,10 +512,10 @@ impl<T: Target> Run<'_, '_, T> {
             tracing::info!(note = %n, "target capabilities");
         }
         self.report.notes.extend(self.caps.notes.iter().cloned());
-        let link_manager = cfg.mapping.link_manager && self.caps.enterprise;
+        self.link_manager = cfg.mapping.link_manager && self.caps.enterprise;
         self.managed = plan::managed_keys(
             cfg.mapping.rules.iter().map(|r| r.key.as_str()),
-            link_manager,
+            self.link_manager,
         )
         .into_iter()
         .filter(|k| self.caps.accepts(k))
@@ -464,12 +529,9 @@ impl<T: Target> Run<'_, '_, T> {
 
         let user_select = cfg.mapping.user_select();
         let manager_select = cfg.mapping.manager_select();
-        // (user, the manager it should have) for users whose manager was not in the LMS yet.
-        let mut deferred_managers: Vec<(String, Option<String>)> = Vec::new();
-        let mut deactivations: Vec<PlannedChange> = Vec::new();
 
         // Graph reads run ahead of the LMS writes by up to two pages.
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
         let feed = tokio::spawn(
             feed_members(
                 Arc::clone(self.ctx.graph),
@@ -480,6 +542,8 @@ impl<T: Target> Run<'_, '_, T> {
                     concurrency: cfg.graph_concurrency,
                     mapping: cfg.mapping.clone(),
                     managed: self.managed.clone(),
+                    store: self.ctx.store.clone(),
+                    actual: self.actual.clone(),
                 },
                 tx,
             )
@@ -487,62 +551,17 @@ impl<T: Target> Run<'_, '_, T> {
         );
         // Dropping the handle does not stop the task; the abort guard does.
         let _feed_guard = AbortOnDrop(feed.abort_handle());
-        let consume = async {
-            // Owned here: when planning stops on an error, dropping the receiver ends the feed.
-            let mut rx = rx;
-            while let Some(item) = rx.recv().await {
-                match item? {
-                    Feed::Page {
-                        users,
-                        malformed,
-                        group,
-                    } => {
-                        for m in malformed {
-                            self.fail_user(
-                                "?",
-                                None,
-                                format!("Graph returned a malformed member: {m}"),
-                            );
-                        }
-                        self.report.counts.members += users.len() as u64;
-                        self.tick(Progress::PageRead {
-                            members: self.report.counts.members,
-                        });
-                        self.process_page(
-                            users,
-                            &group,
-                            link_manager,
-                            &mut deferred_managers,
-                            &mut deactivations,
-                        )
-                        .await?;
-                    }
-                    Feed::GroupDone { group, count } => {
-                        self.check_group_size(
-                            &group.id,
-                            &group.display_name,
-                            count,
-                            active_before,
-                        )?;
-                        self.report.groups.push(GroupSummary {
-                            id: group.id.clone(),
-                            name: group.display_name.clone(),
-                            members: count,
-                        });
-                    }
-                }
-            }
-            Ok::<(), RunError>(())
-        };
-        // On an error the guard's drop stops the reader.
-        consume.await?;
-        // The feed ends early only after sending an error, which `consume` returned above.
+        // On an error the guard's drop stops the reader (and so does dropping the receiver).
+        self.drive(Some((&mut rx, active_before)), true).await?;
+        drop(rx);
+        // The feed ends early only after sending an error, which `drive` returned above.
         let seen = feed
             .await
             .map_err(|e| RunError::Source(format!("the member reader stopped: {e}")))??;
 
         // Every group was listed completely: whoever is indexed but unseen has left.
         let store = self.ctx.store;
+        let mut deactivations = std::mem::take(&mut self.deactivations);
         for r in store.users() {
             let (id, e) = r?;
             if !seen.contains(&id) {
@@ -583,7 +602,8 @@ impl<T: Target> Run<'_, '_, T> {
             }
         }
 
-        self.settle_managers(deferred_managers).await?;
+        let deferred = std::mem::take(&mut self.deferred);
+        self.settle_managers(deferred).await?;
 
         if !self.opts.dry_run {
             for g in &self.report.groups {
@@ -600,27 +620,57 @@ impl<T: Target> Run<'_, '_, T> {
         Ok(())
     }
 
-    /// Maps, plans and applies one page of members. Users whose manager is created in this
-    /// same page are planned in a later wave, after their manager exists, so the manager link
-    /// is set in the create instead of by an extra PATCH.
-    async fn process_page(
+    /// One message of the member reader.
+    fn take_feed(&mut self, item: Feed, active_before: u64) -> Result<(), RunError> {
+        match item {
+            Feed::Page {
+                users,
+                malformed,
+                group,
+            } => {
+                for m in malformed {
+                    self.fail_user("?", None, format!("Graph returned a malformed member: {m}"));
+                }
+                self.report.counts.members += users.len() as u64;
+                self.tick(Progress::PageRead {
+                    members: self.report.counts.members,
+                });
+                self.begin_page(users, group)
+            }
+            Feed::GroupDone { group, count } => {
+                self.check_group_size(&group.id, &group.display_name, count, active_before)?;
+                self.report.groups.push(GroupSummary {
+                    id: group.id.clone(),
+                    name: group.display_name.clone(),
+                    members: count,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// The LMS id of a manager: applied in this run (maybe not written yet) or indexed.
+    fn manager_target(&self, entra_id: &str) -> Result<Option<String>, StoreError> {
+        if let Some(t) = self.pipe.unwritten.get(entra_id) {
+            return Ok(Some(t.clone()));
+        }
+        Ok(self.indexed(entra_id)?.map(|e| e.target_id))
+    }
+
+    /// Takes one page of mapped members: reports those that cannot be mapped, works out which
+    /// members are created in this page and how deep each sits in a chain of such managers,
+    /// and queues the page for planning (`plan_some`), which the drive does a few members at a
+    /// time so that LMS answers keep being picked up while a page is planned.
+    fn begin_page(
         &mut self,
-        fresh: Vec<(GraphUser, Result<Desired, MapFailure>)>,
-        group: &GraphGroup,
-        link_manager: bool,
-        deferred: &mut Vec<(String, Option<String>)>,
-        deactivations: &mut Vec<PlannedChange>,
+        fresh: Vec<(GraphUser, Result<Mapped, MapFailure>)>,
+        group: GraphGroup,
     ) -> Result<(), RunError> {
-        let mut mapped: Vec<(Desired, Option<IndexEntry>)> = Vec::with_capacity(fresh.len());
-        // Beside `mapped`, for the traces of the users that change.
-        let mut sources: Vec<GraphUser> = Vec::with_capacity(fresh.len());
+        let mut members: VecDeque<(Desired, Option<IndexEntry>, GraphUser)> =
+            VecDeque::with_capacity(fresh.len());
         for (u, d) in fresh {
             match d {
-                Ok(d) => {
-                    let existing = self.indexed(&u.id)?;
-                    mapped.push((d, existing));
-                    sources.push(u);
-                }
+                Ok((d, existing)) => members.push_back((d, existing, u)),
                 Err(f) => {
                     let name = u.string("userPrincipalName");
                     // A disabled account that can no longer be mapped (e.g. its mailbox was
@@ -631,27 +681,28 @@ impl<T: Target> Run<'_, '_, T> {
                         if let Some(mut c) = plan::plan_departure(&u.id, &e) {
                             c.reason = Some("disabled in Entra (accountEnabled = false)".into());
                             let out = Some(OutOfScope::Disabled);
-                            self.trace_plan(&c, Some(&u), Some(group), out, None);
-                            deactivations.push(c);
+                            self.trace_plan(&c, Some(&u), Some(&group), out, None);
+                            self.deactivations.push(c);
                             continue;
                         }
                     }
                     let reason = format!("cannot be mapped: {}", f.0);
-                    self.trace_unmapped(&u, group, disabled, &reason)?;
+                    self.trace_unmapped(&u, &group, disabled, &reason)?;
                     self.fail_user(&u.id, name.as_deref(), reason);
                 }
             }
         }
-        let creating: HashSet<&str> = mapped
+        let creating: HashSet<&str> = members
             .iter()
-            .filter(|(d, e)| e.is_none() && is_active(&d.record))
-            .map(|(d, _)| d.entra_id.as_str())
+            .filter(|(d, e, _)| e.is_none() && is_active(&d.record))
+            .map(|(d, _, _)| d.entra_id.as_str())
             .collect();
-        let manager_of: HashMap<&str, &str> = mapped
+        let manager_of: HashMap<&str, &str> = members
             .iter()
-            .filter_map(|(d, _)| Some((d.entra_id.as_str(), d.manager_entra_id.as_deref()?)))
+            .filter_map(|(d, _, _)| Some((d.entra_id.as_str(), d.manager_entra_id.as_deref()?)))
             .collect();
-        // Depth in the chain of managers created in this page (capped: cycles exist).
+        // Depth in the chain of managers created in this page (capped: cycles exist). A member
+        // waits only for a manager of smaller depth, or one of an earlier page: no wait cycle.
         let depth = |id: &str| {
             let (mut n, mut cur) = (0usize, id);
             while let Some(m) = manager_of.get(cur) {
@@ -663,40 +714,131 @@ impl<T: Target> Run<'_, '_, T> {
             }
             n
         };
-        let depths: Vec<usize> = mapped.iter().map(|(d, _)| depth(&d.entra_id)).collect();
-        let waves = depths.iter().copied().max().unwrap_or(0);
-        for wave in 0..=waves {
-            let mut changes = Vec::new();
-            let this_wave = mapped.iter().zip(&sources).zip(&depths);
-            for (((d, existing), u), _) in this_wave.filter(|(_, w)| **w == wave) {
-                let mref = match (&d.manager_entra_id, link_manager) {
-                    (Some(mid), true) => match self.indexed(mid)? {
-                        Some(me) => ManagerRef::Known(me.target_id),
-                        None => {
-                            deferred.push((d.entra_id.clone(), d.manager_entra_id.clone()));
-                            ManagerRef::Deferred
+        let depths: HashMap<String, usize> = members
+            .iter()
+            .filter(|(d, _, _)| {
+                d.manager_entra_id.is_some() || creating.contains(d.entra_id.as_str())
+            })
+            .map(|(d, _, _)| (d.entra_id.clone(), depth(&d.entra_id)))
+            .collect();
+        if !self.opts.dry_run {
+            self.pipe
+                .pending
+                .extend(creating.iter().map(|id| id.to_string()));
+        }
+        drop(manager_of);
+        drop(creating);
+        self.report.changes.reserve(members.len());
+        self.pipe.pages.push_back(PageWork {
+            group,
+            members,
+            depths,
+        });
+        Ok(())
+    }
+
+    /// Plans up to `n` members of the queued pages. Changes go to the write stream; a member
+    /// whose manager is being created in this run waits for that create, so the manager link
+    /// is set in the member's own request instead of by an extra PATCH at the end.
+    fn plan_some(&mut self, n: usize) -> Result<(), RunError> {
+        let Some(mut page) = self.pipe.pages.pop_front() else {
+            return Ok(());
+        };
+        let waits = !self.opts.dry_run;
+        for _ in 0..n {
+            let Some((d, existing, u)) = page.members.pop_front() else {
+                break;
+            };
+            let mref = match (&d.manager_entra_id, self.link_manager) {
+                (Some(mid), true) => match self.manager_target(mid)? {
+                    Some(t) => ManagerRef::Known(t),
+                    None => {
+                        let earlier = match page.depths.get(mid) {
+                            Some(dm) => page.depths.get(&d.entra_id).is_some_and(|du| dm < du),
+                            None => true,
+                        };
+                        if waits && earlier && self.pipe.pending.contains(mid) {
+                            self.pipe
+                                .waiting
+                                .entry(mid.clone())
+                                .or_default()
+                                .push(Waiter {
+                                    desired: d,
+                                    existing,
+                                    user: u,
+                                    group: page.group.clone(),
+                                });
+                            continue;
                         }
-                    },
-                    _ => ManagerRef::None,
-                };
-                match plan::plan_member(d, existing.as_ref(), &mref) {
-                    None if existing.is_none() => {
-                        self.report.counts.skipped += 1;
-                        self.trace_skipped(d, u, group)?;
+                        self.deferred
+                            .push((d.entra_id.clone(), d.manager_entra_id.clone()));
+                        ManagerRef::Deferred
                     }
-                    None => self.report.counts.unchanged += 1,
-                    Some(c) => {
-                        let out = (!is_active(&c.record)).then_some(OutOfScope::Disabled);
-                        self.trace_plan(&c, Some(u), Some(group), out, Some(&c.record));
-                        if c.action == Action::Deactivate {
-                            deactivations.push(c);
-                        } else {
-                            changes.push(c);
-                        }
-                    }
+                },
+                _ => ManagerRef::None,
+            };
+            self.plan_one(&d, existing.as_ref(), &u, &page.group, mref)?;
+        }
+        if !page.members.is_empty() {
+            self.pipe.pages.push_front(page);
+        }
+        Ok(())
+    }
+
+    /// Plans one mapped member with what is known of its manager.
+    fn plan_one(
+        &mut self,
+        d: &Desired,
+        existing: Option<&IndexEntry>,
+        u: &GraphUser,
+        group: &GraphGroup,
+        mref: ManagerRef,
+    ) -> Result<(), StoreError> {
+        let mut queued_create = false;
+        match plan::plan_member(d, existing, &mref) {
+            None if existing.is_none() => {
+                self.report.counts.skipped += 1;
+                self.trace_skipped(d, u, group)?;
+            }
+            None => self.report.counts.unchanged += 1,
+            Some(c) => {
+                let out = (!is_active(&c.record)).then_some(OutOfScope::Disabled);
+                self.trace_plan(&c, Some(u), Some(group), out, Some(&c.record));
+                if c.action == Action::Deactivate {
+                    self.deactivations.push(c);
+                } else if self.opts.dry_run {
+                    self.count(c.action);
+                    self.report.changes.push(c);
+                } else {
+                    queued_create = c.action == Action::Create;
+                    self.pipe.ready.push_back(c);
                 }
             }
-            self.apply_all(changes, true).await?;
+        }
+        if !queued_create {
+            // Not created after all: whoever waits for it gets the link at the end.
+            self.resolve(&d.entra_id, None)?;
+        }
+        Ok(())
+    }
+
+    /// The create of `entra_id` answered (`target`: its LMS id, `None`: it failed or was not
+    /// made): plans the members that waited for it as their manager.
+    fn resolve(&mut self, entra_id: &str, target: Option<&str>) -> Result<(), StoreError> {
+        if !self.pipe.pending.remove(entra_id) {
+            return Ok(());
+        }
+        for w in self.pipe.waiting.remove(entra_id).unwrap_or_default() {
+            let mref = match target {
+                Some(t) => ManagerRef::Known(t.to_string()),
+                None => {
+                    let d = &w.desired;
+                    self.deferred
+                        .push((d.entra_id.clone(), d.manager_entra_id.clone()));
+                    ManagerRef::Deferred
+                }
+            };
+            self.plan_one(&w.desired, w.existing.as_ref(), &w.user, &w.group, mref)?;
         }
         Ok(())
     }
@@ -732,7 +874,7 @@ impl<T: Target> Run<'_, '_, T> {
         Ok(())
     }
 
-    /// Applies changes with the target's bounded concurrency, recording results.
+    /// Applies `changes` with the target's bounded concurrency and records the results.
     /// `counted` is false for follow-up changes of users already counted in this run.
     async fn apply_all(
         &mut self,
@@ -751,67 +893,195 @@ impl<T: Target> Run<'_, '_, T> {
             }
             return Ok(());
         }
-        let conc = self.ctx.cfg.target.concurrency;
+        self.pipe.ready.extend(changes);
+        self.drive(None, counted).await
+    }
+
+    /// Runs the write stream until everything ready (and, with a member feed, everything the
+    /// feed brings) is applied and its index entries and traces are written. Keeps the
+    /// target's `concurrency` changes in flight; plans the next page when fewer than twice that
+    /// many are left to start. On an error nothing new is started, what is in flight is
+    /// finished and recorded, and the first error is returned.
+    async fn drive(
+        &mut self,
+        mut feed: Option<(&mut FeedRx, u64)>,
+        counted: bool,
+    ) -> Result<(), RunError> {
+        let conc = self.ctx.cfg.target.concurrency.max(1);
         let ctx = self.ctx;
-        let managed = &self.managed;
-        let results: Vec<(PlannedChange, Result<Applied, ApplyError>)> =
-            stream::iter(changes.into_iter().map(|c| async move {
+        let managed = Arc::new(self.managed.clone());
+        let start = |c: PlannedChange| {
+            let managed = Arc::clone(&managed);
+            async move {
                 let span =
                     tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
-                let r = apply_change(ctx, managed, &c).instrument(span).await;
+                let r = apply_change(ctx, &managed, &c).instrument(span).await;
                 (c, r)
-            }))
-            .buffer_unordered(conc)
-            .collect()
-            .await;
-        let mut fatal = None;
-        let mut entries = Vec::with_capacity(results.len());
-        let mut traces = Vec::with_capacity(results.len());
-        for (c, r) in results {
-            match r {
-                Ok(applied) => {
-                    if self.traces.enabled() {
-                        traces.push(self.trace_applied(&c, &applied.matched, counted)?);
+            }
+        };
+        let mut inflight = FuturesUnordered::new();
+        let mut writing: Option<WriteJob> = None;
+        let mut error: Option<RunError> = None;
+        loop {
+            if error.is_none() {
+                // Plan until there is enough to keep `conc` changes in flight (or nothing is
+                // left to plan); a page is planned in chunks so answers are picked up between.
+                while self.pipe.ready.len() < 2 * conc && !self.pipe.pages.is_empty() {
+                    if let Err(e) = self.plan_some(PLAN_CHUNK) {
+                        error.get_or_insert(e);
+                        break;
                     }
-                    entries.push((c.entra_id.clone(), applied.entry));
-                    self.applied += 1;
-                    if counted {
-                        self.count(c.action);
-                        // A create's diff is its whole record: keep the report small.
-                        let changes = if c.action == Action::Create {
-                            Vec::new()
-                        } else {
-                            c.changes
-                        };
-                        self.report.changes.push(PlannedChange {
-                            record: Record::new(),
-                            changes,
-                            ..c
-                        });
+                    if !inflight.is_empty() && !self.pipe.ready.is_empty() {
+                        break;
                     }
                 }
-                Err(ApplyError::User(reason)) => {
-                    if self.traces.enabled() {
-                        let mut t = self.traces.take(&c);
-                        t.failed(&reason, true);
-                        traces.push(self.traces.finish(t));
-                    }
-                    self.fail_user(&c.entra_id, Some(&c.user_name), reason)
+                while inflight.len() < conc {
+                    let Some(c) = self.pipe.ready.pop_front() else {
+                        break;
+                    };
+                    inflight.push(start(c));
                 }
-                Err(ApplyError::Fatal(e)) => fatal = Some(e),
+            }
+            let buffered = self.pipe.entries.len() + self.pipe.traces.len();
+            if writing.is_none() && buffered > 0 && (buffered >= WRITE_BATCH || inflight.is_empty())
+            {
+                writing = Some(self.write_applied());
+            }
+            if feed.is_some() && error.is_some() {
+                feed = None;
+            }
+            let want_page =
+                feed.is_some() && self.pipe.pages.is_empty() && self.pipe.ready.len() < 2 * conc;
+            let event = tokio::select! {
+                biased;
+                Some(done) = inflight.next(), if !inflight.is_empty() => Event::Applied(done),
+                w = async {
+                    match writing.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                }, if writing.is_some() => Event::Written(w),
+                item = async {
+                    match feed.as_mut() {
+                        Some((rx, _)) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                }, if want_page => Event::Feed(item),
+                else => break,
+            };
+            match event {
+                Event::Applied((c, r)) => {
+                    if let Err(e) = self.on_applied(c, r, counted) {
+                        error.get_or_insert(e);
+                    }
+                }
+                Event::Written(w) => {
+                    writing = None;
+                    match w {
+                        Ok((keys, Ok(()))) => {
+                            for k in keys {
+                                self.pipe.unwritten.remove(&k);
+                            }
+                        }
+                        Ok((_, Err(e))) => {
+                            error.get_or_insert(e.into());
+                        }
+                        Err(e) => {
+                            error.get_or_insert(RunError::Source(format!(
+                                "the index writer stopped: {e}"
+                            )));
+                        }
+                    }
+                }
+                Event::Feed(None) => feed = None,
+                Event::Feed(Some(item)) => {
+                    let active_before = feed.as_ref().map_or(0, |(_, n)| *n);
+                    if let Err(e) = item.and_then(|i| self.take_feed(i, active_before)) {
+                        error.get_or_insert(e);
+                    }
+                }
             }
         }
-        // One batch per wave: the LMS changes are done, so record them together.
-        self.ctx.store.put_users(&entries)?;
-        self.ctx.store.put_traces(traces)?;
-        // What was just applied is what the LMS holds now.
-        for (id, _) in &entries {
-            self.actual.remove(id);
-        }
         self.tick(Progress::Applied { done: self.applied });
-        match fatal {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(e) = error {
+            return Err(e);
+        }
+        // Only reachable with a broken wait chain; those members then get the link at the end.
+        let stuck: Vec<String> = self.pipe.pending.iter().cloned().collect();
+        for id in stuck {
+            self.resolve(&id, None)?;
+        }
+        if !self.pipe.ready.is_empty() {
+            return Box::pin(self.drive(None, counted)).await;
+        }
+        Ok(())
+    }
+
+    /// Hands the applied changes' index entries and traces to a blocking thread, in that order
+    /// (a trace relies on its index entry).
+    fn write_applied(&mut self) -> WriteJob {
+        let entries = std::mem::replace(&mut self.pipe.entries, Vec::with_capacity(WRITE_BATCH));
+        let traces = std::mem::replace(&mut self.pipe.traces, Vec::with_capacity(WRITE_BATCH));
+        let store = self.ctx.store.clone();
+        self.tick(Progress::Applied { done: self.applied });
+        tokio::task::spawn_blocking(move || {
+            let r = store
+                .put_users(&entries)
+                .and_then(|()| store.put_traces(traces));
+            (entries.into_iter().map(|(id, _)| id).collect(), r)
+        })
+    }
+
+    /// Records the LMS's answer to one change.
+    fn on_applied(
+        &mut self,
+        c: PlannedChange,
+        r: Result<Applied, ApplyError>,
+        counted: bool,
+    ) -> Result<(), RunError> {
+        match r {
+            Ok(applied) => {
+                if self.traces.enabled() {
+                    let t = self.trace_applied(&c, &applied.matched, counted)?;
+                    self.pipe.traces.push(t);
+                }
+                // What was just applied is what the LMS holds now.
+                self.actual.remove(&c.entra_id);
+                let target = applied.entry.target_id.clone();
+                self.pipe
+                    .unwritten
+                    .insert(c.entra_id.clone(), target.clone());
+                self.pipe.entries.push((c.entra_id.clone(), applied.entry));
+                self.applied += 1;
+                self.resolve(&c.entra_id, Some(&target))?;
+                if counted {
+                    self.count(c.action);
+                    // A create's diff is its whole record: keep the report small.
+                    let changes = if c.action == Action::Create {
+                        Vec::new()
+                    } else {
+                        c.changes
+                    };
+                    self.report.changes.push(PlannedChange {
+                        record: Record::new(),
+                        changes,
+                        ..c
+                    });
+                }
+                Ok(())
+            }
+            Err(ApplyError::User(reason)) => {
+                if self.traces.enabled() {
+                    let mut t = self.traces.take(&c);
+                    t.failed(&reason, true);
+                    let t = self.traces.finish(t);
+                    self.pipe.traces.push(t);
+                }
+                self.fail_user(&c.entra_id, Some(&c.user_name), reason);
+                self.resolve(&c.entra_id, None)?;
+                Ok(())
+            }
+            Err(ApplyError::Fatal(e)) => Err(e),
         }
     }
 
@@ -1044,13 +1314,38 @@ impl Drop for AbortOnDrop {
     }
 }
 
+type FeedRx = tokio::sync::mpsc::Receiver<Result<Feed, RunError>>;
+
+/// A member as mapped, with its index entry (record cut down to the managed keys).
+type Mapped = (Desired, Option<IndexEntry>);
+
+/// The user's index entry with its record cut down to the managed keys; in a deep run, with
+/// what the LMS really holds (`actual`: `None` when the LMS user was deleted by hand).
+fn lookup(
+    store: &IntegrationStore,
+    actual: &HashMap<String, Option<Record>>,
+    managed: &BTreeSet<String>,
+    entra_id: &str,
+) -> Result<Option<IndexEntry>, StoreError> {
+    let Some(mut e) = store.get_user(entra_id)? else {
+        return Ok(None);
+    };
+    match actual.get(entra_id) {
+        Some(None) => return Ok(None),
+        Some(Some(r)) => e.record = r.clone(),
+        None => {}
+    }
+    e.record.retain(|k, _| managed.contains(k));
+    Ok(Some(e))
+}
+
 /// What the Graph reader hands to the planner.
 enum Feed {
     /// Members not seen before in this run, with their managers.
     Page {
         /// Each user with its mapping (done by the reader, on its own task, so mapping the
         /// next page overlaps with applying this one).
-        users: Vec<(GraphUser, Result<Desired, MapFailure>)>,
+        users: Vec<(GraphUser, Result<Mapped, MapFailure>)>,
         malformed: Vec<String>,
         /// The configured group being listed (for the decision traces).
         group: GraphGroup,
@@ -1071,6 +1366,10 @@ struct FeedSpec {
     mapping: Mapping,
     /// Attributes the target accepts; others are dropped from mapped records.
     managed: BTreeSet<String>,
+    /// Each mapped member's index entry is read by the reader too, off the planner's task.
+    store: IntegrationStore,
+    /// Deep runs: what the LMS really holds where it differs from the index.
+    actual: HashMap<String, Option<Record>>,
 }
 
 async fn feed_members(
@@ -1085,6 +1384,8 @@ async fn feed_members(
         concurrency,
         mapping,
         managed,
+        store,
+        actual,
     } = spec;
     let mut seen: HashSet<String> = HashSet::new();
     let result: Result<bool, RunError> = async {
@@ -1116,17 +1417,20 @@ async fn feed_members(
                     Some(sel) => read_managers(&graph, &users, sel, concurrency).instrument(span.clone()).await?,
                     None => HashMap::new(),
                 };
-                let users = users
-                    .into_iter()
-                    .map(|u| {
-                        let mgr = managers.get(&u.id).and_then(|m| m.as_ref());
-                        let mut d = mapping.apply(&u, mgr);
-                        if let Ok(d) = &mut d {
+                let mut mapped = Vec::with_capacity(users.len());
+                for u in users {
+                    let mgr = managers.get(&u.id).and_then(|m| m.as_ref());
+                    let d = match mapping.apply(&u, mgr) {
+                        Ok(mut d) => {
                             d.record.retain(|k, _| managed.contains(k));
+                            let existing = lookup(&store, &actual, &managed, &u.id)?;
+                            Ok((d, existing))
                         }
-                        (u, d)
-                    })
-                    .collect();
+                        Err(f) => Err(f),
+                    };
+                    mapped.push((u, d));
+                }
+                let users = mapped;
                 let msg = Feed::Page {
                     users,
                     malformed: page.malformed,
