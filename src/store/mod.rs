@@ -325,6 +325,27 @@ impl IntegrationStore {
         })
     }
 
+    /// The index entries whose Entra id `keep` accepts; only those are decoded (a reconcile
+    /// looks for the few users it did not see among many).
+    pub fn users_where<'a>(
+        &'a self,
+        mut keep: impl FnMut(&str) -> bool + 'a,
+    ) -> impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + 'a {
+        let tree = format!("{}/users", self.name);
+        self.users.iter().filter_map(move |r| {
+            let (k, v) = match r {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let id = String::from_utf8_lossy(&k);
+            if !keep(&id) {
+                return None;
+            }
+            let id = id.into_owned();
+            Some(decode(&tree, &k, &v).map(|e| (id, e)))
+        })
+    }
+
     /// Index entries that are active in the LMS (the guard's base); unreadable entries count
     /// as inactive.
     pub fn active_count(&self) -> u64 {

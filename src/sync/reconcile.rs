@@ -562,13 +562,11 @@ impl<T: Target> Run<'_, '_, T> {
         // Every group was listed completely: whoever is indexed but unseen has left.
         let store = self.ctx.store;
         let mut deactivations = std::mem::take(&mut self.deactivations);
-        for r in store.users() {
+        for r in store.users_where(|id| !seen.contains(id)) {
             let (id, e) = r?;
-            if !seen.contains(&id) {
-                if let Some(c) = plan::plan_departure(&id, &e) {
-                    self.trace_plan(&c, None, None, Some(OutOfScope::LeftAllGroups), None);
-                    deactivations.push(c);
-                }
+            if let Some(c) = plan::plan_departure(&id, &e) {
+                self.trace_plan(&c, None, None, Some(OutOfScope::LeftAllGroups), None);
+                deactivations.push(c);
             }
         }
 
