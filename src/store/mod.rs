@@ -11,6 +11,7 @@ mod journal;
 pub mod queue;
 pub mod state;
 pub mod traces;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -248,6 +249,22 @@ impl IntegrationStore {
                 entra_id.as_bytes(),
                 &b,
             )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Just the LMS id of an indexed user (a manager reference needs no more; the rest of the
+    /// entry is skipped, not decoded).
+    pub fn target_id(&self, entra_id: &str) -> Result<Option<String>, StoreError> {
+        #[derive(Deserialize)]
+        struct TargetOnly {
+            target_id: String,
+        }
+        match self.users.get(entra_id.as_bytes())? {
+            Some(b) => {
+                let tree = format!("{}/users", self.name);
+                decode::<TargetOnly>(&tree, entra_id.as_bytes(), &b).map(|t| Some(t.target_id))
+            }
             None => Ok(None),
         }
     }

@@ -8,9 +8,11 @@
 //! The LMS writes run as one continuous stream (`Run::drive`): `concurrency` changes stay in
 //! flight across page boundaries, the next page is planned while the last one's writes finish,
 //! and a user whose manager is being created in this run waits for that one create only (not
-//! for a whole wave), so its create carries the manager link. The index entries and traces of
-//! applied changes are written in batches on a blocking thread while the LMS writes go on; the
-//! drive ends only once they are written.
+//! for a whole wave), so its create carries the manager link. Members are planned in chunks
+//! whenever nothing else is ready, so sends and answers are never held up by planning. The
+//! index entries and traces of applied changes are written in batches by a dedicated writer
+//! thread at a lower priority (`store::writer`) while the LMS writes go on; a bounded backlog
+//! keeps it from falling behind without limit, and the drive ends only once they are written.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use super::trace::{self, Match, OutOfScope, Pending, Scope, Source, Trace, Via};
 use crate::config::IntegrationConfig;
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{GraphClient, GraphError, BATCH_LIMIT};
+use crate::store::writer::{BackgroundWriter, Written};
 use crate::store::{new_run_id, IndexEntry, IntegrationStore, StoreError};
 use crate::target::{Capabilities, Target, TargetError, TargetUser};
 
@@ -181,6 +184,8 @@ struct Run<'a, 'c, T: Target> {
     /// Deactivations planned; applied once every group was listed and the guard passed.
     deactivations: Vec<PlannedChange>,
     pipe: Pipe,
+    /// Started with the first write.
+    writer: Option<BackgroundWriter>,
 }
 
 /// Index entries and traces are handed to the writer thread in batches of about this many.
@@ -225,16 +230,21 @@ struct Waiter {
     group: GraphGroup,
 }
 
-/// The writer thread's answer: the Entra ids it wrote, and whether the store took them.
-type Written = (Vec<String>, Result<(), StoreError>);
-type WriteJob = tokio::task::JoinHandle<Written>;
-type WriteResult = Result<Written, tokio::task::JoinError>;
+type WriteJob = tokio::sync::oneshot::Receiver<Written>;
+type WriteResult = Result<Written, tokio::sync::oneshot::error::RecvError>;
+
+/// At most this many applied entries and traces wait for the writer: past it, no new LMS
+/// write starts until the writer has caught up (it runs at a lower priority, see
+/// `store::writer`).
+const MAX_UNWRITTEN: usize = 8 * WRITE_BATCH;
 
 /// What woke the drive loop.
 enum Event<A> {
     Applied(A),
     Written(WriteResult),
     Feed(Option<Result<Feed, RunError>>),
+    /// Nothing else is ready and members wait to be planned.
+    Plan,
 }
 
 /// Runs a full reconcile of one integration. Never panics on bad input; whole-run errors end
@@ -277,6 +287,7 @@ pub async fn reconcile<T: Target>(
             deferred: Vec::new(),
             deactivations: Vec::new(),
             pipe: Pipe::default(),
+            writer: None,
         };
         tracing::info!("reconcile started");
         let result = run.execute().await;
@@ -652,7 +663,11 @@ impl<T: Target> Run<'_, '_, T> {
         if let Some(t) = self.pipe.unwritten.get(entra_id) {
             return Ok(Some(t.clone()));
         }
-        Ok(self.indexed(entra_id)?.map(|e| e.target_id))
+        if let Some(None) = self.actual.get(entra_id) {
+            // Indexed, but gone from the LMS (a deep run found out): no link to it.
+            return Ok(None);
+        }
+        self.ctx.store.target_id(entra_id)
     }
 
     /// Takes one page of mapped members: reports those that cannot be mapped, works out which
@@ -922,18 +937,10 @@ impl<T: Target> Run<'_, '_, T> {
         let mut error: Option<RunError> = None;
         loop {
             if error.is_none() {
-                // Plan until there is enough to keep `conc` changes in flight (or nothing is
-                // left to plan); a page is planned in chunks so answers are picked up between.
-                while self.pipe.ready.len() < 2 * conc && !self.pipe.pages.is_empty() {
-                    if let Err(e) = self.plan_some(PLAN_CHUNK) {
-                        error.get_or_insert(e);
-                        break;
-                    }
-                    if !inflight.is_empty() && !self.pipe.ready.is_empty() {
-                        break;
-                    }
-                }
-                while inflight.len() < conc {
+                // A writer that fell behind holds back new LMS writes (not their answers).
+                let behind = writing.is_some()
+                    && self.pipe.entries.len() + self.pipe.traces.len() >= MAX_UNWRITTEN;
+                while inflight.len() < conc && !behind {
                     let Some(c) = self.pipe.ready.pop_front() else {
                         break;
                     };
@@ -943,13 +950,23 @@ impl<T: Target> Run<'_, '_, T> {
             let buffered = self.pipe.entries.len() + self.pipe.traces.len();
             if writing.is_none() && buffered > 0 && (buffered >= WRITE_BATCH || inflight.is_empty())
             {
-                writing = Some(self.write_applied());
+                match self.write_applied() {
+                    Ok(w) => writing = Some(w),
+                    // Nothing more is written; the loop ends once the answers are in.
+                    Err(e) => {
+                        error.get_or_insert(e);
+                    }
+                }
             }
             if feed.is_some() && error.is_some() {
                 feed = None;
             }
             let want_page =
                 feed.is_some() && self.pipe.pages.is_empty() && self.pipe.ready.len() < 2 * conc;
+            // Planning comes last: the changes just started are sent, and answers already in
+            // are taken, before the next chunk of members is planned.
+            let want_plan =
+                error.is_none() && self.pipe.ready.len() < 2 * conc && !self.pipe.pages.is_empty();
             let event = tokio::select! {
                 biased;
                 Some(done) = inflight.next(), if !inflight.is_empty() => Event::Applied(done),
@@ -965,6 +982,7 @@ impl<T: Target> Run<'_, '_, T> {
                         None => std::future::pending().await,
                     }
                 }, if want_page => Event::Feed(item),
+                () = std::future::ready(()), if want_plan => Event::Plan,
                 else => break,
             };
             match event {
@@ -984,11 +1002,16 @@ impl<T: Target> Run<'_, '_, T> {
                         Ok((_, Err(e))) => {
                             error.get_or_insert(e.into());
                         }
-                        Err(e) => {
-                            error.get_or_insert(RunError::Source(format!(
-                                "the index writer stopped: {e}"
-                            )));
+                        Err(_) => {
+                            error.get_or_insert(RunError::Source(
+                                "the index writer thread stopped".into(),
+                            ));
                         }
+                    }
+                }
+                Event::Plan => {
+                    if let Err(e) = self.plan_some(PLAN_CHUNK) {
+                        error.get_or_insert(e);
                     }
                 }
                 Event::Feed(None) => feed = None,
@@ -1015,19 +1038,20 @@ impl<T: Target> Run<'_, '_, T> {
         Ok(())
     }
 
-    /// Hands the applied changes' index entries and traces to a blocking thread, in that order
-    /// (a trace relies on its index entry).
-    fn write_applied(&mut self) -> WriteJob {
+    /// Hands the applied changes' index entries and traces to the writer thread, in that
+    /// order (a trace relies on its index entry).
+    fn write_applied(&mut self) -> Result<WriteJob, RunError> {
+        if self.writer.is_none() {
+            self.writer = Some(BackgroundWriter::start(self.ctx.store.clone())?);
+        }
+        let Some(writer) = self.writer.as_ref() else {
+            return Err(RunError::Source("the index writer is missing".into()));
+        };
         let entries = std::mem::replace(&mut self.pipe.entries, Vec::with_capacity(WRITE_BATCH));
         let traces = std::mem::replace(&mut self.pipe.traces, Vec::with_capacity(WRITE_BATCH));
-        let store = self.ctx.store.clone();
+        let job = writer.write(entries, traces);
         self.tick(Progress::Applied { done: self.applied });
-        tokio::task::spawn_blocking(move || {
-            let r = store
-                .put_users(&entries)
-                .and_then(|()| store.put_traces(traces));
-            (entries.into_iter().map(|(id, _)| id).collect(), r)
-        })
+        Ok(job)
     }
 
     /// Records the LMS's answer to one change.
