@@ -11,7 +11,7 @@
 //!    every 20 ms). The simulators run in this process, on the same cores.
 //! A and B alternate for `--rounds` rounds (default 5) and the median of the per-round ratios
 //! is the result: on a shared 2-core machine single runs of either vary by a third.
-//! `--only b` runs B once (for perf).
+//! `--only b` runs B once (for perf); `--only a2` alternates A and A2 for `--rounds` rounds.
 //! A2 isolates the SCIM client (ScimTarget::create on prepared records) from the pipeline.
 
 use std::path::Path;
@@ -247,6 +247,15 @@ async fn main() {
     if std::env::args().any(|a| a == "b") && std::env::args().any(|a| a == "--only") {
         let (ours, created, requests) = first_reconcile_rate(creates, false).await;
         println!("B: {ours:.0} users/s ({created} created)\n   {requests}");
+        return;
+    }
+    // `--only a2`: A and A2 alternating, to compare the SCIM client with the bare one.
+    if std::env::args().any(|a| a == "a2") && std::env::args().any(|a| a == "--only") {
+        for _ in 0..arg("--rounds", 5) {
+            let base = baseline_post_rate(creates).await;
+            let direct = target_create_rate(creates).await;
+            println!("A {base:.0} A2 {direct:.0} = {:.2}", direct / base);
+        }
         return;
     }
     // A and B alternate, each on fresh simulators, so that both see the same machine; the
