@@ -28,30 +28,71 @@ struct Job {
     done: oneshot::Sender<Written>,
 }
 
-/// Writes index entries, then their traces, in the order given. The thread ends when the
-/// writer is dropped, after the jobs already handed to it.
+/// Writes index entries, then their traces, in the order given. Dropping it waits until the
+/// jobs already handed to it are written and the thread has let go of the store (so the
+/// store's lock and last flush are not left to a thread nobody waits for).
 pub struct BackgroundWriter {
-    jobs: std::sync::mpsc::Sender<Job>,
+    mode: Mode,
+}
+
+enum Mode {
+    Thread {
+        jobs: Option<std::sync::mpsc::Sender<Job>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+    /// The thread could not be started: each job is written by the caller, at once.
+    Inline(IntegrationStore),
+}
+
+fn write_job(
+    store: &IntegrationStore,
+    entries: Vec<(String, IndexEntry)>,
+    traces: Vec<Trace>,
+) -> Written {
+    let r = store
+        .put_users(&entries)
+        .and_then(|()| store.put_traces(traces));
+    (entries.into_iter().map(|(id, _)| id).collect(), r)
 }
 
 impl BackgroundWriter {
-    pub fn start(store: IntegrationStore) -> Result<Self, StoreError> {
+    /// Starts the writer thread; when the system refuses one, writes on the caller's thread
+    /// instead (slower, same result) and says so in the log.
+    pub fn start(store: IntegrationStore) -> Self {
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let theirs = store.clone();
+        let spawned = std::thread::Builder::new()
             .name(format!("{}-index-writer", store.name()))
             .spawn(move || {
                 lower_priority();
                 while let Ok(job) = rx.recv() {
-                    let r = store
-                        .put_users(&job.entries)
-                        .and_then(|()| store.put_traces(job.traces));
-                    let ids = job.entries.into_iter().map(|(id, _)| id).collect();
+                    let written = write_job(&theirs, job.entries, job.traces);
                     // The run may have ended (failed) without waiting: nothing to tell then.
-                    let _ = job.done.send((ids, r));
+                    let _ = job.done.send(written);
                 }
-            })
-            .map_err(|e| StoreError::Io(format!("cannot start the index writer thread: {e}")))?;
-        Ok(BackgroundWriter { jobs })
+            });
+        let mode = match spawned {
+            Ok(thread) => Mode::Thread {
+                jobs: Some(jobs),
+                thread: Some(thread),
+            },
+            Err(e) => {
+                tracing::warn!(
+                    integration = %store.name(),
+                    error = %e,
+                    "cannot start the index writer thread; writing the index on the reconcile's own thread"
+                );
+                Mode::Inline(store)
+            }
+        };
+        BackgroundWriter { mode }
+    }
+
+    /// Writes on the caller's thread (what `start` falls back to).
+    pub fn inline(store: IntegrationStore) -> Self {
+        BackgroundWriter {
+            mode: Mode::Inline(store),
+        }
     }
 
     /// Queues index entries and the traces that go with them (a trace relies on its entry).
@@ -62,19 +103,48 @@ impl BackgroundWriter {
         traces: Vec<Trace>,
     ) -> oneshot::Receiver<Written> {
         let (done, answer) = oneshot::channel();
-        // A send fails only when the thread is gone; `answer` then reports it (closed).
-        let _ = self.jobs.send(Job {
-            entries,
-            traces,
-            done,
-        });
+        match &self.mode {
+            Mode::Thread {
+                jobs: Some(jobs), ..
+            } => {
+                // A send fails only when the thread is gone; `answer` then reports it (closed).
+                let _ = jobs.send(Job {
+                    entries,
+                    traces,
+                    done,
+                });
+            }
+            // Only while dropping; `answer` reports it (closed).
+            Mode::Thread { jobs: None, .. } => {}
+            Mode::Inline(store) => {
+                let _ = done.send(write_job(store, entries, traces));
+            }
+        }
         answer
+    }
+}
+
+impl Drop for BackgroundWriter {
+    fn drop(&mut self) {
+        if let Mode::Thread { jobs, thread } = &mut self.mode {
+            // Closing the channel ends the thread's loop once the queued jobs are written.
+            drop(jobs.take());
+            if let Some(t) = thread.take() {
+                if t.join().is_err() {
+                    tracing::error!("the index writer thread panicked");
+                }
+            }
+        }
     }
 }
 
 #[cfg(target_os = "linux")]
 fn lower_priority() {
-    // On Linux the nice value belongs to the thread: this touches only the writer.
+    // On Linux the nice value belongs to the thread: this lowers the writer only, and threads
+    // it starts inherit it. The writer starts none of its own; sled's I/O pool is started by
+    // the first log write, which the store's flusher threads (normal priority) make long
+    // before a batch of index inserts fills sled's 8 MiB log buffer. Extra pool threads that
+    // sled adds under a deep I/O queue are started by whoever queues, and end when idle.
     let tid = rustix::thread::gettid();
     let now = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
     if let Err(e) = rustix::process::setpriority_process(Some(tid), now.saturating_add(NICE)) {
@@ -108,7 +178,7 @@ mod tests {
         let a = s
             .integration(&IntegrationName::parse("a").unwrap())
             .unwrap();
-        let w = BackgroundWriter::start(a.clone()).unwrap();
+        let w = BackgroundWriter::start(a.clone());
         let first = w.write(vec![("u1".into(), entry("t1", Some("m1")))], vec![]);
         let second = w.write(
             vec![
@@ -134,7 +204,7 @@ mod tests {
         let a = s
             .integration(&IntegrationName::parse("a").unwrap())
             .unwrap();
-        let w = BackgroundWriter::start(a.clone()).unwrap();
+        let w = BackgroundWriter::start(a.clone());
         let answers: Vec<_> = (0..20)
             .map(|i| {
                 w.write(
@@ -143,10 +213,26 @@ mod tests {
                 )
             })
             .collect();
+        // Dropping waits for the queued jobs: all are in the store as soon as it returns.
         drop(w);
+        assert_eq!(a.get_user("u19").unwrap().unwrap().target_id, "t19");
         for a in answers {
             a.await.unwrap().1.unwrap();
         }
-        assert_eq!(a.get_user("u19").unwrap().unwrap().target_id, "t19");
+    }
+
+    #[tokio::test]
+    async fn the_inline_fallback_writes_before_answering() {
+        let s = Store::temporary().unwrap();
+        let a = s
+            .integration(&IntegrationName::parse("a").unwrap())
+            .unwrap();
+        let w = BackgroundWriter::inline(a.clone());
+        let answer = w.write(vec![("u1".into(), entry("t1", Some("m1")))], vec![]);
+        assert_eq!(a.get_user("u1").unwrap().unwrap().target_id, "t1");
+        assert_eq!(a.reports_of("m1").unwrap(), vec!["u1".to_string()]);
+        let (ids, r) = answer.await.unwrap();
+        assert_eq!(ids, vec!["u1".to_string()]);
+        r.unwrap();
     }
 }

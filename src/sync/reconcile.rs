@@ -950,13 +950,7 @@ impl<T: Target> Run<'_, '_, T> {
             let buffered = self.pipe.entries.len() + self.pipe.traces.len();
             if writing.is_none() && buffered > 0 && (buffered >= WRITE_BATCH || inflight.is_empty())
             {
-                match self.write_applied() {
-                    Ok(w) => writing = Some(w),
-                    // Nothing more is written; the loop ends once the answers are in.
-                    Err(e) => {
-                        error.get_or_insert(e);
-                    }
-                }
+                writing = Some(self.write_applied());
             }
             if feed.is_some() && error.is_some() {
                 feed = None;
@@ -1040,18 +1034,16 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// Hands the applied changes' index entries and traces to the writer thread, in that
     /// order (a trace relies on its index entry).
-    fn write_applied(&mut self) -> Result<WriteJob, RunError> {
-        if self.writer.is_none() {
-            self.writer = Some(BackgroundWriter::start(self.ctx.store.clone())?);
-        }
-        let Some(writer) = self.writer.as_ref() else {
-            return Err(RunError::Source("the index writer is missing".into()));
-        };
+    fn write_applied(&mut self) -> WriteJob {
+        let store = self.ctx.store;
+        let writer = self
+            .writer
+            .get_or_insert_with(|| BackgroundWriter::start(store.clone()));
         let entries = std::mem::replace(&mut self.pipe.entries, Vec::with_capacity(WRITE_BATCH));
         let traces = std::mem::replace(&mut self.pipe.traces, Vec::with_capacity(WRITE_BATCH));
         let job = writer.write(entries, traces);
         self.tick(Progress::Applied { done: self.applied });
-        Ok(job)
+        job
     }
 
     /// Records the LMS's answer to one change.
