@@ -16,13 +16,14 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::queue::QueueItem;
+use super::thread::Worker;
 use super::StoreError;
 use crate::config::IntegrationName;
 
@@ -47,22 +48,8 @@ struct Request {
 }
 
 pub(crate) struct Journal {
-    tx: Mutex<Option<mpsc::Sender<Request>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for Journal {
-    fn drop(&mut self) {
-        drop(self.tx.get_mut().unwrap_or_else(|e| e.into_inner()).take());
-        if let Some(t) = self
-            .thread
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            let _ = t.join();
-        }
-    }
+    /// Stopped and joined with the last store handle (it holds the database).
+    writer: Worker<Request>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> StoreError {
@@ -165,22 +152,11 @@ impl Journal {
             );
             checkpoint(&db, &mut file).map_err(StoreError::Io)?;
         }
-        let (tx, rx) = mpsc::channel::<Request>();
-        let spawned = std::thread::Builder::new()
-            .name("webhook-journal".into())
-            .spawn(move || writer(db, file, rx, trees));
-        let (tx, thread) = match spawned {
-            Ok(t) => (Some(tx), Some(t)),
-            Err(e) => {
-                return Err(StoreError::Io(format!(
-                    "cannot start the journal writer: {e}"
-                )))
-            }
-        };
-        Ok(Arc::new(Journal {
-            tx: Mutex::new(tx),
-            thread: Mutex::new(thread),
-        }))
+        let writer = Worker::spawn("webhook-journal".into(), move |rx| {
+            writer(db, file, rx, trees)
+        })
+        .map_err(|e| StoreError::Io(format!("cannot start the journal writer: {e}")))?;
+        Ok(Arc::new(Journal { writer }))
     }
 
     /// Resolves once the items are on disk (journal) and in the integration's queue.
@@ -199,19 +175,14 @@ impl Journal {
             .map(|it| serde_json::to_vec(it).map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
         let (reply, rx) = oneshot::channel();
-        {
-            let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(tx) = guard.as_ref() else {
-                return Err("the webhook journal is closed".into());
-            };
-            tx.send(Request {
+        self.writer
+            .send(Request {
                 record: frame(&payload),
                 integration: integration.to_string(),
                 items: encoded,
                 reply,
             })
             .map_err(|_| "the webhook journal writer has stopped".to_string())?;
-        }
         rx.await
             .map_err(|_| "the webhook journal writer has stopped".to_string())?
     }

@@ -10,6 +10,7 @@ mod commit;
 mod journal;
 pub mod queue;
 pub mod state;
+mod thread;
 pub mod traces;
 pub mod writer;
 
@@ -243,14 +244,7 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 
 impl IntegrationStore {
     pub fn get_user(&self, entra_id: &str) -> Result<Option<IndexEntry>, StoreError> {
-        match self.users.get(entra_id.as_bytes())? {
-            Some(b) => Ok(Some(decode(
-                &format!("{}/users", self.name),
-                entra_id.as_bytes(),
-                &b,
-            )?)),
-            None => Ok(None),
-        }
+        self.get_user_as(entra_id)
     }
 
     /// Just the LMS id of an indexed user (a manager reference needs no more; the rest of the
@@ -260,11 +254,19 @@ impl IntegrationStore {
         struct TargetOnly {
             target_id: String,
         }
+        Ok(self
+            .get_user_as::<TargetOnly>(entra_id)?
+            .map(|t| t.target_id))
+    }
+
+    /// An index entry decoded as `T` (all of it, or the fields `T` names).
+    fn get_user_as<T: DeserializeOwned>(&self, entra_id: &str) -> Result<Option<T>, StoreError> {
         match self.users.get(entra_id.as_bytes())? {
-            Some(b) => {
-                let tree = format!("{}/users", self.name);
-                decode::<TargetOnly>(&tree, entra_id.as_bytes(), &b).map(|t| Some(t.target_id))
-            }
+            Some(b) => Ok(Some(decode(
+                &format!("{}/users", self.name),
+                entra_id.as_bytes(),
+                &b,
+            )?)),
             None => Ok(None),
         }
     }

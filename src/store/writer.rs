@@ -12,6 +12,7 @@
 
 use tokio::sync::oneshot;
 
+use super::thread::Worker;
 use super::{IndexEntry, IntegrationStore, StoreError};
 use crate::sync::trace::Trace;
 
@@ -29,17 +30,14 @@ struct Job {
 }
 
 /// Writes index entries, then their traces, in the order given. Dropping it waits until the
-/// jobs already handed to it are written and the thread has let go of the store (so the
-/// store's lock and last flush are not left to a thread nobody waits for).
+/// jobs already handed to it are written and the thread has let go of the store
+/// (`store::thread::Worker`).
 pub struct BackgroundWriter {
     mode: Mode,
 }
 
 enum Mode {
-    Thread {
-        jobs: Option<std::sync::mpsc::Sender<Job>>,
-        thread: Option<std::thread::JoinHandle<()>>,
-    },
+    Thread(Worker<Job>),
     /// The thread could not be started: each job is written by the caller, at once.
     Inline(IntegrationStore),
 }
@@ -59,22 +57,21 @@ impl BackgroundWriter {
     /// Starts the writer thread; when the system refuses one, writes on the caller's thread
     /// instead (slower, same result) and says so in the log.
     pub fn start(store: IntegrationStore) -> Self {
-        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let theirs = store.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("{}-index-writer", store.name()))
-            .spawn(move || {
+        let spawned = Worker::spawn(
+            format!("{}-index-writer", store.name()),
+            move |rx: std::sync::mpsc::Receiver<Job>| {
                 lower_priority();
                 while let Ok(job) = rx.recv() {
                     let written = write_job(&theirs, job.entries, job.traces);
                     // The run may have ended (failed) without waiting: nothing to tell then.
                     let _ = job.done.send(written);
                 }
-            });
-        let mode = match spawned {
-            Ok(thread) => Mode::Thread {
-                jobs: Some(jobs),
-                thread: Some(thread),
+            },
+        );
+        match spawned {
+            Ok(w) => BackgroundWriter {
+                mode: Mode::Thread(w),
             },
             Err(e) => {
                 tracing::warn!(
@@ -82,10 +79,9 @@ impl BackgroundWriter {
                     error = %e,
                     "cannot start the index writer thread; writing the index on the reconcile's own thread"
                 );
-                Mode::Inline(store)
+                Self::inline(store)
             }
-        };
-        BackgroundWriter { mode }
+        }
     }
 
     /// Writes on the caller's thread (what `start` falls back to).
@@ -104,37 +100,20 @@ impl BackgroundWriter {
     ) -> oneshot::Receiver<Written> {
         let (done, answer) = oneshot::channel();
         match &self.mode {
-            Mode::Thread {
-                jobs: Some(jobs), ..
-            } => {
-                // A send fails only when the thread is gone; `answer` then reports it (closed).
-                let _ = jobs.send(Job {
+            Mode::Thread(w) => {
+                // A send fails only when the thread is gone: the job, and with it `done`, is
+                // dropped and `answer` reports it (closed).
+                let _ = w.send(Job {
                     entries,
                     traces,
                     done,
                 });
             }
-            // Only while dropping; `answer` reports it (closed).
-            Mode::Thread { jobs: None, .. } => {}
             Mode::Inline(store) => {
                 let _ = done.send(write_job(store, entries, traces));
             }
         }
         answer
-    }
-}
-
-impl Drop for BackgroundWriter {
-    fn drop(&mut self) {
-        if let Mode::Thread { jobs, thread } = &mut self.mode {
-            // Closing the channel ends the thread's loop once the queued jobs are written.
-            drop(jobs.take());
-            if let Some(t) = thread.take() {
-                if t.join().is_err() {
-                    tracing::error!("the index writer thread panicked");
-                }
-            }
-        }
     }
 }
 
@@ -161,6 +140,14 @@ mod tests {
     use crate::config::IntegrationName;
     use crate::store::Store;
 
+    fn store() -> (Store, IntegrationStore) {
+        let s = Store::temporary().unwrap();
+        let a = s
+            .integration(&IntegrationName::parse("a").unwrap())
+            .unwrap();
+        (s, a)
+    }
+
     fn entry(target: &str, manager: Option<&str>) -> IndexEntry {
         IndexEntry {
             target_id: target.into(),
@@ -174,10 +161,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_entries_in_order_and_answers_with_their_ids() {
-        let s = Store::temporary().unwrap();
-        let a = s
-            .integration(&IntegrationName::parse("a").unwrap())
-            .unwrap();
+        let (_s, a) = store();
         let w = BackgroundWriter::start(a.clone());
         let first = w.write(vec![("u1".into(), entry("t1", Some("m1")))], vec![]);
         let second = w.write(
@@ -200,10 +184,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_queued_before_the_writer_is_dropped_are_still_written() {
-        let s = Store::temporary().unwrap();
-        let a = s
-            .integration(&IntegrationName::parse("a").unwrap())
-            .unwrap();
+        let (_s, a) = store();
         let w = BackgroundWriter::start(a.clone());
         let answers: Vec<_> = (0..20)
             .map(|i| {
@@ -223,10 +204,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_inline_fallback_writes_before_answering() {
-        let s = Store::temporary().unwrap();
-        let a = s
-            .integration(&IntegrationName::parse("a").unwrap())
-            .unwrap();
+        let (_s, a) = store();
         let w = BackgroundWriter::inline(a.clone());
         let answer = w.write(vec![("u1".into(), entry("t1", Some("m1")))], vec![]);
         assert_eq!(a.get_user("u1").unwrap().unwrap().target_id, "t1");
