@@ -22,7 +22,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
-use super::{check_auth, graph_error, throttled, ApiResponse, Ctx, GraphSim, Shared, State};
+use super::{check_auth, graph_error, throttled, ApiResponse, Body, Ctx, GraphSim, Shared, State};
 
 /// Max notifications per delivery POST.
 pub(super) const MAX_BATCH_ITEMS: usize = 10;
@@ -790,7 +790,7 @@ pub(super) async fn api(
                     ApiResponse {
                         status: 204,
                         headers: Vec::new(),
-                        body: Value::Null,
+                        body: Body::Value(Value::Null),
                     }
                 }
                 None => sub_not_found(ctx, &segs[1]),
@@ -1236,7 +1236,7 @@ async fn reauthorize(sim: &web::Data<Shared>, ctx: &Ctx, id: &str) -> ApiRespons
     ApiResponse {
         status: 204,
         headers: Vec::new(),
-        body: Value::Null,
+        body: Body::Value(Value::Null),
     }
 }
 
