@@ -238,8 +238,38 @@ impl Writes {
     }
 }
 
+/// A `users` value is the index entry's JSON, optionally followed by this byte and the trace
+/// of the user's last decision when that was an applied change written together with the
+/// entry (`store::traces`): one insert per applied user instead of two. Compact JSON never
+/// holds a raw newline (serde_json escapes control characters in strings), so the first one
+/// ends the entry. Values without it (older stores) are an entry alone.
+pub(crate) const INDEX_TRACE_SEP: u8 = b'\n';
+
+/// The index entry part of a `users` value.
+pub(crate) fn entry_part(v: &[u8]) -> &[u8] {
+    match v.iter().position(|b| *b == INDEX_TRACE_SEP) {
+        Some(i) => &v[..i],
+        None => v,
+    }
+}
+
+/// The trace stored with an index entry, if any.
+pub(crate) fn trace_part(v: &[u8]) -> Option<&[u8]> {
+    v.iter()
+        .position(|b| *b == INDEX_TRACE_SEP)
+        .map(|i| &v[i + 1..])
+}
+
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encoding: {e}")))
+    encode_with(v, 0)
+}
+
+/// `v` encoded, with room for `more` bytes after it. Sized for an index entry or a trace
+/// (about a kilobyte) so that encoding rarely grows the buffer.
+fn encode_with<T: Serialize>(v: &T, more: usize) -> Result<Vec<u8>, StoreError> {
+    let mut buf = Vec::with_capacity(1024 + more);
+    serde_json::to_writer(&mut buf, v).map_err(|e| StoreError::Io(format!("encoding: {e}")))?;
+    Ok(buf)
 }
 
 impl IntegrationStore {
@@ -265,7 +295,7 @@ impl IntegrationStore {
             Some(b) => Ok(Some(decode(
                 &format!("{}/users", self.name),
                 entra_id.as_bytes(),
-                &b,
+                entry_part(&b),
             )?)),
             None => Ok(None),
         }
@@ -275,10 +305,20 @@ impl IntegrationStore {
         self.put_users(&[(entra_id.to_string(), e.clone())])
     }
 
-    /// Writes several index entries in one atomic batch and keeps the reverse manager index
-    /// (manager → reports) in step. New links are written before the entries and stale ones
-    /// removed after, so a crash in between leaves an extra candidate, never a missing one.
+    /// Writes index entries and keeps the reverse manager index (manager → reports) in step.
+    /// New links are written before the entries and stale ones removed after, so a crash in
+    /// between leaves an extra candidate, never a missing one. An entry's stored trace (see
+    /// [`INDEX_TRACE_SEP`]) is kept: rewriting an entry is not a new decision.
     pub fn put_users(&self, entries: &[(String, IndexEntry)]) -> Result<(), StoreError> {
+        self.write_entries(entries, &std::collections::HashMap::new())
+    }
+
+    /// [`Self::put_users`], storing `traces[id]` (an encoded trace) with the entry of `id`.
+    fn write_entries(
+        &self,
+        entries: &[(String, IndexEntry)],
+        traces: &std::collections::HashMap<&str, Vec<u8>>,
+    ) -> Result<(), StoreError> {
         #[derive(Deserialize)]
         struct ManagerOnly {
             #[serde(default)]
@@ -288,17 +328,25 @@ impl IntegrationStore {
         let mut add = Writes::default();
         let mut drop = Writes::default();
         for (id, e) in entries {
-            let old: Option<String> = match self.users.get(id.as_bytes())? {
-                Some(v) => serde_json::from_slice::<ManagerOnly>(&v)
-                    .ok()
-                    .and_then(|m| m.manager),
-                None => None,
-            };
+            let old_value = self.users.get(id.as_bytes())?;
+            let old: Option<String> = old_value
+                .as_deref()
+                .and_then(|v| serde_json::from_slice::<ManagerOnly>(entry_part(v)).ok())
+                .and_then(|m| m.manager);
             if old != e.manager {
                 self.link_report(&mut add, id, None, e.manager.as_deref());
                 self.link_report(&mut drop, id, old.as_deref(), None);
             }
-            batch.insert(id.as_bytes(), encode(e)?);
+            let trace = match traces.get(id.as_str()) {
+                Some(t) => Some(&t[..]),
+                None => old_value.as_deref().and_then(trace_part),
+            };
+            let mut value = encode_with(e, trace.map_or(0, |t| t.len() + 1))?;
+            if let Some(t) = trace {
+                value.push(INDEX_TRACE_SEP);
+                value.extend_from_slice(t);
+            }
+            batch.insert(id.as_bytes(), value);
         }
         add.apply(&self.reports)?;
         batch.apply(&self.users)?;
@@ -339,7 +387,7 @@ impl IntegrationStore {
         let tree = format!("{}/users", self.name);
         self.users.iter().map(move |r| {
             let (k, v) = r?;
-            let e = decode(&tree, &k, &v)?;
+            let e = decode(&tree, &k, entry_part(&v))?;
             Ok((String::from_utf8_lossy(&k).into_owned(), e))
         })
     }
@@ -361,7 +409,7 @@ impl IntegrationStore {
                 return None;
             }
             let id = id.into_owned();
-            Some(decode(&tree, &k, &v).map(|e| (id, e)))
+            Some(decode(&tree, &k, entry_part(&v)).map(|e| (id, e)))
         })
     }
 

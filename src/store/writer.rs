@@ -47,9 +47,7 @@ fn write_job(
     entries: Vec<(String, IndexEntry)>,
     traces: Vec<Trace>,
 ) -> Written {
-    let r = store
-        .put_users(&entries)
-        .and_then(|()| store.put_traces(traces));
+    let r = store.put_changes(&entries, traces);
     (entries.into_iter().map(|(id, _)| id).collect(), r)
 }
 

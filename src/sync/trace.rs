@@ -236,6 +236,11 @@ pub struct Trace {
     pub mapped: Option<Record>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub mapped_omitted: usize,
+    /// Set instead of `mapped` on an applied change's trace on its way to the store: the
+    /// mapped values are the record of the index entry written with it, which the store reads
+    /// them back from (`store::traces`), so they are not copied here only to be dropped.
+    #[serde(skip)]
+    pub mapped_in_index: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<TracePlan>,
     pub outcome: Outcome,
@@ -291,6 +296,7 @@ impl Trace {
             matched: Match::None,
             mapped: None,
             mapped_omitted: 0,
+            mapped_in_index: false,
             plan: None,
             outcome: Outcome::Unchanged,
             answer: None,
@@ -709,7 +715,9 @@ pub struct Pending {
     /// Dry runs keep nothing: their traces are never stored.
     enabled: bool,
     secrets: Vec<String>,
-    waiting: HashMap<String, Trace>,
+    /// Traces of planned changes, and whether their mapped values are the change's record
+    /// (added when the outcome is known: an applied change's are not copied).
+    waiting: HashMap<String, (Trace, bool)>,
 }
 
 impl Pending {
@@ -739,12 +747,36 @@ impl Pending {
     /// Keeps a planned change's trace until [`Pending::take`].
     pub fn wait(&mut self, t: Trace) {
         if self.enabled {
-            self.waiting.insert(t.entra_id.clone(), t);
+            self.waiting.insert(t.entra_id.clone(), (t, false));
         }
     }
 
-    /// The trace `c` was planned with (a bare one if none was kept).
+    /// [`Pending::wait`] for a trace whose mapped values are the planned change's record.
+    pub fn wait_mapped(&mut self, t: Trace) {
+        if self.enabled {
+            self.waiting.insert(t.entra_id.clone(), (t, true));
+        }
+    }
+
+    /// The trace `c` was planned with (a bare one if none was kept), for an outcome other
+    /// than applied.
     pub fn take(&mut self, c: &PlannedChange) -> Trace {
+        let (mut t, mapped) = self.take_raw(c);
+        if mapped {
+            t.mapped(&c.record);
+        }
+        t
+    }
+
+    /// The trace `c` was planned with, for its applied outcome: its mapped values are the
+    /// index entry written with it ([`Trace::mapped_in_index`]).
+    pub fn take_applied(&mut self, c: &PlannedChange) -> Trace {
+        let (mut t, mapped) = self.take_raw(c);
+        t.mapped_in_index = mapped;
+        t
+    }
+
+    fn take_raw(&mut self, c: &PlannedChange) -> (Trace, bool) {
         self.waiting.remove(&c.entra_id).unwrap_or_else(|| {
             let mut t = self.start(&c.entra_id);
             t.scope(Scope {
@@ -752,7 +784,7 @@ impl Pending {
                 ..Scope::default()
             })
             .plan(c);
-            t
+            (t, false)
         })
     }
 

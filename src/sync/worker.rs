@@ -273,7 +273,6 @@ pub async fn process<T: Target>(
             }
         }
     }
-    ctx.store.put_users(&entries)?;
     // Changes a fatal error left undecided (still `planned`) are not a decision.
     let secrets = trace::secrets_of(ctx.cfg);
     let traces: Vec<Trace> = traces
@@ -284,7 +283,7 @@ pub async fn process<T: Target>(
             t
         })
         .collect();
-    ctx.store.put_traces(traces)?;
+    ctx.store.put_changes(&entries, traces)?;
     if !follow_ups.is_empty() {
         ctx.store.enqueue(&follow_ups)?;
     }
