@@ -11,7 +11,11 @@
 //!    every 20 ms). The simulators run in this process, on the same cores.
 //! A and B alternate for `--rounds` rounds (default 5) and the median of the per-round ratios
 //! is the result: on a shared 2-core machine single runs of either vary by a third.
-//! `--only b` runs B once (for perf); `--only a2` alternates A and A2 for `--rounds` rounds.
+//! Each A and B round also reports the process's CPU time per user (user + system, from
+//! /proc/self/stat on Linux): when both saturate the cores, B/A is about the inverse of their
+//! CPU ratio, and CPU per user moves less than wall rates on a noisy machine.
+//! `--only b` runs B alone (once, or `--rounds` times; for perf); `--only a2` alternates A and
+//! A2 for `--rounds` rounds.
 //! A2 isolates the SCIM client (ScimTarget::create on prepared records) from the pipeline.
 
 use std::path::Path;
@@ -28,6 +32,40 @@ use rostersync::sync::reconcile::RunOptions;
 use serde_json::json;
 
 const TOKEN: &str = "bench-token";
+
+/// CPU seconds this process has used (user + system), where /proc says.
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3: utime is the
+    // 14th field, stime the 15th, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// A rate and the CPU microseconds per user it took (when known).
+struct Rate {
+    per_sec: f64,
+    cpu_us: Option<f64>,
+}
+
+fn measure(n: u64, secs: f64, cpu_before: Option<f64>) -> Rate {
+    let cpu_us = match (cpu_before, cpu_secs()) {
+        (Some(a), Some(b)) if n > 0 => Some((b - a) * 1e6 / n as f64),
+        _ => None,
+    };
+    Rate {
+        per_sec: n as f64 / secs,
+        cpu_us,
+    }
+}
+
+fn cpu_text(r: &Rate) -> String {
+    r.cpu_us
+        .map(|c| format!(" ({c:.0} us CPU/user)"))
+        .unwrap_or_default()
+}
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -48,11 +86,12 @@ async fn scim() -> ScimSim {
     .expect("scim sim")
 }
 
-async fn baseline_post_rate(n: usize) -> f64 {
+async fn baseline_post_rate(n: usize) -> Rate {
     let sim = scim().await;
     let http = reqwest::Client::new();
     let url = format!("{}/Users", sim.base_url());
     let (custom, _) = demo_custom_extension();
+    let cpu_before = cpu_secs();
     let started = Instant::now();
     let ok = stream::iter(0..n)
         .map(|i| {
@@ -84,9 +123,10 @@ async fn baseline_post_rate(n: usize) -> f64 {
         .count()
         .await;
     let secs = started.elapsed().as_secs_f64();
+    let rate = measure(n as u64, secs, cpu_before);
     assert_eq!(ok, n, "every baseline POST succeeds");
     sim.stop().await;
-    n as f64 / secs
+    rate
 }
 
 async fn target_create_rate(n: usize) -> f64 {
@@ -134,7 +174,7 @@ async fn target_create_rate(n: usize) -> f64 {
 }
 
 /// B: a first reconcile creating `n` users; `dry_run_first` also times a dry run of it.
-async fn first_reconcile_rate(n: usize, dry_run_first: bool) -> (f64, u64, String) {
+async fn first_reconcile_rate(n: usize, dry_run_first: bool) -> (Rate, u64, String) {
     let fx = fixture(n, 3);
     let graph = GraphSim::start(fx.tenant.clone()).await.expect("graph sim");
     let sim = scim().await;
@@ -161,6 +201,7 @@ async fn first_reconcile_rate(n: usize, dry_run_first: bool) -> (f64, u64, Strin
             dry.counts.created
         );
     }
+    let cpu_before = cpu_secs();
     let started = Instant::now();
     // As the CLI and `serve` run it: as a task on the runtime's workers.
     let r = integration
@@ -168,6 +209,7 @@ async fn first_reconcile_rate(n: usize, dry_run_first: bool) -> (f64, u64, Strin
         .await
         .expect("reconcile task");
     let secs = started.elapsed().as_secs_f64();
+    let rate = measure(r.counts.created, secs, cpu_before);
     assert!(r.error.is_none(), "{:?}", r.error);
     let requests = format!(
         "LMS requests: POST {}, PATCH {}, GET {}; Graph: member pages {}, manager $batch {}",
@@ -179,7 +221,7 @@ async fn first_reconcile_rate(n: usize, dry_run_first: bool) -> (f64, u64, Strin
     );
     graph.stop().await;
     sim.stop().await;
-    (r.counts.created as f64 / secs, r.counts.created, requests)
+    (rate, r.counts.created, requests)
 }
 
 /// Runs the binary and returns (wall time, peak RSS in MiB, stdout).
@@ -243,16 +285,22 @@ async fn main() {
             .unwrap_or(1)
     );
 
-    // `--only b`: just B, once (for profiling).
+    // `--only b`: just B (for profiling).
     if std::env::args().any(|a| a == "b") && std::env::args().any(|a| a == "--only") {
-        let (ours, created, requests) = first_reconcile_rate(creates, false).await;
-        println!("B: {ours:.0} users/s ({created} created)\n   {requests}");
+        for _ in 0..arg("--rounds", 1) {
+            let (ours, created, requests) = first_reconcile_rate(creates, false).await;
+            println!(
+                "B: {:.0} users/s{} ({created} created)\n   {requests}",
+                ours.per_sec,
+                cpu_text(&ours)
+            );
+        }
         return;
     }
     // `--only a2`: A and A2 alternating, to compare the SCIM client with the bare one.
     if std::env::args().any(|a| a == "a2") && std::env::args().any(|a| a == "--only") {
         for _ in 0..arg("--rounds", 5) {
-            let base = baseline_post_rate(creates).await;
+            let base = baseline_post_rate(creates).await.per_sec;
             let direct = target_create_rate(creates).await;
             println!("A {base:.0} A2 {direct:.0} = {:.2}", direct / base);
         }
@@ -262,16 +310,23 @@ async fn main() {
     // ratio is taken per round and the median reported.
     let rounds = arg("--rounds", 5).max(1);
     let mut ratios = Vec::new();
+    let mut cpu_ratios = Vec::new();
     let (mut a_rates, mut b_rates) = (Vec::new(), Vec::new());
     let mut requests = String::new();
     for round in 1..=rounds {
-        let base = baseline_post_rate(creates).await;
-        let (ours, created, req) = first_reconcile_rate(creates, round == 1).await;
+        let a = baseline_post_rate(creates).await;
+        let (b, created, req) = first_reconcile_rate(creates, round == 1).await;
+        let (base, ours) = (a.per_sec, b.per_sec);
         println!(
-            "   round {round}: A {base:.0} users/s, B {ours:.0} users/s ({created} created) = {:.2} x A",
+            "   round {round}: A {base:.0} users/s{}, B {ours:.0} users/s{} ({created} created) = {:.2} x A",
+            cpu_text(&a),
+            cpu_text(&b),
             ours / base
         );
         ratios.push(ours / base);
+        if let (Some(ca), Some(cb)) = (a.cpu_us, b.cpu_us) {
+            cpu_ratios.push(ca / cb);
+        }
         a_rates.push(base);
         b_rates.push(ours);
         requests = req;
@@ -286,7 +341,13 @@ async fn main() {
         median(&mut b_rates),
         median(&mut ratios)
     );
-    let base = baseline_post_rate(creates).await;
+    if !cpu_ratios.is_empty() {
+        println!(
+            "   CPU per user, A's over B's: median {:.2} (what B/A would be if both used all cores all the time)",
+            median(&mut cpu_ratios)
+        );
+    }
+    let base = baseline_post_rate(creates).await.per_sec;
     let direct = target_create_rate(creates).await;
     println!(
         "A2. ScimTarget::create alone: {direct:.0} users/s = {:.2} x A (measured right after it)",
