@@ -610,10 +610,10 @@ impl GraphClient {
                 what: "Graph $batch".into(),
                 message: m,
             };
-            let v: Value = serde_json::from_slice(&body).map_err(|e| decode(e.to_string()))?;
+            let mut v: Value = serde_json::from_slice(&body).map_err(|e| decode(e.to_string()))?;
             let responses = v
-                .get("responses")
-                .and_then(|r| r.as_array())
+                .get_mut("responses")
+                .and_then(|r| r.as_array_mut())
                 .ok_or_else(|| decode("no `responses` array".into()))?;
             let mut retry = Vec::new();
             let mut max_wait: Option<Duration> = None;
@@ -630,7 +630,7 @@ impl GraphClient {
                 let uid = pending[idx].clone();
                 match st {
                     200 => {
-                        let body = r.get("body").cloned().unwrap_or(Value::Null);
+                        let body = r.get_mut("body").map(Value::take).unwrap_or(Value::Null);
                         let m = GraphUser::from_value(body).map_err(decode)?;
                         out.insert(uid, Some(m));
                     }

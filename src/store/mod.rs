@@ -14,6 +14,7 @@ mod thread;
 pub mod traces;
 pub mod writer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -236,6 +237,18 @@ impl Writes {
         }
         Ok(())
     }
+
+    /// [`Writes::apply`], returning what each write replaced, in order.
+    fn apply_returning(self, tree: &sled::Tree) -> Result<Vec<Option<sled::IVec>>, StoreError> {
+        let mut old = Vec::with_capacity(self.0.len());
+        for (k, v) in self.0 {
+            old.push(match v {
+                Some(v) => tree.insert(k, v)?,
+                None => tree.remove(k)?,
+            });
+        }
+        Ok(old)
+    }
 }
 
 /// A `users` value is the index entry's JSON, optionally followed by this byte and the trace
@@ -244,6 +257,18 @@ impl Writes {
 /// holds a raw newline (serde_json escapes control characters in strings), so the first one
 /// ends the entry. Values without it (older stores) are an entry alone.
 pub(crate) const INDEX_TRACE_SEP: u8 = b'\n';
+
+/// The manager recorded in a `users` value (none when absent or unreadable).
+fn manager_of(value: Option<&[u8]>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ManagerOnly {
+        #[serde(default)]
+        manager: Option<String>,
+    }
+    serde_json::from_slice::<ManagerOnly>(entry_part(value?))
+        .ok()?
+        .manager
+}
 
 /// The index entry part of a `users` value.
 pub(crate) fn entry_part(v: &[u8]) -> &[u8] {
@@ -310,37 +335,42 @@ impl IntegrationStore {
     /// between leaves an extra candidate, never a missing one. An entry's stored trace (see
     /// [`INDEX_TRACE_SEP`]) is kept: rewriting an entry is not a new decision.
     pub fn put_users(&self, entries: &[(String, IndexEntry)]) -> Result<(), StoreError> {
-        self.write_entries(entries, &std::collections::HashMap::new())
+        self.write_entries(entries, &HashMap::new())
     }
 
-    /// [`Self::put_users`], storing `traces[id]` (an encoded trace) with the entry of `id`.
+    /// [`Self::put_users`], storing `traces[id].0` (an encoded trace) with the entry of `id`.
+    /// `traces[id].1` says the trace records a create: its entry is new (but for a re-create
+    /// after the LMS user was deleted), so the entry it replaces, if any, is taken from the
+    /// insert itself instead of a read before it (the manager link is written first either
+    /// way, so a crash still leaves an extra candidate, never a missing one).
     fn write_entries(
         &self,
         entries: &[(String, IndexEntry)],
-        traces: &std::collections::HashMap<&str, Vec<u8>>,
+        traces: &HashMap<&str, (Vec<u8>, bool)>,
     ) -> Result<(), StoreError> {
-        #[derive(Deserialize)]
-        struct ManagerOnly {
-            #[serde(default)]
-            manager: Option<String>,
-        }
         let mut batch = Writes::default();
         let mut add = Writes::default();
         let mut drop = Writes::default();
+        // (position in `batch`, Entra id, new manager) of the creates.
+        let mut created: Vec<(usize, &str, Option<&str>)> = Vec::new();
         for (id, e) in entries {
-            let old_value = self.users.get(id.as_bytes())?;
-            let old: Option<String> = old_value
-                .as_deref()
-                .and_then(|v| serde_json::from_slice::<ManagerOnly>(entry_part(v)).ok())
-                .and_then(|m| m.manager);
-            if old != e.manager {
-                self.link_report(&mut add, id, None, e.manager.as_deref());
-                self.link_report(&mut drop, id, old.as_deref(), None);
-            }
-            let trace = match traces.get(id.as_str()) {
-                Some(t) => Some(&t[..]),
-                None => old_value.as_deref().and_then(trace_part),
+            let (trace, old_value) = match traces.get(id.as_str()) {
+                Some((t, true)) => {
+                    self.link_report(&mut add, id, None, e.manager.as_deref());
+                    created.push((batch.0.len(), id, e.manager.as_deref()));
+                    (Some(&t[..]), None)
+                }
+                other => {
+                    let old_value = self.users.get(id.as_bytes())?;
+                    let old = manager_of(old_value.as_deref());
+                    if old != e.manager {
+                        self.link_report(&mut add, id, None, e.manager.as_deref());
+                        self.link_report(&mut drop, id, old.as_deref(), None);
+                    }
+                    (other.map(|(t, _)| &t[..]), old_value)
+                }
             };
+            let trace = trace.or_else(|| old_value.as_deref().and_then(trace_part));
             let mut value = encode_with(e, trace.map_or(0, |t| t.len() + 1))?;
             if let Some(t) = trace {
                 value.push(INDEX_TRACE_SEP);
@@ -349,7 +379,13 @@ impl IntegrationStore {
             batch.insert(id.as_bytes(), value);
         }
         add.apply(&self.reports)?;
-        batch.apply(&self.users)?;
+        let replaced = batch.apply_returning(&self.users)?;
+        for (i, id, new) in created {
+            let old = manager_of(replaced.get(i).and_then(|v| v.as_deref()));
+            if old.as_deref() != new {
+                self.link_report(&mut drop, id, old.as_deref(), None);
+            }
+        }
         drop.apply(&self.reports)?;
         Ok(())
     }

@@ -27,6 +27,7 @@ use serde::Deserialize;
 use super::{
     decode, encode, entry_part, trace_part, IndexEntry, IntegrationStore, StoreError, Writes,
 };
+use crate::sync::plan::Action;
 use crate::sync::trace::{Answer, Outcome, Trace};
 
 /// Marks a stored trace whose mapped values are the index entry's record.
@@ -54,7 +55,7 @@ impl IntegrationStore {
             .iter()
             .map(|(id, e)| (id.as_str(), e.user_name.as_str()))
             .collect();
-        let mut with_entry: HashMap<&str, Vec<u8>> = HashMap::new();
+        let mut with_entry: HashMap<&str, (Vec<u8>, bool)> = HashMap::new();
         let mut names = Writes::default();
         let mut skips = Writes::default();
         let mut rest = Vec::new();
@@ -78,7 +79,8 @@ impl IntegrationStore {
             t.mapped = None;
             t.mapped_omitted = 0;
             t.mapped_in_index = false;
-            with_entry.insert(id, encode(&t)?);
+            let create = t.plan.as_ref().is_some_and(|p| p.action == Action::Create);
+            with_entry.insert(id, (encode(&t)?, create));
         }
         self.write_entries(entries, &with_entry)?;
         names.apply(&self.trace_names)?;
@@ -386,6 +388,7 @@ mod tests {
         moved.manager = Some("m2".into());
         a.put_users(&[("u1".into(), moved.clone())]).unwrap();
         assert_eq!(a.get_user("u1").unwrap(), Some(moved));
+        assert_eq!(a.reports_of("m2").unwrap(), vec!["u1".to_string()]);
         assert_eq!(a.trace("u1").unwrap(), Some(t.clone()));
         assert!(a.reports_of("m1").unwrap().is_empty());
 
@@ -411,6 +414,9 @@ mod tests {
         t3.mapped_in_index = false;
         t3.mapped(&record);
         assert_eq!(a.trace("u1").unwrap(), Some(t3));
+        // That was a create over an entry (a re-create): the manager link it replaced is gone.
+        assert_eq!(a.reports_of("m1").unwrap(), vec!["u1".to_string()]);
+        assert!(a.reports_of("m2").unwrap().is_empty());
     }
 
     #[test]

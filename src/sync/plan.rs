@@ -131,6 +131,17 @@ pub fn plan_member(
     existing: Option<&IndexEntry>,
     manager: &ManagerRef,
 ) -> Option<PlannedChange> {
+    plan_member_with(d, existing, manager, true)
+}
+
+/// [`plan_member`]; `create_diff` = false leaves a create's `changes` empty (they repeat its
+/// record, and only a plan that is shown uses them: a reconcile that applies drops them).
+pub fn plan_member_with(
+    d: &Desired,
+    existing: Option<&IndexEntry>,
+    manager: &ManagerRef,
+    create_diff: bool,
+) -> Option<PlannedChange> {
     let record = desired_record(d, manager, existing.map(|e| &e.record));
     match existing {
         None => {
@@ -138,14 +149,18 @@ pub fn plan_member(
                 // A disabled member that was never provisioned is not created.
                 return None;
             }
-            let changes = record
-                .iter()
-                .map(|(k, v)| AttrChange {
-                    key: k.clone(),
-                    old: None,
-                    new: Some(v.clone()),
-                })
-                .collect();
+            let changes = if create_diff {
+                record
+                    .iter()
+                    .map(|(k, v)| AttrChange {
+                        key: k.clone(),
+                        old: None,
+                        new: Some(v.clone()),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             Some(PlannedChange {
                 action: Action::Create,
                 entra_id: d.entra_id.clone(),

@@ -821,7 +821,8 @@ impl<T: Target> Run<'_, '_, T> {
         mref: ManagerRef,
     ) -> Result<(), StoreError> {
         let mut queued_create = false;
-        match plan::plan_member(d, existing, &mref) {
+        // A create's diff lists its record again: only a dry run shows it.
+        match plan::plan_member_with(d, existing, &mref, self.opts.dry_run) {
             None if existing.is_none() => {
                 self.report.counts.skipped += 1;
                 self.trace_skipped(d, u, group)?;
