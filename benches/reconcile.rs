@@ -15,7 +15,7 @@
 //! /proc/self/stat on Linux): when both saturate the cores, B/A is about the inverse of their
 //! CPU ratio, and CPU per user moves less than wall rates on a noisy machine.
 //! `--only b` runs B alone (once, or `--rounds` times; for perf); `--only a2` alternates A and
-//! A2 for `--rounds` rounds.
+//! A2 for `--rounds` rounds; `--only c` runs C alone.
 //! A2 isolates the SCIM client (ScimTarget::create on prepared records) from the pipeline.
 
 use std::path::Path;
@@ -297,6 +297,11 @@ async fn main() {
         }
         return;
     }
+    // `--only c`: just C.
+    if std::env::args().any(|a| a == "c") && std::env::args().any(|a| a == "--only") {
+        binary_runs(members).await;
+        return;
+    }
     // `--only a2`: A and A2 alternating, to compare the SCIM client with the bare one.
     if std::env::args().any(|a| a == "a2") && std::env::args().any(|a| a == "--only") {
         for _ in 0..arg("--rounds", 5) {
@@ -354,6 +359,11 @@ async fn main() {
         direct / base
     );
 
+    binary_runs(members).await;
+}
+
+/// C: the binary, a first and a no-change reconcile of a `members`-member group.
+async fn binary_runs(members: usize) {
     let fx = fixture(members, 9);
     let graph = GraphSim::start(fx.tenant.clone()).await.expect("graph sim");
     let sim = scim().await;

@@ -14,7 +14,7 @@ mod thread;
 pub mod traces;
 pub mod writer;
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -251,13 +251,6 @@ impl Writes {
     }
 }
 
-/// A `users` value is the index entry's JSON, optionally followed by this byte and the trace
-/// of the user's last decision when that was an applied change written together with the
-/// entry (`store::traces`): one insert per applied user instead of two. Compact JSON never
-/// holds a raw newline (serde_json escapes control characters in strings), so the first one
-/// ends the entry. Values without it (older stores) are an entry alone.
-pub(crate) const INDEX_TRACE_SEP: u8 = b'\n';
-
 /// The manager recorded in a `users` value (none when absent or unreadable).
 fn manager_of(value: Option<&[u8]>) -> Option<String> {
     #[derive(Deserialize)]
@@ -265,34 +258,13 @@ fn manager_of(value: Option<&[u8]>) -> Option<String> {
         #[serde(default)]
         manager: Option<String>,
     }
-    serde_json::from_slice::<ManagerOnly>(entry_part(value?))
-        .ok()?
-        .manager
+    serde_json::from_slice::<ManagerOnly>(value?).ok()?.manager
 }
 
-/// The index entry part of a `users` value.
-pub(crate) fn entry_part(v: &[u8]) -> &[u8] {
-    match v.iter().position(|b| *b == INDEX_TRACE_SEP) {
-        Some(i) => &v[..i],
-        None => v,
-    }
-}
-
-/// The trace stored with an index entry, if any.
-pub(crate) fn trace_part(v: &[u8]) -> Option<&[u8]> {
-    v.iter()
-        .position(|b| *b == INDEX_TRACE_SEP)
-        .map(|i| &v[i + 1..])
-}
-
+/// `v` as stored. Sized for an index entry or a trace (about a kilobyte) so that encoding
+/// rarely grows the buffer.
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    encode_with(v, 0)
-}
-
-/// `v` encoded, with room for `more` bytes after it. Sized for an index entry or a trace
-/// (about a kilobyte) so that encoding rarely grows the buffer.
-fn encode_with<T: Serialize>(v: &T, more: usize) -> Result<Vec<u8>, StoreError> {
-    let mut buf = Vec::with_capacity(1024 + more);
+    let mut buf = Vec::with_capacity(1024);
     serde_json::to_writer(&mut buf, v).map_err(|e| StoreError::Io(format!("encoding: {e}")))?;
     Ok(buf)
 }
@@ -320,7 +292,7 @@ impl IntegrationStore {
             Some(b) => Ok(Some(decode(
                 &format!("{}/users", self.name),
                 entra_id.as_bytes(),
-                entry_part(&b),
+                &b,
             )?)),
             None => Ok(None),
         }
@@ -332,21 +304,18 @@ impl IntegrationStore {
 
     /// Writes index entries and keeps the reverse manager index (manager → reports) in step.
     /// New links are written before the entries and stale ones removed after, so a crash in
-    /// between leaves an extra candidate, never a missing one. An entry's stored trace (see
-    /// [`INDEX_TRACE_SEP`]) is kept: rewriting an entry is not a new decision.
+    /// between leaves an extra candidate, never a missing one.
     pub fn put_users(&self, entries: &[(String, IndexEntry)]) -> Result<(), StoreError> {
-        self.write_entries(entries, &HashMap::new())
+        self.write_entries(entries, &HashSet::new())
     }
 
-    /// [`Self::put_users`], storing `traces[id].0` (an encoded trace) with the entry of `id`.
-    /// `traces[id].1` says the trace records a create: its entry is new (but for a re-create
-    /// after the LMS user was deleted), so the entry it replaces, if any, is taken from the
-    /// insert itself instead of a read before it (the manager link is written first either
-    /// way, so a crash still leaves an extra candidate, never a missing one).
+    /// [`Self::put_users`]. The entries of `creates` are new (but for a re-create after the
+    /// LMS user was deleted), so what such an entry replaces, if anything, is taken from the
+    /// insert itself instead of a read before it; its manager link is still written first.
     fn write_entries(
         &self,
         entries: &[(String, IndexEntry)],
-        traces: &HashMap<&str, (Vec<u8>, bool)>,
+        creates: &HashSet<&str>,
     ) -> Result<(), StoreError> {
         let mut batch = Writes::default();
         let mut add = Writes::default();
@@ -354,29 +323,17 @@ impl IntegrationStore {
         // (position in `batch`, Entra id, new manager) of the creates.
         let mut created: Vec<(usize, &str, Option<&str>)> = Vec::new();
         for (id, e) in entries {
-            let (trace, old_value) = match traces.get(id.as_str()) {
-                Some((t, true)) => {
+            if creates.contains(id.as_str()) {
+                self.link_report(&mut add, id, None, e.manager.as_deref());
+                created.push((batch.0.len(), id, e.manager.as_deref()));
+            } else {
+                let old = manager_of(self.users.get(id.as_bytes())?.as_deref());
+                if old != e.manager {
                     self.link_report(&mut add, id, None, e.manager.as_deref());
-                    created.push((batch.0.len(), id, e.manager.as_deref()));
-                    (Some(&t[..]), None)
+                    self.link_report(&mut drop, id, old.as_deref(), None);
                 }
-                other => {
-                    let old_value = self.users.get(id.as_bytes())?;
-                    let old = manager_of(old_value.as_deref());
-                    if old != e.manager {
-                        self.link_report(&mut add, id, None, e.manager.as_deref());
-                        self.link_report(&mut drop, id, old.as_deref(), None);
-                    }
-                    (other.map(|(t, _)| &t[..]), old_value)
-                }
-            };
-            let trace = trace.or_else(|| old_value.as_deref().and_then(trace_part));
-            let mut value = encode_with(e, trace.map_or(0, |t| t.len() + 1))?;
-            if let Some(t) = trace {
-                value.push(INDEX_TRACE_SEP);
-                value.extend_from_slice(t);
             }
-            batch.insert(id.as_bytes(), value);
+            batch.insert(id.as_bytes(), encode(e)?);
         }
         add.apply(&self.reports)?;
         let replaced = batch.apply_returning(&self.users)?;
@@ -423,7 +380,7 @@ impl IntegrationStore {
         let tree = format!("{}/users", self.name);
         self.users.iter().map(move |r| {
             let (k, v) = r?;
-            let e = decode(&tree, &k, entry_part(&v))?;
+            let e = decode(&tree, &k, &v)?;
             Ok((String::from_utf8_lossy(&k).into_owned(), e))
         })
     }
@@ -445,7 +402,7 @@ impl IntegrationStore {
                 return None;
             }
             let id = id.into_owned();
-            Some(decode(&tree, &k, entry_part(&v)).map(|e| (id, e)))
+            Some(decode(&tree, &k, &v).map(|e| (id, e)))
         })
     }
 

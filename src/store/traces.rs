@@ -1,32 +1,24 @@
-//! Decision traces: each user's last decision, found by Entra object id, and through
-//! `<integration>/trace_names` (key: lower-cased UPN or userName, value: Entra id) by the names
-//! the user index cannot answer, so `explain` and `/status` find a user by object id, UPN or
-//! userName without a Graph call. One trace per user is kept (at most one in each of the two
-//! places below; the newer counts): the store grows with the roster, not with the number of runs.
-//!
-//! Where a trace is kept:
-//! - An applied change written together with its index entry (`put_changes`, what a reconcile
-//!   and the webhook worker do): in the entry's own value in `<integration>/users`, after the
-//!   entry (`INDEX_TRACE_SEP`), without the Entra id, userName and mapped values the entry
-//!   already holds. A first reconcile then makes one insert per created user for the entry and
-//!   its trace, not two (measured: the trace insert was ~7 % of the CPU a created user costs).
-//!   Rewriting the entry without a new trace (a manager id noted at the end of a run) keeps it.
-//! - Any other decision (failed, held, skipped, planned in a dry run, departures): in
-//!   `<integration>/traces` (key: Entra object id). An applied change written there
-//!   (`put_traces`, e.g. by `sync-user`) is stored without its mapped values, prefixed `I`, and
-//!   completed from the index entry when read.
+//! Decision traces: `<integration>/traces` holds each user's last trace (key: Entra object id),
+//! `<integration>/trace_names` names it can be found by that the user index cannot answer (key:
+//! lower-cased UPN or userName, value: Entra id), so `explain` and `/status` find a user by
+//! object id, UPN or userName without a Graph call. One trace per user is kept: the store grows
+//! with the roster, not with the number of runs.
 //!
 //! `<integration>/trace_skips` lists the users whose last trace is a skip (a disabled member
 //! never created): a reconcile asks it for each such member to record the skip once, and a
 //! tree of bare keys costs far less to read than the traces themselves.
+//!
+//! An applied change's mapped values are exactly the record it wrote to the user index (the
+//! caller writes the index entries first), and a later change of that record always comes with
+//! a new trace: such a trace is stored without them (value prefixed `I`) and completed from the
+//! index when read (a reconcile hands it over without them: `Trace::mapped_in_index`). A first reconcile of many users then writes less than half the bytes, and
+//! storing reads nothing but the small skip list.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use serde::Deserialize;
 
-use super::{
-    decode, encode, entry_part, trace_part, IndexEntry, IntegrationStore, StoreError, Writes,
-};
+use super::{decode, encode, IndexEntry, IntegrationStore, StoreError, Writes};
 use crate::sync::plan::Action;
 use crate::sync::trace::{Answer, Outcome, Trace};
 
@@ -41,51 +33,26 @@ fn mapped_is_index(t: &Trace) -> bool {
 }
 
 impl IntegrationStore {
-    /// Writes index entries with the traces of the decisions that produced them (and any
-    /// other traces). The trace of an applied change goes into its user's index entry value
-    /// (`INDEX_TRACE_SEP`), without what the entry holds anyway (Entra id, userName, mapped
-    /// values): a first reconcile then makes one insert per created user instead of two.
-    /// Other traces go to the traces tree (`put_traces`).
+    /// Writes index entries, then the traces of the decisions that produced them (and any
+    /// others). The traces tell which entries are creates: those are written without first
+    /// reading what they replace (`write_entries`).
     pub fn put_changes(
         &self,
         entries: &[(String, IndexEntry)],
         traces: Vec<Trace>,
     ) -> Result<(), StoreError> {
-        let user_names: HashMap<&str, &str> = entries
-            .iter()
-            .map(|(id, e)| (id.as_str(), e.user_name.as_str()))
-            .collect();
-        let mut with_entry: HashMap<&str, (Vec<u8>, bool)> = HashMap::new();
-        let mut names = Writes::default();
-        let mut skips = Writes::default();
-        let mut rest = Vec::new();
-        let skipped_before = !self.trace_skips.is_empty();
-        for mut t in traces {
-            let fits = mapped_is_index(&t)
-                && t.integration == self.name
-                && t.user_name.is_some()
-                && user_names.get(t.entra_id.as_str()).copied() == t.user_name.as_deref();
-            let Some((&id, _)) = user_names
-                .get_key_value(t.entra_id.as_str())
-                .filter(|_| fits)
-            else {
-                rest.push(t);
-                continue;
-            };
-            self.names_and_skip(&t, true, skipped_before, &mut names, &mut skips)?;
-            t.entra_id = String::new();
-            t.integration = String::new();
-            t.user_name = None;
-            t.mapped = None;
-            t.mapped_omitted = 0;
-            t.mapped_in_index = false;
-            let create = t.plan.as_ref().is_some_and(|p| p.action == Action::Create);
-            with_entry.insert(id, (encode(&t)?, create));
+        {
+            let creates: HashSet<&str> = traces
+                .iter()
+                .filter(|t| {
+                    mapped_is_index(t)
+                        && t.plan.as_ref().is_some_and(|p| p.action == Action::Create)
+                })
+                .map(|t| t.entra_id.as_str())
+                .collect();
+            self.write_entries(entries, &creates)?;
         }
-        self.write_entries(entries, &with_entry)?;
-        names.apply(&self.trace_names)?;
-        skips.apply(&self.trace_skips)?;
-        self.put_traces(rest)
+        self.put_traces(traces)
     }
 
     /// Stores each trace as its user's last one (after the index entries it goes with), and the
@@ -152,44 +119,24 @@ impl IntegrationStore {
         Ok(self.trace_skips.contains_key(entra_id.as_bytes())?)
     }
 
-    /// The last decision recorded for a user (by Entra object id): the newer of the one in
-    /// the traces tree and the one stored with the index entry.
+    /// The last decision recorded for a user (by Entra object id).
     pub fn trace(&self, entra_id: &str) -> Result<Option<Trace>, StoreError> {
         let tree = format!("{}/traces", self.name);
-        let users = format!("{}/users", self.name);
         for key in [entra_id.to_string(), entra_id.to_lowercase()] {
-            let kept = self.traces.get(key.as_bytes())?;
-            let indexed = self.users.get(key.as_bytes())?;
-            if kept.is_none() && indexed.as_deref().and_then(trace_part).is_none() {
+            let Some(v) = self.traces.get(key.as_bytes())? else {
                 continue;
-            }
-            let entry: Option<IndexEntry> = match &indexed {
-                Some(v) => Some(decode(&users, key.as_bytes(), entry_part(v))?),
-                None => None,
             };
-            let mut found: Option<Trace> = None;
-            if let Some(v) = kept {
-                let (in_index, json) = match v.split_first() {
-                    Some((&MAPPED_IN_INDEX, rest)) => (true, rest),
-                    _ => (false, &v[..]),
-                };
-                let mut t: Trace = decode(&tree, key.as_bytes(), json)?;
-                if let (true, Some(e)) = (in_index, &entry) {
+            let (in_index, json) = match v.split_first() {
+                Some((&MAPPED_IN_INDEX, rest)) => (true, rest),
+                _ => (false, &v[..]),
+            };
+            let mut t: Trace = decode(&tree, key.as_bytes(), json)?;
+            if in_index {
+                if let Some(e) = self.get_user(&t.entra_id)? {
                     t.mapped(&e.record);
                 }
-                found = Some(t);
             }
-            if let (Some(json), Some(e)) = (indexed.as_deref().and_then(trace_part), &entry) {
-                let mut t: Trace = decode(&users, key.as_bytes(), json)?;
-                t.entra_id = key.clone();
-                t.integration = self.name.clone();
-                t.user_name = Some(e.user_name.clone());
-                t.mapped(&e.record);
-                if found.as_ref().is_none_or(|f| t.at >= f.at) {
-                    found = Some(t);
-                }
-            }
-            return Ok(found);
+            return Ok(Some(t));
         }
         Ok(None)
     }
@@ -226,7 +173,7 @@ impl IntegrationStore {
         }
         for r in self.users.iter() {
             let (k, v) = r?;
-            if let Ok(e) = serde_json::from_slice::<NameOnly>(entry_part(&v)) {
+            if let Ok(e) = serde_json::from_slice::<NameOnly>(&v) {
                 if e.user_name.to_lowercase() == lower {
                     return Ok(Some(String::from_utf8_lossy(&k).into_owned()));
                 }
@@ -235,17 +182,9 @@ impl IntegrationStore {
         Ok(None)
     }
 
-    /// How many users have a stored trace (tests).
+    /// How many traces are stored (tests).
     pub fn trace_count(&self) -> usize {
-        let in_index = self
-            .users
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                trace_part(v).is_some() && !self.traces.contains_key(k).unwrap_or(false)
-            })
-            .count();
-        self.traces.len() + in_index
+        self.traces.len()
     }
 }
 
@@ -313,7 +252,7 @@ mod tests {
     }
 
     #[test]
-    fn an_applied_changes_trace_is_kept_in_its_index_entry_and_the_newer_trace_wins() {
+    fn changes_write_entries_links_and_traces_and_a_create_replacing_an_entry_drops_its_link() {
         let s = Store::temporary().unwrap();
         let a = s
             .integration(&IntegrationName::parse("a").unwrap())
@@ -345,8 +284,44 @@ mod tests {
         a.put_traces(vec![skip]).unwrap();
         assert!(a.trace_is_skip("u1").unwrap());
 
+        // Handed over without a copy of its mapped values (`mapped_in_index`), a create's
+        // trace reads back with them.
         let mut t = Trace::new("a", Source::Reconcile, "r1", "u1");
-        t.user(None, Some("Ada.Upn@x"))
+        t.user(None, Some("Ada.Upn@x")).plan(&c).applied(
+            &c,
+            &Match::Created {
+                target_id: "t1".into(),
+            },
+        );
+        t.mapped_in_index = true;
+        let mut other = Trace::new("a", Source::Reconcile, "r1", "u9");
+        other.user(Some("nine@x"), None).failed("409", true);
+        a.put_changes(
+            &[("u1".into(), entry.clone())],
+            vec![t.clone(), other.clone()],
+        )
+        .unwrap();
+        t.mapped_in_index = false;
+        t.mapped(&record);
+        assert_eq!(a.get_user("u1").unwrap(), Some(entry.clone()));
+        assert_eq!(a.reports_of("m1").unwrap(), vec!["u1".to_string()]);
+        assert_eq!(a.trace("u1").unwrap(), Some(t.clone()));
+        assert_eq!(a.trace("u9").unwrap(), Some(other));
+        assert!(!a.trace_is_skip("u1").unwrap());
+        assert_eq!(a.trace_by_name("ada.upn@X").unwrap(), Some(t));
+
+        // An entry rewritten with another manager moves the link.
+        let mut moved = entry.clone();
+        moved.manager = Some("m2".into());
+        a.put_users(&[("u1".into(), moved.clone())]).unwrap();
+        assert_eq!(a.get_user("u1").unwrap(), Some(moved));
+        assert_eq!(a.reports_of("m2").unwrap(), vec!["u1".to_string()]);
+        assert!(a.reports_of("m1").unwrap().is_empty());
+
+        // A create over an entry (a re-create after the LMS user was deleted) is written
+        // without reading the entry first: the link it replaced still goes.
+        let mut t2 = Trace::new("a", Source::Reconcile, "r2", "u1");
+        t2.user(Some("ada@x"), None)
             .mapped(&record)
             .plan(&c)
             .applied(
@@ -355,66 +330,9 @@ mod tests {
                     target_id: "t1".into(),
                 },
             );
-        // A trace of another user in the same call has no entry here: traces tree.
-        let mut other = Trace::new("a", Source::Reconcile, "r1", "u9");
-        other.user(Some("nine@x"), None).failed("409", true);
-        a.put_changes(
-            &[("u1".into(), entry.clone())],
-            vec![t.clone(), other.clone()],
-        )
-        .unwrap();
-        let raw = a.users.get(b"u1").unwrap().unwrap();
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (e, tr) = text.split_once('\n').expect("trace after the entry");
-        assert!(
-            tr.contains("\"run\":\"r1\"") && !tr.contains("Engineer") && !tr.contains("ada@x"),
-            "{tr}"
-        );
-        assert!(e.contains("Engineer"));
-        assert_eq!(a.trace("u1").unwrap(), Some(t.clone()));
-        assert_eq!(a.trace("u9").unwrap(), Some(other));
-        assert!(!a.trace_is_skip("u1").unwrap());
-        // The index reads as before; the UPN still finds the user.
-        assert_eq!(a.get_user("u1").unwrap(), Some(entry.clone()));
-        assert_eq!(a.target_id("u1").unwrap().as_deref(), Some("t1"));
-        assert_eq!(a.users().count(), 1);
-        assert_eq!(a.users_where(|_| true).count(), 1);
-        assert_eq!(a.trace_by_name("ada.upn@X").unwrap(), Some(t.clone()));
-        assert_eq!(a.resolve_user("ADA@x").unwrap().as_deref(), Some("u1"));
-        assert_eq!(a.reports_of("m1").unwrap(), vec!["u1".to_string()]);
-
-        // Rewriting the entry without a trace (a manager noted later) keeps the trace.
-        let mut moved = entry.clone();
-        moved.manager = Some("m2".into());
-        a.put_users(&[("u1".into(), moved.clone())]).unwrap();
-        assert_eq!(a.get_user("u1").unwrap(), Some(moved));
-        assert_eq!(a.reports_of("m2").unwrap(), vec!["u1".to_string()]);
-        assert_eq!(a.trace("u1").unwrap(), Some(t.clone()));
-        assert!(a.reports_of("m1").unwrap().is_empty());
-
-        // A later decision kept in the traces tree (a failed update) wins; an applied one
-        // after it wins again.
-        let mut f = Trace::new("a", Source::Reconcile, "r2", "u1");
-        f.mapped(&record).plan(&c).failed("500", true);
-        a.put_changes(&[], vec![f.clone()]).unwrap();
-        assert_eq!(a.trace("u1").unwrap(), Some(f));
-        assert_eq!(a.trace_count(), 2, "u1 and u9");
-        // Handed over without a copy of its mapped values (`mapped_in_index`), it reads back
-        // with them.
-        let mut t3 = Trace::new("a", Source::Incremental, "r3", "u1");
-        t3.user(Some("ada@x"), None).plan(&c).applied(
-            &c,
-            &Match::Created {
-                target_id: "t1".into(),
-            },
-        );
-        t3.mapped_in_index = true;
-        a.put_changes(&[("u1".into(), entry)], vec![t3.clone()])
+        a.put_changes(&[("u1".into(), entry)], vec![t2.clone()])
             .unwrap();
-        t3.mapped_in_index = false;
-        t3.mapped(&record);
-        assert_eq!(a.trace("u1").unwrap(), Some(t3));
-        // That was a create over an entry (a re-create): the manager link it replaced is gone.
+        assert_eq!(a.trace("u1").unwrap(), Some(t2));
         assert_eq!(a.reports_of("m1").unwrap(), vec!["u1".to_string()]);
         assert!(a.reports_of("m2").unwrap().is_empty());
     }
