@@ -11,8 +11,9 @@
 //! An applied change's mapped values are exactly the record it wrote to the user index (the
 //! caller writes the index entries first), and a later change of that record always comes with
 //! a new trace: such a trace is stored without them (value prefixed `I`) and completed from the
-//! index when read (a reconcile hands it over without them: `Trace::mapped_in_index`). A first reconcile of many users then writes less than half the bytes, and
-//! storing reads nothing but the small skip list.
+//! index when read (a reconcile hands such a trace over without them in the first place:
+//! `Trace::mapped_in_index`). A first reconcile of many users then writes less than half the
+//! bytes, and storing reads nothing but the small skip list (and only when it holds any).
 
 use std::collections::HashSet;
 
