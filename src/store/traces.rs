@@ -67,10 +67,24 @@ impl IntegrationStore {
         let mut skips = Writes::default();
         let skipped_before = !self.trace_skips.is_empty();
         for mut t in traces {
-            // An applied change was just written to the index with its userName and, as its
-            // record, exactly the mapped values: neither needs storing twice.
+            if t.outcome == Outcome::Skipped {
+                skips.insert(t.entra_id.as_bytes(), &[][..]);
+            } else if skipped_before && self.trace_skips.contains_key(t.entra_id.as_bytes())? {
+                skips.remove(t.entra_id.as_bytes());
+            }
+            // An applied change (the LMS said ok) was just written to the index with its
+            // userName and, when mapped, exactly the mapped values as its record: neither
+            // needs storing twice.
+            let applied = matches!(t.answer, Some(Answer::Ok { .. }));
+            let user_name = t.user_name.as_deref().map(str::to_lowercase);
+            let upn = t.upn.as_deref().map(str::to_lowercase);
+            if let Some(n) = user_name.as_ref().filter(|_| !applied) {
+                names.insert(n.as_bytes(), t.entra_id.as_bytes());
+            }
+            if let Some(n) = upn.as_ref().filter(|u| Some(*u) != user_name.as_ref()) {
+                names.insert(n.as_bytes(), t.entra_id.as_bytes());
+            }
             let in_index = mapped_is_index(&t);
-            self.names_and_skip(&t, in_index, skipped_before, &mut names, &mut skips)?;
             let value = if in_index {
                 t.mapped = None;
                 t.mapped_in_index = false;
@@ -85,33 +99,6 @@ impl IntegrationStore {
         names.apply(&self.trace_names)?;
         batch.apply(&self.traces)?;
         skips.apply(&self.trace_skips)?;
-        Ok(())
-    }
-
-    /// The name entries a trace needs (its userName unless the index holds it, its UPN when
-    /// that differs), and its skip mark set or cleared. `skipped_before`: whether any skip
-    /// mark existed (a first reconcile reads none).
-    fn names_and_skip(
-        &self,
-        t: &Trace,
-        name_in_index: bool,
-        skipped_before: bool,
-        names: &mut Writes,
-        skips: &mut Writes,
-    ) -> Result<(), StoreError> {
-        if t.outcome == Outcome::Skipped {
-            skips.insert(t.entra_id.as_bytes(), &[][..]);
-        } else if skipped_before && self.trace_skips.contains_key(t.entra_id.as_bytes())? {
-            skips.remove(t.entra_id.as_bytes());
-        }
-        let user_name = t.user_name.as_deref().map(str::to_lowercase);
-        let upn = t.upn.as_deref().map(str::to_lowercase);
-        if let Some(n) = user_name.as_ref().filter(|_| !name_in_index) {
-            names.insert(n.as_bytes(), t.entra_id.as_bytes());
-        }
-        if let Some(n) = upn.as_ref().filter(|u| Some(*u) != user_name.as_ref()) {
-            names.insert(n.as_bytes(), t.entra_id.as_bytes());
-        }
         Ok(())
     }
 
@@ -243,6 +230,24 @@ mod tests {
         // Its names are the index's: no name entry.
         assert_eq!(a.trace_names.len(), 0);
         assert_eq!(a.trace_by_name("ADA@x").unwrap(), Some(t));
+
+        // An applied departure (not mapped) is stored whole, and its userName is the index's
+        // too: no name entry either.
+        let d = PlannedChange {
+            action: Action::Deactivate,
+            ..c.clone()
+        };
+        let mut gone = Trace::new("a", Source::Reconcile, "r1b", "u1");
+        gone.user(Some("ada@x"), None).plan(&d).applied(
+            &d,
+            &Match::Index {
+                target_id: "t1".into(),
+            },
+        );
+        a.put_traces(vec![gone.clone()]).unwrap();
+        assert_ne!(a.traces.get(b"u1").unwrap().unwrap()[0], b'I');
+        assert_eq!(a.trace_names.len(), 0);
+        assert_eq!(a.trace("u1").unwrap(), Some(gone));
 
         // A failure keeps its own values.
         let mut f = Trace::new("a", Source::Reconcile, "r2", "u1");
