@@ -475,9 +475,18 @@ pub fn new_run_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sync::mapping::{AttrValue, ACTIVE};
+
+    /// A temporary store and its integration "a" (keep the store alive with it).
+    pub(crate) fn store_a() -> (Store, IntegrationStore) {
+        let s = Store::temporary().unwrap();
+        let a = s
+            .integration(&IntegrationName::parse("a").unwrap())
+            .unwrap();
+        (s, a)
+    }
 
     fn entry(active: bool) -> IndexEntry {
         let mut record = Record::new();

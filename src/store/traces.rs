@@ -179,28 +179,25 @@ impl IntegrationStore {
 #[cfg(test)]
 mod tests {
     use crate::config::IntegrationName;
-    use crate::store::{IndexEntry, Store};
+    use crate::store::IndexEntry;
     use crate::sync::mapping::{AttrValue, Record};
     use crate::sync::plan::{Action, PlannedChange};
     use crate::sync::trace::{Match, Source, Trace};
 
-    #[test]
-    fn an_applied_changes_mapped_values_are_read_back_from_the_index() {
-        let s = Store::temporary().unwrap();
-        let a = s
-            .integration(&IntegrationName::parse("a").unwrap())
-            .unwrap();
+    use crate::store::tests::store_a;
+
+    /// User u1 "ada@x" with a title: the record, its index entry (LMS id t1) and its create.
+    fn ada(manager: Option<&str>) -> (Record, IndexEntry, PlannedChange) {
         let mut record = Record::new();
         record.insert("title".into(), AttrValue::Str("Engineer".into()));
         let entry = IndexEntry {
             target_id: "t1".into(),
             user_name: "ada@x".into(),
             record: record.clone(),
-            manager: None,
+            manager: manager.map(str::to_string),
             linked: false,
             updated_at: chrono::Utc::now(),
         };
-        a.put_user("u1", &entry).unwrap();
         let c = PlannedChange {
             action: Action::Create,
             entra_id: "u1".into(),
@@ -209,9 +206,17 @@ mod tests {
             changes: Vec::new(),
             reason: None,
             record: record.clone(),
-            manager: None,
+            manager: manager.map(str::to_string),
             linked: false,
         };
+        (record, entry, c)
+    }
+
+    #[test]
+    fn an_applied_changes_mapped_values_are_read_back_from_the_index() {
+        let (_s, a) = store_a();
+        let (record, entry, c) = ada(None);
+        a.put_user("u1", &entry).unwrap();
         let mut t = Trace::new("a", Source::Reconcile, "r1", "u1");
         t.user(None, Some("ada@x"))
             .mapped(&record)
@@ -259,31 +264,8 @@ mod tests {
 
     #[test]
     fn changes_write_entries_links_and_traces_and_a_create_replacing_an_entry_drops_its_link() {
-        let s = Store::temporary().unwrap();
-        let a = s
-            .integration(&IntegrationName::parse("a").unwrap())
-            .unwrap();
-        let mut record = Record::new();
-        record.insert("title".into(), AttrValue::Str("Engineer".into()));
-        let entry = IndexEntry {
-            target_id: "t1".into(),
-            user_name: "ada@x".into(),
-            record: record.clone(),
-            manager: Some("m1".into()),
-            linked: false,
-            updated_at: chrono::Utc::now(),
-        };
-        let c = PlannedChange {
-            action: Action::Create,
-            entra_id: "u1".into(),
-            user_name: "ada@x".into(),
-            target_id: None,
-            changes: Vec::new(),
-            reason: None,
-            record: record.clone(),
-            manager: Some("m1".into()),
-            linked: false,
-        };
+        let (_s, a) = store_a();
+        let (record, entry, c) = ada(Some("m1"));
         // A skip recorded earlier is cleared by the applied change.
         let mut skip = Trace::new("a", Source::Reconcile, "r0", "u1");
         skip.skipped("disabled");
@@ -345,10 +327,7 @@ mod tests {
 
     #[test]
     fn traces_are_found_by_id_upn_and_username_and_stay_per_integration() {
-        let s = Store::temporary().unwrap();
-        let a = s
-            .integration(&IntegrationName::parse("a").unwrap())
-            .unwrap();
+        let (s, a) = store_a();
         let b = s
             .integration(&IntegrationName::parse("b").unwrap())
             .unwrap();

@@ -135,16 +135,7 @@ fn lower_priority() {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IntegrationName;
-    use crate::store::Store;
-
-    fn store() -> (Store, IntegrationStore) {
-        let s = Store::temporary().unwrap();
-        let a = s
-            .integration(&IntegrationName::parse("a").unwrap())
-            .unwrap();
-        (s, a)
-    }
+    use crate::store::tests::store_a as store;
 
     fn entry(target: &str, manager: Option<&str>) -> IndexEntry {
         IndexEntry {
