@@ -1549,47 +1549,74 @@ fn context(base: &str, set: &str, q: &Query, entity: bool) -> String {
 // Rendering
 // ---------------------------------------------------------------------------------------------
 
-fn opt(v: &Option<String>) -> Value {
-    v.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
+/// A user property's value, borrowed where the state holds it: written straight to JSON by
+/// [`UserJson`], or made a `Value` by [`render_user`].
+enum Prop<'a> {
+    Text(&'a str),
+    Opt(&'a Option<String>),
+    Bool(bool),
+    Json(Value),
 }
 
-fn user_prop(u: &SimUser, p: &str) -> Option<Value> {
+impl serde::Serialize for Prop<'_> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Prop::Text(t) => ser.serialize_str(t),
+            Prop::Opt(o) => o.serialize(ser),
+            Prop::Bool(b) => ser.serialize_bool(*b),
+            Prop::Json(v) => v.serialize(ser),
+        }
+    }
+}
+
+impl From<Prop<'_>> for Value {
+    fn from(p: Prop<'_>) -> Value {
+        match p {
+            Prop::Text(t) => Value::String(t.to_string()),
+            Prop::Opt(o) => o.as_ref().map_or(Value::Null, |s| Value::String(s.clone())),
+            Prop::Bool(b) => Value::Bool(b),
+            Prop::Json(v) => v,
+        }
+    }
+}
+
+fn user_prop<'a>(u: &'a SimUser, p: &str) -> Option<Prop<'a>> {
     Some(match p {
-        "id" => Value::String(u.id.clone()),
-        "userPrincipalName" => Value::String(u.user_principal_name.clone()),
-        "mail" => opt(&u.mail),
-        "givenName" => opt(&u.given_name),
-        "surname" => opt(&u.surname),
-        "displayName" => opt(&u.display_name),
-        "jobTitle" => opt(&u.job_title),
-        "department" => opt(&u.department),
-        "officeLocation" => opt(&u.office_location),
-        "employeeId" => opt(&u.employee_id),
-        "employeeType" => opt(&u.employee_type),
-        "companyName" => opt(&u.company_name),
-        "city" => opt(&u.city),
-        "country" => opt(&u.country),
-        "usageLocation" => opt(&u.usage_location),
-        "mobilePhone" => opt(&u.mobile_phone),
-        "businessPhones" => json!(u.business_phones),
-        "accountEnabled" => Value::Bool(u.account_enabled),
+        "id" => Prop::Text(&u.id),
+        "userPrincipalName" => Prop::Text(&u.user_principal_name),
+        "mail" => Prop::Opt(&u.mail),
+        "givenName" => Prop::Opt(&u.given_name),
+        "surname" => Prop::Opt(&u.surname),
+        "displayName" => Prop::Opt(&u.display_name),
+        "jobTitle" => Prop::Opt(&u.job_title),
+        "department" => Prop::Opt(&u.department),
+        "officeLocation" => Prop::Opt(&u.office_location),
+        "employeeId" => Prop::Opt(&u.employee_id),
+        "employeeType" => Prop::Opt(&u.employee_type),
+        "companyName" => Prop::Opt(&u.company_name),
+        "city" => Prop::Opt(&u.city),
+        "country" => Prop::Opt(&u.country),
+        "usageLocation" => Prop::Opt(&u.usage_location),
+        "mobilePhone" => Prop::Opt(&u.mobile_phone),
+        "businessPhones" => Prop::Json(json!(u.business_phones)),
+        "accountEnabled" => Prop::Bool(u.account_enabled),
         "onPremisesExtensionAttributes" => {
             let mut m = Map::new();
             for i in 1..=15 {
                 m.insert(format!("extensionAttribute{i}"), Value::Null);
             }
-            Value::Object(m)
+            Prop::Json(Value::Object(m))
         }
-        "userType" => json!("Member"),
-        "createdDateTime" => json!(CREATED_AT),
-        "otherMails" | "imAddresses" => json!([]),
+        "userType" => Prop::Text("Member"),
+        "createdDateTime" => Prop::Text(CREATED_AT),
+        "otherMails" | "imAddresses" => Prop::Json(json!([])),
         "proxyAddresses" => match &u.mail {
-            Some(m) => json!([format!("SMTP:{m}")]),
-            None => json!([]),
+            Some(m) => Prop::Json(json!([format!("SMTP:{m}")])),
+            None => Prop::Json(json!([])),
         },
-        "mailNickname" => json!(u.user_principal_name.split('@').next().unwrap_or_default()),
-        "onPremisesSyncEnabled" => Value::Null,
-        p if USER_PROPS.contains(&p) => Value::Null,
+        "mailNickname" => Prop::Text(u.user_principal_name.split('@').next().unwrap_or_default()),
+        "onPremisesSyncEnabled" => Prop::Json(Value::Null),
+        p if USER_PROPS.contains(&p) => Prop::Json(Value::Null),
         _ => return None,
     })
 }
@@ -1601,7 +1628,7 @@ fn render_user(u: &SimUser, select: Option<&[&'static str]>, with_type: bool) ->
     }
     for p in select.unwrap_or(USER_DEFAULT) {
         if let Some(v) = user_prop(u, p) {
-            m.insert((*p).to_string(), v);
+            m.insert((*p).to_string(), Value::from(v));
         }
     }
     Value::Object(m)
@@ -1619,7 +1646,6 @@ struct UserJson<'a> {
 impl serde::Serialize for UserJson<'_> {
     fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let u = self.u;
         let mut m = ser.serialize_map(None)?;
         if let Some(c) = self.context {
             m.serialize_entry("@odata.context", c)?;
@@ -1628,36 +1654,8 @@ impl serde::Serialize for UserJson<'_> {
             m.serialize_entry("@odata.type", "#microsoft.graph.user")?;
         }
         for p in self.select.unwrap_or(USER_DEFAULT) {
-            let text = match *p {
-                "id" => Some(&u.id),
-                "userPrincipalName" => Some(&u.user_principal_name),
-                _ => None,
-            };
-            if let Some(v) = text {
-                m.serialize_entry(p, v)?;
-                continue;
-            }
-            let optional = match *p {
-                "mail" => Some(&u.mail),
-                "givenName" => Some(&u.given_name),
-                "surname" => Some(&u.surname),
-                "displayName" => Some(&u.display_name),
-                "jobTitle" => Some(&u.job_title),
-                "department" => Some(&u.department),
-                "officeLocation" => Some(&u.office_location),
-                "employeeId" => Some(&u.employee_id),
-                "city" => Some(&u.city),
-                "country" => Some(&u.country),
-                _ => None,
-            };
-            match optional {
-                Some(v) => m.serialize_entry(p, v)?,
-                None if *p == "accountEnabled" => m.serialize_entry(p, &u.account_enabled)?,
-                None => {
-                    if let Some(v) = user_prop(u, p) {
-                        m.serialize_entry(p, &v)?;
-                    }
-                }
+            if let Some(v) = user_prop(self.u, p) {
+                m.serialize_entry(p, &v)?;
             }
         }
         m.end()
