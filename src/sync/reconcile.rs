@@ -345,7 +345,8 @@ impl<T: Target> Run<'_, '_, T> {
     }
 
     /// Keeps the trace of a planned change until it is applied (`u`: the Graph user it was
-    /// mapped from; `group`: the configured group it was listed in).
+    /// mapped from; `group`: the configured group it was listed in; `mapped`: the change's
+    /// record is what the mapping produced).
     fn trace_plan(
         &mut self,
         c: &PlannedChange,
@@ -362,11 +363,7 @@ impl<T: Target> Run<'_, '_, T> {
         t.user(None, upn.as_deref())
             .scope(Scope::of(out, group.map(listed_in).into_iter().collect()));
         t.plan(c);
-        if mapped {
-            self.traces.wait_mapped(t);
-        } else {
-            self.traces.wait(t);
-        }
+        self.traces.wait(t, mapped);
     }
 
     /// A member that cannot be mapped: nothing to apply, so its trace is stored at once.

@@ -744,17 +744,11 @@ impl Pending {
         Trace::new(&self.integration, self.source, &self.run, entra_id)
     }
 
-    /// Keeps a planned change's trace until [`Pending::take`].
-    pub fn wait(&mut self, t: Trace) {
+    /// Keeps a planned change's trace until [`Pending::take`]. `mapped`: its mapped values
+    /// are the planned change's record (added when the outcome is known).
+    pub fn wait(&mut self, t: Trace, mapped: bool) {
         if self.enabled {
-            self.waiting.insert(t.entra_id.clone(), (t, false));
-        }
-    }
-
-    /// [`Pending::wait`] for a trace whose mapped values are the planned change's record.
-    pub fn wait_mapped(&mut self, t: Trace) {
-        if self.enabled {
-            self.waiting.insert(t.entra_id.clone(), (t, true));
+            self.waiting.insert(t.entra_id.clone(), (t, mapped));
         }
     }
 
