@@ -67,6 +67,12 @@ fn cpu_text(r: &Rate) -> String {
         .unwrap_or_default()
 }
 
+/// Whether `--only <part>` was given.
+fn only(part: &str) -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2).any(|w| w[0] == "--only" && w[1] == part)
+}
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -286,7 +292,7 @@ async fn main() {
     );
 
     // `--only b`: just B (for profiling).
-    if std::env::args().any(|a| a == "b") && std::env::args().any(|a| a == "--only") {
+    if only("b") {
         for _ in 0..arg("--rounds", 1) {
             let (ours, created, requests) = first_reconcile_rate(creates, false).await;
             println!(
@@ -298,12 +304,12 @@ async fn main() {
         return;
     }
     // `--only c`: just C.
-    if std::env::args().any(|a| a == "c") && std::env::args().any(|a| a == "--only") {
+    if only("c") {
         binary_runs(members).await;
         return;
     }
     // `--only a2`: A and A2 alternating, to compare the SCIM client with the bare one.
-    if std::env::args().any(|a| a == "a2") && std::env::args().any(|a| a == "--only") {
+    if only("a2") {
         for _ in 0..arg("--rounds", 5) {
             let base = baseline_post_rate(creates).await.per_sec;
             let direct = target_create_rate(creates).await;
