@@ -229,25 +229,29 @@ impl Writes {
     }
 
     pub(crate) fn apply(self, tree: &sled::Tree) -> Result<(), StoreError> {
-        for (k, v) in self.0 {
-            match v {
-                Some(v) => tree.insert(k, v)?,
-                None => tree.remove(k)?,
-            };
-        }
-        Ok(())
+        self.apply_each(tree, |_| ())
     }
 
     /// [`Writes::apply`], returning what each write replaced, in order.
     fn apply_returning(self, tree: &sled::Tree) -> Result<Vec<Option<sled::IVec>>, StoreError> {
         let mut old = Vec::with_capacity(self.0.len());
+        self.apply_each(tree, |v| old.push(v))?;
+        Ok(old)
+    }
+
+    /// Applies the writes in order, handing `replaced` what each one replaced.
+    fn apply_each(
+        self,
+        tree: &sled::Tree,
+        mut replaced: impl FnMut(Option<sled::IVec>),
+    ) -> Result<(), StoreError> {
         for (k, v) in self.0 {
-            old.push(match v {
+            replaced(match v {
                 Some(v) => tree.insert(k, v)?,
                 None => tree.remove(k)?,
             });
         }
-        Ok(old)
+        Ok(())
     }
 }
 
