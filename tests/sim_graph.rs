@@ -1222,3 +1222,83 @@ async fn large_tenant_pages_quickly() {
     );
     sim.stop().await;
 }
+
+async fn post_json(url: &str, tok: &str, body: &Value) -> (u16, Value) {
+    let resp = client()
+        .post(url)
+        .bearer_auth(tok)
+        .json(body)
+        .send()
+        .await
+        .expect("POST");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("json body"))
+}
+
+/// `checkMemberGroups` answers transitively, alone and inside `$batch`, and 404s a user that
+/// is gone (graph.md 7.2b: the call that confirms a deactivation).
+#[tokio::test]
+async fn check_member_groups_is_transitive_and_batched() {
+    let (sim, fx) = start(40, 3).await;
+    let tok = token(&sim, &fx).await;
+    let nested = sim.group(&fx.nested_group_id).expect("nested group");
+    let all = sim.group(&fx.all_group_id).expect("main group");
+    let via_nested = nested
+        .members
+        .iter()
+        .find(|m| sim.user(m).is_some() && !all.members.contains(m))
+        .expect("a user in the nested group")
+        .clone();
+    let url = |u: &str| format!("{}/v1.0/users/{u}/checkMemberGroups", sim.graph_url());
+    let unknown = "00000000-0000-4000-8000-000000000abc";
+    let ids = json!({"groupIds": [fx.all_group_id, unknown]});
+    let (st, body) = post_json(&url(&via_nested), &tok, &ids).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["value"], json!([fx.all_group_id]), "{body}");
+
+    // Removed from the nested group: a member of neither.
+    sim.remove_member(&fx.nested_group_id, &via_nested);
+    let (_, body) = post_json(&url(&via_nested), &tok, &ids).await;
+    assert_eq!(body["value"], json!([]), "{body}");
+
+    // More than 20 ids, a missing body and GET are refused.
+    let many: Vec<String> = (0..21).map(|i| format!("g{i}")).collect();
+    let (st, _) = post_json(&url(&via_nested), &tok, &json!({"groupIds": many})).await;
+    assert_eq!(st, 400);
+    let (st, _, body) = get(&url(&via_nested), &tok).await;
+    assert_eq!(st, 405, "{body}");
+
+    // Soft-deleted: 404, also in a batch, where a body needs its Content-Type.
+    sim.soft_delete_user(&via_nested);
+    let batch = format!("{}/v1.0/$batch", sim.graph_url());
+    let (st, body) = post_json(
+        &batch,
+        &tok,
+        &json!({"requests": [
+            {"id": "1", "method": "POST", "url": format!("/users/{via_nested}/checkMemberGroups"),
+             "headers": {"Content-Type": "application/json"}, "body": ids},
+            {"id": "2", "method": "POST", "url": format!("/users/{}/checkMemberGroups", member_users(&fx)[0].id),
+             "headers": {"Content-Type": "application/json"}, "body": ids},
+        ]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let by_id: HashMap<String, Value> = body["responses"]
+        .as_array()
+        .expect("responses")
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap_or("").to_string(), r.clone()))
+        .collect();
+    assert_eq!(by_id["1"]["status"], 404);
+    assert_eq!(by_id["2"]["status"], 200);
+    assert_eq!(by_id["2"]["body"]["value"], json!([fx.all_group_id]));
+    let (st, body) = post_json(
+        &batch,
+        &tok,
+        &json!({"requests": [{"id": "1", "method": "POST",
+            "url": format!("/users/{}/checkMemberGroups", member_users(&fx)[0].id), "body": ids}]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    sim.stop().await;
+}

@@ -162,6 +162,55 @@ impl UserPage {
     }
 }
 
+/// Most group ids one `checkMemberGroups` request takes (Graph's documented limit).
+pub const CHECK_MEMBER_GROUPS_MAX: usize = 20;
+
+/// One request inside a `$batch`.
+struct BatchRequest {
+    id: String,
+    method: &'static str,
+    /// Relative to the API root, e.g. `/users/{id}/manager`.
+    url: String,
+    body: Option<Value>,
+}
+
+impl BatchRequest {
+    fn get(id: String, url: String) -> BatchRequest {
+        BatchRequest {
+            id,
+            method: "GET",
+            url,
+            body: None,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match &self.body {
+            Some(b) => json!({"id": self.id, "method": self.method, "url": self.url,
+                "headers": {"Content-Type": "application/json"}, "body": b}),
+            None => json!({"id": self.id, "method": self.method, "url": self.url}),
+        }
+    }
+}
+
+fn manager_path(user_id: &str, select: &[String]) -> String {
+    format!(
+        "/users/{}/manager?$select={}",
+        urlencode(user_id),
+        select.join(",")
+    )
+}
+
+/// A user read again to confirm a deactivation (`GraphClient::fresh_reads`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FreshRead {
+    /// `None`: Graph answered 404 (deleted or soft-deleted).
+    pub user: Option<GraphUser>,
+    pub manager: Option<GraphUser>,
+    /// The asked-for groups the user is a transitive member of.
+    pub member_of: Vec<String>,
+}
+
 impl GraphClient {
     pub fn new(settings: GraphSettings, http: reqwest::Client) -> Self {
         let api_root = format!("{}/v1.0", root(&settings.graph_url));
@@ -579,96 +628,73 @@ impl GraphClient {
         }
     }
 
-    /// Managers of up to [`BATCH_LIMIT`] users in one `$batch`; users without a manager map to
-    /// `None`. Inner 429/5xx answers are retried (only those requests) under the retry policy.
-    pub async fn managers(
+    /// Sends up to [`BATCH_LIMIT`] requests in `$batch`es and returns each answer by request id
+    /// (status and body). Inner 429/5xx answers (and requests the batch left unanswered) are
+    /// sent again, alone, under the retry policy (`Retry-After` honoured); any other status is
+    /// the caller's to judge.
+    async fn batch(
         &self,
-        user_ids: &[String],
-        select: &[String],
-    ) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
-        let mut out = HashMap::with_capacity(user_ids.len());
-        let mut pending: Vec<&String> = user_ids.iter().collect();
+        requests: Vec<BatchRequest>,
+    ) -> Result<HashMap<String, (u16, Value)>, GraphError> {
+        let mut out = HashMap::with_capacity(requests.len());
+        let mut pending = requests;
         let batch_url = format!("{}/$batch", self.api_root);
         let mut attempt = 0;
         while !pending.is_empty() {
             attempt += 1;
-            let requests: Vec<Value> = pending
-                .iter()
-                .enumerate()
-                .map(|(i, id)| {
-                    json!({"id": i.to_string(), "method": "GET",
-                        "url": format!("/users/{}/manager?$select={}", urlencode(id), select.join(","))})
-                })
-                .collect();
-            let (status, body) = self
-                .send("POST", &batch_url, Some(&json!({ "requests": requests })))
+            let body: Vec<Value> = pending.iter().map(BatchRequest::to_json).collect();
+            let (status, resp) = self
+                .send("POST", &batch_url, Some(&json!({ "requests": body })))
                 .await?;
             if !(200..300).contains(&status) {
-                return Err(self.api_error("POST", &batch_url, status, &body));
+                return Err(self.api_error("POST", &batch_url, status, &resp));
             }
             let decode = |m: String| GraphError::Decode {
                 what: "Graph $batch".into(),
                 message: m,
             };
-            let mut v: Value = serde_json::from_slice(&body).map_err(|e| decode(e.to_string()))?;
+            let mut v: Value = serde_json::from_slice(&resp).map_err(|e| decode(e.to_string()))?;
             let responses = v
                 .get_mut("responses")
                 .and_then(|r| r.as_array_mut())
                 .ok_or_else(|| decode("no `responses` array".into()))?;
             let mut retry = Vec::new();
             let mut max_wait: Option<Duration> = None;
-            let mut answered = vec![false; pending.len()];
+            let mut answered: HashMap<String, (u16, Value)> = HashMap::new();
             for r in responses {
-                let idx = r
+                let id = r
                     .get("id")
                     .and_then(|i| i.as_str())
-                    .and_then(|i| i.parse::<usize>().ok())
-                    .filter(|i| *i < pending.len())
-                    .ok_or_else(|| decode("a response has an unknown id".into()))?;
-                answered[idx] = true;
+                    .filter(|i| pending.iter().any(|p| p.id == *i))
+                    .ok_or_else(|| decode("a response has an unknown id".into()))?
+                    .to_string();
                 let st = r.get("status").and_then(|s| s.as_u64()).unwrap_or(0) as u16;
-                let uid = pending[idx].clone();
-                match st {
-                    200 => {
-                        let body = r.get_mut("body").map(Value::take).unwrap_or(Value::Null);
-                        let m = GraphUser::from_value(body).map_err(decode)?;
-                        out.insert(uid, Some(m));
-                    }
-                    404 => {
-                        out.insert(uid, None);
-                    }
-                    429 | 500 | 502 | 503 | 504 => {
-                        let ra = r
-                            .get("headers")
-                            .and_then(|h| h.as_object())
-                            .and_then(|h| {
-                                h.iter()
-                                    .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
-                                    .and_then(|(_, v)| {
-                                        v.as_str()
-                                            .and_then(|s| s.parse::<u64>().ok())
-                                            .or(v.as_u64())
-                                    })
-                            })
-                            .map(Duration::from_secs);
-                        max_wait = max_wait.max(ra);
-                        retry.push(pending[idx]);
-                    }
-                    other => {
-                        let body = serde_json::to_vec(r.get("body").unwrap_or(&Value::Null))
-                            .unwrap_or_default();
-                        return Err(self.api_error(
-                            "GET",
-                            &format!("{}/users/{uid}/manager", self.api_root),
-                            other,
-                            &body,
-                        ));
-                    }
+                if matches!(st, 429 | 500 | 502 | 503 | 504) {
+                    let ra = r
+                        .get("headers")
+                        .and_then(|h| h.as_object())
+                        .and_then(|h| {
+                            h.iter()
+                                .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                                .and_then(|(_, v)| {
+                                    v.as_str()
+                                        .and_then(|s| s.parse::<u64>().ok())
+                                        .or(v.as_u64())
+                                })
+                        })
+                        .map(Duration::from_secs);
+                    max_wait = max_wait.max(ra);
+                    continue;
                 }
+                let body = r.get_mut("body").map(Value::take).unwrap_or(Value::Null);
+                answered.insert(id, (st, body));
             }
-            for (i, a) in answered.iter().enumerate() {
-                if !a {
-                    retry.push(pending[i]);
+            for p in pending {
+                match answered.remove(&p.id) {
+                    Some(a) => {
+                        out.insert(p.id, a);
+                    }
+                    None => retry.push(p),
                 }
             }
             if !retry.is_empty() {
@@ -679,7 +705,7 @@ impl GraphClient {
                         status: 429,
                         code: "TooManyRequests".into(),
                         message: format!(
-                            "{} manager reads still throttled after {attempt} attempts",
+                            "{} batched reads still throttled after {attempt} attempts",
                             retry.len()
                         ),
                         hint: String::new(),
@@ -688,6 +714,163 @@ impl GraphClient {
                 tokio::time::sleep(self.retry.delay(attempt, max_wait)).await;
             }
             pending = retry;
+        }
+        Ok(out)
+    }
+
+    /// Managers of up to [`BATCH_LIMIT`] users in one `$batch`; users without a manager map to
+    /// `None`. Inner 429/5xx answers are retried (only those requests) under the retry policy.
+    pub async fn managers(
+        &self,
+        user_ids: &[String],
+        select: &[String],
+    ) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
+        let requests = user_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| BatchRequest::get(i.to_string(), manager_path(id, select)))
+            .collect();
+        let mut answers = self.batch(requests).await?;
+        let mut out = HashMap::with_capacity(user_ids.len());
+        for (i, uid) in user_ids.iter().enumerate() {
+            let (status, body) = answers.remove(&i.to_string()).unwrap_or((0, Value::Null));
+            out.insert(uid.clone(), self.manager_answer(uid, status, body)?);
+        }
+        Ok(out)
+    }
+
+    /// One `$batch` answer to a manager read: the manager, `None` for 404 (no manager).
+    fn manager_answer(
+        &self,
+        user_id: &str,
+        status: u16,
+        body: Value,
+    ) -> Result<Option<GraphUser>, GraphError> {
+        match status {
+            200 => GraphUser::from_value(body)
+                .map(Some)
+                .map_err(|m| GraphError::Decode {
+                    what: "Graph $batch".into(),
+                    message: m,
+                }),
+            404 => Ok(None),
+            other => {
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                Err(self.api_error(
+                    "GET",
+                    &format!("{}/users/{user_id}/manager", self.api_root),
+                    other,
+                    &body,
+                ))
+            }
+        }
+    }
+
+    /// Reads users afresh to confirm a deactivation: each user (`None`: 404, gone), its manager,
+    /// and which of `groups` it is a transitive member of (`checkMemberGroups`), in `$batch`es.
+    /// A user whose reads failed carries the error; the others are still answered.
+    pub async fn fresh_reads(
+        &self,
+        user_ids: &[String],
+        user_select: &[String],
+        manager_select: Option<&[String]>,
+        groups: &[String],
+    ) -> Result<HashMap<String, Result<FreshRead, GraphError>>, GraphError> {
+        let group_chunks: Vec<&[String]> = groups.chunks(CHECK_MEMBER_GROUPS_MAX).collect();
+        let per_user = 1 + usize::from(manager_select.is_some()) + group_chunks.len();
+        let users_per_batch = (BATCH_LIMIT / per_user).max(1);
+        let mut out = HashMap::with_capacity(user_ids.len());
+        for chunk in user_ids.chunks(users_per_batch) {
+            let mut requests = Vec::with_capacity(chunk.len() * per_user);
+            for (i, uid) in chunk.iter().enumerate() {
+                requests.push(BatchRequest::get(
+                    format!("{i}u"),
+                    format!(
+                        "/users/{}?$select={}",
+                        urlencode(uid),
+                        user_select.join(",")
+                    ),
+                ));
+                if let Some(sel) = manager_select {
+                    requests.push(BatchRequest::get(format!("{i}m"), manager_path(uid, sel)));
+                }
+                for (g, ids) in group_chunks.iter().enumerate() {
+                    requests.push(BatchRequest {
+                        id: format!("{i}g{g}"),
+                        method: "POST",
+                        url: format!("/users/{}/checkMemberGroups", urlencode(uid)),
+                        body: Some(json!({ "groupIds": ids })),
+                    });
+                }
+            }
+            let mut answers = self.batch(requests).await?;
+            for (i, uid) in chunk.iter().enumerate() {
+                let mut take = |k: String| answers.remove(&k).unwrap_or((0, Value::Null));
+                let read = (|| {
+                    let (st, body) = take(format!("{i}u"));
+                    let user = match st {
+                        200 => {
+                            Some(GraphUser::from_value(body).map_err(|m| GraphError::Decode {
+                                what: "Graph user".into(),
+                                message: m,
+                            })?)
+                        }
+                        404 => None,
+                        other => {
+                            let body = serde_json::to_vec(&body).unwrap_or_default();
+                            return Err(self.api_error(
+                                "GET",
+                                &format!("{}/users/{uid}", self.api_root),
+                                other,
+                                &body,
+                            ));
+                        }
+                    };
+                    let manager = match manager_select {
+                        Some(_) => {
+                            let (st, body) = take(format!("{i}m"));
+                            match (&user, st) {
+                                (None, _) => None,
+                                _ => self.manager_answer(uid, st, body)?,
+                            }
+                        }
+                        None => None,
+                    };
+                    let mut member_of = Vec::new();
+                    for g in 0..group_chunks.len() {
+                        let (st, body) = take(format!("{i}g{g}"));
+                        match (st, &user) {
+                            (200, _) => member_of.extend(
+                                body.get("value")
+                                    .and_then(|v| v.as_array())
+                                    .map(|a| {
+                                        a.iter()
+                                            .filter_map(|x| x.as_str().map(str::to_string))
+                                            .collect::<Vec<_>>()
+                                    })
+                                    .unwrap_or_default(),
+                            ),
+                            // A user that is gone is in no group.
+                            (404, None) => {}
+                            (other, _) => {
+                                let body = serde_json::to_vec(&body).unwrap_or_default();
+                                return Err(self.api_error(
+                                    "POST",
+                                    &format!("{}/users/{uid}/checkMemberGroups", self.api_root),
+                                    other,
+                                    &body,
+                                ));
+                            }
+                        }
+                    }
+                    Ok(FreshRead {
+                        user,
+                        manager,
+                        member_of,
+                    })
+                })();
+                out.insert(uid.clone(), read);
+            }
         }
         Ok(out)
     }

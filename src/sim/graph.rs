@@ -14,6 +14,8 @@
 //! * `GET /v1.0/users/{id | userPrincipalName}` and `/users/{id}/manager`, with `$select`.
 //! * `GET /v1.0/users/{id | userPrincipalName}/memberOf` and `/transitiveMemberOf` (optionally
 //!   cast with `/microsoft.graph.group`), with `$select`, `$top` and paging as above.
+//! * `POST /v1.0/users/{id | userPrincipalName}/checkMemberGroups` (`{"groupIds": [..]}`, at
+//!   most 20 ids; transitive), also inside `$batch` with a JSON body and a `Content-Type` header.
 //! * `POST /v1.0/$batch` (max 20 requests, responses shuffled, inner requests throttled
 //!   individually, `dependsOn` honoured).
 //! * Throttling faults: `429` + `Retry-After` from a seeded RNG.
@@ -1276,6 +1278,7 @@ fn classify(segs: &[String]) -> &'static str {
         [a, _, b, ..] if a == "groups" && b == "members" => "members",
         [a, _] if a == "users" => "user",
         [a, _, b] if a == "users" && b == "manager" => "manager",
+        [a, _, b] if a == "users" && b == "checkMemberGroups" => "checkMemberGroups",
         [a, _, b, ..] if a == "users" && (b == "memberOf" || b == "transitiveMemberOf") => {
             "memberOf"
         }
@@ -1309,6 +1312,11 @@ fn api_request(
     if let Err(e) = check_auth(&s, ctx, req) {
         return e;
     }
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     serve(
         &mut s,
         &sim.base_url,
@@ -1317,7 +1325,18 @@ fn api_request(
         rest,
         &segs,
         query,
+        Payload {
+            body,
+            content_type: content_type.as_deref(),
+        },
     )
+}
+
+/// The body of a request and its declared content type (`POST` only).
+#[derive(Clone, Copy)]
+struct Payload<'a> {
+    body: &'a [u8],
+    content_type: Option<&'a str>,
 }
 
 fn method_not_allowed(ctx: &Ctx) -> ApiResponse {
@@ -1331,6 +1350,7 @@ fn method_not_allowed(ctx: &Ctx) -> ApiResponse {
 
 /// Serves one authenticated API request (top level or inner $batch): throttling, method check,
 /// routing. `raw_path` is the path after `/v1.0/` as sent (used to build nextLinks).
+#[allow(clippy::too_many_arguments)]
 fn serve(
     s: &mut State,
     base: &str,
@@ -1339,10 +1359,17 @@ fn serve(
     raw_path: &str,
     segs: &[String],
     query: &str,
+    payload: Payload<'_>,
 ) -> ApiResponse {
     if s.should_throttle() {
         s.count("throttled");
         return throttled(ctx, s);
+    }
+    if segs.len() == 3 && segs[0] == "users" && segs[2] == "checkMemberGroups" {
+        if !method.eq_ignore_ascii_case("POST") {
+            return method_not_allowed(ctx);
+        }
+        return check_member_groups(s, base, ctx, &segs[1], payload);
     }
     if !method.eq_ignore_ascii_case("GET") {
         return method_not_allowed(ctx);
@@ -1966,6 +1993,72 @@ fn list_member_of(
     ApiResponse::json(200, Value::Object(body))
 }
 
+/// Most group ids `checkMemberGroups` takes in one request.
+const CHECK_MEMBER_GROUPS_MAX: usize = 20;
+
+/// `POST /users/{id | userPrincipalName}/checkMemberGroups` with `{"groupIds": [...]}` (at most
+/// 20): the subset of those groups the user is a member of, directly or through nested groups.
+/// A missing or soft-deleted user is a 404, as on Graph.
+fn check_member_groups(
+    s: &mut State,
+    base: &str,
+    ctx: &Ctx,
+    key: &str,
+    payload: Payload<'_>,
+) -> ApiResponse {
+    let json_body = payload
+        .content_type
+        .is_some_and(|c| c.to_ascii_lowercase().starts_with("application/json"));
+    if !json_body {
+        return bad_request(
+            ctx,
+            "Content-Type 'application/json' is required for a request with a body.",
+        );
+    }
+    let v: Value = match serde_json::from_slice(payload.body) {
+        Ok(v) => v,
+        Err(_) => return bad_request(ctx, "Invalid JSON in the request body."),
+    };
+    let Some(ids) = v.get("groupIds").and_then(Value::as_array) else {
+        return bad_request(ctx, "The parameter 'groupIds' is missing.");
+    };
+    let Some(ids) = ids
+        .iter()
+        .map(|i| i.as_str().map(str::to_string))
+        .collect::<Option<Vec<String>>>()
+    else {
+        return bad_request(ctx, "The parameter 'groupIds' must be an array of strings.");
+    };
+    if ids.is_empty() || ids.len() > CHECK_MEMBER_GROUPS_MAX {
+        return bad_request(
+            ctx,
+            &format!(
+                "The parameter 'groupIds' must hold between 1 and {CHECK_MEMBER_GROUPS_MAX} ids."
+            ),
+        );
+    }
+    let Some(uid) = s.find_user(key).map(|u| u.id.clone()) else {
+        return not_found(ctx, key);
+    };
+    let mine: HashSet<String> = s
+        .groups_of(&uid, true)
+        .into_iter()
+        .map(|g| g.to_lowercase())
+        .collect();
+    let value: Vec<Value> = ids
+        .into_iter()
+        .filter(|g| mine.contains(&g.to_lowercase()))
+        .map(Value::String)
+        .collect();
+    ApiResponse::json(
+        200,
+        json!({
+            "@odata.context": format!("{base}/v1.0/$metadata#Collection(Edm.String)"),
+            "value": value,
+        }),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // $batch
 // ---------------------------------------------------------------------------------------------
@@ -1975,6 +2068,9 @@ struct InnerRequest {
     method: String,
     url: String,
     depends_on: Vec<String>,
+    /// The inner request's JSON body, serialized again (POST only).
+    body: Option<Vec<u8>>,
+    content_type: Option<String>,
 }
 
 fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
@@ -2009,11 +2105,31 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
             .get("url")
             .and_then(Value::as_str)
             .ok_or_else(|| format!("Request '{id}' in batch has no 'url'."))?;
+        let mut content_type = None;
         if let Some(h) = r.get("headers") {
-            if !h.is_object() && !h.is_null() {
-                return Err(format!("Request '{id}' in batch has invalid 'headers'."));
+            match h {
+                Value::Object(m) => {
+                    content_type = m
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                        .and_then(|(_, v)| v.as_str())
+                        .map(str::to_string);
+                }
+                Value::Null => {}
+                _ => return Err(format!("Request '{id}' in batch has invalid 'headers'.")),
             }
         }
+        let body = match r.get("body") {
+            None | Some(Value::Null) => None,
+            Some(b) => {
+                if content_type.is_none() {
+                    return Err(format!(
+                        "Request '{id}' in batch has a body but no 'Content-Type' header."
+                    ));
+                }
+                Some(serde_json::to_vec(b).unwrap_or_default())
+            }
+        };
         let depends_on = match r.get("dependsOn") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(a)) => a
@@ -2032,6 +2148,8 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
             method: method.to_string(),
             url: url.to_string(),
             depends_on,
+            body,
+            content_type,
         });
     }
     for r in &out {
@@ -2143,7 +2261,11 @@ fn serve_inner(s: &mut State, base: &str, ctx: &Ctx, r: &InnerRequest) -> ApiRes
         return bad_request(ctx, "Nested batch requests are not supported.");
     }
     s.count(classify(&segs));
-    serve(s, base, ctx, &r.method, path, &segs, query)
+    let payload = Payload {
+        body: r.body.as_deref().unwrap_or(&[]),
+        content_type: r.content_type.as_deref(),
+    };
+    serve(s, base, ctx, &r.method, path, &segs, query, payload)
 }
 
 // ---------------------------------------------------------------------------------------------
