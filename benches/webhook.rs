@@ -424,6 +424,7 @@ fn real_store(dir: &std::path::Path) -> (Store, IntegrationStore) {
         renewed_at: None,
         last_error: None,
         notification_url: format!("https://rostersync.example.com/webhooks/graph/{INTEGRATION}"),
+        client_state_fp: None,
     })
     .expect("subscription record");
     store.flush().expect("flush");

@@ -163,6 +163,8 @@ struct RawIntegration {
     graph_url: Option<String>,
     #[serde(default = "default_max_deactivations")]
     max_deactivations: toml::Value,
+    /// The window `max_deactivations` holds over, e.g. "24h".
+    guard_window: Option<String>,
     #[serde(default = "yes")]
     link_existing: bool,
     #[serde(default)]
@@ -500,6 +502,8 @@ pub struct IntegrationConfig {
     pub login_url: Url,
     pub graph_url: Url,
     pub max_deactivations: DeactivationLimit,
+    /// The rolling window over which `max_deactivations` holds, shared by every path.
+    pub guard_window: chrono::Duration,
     pub link_existing: bool,
     /// Concurrent Graph requests (manager batches) during a reconcile.
     pub graph_concurrency: usize,
@@ -525,6 +529,25 @@ impl IntegrationConfig {
     pub fn cron(&self) -> Result<croner::Cron, String> {
         parse_schedule(&self.schedule)
     }
+}
+
+/// A guard window: a number with a unit, `m` (minutes), `h` (hours) or `d` (days), from one
+/// minute to 30 days ("24h", "90m", "7d").
+fn parse_window(s: &str) -> Result<chrono::Duration, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a window such as \"24h\", \"90m\" or \"7d\"");
+    let (num, unit) = t.split_at(t.len().saturating_sub(1));
+    let n: i64 = num.trim().parse().map_err(|_| bad())?;
+    let d = match unit {
+        "m" => chrono::Duration::minutes(n),
+        "h" => chrono::Duration::hours(n),
+        "d" => chrono::Duration::days(n),
+        _ => return Err(bad()),
+    };
+    if d < chrono::Duration::minutes(1) || d > chrono::Duration::days(30) {
+        return Err(format!("{s:?} must be between 1 minute and 30 days"));
+    }
+    Ok(d)
 }
 
 fn parse_schedule(s: &str) -> Result<croner::Cron, String> {
@@ -687,6 +710,10 @@ impl Config {
             )?;
             let max_deactivations = DeactivationLimit::parse(&ri.max_deactivations)
                 .map_err(|m| invalid(k("max_deactivations"), m))?;
+            let guard_window = match ri.guard_window.as_deref() {
+                None => chrono::Duration::hours(24),
+                Some(w) => parse_window(w).map_err(|m| invalid(k("guard_window"), m))?,
+            };
             let credential =
                 resolve_credential(&ri, &k, base, std::env::var_os(FEDERATED_TOKEN_FILE_ENV))?;
             let graph_concurrency = ri.graph_concurrency.unwrap_or(4);
@@ -793,6 +820,7 @@ impl Config {
                 login_url,
                 graph_url,
                 max_deactivations,
+                guard_window,
                 link_existing: ri.link_existing,
                 graph_concurrency,
                 target: TargetConfig {
@@ -1224,6 +1252,7 @@ token = { value = "scim-token" }
         assert_eq!(i.name.as_str(), "contoso");
         assert_eq!(i.username, UsernameSource::Mail);
         assert_eq!(i.max_deactivations, DeactivationLimit::Count(25));
+        assert_eq!(i.guard_window, chrono::Duration::hours(24));
         assert_eq!(i.login_url.as_str(), "https://login.microsoftonline.com/");
         assert_eq!(i.target.url.as_str(), "https://lms.example.com/scim/v2");
         assert_eq!(i.target.concurrency, 8);
@@ -1275,6 +1304,15 @@ token = { value = "scim-token" }
             "subscription_minutes = 60\nrenew_before_minutes = 60",
         ));
         assert!(e.contains(".renew_before_minutes:"), "{e}");
+        let e = err_of(&with("guard_window = \"a day\""));
+        assert!(e.contains(".guard_window:") && e.contains("24h"), "{e}");
+        let e = err_of(&with("guard_window = \"31d\""));
+        assert!(e.contains(".guard_window:") && e.contains("30 days"), "{e}");
+        let c = Config::from_toml(&with("guard_window = \"90m\""), Path::new(".")).unwrap();
+        assert_eq!(
+            c.integrations[0].guard_window,
+            chrono::Duration::minutes(90)
+        );
         let e = err_of(&with("client_state = { value = \"short\" }"));
         assert!(
             e.contains(".client_state:") && !e.contains("short\""),

@@ -150,6 +150,10 @@ enum QueueCmd {
         /// All dead letters.
         #[arg(long)]
         all: bool,
+        /// Let the replayed items' deactivations pass the mass-deactivation guard (and clear
+        /// its trip): for deactivations the guard held that are really intended.
+        #[arg(long)]
+        allow_mass_deactivation: bool,
     },
 }
 
@@ -235,9 +239,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Serve => {
             init_logging(&cli, false);
             let config = load_config(&cli)?;
+            let options = rostersync::serve::ServeOptions {
+                worker: rostersync::sync::worker::WorkerSettings::from_config(&config.server),
+                ..rostersync::serve::ServeOptions::default()
+            };
             rostersync::serve::serve(
                 config,
-                rostersync::serve::ServeOptions::default(),
+                options,
                 |addr| println!("listening on {addr}"),
                 shutdown_signal(),
             )
@@ -358,11 +366,19 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                             );
                         }
                     }
-                    QueueCmd::Replay { id, all } => {
+                    QueueCmd::Replay {
+                        id,
+                        all,
+                        allow_mass_deactivation,
+                    } => {
                         if id.is_none() && !all {
                             anyhow::bail!("queue replay: give a dead letter id or --all");
                         }
-                        let n = s.replay(if *all { None } else { *id })?;
+                        if *allow_mass_deactivation {
+                            s.clear_guard_trip()?;
+                        }
+                        let n =
+                            s.replay(if *all { None } else { *id }, *allow_mass_deactivation)?;
                         println!("{}  {n} dead letter(s) queued again", cfg.name);
                     }
                 }

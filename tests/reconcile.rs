@@ -85,41 +85,68 @@ async fn each_kind_of_change_produces_exactly_the_expected_change() {
     assert_eq!(r.changes[0].changes[0].key, "title");
     assert_eq!(env.lms_user(promoted)["title"], "Chief Learning Officer");
 
+    // The enabled members a user manages: their manager link follows the manager.
+    let reports_of = |m: &str| -> Vec<String> {
+        let mut v: Vec<String> = env
+            .member_ids()
+            .into_iter()
+            .filter(|id| {
+                let u = env.graph.user(id).unwrap();
+                u.account_enabled && u.manager_id.as_deref() == Some(m)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // Only the deactivation, and the manager links of the user's reports.
+    let check = |r: &rostersync::sync::reconcile::RunReport, action: Action, who: &[&String]| {
+        let mut main: Vec<String> = r
+            .changes
+            .iter()
+            .filter(|c| c.action == action)
+            .map(|c| c.entra_id.clone())
+            .collect();
+        main.sort();
+        let mut want: Vec<String> = who.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(main, want, "{:?}", r.changes);
+        let mut links: Vec<String> = r
+            .changes
+            .iter()
+            .filter(|c| c.action != action)
+            .map(|c| {
+                assert_eq!(c.action, Action::Update, "{c:?}");
+                assert_eq!(c.changes.len(), 1, "{c:?}");
+                assert_eq!(c.changes[0].key, "enterprise.manager", "{c:?}");
+                c.entra_id.clone()
+            })
+            .collect();
+        links.sort();
+        let mut want_links: Vec<String> = who.iter().flat_map(|m| reports_of(m)).collect();
+        want_links.sort();
+        assert_eq!(links, want_links, "manager links of the reports");
+    };
+
     // Direct members may also sit in the nested group; remove from both.
     env.graph.remove_member(&env.fx.all_group_id, leaver);
     env.graph.remove_member(&env.fx.nested_group_id, leaver);
     let r = env.reconcile().await;
-    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
-    assert_eq!(
-        (r.changes[0].action, r.changes[0].entra_id.as_str()),
-        (Action::Deactivate, leaver.as_str())
-    );
+    check(&r, Action::Deactivate, &[leaver]);
     assert_eq!(env.lms_user(leaver)["active"], false);
 
     env.graph
         .update_user(disabled, |u| u.account_enabled = false);
     let r = env.reconcile().await;
-    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
-    assert_eq!(r.changes[0].action, Action::Deactivate);
+    check(&r, Action::Deactivate, &[disabled]);
     assert_eq!(env.lms_user(disabled)["active"], false);
 
     env.graph.add_member(&env.fx.all_group_id, leaver);
     env.graph
         .update_user(disabled, |u| u.account_enabled = true);
     let r = env.reconcile().await;
-    let mut got: Vec<_> = r
-        .changes
-        .iter()
-        .map(|c| (c.action, c.entra_id.clone()))
-        .collect();
-    got.sort();
-    let mut want = vec![
-        (Action::Reactivate, leaver.clone()),
-        (Action::Reactivate, disabled.clone()),
-    ];
-    want.sort();
-    assert_eq!(got, want);
+    check(&r, Action::Reactivate, &[leaver, disabled]);
     assert_eq!(env.lms_user(leaver)["active"], true);
+    env.assert_lms_matches_tenant(upn);
 
     // A hard-deleted user is deactivated, never deleted in the LMS.
     env.graph.delete_user(promoted);

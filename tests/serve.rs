@@ -31,6 +31,7 @@ fn opts() -> ServeOptions {
             max_attempts: 3,
             backoff_base: Duration::from_millis(200),
             backoff_cap: Duration::from_secs(2),
+            gone_confirm_after: Duration::from_millis(500),
         },
         health_interval: Duration::from_millis(300),
         renew_interval: Duration::from_secs(1),

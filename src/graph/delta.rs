@@ -44,6 +44,65 @@ fn kind_of(t: Option<&str>) -> MemberKind {
 }
 
 impl GraphClient {
+    /// A group's direct members (users, groups and other objects), read page by page: what a
+    /// fresh delta round would tell, for rebuilding the membership mirror.
+    pub async fn direct_members(
+        &self,
+        group_id: &str,
+    ) -> Result<Vec<(String, MemberKind)>, GraphError> {
+        let mut out = Vec::new();
+        let mut next = Some(format!(
+            "{}/groups/{}/members?$select=id&$top=999",
+            self.api_root,
+            urlencode(group_id)
+        ));
+        let mut pages = 0usize;
+        while let Some(url) = next.take() {
+            pages += 1;
+            if !url.starts_with(&self.api_root) || pages > MAX_PAGES {
+                return Err(GraphError::Decode {
+                    what: "Graph group members".into(),
+                    message: format!(
+                        "refusing to follow a nextLink outside {} or beyond {MAX_PAGES} pages",
+                        self.api_root
+                    ),
+                });
+            }
+            let v = match self.get_json(&url).await {
+                Err(e) if e.status() == Some(404) => {
+                    return Err(GraphError::GroupNotFound(group_id.to_string()))
+                }
+                r => r?,
+            };
+            next = match v.get("@odata.nextLink").and_then(|x| x.as_str()) {
+                Some(n) if n == url => {
+                    return Err(GraphError::Decode {
+                        what: "Graph group members".into(),
+                        message: "a page links to itself".into(),
+                    })
+                }
+                Some(n) => Some(n.to_string()),
+                None => None,
+            };
+            let items =
+                v.get("value")
+                    .and_then(|x| x.as_array())
+                    .ok_or_else(|| GraphError::Decode {
+                        what: "Graph group members".into(),
+                        message: "the page has no `value` array".into(),
+                    })?;
+            for m in items {
+                if let Some(id) = m.get("id").and_then(|x| x.as_str()) {
+                    out.push((
+                        id.to_string(),
+                        kind_of(m.get("@odata.type").and_then(|x| x.as_str())),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The first URL of a fresh round for one group (returns its current direct members).
     pub fn group_delta_url(&self, group_id: &str) -> String {
         format!(

@@ -23,6 +23,7 @@ use crate::http::admin::{Admin, AdminIntegration};
 use crate::http::{Health, IntegrationHealth};
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::{Store, StoreError};
+use crate::sync::apply;
 use crate::sync::reconcile::{Outcome, RunOptions};
 use crate::sync::worker::{self, Targeting, WorkerSettings};
 use crate::webhook::{tokens::JwksCache, Hook, WebhookState, WebhookStats};
@@ -317,7 +318,11 @@ async fn integration_main(
         opts.clone(),
         stop.clone(),
     ));
-    set.spawn(schedule_loop(Arc::clone(&live), stop.clone()));
+    set.spawn(schedule_loop(
+        Arc::clone(&live),
+        public.clone(),
+        stop.clone(),
+    ));
     set.spawn(renew_loop(
         Arc::clone(&live),
         public.clone(),
@@ -331,8 +336,32 @@ async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
     let integ = &live.integ;
     let ctx = integ.context();
     let tg = worker::targeting(&ctx).await.map_err(|e| e.to_string())?;
+    // Writes a crash left unconfirmed are read back before anything trusts the index; the
+    // users they touched (and those they manage) are decided again.
+    let settled = apply::settle_intents(&ctx, &tg.managed)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut again: std::collections::BTreeSet<String> = settled.settled.iter().cloned().collect();
+    for m in &settled.moved {
+        again.extend(integ.store.reports_of(m).map_err(|e| e.to_string())?);
+    }
+    if !again.is_empty() {
+        let hints: Vec<QueueItem> = again
+            .into_iter()
+            .map(|u| {
+                QueueItem::new(Hint::User {
+                    user_id: u,
+                    follow_up: true,
+                })
+            })
+            .collect();
+        integ.store.enqueue(&hints).map_err(|e| e.to_string())?;
+    }
     worker::init_tree(&ctx).await.map_err(|e| e.to_string())?;
-    subs::ensure(integ, public, &live.client_state)
+    let gone = subs::reconcile_with_graph(integ, public)
+        .await
+        .map_err(|e| e.to_string())?;
+    let recreated = subs::ensure(integ, public, &live.client_state)
         .await
         .map_err(|e| e.to_string())?;
     let ever_reconciled = integ
@@ -340,6 +369,15 @@ async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
         .runs::<crate::sync::reconcile::RunReport>(1)
         .map(|r| !r.is_empty())
         .unwrap_or(false);
+    if ever_reconciled && (gone || recreated) {
+        integ
+            .store
+            .enqueue(&[QueueItem::new(Hint::Reconcile {
+                reason: "a subscription was made again at start-up".into(),
+            })])
+            .map_err(|e| e.to_string())?;
+        live.wake.notify_one();
+    }
     if !ever_reconciled {
         integ
             .store
@@ -352,7 +390,7 @@ async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
     Ok(tg)
 }
 
-async fn full_reconcile(live: &Live, reason: &str) {
+async fn full_reconcile(live: &Live, public: &Url, reason: &str) {
     tracing::info!(integration = %live.integ.cfg.name, %reason, "full reconcile");
     let report = live.integ.reconcile(RunOptions::default(), None).await;
     live.health.set_problem(
@@ -360,6 +398,12 @@ async fn full_reconcile(live: &Live, reason: &str) {
         (report.outcome == Outcome::Failed)
             .then(|| report.error.clone().unwrap_or_else(|| "failed".into())),
     );
+    if report.tree_changed {
+        // Nested groups joined or left: their subscriptions follow.
+        if let Err(e) = subs::ensure(&live.integ, public, &live.client_state).await {
+            tracing::error!(error = %e, "subscriptions for a changed group tree failed");
+        }
+    }
 }
 
 async fn worker_loop(
@@ -426,14 +470,18 @@ async fn worker_loop(
                 match worker::process(&ctx, &tg, &opts.worker, normal).await {
                     Ok(out) => {
                         live.health.set_problem("worker", None);
-                        if !out.expired_groups.is_empty() {
-                            reconcile_reason = Some("a delta link expired".into());
+                        live.health.set_problem(
+                            "groups",
+                            (!out.stopped.is_empty()).then(|| out.stopped.join("; ")),
+                        );
+                        if let Some(r) = out.reconcile {
+                            reconcile_reason = Some(r);
                         }
-                        if !out.new_groups.is_empty() {
+                        if out.tree_changed {
                             if let Err(e) =
                                 subs::ensure(&live.integ, &public, &live.client_state).await
                             {
-                                tracing::error!(error = %e, "subscriptions for new nested groups failed");
+                                tracing::error!(error = %e, "subscriptions for a changed group tree failed");
                             }
                         }
                     }
@@ -445,7 +493,7 @@ async fn worker_loop(
                 }
             }
             if let Some(reason) = reconcile_reason {
-                full_reconcile(&live, &reason).await;
+                full_reconcile(&live, &public, &reason).await;
             }
             if let Err(e) = store.dequeue(&done) {
                 tracing::error!(error = %e, "cannot remove handled items");
@@ -471,7 +519,7 @@ async fn worker_loop(
     }
 }
 
-async fn schedule_loop(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
+async fn schedule_loop(live: Arc<Live>, public: Url, mut stop: watch::Receiver<bool>) {
     let cfg = &live.integ.cfg;
     let Ok(cron) = cfg.cron() else { return };
     loop {
@@ -492,7 +540,7 @@ async fn schedule_loop(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
         }
         // Incremental work waits while this runs (and this waits for a batch in flight).
         let _guard = live.run_lock.lock().await;
-        full_reconcile(&live, "schedule").await;
+        full_reconcile(&live, &public, "schedule").await;
     }
 }
 

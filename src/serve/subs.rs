@@ -10,7 +10,7 @@ use crate::app::Integration;
 use crate::config::MAX_SUBSCRIPTION_MINUTES;
 use crate::graph::subscriptions::{Created, NewSubscription};
 use crate::graph::GraphError;
-use crate::store::state::{SubscriptionRecord, Watch};
+use crate::store::state::{client_state_fingerprint, SubscriptionRecord, Watch};
 use crate::store::StoreError;
 
 pub const CHANGE_TYPE: &str = "updated,deleted";
@@ -204,6 +204,7 @@ async fn create(
                     renewed_at: None,
                     last_error: None,
                     notification_url: n.clone(),
+                    client_state_fp: Some(client_state_fingerprint(client_state)),
                 };
                 integ.store.put_subscription(&rec)?;
                 return Ok(rec);
@@ -260,9 +261,19 @@ pub async fn ensure(
     let now = Utc::now();
     let mut recreated = false;
     let mut errors = Vec::new();
+    let fp = client_state_fingerprint(client_state);
     for w in &wanted {
         let existing = have.iter().position(|r| &r.watch == w);
         let result = match existing.map(|i| have.remove(i)) {
+            // The clientState was changed: Graph would keep sending the old one, which the
+            // webhook refuses. Renewal cannot change it, so the subscription is made again.
+            Some(rec) if rec.client_state_fp.as_ref().is_some_and(|f| *f != fp) => {
+                tracing::warn!(subscription = %rec.id, resource = %rec.resource, "clientState changed; creating the subscription again with the new one");
+                let _ = integ.graph.delete_subscription(&rec.id).await;
+                integ.store.remove_subscription(&rec.id)?;
+                recreated = true;
+                create(integ, public, client_state, w).await.map(|_| ())
+            }
             // public_url changed: Graph would keep posting to the old address. The lifecycle
             // URL cannot be changed by PATCH, so the subscription is made again.
             Some(rec)
@@ -276,7 +287,14 @@ pub async fn ensure(
                 recreated = true;
                 create(integ, public, client_state, w).await.map(|_| ())
             }
-            Some(rec) if rec.expires_at > now + renew_before(integ, &rec) => Ok(()),
+            Some(mut rec) if rec.expires_at > now + renew_before(integ, &rec) => {
+                if rec.client_state_fp.is_none() {
+                    // Made before fingerprints were kept: taken to carry the current one.
+                    rec.client_state_fp = Some(fp.clone());
+                    integ.store.put_subscription(&rec)?;
+                }
+                Ok(())
+            }
             Some(mut rec) if rec.expires_at > now => match renew_record(integ, &mut rec).await {
                 Ok(true) => Ok(()),
                 Ok(false) => {
@@ -313,6 +331,36 @@ pub async fn ensure(
         crate::alert::subscriptions_failed(&integ.cfg, &integ.store, &errors);
         Err(SubsError::Other(errors.join("; ")))
     }
+}
+
+/// At start-up: what Graph holds for this integration's notification URL is compared with the
+/// store. A subscription at Graph that the store does not know (made by a process that died
+/// before recording it) is deleted, so none is left that nobody renews or answers; a record
+/// whose subscription is gone at Graph is dropped, so `ensure` makes it again. Returns true
+/// when a recorded subscription was gone (notifications may have been missed).
+pub async fn reconcile_with_graph(integ: &Integration, public: &Url) -> Result<bool, SubsError> {
+    let ours = notification_url(public, integ.cfg.name.as_str());
+    let same = |a: &str| {
+        a.trim_end_matches('/')
+            .eq_ignore_ascii_case(ours.trim_end_matches('/'))
+    };
+    let remote = integ.graph.list_subscriptions().await?;
+    let have = integ.store.subscriptions()?;
+    for s in remote.iter().filter(|s| same(&s.notification_url)) {
+        if !have.iter().any(|r| r.id == s.id) {
+            tracing::warn!(subscription = %s.id, resource = %s.resource, "a subscription for our notification URL that the store does not know (left by an interrupted start); deleting it");
+            integ.graph.delete_subscription(&s.id).await?;
+        }
+    }
+    let mut gone = false;
+    for r in have {
+        if !remote.iter().any(|s| s.id == r.id) {
+            tracing::warn!(subscription = %r.id, resource = %r.resource, "a recorded subscription no longer exists at Graph; it is made again");
+            integ.store.remove_subscription(&r.id)?;
+            gone = true;
+        }
+    }
+    Ok(gone)
 }
 
 /// Whether every wanted subscription is recorded and unexpired.

@@ -7,6 +7,8 @@
 
 pub mod alerts;
 mod commit;
+pub mod guard;
+pub mod intents;
 mod journal;
 pub mod queue;
 pub mod state;
@@ -162,6 +164,8 @@ impl Store {
             traces: t("traces")?,
             trace_names: t("trace_names")?,
             trace_skips: t("trace_skips")?,
+            intents: t("intents")?,
+            guard: t("guard")?,
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
             journal: self.journal.clone(),
@@ -195,6 +199,10 @@ pub struct IntegrationStore {
     trace_names: sled::Tree,
     /// Entra ids whose last trace is a skip (a small tree, read at every reconcile).
     trace_skips: sled::Tree,
+    /// Intents of LMS writes not yet settled (`store::intents`).
+    intents: sled::Tree,
+    /// Deactivations written, by time (`store::guard`).
+    guard: sled::Tree,
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
     journal: Option<Arc<journal::Journal>>,
@@ -288,6 +296,29 @@ impl IntegrationStore {
         Ok(self
             .get_user_as::<TargetOnly>(entra_id)?
             .map(|t| t.target_id))
+    }
+
+    /// The LMS id of a user a manager link may point at: indexed and active in the LMS. A
+    /// manager who left scope (deactivated) is linked by nobody.
+    pub fn linkable_target(&self, entra_id: &str) -> Result<Option<String>, StoreError> {
+        #[derive(Deserialize, Default)]
+        struct ActiveOnly {
+            #[serde(default)]
+            active: Option<crate::sync::mapping::AttrValue>,
+        }
+        #[derive(Deserialize)]
+        struct Link {
+            target_id: String,
+            #[serde(default)]
+            record: ActiveOnly,
+        }
+        Ok(self.get_user_as::<Link>(entra_id)?.and_then(|l| {
+            let inactive = matches!(
+                l.record.active,
+                Some(crate::sync::mapping::AttrValue::Bool(false))
+            );
+            (!inactive).then_some(l.target_id)
+        }))
     }
 
     /// An index entry decoded as `T` (all of it, or the fields `T` names).
@@ -469,6 +500,11 @@ impl IntegrationStore {
         self.meta.insert(key.as_bytes(), encode(v)?)?;
         Ok(())
     }
+
+    pub fn remove_meta(&self, key: &str) -> Result<(), StoreError> {
+        self.meta.remove(key.as_bytes())?;
+        Ok(())
+    }
 }
 
 /// A run id that sorts by time: `20261128T070000Z-1a2b3c4d`.
@@ -533,6 +569,16 @@ pub(crate) mod tests {
         let err = a.get_user("bad").unwrap_err().to_string();
         assert!(err.contains("a/users") && err.contains("bad"), "{err}");
         assert!(!entry(false).active());
+    }
+
+    #[test]
+    fn only_active_users_can_be_linked_as_managers() {
+        let (_s, a) = store_a();
+        a.put_user("m1", &entry(true)).unwrap();
+        a.put_user("m2", &entry(false)).unwrap();
+        assert_eq!(a.linkable_target("m1").unwrap().as_deref(), Some("t1"));
+        assert_eq!(a.linkable_target("m2").unwrap(), None);
+        assert_eq!(a.linkable_target("m3").unwrap(), None);
     }
 
     #[test]

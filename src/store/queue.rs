@@ -30,6 +30,10 @@ pub enum Hint {
     },
     /// Run a full reconcile (a gap in notifications was detected).
     Reconcile { reason: String },
+    /// A queue entry that could not be decoded (written by a newer version, or damaged): kept
+    /// in the dead letters as it was (base64 of at most its first 4 KiB) instead of blocking
+    /// the queue.
+    Undecodable { bytes: usize, raw: String },
 }
 
 impl Hint {
@@ -42,6 +46,7 @@ impl Hint {
                 subscription_id,
             } => format!("lifecycle {event} for subscription {subscription_id}"),
             Hint::Reconcile { reason } => format!("full reconcile ({reason})"),
+            Hint::Undecodable { bytes, .. } => format!("undecodable queue entry ({bytes} bytes)"),
         }
     }
 }
@@ -60,6 +65,13 @@ pub struct QueueItem {
     /// Set on dead letters.
     #[serde(default)]
     pub dead_at: Option<DateTime<Utc>>,
+    /// When Graph first answered 404 for this user hint: a deletion is only believed on a
+    /// second 404 some seconds later (a replica may lag right after a create or a restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_since: Option<DateTime<Utc>>,
+    /// Replayed with `--allow-mass-deactivation`: its deactivation passes the guard.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_mass_deactivation: bool,
 }
 
 impl QueueItem {
@@ -71,7 +83,29 @@ impl QueueItem {
             not_before: None,
             last_error: None,
             dead_at: None,
+            missing_since: None,
+            allow_mass_deactivation: false,
         }
+    }
+
+    /// What an undecodable entry becomes: a dead letter that shows its bytes.
+    fn undecodable(bytes: &[u8], error: String) -> QueueItem {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD.encode(&bytes[..bytes.len().min(4096)]);
+        let mut it = QueueItem::new(Hint::Undecodable {
+            bytes: bytes.len(),
+            raw,
+        });
+        it.last_error = Some(error);
+        it
+    }
+}
+
+/// A queue value as an item; one that cannot be decoded becomes [`Hint::Undecodable`].
+fn decode_item(tree: &str, k: &[u8], v: &[u8]) -> QueueItem {
+    match decode::<QueueItem>(tree, k, v) {
+        Ok(it) => it,
+        Err(e) => QueueItem::undecodable(v, e.to_string()),
     }
 }
 
@@ -133,7 +167,8 @@ impl IntegrationStore {
         Ok(ids)
     }
 
-    /// Up to `limit` items in arrival order whose backoff has passed.
+    /// Up to `limit` items in arrival order whose backoff has passed. An entry that cannot be
+    /// decoded is moved to the dead letters with its bytes (it must not block the queue).
     pub fn queue_ready(
         &self,
         now: DateTime<Utc>,
@@ -143,7 +178,12 @@ impl IntegrationStore {
         let mut out = Vec::new();
         for r in self.queue.iter() {
             let (k, v) = r?;
-            let it: QueueItem = decode(&tree, &k, &v)?;
+            let it = decode_item(&tree, &k, &v);
+            if matches!(it.hint, Hint::Undecodable { .. }) {
+                tracing::error!(integration = %self.name, item = id_of(&k), error = ?it.last_error, "undecodable queue entry moved to the dead letters");
+                self.bury(id_of(&k), &it)?;
+                continue;
+            }
             if it.not_before.is_some_and(|t| t > now) {
                 continue;
             }
@@ -153,20 +193,6 @@ impl IntegrationStore {
             }
         }
         Ok(out)
-    }
-
-    /// The earliest `not_before` among waiting items (when the worker should look again).
-    pub fn queue_next_retry(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let tree = format!("{}/queue", self.name);
-        let mut next: Option<DateTime<Utc>> = None;
-        for r in self.queue.iter() {
-            let (k, v) = r?;
-            let it: QueueItem = decode(&tree, &k, &v)?;
-            if let Some(t) = it.not_before {
-                next = Some(next.map_or(t, |n| n.min(t)));
-            }
-        }
-        Ok(next)
     }
 
     pub fn queue_len(&self) -> usize {
@@ -204,7 +230,7 @@ impl IntegrationStore {
         let mut out = Vec::new();
         for r in self.queue.iter() {
             let (k, v) = r?;
-            let it: QueueItem = decode(&tree, &k, &v)?;
+            let it = decode_item(&tree, &k, &v);
             if it.attempts > 0 {
                 out.push((id_of(&k), it));
                 if out.len() >= limit {
@@ -223,7 +249,7 @@ impl IntegrationStore {
             .take(limit)
             .map(|r| {
                 let (k, v) = r?;
-                Ok((id_of(&k), decode(&tree, &k, &v)?))
+                Ok((id_of(&k), decode_item(&tree, &k, &v)))
             })
             .collect()
     }
@@ -232,27 +258,39 @@ impl IntegrationStore {
         self.dead_letters_first(usize::MAX)
     }
 
-    /// Moves dead letters back to the queue with a fresh attempt count (`None`: all of them).
-    /// Returns how many were moved.
-    pub fn replay(&self, id: Option<u64>) -> Result<usize, StoreError> {
+    /// Moves dead letters back to the queue with a fresh attempt count (`None`: all of them);
+    /// `allow_mass_deactivation` lets their deactivations pass the guard. Undecodable entries
+    /// stay (there is nothing to replay). Returns how many were moved.
+    pub fn replay(
+        &self,
+        id: Option<u64>,
+        allow_mass_deactivation: bool,
+    ) -> Result<usize, StoreError> {
         let items: Vec<(u64, QueueItem)> = match id {
             Some(id) => {
                 let tree = format!("{}/dead", self.name);
                 match self.dead.get(key(id))? {
-                    Some(v) => vec![(id, decode(&tree, &key(id), &v)?)],
+                    Some(v) => vec![(id, decode_item(&tree, &key(id), &v))],
                     None => Vec::new(),
                 }
             }
             None => self.dead_letters()?,
         };
-        for (id, mut it) in items.iter().cloned() {
+        let mut moved = 0;
+        for (id, mut it) in items {
+            if matches!(it.hint, Hint::Undecodable { .. }) {
+                continue;
+            }
             it.attempts = 0;
             it.not_before = None;
             it.dead_at = None;
+            it.missing_since = None;
+            it.allow_mass_deactivation = allow_mass_deactivation;
             self.enqueue(&[it])?;
             self.dead.remove(key(id))?;
+            moved += 1;
         }
-        Ok(items.len())
+        Ok(moved)
     }
 
     pub fn queue_stats(&self, now: DateTime<Utc>) -> Result<QueueStats, StoreError> {
@@ -263,7 +301,7 @@ impl IntegrationStore {
         };
         for r in self.queue.iter() {
             let (k, v) = r?;
-            let it: QueueItem = decode(&tree, &k, &v)?;
+            let it = decode_item(&tree, &k, &v);
             s.queued += 1;
             if it.not_before.is_some_and(|t| t > now) {
                 s.waiting_retry += 1;
@@ -274,5 +312,35 @@ impl IntegrationStore {
             );
         }
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::store_a;
+
+    #[test]
+    fn an_undecodable_entry_goes_to_the_dead_letters_and_blocks_nothing() {
+        let (_s, a) = store_a();
+        let user = |u: &str| {
+            QueueItem::new(Hint::User {
+                user_id: u.into(),
+                follow_up: false,
+            })
+        };
+        let ids = a.enqueue(&[user("u0"), user("u1"), user("u2")]).unwrap();
+        a.queue.insert(key(ids[0]), &b"{not an item"[..]).unwrap();
+        let ready = a.queue_ready(Utc::now(), 10).unwrap();
+        assert_eq!(ready.len(), 2, "{ready:?}");
+        let dead = a.dead_letters().unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(
+            matches!(&dead[0].1.hint, Hint::Undecodable { bytes: 12, raw } if raw == "e25vdCBhbiBpdGVt"),
+            "{dead:?}"
+        );
+        assert!(dead[0].1.last_error.is_some());
+        assert_eq!(a.replay(None, false).unwrap(), 0, "nothing to replay");
+        assert_eq!(a.queue_stats(Utc::now()).unwrap().dead, 1);
     }
 }

@@ -37,6 +37,24 @@ pub struct SubscriptionRecord {
     /// was kept).
     #[serde(default)]
     pub notification_url: String,
+    /// A fingerprint of the clientState the subscription was made with (never the value):
+    /// when the configured clientState changes, the subscription is made again. Records from
+    /// before it was kept have none and are taken to carry the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_state_fp: Option<String>,
+}
+
+/// A fingerprint of a clientState: SHA-256 of a fixed label and the value, first 16 bytes as
+/// hex. Tells a changed clientState from the one a subscription was made with, without
+/// keeping the secret.
+pub fn client_state_fingerprint(client_state: &str) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(b"rostersync clientState v1\0");
+    ctx.update(client_state.as_bytes());
+    ctx.finish().as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A direct member of a group as group delta reports it.
@@ -139,6 +157,31 @@ impl IntegrationStore {
         }
         self.members.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Replaces what is known of `group_id`'s direct members (a fresh listing or delta round).
+    pub fn replace_members(
+        &self,
+        group_id: &str,
+        members: &[(String, MemberKind)],
+    ) -> Result<(), StoreError> {
+        self.clear_members(group_id)?;
+        self.apply_members(group_id, members, &[])
+    }
+
+    /// A group left the tree: its members and its delta link are forgotten, so that it is
+    /// learnt afresh (and its members looked at) if it comes back.
+    pub fn forget_group(&self, group_id: &str) -> Result<(), StoreError> {
+        self.clear_members(group_id)?;
+        self.remove_delta_link(group_id)
+    }
+
+    /// Groups with a delta link (the tree `serve` has learnt).
+    pub fn delta_groups(&self) -> Result<Vec<String>, StoreError> {
+        self.delta
+            .iter()
+            .map(|r| Ok(String::from_utf8_lossy(&r?.0).into_owned()))
+            .collect()
     }
 
     /// Forgets everything known about `group_id`'s members (before a fresh initial round).

@@ -3,6 +3,8 @@
 //! Architecture invariant: `mapping` and `plan` do no I/O; `reconcile` reaches Graph, the
 //! target and the store only through `GraphClient`, the `Target` trait and `IntegrationStore`.
 
+pub mod apply;
+pub mod decide;
 pub mod mapping;
 pub mod plan;
 pub mod reconcile;

@@ -231,41 +231,63 @@ pub fn plan_departure(entra_id: &str, e: &IndexEntry) -> Option<PlannedChange> {
     })
 }
 
-/// Why the guard stopped a run's deactivations.
+/// Why the guard stopped deactivations.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct GuardTrip {
     pub would_deactivate: u64,
     pub allowed: u64,
+    /// Active users the budget is taken of: active now plus those deactivated in the window.
     pub active_before: u64,
     pub limit: String,
+    /// Deactivations already written within the guard window (by any path).
+    #[serde(default)]
+    pub used: u64,
 }
 
 impl std::fmt::Display for GuardTrip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let before = if self.used > 0 {
+            format!(
+                ", after {} already deactivated within guard_window,",
+                self.used
+            )
+        } else {
+            String::new()
+        };
         write!(
             f,
-            "the run would deactivate {} of {} active users, more than max_deactivations = {} allows ({}); no user was deactivated. Check the group and the app's permissions; if this is intended, run `reconcile --allow-mass-deactivation` once or raise max_deactivations",
+            "{} more deactivation(s) of {} active users{before} would exceed max_deactivations = {} ({} allowed); no user was deactivated and deactivations stay held. Check the group and the app's permissions; if this is intended, run `reconcile --allow-mass-deactivation` once (or `queue replay --all --allow-mass-deactivation` for the held notifications), or raise max_deactivations",
             self.would_deactivate, self.active_before, self.limit, self.allowed
         )
     }
 }
 
-/// The mass-deactivation guard.
+/// The mass-deactivation guard over a rolling window. `used`: deactivations already written
+/// in the window (by any path); `active_now`: users active in the index now; `tripped`: an
+/// earlier trip still holds (nothing more is deactivated until it is cleared or expires).
 pub fn guard(
     would_deactivate: u64,
-    active_before: u64,
+    active_now: u64,
+    used: u64,
     limit: DeactivationLimit,
     allow: bool,
+    tripped: bool,
 ) -> Result<(), GuardTrip> {
-    let allowed = limit.allowed(active_before);
-    if allow || would_deactivate <= allowed {
+    if allow || would_deactivate == 0 {
+        return Ok(());
+    }
+    // The budget is a share of those active when the window began.
+    let base = active_now.saturating_add(used);
+    let allowed = limit.allowed(base);
+    if !tripped && used.saturating_add(would_deactivate) <= allowed {
         return Ok(());
     }
     Err(GuardTrip {
         would_deactivate,
         allowed,
-        active_before,
+        active_before: base,
         limit: limit.to_string(),
+        used,
     })
 }
 
@@ -399,11 +421,34 @@ mod tests {
 
     #[test]
     fn guard_counts_and_percentages() {
-        assert!(guard(10, 100, DeactivationLimit::Percent(10.0), false).is_ok());
-        let trip = guard(11, 100, DeactivationLimit::Percent(10.0), false).unwrap_err();
+        let pct = DeactivationLimit::Percent(10.0);
+        assert!(guard(10, 100, 0, pct, false, false).is_ok());
+        let trip = guard(11, 100, 0, pct, false, false).unwrap_err();
         assert_eq!(trip.allowed, 10);
         assert!(trip.to_string().contains("--allow-mass-deactivation"));
-        assert!(guard(11, 100, DeactivationLimit::Percent(10.0), true).is_ok());
-        assert!(guard(3, 5, DeactivationLimit::Count(2), false).is_err());
+        assert!(trip.to_string().contains("queue replay"));
+        assert!(guard(11, 100, 0, pct, true, false).is_ok());
+        assert!(guard(3, 5, 0, DeactivationLimit::Count(2), false, false).is_err());
+    }
+
+    #[test]
+    fn the_guard_budget_holds_over_the_window() {
+        let limit = DeactivationLimit::Count(25);
+        // Five batches of 20, one after another: the second one trips.
+        assert!(guard(20, 250, 0, limit, false, false).is_ok());
+        let trip = guard(20, 230, 20, limit, false, false).unwrap_err();
+        assert_eq!((trip.used, trip.allowed, trip.active_before), (20, 25, 250));
+        assert!(trip.to_string().contains("already deactivated"), "{trip}");
+        // Once tripped, even a batch within the budget is held.
+        assert!(guard(3, 230, 20, limit, false, true).is_err());
+        assert!(guard(3, 230, 20, limit, false, false).is_ok());
+        // A percentage is of those active when the window began.
+        let pct = DeactivationLimit::Percent(10.0);
+        assert!(guard(10, 90, 10, pct, false, false).is_err());
+        assert!(guard(5, 95, 5, pct, false, false).is_ok());
+        assert!(
+            guard(0, 0, 500, pct, false, true).is_ok(),
+            "nothing to hold"
+        );
     }
 }

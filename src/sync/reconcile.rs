@@ -23,15 +23,18 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+use super::apply::{apply_change, intent_of, Applied, ApplyError};
+use super::decide::{self, Facts, Membership, UserFact, Verdict};
 use super::mapping::{is_active, AttrValue, Desired, MapFailure, Mapping, Record, MANAGER};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
 use super::trace::{self, Match, OutOfScope, Pending, Scope, Source, Trace, Via};
 use crate::config::IntegrationConfig;
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{GraphClient, GraphError, BATCH_LIMIT};
+use crate::store::intents::{Intent, IntentId};
 use crate::store::writer::{BackgroundWriter, Written};
 use crate::store::{new_run_id, IndexEntry, IntegrationStore, StoreError};
-use crate::target::{Capabilities, Target, TargetError, TargetUser};
+use crate::target::{Capabilities, Target, TargetError};
 
 /// Everything one integration's sync needs.
 pub struct Context<'a, T: Target> {
@@ -121,6 +124,10 @@ pub struct RunReport {
     pub changes: Vec<PlannedChange>,
     #[serde(default)]
     pub notes: Vec<String>,
+    /// The run found groups joining or leaving the tree of nested groups (`serve` makes the
+    /// subscriptions follow).
+    #[serde(skip)]
+    pub tree_changed: bool,
 }
 
 /// Errors that stop a whole run.
@@ -134,33 +141,6 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Source(String),
-}
-
-pub(crate) enum ApplyError {
-    User(String),
-    Fatal(RunError),
-}
-
-/// A change the target took: the index entry to record and how the LMS user was found.
-pub(crate) struct Applied {
-    pub entry: IndexEntry,
-    pub matched: Match,
-}
-
-impl From<StoreError> for ApplyError {
-    fn from(e: StoreError) -> Self {
-        ApplyError::Fatal(e.into())
-    }
-}
-
-impl From<TargetError> for ApplyError {
-    fn from(e: TargetError) -> Self {
-        if e.is_fatal() {
-            ApplyError::Fatal(e.into())
-        } else {
-            ApplyError::User(e.to_string())
-        }
-    }
 }
 
 struct Run<'a, 'c, T: Target> {
@@ -178,14 +158,39 @@ struct Run<'a, 'c, T: Target> {
     traces: Pending,
     /// Whether `manager.value` is set (mapping asks for it and the target takes it).
     link_manager: bool,
-    /// (user, the manager it should have) for users whose manager was not in the LMS when they
-    /// were planned: settled at the end of the run.
+    /// (user, the manager it should have) for users whose manager was not linkable (not in the
+    /// LMS, or inactive) when they were planned: settled at the end of the run.
     deferred: Vec<(String, Option<String>)>,
-    /// Deactivations planned; applied once every group was listed and the guard passed.
-    deactivations: Vec<PlannedChange>,
+    /// Deactivations the listing suggests; confirmed with Graph and applied once every group
+    /// was listed and the guard passed.
+    candidates: Vec<Candidate>,
+    /// Unchanged users whose manager changed outside the LMS: the index learns the manager.
+    remember: Vec<(String, Option<String>)>,
     pipe: Pipe,
     /// Started with the first write.
     writer: Option<BackgroundWriter>,
+    /// A failure that may mean the LMS is down was seen: probe it before the next write.
+    probe_due: bool,
+    /// Writes failed in a row with errors that may concern the whole LMS (401, 5xx, no
+    /// answer): past a few, the run stops even if reads still work (e.g. a read-only token).
+    suspect_streak: usize,
+}
+
+/// A deactivation the listing suggests (not listed, or a disabled member), to be confirmed.
+struct Candidate {
+    /// The deactivation as planned (shown by a dry run, held by the guard, applied when
+    /// Graph confirms it).
+    change: PlannedChange,
+    /// The user's index entry, record cut to the managed keys.
+    existing: IndexEntry,
+}
+
+/// Changes announced together: one intent record, settled once all of them are answered and
+/// their index entries written.
+struct Chunk {
+    outstanding: usize,
+    /// Intents of changes whose outcome is unknown (kept for the next read-back).
+    uncertain: Vec<Intent>,
 }
 
 /// Index entries and traces are handed to the writer thread in batches of about this many.
@@ -211,7 +216,18 @@ struct Pipe {
     /// Applied and waiting for the writer.
     entries: Vec<(String, IndexEntry)>,
     traces: Vec<Trace>,
+    /// Deactivated in this run: no manager link may point at them.
+    deactivated: HashSet<String>,
+    /// Announced (their intents durable), not started yet.
+    armed: VecDeque<(PlannedChange, IntentId)>,
+    /// Intent records of this run, by id.
+    chunks: HashMap<IntentId, Chunk>,
+    /// Applied, waiting for the writer: the intent record of each (in order of application).
+    chunk_of: HashMap<String, Vec<IntentId>>,
 }
+
+/// Changes announced in one intent record (one durable write before they are sent).
+const INTENT_CHUNK: usize = 256;
 
 /// Members of one page still to be planned (`Run::plan_some`).
 struct PageWork {
@@ -244,6 +260,8 @@ const MAX_UNWRITTEN: usize = 8 * WRITE_BATCH;
 /// What woke the drive loop.
 enum Event<A> {
     Applied(A),
+    /// The intents of a chunk of changes are durable (or could not be made so).
+    Announced(Result<(), StoreError>),
     Written(WriteResult),
     Feed(Option<Result<Feed, RunError>>),
     /// Nothing else is ready and members wait to be planned.
@@ -275,6 +293,7 @@ pub async fn reconcile<T: Target>(
             error: None,
             changes: Vec::new(),
             notes: Vec::new(),
+            tree_changed: false,
         };
         let mut run = Run {
             ctx,
@@ -288,9 +307,12 @@ pub async fn reconcile<T: Target>(
             traces: Pending::new(ctx.cfg, Source::Reconcile, &run_id, !opts.dry_run),
             link_manager: false,
             deferred: Vec::new(),
-            deactivations: Vec::new(),
+            candidates: Vec::new(),
+            remember: Vec::new(),
             pipe: Pipe::default(),
             writer: None,
+            probe_due: false,
+            suspect_streak: 0,
         };
         tracing::info!("reconcile started");
         let result = run.execute().await;
@@ -533,6 +555,25 @@ impl<T: Target> Run<'_, '_, T> {
         .filter(|k| self.caps.accepts(k))
         .collect();
 
+        // Nothing trusts an index entry whose last write was not confirmed: read those back.
+        if self.opts.dry_run {
+            for (_, i) in self.ctx.store.pending_intents()? {
+                self.actual.insert(i.entra_id, Some(Record::new()));
+            }
+        } else {
+            let settled = super::apply::settle_intents(self.ctx, &self.managed).await?;
+            if !settled.settled.is_empty() {
+                self.report.notes.push(format!(
+                    "{} LMS writes left unconfirmed by an earlier process were read back from the LMS",
+                    settled.settled.len()
+                ));
+            }
+            // Unreadable now: written in full, whatever the index says.
+            for u in settled.unsettled {
+                self.actual.insert(u, Some(Record::new()));
+            }
+        }
+
         if self.opts.deep {
             self.read_target_state().await?;
         }
@@ -571,51 +612,54 @@ impl<T: Target> Run<'_, '_, T> {
             .await
             .map_err(|e| RunError::Source(format!("the member reader stopped: {e}")))??;
 
-        // Every group was listed completely: whoever is indexed but unseen has left.
+        // Every group was listed completely: whoever is indexed but unseen may have left.
         let store = self.ctx.store;
-        let mut deactivations = std::mem::take(&mut self.deactivations);
+        let none = ManagerRef::None;
         for r in store.users_where(|id| !seen.contains(id)) {
-            let (id, e) = r?;
-            if let Some(c) = plan::plan_departure(&id, &e) {
-                self.trace_plan(&c, None, None, Some(OutOfScope::LeftAllGroups), false);
-                deactivations.push(c);
+            let (id, mut e) = r?;
+            e.record.retain(|k, _| self.managed.contains(k));
+            let facts = Facts {
+                user: UserFact::Gone { deleted: false },
+                membership: Membership::NotMember,
+                confirmed: false,
+                existing: Some(&e),
+                manager: &none,
+            };
+            if decide::decide(&id, &facts, false).verdict == Verdict::Confirm {
+                if let Some(mut c) = plan::plan_departure(&id, &e) {
+                    c.reason = Some(OutOfScope::LeftAllGroups.describe().to_string());
+                    self.trace_plan(&c, None, None, Some(OutOfScope::LeftAllGroups), false);
+                    self.candidates.push(Candidate {
+                        change: c,
+                        existing: e,
+                    });
+                }
             }
         }
 
-        match plan::guard(
-            deactivations.len() as u64,
-            active_before,
-            cfg.max_deactivations,
-            self.opts.allow_mass_deactivation,
-        ) {
-            Ok(()) => {
-                if self.opts.allow_mass_deactivation && !deactivations.is_empty() {
-                    tracing::warn!(
-                        count = deactivations.len(),
-                        "mass-deactivation guard overridden by --allow-mass-deactivation"
-                    );
+        self.deactivate().await?;
+
+        // Users whose manager left the LMS in this run lose the link.
+        let mut deferred = std::mem::take(&mut self.deferred);
+        for m in self.pipe.deactivated.clone() {
+            for r in self.ctx.store.reports_of(&m)? {
+                if let Some(e) = self.ctx.store.get_user(&r)? {
+                    deferred.push((r, e.manager));
                 }
-                self.apply_all(deactivations, true).await?;
-            }
-            Err(trip) => {
-                tracing::error!(
-                    would = trip.would_deactivate,
-                    allowed = trip.allowed,
-                    "mass-deactivation guard tripped"
-                );
-                if self.opts.dry_run {
-                    self.report.changes.extend(deactivations);
-                } else {
-                    self.trace_held(&deactivations, &trip)?;
-                }
-                self.report.guard = Some(trip);
             }
         }
-
-        let deferred = std::mem::take(&mut self.deferred);
         self.settle_managers(deferred).await?;
 
         if !self.opts.dry_run {
+            let remember = std::mem::take(&mut self.remember);
+            let mut entries = Vec::new();
+            for (id, manager) in remember {
+                if let Some(mut e) = self.ctx.store.get_user(&id)? {
+                    e.manager = manager;
+                    entries.push((id, e));
+                }
+            }
+            self.ctx.store.put_users(&entries)?;
             for g in &self.report.groups {
                 self.ctx
                     .store
@@ -625,7 +669,222 @@ impl<T: Target> Run<'_, '_, T> {
                     .store
                     .put_meta(&format!("group_name/{}", g.id), &g.name)?;
             }
+            self.rebuild_mirror().await?;
             self.ctx.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The deactivations the listing suggests: the shared budget first, then Graph's fresh
+    /// word for each (`checkMemberGroups` and the user read again), decided again, applied.
+    async fn deactivate(&mut self) -> Result<(), RunError> {
+        let candidates = std::mem::take(&mut self.candidates);
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let ctx = self.ctx;
+        let cfg = ctx.cfg;
+        let n = candidates.len() as u64;
+        let allow = self.opts.allow_mass_deactivation;
+        let verdict = if self.opts.dry_run {
+            // A dry run stores no trip.
+            let used = ctx
+                .store
+                .deactivations_since(Utc::now() - cfg.guard_window)?;
+            let tripped = ctx
+                .store
+                .guard_trip(cfg.guard_window)?
+                .is_some_and(|t| t.trip.limit == cfg.max_deactivations.to_string());
+            plan::guard(
+                n,
+                ctx.store.active_count(),
+                used,
+                cfg.max_deactivations,
+                allow,
+                tripped,
+            )
+        } else {
+            super::apply::guard_check(ctx, n, allow)?
+        };
+        if let Err(trip) = verdict {
+            tracing::error!(
+                would = trip.would_deactivate,
+                allowed = trip.allowed,
+                used = trip.used,
+                "mass-deactivation guard tripped"
+            );
+            let changes: Vec<PlannedChange> = candidates.into_iter().map(|c| c.change).collect();
+            if self.opts.dry_run {
+                self.report.changes.extend(changes);
+            } else {
+                self.trace_held(&changes, &trip)?;
+            }
+            self.report.guard = Some(trip);
+            return Ok(());
+        }
+        if allow {
+            tracing::warn!(
+                count = n,
+                "mass-deactivation guard overridden by --allow-mass-deactivation"
+            );
+        }
+        if self.opts.dry_run {
+            // Shown as planned; a real run confirms each with Graph first.
+            self.apply_all(candidates.into_iter().map(|c| c.change).collect(), true)
+                .await?;
+            return Ok(());
+        }
+        let ids: Vec<String> = candidates
+            .iter()
+            .map(|c| c.change.entra_id.clone())
+            .collect();
+        let mapping = &cfg.mapping;
+        let user_select = mapping.user_select();
+        let manager_select = mapping.manager_select();
+        let chunk = (crate::graph::BATCH_LIMIT / 3).max(1);
+        let calls: Vec<_> = ids
+            .chunks(chunk)
+            .map(|c| {
+                ctx.graph
+                    .fresh_reads(c, &user_select, manager_select.as_deref(), &cfg.groups)
+            })
+            .collect();
+        let mut reads = HashMap::with_capacity(ids.len());
+        let mut batches = stream::iter(calls).buffer_unordered(cfg.graph_concurrency.max(1));
+        while let Some(r) = batches.next().await {
+            reads.extend(r?);
+        }
+        let mut apply = Vec::new();
+        let mut withdrawn = 0u64;
+        for cand in candidates {
+            let id = cand.change.entra_id.clone();
+            let read = match reads.remove(&id) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    let reason = format!(
+                        "deactivation deferred to the next run: Graph could not confirm it ({e})"
+                    );
+                    let mut t = self.traces.take(&cand.change);
+                    t.failed(&reason, false);
+                    self.pipe.traces.push(self.traces.finish(t));
+                    self.fail_user(&id, Some(&cand.change.user_name), reason);
+                    continue;
+                }
+                None => continue,
+            };
+            let mapped = read
+                .user
+                .as_ref()
+                .map(|u| self.map_fresh(u, read.manager.as_ref()));
+            let mref = match mapped.as_ref().and_then(|m| m.as_ref().ok()) {
+                Some(d) if self.link_manager => match d.manager_entra_id.as_deref() {
+                    Some(mid) => match self.manager_target(mid)? {
+                        Some(t) => ManagerRef::Known(t),
+                        None => ManagerRef::None,
+                    },
+                    None => ManagerRef::None,
+                },
+                _ => ManagerRef::None,
+            };
+            let user = match (&read.user, &mapped) {
+                (Some(u), Some(m)) => UserFact::Present {
+                    user: u,
+                    mapped: m.as_ref(),
+                },
+                _ => UserFact::Gone { deleted: true },
+            };
+            let facts = Facts {
+                user,
+                membership: if read.member_of.is_empty() {
+                    Membership::NotMember
+                } else {
+                    Membership::Member
+                },
+                confirmed: true,
+                existing: Some(&cand.existing),
+                manager: &mref,
+            };
+            let d = decide::decide(&id, &facts, false);
+            match d.verdict {
+                Verdict::Change(c) if c.action == Action::Deactivate => apply.push(c),
+                other => {
+                    withdrawn += 1;
+                    tracing::info!(user = %id, now = ?other, "deactivation withdrawn: Graph says otherwise now");
+                    // The planned trace gives way to what Graph says now.
+                    let _ = self.traces.take(&cand.change);
+                    if let Verdict::Change(c) = other {
+                        apply.push(c);
+                    }
+                }
+            }
+        }
+        if withdrawn > 0 {
+            self.report.notes.push(format!(
+                "{withdrawn} deactivations were withdrawn: Graph said the user is an enabled member again when asked just before"
+            ));
+        }
+        let before = self.report.counts.deactivated;
+        self.apply_all(apply, true).await?;
+        self.ctx
+            .store
+            .record_deactivations(self.report.counts.deactivated - before)?;
+        Ok(())
+    }
+
+    /// Maps a user read to confirm a deactivation (record cut to the managed keys).
+    fn map_fresh(&self, u: &GraphUser, manager: Option<&GraphUser>) -> Result<Desired, MapFailure> {
+        self.ctx.cfg.mapping.apply(u, manager).map(|mut d| {
+            d.record.retain(|k, _| self.managed.contains(k));
+            d
+        })
+    }
+
+    /// Rebuilds the incremental worker's membership mirror (direct members of every group in
+    /// the tree) from Graph, so that what a lost membership notification hid is healed. Only
+    /// where `serve` keeps a mirror (a configured group has a delta link).
+    async fn rebuild_mirror(&mut self) -> Result<(), RunError> {
+        let store = self.ctx.store;
+        let cfg = self.ctx.cfg;
+        let mut has_mirror = false;
+        for g in &cfg.groups {
+            has_mirror |= store.delta_link(g)?.is_some();
+        }
+        if !has_mirror {
+            return Ok(());
+        }
+        let before = store.group_tree(&cfg.groups)?;
+        let mut todo: VecDeque<String> = cfg.groups.iter().cloned().collect();
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut listed: Vec<(String, Vec<(String, crate::store::state::MemberKind)>)> = Vec::new();
+        while let Some(g) = todo.pop_front() {
+            if !seen.insert(g.clone()) || seen.len() > 10_000 {
+                continue;
+            }
+            let members = self.ctx.graph.direct_members(&g).await?;
+            for (m, k) in &members {
+                if *k == crate::store::state::MemberKind::Group && !seen.contains(m) {
+                    todo.push_back(m.clone());
+                }
+            }
+            listed.push((g, members));
+        }
+        for (g, members) in &listed {
+            store.replace_members(g, members)?;
+        }
+        let after = store.group_tree(&cfg.groups)?;
+        for g in before.difference(&after) {
+            store.forget_group(g)?;
+        }
+        if before != after {
+            self.report.tree_changed = true;
+            tracing::info!(
+                before = before.len(),
+                after = after.len(),
+                "the group tree changed; subscriptions follow"
+            );
+        }
+        for g in &cfg.groups {
+            store.remove_meta(&format!("group_stopped/{g}"))?;
         }
         Ok(())
     }
@@ -659,8 +918,13 @@ impl<T: Target> Run<'_, '_, T> {
         }
     }
 
-    /// The LMS id of a manager: applied in this run (maybe not written yet) or indexed.
+    /// The LMS id a manager link may point at now: the manager applied in this run (maybe not
+    /// written yet) or indexed, and active in the LMS. `None` for a manager who is not in the
+    /// LMS, or not active there (it left scope): its reports get no link (or lose it).
     fn manager_target(&mut self, entra_id: &str) -> Result<Option<String>, StoreError> {
+        if self.pipe.deactivated.contains(entra_id) {
+            return Ok(None);
+        }
         if let Some(t) = self.pipe.unwritten.get(entra_id) {
             return Ok(Some(t.clone()));
         }
@@ -673,7 +937,7 @@ impl<T: Target> Run<'_, '_, T> {
         }
         // Found in the index, an LMS id stays what it is until the user is applied in this
         // run (which drops it here: the applied id is in `unwritten`, then in the index).
-        let found = self.ctx.store.target_id(entra_id)?;
+        let found = self.ctx.store.linkable_target(entra_id)?;
         if let Some(t) = &found {
             self.pipe.managers.insert(entra_id.to_string(), t.clone());
         }
@@ -696,22 +960,43 @@ impl<T: Target> Run<'_, '_, T> {
                 Ok((d, existing)) => members.push_back((d, existing, u)),
                 Err(f) => {
                     let name = u.string("userPrincipalName");
-                    // A disabled account that can no longer be mapped (e.g. its mailbox was
-                    // removed at offboarding) must still be deactivated.
-                    let disabled =
-                        u.props.get("accountEnabled").and_then(|v| v.as_bool()) == Some(false);
-                    if let (true, Some(e)) = (disabled, self.ctx.store.get_user(&u.id)?) {
-                        if let Some(mut c) = plan::plan_departure(&u.id, &e) {
-                            c.reason = Some("disabled in Entra (accountEnabled = false)".into());
-                            let out = Some(OutOfScope::Disabled);
-                            self.trace_plan(&c, Some(&u), Some(&group), out, false);
-                            self.deactivations.push(c);
-                            continue;
+                    let existing = self.ctx.store.get_user(&u.id)?.map(|mut e| {
+                        e.record.retain(|k, _| self.managed.contains(k));
+                        e
+                    });
+                    let none = ManagerRef::None;
+                    let facts = Facts {
+                        user: UserFact::Present {
+                            user: &u,
+                            mapped: Err(&f),
+                        },
+                        membership: Membership::Member,
+                        confirmed: false,
+                        existing: existing.as_ref(),
+                        manager: &none,
+                    };
+                    let d = decide::decide(&u.id, &facts, false);
+                    match (d.verdict, existing) {
+                        // A disabled account that can no longer be mapped (e.g. its mailbox
+                        // was removed at offboarding) must still be deactivated.
+                        (Verdict::Confirm, Some(e)) => {
+                            if let Some(mut c) = plan::plan_departure(&u.id, &e) {
+                                c.reason = Some(OutOfScope::Disabled.describe().to_string());
+                                let out = Some(OutOfScope::Disabled);
+                                self.trace_plan(&c, Some(&u), Some(&group), out, false);
+                                self.candidates.push(Candidate {
+                                    change: c,
+                                    existing: e,
+                                });
+                            }
                         }
+                        (Verdict::Fail(reason), _) => {
+                            let disabled = d.out == Some(OutOfScope::Disabled);
+                            self.trace_unmapped(&u, &group, disabled, &reason)?;
+                            self.fail_user(&u.id, name.as_deref(), reason);
+                        }
+                        _ => self.report.counts.unchanged += 1,
                     }
-                    let reason = format!("cannot be mapped: {}", f.0);
-                    self.trace_unmapped(&u, &group, disabled, &reason)?;
-                    self.fail_user(&u.id, name.as_deref(), reason);
                 }
             }
         }
@@ -818,19 +1103,51 @@ impl<T: Target> Run<'_, '_, T> {
         mref: ManagerRef,
     ) -> Result<(), StoreError> {
         let mut queued_create = false;
+        let facts = Facts {
+            user: UserFact::Present {
+                user: u,
+                mapped: Ok(d),
+            },
+            membership: Membership::Member,
+            confirmed: false,
+            existing,
+            manager: &mref,
+        };
         // A create's diff lists its record again: only a dry run shows it.
-        match plan::plan_member_with(d, existing, &mref, self.opts.dry_run) {
-            None if existing.is_none() => {
+        match decide::decide(&d.entra_id, &facts, self.opts.dry_run).verdict {
+            Verdict::Skip => {
                 self.report.counts.skipped += 1;
                 self.trace_skipped(d, u, group)?;
             }
-            None => self.report.counts.unchanged += 1,
-            Some(c) => {
+            Verdict::Unchanged { remember_manager } => {
+                self.report.counts.unchanged += 1;
+                if remember_manager {
+                    self.remember
+                        .push((d.entra_id.clone(), d.manager_entra_id.clone()));
+                }
+            }
+            Verdict::Confirm => {
+                // A disabled member: deactivated once Graph confirms it, after the listing.
+                if let (Some(mut c), Some(e)) = (
+                    plan::plan_member_with(d, existing, &mref, self.opts.dry_run),
+                    existing,
+                ) {
+                    c.reason = Some(OutOfScope::Disabled.describe().to_string());
+                    let out = Some(OutOfScope::Disabled);
+                    self.trace_plan(&c, Some(u), Some(group), out, true);
+                    self.candidates.push(Candidate {
+                        change: c,
+                        existing: e.clone(),
+                    });
+                }
+            }
+            Verdict::Fail(reason) | Verdict::Wait(reason) => {
+                self.fail_user(&d.entra_id, Some(&d.user_name), reason);
+            }
+            Verdict::Change(c) => {
                 let out = (!is_active(&c.record)).then_some(OutOfScope::Disabled);
                 self.trace_plan(&c, Some(u), Some(group), out, true);
-                if c.action == Action::Deactivate {
-                    self.deactivations.push(c);
-                } else if self.opts.dry_run {
+                if self.opts.dry_run {
                     self.count(c.action);
                     self.report.changes.push(c);
                 } else {
@@ -924,8 +1241,10 @@ impl<T: Target> Run<'_, '_, T> {
     /// Runs the write stream until everything ready (and, with a member feed, everything the
     /// feed brings) is applied and its index entries and traces are written. Keeps the
     /// target's `concurrency` changes in flight; plans the next page when fewer than twice that
-    /// many are left to start. On an error nothing new is started, what is in flight is
-    /// finished and recorded, and the first error is returned.
+    /// many are left to start. Before changes are sent their intents are stored and made
+    /// durable, a chunk at a time while earlier chunks are in flight (`store::intents`); a
+    /// chunk's record is settled once its index entries are written. On an error nothing new
+    /// is started, what is in flight is finished and recorded, and the first error is returned.
     async fn drive(
         &mut self,
         mut feed: Option<(&mut FeedRx, u64)>,
@@ -933,29 +1252,62 @@ impl<T: Target> Run<'_, '_, T> {
     ) -> Result<(), RunError> {
         let conc = self.ctx.cfg.target.concurrency.max(1);
         let ctx = self.ctx;
+        let store = ctx.store;
         let managed = Arc::new(self.managed.clone());
-        let start = |c: PlannedChange| {
+        let start = |c: PlannedChange, chunk: IntentId| {
             let managed = Arc::clone(&managed);
             async move {
                 let span =
                     tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
                 let r = apply_change(ctx, &managed, &c).instrument(span).await;
-                (c, r)
+                (c, chunk, r)
             }
         };
+        type Durable<'s> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 's>,
+        >;
+        let mut announcing: Option<(Vec<PlannedChange>, IntentId, Durable<'_>)> = None;
         let mut inflight = FuturesUnordered::new();
         let mut writing: Option<WriteJob> = None;
         let mut error: Option<RunError> = None;
         loop {
+            if error.is_none() && self.probe_due {
+                // A failure that may be the LMS's, not the user's: does it answer at all?
+                self.probe_due = false;
+                if let Err(e) = super::apply::probe(ctx).await {
+                    tracing::error!(error = %e, "the LMS or Graph does not answer; stopping the run");
+                    error = Some(e);
+                }
+            }
             if error.is_none() {
+                let queued = self.pipe.armed.len();
+                if announcing.is_none() && !self.pipe.ready.is_empty() && queued < 2 * conc {
+                    let n = self.pipe.ready.len().min(INTENT_CHUNK);
+                    let chunk: Vec<PlannedChange> = self.pipe.ready.drain(..n).collect();
+                    match store.record_intents(chunk.iter().map(intent_of).collect()) {
+                        Ok(id) => {
+                            self.pipe.chunks.insert(
+                                id,
+                                Chunk {
+                                    outstanding: chunk.len(),
+                                    uncertain: Vec::new(),
+                                },
+                            );
+                            announcing = Some((chunk, id, Box::pin(store.durable())));
+                        }
+                        Err(e) => {
+                            error.get_or_insert(e.into());
+                        }
+                    }
+                }
                 // A writer that fell behind holds back new LMS writes (not their answers).
                 let behind = writing.is_some()
                     && self.pipe.entries.len() + self.pipe.traces.len() >= MAX_UNWRITTEN;
                 while inflight.len() < conc && !behind {
-                    let Some(c) = self.pipe.ready.pop_front() else {
+                    let Some((c, id)) = self.pipe.armed.pop_front() else {
                         break;
                     };
-                    inflight.push(start(c));
+                    inflight.push(start(c, id));
                 }
             }
             let buffered = self.pipe.entries.len() + self.pipe.traces.len();
@@ -966,15 +1318,20 @@ impl<T: Target> Run<'_, '_, T> {
             if feed.is_some() && error.is_some() {
                 feed = None;
             }
-            let want_page =
-                feed.is_some() && self.pipe.pages.is_empty() && self.pipe.ready.len() < 2 * conc;
+            let waiting = self.pipe.ready.len() + self.pipe.armed.len();
+            let want_page = feed.is_some() && self.pipe.pages.is_empty() && waiting < 2 * conc;
             // Planning comes last: the changes just started are sent, and answers already in
             // are taken, before the next chunk of members is planned.
-            let want_plan =
-                error.is_none() && self.pipe.ready.len() < 2 * conc && !self.pipe.pages.is_empty();
+            let want_plan = error.is_none() && waiting < 2 * conc && !self.pipe.pages.is_empty();
             let event = tokio::select! {
                 biased;
                 Some(done) = inflight.next(), if !inflight.is_empty() => Event::Applied(done),
+                a = async {
+                    match announcing.as_mut() {
+                        Some((_, _, f)) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if announcing.is_some() => Event::Announced(a),
                 w = async {
                     match writing.as_mut() {
                         Some(h) => h.await,
@@ -991,9 +1348,20 @@ impl<T: Target> Run<'_, '_, T> {
                 else => break,
             };
             match event {
-                Event::Applied((c, r)) => {
-                    if let Err(e) = self.on_applied(c, r, counted) {
+                Event::Applied((c, id, r)) => {
+                    if let Err(e) = self.on_applied(c, id, r, counted) {
                         error.get_or_insert(e);
+                    }
+                }
+                Event::Announced(r) => {
+                    if let Some((chunk, id, _)) = announcing.take() {
+                        match r {
+                            Ok(()) => self.pipe.armed.extend(chunk.into_iter().map(|c| (c, id))),
+                            // Not sent: the intents stay and are read back next time.
+                            Err(e) => {
+                                error.get_or_insert(e.into());
+                            }
+                        }
                     }
                 }
                 Event::Written(w) => {
@@ -1002,6 +1370,19 @@ impl<T: Target> Run<'_, '_, T> {
                         Ok((keys, Ok(()))) => {
                             for k in keys {
                                 self.pipe.unwritten.remove(&k);
+                                let id = self
+                                    .pipe
+                                    .chunk_of
+                                    .get_mut(&k)
+                                    .and_then(|v| (!v.is_empty()).then(|| v.remove(0)));
+                                if self.pipe.chunk_of.get(&k).is_some_and(Vec::is_empty) {
+                                    self.pipe.chunk_of.remove(&k);
+                                }
+                                if let Some(id) = id {
+                                    if let Err(e) = self.chunk_done(id) {
+                                        error.get_or_insert(e.into());
+                                    }
+                                }
                             }
                         }
                         Ok((_, Err(e))) => {
@@ -1037,8 +1418,23 @@ impl<T: Target> Run<'_, '_, T> {
         for id in stuck {
             self.resolve(&id, None)?;
         }
-        if !self.pipe.ready.is_empty() {
+        if !self.pipe.ready.is_empty() || !self.pipe.armed.is_empty() {
             return Box::pin(self.drive(None, counted)).await;
+        }
+        Ok(())
+    }
+
+    /// One change of an intent record is settled (written to the index, or failed): once all
+    /// are, the record goes (or keeps only the changes whose outcome is unknown).
+    fn chunk_done(&mut self, id: IntentId) -> Result<(), StoreError> {
+        let Some(chunk) = self.pipe.chunks.get_mut(&id) else {
+            return Ok(());
+        };
+        chunk.outstanding = chunk.outstanding.saturating_sub(1);
+        if chunk.outstanding == 0 {
+            if let Some(chunk) = self.pipe.chunks.remove(&id) {
+                self.ctx.store.settle_intents(id, chunk.uncertain)?;
+            }
         }
         Ok(())
     }
@@ -1057,10 +1453,11 @@ impl<T: Target> Run<'_, '_, T> {
         job
     }
 
-    /// Records the LMS's answer to one change.
+    /// Records the LMS's answer to one change (`chunk`: its intent record).
     fn on_applied(
         &mut self,
         c: PlannedChange,
+        chunk: IntentId,
         r: Result<Applied, ApplyError>,
         counted: bool,
     ) -> Result<(), RunError> {
@@ -1074,11 +1471,23 @@ impl<T: Target> Run<'_, '_, T> {
                 self.actual.remove(&c.entra_id);
                 let target = applied.entry.target_id.clone();
                 self.pipe.managers.remove(&c.entra_id);
+                if c.action == Action::Deactivate {
+                    self.pipe.deactivated.insert(c.entra_id.clone());
+                    self.pipe.unwritten.remove(&c.entra_id);
+                } else {
+                    self.pipe.deactivated.remove(&c.entra_id);
+                    self.pipe
+                        .unwritten
+                        .insert(c.entra_id.clone(), target.clone());
+                }
                 self.pipe
-                    .unwritten
-                    .insert(c.entra_id.clone(), target.clone());
+                    .chunk_of
+                    .entry(c.entra_id.clone())
+                    .or_default()
+                    .push(chunk);
                 self.pipe.entries.push((c.entra_id.clone(), applied.entry));
                 self.applied += 1;
+                self.suspect_streak = 0;
                 self.resolve(&c.entra_id, Some(&target))?;
                 if counted {
                     self.count(c.action);
@@ -1096,16 +1505,40 @@ impl<T: Target> Run<'_, '_, T> {
                 }
                 Ok(())
             }
-            Err(ApplyError::User(reason)) => {
+            Err(ApplyError::User {
+                message,
+                uncertain,
+                suspect,
+            }) => {
                 if self.traces.enabled() {
                     let mut t = self.traces.take(&c);
-                    t.failed(&reason, true);
+                    t.failed(&message, true);
                     let t = self.traces.finish(t);
                     self.pipe.traces.push(t);
                 }
-                self.fail_user(&c.entra_id, Some(&c.user_name), reason);
+                if uncertain {
+                    if let Some(ch) = self.pipe.chunks.get_mut(&chunk) {
+                        ch.uncertain.push(intent_of(&c));
+                    }
+                }
+                self.chunk_done(chunk)?;
+                self.probe_due |= suspect;
+                let streak_limit = (2 * self.ctx.cfg.target.concurrency).max(8);
+                if suspect {
+                    self.suspect_streak += 1;
+                }
+                let stop = (suspect && self.suspect_streak >= streak_limit).then(|| {
+                    RunError::Source(format!(
+                        "the LMS refused {} writes in a row, the last with: {message}; stopping the run",
+                        self.suspect_streak
+                    ))
+                });
+                self.fail_user(&c.entra_id, Some(&c.user_name), message);
                 self.resolve(&c.entra_id, None)?;
-                Ok(())
+                match stop {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
             }
             Err(ApplyError::Fatal(e)) => Err(e),
         }
@@ -1137,8 +1570,8 @@ impl<T: Target> Run<'_, '_, T> {
                 continue;
             };
             let want = match &manager {
-                Some(m) => self.indexed(m)?.map(|me| AttrValue::Str(me.target_id)),
-                None => None,
+                Some(m) if self.link_manager => self.manager_target(m)?.map(AttrValue::Str),
+                _ => None,
             };
             if e.record.get(MANAGER) == want.as_ref() {
                 if e.manager != manager && !self.opts.dry_run {
@@ -1192,134 +1625,6 @@ impl<T: Target> Run<'_, '_, T> {
         self.report.counts.unchanged = self.report.counts.unchanged.saturating_sub(moved);
         Ok(())
     }
-}
-
-/// Applies one planned change to the target; returns the index entry to record.
-pub(crate) async fn apply_change<T: Target>(
-    ctx: &Context<'_, T>,
-    managed: &BTreeSet<String>,
-    c: &PlannedChange,
-) -> Result<Applied, ApplyError> {
-    let r = apply_one(ctx, managed, c).await;
-    crate::metrics::apply(ctx.cfg.name.as_str(), c.action.as_str(), r.is_ok());
-    r
-}
-
-async fn apply_one<T: Target>(
-    ctx: &Context<'_, T>,
-    managed: &BTreeSet<String>,
-    c: &PlannedChange,
-) -> Result<Applied, ApplyError> {
-    match c.action {
-        Action::Create => create_or_link(ctx, managed, c).await,
-        _ => {
-            let target_id = c.target_id.clone().unwrap_or_default();
-            let indexed = || Applied {
-                entry: index_entry(c, &target_id, c.linked),
-                matched: Match::Index {
-                    target_id: target_id.clone(),
-                },
-            };
-            match ctx.target.update(&target_id, &c.changes).await {
-                Ok(()) => Ok(indexed()),
-                Err(TargetError::NotFound(_)) if c.action == Action::Deactivate => {
-                    // Deleted in the LMS by hand: nothing left to deactivate.
-                    tracing::warn!("target user is gone; recording it as inactive");
-                    Ok(indexed())
-                }
-                Err(TargetError::NotFound(_)) => {
-                    tracing::warn!("target user was deleted in the LMS; creating it again");
-                    create_or_link(ctx, managed, c).await
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
-    }
-}
-
-fn index_entry(c: &PlannedChange, target_id: &str, linked: bool) -> IndexEntry {
-    IndexEntry {
-        target_id: target_id.to_string(),
-        user_name: c.user_name.clone(),
-        record: c.record.clone(),
-        manager: c.manager.clone(),
-        linked,
-        updated_at: Utc::now(),
-    }
-}
-
-async fn create_or_link<T: Target>(
-    ctx: &Context<'_, T>,
-    managed: &BTreeSet<String>,
-    c: &PlannedChange,
-) -> Result<Applied, ApplyError> {
-    // POST first: one request per new user. A 409 means the userName exists (made by hand,
-    // by another tool, or by us before the index entry was written): adopt it then.
-    if let Some(id) = ctx.target.create(&c.record).await? {
-        tracing::info!(target_id = %id, "created LMS user");
-        return Ok(Applied {
-            entry: index_entry(c, &id, false),
-            matched: Match::Created { target_id: id },
-        });
-    }
-    let found = match ctx.target.find_by_user_name(&c.user_name).await? {
-        Some(u) => Some((u, true)),
-        None => (ctx.target.find_by_external_id(&c.entra_id).await?).map(|u| (u, false)),
-    };
-    let Some((u, by_user_name)) = found else {
-        return Err(ApplyError::User(format!(
-            "the LMS answered 409 (exists) to the create, but no user with userName {:?} or externalId {} can be found",
-            c.user_name, c.entra_id
-        )));
-    };
-    link(ctx, managed, c, u, by_user_name).await
-}
-
-async fn link<T: Target>(
-    ctx: &Context<'_, T>,
-    managed: &BTreeSet<String>,
-    c: &PlannedChange,
-    u: TargetUser,
-    by_user_name: bool,
-) -> Result<Applied, ApplyError> {
-    let external = match u.record.get(super::mapping::EXTERNAL_ID) {
-        Some(AttrValue::Str(x)) if !x.is_empty() => Some(x.as_str()),
-        _ => None,
-    };
-    let ours = external == Some(c.entra_id.as_str());
-    if let Some(other) = external.filter(|_| !ours) {
-        return Err(ApplyError::User(format!(
-            "userName {:?} is taken in the LMS by user {} with externalId {other:?} (another identity); not touching it",
-            c.user_name, u.id
-        )));
-    }
-    if !ours && !ctx.cfg.link_existing {
-        return Err(ApplyError::User(format!(
-            "an LMS user with userName {:?} already exists (id {}) and link_existing = false; link it by hand or set link_existing = true",
-            c.user_name, u.id
-        )));
-    }
-    let mut current = u.record.clone();
-    current.retain(|k, _| managed.contains(k));
-    let changes = plan::diff(&current, &c.record);
-    if !changes.is_empty() {
-        ctx.target.update(&u.id, &changes).await?;
-    }
-    tracing::info!(target_id = %u.id, changed = changes.len(), "linked existing LMS user");
-    let matched = if by_user_name {
-        Match::UserName {
-            target_id: u.id.clone(),
-            adopted: !ours,
-        }
-    } else {
-        Match::ExternalId {
-            target_id: u.id.clone(),
-        }
-    };
-    Ok(Applied {
-        entry: index_entry(c, &u.id, !ours),
-        matched,
-    })
 }
 
 /// The configured group a member was listed in, as a trace's scope.

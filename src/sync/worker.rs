@@ -1,10 +1,15 @@
 //! Incremental sync: turns queued hints into LMS changes.
 //!
 //! Notifications are hints, not truth. A membership hint runs the group's delta from the saved
-//! delta link and turns every member it names into a user hint; a user hint re-reads the user
-//! (and manager) from Graph and plans against the index exactly like a full reconcile, then the
-//! same guard and the same apply code run. Each batch handles a user at most once, and batches
-//! of one integration run one after another, so one user never has two changes in flight.
+//! delta link, keeps the membership mirror (direct members per group) and turns every member
+//! it names into a user hint; a user hint re-reads the user (and manager) from Graph, and
+//! `sync::decide` decides, exactly as for a full reconcile. A deactivation is written only on
+//! Graph's fresh word (`checkMemberGroups` and the user read again just before, or a second
+//! 404), after the one deactivation budget (`apply::guard_check`); its intent is stored first.
+//! When a user's presence in the LMS changes (created, reactivated, deactivated, relinked),
+//! the users it manages are decided again in the same pass, so their manager links follow.
+//! Each batch handles a user at most once per round, and batches of one integration run one
+//! after another, so one user never has two changes in flight.
 //!
 //! Durability: derived user hints are queued before a delta link is advanced, and an item
 //! leaves the queue only after its change was applied or it was moved to the dead letters.
@@ -12,17 +17,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::{stream, StreamExt};
 use tracing::Instrument;
 
-use super::mapping::Record;
+use super::apply::{self, apply_change, graph_suspect, Applied, ApplyError};
+use super::decide::{self, Decision, Facts, Membership, UserFact, Verdict};
+use super::mapping::{Desired, MapFailure};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
-use super::reconcile::{apply_change, Applied, ApplyError, Context, RunError};
-use super::trace::{self, Match, OutOfScope, Scope, Source, Trace, Via};
+use super::reconcile::{Context, RunError};
+use super::trace::{self, Match, Path, Scope, Source, Trace, Via};
 use crate::graph::delta::{DeltaRound, MemberChange};
-use crate::graph::models::GraphUser;
-use crate::graph::GraphError;
+use crate::graph::models::{GraphGroup, GraphUser};
+use crate::graph::{FreshRead, GraphError};
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::state::MemberKind;
 use crate::store::{IndexEntry, StoreError};
@@ -57,6 +64,8 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// A deletion is believed on a second 404 at least this long after the first.
+    pub gone_confirm_after: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -66,6 +75,18 @@ impl Default for WorkerSettings {
             max_attempts: 8,
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(15 * 60),
+            gone_confirm_after: Duration::from_secs(5),
+        }
+    }
+}
+
+impl WorkerSettings {
+    /// `server.worker_concurrency` and `server.max_attempts`, the rest as by default.
+    pub fn from_config(server: &crate::config::ServerConfig) -> WorkerSettings {
+        WorkerSettings {
+            concurrency: server.worker_concurrency,
+            max_attempts: server.max_attempts,
+            ..WorkerSettings::default()
         }
     }
 }
@@ -80,17 +101,24 @@ pub struct BatchOutcome {
     pub buried: usize,
     /// What was moved to the dead letters (for the alert).
     pub dead_letters: Vec<(u64, QueueItem)>,
-    /// Groups whose delta link had expired: the caller should run a full reconcile.
-    pub expired_groups: Vec<String>,
-    /// Groups (nested) that joined the tree: they need subscriptions.
-    pub new_groups: Vec<String>,
+    /// Why a full reconcile should follow now (a delta link expired), if it should.
+    pub reconcile: Option<String>,
+    /// Groups joined or left the tree: subscriptions must follow.
+    pub tree_changed: bool,
     pub guard: Option<GuardTrip>,
+    /// Groups the worker will not act on (deleted or emptied in Entra), with why.
+    pub stopped: Vec<String>,
 }
 
+/// Why an item (or a user) could not be handled.
 pub(crate) enum Failure {
-    /// This item failed; retry it later.
-    Item(String),
-    /// The whole batch must stop (store, auth, LMS down).
+    /// This item failed: it counts as an attempt. `suspect`: the error may concern the whole
+    /// integration (the batch probes Graph and the LMS before blaming the item).
+    Item { message: String, suspect: bool },
+    /// Must not be acted on until an operator looks (a deleted or emptied group): the item is
+    /// held in the dead letters.
+    Hold(String),
+    /// The store failed: the batch stops.
     Fatal(RunError),
 }
 
@@ -102,21 +130,896 @@ impl From<StoreError> for Failure {
 
 impl From<GraphError> for Failure {
     fn from(e: GraphError) -> Self {
-        match &e {
-            GraphError::Auth { .. } => Failure::Fatal(e.into()),
-            GraphError::Transport { .. } => Failure::Fatal(e.into()),
-            GraphError::Api { status, .. } if *status == 401 || *status == 403 => {
-                Failure::Fatal(e.into())
-            }
-            _ => Failure::Item(e.to_string()),
+        Failure::Item {
+            suspect: graph_suspect(&e),
+            message: e.to_string(),
         }
     }
 }
 
+/// How one user ended in a batch.
+#[derive(Clone, Debug)]
+pub(crate) enum UserOutcome {
+    Done,
+    Failed {
+        message: String,
+        suspect: bool,
+    },
+    /// Not decided yet: look again at `until` (not an attempt).
+    Wait {
+        until: DateTime<Utc>,
+        missing_since: Option<DateTime<Utc>>,
+    },
+    /// Held (the guard, a stopped group): to the dead letters with why.
+    Held(String),
+}
+
+/// Where a user's membership comes from.
+#[derive(Clone, Copy)]
+pub(crate) enum ScopeSource<'t> {
+    /// The membership mirror kept from group delta (the worker); `tree` is every group in it.
+    Mirror(&'t BTreeSet<String>),
+    /// Graph itself (`memberOf` / `transitiveMemberOf`: `sync-user`), read now.
+    Graph,
+}
+
+/// One user to decide.
+#[derive(Clone, Debug)]
+pub(crate) struct UserTask {
+    pub id: String,
+    /// Derived by rostersync itself (a delta round's member, a manager's report): its
+    /// manager-name changes do not fan out to its own reports.
+    pub follow_up: bool,
+    pub missing_since: Option<DateTime<Utc>>,
+    pub allow_mass: bool,
+}
+
+impl UserTask {
+    pub(crate) fn new(id: &str) -> UserTask {
+        UserTask {
+            id: id.to_string(),
+            follow_up: false,
+            missing_since: None,
+            allow_mass: false,
+        }
+    }
+}
+
+/// How a set of users is synced.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncOptions {
+    pub concurrency: usize,
+    pub source: Source,
+    pub dry_run: bool,
+    pub gone_confirm_after: Duration,
+    /// Wait for a second read of a user that answered 404 here (`sync-user`), instead of
+    /// answering `Wait` (the worker requeues the item).
+    pub wait_inline: bool,
+    /// Rounds of manager-link follow-ups in one call; what is left is returned.
+    pub max_rounds: usize,
+}
+
+/// What syncing a set of users did.
+#[derive(Default)]
+pub(crate) struct Synced {
+    pub outcomes: BTreeMap<String, UserOutcome>,
+    /// The decision trace of each user of the first round (for `sync-user`).
+    pub traces: BTreeMap<String, Trace>,
+    pub changes: Vec<PlannedChange>,
+    pub unchanged: usize,
+    pub guard: Option<GuardTrip>,
+    /// Follow-ups beyond `max_rounds` (the worker queues them).
+    pub left_over: Vec<UserTask>,
+}
+
+/// What was gathered about one user.
+struct Gathered {
+    /// `None`: nothing to do, and no Graph call was made (someone else in the tenant).
+    user: Option<Result<GraphUser, ()>>,
+    mapped: Option<Result<Desired, MapFailure>>,
+    membership: Membership,
+    via: Vec<Via>,
+    existing: Option<IndexEntry>,
+    mref: ManagerRef,
+    confirmed: bool,
+}
+
+impl Gathered {
+    fn facts(&self) -> Option<Facts<'_>> {
+        let user = match self.user.as_ref()? {
+            Ok(u) => UserFact::Present {
+                user: u,
+                mapped: self
+                    .mapped
+                    .as_ref()
+                    .map(|m| m.as_ref())
+                    .unwrap_or(Err(&NO_MAPPING)),
+            },
+            Err(()) => UserFact::Gone { deleted: true },
+        };
+        Some(Facts {
+            user,
+            membership: self.membership,
+            confirmed: self.confirmed,
+            existing: self.existing.as_ref(),
+            manager: &self.mref,
+        })
+    }
+
+    fn upn(&self) -> Option<String> {
+        match &self.user {
+            Some(Ok(u)) => u.string("userPrincipalName"),
+            _ => None,
+        }
+    }
+}
+
+static NO_MAPPING: MapFailure = MapFailure(String::new());
+
+/// The manager link a user's record should carry: the manager's LMS id when the manager is in
+/// the LMS and active, none otherwise.
+fn manager_ref<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    d: Option<&Desired>,
+) -> Result<ManagerRef, StoreError> {
+    match (
+        d.and_then(|d| d.manager_entra_id.as_deref()),
+        tg.link_manager,
+    ) {
+        (Some(mid), true) => Ok(match ctx.store.linkable_target(mid)? {
+            Some(t) => ManagerRef::Known(t),
+            None => ManagerRef::None,
+        }),
+        _ => Ok(ManagerRef::None),
+    }
+}
+
+/// Maps a Graph user for this target (record cut to the managed keys).
+fn map_user<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    u: &GraphUser,
+    manager: Option<&GraphUser>,
+) -> Result<Desired, MapFailure> {
+    ctx.cfg.mapping.apply(u, manager).map(|mut d| {
+        d.record.retain(|k, _| tg.managed.contains(k));
+        d
+    })
+}
+
+/// The configured groups (and nested groups) a user is a direct member of, by the mirror.
+fn mirror_via<T: Target>(
+    ctx: &Context<'_, T>,
+    tree: &BTreeSet<String>,
+    user_id: &str,
+) -> Result<Vec<Via>, StoreError> {
+    let configured = ctx.cfg.groups.iter().filter(|g| tree.contains(*g));
+    let nested = tree.iter().filter(|g| !ctx.cfg.groups.contains(g));
+    for g in configured.chain(nested) {
+        if ctx.store.is_direct_member(g, user_id)? {
+            return Ok(vec![via_group(ctx, g)?]);
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// A direct membership in a group of the tree, as a trace's scope: the configured group, and
+/// the nested group in between when there is one. Names come from the last reconcile.
+fn via_group<T: Target>(ctx: &Context<'_, T>, group: &str) -> Result<Via, StoreError> {
+    let name = |id: &str| -> Result<Option<String>, StoreError> {
+        ctx.store.get_meta::<String>(&format!("group_name/{id}"))
+    };
+    if !ctx.cfg.groups.iter().any(|g| g == group) {
+        for root in &ctx.cfg.groups {
+            if ctx
+                .store
+                .group_tree(std::slice::from_ref(root))?
+                .contains(group)
+            {
+                return Ok(Via {
+                    group_id: root.clone(),
+                    group_name: name(root)?,
+                    path: Path::Nested {
+                        group_id: group.to_string(),
+                        group_name: name(group)?,
+                    },
+                });
+            }
+        }
+    }
+    Ok(Via {
+        group_id: group.to_string(),
+        group_name: name(group)?,
+        path: Path::Direct,
+    })
+}
+
+/// The configured groups the user is in, each directly or through which nested group, from
+/// Graph: the user's direct groups (`memberOf`), all its groups (`transitiveMemberOf`), and for
+/// a configured group reached only indirectly, that group's nested groups, to name the one of
+/// the user's own groups that leads there.
+async fn graph_via<T: Target>(ctx: &Context<'_, T>, user_id: &str) -> Result<Vec<Via>, GraphError> {
+    let configured = |id: &str| {
+        ctx.cfg
+            .groups
+            .iter()
+            .find(|g| g.eq_ignore_ascii_case(id))
+            .cloned()
+    };
+    let name = |g: &GraphGroup| (!g.display_name.is_empty()).then(|| g.display_name.clone());
+    let direct = ctx.graph.user_groups(user_id, false).await?;
+    let mut via: Vec<Via> = direct
+        .iter()
+        .filter_map(|g| {
+            configured(&g.id).map(|id| Via {
+                group_id: id,
+                group_name: name(g),
+                path: Path::Direct,
+            })
+        })
+        .collect();
+    for g in ctx.graph.user_groups(user_id, true).await? {
+        let Some(id) = configured(&g.id) else {
+            continue;
+        };
+        if via.iter().any(|v| v.group_id == id) {
+            continue;
+        }
+        let nested = ctx.graph.nested_groups(&g.id).await?;
+        let through = direct
+            .iter()
+            .find(|d| nested.iter().any(|n| n.id.eq_ignore_ascii_case(&d.id)));
+        via.push(Via {
+            group_id: id,
+            group_name: name(&g),
+            path: match through {
+                Some(t) => Path::Nested {
+                    group_id: t.id.clone(),
+                    group_name: name(t),
+                },
+                None => Path::Transitive,
+            },
+        });
+    }
+    via.sort_by_key(|v| ctx.cfg.groups.iter().position(|g| *g == v.group_id));
+    Ok(via)
+}
+
+/// Gathers the facts of one user: the index, the membership (mirror or Graph), the user and its
+/// manager from Graph.
+async fn gather<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    src: ScopeSource<'_>,
+    task: &UserTask,
+) -> Result<Gathered, Failure> {
+    let store = ctx.store;
+    let existing = store.get_user(&task.id)?.map(|mut e| {
+        e.record.retain(|k, _| tg.managed.contains(k));
+        e
+    });
+    let nothing = |membership| Gathered {
+        user: None,
+        mapped: None,
+        membership,
+        via: Vec::new(),
+        existing: None,
+        mref: ManagerRef::None,
+        confirmed: false,
+    };
+    let mut via = match src {
+        ScopeSource::Mirror(tree) => mirror_via(ctx, tree, &task.id)?,
+        ScopeSource::Graph => Vec::new(),
+    };
+    if let ScopeSource::Mirror(_) = src {
+        if via.is_empty() && existing.is_none() && store.reports_of(&task.id)?.is_empty() {
+            // Someone else in the tenant: nothing to do, no Graph call.
+            return Ok(nothing(Membership::NotMember));
+        }
+    }
+    let mapping = &ctx.cfg.mapping;
+    let Some(user) = ctx.graph.user(&task.id, &mapping.user_select()).await? else {
+        return Ok(Gathered {
+            user: Some(Err(())),
+            existing,
+            ..nothing(Membership::NotMember)
+        });
+    };
+    let membership = match src {
+        ScopeSource::Mirror(_) if via.is_empty() => Membership::NotMember,
+        ScopeSource::Mirror(_) => Membership::Member,
+        ScopeSource::Graph => {
+            via = graph_via(ctx, &user.id).await?;
+            if via.is_empty() {
+                Membership::NotMember
+            } else {
+                Membership::Member
+            }
+        }
+    };
+    let manager = match (mapping.manager_select(), &membership, &existing) {
+        // A manager only matters for a record that is written.
+        (Some(sel), Membership::Member, _) | (Some(sel), _, Some(_)) => {
+            ctx.graph.manager(&user.id, &sel).await?
+        }
+        _ => None,
+    };
+    let mapped = map_user(ctx, tg, &user, manager.as_ref());
+    let mref = manager_ref(ctx, tg, mapped.as_ref().ok())?;
+    Ok(Gathered {
+        user: Some(Ok(user)),
+        mapped: Some(mapped),
+        membership,
+        via,
+        existing,
+        mref,
+        confirmed: matches!(src, ScopeSource::Graph),
+    })
+}
+
+/// The facts of a user read again to confirm a deactivation.
+fn refresh<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    g: &Gathered,
+    read: FreshRead,
+) -> Result<Gathered, StoreError> {
+    let member = !read.member_of.is_empty();
+    let via = if member { g.via.clone() } else { Vec::new() };
+    let Some(user) = read.user else {
+        return Ok(Gathered {
+            user: Some(Err(())),
+            mapped: None,
+            membership: Membership::NotMember,
+            via,
+            existing: g.existing.clone(),
+            mref: ManagerRef::None,
+            confirmed: true,
+        });
+    };
+    let mapped = map_user(ctx, tg, &user, read.manager.as_ref());
+    let mref = manager_ref(ctx, tg, mapped.as_ref().ok())?;
+    let via = if member && via.is_empty() {
+        // A member Graph knows of and the mirror does not (a lost membership hint).
+        ctx.cfg
+            .groups
+            .iter()
+            .filter(|c| read.member_of.iter().any(|m| m.eq_ignore_ascii_case(c)))
+            .map(|c| Via {
+                group_id: c.clone(),
+                group_name: None,
+                path: Path::Transitive,
+            })
+            .collect()
+    } else {
+        via
+    };
+    Ok(Gathered {
+        user: Some(Ok(user)),
+        mapped: Some(mapped),
+        membership: if member {
+            Membership::Member
+        } else {
+            Membership::NotMember
+        },
+        via,
+        existing: g.existing.clone(),
+        mref,
+        confirmed: true,
+    })
+}
+
+/// The trace of one decision.
+fn trace_of<T: Target>(
+    ctx: &Context<'_, T>,
+    src: Source,
+    id: &str,
+    g: &Gathered,
+    d: &Decision,
+) -> Trace {
+    let run = src.as_str();
+    let mut t = Trace::new(ctx.cfg.name.as_str(), src, run, id);
+    let upn = g.upn();
+    t.user(
+        g.existing.as_ref().map(|e| e.user_name.as_str()),
+        upn.as_deref(),
+    )
+    .scope(Scope::of(d.out, g.via.clone()));
+    if let Some(e) = &g.existing {
+        t.matched = Match::Index {
+            target_id: e.target_id.clone(),
+        };
+    }
+    if let Some(m) = &d.mapped {
+        t.mapped(m);
+    }
+    match &d.verdict {
+        Verdict::Change(c) => {
+            t.plan(c);
+        }
+        Verdict::Fail(f) => {
+            t.failed(f, false);
+        }
+        Verdict::Skip => {
+            t.skipped(
+                "disabled in Entra (accountEnabled = false) and never in the LMS: not created",
+            );
+        }
+        _ => {}
+    }
+    t
+}
+
+/// One user's state through a round.
+struct Work {
+    task: UserTask,
+    gathered: Option<Gathered>,
+    decision: Option<Decision>,
+    outcome: Option<UserOutcome>,
+    trace: Option<Trace>,
+}
+
+/// Decides and applies a set of users (and, in further rounds, the users whose manager link
+/// follows from what was applied). Store failures end it with an error.
+pub(crate) async fn sync_users<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    src: ScopeSource<'_>,
+    tasks: Vec<UserTask>,
+    opts: SyncOptions,
+) -> Result<Synced, RunError> {
+    let mut out = Synced::default();
+    let mut round = tasks;
+    let mut first = true;
+    for _ in 0..opts.max_rounds.max(1) {
+        if round.is_empty() {
+            break;
+        }
+        let next = one_round(
+            ctx,
+            tg,
+            src,
+            std::mem::take(&mut round),
+            opts,
+            &mut out,
+            first,
+        )
+        .await?;
+        first = false;
+        round = next;
+    }
+    out.left_over = round;
+    Ok(out)
+}
+
+async fn one_round<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    src: ScopeSource<'_>,
+    tasks: Vec<UserTask>,
+    opts: SyncOptions,
+    out: &mut Synced,
+    first: bool,
+) -> Result<Vec<UserTask>, RunError> {
+    let conc = opts.concurrency.max(1);
+    // 1. Gather and decide, Graph reads concurrently.
+    // Collected first: a lazily mapped iterator trips the compiler's Send check of the
+    // spawned serve tasks.
+    let calls: Vec<_> = tasks
+        .into_iter()
+        .map(|task| async move {
+            let span = tracing::info_span!("user", user = %task.id);
+            let r = gather(ctx, tg, src, &task).instrument(span).await;
+            (task, r)
+        })
+        .collect();
+    let gathered: Vec<(UserTask, Result<Gathered, Failure>)> =
+        stream::iter(calls).buffer_unordered(conc).collect().await;
+    let mut work: Vec<Work> = Vec::with_capacity(gathered.len());
+    for (task, r) in gathered {
+        let mut w = Work {
+            task,
+            gathered: None,
+            decision: None,
+            outcome: None,
+            trace: None,
+        };
+        match r {
+            Ok(g) => {
+                match g.facts() {
+                    None => w.outcome = Some(UserOutcome::Done),
+                    Some(f) => w.decision = Some(decide::decide(&w.task.id, &f, opts.dry_run)),
+                }
+                w.gathered = Some(g);
+            }
+            Err(Failure::Item { message, suspect }) => {
+                w.outcome = Some(UserOutcome::Failed { message, suspect })
+            }
+            Err(Failure::Hold(m)) => w.outcome = Some(UserOutcome::Held(m)),
+            Err(Failure::Fatal(e)) => return Err(e),
+        }
+        work.push(w);
+    }
+
+    // 2. Deactivations rest on Graph's fresh word: read again, decide again.
+    let mut trip = None;
+    confirm(ctx, tg, &mut work, opts, &mut trip).await?;
+    if trip.is_some() {
+        out.guard = trip;
+    }
+
+    // 3. Traces of what was decided (changes and failures), then the writes.
+    for w in &mut work {
+        let (Some(g), Some(d)) = (&w.gathered, &w.decision) else {
+            continue;
+        };
+        let worth = matches!(
+            d.verdict,
+            Verdict::Change(_) | Verdict::Fail(_) | Verdict::Skip
+        ) || matches!(opts.source, Source::SyncUser);
+        if worth {
+            w.trace = Some(trace_of(ctx, opts.source, &w.task.id, g, d));
+        }
+        match &d.verdict {
+            Verdict::Fail(m) => {
+                w.outcome = Some(UserOutcome::Failed {
+                    message: m.clone(),
+                    suspect: false,
+                })
+            }
+            Verdict::Wait(_) | Verdict::Confirm => {
+                if w.outcome.is_none() {
+                    w.outcome = Some(UserOutcome::Wait {
+                        until: Utc::now() + chrono::Duration::seconds(5),
+                        missing_since: w.task.missing_since,
+                    })
+                }
+            }
+            Verdict::Unchanged { .. } | Verdict::Skip => {
+                out.unchanged += 1;
+            }
+            Verdict::Change(_) => {}
+        }
+    }
+    let mut remember = Vec::new();
+    let mut to_apply: Vec<usize> = Vec::new();
+    for (i, w) in work.iter().enumerate() {
+        match w.decision.as_ref().map(|d| &d.verdict) {
+            Some(Verdict::Change(_)) if w.outcome.is_none() => to_apply.push(i),
+            Some(Verdict::Unchanged {
+                remember_manager: true,
+            }) if !opts.dry_run => {
+                if let (Some(g), Some(Ok(d))) = (
+                    &w.gathered,
+                    w.gathered.as_ref().and_then(|g| g.mapped.as_ref()),
+                ) {
+                    if let Some(mut full) = ctx.store.get_user(&w.task.id)? {
+                        full.manager = d.manager_entra_id.clone();
+                        let _ = g;
+                        remember.push((w.task.id.clone(), full));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    ctx.store.put_users(&remember)?;
+    if opts.dry_run {
+        for &i in &to_apply {
+            if let Some(c) = work[i].decision.as_ref().and_then(Decision::change) {
+                out.changes.push(c.clone());
+            }
+            work[i].outcome = Some(UserOutcome::Done);
+        }
+        return finish_round(ctx, &mut work, out, first, opts, Vec::new());
+    }
+    let changes: Vec<&PlannedChange> = to_apply
+        .iter()
+        .filter_map(|&i| work[i].decision.as_ref().and_then(Decision::change))
+        .collect();
+    let intents = apply::announce(ctx, &changes).await?;
+    let calls: Vec<_> = to_apply
+        .iter()
+        .filter_map(|&i| {
+            let c = work[i].decision.as_ref().and_then(Decision::change)?;
+            Some(async move {
+                let span =
+                    tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
+                (i, apply_change(ctx, &tg.managed, c).instrument(span).await)
+            })
+        })
+        .collect();
+    let results: Vec<(usize, Result<Applied, ApplyError>)> =
+        stream::iter(calls).buffer_unordered(conc).collect().await;
+    let mut entries = Vec::new();
+    let mut uncertain = Vec::new();
+    let mut deactivated = 0u64;
+    let mut moved = Vec::new();
+    for (i, r) in results {
+        let w = &mut work[i];
+        let Some(c) = w.decision.as_ref().and_then(Decision::change).cloned() else {
+            continue;
+        };
+        match r {
+            Ok(a) => {
+                tracing::info!(user = %c.entra_id, user_name = %c.user_name, action = c.action.as_str(), "applied");
+                if let Some(t) = w.trace.as_mut() {
+                    t.applied(&c, &a.matched);
+                }
+                let before = w.gathered.as_ref().and_then(|g| g.existing.as_ref());
+                let mut probe = c.clone();
+                probe.target_id = Some(a.entry.target_id.clone());
+                if decide::changes_presence(&probe, before) {
+                    moved.push(c.entra_id.clone());
+                }
+                if c.action == Action::Deactivate {
+                    deactivated += 1;
+                }
+                entries.push((c.entra_id.clone(), a.entry));
+                w.outcome = Some(UserOutcome::Done);
+                out.changes.push(c);
+            }
+            Err(ApplyError::User {
+                message,
+                uncertain: unsure,
+                suspect,
+            }) => {
+                tracing::warn!(user = %c.entra_id, error = %message, "user failed to sync");
+                if let Some(t) = w.trace.as_mut() {
+                    t.failed(&message, true);
+                }
+                if unsure {
+                    uncertain.push(apply::intent_of(&c));
+                }
+                w.outcome = Some(UserOutcome::Failed { message, suspect });
+            }
+            Err(ApplyError::Fatal(e)) => return Err(e),
+        }
+    }
+    ctx.store.put_users(&entries)?;
+    if let Some(id) = intents {
+        ctx.store.settle_intents(id, uncertain)?;
+    }
+    ctx.store.record_deactivations(deactivated)?;
+    finish_round(ctx, &mut work, out, first, opts, moved)
+}
+
+/// Stores the round's traces, records its outcomes and returns the next round's users: the
+/// reports of users whose presence changed, and of managers notified directly (their name or
+/// mail feeds their reports' records).
+fn finish_round<T: Target>(
+    ctx: &Context<'_, T>,
+    work: &mut [Work],
+    out: &mut Synced,
+    first: bool,
+    opts: SyncOptions,
+    moved: Vec<String>,
+) -> Result<Vec<UserTask>, RunError> {
+    let secrets = trace::secrets_of(ctx.cfg);
+    let mut store_traces = Vec::new();
+    for w in work.iter_mut() {
+        if let Some(mut t) = w.trace.take() {
+            if let Some(UserOutcome::Held(why)) = &w.outcome {
+                t.held(why);
+            }
+            t.dry_run = opts.dry_run;
+            t.scrub(&secrets);
+            if first {
+                out.traces.insert(w.task.id.clone(), t.clone());
+            }
+            if t.outcome != trace::Outcome::Planned && !opts.dry_run {
+                store_traces.push(t);
+            }
+        }
+        if first {
+            let o = w.outcome.clone().unwrap_or(UserOutcome::Done);
+            out.outcomes.insert(w.task.id.clone(), o);
+        }
+    }
+    if !store_traces.is_empty() {
+        ctx.store.put_traces(store_traces)?;
+    }
+    if opts.dry_run {
+        return Ok(Vec::new());
+    }
+    let manager_props = ctx
+        .cfg
+        .mapping
+        .manager_select()
+        .is_some_and(|s| s.len() > 1);
+    let mut next: BTreeMap<String, UserTask> = BTreeMap::new();
+    let mut fan_out: Vec<&str> = moved.iter().map(String::as_str).collect();
+    if manager_props {
+        fan_out.extend(work.iter().filter_map(|w| {
+            let exists = matches!(
+                w.gathered.as_ref().and_then(|g| g.user.as_ref()),
+                Some(Ok(_))
+            );
+            (!w.task.follow_up && exists).then_some(w.task.id.as_str())
+        }));
+    }
+    for m in fan_out {
+        for r in ctx.store.reports_of(m)? {
+            next.entry(r.clone()).or_insert(UserTask {
+                id: r,
+                follow_up: true,
+                missing_since: None,
+                allow_mass: false,
+            });
+        }
+    }
+    Ok(next.into_values().collect())
+}
+
+/// Reads again from Graph every user whose decision was "confirm first" and decides again.
+/// The budget is checked before the reads (a mass event costs no reads); a user that answered
+/// 404 is only believed gone on a second 404 `gone_confirm_after` after the first.
+async fn confirm<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    work: &mut [Work],
+    opts: SyncOptions,
+    tripped: &mut Option<GuardTrip>,
+) -> Result<(), RunError> {
+    let now = Utc::now();
+    let after = chrono::Duration::from_std(opts.gone_confirm_after).unwrap_or_default();
+    let mut candidates: Vec<usize> = Vec::new();
+    let mut direct = 0u64;
+    for (i, w) in work.iter_mut().enumerate() {
+        let Some(d) = &w.decision else { continue };
+        match &d.verdict {
+            Verdict::Confirm => {
+                let first_404 = matches!(
+                    w.gathered.as_ref().and_then(|g| g.user.as_ref()),
+                    Some(Err(()))
+                );
+                let since = w.task.missing_since.unwrap_or(now);
+                if first_404 && now - since < after && !opts.wait_inline {
+                    w.task.missing_since = Some(since);
+                    w.outcome = Some(UserOutcome::Wait {
+                        until: since + after,
+                        missing_since: Some(since),
+                    });
+                    continue;
+                }
+                if first_404 {
+                    w.task.missing_since = Some(since);
+                }
+                candidates.push(i);
+            }
+            Verdict::Change(c) if c.action == Action::Deactivate => direct += 1,
+            _ => {}
+        }
+    }
+    if candidates.is_empty() && direct == 0 {
+        return Ok(());
+    }
+    // The budget first: all of them, as if each were confirmed.
+    let (allowed, normal): (Vec<usize>, Vec<usize>) = candidates
+        .iter()
+        .copied()
+        .partition(|&i| work[i].task.allow_mass);
+    let direct_idx: Vec<usize> = work
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| {
+            matches!(w.decision.as_ref().map(|d| &d.verdict), Some(Verdict::Change(c)) if c.action == Action::Deactivate)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let (direct_allowed, direct_normal): (Vec<usize>, Vec<usize>) = direct_idx
+        .into_iter()
+        .partition(|&i| work[i].task.allow_mass);
+    if !allowed.is_empty() || !direct_allowed.is_empty() {
+        apply::guard_check(ctx, 0, true)?.ok();
+    }
+    let would = (normal.len() + direct_normal.len()) as u64;
+    let mut keep: Vec<usize> = allowed;
+    if !opts.dry_run {
+        if let Err(trip) = apply::guard_check(ctx, would, false)? {
+            tracing::error!(%trip, "guard: deactivations held");
+            let why = format!("guard: {trip}");
+            for &i in normal.iter().chain(direct_normal.iter()) {
+                let w = &mut work[i];
+                if w.trace.is_none() {
+                    if let (Some(g), Some(d)) = (&w.gathered, &w.decision) {
+                        w.trace = Some(trace_of(ctx, opts.source, &w.task.id, g, d));
+                    }
+                }
+                w.outcome = Some(UserOutcome::Held(why.clone()));
+            }
+            *tripped = Some(trip);
+            return Ok(());
+        }
+    }
+    keep.extend(normal);
+    if keep.is_empty() {
+        return Ok(());
+    }
+    if opts.wait_inline {
+        let waits = keep.iter().any(|&i| {
+            matches!(
+                work[i].gathered.as_ref().and_then(|g| g.user.as_ref()),
+                Some(Err(()))
+            )
+        });
+        if waits {
+            tokio::time::sleep(opts.gone_confirm_after).await;
+        }
+    }
+    let ids: Vec<String> = keep.iter().map(|&i| work[i].task.id.clone()).collect();
+    let mapping = &ctx.cfg.mapping;
+    let manager_select = mapping.manager_select();
+    let reads = match ctx
+        .graph
+        .fresh_reads(
+            &ids,
+            &mapping.user_select(),
+            manager_select.as_deref(),
+            &ctx.cfg.groups,
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let suspect = graph_suspect(&e);
+            for &i in &keep {
+                work[i].outcome = Some(UserOutcome::Failed {
+                    message: format!("could not confirm with Graph: {e}"),
+                    suspect,
+                });
+            }
+            return Ok(());
+        }
+    };
+    let mut reads = reads;
+    let now = Utc::now();
+    for &i in &keep {
+        let w = &mut work[i];
+        let Some(g) = &w.gathered else { continue };
+        match reads.remove(&w.task.id) {
+            Some(Ok(read)) => {
+                let gone = read.user.is_none();
+                let fresh = refresh(ctx, tg, g, read)?;
+                let since = w.task.missing_since.unwrap_or(now);
+                if gone && now - since < after {
+                    // The first 404: believed only on a second one, later.
+                    w.task.missing_since = Some(since);
+                    w.outcome = Some(UserOutcome::Wait {
+                        until: since + after,
+                        missing_since: Some(since),
+                    });
+                    continue;
+                }
+                if let Some(f) = fresh.facts() {
+                    w.decision = Some(decide::decide(&w.task.id, &f, opts.dry_run));
+                }
+                w.gathered = Some(fresh);
+            }
+            Some(Err(e)) => {
+                w.outcome = Some(UserOutcome::Failed {
+                    message: format!("could not confirm with Graph: {e}"),
+                    suspect: graph_suspect(&e),
+                })
+            }
+            None => {
+                w.outcome = Some(UserOutcome::Failed {
+                    message: "Graph did not answer the confirming read".into(),
+                    suspect: true,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Processes membership and user items (other kinds are the caller's). Items that succeed are
 /// removed from the queue; failed ones are retried with exponential backoff and buried after
-/// `max_attempts`. A fatal error (store, Graph auth, LMS unreachable) leaves every item queued
-/// with one more attempt counted, and is returned.
+/// `max_attempts`; held ones (the guard, a deleted or emptied group) go to the dead letters at
+/// once. Failures that may concern the whole integration (Graph or the LMS down, credentials
+/// refused) are checked with a probe: if Graph or the LMS does not answer, no attempt is
+/// counted and the probe's error is returned (the caller backs off).
 pub async fn process<T: Target>(
     ctx: &Context<'_, T>,
     tg: &Targeting,
@@ -125,11 +1028,12 @@ pub async fn process<T: Target>(
 ) -> Result<BatchOutcome, RunError> {
     let mut out = BatchOutcome::default();
     let mut done: Vec<u64> = Vec::new();
-    let mut failed: Vec<(u64, QueueItem, String)> = Vec::new();
+    let mut failed: Vec<(u64, QueueItem, String, bool)> = Vec::new();
+    let mut held: Vec<(u64, QueueItem, String)> = Vec::new();
+    let mut waiting: Vec<(u64, QueueItem, DateTime<Utc>)> = Vec::new();
 
-    // 1. Membership: one delta round per distinct group.
     let mut groups: BTreeMap<String, Vec<(u64, QueueItem)>> = BTreeMap::new();
-    let mut users: BTreeMap<String, (bool, Vec<(u64, QueueItem)>)> = BTreeMap::new();
+    let mut users: BTreeMap<String, (UserTask, Vec<(u64, QueueItem)>)> = BTreeMap::new();
     for (id, it) in items {
         match &it.hint {
             Hint::Membership { group_id } => groups
@@ -137,193 +1041,180 @@ pub async fn process<T: Target>(
                 .or_default()
                 .push((id, it)),
             Hint::User { user_id, follow_up } => {
-                let e = users
-                    .entry(user_id.to_ascii_lowercase())
-                    .or_insert((true, Vec::new()));
-                e.0 &= *follow_up;
+                let key = user_id.to_ascii_lowercase();
+                let e = users.entry(key.clone()).or_insert_with(|| {
+                    (
+                        UserTask {
+                            id: key,
+                            follow_up: true,
+                            missing_since: None,
+                            allow_mass: false,
+                        },
+                        Vec::new(),
+                    )
+                });
+                e.0.follow_up &= *follow_up;
+                e.0.allow_mass |= it.allow_mass_deactivation;
+                e.0.missing_since = match (e.0.missing_since, it.missing_since) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 e.1.push((id, it));
             }
             _ => {}
         }
     }
+
+    // 1. Membership: one delta round per distinct group.
     for (group_id, its) in groups {
         let span = tracing::info_span!("membership", group = %group_id);
         match membership(ctx, &group_id, &mut out).instrument(span).await {
             Ok(()) => done.extend(its.iter().map(|(id, _)| *id)),
-            Err(Failure::Item(m)) => {
-                tracing::warn!(group = %group_id, error = %m, "membership hint failed");
-                failed.extend(its.into_iter().map(|(id, it)| (id, it, m.clone())));
+            Err(Failure::Item { message, suspect }) => {
+                tracing::warn!(group = %group_id, error = %message, "membership hint failed");
+                failed.extend(
+                    its.into_iter()
+                        .map(|(id, it)| (id, it, message.clone(), suspect)),
+                );
+            }
+            Err(Failure::Hold(why)) => {
+                tracing::error!(group = %group_id, %why, "membership change not applied");
+                out.stopped.push(why.clone());
+                held.extend(its.into_iter().map(|(id, it)| (id, it, why.clone())));
             }
             Err(Failure::Fatal(e)) => {
-                settle(ctx, ws, &done, failed, &mut out)?;
+                settle(ctx, ws, &done, failed, held, waiting, &mut out)?;
                 return Err(e);
             }
         }
     }
 
-    // 2. Users: plan each one (Graph reads run concurrently), then guard, then apply.
-    // After the membership rounds above, so it includes groups they added.
-    let tree = ctx.store.group_tree(&ctx.cfg.groups)?;
-    let tree = &tree;
-    let wanted: Vec<(String, bool)> = users.iter().map(|(u, (f, _))| (u.clone(), *f)).collect();
-    let plans: Vec<(String, Result<UserPlan, Failure>)> =
-        stream::iter(wanted.into_iter().map(|(uid, follow_up)| async move {
-            let span = tracing::info_span!("user", user = %uid);
-            let r = plan_user(ctx, tg, tree, &uid, follow_up)
-                .instrument(span)
-                .await;
-            (uid, r)
-        }))
-        .buffer_unordered(ws.concurrency.max(1))
-        .collect()
-        .await;
-    let mut to_apply: Vec<PlannedChange> = Vec::new();
-    let mut follow_ups: Vec<QueueItem> = Vec::new();
-    let mut fatal: Option<RunError> = None;
-    let mut outcome_of: BTreeMap<String, Result<(), String>> = BTreeMap::new();
-    // The decisions worth a trace (changes and failures), by user.
-    let mut traces: BTreeMap<String, Trace> = BTreeMap::new();
-    for (uid, r) in plans {
-        match r {
-            Ok(p) => {
-                follow_ups.extend(p.follow_ups.into_iter().map(QueueItem::new));
-                if let Some(t) = p.trace {
-                    traces.insert(uid.clone(), t);
-                }
-                match (p.change, p.failure) {
-                    (_, Some(m)) => {
-                        outcome_of.insert(uid, Err(m));
-                    }
-                    (Some(c), None) => to_apply.push(c),
-                    (None, None) => {
-                        out.unchanged += 1;
-                        outcome_of.insert(uid, Ok(()));
-                    }
-                }
-            }
-            Err(Failure::Item(m)) => {
-                outcome_of.insert(uid, Err(m));
-            }
-            Err(Failure::Fatal(e)) => fatal = fatal.or(Some(e)),
+    // 2. Users, after the membership rounds (so the mirror includes what they learnt).
+    if !users.is_empty() {
+        let tree = ctx.store.group_tree(&ctx.cfg.groups)?;
+        let stopped = stopped_groups(ctx)?;
+        let tasks: Vec<UserTask> = users.values().map(|(t, _)| t.clone()).collect();
+        let opts = SyncOptions {
+            concurrency: ws.concurrency,
+            source: Source::Incremental,
+            dry_run: false,
+            gone_confirm_after: ws.gone_confirm_after,
+            wait_inline: false,
+            max_rounds: 3,
+        };
+        let synced = sync_users(ctx, tg, ScopeSource::Mirror(&tree), tasks, opts).await?;
+        out.unchanged += synced.unchanged;
+        out.changes.extend(synced.changes);
+        if synced.guard.is_some() {
+            out.guard = synced.guard;
         }
-    }
-    if let Some(e) = fatal {
-        settle(ctx, ws, &done, failed, &mut out)?;
-        return Err(e);
-    }
-
-    let deactivations = to_apply
-        .iter()
-        .filter(|c| c.action == Action::Deactivate)
-        .count() as u64;
-    if deactivations > 0 {
-        let active_before = ctx.store.active_count();
-        if let Err(trip) = plan::guard(
-            deactivations,
-            active_before,
-            ctx.cfg.max_deactivations,
-            false,
-        ) {
-            tracing::error!(%trip, "guard tripped in incremental sync; deactivations held as dead letters");
-            let msg = format!("guard: {trip}");
-            to_apply.retain(|c| {
-                if c.action == Action::Deactivate {
-                    outcome_of.insert(c.entra_id.clone(), Err(format!("HOLD {msg}")));
-                    if let Some(t) = traces.get_mut(&c.entra_id) {
-                        t.held(&msg);
-                    }
-                    false
-                } else {
-                    true
+        if !synced.left_over.is_empty() {
+            let follow: Vec<QueueItem> = synced
+                .left_over
+                .into_iter()
+                .map(|t| {
+                    QueueItem::new(Hint::User {
+                        user_id: t.id,
+                        follow_up: true,
+                    })
+                })
+                .collect();
+            ctx.store.enqueue(&follow)?;
+        }
+        for (uid, (_, its)) in users {
+            match synced.outcomes.get(&uid) {
+                Some(UserOutcome::Done) | None => done.extend(its.iter().map(|(id, _)| *id)),
+                Some(UserOutcome::Failed { message, suspect }) => {
+                    out.failed.push((uid.clone(), message.clone()));
+                    failed.extend(
+                        its.into_iter()
+                            .map(|(id, it)| (id, it, message.clone(), *suspect)),
+                    );
                 }
-            });
-            out.guard = Some(trip);
+                Some(UserOutcome::Wait {
+                    until,
+                    missing_since,
+                }) => {
+                    for (id, mut it) in its {
+                        it.missing_since = *missing_since;
+                        waiting.push((id, it, *until));
+                    }
+                }
+                Some(UserOutcome::Held(why)) => {
+                    held.extend(its.into_iter().map(|(id, it)| (id, it, why.clone())));
+                }
+            }
+        }
+        if !stopped.is_empty() {
+            tracing::debug!(groups = ?stopped, "groups stopped");
         }
     }
 
-    let results: Vec<(PlannedChange, Result<Applied, ApplyError>)> =
-        stream::iter(to_apply.into_iter().map(|c| async move {
-            let span = tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
-            let r = apply_change(ctx, &tg.managed, &c).instrument(span).await;
-            (c, r)
-        }))
-        .buffer_unordered(ws.concurrency.max(1))
-        .collect()
-        .await;
-    let mut entries = Vec::new();
-    for (c, r) in results {
-        match r {
-            Ok(a) => {
-                tracing::info!(user = %c.entra_id, user_name = %c.user_name, action = c.action.as_str(), "applied");
-                if let Some(t) = traces.get_mut(&c.entra_id) {
-                    t.applied(&c, &a.matched);
-                }
-                entries.push((c.entra_id.clone(), a.entry));
-                outcome_of.insert(c.entra_id.clone(), Ok(()));
-                out.changes.push(c);
-            }
-            Err(ApplyError::User(m)) => {
-                if let Some(t) = traces.get_mut(&c.entra_id) {
-                    t.failed(&m, true);
-                }
-                outcome_of.insert(c.entra_id.clone(), Err(m));
-            }
-            Err(ApplyError::Fatal(e)) => {
-                fatal = fatal.or(Some(e));
-            }
+    // 3. One user's failure, or everyone's? Ask Graph and the LMS.
+    let mut global: Option<RunError> = None;
+    let suspects = failed.iter().filter(|f| f.3).count();
+    if suspects > 0 {
+        if let Err(e) = apply::probe(ctx).await {
+            tracing::error!(error = %e, "Graph or the LMS does not answer; the batch waits without counting attempts");
+            global = Some(e);
+        } else if suspects >= 2 && done.is_empty() && out.changes.is_empty() {
+            // Several items, all refused the same way, nothing went through: the whole
+            // integration (a token that may read but not write, say), not these users.
+            let first = failed
+                .iter()
+                .find(|f| f.3)
+                .map(|f| f.2.clone())
+                .unwrap_or_default();
+            tracing::error!(items = suspects, error = %first, "every item of the batch failed; waiting without counting attempts");
+            global = Some(RunError::Source(format!(
+                "{suspects} items failed and none went through, the first with: {first}"
+            )));
         }
     }
-    // Changes a fatal error left undecided (still `planned`) are not a decision.
-    let secrets = trace::secrets_of(ctx.cfg);
-    let traces: Vec<Trace> = traces
-        .into_values()
-        .filter(|t| t.outcome != trace::Outcome::Planned)
-        .map(|mut t| {
-            t.scrub(&secrets);
-            t
-        })
-        .collect();
-    ctx.store.put_changes(&entries, traces)?;
-    if !follow_ups.is_empty() {
-        ctx.store.enqueue(&follow_ups)?;
-    }
-    for (uid, (_, its)) in users {
-        match outcome_of.remove(&uid) {
-            Some(Ok(())) => done.extend(its.iter().map(|(id, _)| *id)),
-            Some(Err(m)) if m.starts_with("HOLD ") => {
-                for (id, mut it) in its {
-                    it.last_error = Some(m.trim_start_matches("HOLD ").to_string());
-                    ctx.store.bury(id, &it)?;
-                    out.buried += 1;
-                    out.dead_letters.push((id, it));
-                }
-            }
-            Some(Err(m)) => {
-                out.failed.push((uid.clone(), m.clone()));
-                failed.extend(its.into_iter().map(|(id, it)| (id, it, m.clone())));
-            }
-            // Not decided (a fatal error stopped its apply): stays queued as it is.
-            None => {}
+    if global.is_some() {
+        // Not the items' fault: back off without counting an attempt.
+        let (suspects, own): (Vec<_>, Vec<_>) = failed.into_iter().partition(|f| f.3);
+        failed = own;
+        for (id, it, _, _) in suspects {
+            waiting.push((id, it, Utc::now() + chrono::Duration::seconds(5)));
         }
     }
-    settle(ctx, ws, &done, failed, &mut out)?;
+    settle(ctx, ws, &done, failed, held, waiting, &mut out)?;
     ctx.store.durable().await?;
-    match fatal {
+    match global {
         Some(e) => Err(e),
         None => Ok(out),
     }
 }
 
-/// Removes finished items; reschedules or buries failed ones.
+/// Configured groups the worker must not act on: kept in the store by the membership rounds
+/// (a deleted or emptied group) until a reconcile lists the group again.
+fn stopped_groups<T: Target>(ctx: &Context<'_, T>) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for g in &ctx.cfg.groups {
+        if let Some(why) = ctx
+            .store
+            .get_meta::<String>(&format!("group_stopped/{g}"))?
+        {
+            out.push(why);
+        }
+    }
+    Ok(out)
+}
+
+/// Removes finished items; reschedules or buries failed ones; buries held ones; puts waiting
+/// ones back for later without counting an attempt.
 fn settle<T: Target>(
     ctx: &Context<'_, T>,
     ws: &WorkerSettings,
     done: &[u64],
-    failed: Vec<(u64, QueueItem, String)>,
+    failed: Vec<(u64, QueueItem, String, bool)>,
+    held: Vec<(u64, QueueItem, String)>,
+    waiting: Vec<(u64, QueueItem, DateTime<Utc>)>,
     out: &mut BatchOutcome,
 ) -> Result<(), StoreError> {
     ctx.store.dequeue(done)?;
-    for (id, mut it, err) in failed {
+    for (id, mut it, err, _) in failed {
         it.attempts += 1;
         it.last_error = Some(err);
         if it.attempts >= ws.max_attempts {
@@ -340,6 +1231,16 @@ fn settle<T: Target>(
                 Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
             ctx.store.requeue(id, &it)?;
         }
+    }
+    for (id, mut it, why) in held {
+        it.last_error = Some(why);
+        ctx.store.bury(id, &it)?;
+        out.buried += 1;
+        out.dead_letters.push((id, it));
+    }
+    for (id, mut it, until) in waiting {
+        it.not_before = Some(until);
+        ctx.store.requeue(id, &it)?;
     }
     // Every path of `process` ends here, after the last burial.
     crate::alert::after_batch(ctx.cfg, ctx.store, &out.dead_letters, out.guard.as_ref());
@@ -358,7 +1259,11 @@ async fn membership<T: Target>(
         tracing::debug!("group is not (or no longer) in this integration's tree; ignoring");
         return Ok(());
     }
-    let mut candidates: BTreeSet<String> = BTreeSet::new();
+    let configured = ctx
+        .cfg
+        .groups
+        .iter()
+        .any(|g| g.eq_ignore_ascii_case(group_id));
     let start = match store.delta_link(group_id)? {
         Some(l) => l,
         None => ctx.graph.group_delta_url(group_id),
@@ -369,31 +1274,70 @@ async fn membership<T: Target>(
             group_removed,
             delta_link,
         } => {
+            if group_removed && configured {
+                let why = format!(
+                    "configured group {group_id} was deleted in Entra: the worker changes nothing for it (as the reconcile refuses to run). Restore the group or change `groups`; if everyone really left, run `reconcile --allow-mass-deactivation`"
+                );
+                store.put_meta(&format!("group_stopped/{group_id}"), &why)?;
+                return Err(Failure::Hold(why));
+            }
             if group_removed {
-                tracing::warn!("group was deleted in Entra");
+                tracing::warn!("nested group was deleted in Entra");
             }
             (changes, delta_link)
         }
         DeltaRound::Expired(why) => {
-            tracing::warn!(%why, "delta link expired; starting over and scheduling a full reconcile");
-            out.expired_groups.push(group_id.to_string());
-            for (m, _) in store.direct_members(group_id)? {
-                candidates.insert(m);
+            // Relearn the group's direct members (the mirror is replaced only once the fresh
+            // round succeeded) and let a full reconcile decide every user: one of the two, not
+            // both, reads every member.
+            tracing::warn!(%why, "delta link expired; learning the group afresh and scheduling a full reconcile");
+            let (changes, link) = fresh_round(ctx, group_id).await?;
+            let (added, _) = fold(&changes);
+            let before = store.group_tree(&ctx.cfg.groups)?;
+            store.replace_members(group_id, &added)?;
+            store.put_delta_link(group_id, &link)?;
+            let after = store.group_tree(&ctx.cfg.groups)?;
+            if before != after {
+                forget_detached(ctx, &before, &after)?;
+                out.tree_changed = true;
             }
-            store.clear_members(group_id)?;
-            store.remove_delta_link(group_id)?;
-            fresh_round(ctx, group_id).await?
+            out.reconcile = Some(format!("the delta link of group {group_id} expired"));
+            return Ok(());
         }
     };
     let (added, removed) = fold(&changes);
+    if configured {
+        let now: BTreeSet<String> = store
+            .direct_members(group_id)?
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
+        let mut next = now.clone();
+        for r in &removed {
+            next.remove(r);
+        }
+        for (a, _) in &added {
+            next.insert(a.clone());
+        }
+        if !now.is_empty() && next.is_empty() {
+            let why = format!(
+                "configured group {group_id} would have no members after this change ({} before): the worker changes nothing for it (as the reconcile refuses to). Check the group in Entra; if everyone really left, run `reconcile --allow-mass-deactivation`",
+                now.len()
+            );
+            store.put_meta(&format!("group_stopped/{group_id}"), &why)?;
+            return Err(Failure::Hold(why));
+        }
+    }
+    let mut candidates: BTreeSet<String> = BTreeSet::new();
+    let mut new_groups = Vec::new();
     for (m, kind) in &added {
         match kind {
             MemberKind::User => {
                 candidates.insert(m.clone());
             }
             MemberKind::Group if !tree.contains(m) => {
-                // A nested group joined: learn its members (and theirs) now.
-                Box::pin(init_group(ctx, m, &mut candidates, &mut out.new_groups, 0)).await?;
+                // A nested group joined (or came back): learn its members (and theirs) now.
+                Box::pin(init_group(ctx, m, &mut candidates, &mut new_groups, 0)).await?;
             }
             _ => {}
         }
@@ -401,11 +1345,7 @@ async fn membership<T: Target>(
     for m in &removed {
         candidates.insert(m.clone());
         // A nested group left: everyone below it may have lost membership.
-        if store
-            .direct_members(m)
-            .map(|v| !v.is_empty())
-            .unwrap_or(false)
-        {
+        if tree.contains(m) {
             for g in store.group_tree(std::slice::from_ref(m))? {
                 for (u, k) in store.direct_members(&g)? {
                     if k == MemberKind::User {
@@ -435,6 +1375,25 @@ async fn membership<T: Target>(
     store.durable().await?;
     store.apply_members(group_id, &added, &removed)?;
     store.put_delta_link(group_id, &link)?;
+    let after = store.group_tree(&ctx.cfg.groups)?;
+    if after != tree || !new_groups.is_empty() {
+        forget_detached(ctx, &tree, &after)?;
+        out.tree_changed = true;
+    }
+    Ok(())
+}
+
+/// Groups that left the tree are forgotten (members and delta link), so that they are learnt
+/// afresh, with their members looked at, if they come back.
+fn forget_detached<T: Target>(
+    ctx: &Context<'_, T>,
+    before: &BTreeSet<String>,
+    after: &BTreeSet<String>,
+) -> Result<(), StoreError> {
+    for g in before.difference(after) {
+        tracing::info!(group = %g, "nested group left the tree; forgetting its members and delta link");
+        ctx.store.forget_group(g)?;
+    }
     Ok(())
 }
 
@@ -468,9 +1427,10 @@ async fn fresh_round<T: Target>(
             delta_link,
             ..
         } => Ok((changes, delta_link)),
-        DeltaRound::Expired(why) => Err(Failure::Item(format!(
-            "a fresh delta round of group {group_id} was refused: {why}"
-        ))),
+        DeltaRound::Expired(why) => Err(Failure::Item {
+            message: format!("a fresh delta round of group {group_id} was refused: {why}"),
+            suspect: false,
+        }),
     }
 }
 
@@ -483,13 +1443,12 @@ async fn init_group<T: Target>(
     new_groups: &mut Vec<String>,
     depth: usize,
 ) -> Result<(), Failure> {
-    if depth > 32 || ctx.store.delta_link(group_id)?.is_some() {
+    if depth > 32 || new_groups.iter().any(|g| g == group_id) {
         return Ok(());
     }
     let (changes, link) = fresh_round(ctx, group_id).await?;
     let (added, _) = fold(&changes);
-    ctx.store.clear_members(group_id)?;
-    ctx.store.apply_members(group_id, &added, &[])?;
+    ctx.store.replace_members(group_id, &added)?;
     ctx.store.put_delta_link(group_id, &link)?;
     new_groups.push(group_id.to_string());
     for (m, kind) in &added {
@@ -512,9 +1471,14 @@ pub async fn init_tree<T: Target>(ctx: &Context<'_, T>) -> Result<Vec<String>, R
     let mut candidates = BTreeSet::new();
     let mut new_groups = Vec::new();
     for g in &ctx.cfg.groups {
+        if ctx.store.delta_link(g)?.is_some() {
+            continue;
+        }
         match init_group(ctx, g, &mut candidates, &mut new_groups, 0).await {
             Ok(()) => {}
-            Err(Failure::Item(m)) => return Err(RunError::Source(m)),
+            Err(Failure::Item { message, .. } | Failure::Hold(message)) => {
+                return Err(RunError::Source(message))
+            }
             Err(Failure::Fatal(e)) => return Err(e),
         }
     }
@@ -522,265 +1486,30 @@ pub async fn init_tree<T: Target>(ctx: &Context<'_, T>) -> Result<Vec<String>, R
     Ok(new_groups)
 }
 
-struct UserPlan {
-    change: Option<PlannedChange>,
-    follow_ups: Vec<Hint>,
-    /// Why the user cannot be synced (a per-user failure, retried).
-    failure: Option<String>,
-    /// The decision's trace when it is worth keeping (a change or a failure).
-    trace: Option<Trace>,
-}
-
-/// A group of the integration's tree the user is a direct member of (a configured group
-/// first), `None` when the user is in none.
-fn direct_group<T: Target>(
-    ctx: &Context<'_, T>,
-    tree: &BTreeSet<String>,
-    user_id: &str,
-) -> Result<Option<String>, StoreError> {
-    let configured = ctx.cfg.groups.iter().filter(|g| tree.contains(*g));
-    let nested = tree.iter().filter(|g| !ctx.cfg.groups.contains(g));
-    for g in configured.chain(nested) {
-        if ctx.store.is_direct_member(g, user_id)? {
-            return Ok(Some(g.clone()));
-        }
-    }
-    Ok(None)
-}
-
-/// Whether a user is a direct member of any group in the integration's tree.
-fn in_scope<T: Target>(
-    ctx: &Context<'_, T>,
-    tree: &BTreeSet<String>,
-    user_id: &str,
-) -> Result<bool, StoreError> {
-    Ok(direct_group(ctx, tree, user_id)?.is_some())
-}
-
-/// A direct membership in a group of the tree, as a trace's scope: the configured group, and
-/// the nested group in between when there is one. Names come from the last reconcile.
-fn via_group<T: Target>(ctx: &Context<'_, T>, group: &str) -> Result<Via, StoreError> {
-    let name = |id: &str| -> Result<Option<String>, StoreError> {
-        ctx.store.get_meta::<String>(&format!("group_name/{id}"))
-    };
-    if !ctx.cfg.groups.iter().any(|g| g == group) {
-        for root in &ctx.cfg.groups {
-            if ctx
-                .store
-                .group_tree(std::slice::from_ref(root))?
-                .contains(group)
-            {
-                return Ok(Via {
-                    group_id: root.clone(),
-                    group_name: name(root)?,
-                    path: trace::Path::Nested {
-                        group_id: group.to_string(),
-                        group_name: name(group)?,
-                    },
-                });
-            }
-        }
-    }
-    Ok(Via {
-        group_id: group.to_string(),
-        group_name: name(group)?,
-        path: trace::Path::Direct,
-    })
-}
-
-async fn plan_user<T: Target>(
+/// What `sync-user` needs of the worker: one user, decided now with Graph's own answers for
+/// its membership, applied, its reports' manager links following.
+pub(crate) async fn sync_one<T: Target>(
     ctx: &Context<'_, T>,
     tg: &Targeting,
-    tree: &BTreeSet<String>,
     user_id: &str,
-    follow_up: bool,
-) -> Result<UserPlan, Failure> {
-    let store = ctx.store;
-    let direct = direct_group(ctx, tree, user_id)?;
-    let member = direct.is_some();
-    let indexed = store.get_user(user_id)?;
-    let reports = store.reports_of(user_id)?;
-    if !member && indexed.is_none() && reports.is_empty() {
-        // Someone else in the tenant: nothing to do, no Graph call.
-        return Ok(UserPlan {
-            change: None,
-            follow_ups: Vec::new(),
-            failure: None,
-            trace: None,
-        });
-    }
-    let mapping = &ctx.cfg.mapping;
-    let user = ctx.graph.user(user_id, &mapping.user_select()).await?;
-    let mut follow_ups: Vec<Hint> = Vec::new();
-    // A manager's name or mail feeds its reports' records: re-plan them (once, not onwards).
-    if !follow_up && user.is_some() {
-        follow_ups.extend(reports.into_iter().map(|r| Hint::User {
-            user_id: r,
-            follow_up: true,
-        }));
-    }
-    let existing = indexed.map(|mut e| {
-        e.record.retain(|k, _| tg.managed.contains(k));
-        e
-    });
-    let d = decide(
+    dry_run: bool,
+) -> Result<Synced, RunError> {
+    let opts = SyncOptions {
+        concurrency: ctx.cfg.target.concurrency.max(1),
+        source: Source::SyncUser,
+        dry_run,
+        gone_confirm_after: WorkerSettings::default().gone_confirm_after,
+        wait_inline: true,
+        max_rounds: 4,
+    };
+    sync_users(
         ctx,
         tg,
-        tree,
-        user_id,
-        follow_up,
-        member,
-        user.as_ref(),
-        existing.as_ref(),
-        &mut follow_ups,
+        ScopeSource::Graph,
+        vec![UserTask::new(user_id)],
+        opts,
     )
-    .await?;
-    let trace = if d.change.is_some() || d.failure.is_some() {
-        let mut t = Trace::new(
-            ctx.cfg.name.as_str(),
-            Source::Incremental,
-            "incremental",
-            user_id,
-        );
-        let via = match &direct {
-            Some(g) => vec![via_group(ctx, g)?],
-            None => Vec::new(),
-        };
-        let upn = user.as_ref().and_then(|u| u.string("userPrincipalName"));
-        t.user(
-            existing.as_ref().map(|e| e.user_name.as_str()),
-            upn.as_deref(),
-        )
-        .scope(Scope::of(d.out, via));
-        d.fill(&mut t, existing.as_ref());
-        Some(t)
-    } else {
-        None
-    };
-    Ok(UserPlan {
-        change: d.change,
-        follow_ups,
-        failure: d.failure,
-        trace,
-    })
-}
-
-/// What one user's facts come to, with what its trace needs.
-#[derive(Default)]
-pub(crate) struct Decision {
-    pub change: Option<PlannedChange>,
-    /// The mapped record (managed keys, manager link resolved), when the user was mapped.
-    pub mapped: Option<Record>,
-    /// Why the user is not (or no longer) in scope; `None` for an enabled member.
-    pub out: Option<OutOfScope>,
-    /// Why the user cannot be mapped (a per-user failure).
-    pub failure: Option<String>,
-}
-
-impl Decision {
-    /// Writes the match, mapped values, plan and failure into a trace.
-    pub(crate) fn fill(&self, t: &mut Trace, existing: Option<&IndexEntry>) {
-        if let Some(e) = existing {
-            t.matched = Match::Index {
-                target_id: e.target_id.clone(),
-            };
-        }
-        if let Some(m) = &self.mapped {
-            t.mapped(m);
-        }
-        if let Some(c) = &self.change {
-            t.plan(c);
-        }
-        if let Some(f) = &self.failure {
-            t.failed(f, false);
-        }
-    }
-}
-
-/// Plans one user from its facts: membership, the user as Graph has it now (`None`: deleted)
-/// and its index entry (record cut to the managed keys). Reads the manager from Graph. Shared
-/// by the worker and `sync-user`; with `follow_up` false, a manager that is joining too is
-/// queued in `follow_ups` (with the user after it) instead of linked now.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn decide<T: Target>(
-    ctx: &Context<'_, T>,
-    tg: &Targeting,
-    tree: &BTreeSet<String>,
-    user_id: &str,
-    follow_up: bool,
-    member: bool,
-    user: Option<&GraphUser>,
-    existing: Option<&IndexEntry>,
-    follow_ups: &mut Vec<Hint>,
-) -> Result<Decision, Failure> {
-    let store = ctx.store;
-    let mapping = &ctx.cfg.mapping;
-    let mut d = Decision::default();
-    match (member, user) {
-        (true, Some(u)) => {
-            let disabled = u.props.get("accountEnabled").and_then(|v| v.as_bool()) == Some(false);
-            if disabled {
-                d.out = Some(OutOfScope::Disabled);
-            }
-            let mgr = match mapping.manager_select() {
-                Some(sel) => ctx.graph.manager(user_id, &sel).await?,
-                None => None,
-            };
-            match mapping.apply(u, mgr.as_ref()) {
-                Ok(mut des) => {
-                    des.record.retain(|k, _| tg.managed.contains(k));
-                    let mref = match (&des.manager_entra_id, tg.link_manager) {
-                        (Some(mid), true) => match store.get_user(mid)? {
-                            Some(me) => ManagerRef::Known(me.target_id),
-                            None if !follow_up && in_scope(ctx, tree, mid)? => {
-                                // The manager is joining too: sync it, then this user again.
-                                follow_ups.push(Hint::User {
-                                    user_id: mid.clone(),
-                                    follow_up: true,
-                                });
-                                follow_ups.push(Hint::User {
-                                    user_id: user_id.to_string(),
-                                    follow_up: true,
-                                });
-                                ManagerRef::Deferred
-                            }
-                            None => ManagerRef::None,
-                        },
-                        _ => ManagerRef::None,
-                    };
-                    let current = existing.map(|e| &e.record);
-                    d.mapped = Some(plan::desired_record(&des, &mref, current));
-                    d.change = plan::plan_member(&des, existing, &mref);
-                }
-                Err(f) => match (existing, disabled) {
-                    (Some(e), true) => {
-                        d.change = plan::plan_departure(user_id, e).map(|mut c| {
-                            c.reason = Some("disabled in Entra (accountEnabled = false)".into());
-                            c
-                        })
-                    }
-                    _ => d.failure = Some(format!("cannot be mapped: {}", f.0)),
-                },
-            }
-        }
-        (_, None) => {
-            d.out = Some(OutOfScope::Deleted);
-            d.change = existing.and_then(|e| {
-                plan::plan_departure(user_id, e).map(|mut c| {
-                    c.reason = Some("deleted in Entra (or soft-deleted)".into());
-                    c
-                })
-            });
-        }
-        (false, Some(_)) => {
-            d.out = Some(match existing {
-                Some(_) => OutOfScope::LeftAllGroups,
-                None => OutOfScope::NotMember,
-            });
-            d.change = existing.and_then(|e| plan::plan_departure(user_id, e));
-        }
-    }
-    Ok(d)
+    .await
 }
 
 #[cfg(test)]

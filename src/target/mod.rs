@@ -37,12 +37,23 @@ pub enum TargetError {
 }
 
 impl TargetError {
-    /// Errors that concern the whole target (not one user): the run stops on them.
+    /// Errors that may concern the whole target rather than one user (the LMS down, the token
+    /// refused): whoever meets one probes the target before blaming the user.
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
             TargetError::Unauthorized | TargetError::Transport { .. }
-        )
+        ) || matches!(self, TargetError::Http { status, .. } if *status >= 500)
+    }
+
+    /// Whether a write that ended in this error may still have been applied (no answer, a
+    /// server error, an unreadable answer): its outcome must be read back from the LMS.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            TargetError::Transport { .. } | TargetError::Decode { .. } => true,
+            TargetError::Http { status, .. } => *status >= 500 || *status == 408,
+            _ => false,
+        }
     }
 }
 
@@ -117,4 +128,9 @@ pub trait Target: Send + Sync {
         start: usize,
         count: usize,
     ) -> impl Future<Output = Result<(Vec<TargetUser>, usize), TargetError>> + Send;
+    /// Whether the target answers at all (one cheap read): tells an LMS that is down from a
+    /// failure of one user.
+    fn reachable(&self) -> impl Future<Output = Result<(), TargetError>> + Send {
+        async { self.list(1, 1).await.map(|_| ()) }
+    }
 }

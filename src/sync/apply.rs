@@ -1,0 +1,431 @@
+//! Applying decisions to the LMS, for every path (reconcile, worker, `sync-user`): the write
+//! itself (create with 409 adoption, update, deactivate), its intent stored before the LMS
+//! sees it and settled after, the read-back of intents a crash left behind, the deactivation
+//! budget, and telling a failure of one user from an LMS or a Graph that is down.
+//!
+//! It decides nothing: what to write comes from `sync::decide`.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::Utc;
+use futures::{stream, StreamExt};
+
+use super::mapping::{AttrValue, Record, EXTERNAL_ID};
+use super::plan::{self, Action, GuardTrip, PlannedChange};
+use super::reconcile::{Context, RunError};
+use super::trace::Match;
+use crate::graph::GraphError;
+use crate::store::intents::{Intent, IntentId};
+use crate::store::{IndexEntry, StoreError};
+use crate::target::{Target, TargetError, TargetUser};
+
+/// Why a change was not applied.
+#[derive(Debug)]
+pub(crate) enum ApplyError {
+    /// This user failed. `uncertain`: the LMS may have taken the write all the same (no
+    /// answer, a server error), so the write's intent stays until it is read back. `suspect`:
+    /// the error may concern the whole LMS rather than this user (the caller probes).
+    User {
+        message: String,
+        uncertain: bool,
+        suspect: bool,
+    },
+    /// The run cannot go on (the store failed).
+    Fatal(RunError),
+}
+
+impl ApplyError {
+    pub(crate) fn user(message: String) -> ApplyError {
+        ApplyError::User {
+            message,
+            uncertain: false,
+            suspect: false,
+        }
+    }
+}
+
+impl From<StoreError> for ApplyError {
+    fn from(e: StoreError) -> Self {
+        ApplyError::Fatal(e.into())
+    }
+}
+
+impl From<TargetError> for ApplyError {
+    fn from(e: TargetError) -> Self {
+        ApplyError::User {
+            uncertain: e.outcome_unknown(),
+            suspect: e.is_fatal(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A change the target took: the index entry to record and how the LMS user was found.
+pub(crate) struct Applied {
+    pub entry: IndexEntry,
+    pub matched: Match,
+}
+
+/// Applies one planned change to the target; returns the index entry to record.
+pub(crate) async fn apply_change<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+) -> Result<Applied, ApplyError> {
+    let r = apply_one(ctx, managed, c).await;
+    crate::metrics::apply(ctx.cfg.name.as_str(), c.action.as_str(), r.is_ok());
+    r
+}
+
+async fn apply_one<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+) -> Result<Applied, ApplyError> {
+    match c.action {
+        Action::Create => create_or_link(ctx, managed, c).await,
+        _ => {
+            let target_id = c.target_id.clone().unwrap_or_default();
+            let indexed = || Applied {
+                entry: index_entry(c, &target_id, c.linked),
+                matched: Match::Index {
+                    target_id: target_id.clone(),
+                },
+            };
+            match ctx.target.update(&target_id, &c.changes).await {
+                Ok(()) => Ok(indexed()),
+                Err(TargetError::NotFound(_)) if c.action == Action::Deactivate => {
+                    // Deleted in the LMS by hand: nothing left to deactivate.
+                    tracing::warn!("target user is gone; recording it as inactive");
+                    Ok(indexed())
+                }
+                Err(TargetError::NotFound(_)) => {
+                    tracing::warn!("target user was deleted in the LMS; creating it again");
+                    create_or_link(ctx, managed, c).await
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+pub(crate) fn index_entry(c: &PlannedChange, target_id: &str, linked: bool) -> IndexEntry {
+    IndexEntry {
+        target_id: target_id.to_string(),
+        user_name: c.user_name.clone(),
+        record: c.record.clone(),
+        manager: c.manager.clone(),
+        linked,
+        updated_at: Utc::now(),
+    }
+}
+
+async fn create_or_link<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+) -> Result<Applied, ApplyError> {
+    // POST first: one request per new user. A 409 means the userName exists (made by hand,
+    // by another tool, or by us before the index entry was written): adopt it then.
+    if let Some(id) = ctx.target.create(&c.record).await? {
+        tracing::info!(target_id = %id, "created LMS user");
+        return Ok(Applied {
+            entry: index_entry(c, &id, false),
+            matched: Match::Created { target_id: id },
+        });
+    }
+    let found = match ctx.target.find_by_user_name(&c.user_name).await? {
+        Some(u) => Some((u, true)),
+        None => (ctx.target.find_by_external_id(&c.entra_id).await?).map(|u| (u, false)),
+    };
+    let Some((u, by_user_name)) = found else {
+        return Err(ApplyError::user(format!(
+            "the LMS answered 409 (exists) to the create, but no user with userName {:?} or externalId {} can be found",
+            c.user_name, c.entra_id
+        )));
+    };
+    link(ctx, managed, c, u, by_user_name).await
+}
+
+fn external_id(u: &TargetUser) -> Option<&str> {
+    match u.record.get(EXTERNAL_ID) {
+        Some(AttrValue::Str(x)) if !x.is_empty() => Some(x.as_str()),
+        _ => None,
+    }
+}
+
+async fn link<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+    u: TargetUser,
+    by_user_name: bool,
+) -> Result<Applied, ApplyError> {
+    let external = external_id(&u);
+    let ours = external == Some(c.entra_id.as_str());
+    if let Some(other) = external.filter(|_| !ours) {
+        return Err(ApplyError::user(format!(
+            "userName {:?} is taken in the LMS by user {} with externalId {other:?} (another identity); not touching it",
+            c.user_name, u.id
+        )));
+    }
+    if !ours && !ctx.cfg.link_existing {
+        return Err(ApplyError::user(format!(
+            "an LMS user with userName {:?} already exists (id {}) and link_existing = false; link it by hand or set link_existing = true",
+            c.user_name, u.id
+        )));
+    }
+    let mut current = u.record.clone();
+    current.retain(|k, _| managed.contains(k));
+    let changes = plan::diff(&current, &c.record);
+    if !changes.is_empty() {
+        ctx.target.update(&u.id, &changes).await?;
+    }
+    tracing::info!(target_id = %u.id, changed = changes.len(), "linked existing LMS user");
+    let matched = if by_user_name {
+        Match::UserName {
+            target_id: u.id.clone(),
+            adopted: !ours,
+        }
+    } else {
+        Match::ExternalId {
+            target_id: u.id.clone(),
+        }
+    };
+    Ok(Applied {
+        entry: index_entry(c, &u.id, !ours),
+        matched,
+    })
+}
+
+// ---- intents ----
+
+/// The intent of a change, stored before the LMS sees it.
+pub(crate) fn intent_of(c: &PlannedChange) -> Intent {
+    Intent {
+        entra_id: c.entra_id.clone(),
+        action: c.action.as_str().to_string(),
+        target_id: c.target_id.clone(),
+        user_name: c.user_name.clone(),
+    }
+}
+
+/// Stores the intents of `changes` and waits until they are durable. `None` for no changes.
+pub(crate) async fn announce<T: Target>(
+    ctx: &Context<'_, T>,
+    changes: &[&PlannedChange],
+) -> Result<Option<IntentId>, StoreError> {
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    let id = ctx
+        .store
+        .record_intents(changes.iter().map(|c| intent_of(c)).collect())?;
+    ctx.store.durable().await?;
+    Ok(Some(id))
+}
+
+/// What reading back the intents a crash (or an unanswered write) left behind found.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Users whose index entry now holds what the LMS holds.
+    pub settled: Vec<String>,
+    /// Users whose LMS state could not be read (their intent stays; a reconcile writes them
+    /// in full).
+    pub unsettled: Vec<String>,
+    /// Settled users whose presence in the LMS (active, or their LMS id) differs from what
+    /// the index said: their reports need their manager link looked at again.
+    pub moved: Vec<String>,
+}
+
+/// How the LMS holds one intent's user now.
+enum ReadBack {
+    /// The LMS user, as the index should record it.
+    Entry(IndexEntry),
+    /// There is no such LMS user (a create that never arrived, or a user deleted by hand).
+    Absent,
+}
+
+/// Reads back from the LMS every user a stored intent names and records what the LMS really
+/// holds in the index, so that nothing trusts an entry whose last write was not confirmed.
+/// Called at the start of `serve` and of every reconcile. An LMS that cannot be reached is an
+/// error (nothing can be trusted then); a user that cannot be read stays pending.
+pub async fn settle_intents<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+) -> Result<Settled, RunError> {
+    let pending = ctx.store.pending_intents()?;
+    let mut out = Settled::default();
+    if pending.is_empty() {
+        return Ok(out);
+    }
+    let mut by_user: HashMap<String, Intent> = HashMap::new();
+    let mut records: HashMap<IntentId, Vec<String>> = HashMap::new();
+    for (id, i) in pending {
+        records.entry(id).or_default().push(i.entra_id.clone());
+        // A later record of the same user says more about what was sent last.
+        by_user.insert(i.entra_id.clone(), i);
+    }
+    tracing::warn!(
+        users = by_user.len(),
+        "reading back LMS writes whose outcome was not recorded (the last process stopped while they were in flight)"
+    );
+    // Collected first: a lazily mapped iterator trips the Send check of serve's tasks.
+    let calls: Vec<_> = by_user
+        .into_values()
+        .map(|i| async move {
+            let r = read_back(ctx, managed, &i).await;
+            (i, r)
+        })
+        .collect();
+    let reads: Vec<(Intent, Result<ReadBack, TargetError>)> = stream::iter(calls)
+        .buffer_unordered(ctx.cfg.target.concurrency.max(1))
+        .collect()
+        .await;
+    let mut entries = Vec::new();
+    let mut unsettled: HashMap<String, Intent> = HashMap::new();
+    for (i, r) in reads {
+        let before = ctx.store.get_user(&i.entra_id)?;
+        match r {
+            Ok(ReadBack::Entry(mut e)) => {
+                if let Some(b) = &before {
+                    e.manager = b.manager.clone();
+                    e.linked = b.linked;
+                }
+                let moved = before
+                    .as_ref()
+                    .is_none_or(|b| b.target_id != e.target_id || b.active() != e.active());
+                if moved {
+                    out.moved.push(i.entra_id.clone());
+                }
+                tracing::info!(user = %i.entra_id, action = %i.action, active = e.active(), "settled from the LMS");
+                entries.push((i.entra_id.clone(), e));
+                out.settled.push(i.entra_id);
+            }
+            Ok(ReadBack::Absent) => {
+                if before.is_some() && i.target_id.is_some() {
+                    // The LMS user is gone: forget the link (a member is created again).
+                    ctx.store.remove_user(&i.entra_id)?;
+                    out.moved.push(i.entra_id.clone());
+                }
+                tracing::info!(user = %i.entra_id, action = %i.action, "settled: no such LMS user");
+                out.settled.push(i.entra_id);
+            }
+            Err(e) if e.is_fatal() => {
+                ctx.target.reachable().await?;
+                tracing::warn!(user = %i.entra_id, error = %e, "cannot read back an LMS write; it stays pending");
+                out.unsettled.push(i.entra_id.clone());
+                unsettled.insert(i.entra_id.clone(), i);
+            }
+            Err(e) => {
+                tracing::warn!(user = %i.entra_id, error = %e, "cannot read back an LMS write; it stays pending");
+                out.unsettled.push(i.entra_id.clone());
+                unsettled.insert(i.entra_id.clone(), i);
+            }
+        }
+    }
+    ctx.store.put_users(&entries)?;
+    for (id, users) in records {
+        let keep: Vec<Intent> = users.iter().filter_map(|u| unsettled.remove(u)).collect();
+        ctx.store.settle_intents(id, keep)?;
+    }
+    ctx.store.durable().await?;
+    Ok(out)
+}
+
+async fn read_back<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    i: &Intent,
+) -> Result<ReadBack, TargetError> {
+    let found = match &i.target_id {
+        Some(t) => ctx.target.get(t).await?,
+        None => match ctx.target.find_by_external_id(&i.entra_id).await? {
+            Some(u) => Some(u),
+            None => ctx
+                .target
+                .find_by_user_name(&i.user_name)
+                .await?
+                .filter(|u| external_id(u) == Some(i.entra_id.as_str())),
+        },
+    };
+    Ok(match found {
+        Some(u) => {
+            let mut record: Record = u.record;
+            record.retain(|k, _| managed.contains(k));
+            ReadBack::Entry(IndexEntry {
+                target_id: u.id,
+                user_name: u.user_name,
+                record,
+                manager: None,
+                linked: false,
+                updated_at: Utc::now(),
+            })
+        }
+        None => ReadBack::Absent,
+    })
+}
+
+// ---- the deactivation budget ----
+
+/// Checks `would` deactivations against the integration's budget over its guard window (all
+/// paths share it). On a trip the trip is stored (it holds further deactivations until it
+/// expires or an operator allows them); `allow` (`--allow-mass-deactivation`) clears it.
+pub(crate) fn guard_check<T: Target>(
+    ctx: &Context<'_, T>,
+    would: u64,
+    allow: bool,
+) -> Result<Result<(), GuardTrip>, StoreError> {
+    let store = ctx.store;
+    let cfg = ctx.cfg;
+    if allow {
+        store.clear_guard_trip()?;
+    }
+    if would == 0 {
+        return Ok(Ok(()));
+    }
+    let since = Utc::now() - cfg.guard_window;
+    let used = store.deactivations_since(since)?;
+    let limit = cfg.max_deactivations.to_string();
+    // A trip under another limit (the operator raised it) no longer holds.
+    let tripped = store
+        .guard_trip(cfg.guard_window)?
+        .is_some_and(|t| t.trip.limit == limit);
+    let r = plan::guard(
+        would,
+        store.active_count(),
+        used,
+        cfg.max_deactivations,
+        allow,
+        tripped,
+    );
+    if let Err(trip) = &r {
+        if !tripped {
+            store.put_guard_trip(trip)?;
+        }
+    }
+    Ok(r)
+}
+
+// ---- one user or all of them? ----
+
+/// Whether a Graph error may concern the whole integration (token refused, Graph unreachable,
+/// every call refused) rather than one user.
+pub(crate) fn graph_suspect(e: &GraphError) -> bool {
+    match e {
+        GraphError::Auth { .. } | GraphError::Transport { .. } | GraphError::Credential(_) => true,
+        GraphError::Api { status, .. } => matches!(status, 401 | 403 | 429) || *status >= 500,
+        _ => false,
+    }
+}
+
+/// Asks Graph and the LMS whether they answer at all; `Err` names the one that does not. Used
+/// when failures could be either one user's or everyone's: if both answer, they were the user's.
+pub(crate) async fn probe<T: Target>(ctx: &Context<'_, T>) -> Result<(), RunError> {
+    ctx.graph.token().await?;
+    if let Some(g) = ctx.cfg.groups.first() {
+        ctx.graph.group(g).await?;
+    }
+    ctx.target.reachable().await?;
+    Ok(())
+}
