@@ -494,11 +494,17 @@ async fn dead_letters_arrive_as_one_digest_listing_each_item() {
         env.graph
             .update_user(&u.id, |u| u.job_title = Some("Promoted".into()));
     }
-    // The LMS fails every request: each user's update fails, and with max_attempts = 1 the
+    // The LMS fails every request about these users (not the LMS as a whole: that would be
+    // an outage, which counts no attempt): each update fails, and with max_attempts = 1 the
     // items go straight to the dead letters.
     env.scim.set_faults(ScimFaults {
-        rate_500: 1.0,
-        seed: 1,
+        users: users
+            .iter()
+            .map(|u| rostersync::sim::scim::UserFault {
+                external_id: u.id.clone(),
+                kind: rostersync::sim::scim::UserFaultKind::Status(500),
+            })
+            .collect(),
         ..Default::default()
     });
     let store = &env.integration.store;

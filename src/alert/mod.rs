@@ -227,6 +227,18 @@ fn failed_users(
     );
 }
 
+/// A guard window in words ("24 h", "90 min").
+fn humantime_window(d: Duration) -> String {
+    let m = d.num_minutes();
+    if m % (24 * 60) == 0 {
+        format!("{} d", m / (24 * 60))
+    } else if m % 60 == 0 {
+        format!("{} h", m / 60)
+    } else {
+        format!("{m} min")
+    }
+}
+
 fn guard_tripped(
     cfg: &IntegrationConfig,
     store: &IntegrationStore,
@@ -246,7 +258,7 @@ fn guard_tripped(
         )
     };
     let advice = if incremental {
-        format!("Check the groups in Entra (an emptied or wrongly scoped group looks like everyone leaving) and the app's permissions. If the departures are real, replay them with `rostersync --config FILE queue replay --all --integration {name}` after raising max_deactivations, or run `reconcile --integration {name} --allow-mass-deactivation` once.")
+        format!("Check the groups in Entra (an emptied or wrongly scoped group looks like everyone leaving) and the app's permissions. If the departures are real, replay them with `rostersync --config FILE queue replay --all --allow-mass-deactivation --integration {name}`, or run `reconcile --integration {name} --allow-mass-deactivation` once. Until then every further deactivation is held too (for guard_window).")
     } else {
         format!("Check the groups in Entra (an emptied or wrongly scoped group looks like everyone leaving) and the app's permissions. If the departures are real, run `rostersync --config FILE reconcile --integration {name} --allow-mass-deactivation` once, or raise max_deactivations.")
     };
@@ -260,8 +272,13 @@ fn guard_tripped(
             details: vec![
                 what,
                 format!(
-                    "Would deactivate {} of {} active users; max_deactivations = {} allows {}.",
-                    trip.would_deactivate, trip.active_before, trip.limit, trip.allowed
+                    "Would deactivate {} of {} active users, after {} already deactivated within guard_window ({}); max_deactivations = {} allows {}.",
+                    trip.would_deactivate,
+                    trip.active_before,
+                    trip.used,
+                    humantime_window(cfg.guard_window),
+                    trip.limit,
+                    trip.allowed
                 ),
             ],
             items: Vec::new(),

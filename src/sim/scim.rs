@@ -86,6 +86,26 @@ pub struct ScimFaults {
     /// Fraction of `POST /Users` that create the user and then answer 500 (lost response).
     pub rate_500_after_create: f64,
     pub seed: u64,
+    /// Faults of single users (by externalId): every request about that user (`/Users/{id}`,
+    /// or a `POST /Users` carrying that externalId) meets them, all others do not.
+    pub users: Vec<UserFault>,
+}
+
+/// A fault one user's requests meet.
+#[derive(Clone, Debug)]
+pub struct UserFault {
+    pub external_id: String,
+    pub kind: UserFaultKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum UserFaultKind {
+    /// Answer with this status and a SCIM error body, doing nothing.
+    Status(u16),
+    /// Wait this long before answering (a client timeout meets it first).
+    Delay(std::time::Duration),
+    /// Answer 200 with a body far beyond any sensible size (8 MiB of JSON).
+    Oversized,
 }
 
 struct FaultState {
@@ -392,10 +412,50 @@ async fn dispatch(
         Ok(b) => b,
         Err(e) => return e.response(),
     };
+    if let Some(kind) = user_fault(&inner, &req, &body) {
+        inner.count("user_fault");
+        match kind {
+            UserFaultKind::Status(code) => {
+                return ScimError::new(code, None, "injected fault of this user").response()
+            }
+            UserFaultKind::Delay(d) => tokio::time::sleep(d).await,
+            UserFaultKind::Oversized => {
+                let filler = "x".repeat(8 * 1024 * 1024);
+                return scim_json(StatusCode::OK, &serde_json::json!({ "filler": filler }));
+            }
+        }
+    }
     match route(&inner, &req, &body) {
         Ok(r) => r,
         Err(e) => e.response(),
     }
+}
+
+/// The fault of the user a request is about, if one is configured.
+fn user_fault(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Option<UserFaultKind> {
+    let faults = inner.faults().faults.users.clone();
+    if faults.is_empty() {
+        return None;
+    }
+    let rest = req.path().strip_prefix(BASE_PATH)?;
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let external = match segs.as_slice() {
+        ["Users", id] => {
+            let st = inner.read();
+            let r = inner.render_id(&st, id)?;
+            r.get("externalId")?.as_str()?.to_string()
+        }
+        ["Users"] if req.method() == Method::POST => serde_json::from_slice::<Value>(body)
+            .ok()?
+            .get("externalId")?
+            .as_str()?
+            .to_string(),
+        _ => return None,
+    };
+    faults
+        .into_iter()
+        .find(|f| f.external_id == external)
+        .map(|f| f.kind)
 }
 
 fn query_params(req: &HttpRequest) -> Vec<(String, String)> {

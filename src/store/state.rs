@@ -278,3 +278,29 @@ impl IntegrationStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::store_a;
+
+    #[test]
+    fn replaced_members_make_the_tree() {
+        let (_s, a) = store_a();
+        a.apply_members("g1", &[("u1".into(), MemberKind::User)], &[])
+            .unwrap();
+        a.replace_members(
+            "g1",
+            &[
+                ("u2".into(), MemberKind::User),
+                ("g2".into(), MemberKind::Group),
+            ],
+        )
+        .unwrap();
+        a.replace_members("g2", &[("u3".into(), MemberKind::User)])
+            .unwrap();
+        let tree = a.group_tree(&["g1".to_string()]).unwrap();
+        assert_eq!(tree.len(), 2, "{tree:?} {:?}", a.direct_members("g1"));
+        assert!(!a.is_direct_member("g1", "u1").unwrap());
+    }
+}

@@ -868,12 +868,54 @@ impl<T: Target> Run<'_, '_, T> {
             }
             listed.push((g, members));
         }
+        // What the mirror said before, to find whom the rebuild changes: a change made while
+        // this run listed (its notification already queued) must still reach those users.
+        let mut old: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for g in before.iter().chain(listed.iter().map(|(g, _)| g)) {
+            if !old.contains_key(g) {
+                let users = store
+                    .direct_members(g)?
+                    .into_iter()
+                    .filter(|(_, k)| *k == crate::store::state::MemberKind::User)
+                    .map(|(m, _)| m)
+                    .collect();
+                old.insert(g.clone(), users);
+            }
+        }
         for (g, members) in &listed {
             store.replace_members(g, members)?;
         }
         let after = store.group_tree(&cfg.groups)?;
+        let mut look: BTreeSet<String> = BTreeSet::new();
+        for (g, members) in &listed {
+            let now: BTreeSet<String> = members
+                .iter()
+                .filter(|(_, k)| *k == crate::store::state::MemberKind::User)
+                .map(|(m, _)| m.clone())
+                .collect();
+            if let Some(was) = old.get(g) {
+                look.extend(was.symmetric_difference(&now).cloned());
+            }
+        }
         for g in before.difference(&after) {
+            look.extend(old.get(g).into_iter().flatten().cloned());
             store.forget_group(g)?;
+        }
+        if !look.is_empty() {
+            tracing::info!(
+                users = look.len(),
+                "the membership mirror changed under this run; those users are looked at again"
+            );
+            let hints: Vec<crate::store::queue::QueueItem> = look
+                .into_iter()
+                .map(|u| {
+                    crate::store::queue::QueueItem::new(crate::store::queue::Hint::User {
+                        user_id: u,
+                        follow_up: true,
+                    })
+                })
+                .collect();
+            store.enqueue(&hints)?;
         }
         if before != after {
             self.report.tree_changed = true;

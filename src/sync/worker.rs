@@ -26,7 +26,7 @@ use super::decide::{self, Decision, Facts, Membership, UserFact, Verdict};
 use super::mapping::{Desired, MapFailure};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
 use super::reconcile::{Context, RunError};
-use super::trace::{self, Match, Path, Scope, Source, Trace, Via};
+use super::trace::{self, Match, OutOfScope, Path, Scope, Source, Trace, Via};
 use crate::graph::delta::{DeltaRound, MemberChange};
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{FreshRead, GraphError};
@@ -66,6 +66,10 @@ pub struct WorkerSettings {
     pub backoff_cap: Duration,
     /// A deletion is believed on a second 404 at least this long after the first.
     pub gone_confirm_after: Duration,
+    /// The longest one user's Graph reads, or one user's LMS write, may take (retries
+    /// included) before it counts as that user's failed attempt: one slow user must not hold
+    /// up everyone else's changes.
+    pub user_deadline: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -76,6 +80,7 @@ impl Default for WorkerSettings {
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(15 * 60),
             gone_confirm_after: Duration::from_secs(5),
+            user_deadline: Duration::from_secs(120),
         }
     }
 }
@@ -106,7 +111,8 @@ pub struct BatchOutcome {
     /// Groups joined or left the tree: subscriptions must follow.
     pub tree_changed: bool,
     pub guard: Option<GuardTrip>,
-    /// Groups the worker will not act on (deleted or emptied in Entra), with why.
+    /// Why the worker acts on some configured groups no more (deleted or emptied in Entra),
+    /// until a reconcile lists them again.
     pub stopped: Vec<String>,
 }
 
@@ -197,6 +203,26 @@ pub(crate) struct SyncOptions {
     pub wait_inline: bool,
     /// Rounds of manager-link follow-ups in one call; what is left is returned.
     pub max_rounds: usize,
+    /// Why departures ("left all groups") are held now: a configured group was deleted or
+    /// emptied, and the worker acts on it no more than the reconcile would.
+    pub hold_departures: Option<&'static str>,
+    /// See [`WorkerSettings::user_deadline`].
+    pub user_deadline: Duration,
+}
+
+impl SyncOptions {
+    fn new(source: Source, concurrency: usize, gone_confirm_after: Duration) -> SyncOptions {
+        SyncOptions {
+            concurrency,
+            source,
+            dry_run: false,
+            gone_confirm_after,
+            wait_inline: false,
+            max_rounds: 3,
+            hold_departures: None,
+            user_deadline: WorkerSettings::default().user_deadline,
+        }
+    }
 }
 
 /// What syncing a set of users did.
@@ -610,7 +636,20 @@ async fn one_round<T: Target>(
         .into_iter()
         .map(|task| async move {
             let span = tracing::info_span!("user", user = %task.id);
-            let r = gather(ctx, tg, src, &task).instrument(span).await;
+            let r = tokio::time::timeout(
+                opts.user_deadline,
+                gather(ctx, tg, src, &task).instrument(span),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::Item {
+                    message: format!(
+                        "Graph did not answer for this user within {} s",
+                        opts.user_deadline.as_secs()
+                    ),
+                    suspect: true,
+                })
+            });
             (task, r)
         })
         .collect();
@@ -726,7 +765,23 @@ async fn one_round<T: Target>(
             Some(async move {
                 let span =
                     tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
-                (i, apply_change(ctx, &tg.managed, c).instrument(span).await)
+                let r = tokio::time::timeout(
+                    opts.user_deadline,
+                    apply_change(ctx, &tg.managed, c).instrument(span),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    // It may still arrive: the intent stays and is read back.
+                    Err(ApplyError::User {
+                        message: format!(
+                            "the LMS did not answer for this user within {} s",
+                            opts.user_deadline.as_secs()
+                        ),
+                        uncertain: true,
+                        suspect: true,
+                    })
+                });
+                (i, r)
             })
         })
         .collect();
@@ -868,6 +923,14 @@ async fn confirm<T: Target>(
     let mut direct = 0u64;
     for (i, w) in work.iter_mut().enumerate() {
         let Some(d) = &w.decision else { continue };
+        if let (Some(why), Some(OutOfScope::LeftAllGroups | OutOfScope::Deleted)) =
+            (opts.hold_departures, d.out)
+        {
+            if matches!(d.verdict, Verdict::Confirm) {
+                w.outcome = Some(UserOutcome::Held(why.to_string()));
+                continue;
+            }
+        }
         match &d.verdict {
             Verdict::Confirm => {
                 let first_404 = matches!(
@@ -1079,7 +1142,6 @@ pub async fn process<T: Target>(
             }
             Err(Failure::Hold(why)) => {
                 tracing::error!(group = %group_id, %why, "membership change not applied");
-                out.stopped.push(why.clone());
                 held.extend(its.into_iter().map(|(id, it)| (id, it, why.clone())));
             }
             Err(Failure::Fatal(e)) => {
@@ -1094,14 +1156,13 @@ pub async fn process<T: Target>(
         let tree = ctx.store.group_tree(&ctx.cfg.groups)?;
         let stopped = stopped_groups(ctx)?;
         let tasks: Vec<UserTask> = users.values().map(|(t, _)| t.clone()).collect();
-        let opts = SyncOptions {
-            concurrency: ws.concurrency,
-            source: Source::Incremental,
-            dry_run: false,
-            gone_confirm_after: ws.gone_confirm_after,
-            wait_inline: false,
-            max_rounds: 3,
-        };
+        let mut opts = SyncOptions::new(Source::Incremental, ws.concurrency, ws.gone_confirm_after);
+        opts.user_deadline = ws.user_deadline;
+        if !stopped.is_empty() {
+            opts.hold_departures = Some(
+                "a configured group was deleted or emptied in Entra: the worker deactivates nobody for leaving the groups until a reconcile lists the groups again",
+            );
+        }
         let synced = sync_users(ctx, tg, ScopeSource::Mirror(&tree), tasks, opts).await?;
         out.unchanged += synced.unchanged;
         out.changes.extend(synced.changes);
@@ -1145,9 +1206,6 @@ pub async fn process<T: Target>(
                 }
             }
         }
-        if !stopped.is_empty() {
-            tracing::debug!(groups = ?stopped, "groups stopped");
-        }
     }
 
     // 3. One user's failure, or everyone's? Ask Graph and the LMS.
@@ -1157,18 +1215,6 @@ pub async fn process<T: Target>(
         if let Err(e) = apply::probe(ctx).await {
             tracing::error!(error = %e, "Graph or the LMS does not answer; the batch waits without counting attempts");
             global = Some(e);
-        } else if suspects >= 2 && done.is_empty() && out.changes.is_empty() {
-            // Several items, all refused the same way, nothing went through: the whole
-            // integration (a token that may read but not write, say), not these users.
-            let first = failed
-                .iter()
-                .find(|f| f.3)
-                .map(|f| f.2.clone())
-                .unwrap_or_default();
-            tracing::error!(items = suspects, error = %first, "every item of the batch failed; waiting without counting attempts");
-            global = Some(RunError::Source(format!(
-                "{suspects} items failed and none went through, the first with: {first}"
-            )));
         }
     }
     if global.is_some() {
@@ -1179,6 +1225,7 @@ pub async fn process<T: Target>(
             waiting.push((id, it, Utc::now() + chrono::Duration::seconds(5)));
         }
     }
+    out.stopped = stopped_groups(ctx)?;
     settle(ctx, ws, &done, failed, held, waiting, &mut out)?;
     ctx.store.durable().await?;
     match global {
@@ -1495,12 +1542,14 @@ pub(crate) async fn sync_one<T: Target>(
     dry_run: bool,
 ) -> Result<Synced, RunError> {
     let opts = SyncOptions {
-        concurrency: ctx.cfg.target.concurrency.max(1),
-        source: Source::SyncUser,
         dry_run,
-        gone_confirm_after: WorkerSettings::default().gone_confirm_after,
         wait_inline: true,
         max_rounds: 4,
+        ..SyncOptions::new(
+            Source::SyncUser,
+            ctx.cfg.target.concurrency.max(1),
+            WorkerSettings::default().gone_confirm_after,
+        )
     };
     sync_users(
         ctx,
@@ -1543,5 +1592,32 @@ mod tests {
             ]
         );
         assert_eq!(r, vec!["u1".to_string()]);
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    #[test]
+    fn server_settings_reach_the_worker() {
+        let text = r#"
+[server]
+worker_concurrency = 3
+max_attempts = 2
+[[integration]]
+name = "a"
+tenant_id = "6f1d2c3b-4a5e-4f60-9a7b-8c9d0e1f2a3b"
+client_id = "3e5a7c9b-1d2f-4a6b-8c0d-2e4f6a8b0c1d"
+client_secret = { value = "secret-value" }
+groups = ["0bc7d487-fd6f-41a0-8362-71ec81074f11"]
+[integration.target]
+kind = "scim"
+url = "https://lms.example.com/scim/v2"
+token = { value = "token-value" }
+"#;
+        let c = crate::config::Config::from_toml(text, std::path::Path::new(".")).unwrap();
+        let ws = WorkerSettings::from_config(&c.server);
+        assert_eq!((ws.concurrency, ws.max_attempts), (3, 2));
     }
 }

@@ -2,6 +2,8 @@
 //! compute what the LMS should hold straight from the tenant (not through our mapping code).
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -48,7 +50,19 @@ impl Default for EnvOptions {
     }
 }
 
+/// Logs of the code under test on stderr when `RUST_LOG` is set (e.g. `RUST_LOG=rostersync=debug
+/// cargo test --test serve NAME -- --nocapture`); silent otherwise.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub async fn spawn(opts: EnvOptions) -> TestEnv {
+    init_logs();
     let fx = fixture(opts.users, 7);
     let graph = GraphSim::start(fx.tenant.clone()).await.expect("graph sim");
     let scim = ScimSim::start(ScimSimConfig {

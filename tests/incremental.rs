@@ -1,0 +1,480 @@
+//! The incremental path decides as the full reconcile does: one regression test for each way
+//! it used not to, driven as a tenant would drive it (changes in the Graph simulator,
+//! notifications posted to the real `serve`, the LMS checked against the directory).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::serve::*;
+use common::{upn, ENTERPRISE};
+use rostersync::app::Integration;
+use rostersync::sim::graph::{NotifyFaults, SimUser};
+use rostersync::sim::scim::{ScimFaults, UserFault, UserFaultKind};
+use rostersync::store::queue::Hint;
+use rostersync::sync::reconcile::{Outcome, RunOptions};
+
+/// Users that are direct members of the main group only (not also in the nested one).
+fn direct_only(s: &Served, n: usize) -> Vec<String> {
+    let env = &s.env;
+    let nested = env.graph.group(&env.fx.nested_group_id).unwrap();
+    let main = env.graph.group(&env.fx.all_group_id).unwrap();
+    main.members
+        .iter()
+        .filter(|m| {
+            !nested.members.contains(m)
+                && *m != &env.fx.nested_group_id
+                && env.graph.user(m).is_some_and(|u| u.account_enabled)
+        })
+        .take(n)
+        .cloned()
+        .collect()
+}
+
+/// Watches the LMS every few milliseconds while `f` runs and returns the users it ever saw
+/// inactive among `watched`.
+async fn never_inactive<F: std::future::Future<Output = ()>>(
+    s: &Served,
+    watched: &[String],
+    f: F,
+) -> HashSet<String> {
+    let done = std::cell::Cell::new(false);
+    let mut seen = HashSet::new();
+    let work = async {
+        f.await;
+        done.set(true);
+    };
+    let sample = async {
+        while !done.get() {
+            for id in watched {
+                if active(&s.env, id) == Some(false) {
+                    seen.insert(id.clone());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::join!(work, sample);
+    seen
+}
+
+/// A reconcile on serve's own store right now writes nothing to the LMS.
+async fn reconcile_writes_nothing(s: &Served) {
+    let i = Integration::build(&s.env.integration.cfg, &s.store).unwrap();
+    let before = s.env.writes();
+    let r = i.reconcile(RunOptions::default(), None).await;
+    assert!(
+        matches!(r.outcome, Outcome::Ok),
+        "{:?} {:?}",
+        r.error,
+        r.failures
+    );
+    assert_eq!(
+        s.env.writes() - before,
+        0,
+        "a reconcile after the incremental path wrote {:?}",
+        r.changes
+    );
+}
+
+/// A manager outside the groups who is hired into them becomes the manager of the reports
+/// already in the LMS, in the same pass, without waiting for a reconcile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manager_hired_into_the_groups_becomes_the_manager_of_their_reports() {
+    let s = start(40, "").await;
+    let env = &s.env;
+    let ceo = env.fx.ceo_id.clone();
+    let reports: Vec<String> = env
+        .member_ids()
+        .into_iter()
+        .filter(|id| env.graph.user(id).unwrap().manager_id.as_deref() == Some(ceo.as_str()))
+        .collect();
+    assert!(!reports.is_empty(), "the fixture's CEO manages members");
+    for r in &reports {
+        assert!(lms(env, r).unwrap()[ENTERPRISE].get("manager").is_none());
+    }
+    // Into the nested group: the membership round finds them; the reports follow.
+    env.graph.add_member(&env.fx.nested_group_id, &ceo);
+    let ceo_lms = || lms(env, &ceo).and_then(|u| u["id"].as_str().map(str::to_string));
+    wait_for("the manager's reports linked", 5_000, || {
+        let Some(t) = ceo_lms() else { return false };
+        reports.iter().all(|r| {
+            lms(env, r).unwrap()[ENTERPRISE]["manager"]["value"].as_str() == Some(t.as_str())
+        })
+    })
+    .await;
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+    reconcile_writes_nothing(&s).await;
+
+    // Leaving scope again: the reports lose the link, keep the manager's name and mail.
+    env.graph.remove_member(&env.fx.nested_group_id, &ceo);
+    wait_for("the links removed", 8_000, || {
+        reports
+            .iter()
+            .all(|r| lms(env, r).unwrap()[ENTERPRISE].get("manager").is_none())
+    })
+    .await;
+    let one = lms(env, &reports[0]).unwrap();
+    assert!(one[rostersync::config::DEFAULT_CUSTOM_SCHEMA]["managerEmail"].is_string());
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+    reconcile_writes_nothing(&s).await;
+    s.stop().await;
+}
+
+/// The membership mirror alone never deactivates: a user the reconcile created while their
+/// membership notification was lost is a member by Graph's word, and stays active when their
+/// next user notification arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_the_mirror_does_not_know_is_not_deactivated_by_the_next_user_hint() {
+    let s = start(30, "").await;
+    let env = &s.env;
+    let hire = new_user(1, None);
+    env.graph.set_notify_faults(NotifyFaults {
+        drop_rate: 1.0,
+        ..Default::default()
+    });
+    env.graph.upsert_user(hire.clone());
+    env.graph.add_member(&env.fx.all_group_id, &hire.id);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let i = Integration::build(&env.integration.cfg, &s.store).unwrap();
+    let r = i.reconcile(RunOptions::default(), None).await;
+    assert_eq!(r.counts.created, 1, "{:?}", r.changes);
+    env.graph.set_notify_faults(NotifyFaults::default());
+    let watched = vec![hire.id.clone()];
+    let seen = never_inactive(&s, &watched, async {
+        env.graph
+            .update_user(&hire.id, |u| u.job_title = Some("Still here".into()));
+        wait_for("the title change", 5_000, || {
+            title(env, &hire.id).as_deref() == Some("Still here")
+        })
+        .await;
+    })
+    .await;
+    assert!(
+        seen.is_empty(),
+        "deactivated on the mirror's word: {seen:?}"
+    );
+    s.stop().await;
+}
+
+/// A single 404 (the user was soft-deleted and is restored a moment later) is weak evidence:
+/// the user is only deactivated on a second 404 some time later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_404_does_not_deactivate() {
+    let s = start(30, "").await;
+    let env = &s.env;
+    let who = direct_only(&s, 1);
+    let seen = never_inactive(&s, &who, async {
+        env.graph.soft_delete_user(&who[0]);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        env.graph.restore_user(&who[0]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+    })
+    .await;
+    assert!(seen.is_empty(), "deactivated on one 404: {seen:?}");
+    // A real deletion is still deactivated.
+    env.graph.soft_delete_user(&who[0]);
+    wait_for("the deleted user deactivated", 8_000, || {
+        active(env, &who[0]) == Some(false)
+    })
+    .await;
+    s.stop().await;
+}
+
+/// Moving a user from direct to nested membership (removed, added 10 ms later) and back
+/// never deactivates them, and a disable undone at once leaves them active in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moves_between_direct_and_nested_membership_never_deactivate() {
+    let s = start(40, "").await;
+    let env = &s.env;
+    let who = direct_only(&s, 3);
+    let seen = never_inactive(&s, &who, async {
+        for w in &who {
+            env.graph.remove_member(&env.fx.all_group_id, w);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            env.graph.add_member(&env.fx.nested_group_id, w);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for w in &who {
+            env.graph.add_member(&env.fx.all_group_id, w);
+            env.graph.remove_member(&env.fx.nested_group_id, w);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        wait_for("queue drained", 8_000, || s.integ_store().queue_len() == 0).await;
+    })
+    .await;
+    assert!(seen.is_empty(), "deactivated while a member: {seen:?}");
+    // Disabled and enabled again within a moment: active in the end.
+    env.graph
+        .update_user(&who[0], |u| u.account_enabled = false);
+    env.graph.update_user(&who[0], |u| u.account_enabled = true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for("queue drained", 8_000, || s.integ_store().queue_len() == 0).await;
+    assert_eq!(active(env, &who[0]), Some(true));
+    reconcile_writes_nothing(&s).await;
+    s.stop().await;
+}
+
+/// The guard's budget holds across batches: with max_deactivations = 25, five removals of 20
+/// members a few seconds apart deactivate at most 25 (the first 20), hold the rest in the dead
+/// letters with one alert, and `queue replay --allow-mass-deactivation` applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_guard_budget_holds_across_batches_and_restarts() {
+    let s = start(300, "max_deactivations = 25").await;
+    let env = &s.env;
+    let leavers = direct_only(&s, 100);
+    assert_eq!(leavers.len(), 100);
+    for wave in leavers.chunks(20) {
+        for l in wave {
+            env.graph.remove_member(&env.fx.all_group_id, l);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    wait_for("queue drained", 15_000, || s.integ_store().queue_len() == 0).await;
+    let inactive = leavers
+        .iter()
+        .filter(|l| active(env, l) == Some(false))
+        .count();
+    assert!(inactive <= 25, "{inactive} deactivated past the budget");
+    assert!(inactive >= 20, "the first wave fits the budget: {inactive}");
+    let store = s.integ_store();
+    let dead = store.dead_letters().unwrap();
+    assert!(
+        dead.iter()
+            .filter(|(_, it)| it
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("guard")))
+            .count()
+            >= 100 - inactive,
+        "held items wait in the dead letters: {dead:?}"
+    );
+    assert!(store
+        .guard_trip(chrono::Duration::hours(24))
+        .unwrap()
+        .is_some());
+    // The way out the alert names.
+    store.clear_guard_trip().unwrap();
+    store.replay(None, true).unwrap();
+    s.env.integration.store.flush().unwrap();
+    wait_for("the held deactivations applied", 15_000, || {
+        leavers.iter().all(|l| active(env, l) == Some(false))
+    })
+    .await;
+    s.stop().await;
+}
+
+/// One user whose LMS requests fail (an error status, a timeout, an oversized answer) counts
+/// attempts and ends in the dead letters; everybody else's changes go on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_bad_user_ends_in_the_dead_letters_and_stalls_nobody() {
+    let s = start_env(common::EnvOptions {
+        users: 30,
+        // The LMS client gives up on a request after a second.
+        tail: "timeout_secs = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let env = &s.env;
+    let who = direct_only(&s, 4);
+    let hire = new_user(3, None);
+    env.scim.set_faults(ScimFaults {
+        users: vec![
+            UserFault {
+                external_id: who[0].clone(),
+                kind: UserFaultKind::Status(401),
+            },
+            UserFault {
+                external_id: who[1].clone(),
+                kind: UserFaultKind::Delay(Duration::from_secs(3)),
+            },
+            UserFault {
+                external_id: hire.id.clone(),
+                kind: UserFaultKind::Oversized,
+            },
+        ],
+        ..Default::default()
+    });
+    for w in &who {
+        env.graph
+            .update_user(w, |u| u.job_title = Some("Renamed".into()));
+    }
+    env.graph.upsert_user(hire.clone());
+    env.graph.add_member(&env.fx.all_group_id, &hire.id);
+    wait_for("the good users changed", 5_000, || {
+        who[2..]
+            .iter()
+            .all(|w| title(env, w).as_deref() == Some("Renamed"))
+    })
+    .await;
+    let store = s.integ_store();
+    let bad = [who[0].clone(), who[1].clone(), hire.id.clone()];
+    wait_for("the bad users buried", 40_000, || {
+        let dead = store.dead_letters().unwrap();
+        bad.iter().all(|w| {
+            dead.iter()
+                .any(|(_, it)| matches!(&it.hint, Hint::User { user_id, .. } if user_id == w))
+        })
+    })
+    .await;
+    // Later changes of others still flow.
+    env.graph
+        .update_user(&who[3], |u| u.job_title = Some("Again".into()));
+    wait_for("a later change", 5_000, || {
+        title(env, &who[3]).as_deref() == Some("Again")
+    })
+    .await;
+    s.stop().await;
+}
+
+/// A nested group taken out of the main group and put back brings its members back, also
+/// when `serve` restarted while it was out (its subscription is made again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nested_group_removed_and_added_back_brings_its_members_back() {
+    let s = start(60, "max_deactivations = 50").await;
+    let env = &s.env;
+    let main = env.graph.group(&env.fx.all_group_id).unwrap();
+    let nested = env.graph.group(&env.fx.nested_group_id).unwrap();
+    let only_nested: Vec<String> = nested
+        .members
+        .iter()
+        .filter(|m| !main.members.contains(m) && env.graph.user(m).is_some())
+        .cloned()
+        .collect();
+    assert!(!only_nested.is_empty());
+    env.graph
+        .remove_member(&env.fx.all_group_id, &env.fx.nested_group_id);
+    wait_for("nested-only members deactivated", 10_000, || {
+        only_nested.iter().all(|m| active(env, m) == Some(false))
+    })
+    .await;
+    env.graph
+        .add_member(&env.fx.all_group_id, &env.fx.nested_group_id);
+    wait_for("nested-only members back", 10_000, || {
+        only_nested.iter().all(|m| active(env, m) == Some(true))
+    })
+    .await;
+
+    // Again, with a restart while the group is out.
+    env.graph
+        .remove_member(&env.fx.all_group_id, &env.fx.nested_group_id);
+    wait_for("nested-only members deactivated", 10_000, || {
+        only_nested.iter().all(|m| active(env, m) == Some(false))
+    })
+    .await;
+    let nested_sub = |env: &common::TestEnv| {
+        env.graph.subscriptions().iter().any(|x| {
+            x.resource
+                .to_ascii_lowercase()
+                .contains(&env.fx.nested_group_id.to_ascii_lowercase())
+        })
+    };
+    wait_for("the nested group's subscription deleted", 5_000, || {
+        !nested_sub(env)
+    })
+    .await;
+    let port = s.addr.port();
+    let env = s.stop_keep_env().await;
+    let s = relaunch_on(env, port).await;
+    let env = &s.env;
+    env.graph
+        .add_member(&env.fx.all_group_id, &env.fx.nested_group_id);
+    wait_for("nested-only members back after a restart", 10_000, || {
+        only_nested.iter().all(|m| active(env, m) == Some(true))
+    })
+    .await;
+    wait_for("its subscription made again", 5_000, || nested_sub(env)).await;
+    // And changes inside it are seen again.
+    env.graph
+        .update_user(&only_nested[0], |u| u.job_title = Some("Seen".into()));
+    wait_for("a change inside the nested group", 5_000, || {
+        title(env, &only_nested[0]).as_deref() == Some("Seen")
+    })
+    .await;
+    s.stop().await;
+}
+
+/// Changing the configured clientState makes the subscriptions again with the new one, so
+/// notifications keep being accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_client_state_reaches_the_subscriptions() {
+    let old = "client-state-one-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let new = "client-state-two-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    let s = start(20, &format!("client_state = {{ value = \"{old}\" }}")).await;
+    let before: Vec<String> = s
+        .env
+        .graph
+        .subscriptions()
+        .into_iter()
+        .map(|x| x.id)
+        .collect();
+    assert!(s
+        .env
+        .graph
+        .subscriptions()
+        .iter()
+        .all(|x| x.client_state.as_deref() == Some(old)));
+    let port = s.addr.port();
+    let mut env = s.stop_keep_env().await;
+    env.config_toml = env.config_toml.replace(old, new);
+    let s = relaunch_on(env, port).await;
+    let env = &s.env;
+    wait_for(
+        "subscriptions made again with the new clientState",
+        5_000,
+        || {
+            let subs = env.graph.subscriptions();
+            subs.len() >= 2
+                && subs
+                    .iter()
+                    .all(|x| x.client_state.as_deref() == Some(new) && !before.contains(&x.id))
+        },
+    )
+    .await;
+    let someone = direct_only(&s, 1);
+    env.graph
+        .update_user(&someone[0], |u| u.job_title = Some("Rotated".into()));
+    wait_for("a change after the rotation", 5_000, || {
+        title(env, &someone[0]).as_deref() == Some("Rotated")
+    })
+    .await;
+    s.stop().await;
+}
+
+/// Whatever the worker did, a reconcile right after agrees: an unchanged LMS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_mix_of_changes_a_reconcile_writes_nothing() {
+    let s = start(60, "").await;
+    let env = &s.env;
+    let who = direct_only(&s, 6);
+    env.graph
+        .update_user(&who[0], |u| u.department = Some("Moved Dept".into()));
+    env.graph.update_user(&who[1], |u| {
+        u.manager_id = Some(env.fx.ceo_id.clone());
+    });
+    env.graph
+        .update_user(&who[2], |u| u.account_enabled = false);
+    env.graph.remove_member(&env.fx.all_group_id, &who[3]);
+    let hire = SimUser {
+        manager_id: Some(who[4].clone()),
+        ..new_user(7, None)
+    };
+    env.graph.upsert_user(hire.clone());
+    env.graph.add_member(&env.fx.nested_group_id, &hire.id);
+    env.graph.update_user(&who[5], |u| {
+        u.user_principal_name = format!("renamed.{}", u.user_principal_name)
+    });
+    wait_for("everything applied", 10_000, || {
+        lms(env, &hire.id).is_some()
+            && active(env, &who[2]) == Some(false)
+            && active(env, &who[3]) == Some(false)
+            && s.integ_store().queue_len() == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.assert_lms_matches_tenant(upn);
+    reconcile_writes_nothing(&s).await;
+    s.stop().await;
+}
