@@ -172,6 +172,9 @@ async fn create(
     let name = integ.cfg.name.as_str();
     let res = resource(w);
     let (n, l) = (notification_url(public, name), lifecycle_url(public, name));
+    // Recorded before Graph is asked: should this process die before it records what Graph
+    // made, the next start knows the subscription (resource and address) is ours to delete.
+    remember_pending(integ, &res, &n)?;
     for attempt in 0..2 {
         let req = NewSubscription {
             resource: &res,
@@ -333,6 +336,26 @@ pub async fn ensure(
     }
 }
 
+/// Meta key: subscriptions asked of Graph and not recorded yet, `[(resource, notification
+/// URL)]`.
+const PENDING: &str = "subscriptions_pending";
+
+fn remember_pending(integ: &Integration, resource: &str, url: &str) -> Result<(), StoreError> {
+    let mut pending: Vec<(String, String)> = integ.store.get_meta(PENDING)?.unwrap_or_default();
+    let entry = (resource.to_string(), url.to_string());
+    if !pending.contains(&entry) {
+        pending.push(entry);
+        // Bounded: the newest are kept.
+        let len = pending.len();
+        if len > 200 {
+            pending.drain(..len - 200);
+        }
+        integ.store.put_meta(PENDING, &pending)?;
+        integ.store.flush()?;
+    }
+    Ok(())
+}
+
 /// At start-up: what Graph holds for this integration's notification URL is compared with the
 /// store. A subscription at Graph that the store does not know (made by a process that died
 /// before recording it) is deleted, so none is left that nobody renews or answers; a record
@@ -340,18 +363,28 @@ pub async fn ensure(
 /// when a recorded subscription was gone (notifications may have been missed).
 pub async fn reconcile_with_graph(integ: &Integration, public: &Url) -> Result<bool, SubsError> {
     let ours = notification_url(public, integ.cfg.name.as_str());
-    let same = |a: &str| {
-        a.trim_end_matches('/')
-            .eq_ignore_ascii_case(ours.trim_end_matches('/'))
+    let norm = |a: &str| a.trim_end_matches('/').to_ascii_lowercase();
+    let same_res = |a: &str, b: &str| {
+        a.trim_start_matches('/')
+            .eq_ignore_ascii_case(b.trim_start_matches('/'))
     };
+    let pending: Vec<(String, String)> = integ.store.get_meta(PENDING)?.unwrap_or_default();
     let remote = integ.graph.list_subscriptions().await?;
     let have = integ.store.subscriptions()?;
-    for s in remote.iter().filter(|s| same(&s.notification_url)) {
-        if !have.iter().any(|r| r.id == s.id) {
-            tracing::warn!(subscription = %s.id, resource = %s.resource, "a subscription for our notification URL that the store does not know (left by an interrupted start); deleting it");
+    for s in &remote {
+        if have.iter().any(|r| r.id == s.id) {
+            continue;
+        }
+        let at_ours = norm(&s.notification_url) == norm(&ours);
+        let asked_by_us = pending
+            .iter()
+            .any(|(res, url)| same_res(res, &s.resource) && norm(url) == norm(&s.notification_url));
+        if at_ours || asked_by_us {
+            tracing::warn!(subscription = %s.id, resource = %s.resource, "a subscription of ours that the store does not know (left by an interrupted start); deleting it");
             integ.graph.delete_subscription(&s.id).await?;
         }
     }
+    integ.store.remove_meta(PENDING)?;
     let mut gone = false;
     for r in have {
         if !remote.iter().any(|s| s.id == r.id) {

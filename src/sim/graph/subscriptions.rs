@@ -258,6 +258,9 @@ pub(super) struct NotifyState {
     /// Service principal id of the app (`creatorId`).
     creator_id: String,
     sequence: u64,
+    /// Refuse a second subscription of the same resource and change type (409), as Graph
+    /// documents; off, duplicates are made, as some emulators do.
+    duplicates_conflict: bool,
 }
 
 impl Default for NotifyState {
@@ -282,6 +285,7 @@ impl Default for NotifyState {
             auto_reauth: None,
             creator_id: uuid::Uuid::new_v4().to_string(),
             sequence: 0,
+            duplicates_conflict: true,
         }
     }
 }
@@ -1094,6 +1098,7 @@ fn conflict_or_quota(
         .notify
         .subs
         .iter()
+        .filter(|_| s.notify.duplicates_conflict)
         .find(|x| x.key == *key && x.change_set == change_set)
     {
         return Some(graph_error(
@@ -1272,6 +1277,12 @@ impl GraphSim {
     /// "raise to now + 45 min" rule is disabled so tests can use seconds-scale lifetimes.
     pub fn set_max_subscription_minutes(&self, minutes_: f64) {
         self.shared.lock().notify.max_lifetime = minutes(minutes_);
+    }
+
+    /// Whether a second subscription of the same resource and change type is refused with 409
+    /// (the default, as Graph documents) or made (as an emulator without the check would).
+    pub fn set_duplicate_subscriptions_conflict(&self, on: bool) {
+        self.shared.lock().notify.duplicates_conflict = on;
     }
 
     /// Same as [`GraphSim::set_max_subscription_minutes`], as a duration.
