@@ -641,3 +641,44 @@ async fn kills_during_start_up_leave_no_subscription_behind() {
         assert!(known.contains(&s.id), "{} is not in the store", s.id);
     }
 }
+
+/// An expired delta link: the group is learnt afresh once (the mirror replaced only when that
+/// worked, also while Graph throttles) and a full reconcile decides everyone; members are not
+/// read one by one on top, and nobody is deactivated on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_delta_link_relearns_the_group_once_and_deactivates_nobody() {
+    let s = start(60, "").await;
+    let env = &s.env;
+    let members = env.member_ids();
+    let runs_before = s.runs();
+    let hire = new_user(5, None);
+    let seen = never_inactive(&s, &members, async {
+        env.graph.expire_delta_tokens();
+        // Graph throttles every request for a moment: the fresh round fails and is retried.
+        env.graph.set_faults(rostersync::sim::graph::GraphFaults {
+            throttle_rate: 1.0,
+            retry_after_secs: 0,
+            seed: 3,
+        });
+        env.graph.upsert_user(hire.clone());
+        env.graph.add_member(&env.fx.all_group_id, &hire.id);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        env.graph
+            .set_faults(rostersync::sim::graph::GraphFaults::default());
+        let reads = env.graph.request_count("user");
+        wait_for("the hire created by the reconcile", 15_000, || {
+            lms(env, &hire.id).is_some() && s.runs() > runs_before
+        })
+        .await;
+        wait_for("queue drained", 8_000, || s.integ_store().queue_len() == 0).await;
+        let one_by_one = env.graph.request_count("user") - reads;
+        assert!(
+            one_by_one < (members.len() / 2) as u64,
+            "{one_by_one} users read one by one after the expiry, besides the reconcile"
+        );
+    })
+    .await;
+    assert!(seen.is_empty(), "deactivated during the resync: {seen:?}");
+    reconcile_writes_nothing(&s).await;
+    s.stop().await;
+}
