@@ -407,6 +407,24 @@ pub(crate) fn guard_check<T: Target>(
     Ok(r)
 }
 
+/// Whether `would` deactivations are so far past what the budget has left (more than four
+/// times) that confirming each of them with Graph would only cost reads: a mass event.
+pub(crate) fn clearly_past_budget<T: Target>(
+    ctx: &Context<'_, T>,
+    would: u64,
+) -> Result<bool, StoreError> {
+    if would == 0 {
+        return Ok(false);
+    }
+    let cfg = ctx.cfg;
+    let used = ctx
+        .store
+        .deactivations_since(Utc::now() - cfg.guard_window)?;
+    let base = ctx.store.active_count().saturating_add(used);
+    let left = cfg.max_deactivations.allowed(base).saturating_sub(used);
+    Ok(would > left.max(1).saturating_mul(4))
+}
+
 // ---- one user or all of them? ----
 
 /// Whether a Graph error may concern the whole integration (token refused, Graph unreachable,

@@ -686,8 +686,10 @@ impl<T: Target> Run<'_, '_, T> {
         let cfg = ctx.cfg;
         let n = candidates.len() as u64;
         let allow = self.opts.allow_mass_deactivation;
+        // A dry run stores no trip and reads nothing more: it judges the candidates as planned.
+        // A real run confirms each with Graph first and counts the confirmed, but a mass event
+        // far past the budget is stopped without a read for each of its users.
         let verdict = if self.opts.dry_run {
-            // A dry run stores no trip.
             let used = ctx
                 .store
                 .deactivations_since(Utc::now() - cfg.guard_window)?;
@@ -703,24 +705,14 @@ impl<T: Target> Run<'_, '_, T> {
                 allow,
                 tripped,
             )
-        } else {
+        } else if !allow && super::apply::clearly_past_budget(ctx, n)? {
             super::apply::guard_check(ctx, n, allow)?
+        } else {
+            Ok(())
         };
         if let Err(trip) = verdict {
-            tracing::error!(
-                would = trip.would_deactivate,
-                allowed = trip.allowed,
-                used = trip.used,
-                "mass-deactivation guard tripped"
-            );
             let changes: Vec<PlannedChange> = candidates.into_iter().map(|c| c.change).collect();
-            if self.opts.dry_run {
-                self.report.changes.extend(changes);
-            } else {
-                self.trace_held(&changes, &trip)?;
-            }
-            self.report.guard = Some(trip);
-            return Ok(());
+            return self.held(changes, trip);
         }
         if allow {
             tracing::warn!(
@@ -823,11 +815,40 @@ impl<T: Target> Run<'_, '_, T> {
                 "{withdrawn} deactivations were withdrawn: Graph said the user is an enabled member again when asked just before"
             ));
         }
+        // The budget, over what Graph confirmed.
+        let confirmed = apply
+            .iter()
+            .filter(|c| c.action == Action::Deactivate)
+            .count() as u64;
+        if let Err(trip) = super::apply::guard_check(ctx, confirmed, allow)? {
+            let (held, rest): (Vec<PlannedChange>, Vec<PlannedChange>) = apply
+                .into_iter()
+                .partition(|c| c.action == Action::Deactivate);
+            self.apply_all(rest, true).await?;
+            return self.held(held, trip);
+        }
         let before = self.report.counts.deactivated;
         self.apply_all(apply, true).await?;
         self.ctx
             .store
             .record_deactivations(self.report.counts.deactivated - before)?;
+        Ok(())
+    }
+
+    /// The guard stopped these deactivations: traced as held, reported, none applied.
+    fn held(&mut self, changes: Vec<PlannedChange>, trip: GuardTrip) -> Result<(), RunError> {
+        tracing::error!(
+            would = trip.would_deactivate,
+            allowed = trip.allowed,
+            used = trip.used,
+            "mass-deactivation guard tripped"
+        );
+        if self.opts.dry_run {
+            self.report.changes.extend(changes);
+        } else {
+            self.trace_held(&changes, &trip)?;
+        }
+        self.report.guard = Some(trip);
         Ok(())
     }
 

@@ -958,47 +958,26 @@ async fn confirm<T: Target>(
     if candidates.is_empty() && direct == 0 {
         return Ok(());
     }
-    // The budget first: all of them, as if each were confirmed.
     let (allowed, normal): (Vec<usize>, Vec<usize>) = candidates
         .iter()
         .copied()
         .partition(|&i| work[i].task.allow_mass);
-    let direct_idx: Vec<usize> = work
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| {
-            matches!(w.decision.as_ref().map(|d| &d.verdict), Some(Verdict::Change(c)) if c.action == Action::Deactivate)
-        })
-        .map(|(i, _)| i)
-        .collect();
-    let (direct_allowed, direct_normal): (Vec<usize>, Vec<usize>) = direct_idx
-        .into_iter()
-        .partition(|&i| work[i].task.allow_mass);
-    if !allowed.is_empty() || !direct_allowed.is_empty() {
+    if !opts.dry_run && !allowed.is_empty() {
+        // Replayed with --allow-mass-deactivation: the operator allowed them.
         apply::guard_check(ctx, 0, true)?.ok();
     }
-    let would = (normal.len() + direct_normal.len()) as u64;
-    let mut keep: Vec<usize> = allowed;
-    if !opts.dry_run {
-        if let Err(trip) = apply::guard_check(ctx, would, false)? {
-            tracing::error!(%trip, "guard: deactivations held");
-            let why = format!("guard: {trip}");
-            for &i in normal.iter().chain(direct_normal.iter()) {
-                let w = &mut work[i];
-                if w.trace.is_none() {
-                    if let (Some(g), Some(d)) = (&w.gathered, &w.decision) {
-                        w.trace = Some(trace_of(ctx, opts.source, &w.task.id, g, d));
-                    }
-                }
-                w.outcome = Some(UserOutcome::Held(why.clone()));
-            }
-            *tripped = Some(trip);
-            return Ok(());
-        }
+    // A mass event far past the budget (a deleted group, say) is held without a Graph read
+    // for each of its users; anything short of that is confirmed first and counted after.
+    if !opts.dry_run && apply::clearly_past_budget(ctx, normal.len() as u64 + direct)? {
+        let trip = apply::guard_check(ctx, normal.len() as u64 + direct, false)?.err();
+        hold(ctx, work, &normal, opts, trip.as_ref());
+        *tripped = trip;
+        return guard_confirmed(ctx, work, opts, tripped);
     }
+    let mut keep: Vec<usize> = allowed;
     keep.extend(normal);
     if keep.is_empty() {
-        return Ok(());
+        return guard_confirmed(ctx, work, opts, tripped);
     }
     if opts.wait_inline {
         let waits = keep.iter().any(|&i| {
@@ -1074,7 +1053,59 @@ async fn confirm<T: Target>(
             }
         }
     }
+    guard_confirmed(ctx, work, opts, tripped)
+}
+
+/// The budget, over the deactivations about to be written (confirmed by Graph, or decided on
+/// facts read just now); past it they are all held.
+fn guard_confirmed<T: Target>(
+    ctx: &Context<'_, T>,
+    work: &mut [Work],
+    opts: SyncOptions,
+    tripped: &mut Option<GuardTrip>,
+) -> Result<(), RunError> {
+    if opts.dry_run || tripped.is_some() {
+        return Ok(());
+    }
+    let deactivations: Vec<usize> = work
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.outcome.is_none() && !w.task.allow_mass)
+        .filter(|(_, w)| {
+            matches!(w.decision.as_ref().map(|d| &d.verdict), Some(Verdict::Change(c)) if c.action == Action::Deactivate)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if deactivations.is_empty() {
+        return Ok(());
+    }
+    if let Err(trip) = apply::guard_check(ctx, deactivations.len() as u64, false)? {
+        hold(ctx, work, &deactivations, opts, Some(&trip));
+        *tripped = Some(trip);
+    }
     Ok(())
+}
+
+/// Holds the deactivations of `which` (the guard stopped them), with their traces.
+fn hold<T: Target>(
+    ctx: &Context<'_, T>,
+    work: &mut [Work],
+    which: &[usize],
+    opts: SyncOptions,
+    trip: Option<&GuardTrip>,
+) {
+    let Some(trip) = trip else { return };
+    tracing::error!(%trip, "guard: deactivations held");
+    let why = format!("guard: {trip}");
+    for &i in which {
+        let w = &mut work[i];
+        if w.trace.is_none() {
+            if let (Some(g), Some(d)) = (&w.gathered, &w.decision) {
+                w.trace = Some(trace_of(ctx, opts.source, &w.task.id, g, d));
+            }
+        }
+        w.outcome = Some(UserOutcome::Held(why.clone()));
+    }
 }
 
 /// Processes membership and user items (other kinds are the caller's). Items that succeed are
