@@ -17,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod graph;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod output;
 pub mod retry;
