@@ -127,7 +127,8 @@ impl IntegrationStore {
         let mut ids = Vec::with_capacity(items.len());
         for bytes in encoded {
             let id = self.db.generate_id()?;
-            self.queue.insert(key(id), bytes)?;
+            let old = self.queue.insert(key(id), bytes)?;
+            self.counts.inserted(&old);
             ids.push(id);
         }
         Ok(ids)
@@ -173,19 +174,19 @@ impl IntegrationStore {
         self.queue.len()
     }
 
-    /// Removes applied items.
+    /// Removes applied items (one remove each, so the in-memory count knows which existed).
     pub fn dequeue(&self, ids: &[u64]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
         for id in ids {
-            batch.remove(&key(*id));
+            let old = self.queue.remove(key(*id))?;
+            self.counts.removed(&old);
         }
-        self.queue.apply_batch(batch)?;
         Ok(())
     }
 
     /// Rewrites an item (after a failed attempt).
     pub fn requeue(&self, id: u64, item: &QueueItem) -> Result<(), StoreError> {
-        self.queue.insert(key(id), encode(item)?)?;
+        let old = self.queue.insert(key(id), encode(item)?)?;
+        self.counts.inserted(&old);
         Ok(())
     }
 
@@ -193,8 +194,13 @@ impl IntegrationStore {
     pub fn bury(&self, id: u64, item: &QueueItem) -> Result<(), StoreError> {
         let mut dead = item.clone();
         dead.dead_at = Some(Utc::now());
-        self.dead.insert(key(id), encode(&dead)?)?;
-        self.queue.remove(key(id))?;
+        if self.dead.insert(key(id), encode(&dead)?)?.is_none() {
+            self.counts
+                .dead
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let old = self.queue.remove(key(id))?;
+        self.counts.removed(&old);
         Ok(())
     }
 
@@ -250,7 +256,11 @@ impl IntegrationStore {
             it.not_before = None;
             it.dead_at = None;
             self.enqueue(&[it])?;
-            self.dead.remove(key(id))?;
+            if self.dead.remove(key(id))?.is_some() {
+                self.counts
+                    .dead
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         Ok(items.len())
     }

@@ -1,0 +1,141 @@
+//! Cheap views of the store for request handlers and probes: nothing here decodes a record or
+//! writes anything.
+//!
+//! - [`WriteHealth`]: the outcome of the store's own last writes (journal appends and syncs,
+//!   sled flushes), which is what `/readyz` reports instead of writing a probe key;
+//! - [`QueueCounts`]: queue and dead-letter sizes kept in memory as items come and go, which is
+//!   what `/metrics` reports instead of decoding the queue at every scrape;
+//! - [`IntegrationStore::has_subscription`]: a key lookup for the webhook's hot path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+
+use super::IntegrationStore;
+
+/// The last failed write of the store, cleared by the next one that succeeds.
+#[derive(Default, Debug)]
+pub(crate) struct WriteHealth {
+    last_error: Mutex<Option<(DateTime<Utc>, String)>>,
+}
+
+impl WriteHealth {
+    pub(crate) fn failed(&self, what: &str, error: &str) {
+        let mut e = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        *e = Some((Utc::now(), format!("{what}: {error}")));
+    }
+
+    pub(crate) fn succeeded(&self) {
+        let mut e = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        if e.is_some() {
+            tracing::info!("store writes work again");
+            *e = None;
+        }
+    }
+
+    /// `Err` with when and what, while the last write failed.
+    pub(crate) fn state(&self) -> Result<(), String> {
+        match &*self.last_error.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => Ok(()),
+            Some((at, what)) => Err(format!("last write failed at {}: {what}", at.to_rfc3339())),
+        }
+    }
+}
+
+/// Items in one integration's queue and dead-letter tree, counted as they are inserted and
+/// removed (sled tells whether a key was new or existed).
+#[derive(Debug)]
+pub(crate) struct QueueCounts {
+    pub(crate) queued: AtomicI64,
+    pub(crate) dead: AtomicI64,
+}
+
+impl QueueCounts {
+    pub(crate) fn new(queued: usize, dead: usize) -> Self {
+        QueueCounts {
+            queued: AtomicI64::new(queued as i64),
+            dead: AtomicI64::new(dead as i64),
+        }
+    }
+
+    /// After a queue insert that returned `old`.
+    pub(crate) fn inserted(&self, old: &Option<sled::IVec>) {
+        if old.is_none() {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// After a queue remove that returned `old`.
+    pub(crate) fn removed(&self, old: &Option<sled::IVec>) {
+        if old.is_some() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Every integration's counts, shared by all handles of one store (the journal writer's too).
+#[derive(Default, Debug)]
+pub(crate) struct Counters(Mutex<HashMap<String, Arc<QueueCounts>>>);
+
+impl Counters {
+    /// The counts of `integration`, made from the trees' sizes the first time (one scan of
+    /// keys at start-up, never again).
+    pub(crate) fn of(
+        &self,
+        integration: &str,
+        queue: &sled::Tree,
+        dead: &sled::Tree,
+    ) -> Arc<QueueCounts> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            m.entry(integration.to_string())
+                .or_insert_with(|| Arc::new(QueueCounts::new(queue.len(), dead.len()))),
+        )
+    }
+
+    /// The counts of `integration` if some handle made them already.
+    pub(crate) fn get(&self, integration: &str) -> Option<Arc<QueueCounts>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(integration)
+            .cloned()
+    }
+}
+
+impl IntegrationStore {
+    /// Whether a subscription id is recorded (a key lookup; the record is not decoded).
+    pub fn has_subscription(&self, id: &str) -> bool {
+        self.subs.contains_key(id.as_bytes()).unwrap_or(false)
+    }
+
+    /// Queued and dead-letter items, from the counts kept in memory (`/metrics`).
+    pub fn queue_counts(&self) -> (u64, u64) {
+        let q = self.counts.queued.load(Ordering::Relaxed).max(0) as u64;
+        let d = self.counts.dead.load(Ordering::Relaxed).max(0) as u64;
+        (q, d)
+    }
+}
+
+#[cfg(test)]
+impl super::Store {
+    /// A digest of every tree's keys and values (tests: "this changed no store key").
+    pub(crate) fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut names = self.db.tree_names();
+        names.sort();
+        for name in names {
+            name.hash(&mut h);
+            if let Ok(tree) = self.db.open_tree(&name) {
+                for (k, v) in tree.iter().flatten() {
+                    k.hash(&mut h);
+                    v.hash(&mut h);
+                }
+            }
+        }
+        h.finish()
+    }
+}
