@@ -54,6 +54,8 @@ impl ScimTarget {
         timeout: Duration,
     ) -> Result<Self, TargetError> {
         let http = reqwest::Client::builder()
+            // A redirect would re-send the token and user data elsewhere: an error instead.
+            .redirect(crate::retry::no_redirects())
             .connect_timeout(Duration::from_secs(10))
             .timeout(timeout)
             .user_agent(concat!("rostersync/", env!("CARGO_PKG_VERSION")))
@@ -163,14 +165,14 @@ impl ScimTarget {
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) => {
-                    if idempotent && attempt < self.retry.max_attempts {
+                    if idempotent && attempt < self.retry.max_attempts && !e.is_redirect() {
                         tracing::warn!(attempt, method = mname, path = path_and_query, error = %e, "LMS request failed; retrying");
                         tokio::time::sleep(self.retry.delay(attempt, None)).await;
                         continue;
                     }
                     return Err(TargetError::Transport {
                         url: self.base.clone(),
-                        message: e.to_string(),
+                        message: crate::retry::transport_message(&e),
                     });
                 }
             };
