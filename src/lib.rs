@@ -15,6 +15,8 @@ pub mod alert;
 pub mod app;
 pub mod config;
 pub mod demo;
+#[cfg(test)]
+mod fuzz;
 pub mod graph;
 pub mod http;
 pub mod logging;

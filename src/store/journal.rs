@@ -866,3 +866,81 @@ mod failure_tests {
             .any(|t| t.starts_with(b"stranger/")));
     }
 }
+
+/// Fuzz targets of the replay (see `src/fuzz.rs` for the budget and `PROPTEST_CASES`).
+#[cfg(test)]
+mod fuzz_tests {
+    use super::*;
+    use crate::fuzz::config;
+    use crate::store::Store;
+    use proptest::prelude::*;
+
+    fn record(name: &str) -> Vec<u8> {
+        frame(
+            &serde_json::to_vec(&Record {
+                integration: name.into(),
+                items: vec![],
+            })
+            .unwrap(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(config(96))]
+
+        /// Whatever bytes the journal holds at start-up: the store opens, only the configured
+        /// integration gets a queue, and the journal is empty afterwards.
+        #[test]
+        fn any_journal_file_opens(bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..4096),
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(|garbage| {
+                [garbage.clone(), record("other"), garbage].concat()
+            }),
+        ]) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+            let acme = IntegrationName::parse("acme").unwrap();
+            let store = Store::open_configured(dir.path(), std::slice::from_ref(&acme)).unwrap();
+            prop_assert_eq!(store.journal_report().unwrap().items, 0);
+            prop_assert!(!store.db.tree_names().iter().any(|t| t.starts_with(b"other/")));
+            drop(store);
+            prop_assert_eq!(std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len(), 0);
+        }
+
+        /// Intact records with garbage before each: every record is found, in order.
+        #[test]
+        fn every_intact_record_between_garbage_is_found(parts in prop::collection::vec(
+            ("[a-z][a-z0-9-]{0,10}", prop::collection::vec(any::<u8>(), 0..64)),
+            0..12,
+        )) {
+            let mut bytes = Vec::new();
+            for (name, garbage) in &parts {
+                bytes.extend_from_slice(garbage);
+                bytes.extend_from_slice(&record(name));
+            }
+            let found: Vec<String> = scan(&bytes).records.into_iter().map(|r| r.integration).collect();
+            let want: Vec<String> = parts.into_iter().map(|(n, _)| n).collect();
+            prop_assert_eq!(found, want);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Arbitrary bytes: no panic, and bounded work (a file of repeated record starts with
+        /// huge lengths is the worst case for the search).
+        #[test]
+        fn scan_of_any_bytes(bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..8192),
+            (any::<u32>(), 1usize..400).prop_map(|(len, n)| {
+                let mut one = len.to_le_bytes().to_vec();
+                one.extend_from_slice(&[0u8; 4]);
+                one.extend_from_slice(RECORD_START);
+                one.repeat(n)
+            }),
+        ]) {
+            let s = scan(&bytes);
+            prop_assert!(s.records.is_empty() || !bytes.is_empty());
+        }
+    }
+}

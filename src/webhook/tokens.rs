@@ -239,6 +239,24 @@ impl JwksCache {
         }
     }
 
+    /// A cache that already holds `keys` and will not fetch (for fuzzing: no network).
+    #[cfg(test)]
+    pub(crate) fn preloaded(keys: HashMap<String, DecodingKey>) -> Self {
+        let url = Url::parse("http://127.0.0.1:9/common/discovery/v2.0/keys").expect("url");
+        let cache = Self::with_timings(
+            reqwest::Client::new(),
+            url,
+            KEYS_TTL,
+            Duration::from_secs(24 * 3600),
+        );
+        *cache.inner.keys.write().unwrap() = Some(KeySet {
+            keys: Arc::new(keys),
+            fetched_at: Instant::now(),
+        });
+        cache.inner.refresh.try_lock().unwrap().last_attempt = Some(Instant::now());
+        cache
+    }
+
     /// Checks every token of a notification's `validationTokens` against `expect`; the first
     /// failure is returned. An empty list is [`TokenError::Missing`]: the caller decides whether
     /// tokens were required. Sizes and count are checked before any token is parsed or any key
