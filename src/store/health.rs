@@ -8,6 +8,7 @@
 //! - [`IntegrationStore::has_subscription`]: a key lookup for the webhook's hot path.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,13 +16,41 @@ use chrono::{DateTime, Utc};
 
 use super::IntegrationStore;
 
-/// The last failed write of the store, cleared by the next one that succeeds.
+/// Below this much free space in the data directory's file system the store is reported not
+/// writable: the webhook journal alone grows to 8 MiB between checkpoints.
+pub(crate) const MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The last failed write of the store, cleared by the next one that succeeds, and the data
+/// directory whose free space is looked at (on-disk stores).
 #[derive(Default, Debug)]
 pub(crate) struct WriteHealth {
     last_error: Mutex<Option<(DateTime<Utc>, String)>>,
+    dir: Mutex<Option<PathBuf>>,
+}
+
+/// `Err` when the file system of `dir` has less than `min` bytes free for us (a `statvfs`;
+/// nothing is written). Where free space cannot be read, nothing is said.
+pub(crate) fn free_space(dir: &Path, min: u64) -> Result<(), String> {
+    #[cfg(target_os = "linux")]
+    if let Ok(s) = rustix::fs::statvfs(dir) {
+        let free = s.f_bavail.saturating_mul(s.f_frsize);
+        if free < min {
+            return Err(format!(
+                "the data directory's file system has {free} bytes free (less than {min})"
+            ));
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (dir, min);
+    Ok(())
 }
 
 impl WriteHealth {
+    /// Also watch the free space of `dir`.
+    pub(crate) fn watch_dir(&self, dir: &Path) {
+        *self.dir.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.to_path_buf());
+    }
+
     pub(crate) fn failed(&self, what: &str, error: &str) {
         let mut e = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
         *e = Some((Utc::now(), format!("{what}: {error}")));
@@ -35,11 +64,16 @@ impl WriteHealth {
         }
     }
 
-    /// `Err` with when and what, while the last write failed.
+    /// `Err` with when and what while the last write failed, or while the data directory's
+    /// file system is (nearly) full.
     pub(crate) fn state(&self) -> Result<(), String> {
-        match &*self.last_error.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some((at, what)) = &*self.last_error.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Err(format!("last write failed at {}: {what}", at.to_rfc3339()));
+        }
+        let dir = self.dir.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match dir {
+            Some(d) => free_space(&d, MIN_FREE_BYTES),
             None => Ok(()),
-            Some((at, what)) => Err(format!("last write failed at {}: {what}", at.to_rfc3339())),
         }
     }
 }
@@ -137,5 +171,35 @@ impl super::Store {
             }
         }
         h.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_health_reports_failures_until_a_write_succeeds() {
+        let h = WriteHealth::default();
+        assert!(h.state().is_ok());
+        h.failed("appending", "No space left on device (os error 28)");
+        let e = h.state().unwrap_err();
+        assert!(e.contains("No space left"), "{e}");
+        h.succeeded();
+        assert!(h.state().is_ok());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn free_space_is_read_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_space(dir.path(), 0).is_ok());
+        let e = free_space(dir.path(), u64::MAX).unwrap_err();
+        assert!(e.contains("bytes free"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing written"
+        );
     }
 }

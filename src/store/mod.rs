@@ -128,6 +128,7 @@ impl Store {
                 }
             })?;
         let mut store = Store::wrap(db);
+        store.health.watch_dir(path);
         store.journal = Some(journal::Journal::open(
             store.db.clone(),
             path,
