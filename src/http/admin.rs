@@ -156,10 +156,33 @@ fn gate(req: &HttpRequest, admin: &Admin, required: bool) -> Option<HttpResponse
         ),
         (Some(t), true) if authorized(req, t) => None,
         (Some(_), true) => {
-            tracing::warn!(path = %req.path(), peer = ?req.peer_addr(), "admin request without a valid token");
+            refused_admin_request(req);
             Some(unauthorized())
         }
     }
+}
+
+/// Counts an admin request without a valid token; logs at most one line per 10 s with the
+/// count since the last one (a stranger guessing tokens must not fill the log).
+fn refused_admin_request(req: &HttpRequest) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    static REFUSED: AtomicU64 = AtomicU64::new(0);
+    static LAST_LINE: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    REFUSED.fetch_add(1, Ordering::Relaxed);
+    let mut last = LAST_LINE.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_some_and(|t| t.elapsed() < crate::webhook::rejections::LOG_INTERVAL) {
+        return;
+    }
+    *last = Some(std::time::Instant::now());
+    drop(last);
+    let since = REFUSED.swap(0, Ordering::Relaxed).max(1);
+    tracing::warn!(
+        path = %crate::logging::excerpt(req.path(), 64),
+        peer = ?req.peer_addr(),
+        refused = since,
+        "admin requests without a valid token (count since the last such line; at most one line per 10 s)"
+    );
 }
 
 async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
