@@ -189,6 +189,53 @@ mod tests {
         assert!(h.state().is_ok());
     }
 
+    /// Readiness used to insert a probe key on every call.
+    #[test]
+    fn the_readiness_check_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let before = store.digest();
+        for _ in 0..3 {
+            assert!(store.writable());
+        }
+        assert_eq!(store.digest(), before);
+    }
+
+    /// The in-memory counts follow every way items enter and leave the queue and the dead
+    /// letters, so `/metrics` need not decode the queue.
+    #[tokio::test]
+    async fn queue_counts_follow_the_queue() {
+        use crate::store::queue::{Hint, QueueItem};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let name = crate::config::IntegrationName::parse("acme").unwrap();
+        let s = store.integration(&name).unwrap();
+        let item = |u: &str| {
+            QueueItem::new(Hint::User {
+                user_id: u.into(),
+                follow_up: false,
+            })
+        };
+        s.enqueue_durable(&[item("a"), item("b")]).await.unwrap();
+        let ids = s.enqueue(&[item("c"), item("d")]).unwrap();
+        assert_eq!(s.queue_counts(), (4, 0));
+        s.requeue(ids[0], &item("c")).unwrap();
+        s.bury(ids[1], &item("d")).unwrap();
+        assert_eq!(s.queue_counts(), (3, 1));
+        s.dequeue(&[ids[0], ids[0], 12345]).unwrap();
+        assert_eq!(s.queue_counts(), (2, 1));
+        s.replay(None).unwrap();
+        assert_eq!(s.queue_counts(), (3, 0));
+        assert_eq!(s.queue_counts().0 as usize, s.queue_len());
+        // Another handle of the same integration shares the counts; a reopened store
+        // starts from the trees' sizes.
+        let again = store.integration(&name).unwrap();
+        assert_eq!(again.queue_counts(), (3, 0));
+        drop((s, again, store));
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        assert_eq!(store.integration(&name).unwrap().queue_counts(), (3, 0));
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn free_space_is_read_without_writing() {
