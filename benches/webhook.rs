@@ -534,21 +534,16 @@ fn real() -> Scenario {
     let mut hooks = HashMap::new();
     hooks.insert(
         INTEGRATION.to_string(),
-        Hook {
-            name: INTEGRATION.into(),
-            tenant_id: TENANT.into(),
-            client_id: CLIENT_ID.into(),
-            client_state: SecretString::from(CLIENT_STATE),
-            store: st.clone(),
-            wake: Arc::new(Notify::new()),
-            tokens: None,
-            known: Default::default(),
-        },
+        Hook::new(
+            INTEGRATION,
+            TENANT,
+            CLIENT_ID,
+            SecretString::from(CLIENT_STATE),
+            st.clone(),
+            Arc::new(Notify::new()),
+        ),
     );
-    let state = web::Data::new(WebhookState {
-        hooks,
-        stats: Arc::clone(&stats),
-    });
+    let state = web::Data::new(WebhookState::new(hooks, Arc::clone(&stats)));
     let (handle, addr) = start(move || {
         App::new().configure(|c| rostersync::webhook::configure(c, state.clone(), MAX_BODY))
     });

@@ -19,6 +19,9 @@ pub struct Integration {
     pub graph: std::sync::Arc<GraphClient>,
     pub target: ScimTarget,
     pub store: IntegrationStore,
+    /// Open while a subscription call of ours may make Graph validate our endpoints
+    /// (`serve::subs` holds it open around creates and renewals; the webhook reads it).
+    pub handshake: crate::webhook::handshake::HandshakeWindow,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,7 @@ impl Integration {
             graph,
             target,
             store: store.integration(&cfg.name)?,
+            handshake: Default::default(),
         })
     }
 

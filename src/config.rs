@@ -138,6 +138,8 @@ struct RawServer {
     /// Bearer token for `/status` (and `/metrics` with `metrics_require_token`).
     admin_token: Option<RawSecret>,
     metrics_require_token: Option<bool>,
+    /// Lets `serve` take `admin_token` over plain HTTP on a non-loopback address.
+    allow_cleartext_admin: Option<bool>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
 }
@@ -331,6 +333,9 @@ pub struct ServerConfig {
     /// `metrics_require_token`.
     pub admin_token: Option<SecretString>,
     pub metrics_require_token: bool,
+    /// `serve` accepts `admin_token` on a plain-HTTP listener that is not loopback (TLS is
+    /// terminated in front of it on a trusted network).
+    pub allow_cleartext_admin: bool,
     /// Built-in TLS for `serve` (`tls_cert` and `tls_key`); `None`: plain HTTP behind a proxy.
     pub tls: Option<TlsSettings>,
 }
@@ -916,6 +921,7 @@ impl Config {
                 max_attempts,
                 admin_token,
                 metrics_require_token,
+                allow_cleartext_admin: raw.server.allow_cleartext_admin.unwrap_or(false),
                 tls,
             },
             integrations,

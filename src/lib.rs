@@ -15,8 +15,11 @@ pub mod alert;
 pub mod app;
 pub mod config;
 pub mod demo;
+#[cfg(test)]
+mod fuzz;
 pub mod graph;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod output;
 pub mod retry;

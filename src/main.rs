@@ -196,7 +196,8 @@ fn init_logging(cli: &Cli, quiet_default: bool) {
     if cli.log_json {
         builder.json().init();
     } else {
-        builder.init();
+        // Escapes every value: text from a request must not start a line of its own.
+        builder.fmt_fields(rostersync::logging::TextFields).init();
     }
 }
 

@@ -102,12 +102,17 @@ pub fn notifications_received(integration: &str, n: u64) {
 /// A notification (or a whole request) was refused. `integration` must be a configured name
 /// or "(unknown)"; `reason` one of a fixed set.
 pub fn notification_rejected(integration: &str, reason: &'static str) {
+    notifications_rejected(integration, reason, 1);
+}
+
+/// `n` notifications (or requests) refused for one reason.
+pub fn notifications_rejected(integration: &str, reason: &'static str, n: u64) {
     counter!(
         "rostersync_notifications_rejected_total",
         "integration" => integration.to_string(),
         "reason" => reason
     )
-    .increment(1);
+    .increment(n);
 }
 
 /// One change sent to the LMS (create, update, deactivate, reactivate) and how it ended.

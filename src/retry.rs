@@ -60,6 +60,45 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(delta.to_std().unwrap_or(Duration::ZERO))
 }
 
+/// The redirect policy of every client that talks to Graph, the identity platform or the LMS:
+/// none is followed. A 307/308 would re-send the client-secret form, the bearer token or user
+/// data to wherever `Location` points; a redirect instead fails the request with
+/// [`RedirectRefused`], which names the target.
+pub fn no_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let to = without_query(attempt.url());
+        attempt.error(RedirectRefused(to))
+    })
+}
+
+/// A redirect that was not followed; names its target (without query or credentials).
+#[derive(Debug, thiserror::Error)]
+#[error("the server redirected to {0}; rostersync follows no redirects (check the configured URL)")]
+pub struct RedirectRefused(pub String);
+
+/// `scheme://host[:port]/path` of a URL: no user info, query or fragment.
+pub fn without_query(u: &url::Url) -> String {
+    let mut u = u.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.set_fragment(None);
+    u.to_string()
+}
+
+/// A request error as one message: a refused redirect says where it pointed; other errors
+/// are reqwest's text.
+pub fn transport_message(e: &reqwest::Error) -> String {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<RedirectRefused>() {
+            return r.to_string();
+        }
+        source = s.source();
+    }
+    e.to_string()
+}
+
 /// Reads a response body, failing once it exceeds `limit` bytes (a hostile or broken peer
 /// must not exhaust memory).
 pub async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {

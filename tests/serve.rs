@@ -160,25 +160,29 @@ async fn hostile_requests_are_rejected_and_nothing_is_queued() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 413);
+    // An integration that does not exist answers as a forged request to one that does (no
+    // enumeration of names).
     let r = http
         .post(s.url("/webhooks/graph/nope"))
         .json(&forged)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 404);
-    // Still serving; the handshake echoes the decoded token as plain text.
-    let r = http
-        .post(s.url("/webhooks/graph/test?validationToken=a%20b%2Bc%26d"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    assert!(r.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain"));
-    assert_eq!(r.text().await.unwrap(), "a b+c&d");
+    assert_eq!(r.status().as_u16(), 403);
+    // Still serving. A handshake outside a subscription call of ours is not answered, and
+    // the answer is the one an unknown integration gets.
+    for name in ["test", "nope"] {
+        let r = http
+            .post(s.url(&format!(
+                "/webhooks/graph/{name}?validationToken=a%20b%2Bc%26d"
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404);
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(r.text().await.unwrap(), "not found");
+    }
     let r = http.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     tokio::time::sleep(Duration::from_millis(500)).await;

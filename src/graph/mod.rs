@@ -10,15 +10,16 @@ pub mod models;
 pub mod subscriptions;
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
+use tokio::sync::Notify;
 use url::Url;
 
-use crate::retry::{read_limited, retry_after, RetryPolicy};
+use crate::retry::{read_limited, retry_after, transport_message, RetryPolicy};
 use credential::{ClientCredential, Proof, JWT_BEARER};
 use models::{GraphGroup, GraphUser};
 
@@ -99,7 +100,85 @@ pub struct GraphSettings {
 
 struct CachedToken {
     token: SecretString,
+    /// Fetch a new one from then on (five minutes early).
     refresh_at: Instant,
+    /// Usable until then.
+    expires_at: Instant,
+}
+
+/// The token cache. Its lock is held only to read or update this state, never across a
+/// request or a sleep: one caller at a time fetches (`refreshing`), the others use the cached
+/// token while it is still valid or wait for that one request's outcome.
+#[derive(Default)]
+struct TokenState {
+    cached: Option<CachedToken>,
+    refreshing: bool,
+    /// After a failed attempt: no new attempt before this instant; callers without a usable
+    /// token meanwhile wait for it (if it is within their budget) or get the error.
+    backoff: Option<(Instant, GraphError)>,
+    /// Failed attempts in a row (for the backoff).
+    failures: u32,
+}
+
+/// Longest a caller waits for a token (backoff sleeps included) before it gets the error. A
+/// token endpoint that asks for more (a long `Retry-After`) fails every caller at once instead
+/// of stalling all Graph calls of the integration.
+const TOKEN_WAIT_BUDGET: Duration = Duration::from_secs(30);
+
+/// One failed token request: the error, and whether (and after how long) to try again.
+struct TokenFailure {
+    error: GraphError,
+    /// `Some(retry_after)` for a transient failure (no response, 429, 5xx).
+    retry: Option<Option<Duration>>,
+}
+
+/// Resets `refreshing` and wakes the waiters when the fetching caller finishes or is
+/// cancelled.
+struct Refreshing<'a> {
+    state: &'a Mutex<TokenState>,
+    done: &'a Notify,
+}
+
+impl Drop for Refreshing<'_> {
+    fn drop(&mut self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refreshing = false;
+        self.done.notify_waiters();
+    }
+}
+
+impl GraphError {
+    /// A copy for callers that share one failed token request.
+    fn duplicate(&self) -> GraphError {
+        match self {
+            GraphError::Auth { code, advice } => GraphError::Auth {
+                code: *code,
+                advice: advice.clone(),
+            },
+            GraphError::Transport { what, message } => GraphError::Transport {
+                what: what.clone(),
+                message: message.clone(),
+            },
+            GraphError::Decode { what, message } => GraphError::Decode {
+                what: what.clone(),
+                message: message.clone(),
+            },
+            other => GraphError::Transport {
+                what: "the token endpoint".into(),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+fn looks_like_guid(s: &str) -> bool {
+    s.len() == 36
+        && s.chars().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 /// One tenant's Graph client. Cheap to share behind an `Arc`.
@@ -108,8 +187,9 @@ pub struct GraphClient {
     settings: GraphSettings,
     /// Root of the API, e.g. `https://graph.microsoft.com/v1.0`; nextLinks must start with it.
     api_root: String,
-    /// Held across the token request so concurrent callers share one refresh.
-    token: Mutex<Option<CachedToken>>,
+    /// The cached token (see [`TokenState`]) and the signal that a fetch ended.
+    token: Mutex<TokenState>,
+    token_fetched: Notify,
     retry: RetryPolicy,
     /// Integration name for metrics.
     label: String,
@@ -218,7 +298,8 @@ impl GraphClient {
             http,
             settings,
             api_root,
-            token: Mutex::new(None),
+            token: Mutex::new(TokenState::default()),
+            token_fetched: Notify::new(),
             retry: RetryPolicy::default(),
             label: String::new(),
         }
@@ -240,9 +321,11 @@ impl GraphClient {
         self
     }
 
-    /// An HTTP client with the timeouts rostersync uses for Graph.
+    /// An HTTP client with the timeouts rostersync uses for Graph, the token endpoint and the
+    /// signing keys. It follows no redirects ([`crate::retry::no_redirects`]).
     pub fn default_http() -> Result<reqwest::Client, GraphError> {
         reqwest::Client::builder()
+            .redirect(crate::retry::no_redirects())
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .user_agent(concat!("rostersync/", env!("CARGO_PKG_VERSION")))
@@ -254,24 +337,180 @@ impl GraphClient {
     }
 
     /// A valid access token, from the cache or the token endpoint.
+    ///
+    /// At most one token request is in flight per client, and no lock is held across it or
+    /// across a backoff: while one caller fetches, the others use the cached token if it has
+    /// not expired yet, or wait for that request. A transient failure (no answer, 429, 5xx) is
+    /// retried after the retry policy's backoff (honouring `Retry-After`) as long as the wait
+    /// fits in the caller's [`TOKEN_WAIT_BUDGET`]; a longer wait fails the call at once.
     pub async fn token(&self) -> Result<SecretString, GraphError> {
-        let mut guard = self.token.lock().await;
-        if let Some(t) = guard.as_ref() {
-            if Instant::now() < t.refresh_at {
-                return Ok(t.token.clone());
+        let deadline = Instant::now() + TOKEN_WAIT_BUDGET;
+        enum Next<'a> {
+            Fetch,
+            Wait(tokio::sync::futures::Notified<'a>),
+            Sleep(Instant),
+        }
+        loop {
+            let now = Instant::now();
+            let next = {
+                let mut st = self.token.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(t) = st.cached.as_ref().filter(|t| now < t.refresh_at) {
+                    return Ok(t.token.clone());
+                }
+                let usable = st
+                    .cached
+                    .as_ref()
+                    .filter(|t| now < t.expires_at)
+                    .map(|t| t.token.clone());
+                if st.refreshing {
+                    if let Some(t) = usable {
+                        return Ok(t);
+                    }
+                    // Registered before the lock is let go: the fetch's end cannot be missed.
+                    Next::Wait(self.token_fetched.notified())
+                } else if let Some((until, e)) = st.backoff.as_ref().filter(|(u, _)| now < *u) {
+                    if let Some(t) = usable {
+                        return Ok(t);
+                    }
+                    if *until > deadline {
+                        return Err(e.duplicate());
+                    }
+                    Next::Sleep(*until)
+                } else {
+                    st.refreshing = true;
+                    Next::Fetch
+                }
+            };
+            match next {
+                Next::Wait(n) => {
+                    n.await;
+                    continue;
+                }
+                Next::Sleep(until) => {
+                    tokio::time::sleep_until(until.into()).await;
+                    continue;
+                }
+                Next::Fetch => {}
+            }
+            // This caller fetches; the guard hands over even if it is cancelled.
+            let guard = Refreshing {
+                state: &self.token,
+                done: &self.token_fetched,
+            };
+            let result = self.fetch_token().await;
+            let outcome = {
+                let mut st = self.token.lock().unwrap_or_else(|e| e.into_inner());
+                match result {
+                    Ok(fresh) => {
+                        let token = fresh.token.clone();
+                        st.cached = Some(fresh);
+                        st.backoff = None;
+                        st.failures = 0;
+                        Ok(token)
+                    }
+                    Err(TokenFailure { error, retry }) => {
+                        st.failures += 1;
+                        let usable = st
+                            .cached
+                            .as_ref()
+                            .filter(|t| Instant::now() < t.expires_at)
+                            .map(|t| t.token.clone());
+                        match retry {
+                            Some(retry_after) if st.failures < self.retry.max_attempts => {
+                                let delay = self.retry.delay(st.failures, retry_after);
+                                tracing::warn!(attempt = st.failures, error = %error, ?delay, "token request failed; will retry");
+                                st.backoff = Some((Instant::now() + delay, error.duplicate()));
+                                match usable {
+                                    Some(t) => Ok(t),
+                                    // Loop: wait for the backoff if it fits the budget.
+                                    None => Err(None),
+                                }
+                            }
+                            _ => {
+                                st.failures = 0;
+                                match usable {
+                                    Some(t) => Ok(t),
+                                    None => Err(Some(error)),
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            drop(guard);
+            match outcome {
+                Ok(t) => return Ok(t),
+                Err(Some(e)) => return Err(e),
+                Err(None) => continue,
             }
         }
-        let fresh = self.fetch_token().await?;
-        let token = fresh.token.clone();
-        *guard = Some(fresh);
-        Ok(token)
     }
 
     async fn invalidate_token(&self) {
-        *self.token.lock().await = None;
+        self.token.lock().unwrap_or_else(|e| e.into_inner()).cached = None;
     }
 
-    async fn fetch_token(&self) -> Result<CachedToken, GraphError> {
+    /// The tenant's id (GUID): `tenant_id` itself, or, when that is a domain name, the id
+    /// named by the tenant's OpenID Connect metadata
+    /// (`{login_url}/{domain}/v2.0/.well-known/openid-configuration`: its `issuer` is
+    /// `https://login.microsoftonline.com/{tenant id}/v2.0`, and `token_endpoint` holds it too).
+    pub async fn tenant_guid(&self) -> Result<String, GraphError> {
+        let s = &self.settings;
+        if looks_like_guid(&s.tenant_id) {
+            return Ok(s.tenant_id.to_ascii_lowercase());
+        }
+        let url = format!(
+            "{}/{}/v2.0/.well-known/openid-configuration",
+            root(&s.login_url),
+            urlencode(&s.tenant_id)
+        );
+        let what = || format!("the OpenID metadata of tenant {}", s.tenant_id);
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .map_err(|e| GraphError::Transport {
+                what: what(),
+                message: transport_message(&e),
+            })?;
+        let status = resp.status();
+        let body = read_limited(resp, 256 * 1024)
+            .await
+            .map_err(|m| GraphError::Transport {
+                what: what(),
+                message: m,
+            })?;
+        if !status.is_success() {
+            return Err(GraphError::Decode {
+                what: what(),
+                message: format!("HTTP {status}: is tenant_id a verified domain of the tenant?"),
+            });
+        }
+        #[derive(Deserialize)]
+        struct Metadata {
+            issuer: Option<String>,
+            token_endpoint: Option<String>,
+        }
+        let m: Metadata = serde_json::from_slice(&body).map_err(|_| GraphError::Decode {
+            what: what(),
+            message: "not an OpenID Connect metadata document".into(),
+        })?;
+        [m.issuer, m.token_endpoint]
+            .iter()
+            .flatten()
+            .flat_map(|u| u.split('/'))
+            .find(|seg| looks_like_guid(seg))
+            .map(str::to_ascii_lowercase)
+            .ok_or_else(|| GraphError::Decode {
+                what: what(),
+                message: "the metadata names no tenant id".into(),
+            })
+    }
+
+    /// One token request.
+    async fn fetch_token(&self) -> Result<CachedToken, TokenFailure> {
         let s = &self.settings;
         let url = format!(
             "{}/{}/oauth2/v2.0/token",
@@ -280,113 +519,118 @@ impl GraphClient {
         );
         let scope = format!("{}/.default", root(&s.graph_url));
         let what = || format!("the token endpoint {}", root(&s.login_url));
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let started = Instant::now();
-            // A fresh proof per attempt: an assertion's jti must never be sent twice, and the
-            // federated token file may have been rotated since the last try.
-            let proof = s.credential.proof(&url, &s.client_id).await?;
-            let mut form = vec![
-                ("client_id", s.client_id.as_str()),
-                ("scope", scope.as_str()),
-                ("grant_type", "client_credentials"),
-            ];
-            match &proof {
-                Proof::Secret(secret) => form.push(("client_secret", secret.expose_secret())),
-                Proof::Assertion(jwt) => {
-                    form.push(("client_assertion_type", JWT_BEARER));
-                    form.push(("client_assertion", jwt.expose_secret()));
-                }
+        let fatal = |error: GraphError| TokenFailure { error, retry: None };
+        let started = Instant::now();
+        // A fresh proof per attempt: an assertion's jti must never be sent twice, and the
+        // federated token file may have been rotated since the last try.
+        let proof = s
+            .credential
+            .proof(&url, &s.client_id)
+            .await
+            .map_err(|e| fatal(e.into()))?;
+        let mut form = vec![
+            ("client_id", s.client_id.as_str()),
+            ("scope", scope.as_str()),
+            ("grant_type", "client_credentials"),
+        ];
+        match &proof {
+            Proof::Secret(secret) => form.push(("client_secret", secret.expose_secret())),
+            Proof::Assertion(jwt) => {
+                form.push(("client_assertion_type", JWT_BEARER));
+                form.push(("client_assertion", jwt.expose_secret()));
             }
-            let resp = self.http.post(&url).form(&form).send().await;
-            // Token endpoint answers count as Graph responses (a 400/401 here is an auth problem).
-            crate::metrics::request(
-                crate::metrics::Remote::Graph,
-                &self.label,
-                resp.as_ref().ok().map(|r| r.status().as_u16()),
-            );
-            let resp = match resp {
-                Ok(r) => r,
-                Err(e) if attempt < self.retry.max_attempts => {
-                    tracing::warn!(attempt, error = %e, "token request failed; retrying");
-                    tokio::time::sleep(self.retry.delay(attempt, None)).await;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(GraphError::Transport {
-                        what: what(),
-                        message: e.to_string(),
-                    })
-                }
-            };
-            let status = resp.status();
-            if (status.as_u16() == 429 || status.is_server_error())
-                && attempt < self.retry.max_attempts
-            {
-                let ra = retry_after(resp.headers());
-                tokio::time::sleep(self.retry.delay(attempt, ra)).await;
-                continue;
-            }
-            let body =
-                read_limited(resp, MAX_TOKEN_BYTES)
-                    .await
-                    .map_err(|m| GraphError::Transport {
-                        what: what(),
-                        message: m,
-                    })?;
-            if status.is_success() {
-                let ok: TokenOk =
-                    serde_json::from_slice(&body).map_err(|e| GraphError::Decode {
-                        what: what(),
-                        message: format!("token response is not the expected JSON: {e}"),
-                    })?;
-                let expires_in = match ok.expires_in {
-                    Some(Value::Number(n)) => n.as_u64().unwrap_or(3599),
-                    Some(Value::String(s)) => s.parse().unwrap_or(3599),
-                    _ => 3599,
-                };
-                // Refresh five minutes early (or halfway, for short-lived tokens).
-                let margin = (expires_in / 2).min(300);
-                // A hostile or broken endpoint could send anything: keep at most a day.
-                let lifetime = expires_in.min(86_400).saturating_sub(margin);
-                let refresh_at = started
-                    .checked_add(Duration::from_secs(lifetime))
-                    .unwrap_or(started);
-                tracing::debug!(
-                    expires_in,
-                    credential = s.credential.kind(),
-                    "got a Graph access token"
-                );
-                return Ok(CachedToken {
-                    token: SecretString::from(ok.access_token),
-                    refresh_at,
-                });
-            }
-            let err: TokenErr = serde_json::from_slice(&body).unwrap_or_default();
-            let code = err
-                .error_codes
-                .as_ref()
-                .and_then(|c| c.first().copied())
-                .or_else(|| err.error_description.as_deref().and_then(parse_aadsts));
-            let desc = err
-                .error_description
-                .or(err.error)
-                .unwrap_or_else(|| format!("HTTP {status}"));
-            let mut advice = aadsts_advice(code, &desc);
-            if let (Some(700027), ClientCredential::Certificate(c)) = (code, &s.credential) {
-                advice.push_str(&format!(
-                    " (this certificate's thumbprint: {})",
-                    c.certificate().thumbprints().sha1_hex
-                ));
-            }
-            tracing::warn!(
-                code,
-                credential = s.credential.kind(),
-                "token request refused"
-            );
-            return Err(GraphError::Auth { code, advice });
         }
+        let resp = self.http.post(&url).form(&form).send().await;
+        // Token endpoint answers count as Graph responses (a 400/401 here is an auth problem).
+        crate::metrics::request(
+            crate::metrics::Remote::Graph,
+            &self.label,
+            resp.as_ref().ok().map(|r| r.status().as_u16()),
+        );
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                let error = GraphError::Transport {
+                    what: what(),
+                    message: transport_message(&e),
+                };
+                // A redirect will not go away by itself.
+                let retry = (!e.is_redirect()).then_some(None);
+                return Err(TokenFailure { error, retry });
+            }
+        };
+        let status = resp.status();
+        if status.as_u16() == 429 || status.is_server_error() {
+            return Err(TokenFailure {
+                error: GraphError::Transport {
+                    what: what(),
+                    message: format!("HTTP {status}"),
+                },
+                retry: Some(retry_after(resp.headers())),
+            });
+        }
+        let body = read_limited(resp, MAX_TOKEN_BYTES)
+            .await
+            .map_err(|m| GraphError::Transport {
+                what: what(),
+                message: m,
+            })
+            .map_err(fatal)?;
+        if status.is_success() {
+            let ok: TokenOk = serde_json::from_slice(&body)
+                .map_err(|e| GraphError::Decode {
+                    what: what(),
+                    message: format!("token response is not the expected JSON: {e}"),
+                })
+                .map_err(fatal)?;
+            let expires_in = match ok.expires_in {
+                Some(Value::Number(n)) => n.as_u64().unwrap_or(3599),
+                Some(Value::String(s)) => s.parse().unwrap_or(3599),
+                _ => 3599,
+            };
+            // Refresh five minutes early (or halfway, for short-lived tokens).
+            let margin = (expires_in / 2).min(300);
+            // A hostile or broken endpoint could send anything: keep at most a day.
+            let valid = expires_in.min(86_400);
+            let at = |secs: u64| {
+                started
+                    .checked_add(Duration::from_secs(secs))
+                    .unwrap_or(started)
+            };
+            tracing::debug!(
+                expires_in,
+                credential = s.credential.kind(),
+                "got a Graph access token"
+            );
+            return Ok(CachedToken {
+                token: SecretString::from(ok.access_token),
+                refresh_at: at(valid.saturating_sub(margin)),
+                expires_at: at(valid),
+            });
+        }
+        let err: TokenErr = serde_json::from_slice(&body).unwrap_or_default();
+        let code = err
+            .error_codes
+            .as_ref()
+            .and_then(|c| c.first().copied())
+            .or_else(|| err.error_description.as_deref().and_then(parse_aadsts));
+        let desc = err
+            .error_description
+            .or(err.error)
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        let mut advice = aadsts_advice(code, &desc);
+        if let (Some(700027), ClientCredential::Certificate(c)) = (code, &s.credential) {
+            advice.push_str(&format!(
+                " (this certificate's thumbprint: {})",
+                c.certificate().thumbprints().sha1_hex
+            ));
+        }
+        tracing::warn!(
+            code,
+            credential = s.credential.kind(),
+            "token request refused"
+        );
+        Err(fatal(GraphError::Auth { code, advice }))
     }
 
     /// Sends a request with the bearer token and the retry policy; returns status and body.
@@ -434,7 +678,7 @@ impl GraphClient {
             );
             let resp = match resp {
                 Ok(r) => r,
-                Err(e) if attempt < self.retry.max_attempts => {
+                Err(e) if attempt < self.retry.max_attempts && !e.is_redirect() => {
                     tracing::warn!(attempt, %path, error = %e, "Graph request failed; retrying");
                     tokio::time::sleep(self.retry.delay(attempt, None)).await;
                     continue;
@@ -442,7 +686,7 @@ impl GraphClient {
                 Err(e) => {
                     return Err(GraphError::Transport {
                         what: format!("Graph {method} {path}"),
-                        message: e.to_string(),
+                        message: transport_message(&e),
                     })
                 }
             };

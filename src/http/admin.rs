@@ -112,7 +112,7 @@ fn explain_link(integration: &str, user: &str, label: &str) -> String {
 }
 
 /// Whether the request carries the admin token (Bearer, or Basic with it as password).
-fn authorized(req: &HttpRequest, token: &SecretString) -> bool {
+pub(crate) fn authorized(req: &HttpRequest, token: &SecretString) -> bool {
     let Some(h) = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -156,17 +156,41 @@ fn gate(req: &HttpRequest, admin: &Admin, required: bool) -> Option<HttpResponse
         ),
         (Some(t), true) if authorized(req, t) => None,
         (Some(_), true) => {
-            tracing::warn!(path = %req.path(), peer = ?req.peer_addr(), "admin request without a valid token");
+            refused_admin_request(req);
             Some(unauthorized())
         }
     }
+}
+
+/// Counts an admin request without a valid token; logs at most one line per 10 s with the
+/// count since the last one (a stranger guessing tokens must not fill the log).
+fn refused_admin_request(req: &HttpRequest) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    static REFUSED: AtomicU64 = AtomicU64::new(0);
+    static LAST_LINE: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    REFUSED.fetch_add(1, Ordering::Relaxed);
+    let mut last = LAST_LINE.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_some_and(|t| t.elapsed() < crate::webhook::rejections::LOG_INTERVAL) {
+        return;
+    }
+    *last = Some(std::time::Instant::now());
+    drop(last);
+    let since = REFUSED.swap(0, Ordering::Relaxed).max(1);
+    tracing::warn!(
+        path = %crate::logging::excerpt(req.path(), 64),
+        peer = ?req.peer_addr(),
+        refused = since,
+        "admin requests without a valid token (count since the last such line; at most one line per 10 s)"
+    );
 }
 
 async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
     if let Some(r) = gate(&req, &admin, admin.metrics_require_token) {
         return r;
     }
-    // Store scans run off the HTTP workers, which must answer Graph within its 3 s budget.
+    // Off the HTTP workers, which must answer Graph within its 3 s budget (the subscription
+    // records are read: a handful per integration; the queue is not, its sizes are counters).
     let refreshed = web::block(move || refresh_gauges(&admin)).await;
     if refreshed.is_err() {
         return HttpResponse::InternalServerError().body("metrics could not be collected");
@@ -176,13 +200,12 @@ async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
         .body(crate::metrics::render())
 }
 
-/// Sets the gauges that are read from the store and the config.
+/// Sets the gauges that are read from memory, the subscription records and the config.
 fn refresh_gauges(admin: &Admin) {
     let now = Utc::now();
     for i in &admin.integrations {
-        if let Ok(q) = i.store.queue_stats(now) {
-            crate::metrics::queue(&i.name, q.queued as u64, q.dead as u64);
-        }
+        let (queued, dead) = i.store.queue_counts();
+        crate::metrics::queue(&i.name, queued, dead);
         if let Some(d) = i.secret_expires {
             let end = d.and_hms_opt(23, 59, 59).map(|t| t.and_utc());
             if let Some(end) = end {
@@ -202,6 +225,9 @@ fn refresh_gauges(admin: &Admin) {
 pub struct StatusDoc {
     pub generated_at: DateTime<Utc>,
     pub store_writable: bool,
+    /// The store's last write failure and what the start-up replay of the webhook journal
+    /// found (corrupt records skipped, items of unconfigured integrations dropped).
+    pub store_warnings: Vec<String>,
     pub integrations: Vec<IntegrationStatus>,
 }
 
@@ -368,9 +394,17 @@ pub fn status_doc(admin: &Admin) -> StatusDoc {
             subscriptions,
         });
     }
+    let mut store_warnings = Vec::new();
+    if let Err(e) = admin.store.write_state() {
+        store_warnings.push(format!("store writes fail: {e}"));
+    }
+    if let Some(r) = admin.store.journal_report() {
+        store_warnings.extend(r.warnings());
+    }
     StatusDoc {
         generated_at: now,
         store_writable: admin.store.writable(),
+        store_warnings,
         integrations: out,
     }
 }
@@ -449,6 +483,9 @@ code{{font-size:12px}}</style></head><body><h1>rostersync</h1><p>Generated {} ·
             "<span class=\"bad\">NOT writable</span>"
         }
     );
+    for w in &doc.store_warnings {
+        let _ = write!(h, "<div class=\"warn\">⚠ {}</div>", esc(w));
+    }
     for i in &doc.integrations {
         let _ = write!(
             h,

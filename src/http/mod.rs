@@ -1,14 +1,21 @@
 //! Health endpoints for uptime monitors: `GET /healthz` (the process answers) and
-//! `GET /readyz` (200 only when the store is writable and every integration has a Graph token,
-//! a reachable LMS, live subscriptions and no failed last reconcile). Bodies never carry
-//! secrets: problems are error messages, which are built without them.
+//! `GET /readyz` (200 only when the store's writes work and every integration has a Graph
+//! token, a reachable LMS, live subscriptions and no failed last reconcile).
+//!
+//! Both are open (orchestrators and load balancers call them without credentials), so
+//! `/readyz` says only ok / not ok per check name, summed over the integrations, and names no
+//! integration: the problems themselves (error texts with LMS URLs, Graph paths) and the
+//! per-integration view are shown only to a caller with the admin token, as on `/status`.
+//! Neither probe writes anything: the store check reports the outcome of the store's own last
+//! writes (see [`Store::write_state`]).
 
 pub mod admin;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
+use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::store::Store;
@@ -48,7 +55,12 @@ pub struct Health {
     pub store: Store,
     pub integrations: Vec<Arc<IntegrationHealth>>,
     pub webhooks: Arc<WebhookStats>,
+    /// With it, `/readyz` shows the details.
+    pub admin_token: Option<SecretString>,
 }
+
+/// The check of the store, by the name `/readyz` shows.
+pub const STORE_CHECK: &str = "store writable";
 
 #[derive(Serialize)]
 struct Check {
@@ -69,15 +81,17 @@ pub fn configure(cfg: &mut web::ServiceConfig, health: web::Data<Health>) {
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
+        .insert_header(("Cache-Control", "no-store"))
         .body(r#"{"status":"alive"}"#)
 }
 
-async fn readyz(h: web::Data<Health>) -> HttpResponse {
+/// Every check, per integration, with its problem.
+fn detailed(h: &Health) -> Vec<Check> {
     let mut checks = vec![Check {
-        check: "store writable".into(),
+        check: STORE_CHECK.into(),
         integration: None,
-        ok: h.store.writable(),
-        detail: None,
+        ok: h.store.write_state().is_ok(),
+        detail: h.store.write_state().err(),
     }];
     for i in &h.integrations {
         for (check, problem) in i.snapshot() {
@@ -89,15 +103,38 @@ async fn readyz(h: web::Data<Health>) -> HttpResponse {
             });
         }
     }
+    checks
+}
+
+async fn readyz(req: HttpRequest, h: web::Data<Health>) -> HttpResponse {
+    let checks = detailed(&h);
     let ready = checks.iter().all(|c| c.ok);
-    let body = serde_json::json!({
-        "ready": ready,
-        "checks": checks,
-        "webhooks": h.webhooks.view(),
-    });
-    if ready {
-        HttpResponse::Ok().json(body)
+    let admin = h
+        .admin_token
+        .as_ref()
+        .is_some_and(|t| admin::authorized(&req, t));
+    let body = if admin {
+        serde_json::json!({
+            "ready": ready,
+            "checks": checks,
+            "webhooks": h.webhooks.view(),
+        })
     } else {
-        HttpResponse::ServiceUnavailable().json(body)
-    }
+        // Check name → ok, over all integrations; nothing else.
+        let mut by_name: BTreeMap<String, bool> = BTreeMap::new();
+        for c in &checks {
+            *by_name.entry(c.check.clone()).or_insert(true) &= c.ok;
+        }
+        let checks: Vec<serde_json::Value> = by_name
+            .into_iter()
+            .map(|(check, ok)| serde_json::json!({"check": check, "ok": ok}))
+            .collect();
+        serde_json::json!({ "ready": ready, "checks": checks })
+    };
+    let mut r = if ready {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::ServiceUnavailable()
+    };
+    r.insert_header(("Cache-Control", "no-store")).json(body)
 }

@@ -26,7 +26,9 @@ use crate::store::{Store, StoreError};
 use crate::sync::apply;
 use crate::sync::reconcile::{Outcome, RunOptions};
 use crate::sync::worker::{self, Targeting, WorkerSettings};
-use crate::webhook::{tokens::JwksCache, Hook, WebhookState, WebhookStats};
+use crate::webhook::handshake::STARTUP_WINDOW;
+use crate::webhook::tokens::{Cloud, JwksCache};
+use crate::webhook::{Hook, TenantGuid, WebhookState, WebhookStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -40,6 +42,8 @@ pub enum ServeError {
     NoPublicUrl(SocketAddr),
     #[error(transparent)]
     Alert(#[from] crate::alert::AlertError),
+    #[error("refusing to start: server.admin_token is set and {0} is plain HTTP on an address other hosts can reach, so the token (and /status) would cross the network in clear text. Give serve a certificate (server.tls_cert, server.tls_key), listen on a loopback address behind a TLS-terminating proxy, or, if TLS is terminated in front of serve on a network you trust, set server.allow_cleartext_admin = true")]
+    CleartextAdmin(SocketAddr),
 }
 
 /// Knobs tests turn; defaults suit production.
@@ -58,6 +62,9 @@ pub struct ServeOptions {
     /// How long the stop waits for in-flight batches and reconciles once the HTTP server has
     /// stopped; then they are cut off (their queue items stay queued).
     pub shutdown_grace: Duration,
+    /// How long after start-up Graph's validation handshake is answered without a
+    /// subscription call of ours in flight.
+    pub handshake_startup_window: Duration,
 }
 
 impl Default for ServeOptions {
@@ -69,6 +76,7 @@ impl Default for ServeOptions {
             poll_interval: Duration::from_secs(1),
             store: None,
             shutdown_grace: Duration::from_secs(30),
+            handshake_startup_window: STARTUP_WINDOW,
         }
     }
 }
@@ -80,6 +88,19 @@ struct Live {
     /// Held by a full reconcile and by each incremental batch: never both at once.
     run_lock: Mutex<()>,
     health: Arc<IntegrationHealth>,
+    /// The tenant GUID the webhook checks (resolved at start-up when `tenant_id` is a domain).
+    tenant: TenantGuid,
+}
+
+/// Whether `serve` may start with this server config: an admin token must not be asked for
+/// over plain HTTP on an address other hosts can reach, unless the operator says TLS is taken
+/// care of in front (`allow_cleartext_admin`).
+pub fn check_admin_exposure(server: &crate::config::ServerConfig) -> Result<(), ServeError> {
+    let cleartext = server.tls.is_none() && !server.listen.ip().is_loopback();
+    if server.admin_token.is_some() && cleartext && !server.allow_cleartext_admin {
+        return Err(ServeError::CleartextAdmin(server.listen));
+    }
+    Ok(())
 }
 
 /// The integration's clientState: configured, or generated once and kept in the store.
@@ -97,9 +118,19 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    check_admin_exposure(&config.server)?;
+    if config.server.admin_token.is_some()
+        && config.server.tls.is_none()
+        && !config.server.listen.ip().is_loopback()
+    {
+        tracing::warn!(listen = %config.server.listen, "allow_cleartext_admin: the admin token is accepted over plain HTTP; TLS must be terminated in front of serve");
+    }
     let store = match &opts.store {
         Some(s) => s.clone(),
-        None => Store::open(&config.server.data_dir)?,
+        None => {
+            let names: Vec<_> = config.integrations.iter().map(|i| i.name.clone()).collect();
+            Store::open_configured(&config.server.data_dir, &names)?
+        }
     };
     let alerter = crate::alert::Alerter::new(&config, &store)?;
     let mut lives: Vec<Arc<Live>> = Vec::new();
@@ -108,42 +139,41 @@ pub async fn serve(
         let integ = Integration::build(cfg, &store)?;
         let client_state = client_state(&integ)?;
         let wake = Arc::new(Notify::new());
-        let jwks = Url::parse(&format!(
-            "{}/common/discovery/v2.0/keys",
-            cfg.login_url.as_str().trim_end_matches('/')
-        ))
-        .ok()
-        .and_then(|u| {
+        // validationTokens: keys and issuers pinned to the cloud of login_url.
+        let cloud = Cloud::from_login_url(&cfg.login_url);
+        let jwks = cloud.keys_url().ok().and_then(|u| {
+            if !cloud.pinned() {
+                tracing::warn!(integration = %cfg.name, keys = %u, "login_url is not a Microsoft cloud's login host: validationTokens are checked against this key set, which is not pinned");
+            }
             crate::graph::GraphClient::default_http()
                 .ok()
                 .map(|h| JwksCache::new(h, u))
         });
-        hooks.insert(
-            cfg.name.to_string(),
-            Hook {
-                name: cfg.name.to_string(),
-                tenant_id: cfg.tenant_id.clone(),
-                client_id: cfg.client_id.clone(),
-                client_state: SecretString::from(client_state.clone()),
-                store: integ.store.clone(),
-                wake: Arc::clone(&wake),
-                tokens: jwks,
-                known: Default::default(),
-            },
+        let mut hook = Hook::new(
+            cfg.name.as_str(),
+            &cfg.tenant_id,
+            &cfg.client_id,
+            SecretString::from(client_state.clone()),
+            integ.store.clone(),
+            Arc::clone(&wake),
         );
+        hook.tokens = jwks;
+        hook.cloud = cloud;
+        hook.handshake = integ.handshake.clone();
+        hook.handshake.open_for(opts.handshake_startup_window);
+        let tenant = hook.tenant.clone();
+        hooks.insert(cfg.name.to_string(), hook);
         lives.push(Arc::new(Live {
             health: Arc::new(IntegrationHealth::new(cfg.name.as_str())),
             integ,
             client_state,
             wake,
             run_lock: Mutex::new(()),
+            tenant,
         }));
     }
     let stats = Arc::new(WebhookStats::default());
-    let state = web::Data::new(WebhookState {
-        hooks,
-        stats: Arc::clone(&stats),
-    });
+    let state = web::Data::new(WebhookState::new(hooks, Arc::clone(&stats)));
     // Before anything records a metric.
     let _ = crate::metrics::handle();
     for l in &lives {
@@ -176,6 +206,7 @@ pub async fn serve(
         store: store.clone(),
         integrations: lives.iter().map(|l| Arc::clone(&l.health)).collect(),
         webhooks: stats,
+        admin_token: config.server.admin_token.clone(),
     });
     let (server, bound) = start_http(
         config.server.listen,
@@ -246,6 +277,11 @@ fn start_http(
 ) -> Result<(actix_web::dev::Server, SocketAddr), ServeError> {
     let server = HttpServer::new(move || {
         App::new()
+            // No answer of ours is meant to be sniffed into HTML or script.
+            .wrap(
+                actix_web::middleware::DefaultHeaders::new()
+                    .add(("X-Content-Type-Options", "nosniff")),
+            )
             .configure(|c| crate::webhook::configure(c, state.clone(), max_body))
             .configure(|c| crate::http::configure(c, health.clone()))
             .configure(|c| crate::http::admin::configure(c, admin.clone()))
@@ -334,6 +370,16 @@ async fn integration_main(
 
 async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
     let integ = &live.integ;
+    if live.tenant.get().is_none() {
+        // tenant_id is a domain name: notifications and validation tokens carry the GUID.
+        let guid = integ
+            .graph
+            .tenant_guid()
+            .await
+            .map_err(|e| format!("cannot resolve tenant_id to the tenant's id: {e}"))?;
+        tracing::info!(tenant = %guid, "tenant_id resolved to the tenant's id");
+        live.tenant.set(&guid);
+    }
     let ctx = integ.context();
     let tg = worker::targeting(&ctx).await.map_err(|e| e.to_string())?;
     // Writes a crash left unconfirmed are read back before anything trusts the index; the

@@ -137,6 +137,8 @@ async fn renew_record(
     integ: &Integration,
     rec: &mut SubscriptionRecord,
 ) -> Result<bool, SubsError> {
+    // Graph may validate our endpoints during the call: answer its handshake meanwhile.
+    let _handshake = integ.handshake.pending();
     let renewed = match integ.graph.renew_subscription(&rec.id, expiry(integ)).await {
         Err(e) if learn_max(integ, &e) => {
             integ.graph.renew_subscription(&rec.id, expiry(integ)).await
@@ -169,6 +171,8 @@ async fn create(
     client_state: &str,
     w: &Watch,
 ) -> Result<SubscriptionRecord, SubsError> {
+    // Graph validates our endpoints during the call: answer its handshake meanwhile.
+    let _handshake = integ.handshake.pending();
     let name = integ.cfg.name.as_str();
     let res = resource(w);
     let (n, l) = (notification_url(public, name), lifecycle_url(public, name));

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+use super::health::WriteHealth;
 use super::thread::Worker;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
@@ -24,7 +25,8 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub(crate) fn start(db: sled::Db) -> Arc<GroupCommit> {
+    /// `health` hears of every flush's outcome.
+    pub(crate) fn start(db: sled::Db, health: Arc<WriteHealth>) -> Arc<GroupCommit> {
         let spawned = Worker::spawn("store-flusher".into(), move |rx: mpsc::Receiver<Waiter>| {
             while let Ok(first) = rx.recv() {
                 let mut waiters = vec![first];
@@ -32,6 +34,10 @@ impl GroupCommit {
                     waiters.push(w);
                 }
                 let r = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                match &r {
+                    Ok(()) => health.succeeded(),
+                    Err(e) => health.failed("flushing the store", e),
+                }
                 for w in waiters {
                     let _ = w.send(r.clone());
                 }

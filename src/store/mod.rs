@@ -8,6 +8,7 @@
 pub mod alerts;
 mod commit;
 pub mod guard;
+mod health;
 pub mod intents;
 mod journal;
 pub mod queue;
@@ -26,6 +27,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::config::IntegrationName;
 use crate::sync::mapping::Record;
+pub use journal::ReplayReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -79,6 +81,9 @@ pub struct Store {
     /// The webhook journal (on-disk stores only; temporary ones flush sled instead).
     journal: Option<Arc<journal::Journal>>,
     fail_writes: Arc<AtomicBool>,
+    /// Queue sizes kept in memory (`/metrics`) and the last write failure (`/readyz`).
+    counters: Arc<health::Counters>,
+    health: Arc<health::WriteHealth>,
 }
 
 impl std::fmt::Debug for Store {
@@ -88,7 +93,19 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// Opens the store; a webhook journal left by a crash is replayed into the queues that
+    /// already exist (see [`Store::open_configured`]).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_replaying(path, journal::Replay::Existing)
+    }
+
+    /// Opens the store for these configured integrations: a left-over webhook journal is
+    /// replayed into their queues only, never into a new queue for a name no longer configured.
+    pub fn open_configured(path: &Path, names: &[IntegrationName]) -> Result<Store, StoreError> {
+        Self::open_replaying(path, journal::Replay::Configured(names))
+    }
+
+    fn open_replaying(path: &Path, which: journal::Replay<'_>) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -112,18 +129,27 @@ impl Store {
                     }
                 }
             })?;
-        let journal = journal::Journal::open(db.clone(), path)?;
         let mut store = Store::wrap(db);
-        store.journal = Some(journal);
+        store.health.watch_dir(path);
+        store.journal = Some(journal::Journal::open(
+            store.db.clone(),
+            path,
+            which,
+            Arc::clone(&store.counters),
+            Arc::clone(&store.health),
+        )?);
         Ok(store)
     }
 
     fn wrap(db: sled::Db) -> Store {
+        let health = Arc::new(health::WriteHealth::default());
         Store {
-            commit: commit::GroupCommit::start(db.clone()),
+            commit: commit::GroupCommit::start(db.clone(), Arc::clone(&health)),
             journal: None,
             db,
             fail_writes: Arc::new(AtomicBool::new(false)),
+            counters: Default::default(),
+            health,
         }
     }
 
@@ -133,13 +159,24 @@ impl Store {
         self.fail_writes.store(fail, Ordering::Relaxed);
     }
 
-    /// Whether a trivial write and flush work (readiness).
+    /// Whether the store's writes work, without writing (readiness): see
+    /// [`Store::write_state`].
     pub fn writable(&self) -> bool {
-        !self.fail_writes.load(Ordering::Relaxed)
-            && self
-                .db
-                .insert(b"__probe", Utc::now().to_rfc3339().as_bytes())
-                .is_ok()
+        self.write_state().is_ok()
+    }
+
+    /// `Err` with what failed while the store's last journal append, sync or flush failed (a
+    /// full or broken disk), or while writes are made to fail (tests).
+    pub fn write_state(&self) -> Result<(), String> {
+        if self.fail_writes.load(Ordering::Relaxed) {
+            return Err("writes are failing (injected)".into());
+        }
+        self.health.state()
+    }
+
+    /// What the replay of a left-over webhook journal found at open (`None`: no journal).
+    pub fn journal_report(&self) -> Option<ReplayReport> {
+        self.journal.as_ref().map(|j| j.report.clone())
     }
 
     /// A temporary store for tests and the demo (removed when dropped).
@@ -150,13 +187,15 @@ impl Store {
 
     pub fn integration(&self, name: &IntegrationName) -> Result<IntegrationStore, StoreError> {
         let t = |kind: &str| self.db.open_tree(format!("{name}/{kind}"));
+        let (queue, dead) = (t("queue")?, t("dead")?);
         Ok(IntegrationStore {
+            counts: self.counters.of(name.as_str(), &queue, &dead),
             name: name.to_string(),
             users: t("users")?,
             runs: t("runs")?,
             meta: t("meta")?,
-            queue: t("queue")?,
-            dead: t("dead")?,
+            queue,
+            dead,
             subs: t("subs")?,
             delta: t("delta")?,
             members: t("members")?,
@@ -207,6 +246,8 @@ pub struct IntegrationStore {
     commit: Arc<commit::GroupCommit>,
     journal: Option<Arc<journal::Journal>>,
     fail_writes: Arc<AtomicBool>,
+    /// This integration's queue sizes (shared by all its handles and the journal writer).
+    counts: Arc<health::QueueCounts>,
 }
 
 fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {

@@ -161,7 +161,8 @@ impl IntegrationStore {
         let mut ids = Vec::with_capacity(items.len());
         for bytes in encoded {
             let id = self.db.generate_id()?;
-            self.queue.insert(key(id), bytes)?;
+            let old = self.queue.insert(key(id), bytes)?;
+            self.counts.inserted(&old);
             ids.push(id);
         }
         Ok(ids)
@@ -199,19 +200,19 @@ impl IntegrationStore {
         self.queue.len()
     }
 
-    /// Removes applied items.
+    /// Removes applied items (one remove each, so the in-memory count knows which existed).
     pub fn dequeue(&self, ids: &[u64]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
         for id in ids {
-            batch.remove(&key(*id));
+            let old = self.queue.remove(key(*id))?;
+            self.counts.removed(&old);
         }
-        self.queue.apply_batch(batch)?;
         Ok(())
     }
 
     /// Rewrites an item (after a failed attempt).
     pub fn requeue(&self, id: u64, item: &QueueItem) -> Result<(), StoreError> {
-        self.queue.insert(key(id), encode(item)?)?;
+        let old = self.queue.insert(key(id), encode(item)?)?;
+        self.counts.inserted(&old);
         Ok(())
     }
 
@@ -219,8 +220,13 @@ impl IntegrationStore {
     pub fn bury(&self, id: u64, item: &QueueItem) -> Result<(), StoreError> {
         let mut dead = item.clone();
         dead.dead_at = Some(Utc::now());
-        self.dead.insert(key(id), encode(&dead)?)?;
-        self.queue.remove(key(id))?;
+        if self.dead.insert(key(id), encode(&dead)?)?.is_none() {
+            self.counts
+                .dead
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let old = self.queue.remove(key(id))?;
+        self.counts.removed(&old);
         Ok(())
     }
 
@@ -287,7 +293,11 @@ impl IntegrationStore {
             it.missing_since = None;
             it.allow_mass_deactivation = allow_mass_deactivation;
             self.enqueue(&[it])?;
-            self.dead.remove(key(id))?;
+            if self.dead.remove(key(id))?.is_some() {
+                self.counts
+                    .dead
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
             moved += 1;
         }
         Ok(moved)

@@ -54,6 +54,8 @@ impl ScimTarget {
         timeout: Duration,
     ) -> Result<Self, TargetError> {
         let http = reqwest::Client::builder()
+            // A redirect would re-send the token and user data elsewhere: an error instead.
+            .redirect(crate::retry::no_redirects())
             .connect_timeout(Duration::from_secs(10))
             .timeout(timeout)
             .user_agent(concat!("rostersync/", env!("CARGO_PKG_VERSION")))
@@ -163,14 +165,14 @@ impl ScimTarget {
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) => {
-                    if idempotent && attempt < self.retry.max_attempts {
+                    if idempotent && attempt < self.retry.max_attempts && !e.is_redirect() {
                         tracing::warn!(attempt, method = mname, path = path_and_query, error = %e, "LMS request failed; retrying");
                         tokio::time::sleep(self.retry.delay(attempt, None)).await;
                         continue;
                     }
                     return Err(TargetError::Transport {
                         url: self.base.clone(),
-                        message: e.to_string(),
+                        message: crate::retry::transport_message(&e),
                     });
                 }
             };
@@ -438,11 +440,7 @@ impl ScimTarget {
         attr: &'static str,
         value: &str,
     ) -> Result<Option<TargetUser>, TargetError> {
-        // Values are JSON strings (RFC 7644 §3.4.2.2): the serializer escapes quotes and
-        // backslashes; the whole filter is then percent-encoded with %20 for spaces.
-        let literal = serde_json::to_string(value).unwrap_or_default();
-        let filter = format!("{attr} eq {literal}");
-        let path = format!("/Users?filter={}", query_encode(&filter));
+        let path = eq_filter_path(attr, value);
         let (status, _, body) = self.send(reqwest::Method::GET, &path, None, true).await?;
         if status != 200 {
             return Err(self.error("GET", &format!("/Users?filter={attr} eq …"), status, &body));
@@ -737,6 +735,15 @@ fn lenient_bool(v: Option<&Value>) -> Option<bool> {
 
 /// A query value: everything but RFC 3986 unreserved characters is percent-encoded, so a
 /// space is `%20`, never `+` (scim.md §3).
+/// `/Users?filter=<attr> eq "<value>"`. Values are JSON strings (RFC 7644 §3.4.2.2): the
+/// serializer escapes quotes and backslashes; the whole filter is then percent-encoded with
+/// %20 for spaces.
+pub(crate) fn eq_filter_path(attr: &str, value: &str) -> String {
+    let literal = serde_json::to_string(value).unwrap_or_default();
+    let filter = format!("{attr} eq {literal}");
+    format!("/Users?filter={}", query_encode(&filter))
+}
+
 fn query_encode(s: &str) -> String {
     crate::graph::urlencode(s)
 }

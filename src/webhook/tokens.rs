@@ -11,8 +11,9 @@
 //!   (`jwk`, `jku`, `x5u`, `x5c`) are ignored;
 //! - `exp` and `nbf` are present and hold with [`LEEWAY_SECS`] of clock skew;
 //! - `aud` is one of our client ids;
-//! - `ver` is `1.0` with `iss` = `https://sts.windows.net/{tenant}/`, or `2.0` with
-//!   `iss` = `https://login.microsoftonline.com/{tenant}/v2.0`;
+//! - `ver` is `1.0` or `2.0`, and `iss` is an issuer of that version of the configured
+//!   [`Cloud`] for our tenant (e.g. `https://sts.windows.net/{tenant}/` and
+//!   `https://login.microsoftonline.com/{tenant}/v2.0` in the global cloud);
 //! - `tid` is our tenant (GUIDs compared case-insensitively);
 //! - the publisher (`appid` for `ver` 1.0, `azp` for 2.0) is Microsoft Graph Change Tracking,
 //!   [`GRAPH_CHANGE_TRACKING_APP_ID`].
@@ -55,6 +56,70 @@ pub struct TokenExpectation {
     pub client_ids: Vec<String>,
     /// Our Entra ID tenant id (GUID); `tid` and the issuer must name it.
     pub tenant_id: String,
+    /// The cloud whose issuers are accepted.
+    pub cloud: Cloud,
+}
+
+/// The Microsoft cloud an integration signs in to, told by the host of its `login_url`. It
+/// pins where validation-token signing keys come from and which issuers are accepted
+/// (Microsoft identity platform: national clouds, token issuers by cloud and version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cloud {
+    /// `login.microsoftonline.com`.
+    Global,
+    /// Azure Government (`login.microsoftonline.us`; GCC High and DoD).
+    UsGovernment,
+    /// Microsoft Azure operated by 21Vianet (`login.chinacloudapi.cn`).
+    China,
+    /// Any other host (a simulator, a test server): keys from `{login_url}/common/discovery/
+    /// v2.0/keys`, issuers `https://sts.windows.net/{tenant}/` (v1) and
+    /// `{login_url}/{tenant}/v2.0` (v2). Not pinned; `serve` says so at start.
+    Other(Url),
+}
+
+impl Cloud {
+    pub fn from_login_url(login: &Url) -> Cloud {
+        match login.host_str().map(|h| h.to_ascii_lowercase()).as_deref() {
+            Some("login.microsoftonline.com") | Some("login.windows.net") => Cloud::Global,
+            Some("login.microsoftonline.us") => Cloud::UsGovernment,
+            Some("login.chinacloudapi.cn") | Some("login.partner.microsoftonline.cn") => {
+                Cloud::China
+            }
+            _ => Cloud::Other(login.clone()),
+        }
+    }
+
+    /// Whether the key set and issuers are Microsoft's fixed ones for this cloud.
+    pub fn pinned(&self) -> bool {
+        !matches!(self, Cloud::Other(_))
+    }
+
+    fn login_root(&self) -> String {
+        match self {
+            Cloud::Global => "https://login.microsoftonline.com".into(),
+            Cloud::UsGovernment => "https://login.microsoftonline.us".into(),
+            Cloud::China => "https://login.chinacloudapi.cn".into(),
+            Cloud::Other(u) => u.as_str().trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// The key set (JWKS) that signs this cloud's tokens.
+    pub fn keys_url(&self) -> Result<Url, url::ParseError> {
+        Url::parse(&format!("{}/common/discovery/v2.0/keys", self.login_root()))
+    }
+
+    /// The issuers accepted for a token of version `ver` from `tenant`.
+    fn issuers(&self, ver: &str, tenant: &str) -> Vec<String> {
+        match (ver, self) {
+            ("1.0", Cloud::China) => vec![format!("https://sts.chinacloudapi.cn/{tenant}/")],
+            ("1.0", _) => vec![format!("https://sts.windows.net/{tenant}/")],
+            (_, Cloud::China) => vec![
+                format!("https://login.partner.microsoftonline.cn/{tenant}/v2.0"),
+                format!("https://login.chinacloudapi.cn/{tenant}/v2.0"),
+            ],
+            (_, cloud) => vec![format!("{}/{tenant}/v2.0", cloud.login_root())],
+        }
+    }
 }
 
 /// Why a batch of validation tokens was rejected. Messages never include a token.
@@ -172,6 +237,24 @@ impl JwksCache {
                 refresh: tokio::sync::Mutex::new(RefreshState::default()),
             }),
         }
+    }
+
+    /// A cache that already holds `keys` and will not fetch (for fuzzing: no network).
+    #[cfg(test)]
+    pub(crate) fn preloaded(keys: HashMap<String, DecodingKey>) -> Self {
+        let url = Url::parse("http://127.0.0.1:9/common/discovery/v2.0/keys").expect("url");
+        let cache = Self::with_timings(
+            reqwest::Client::new(),
+            url,
+            KEYS_TTL,
+            Duration::from_secs(24 * 3600),
+        );
+        *cache.inner.keys.write().unwrap() = Some(KeySet {
+            keys: Arc::new(keys),
+            fetched_at: Instant::now(),
+        });
+        cache.inner.refresh.try_lock().unwrap().last_attempt = Some(Instant::now());
+        cache
     }
 
     /// Checks every token of a notification's `validationTokens` against `expect`; the first
@@ -442,17 +525,9 @@ fn check_claims(claims: &Claims, expect: &TokenExpectation) -> Result<(), TokenE
     }
     let missing = |claim: &str| TokenError::MissingClaim(claim.to_string());
     let ver = claims.ver.as_deref().ok_or_else(|| missing("ver"))?;
-    let (expected_issuer, publisher_claim, publisher) = match ver {
-        "1.0" => (
-            format!("https://sts.windows.net/{tenant}/"),
-            "appid",
-            claims.appid.as_deref(),
-        ),
-        "2.0" => (
-            format!("https://login.microsoftonline.com/{tenant}/v2.0"),
-            "azp",
-            claims.azp.as_deref(),
-        ),
+    let (publisher_claim, publisher) = match ver {
+        "1.0" => ("appid", claims.appid.as_deref()),
+        "2.0" => ("azp", claims.azp.as_deref()),
         other => {
             return Err(TokenError::UnsupportedVersion {
                 ver: sanitize(other, 16),
@@ -460,7 +535,12 @@ fn check_claims(claims: &Claims, expect: &TokenExpectation) -> Result<(), TokenE
         }
     };
     let iss = claims.iss.as_deref().ok_or_else(|| missing("iss"))?;
-    if !iss.eq_ignore_ascii_case(&expected_issuer) {
+    if !expect
+        .cloud
+        .issuers(ver, tenant)
+        .iter()
+        .any(|i| iss.eq_ignore_ascii_case(i))
+    {
         return Err(TokenError::Issuer);
     }
     let tid = claims.tid.as_deref().ok_or_else(|| missing("tid"))?;
@@ -653,6 +733,7 @@ mod tests {
         TokenExpectation {
             client_ids: vec![CLIENT_ID.to_string()],
             tenant_id: TENANT.to_string(),
+            cloud: Cloud::Global,
         }
     }
 
@@ -767,6 +848,7 @@ mod tests {
         let expect = TokenExpectation {
             client_ids: vec![CLIENT_ID.into(), OTHER_CLIENT_ID.into()],
             tenant_id: TENANT.into(),
+            cloud: Cloud::Global,
         };
         cache.verify(&[token], &expect).await.unwrap();
     }
@@ -860,6 +942,7 @@ mod tests {
         let expect = TokenExpectation {
             client_ids: vec![],
             tenant_id: TENANT.into(),
+            cloud: Cloud::Global,
         };
         let err = cache
             .verify(&[sign(&claims_v2())], &expect)
@@ -886,6 +969,7 @@ mod tests {
         let expect = TokenExpectation {
             client_ids: vec![CLIENT_ID.into()],
             tenant_id: " ".into(),
+            cloud: Cloud::Global,
         };
         assert_eq!(
             cache.verify(&[empty], &expect).await,
@@ -915,6 +999,93 @@ mod tests {
             json!({"iss": format!("https://login.example.com/{TENANT}/v2.0")}),
         ));
         assert_eq!(rejected(&cache, &[elsewhere]).await, TokenError::Issuer);
+    }
+
+    /// Each cloud accepts its own issuers and none of another cloud's; the key set is pinned to
+    /// the cloud's login host.
+    #[tokio::test]
+    async fn issuers_and_keys_are_pinned_per_cloud() {
+        let server = signing_server().await;
+        let cache = server.cache();
+        let v1 = |host: &str| {
+            sign(&with(
+                claims_v1(),
+                json!({"iss": format!("https://{host}/{TENANT}/")}),
+            ))
+        };
+        let v2 = |host: &str| {
+            sign(&with(
+                claims_v2(),
+                json!({"iss": format!("https://{host}/{TENANT}/v2.0")}),
+            ))
+        };
+        let cases = [
+            (
+                "https://login.microsoftonline.com",
+                Cloud::Global,
+                vec![v1("sts.windows.net"), v2("login.microsoftonline.com")],
+            ),
+            (
+                "https://login.microsoftonline.us/",
+                Cloud::UsGovernment,
+                vec![v1("sts.windows.net"), v2("login.microsoftonline.us")],
+            ),
+            (
+                "https://login.chinacloudapi.cn",
+                Cloud::China,
+                vec![
+                    v1("sts.chinacloudapi.cn"),
+                    v2("login.partner.microsoftonline.cn"),
+                    v2("login.chinacloudapi.cn"),
+                ],
+            ),
+        ];
+        let all: Vec<String> = cases.iter().flat_map(|c| c.2.clone()).collect();
+        for (login, cloud, good) in &cases {
+            let login = Url::parse(login).unwrap();
+            assert_eq!(&Cloud::from_login_url(&login), cloud);
+            assert!(cloud.pinned());
+            assert_eq!(
+                cloud.keys_url().unwrap().as_str(),
+                format!(
+                    "{}common/discovery/v2.0/keys",
+                    login.as_str().trim_end_matches('/').to_string() + "/"
+                )
+            );
+            let expect = TokenExpectation {
+                cloud: cloud.clone(),
+                ..expectation()
+            };
+            for t in &all {
+                let ok = cache.verify(std::slice::from_ref(t), &expect).await;
+                if good.contains(t) {
+                    ok.unwrap();
+                } else {
+                    assert_eq!(ok, Err(TokenError::Issuer), "{cloud:?}");
+                }
+            }
+        }
+        let sim = Url::parse("http://127.0.0.1:9/").unwrap();
+        let other = Cloud::from_login_url(&sim);
+        assert!(!other.pinned());
+        assert_eq!(
+            other.keys_url().unwrap().as_str(),
+            "http://127.0.0.1:9/common/discovery/v2.0/keys"
+        );
+        let expect = TokenExpectation {
+            cloud: other,
+            ..expectation()
+        };
+        cache
+            .verify(&[v1("sts.windows.net")], &expect)
+            .await
+            .unwrap();
+        assert_eq!(
+            cache
+                .verify(&[v2("login.microsoftonline.com")], &expect)
+                .await,
+            Err(TokenError::Issuer)
+        );
     }
 
     #[tokio::test]
