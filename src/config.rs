@@ -167,6 +167,8 @@ struct RawIntegration {
     max_deactivations: toml::Value,
     /// The window `max_deactivations` holds over, e.g. "24h".
     guard_window: Option<String>,
+    /// How often a reconcile reads every member's manager instead of tracking them, e.g. "7d".
+    verify_managers_every: Option<String>,
     #[serde(default = "yes")]
     link_existing: bool,
     #[serde(default)]
@@ -509,6 +511,8 @@ pub struct IntegrationConfig {
     pub max_deactivations: DeactivationLimit,
     /// The rolling window over which `max_deactivations` holds, shared by every path.
     pub guard_window: chrono::Duration,
+    /// How often a reconcile reads every member's manager (`sync::managers`).
+    pub verify_managers_every: chrono::Duration,
     pub link_existing: bool,
     /// Concurrent Graph requests (manager batches) during a reconcile.
     pub graph_concurrency: usize,
@@ -719,6 +723,10 @@ impl Config {
                 None => chrono::Duration::hours(24),
                 Some(w) => parse_window(w).map_err(|m| invalid(k("guard_window"), m))?,
             };
+            let verify_managers_every = match ri.verify_managers_every.as_deref() {
+                None => chrono::Duration::days(7),
+                Some(w) => parse_window(w).map_err(|m| invalid(k("verify_managers_every"), m))?,
+            };
             let credential =
                 resolve_credential(&ri, &k, base, std::env::var_os(FEDERATED_TOKEN_FILE_ENV))?;
             let graph_concurrency = ri.graph_concurrency.unwrap_or(4);
@@ -826,6 +834,7 @@ impl Config {
                 graph_url,
                 max_deactivations,
                 guard_window,
+                verify_managers_every,
                 link_existing: ri.link_existing,
                 graph_concurrency,
                 target: TargetConfig {

@@ -73,6 +73,10 @@ enum Cmd {
         /// Also read every LMS user and repair changes made by hand in the LMS.
         #[arg(long)]
         deep: bool,
+        /// Read every member's manager from Graph (as every `verify_managers_every`) instead of
+        /// tracking managers with the users delta.
+        #[arg(long)]
+        verify_managers: bool,
     },
     /// Syncs one user now and prints why: scope (which group, directly or nested), match,
     /// mapped values, the planned change and the LMS's answer. Exit 0 ok, 2 the user failed,
@@ -422,6 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             allow_mass_deactivation,
             deep,
+            verify_managers,
         } => {
             let tty = std::io::stderr().is_terminal() && !json;
             init_logging(&cli, tty);
@@ -435,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 dry_run: *dry_run,
                 allow_mass_deactivation: *allow_mass_deactivation,
                 deep: *deep,
+                verify_managers: *verify_managers,
             };
             let mut reports = Vec::new();
             for cfg in config.select(integration.as_deref())? {

@@ -211,3 +211,143 @@ mod tests {
         assert_eq!(kind_of(None), MemberKind::User);
     }
 }
+
+/// One user of a users delta round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UserChange {
+    pub id: String,
+    /// `Some(reason)` when the user was removed (`changed`: soft-deleted; `deleted`: gone).
+    pub removed: Option<String>,
+    /// The manager as the round tells it: `None` untold, `Some(None)` removed, `Some(Some(id))`
+    /// set to that user.
+    pub manager: Option<Option<String>>,
+    /// The selected properties the round carries (`@odata` annotations and `manager@delta`
+    /// left out).
+    pub props: serde_json::Map<String, Value>,
+}
+
+/// The result of following a users delta round to its end.
+#[derive(Debug)]
+pub enum UsersRound {
+    Changes {
+        users: Vec<UserChange>,
+        delta_link: String,
+    },
+    /// The link expired (410, `syncStateNotFound`): start again.
+    Expired(String),
+}
+
+impl GraphClient {
+    /// The first URL of a users delta round that tracks `select` and the manager.
+    pub fn users_delta_url(&self, select: &[String]) -> String {
+        let mut sel: Vec<&str> = select.iter().map(String::as_str).collect();
+        if !sel.contains(&"manager") {
+            sel.push("manager");
+        }
+        format!("{}/users/delta?$select={}", self.api_root, sel.join(","))
+    }
+
+    /// A users delta link for "now" (`$deltatoken=latest`): what changes after this instant.
+    pub async fn users_delta_latest(&self, select: &[String]) -> Result<String, GraphError> {
+        let url = format!("{}&$deltatoken=latest", self.users_delta_url(select));
+        match self.users_delta(&url).await? {
+            UsersRound::Changes { delta_link, .. } => Ok(delta_link),
+            UsersRound::Expired(why) => Err(GraphError::Decode {
+                what: "Graph users delta".into(),
+                message: format!("a fresh `latest` round was refused: {why}"),
+            }),
+        }
+    }
+
+    /// Follows a users delta round from `start` (a fresh URL or a stored deltaLink).
+    pub async fn users_delta(&self, start: &str) -> Result<UsersRound, GraphError> {
+        let mut users = Vec::new();
+        let mut next = start.to_string();
+        let decode = |m: String| GraphError::Decode {
+            what: "Graph users delta".into(),
+            message: m,
+        };
+        for _ in 0..MAX_PAGES {
+            if !next.starts_with(&self.api_root) {
+                return Err(decode(format!(
+                    "refusing to follow a link outside {}",
+                    self.api_root
+                )));
+            }
+            let (status, _headers, body) = self.send_raw("GET", &next, None).await?;
+            if status == 410 {
+                return Ok(UsersRound::Expired("410 Gone".into()));
+            }
+            if !(200..300).contains(&status) {
+                let e = self.api_error("GET", &next, status, &body);
+                if let GraphError::Api { code, .. } = &e {
+                    let c = code.to_ascii_lowercase();
+                    if c.contains("syncstatenotfound") || c.contains("resyncrequired") {
+                        return Ok(UsersRound::Expired(code.clone()));
+                    }
+                }
+                return Err(e);
+            }
+            let mut v: Value = serde_json::from_slice(&body).map_err(|e| decode(e.to_string()))?;
+            let items = match v.get_mut("value").map(Value::take) {
+                Some(Value::Array(a)) => a,
+                _ => return Err(decode("the page has no `value` array".into())),
+            };
+            for item in items {
+                let Value::Object(mut m) = item else { continue };
+                let Some(id) = m
+                    .get("id")
+                    .and_then(|x| x.as_str())
+                    .filter(|s| !s.is_empty() && s.len() <= 128)
+                    .map(str::to_string)
+                else {
+                    continue;
+                };
+                let removed = m.remove("@removed").map(|r| {
+                    r.get("reason")
+                        .and_then(|x| x.as_str())
+                        .unwrap_or("deleted")
+                        .to_string()
+                });
+                let manager = m.remove("manager@delta").map(|d| {
+                    let entries: Vec<&Value> = match &d {
+                        Value::Array(a) => a.iter().collect(),
+                        Value::Object(_) => vec![&d],
+                        _ => Vec::new(),
+                    };
+                    // The last entry wins; a removal entry names the old manager.
+                    entries.last().and_then(|e| {
+                        if e.get("@removed").is_some_and(|r| !r.is_null()) {
+                            None
+                        } else {
+                            e.get("id").and_then(|x| x.as_str()).map(str::to_string)
+                        }
+                    })
+                });
+                m.retain(|k, _| !k.starts_with('@') && !k.contains("@odata") && k != "manager");
+                users.push(UserChange {
+                    id,
+                    removed,
+                    manager,
+                    props: m,
+                });
+            }
+            let link = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+            match (link("@odata.nextLink"), link("@odata.deltaLink")) {
+                (Some(n), _) => next = n,
+                (None, Some(d)) => {
+                    return Ok(UsersRound::Changes {
+                        users,
+                        delta_link: d,
+                    })
+                }
+                (None, None) => {
+                    return Err(decode(
+                        "a page has neither @odata.nextLink nor @odata.deltaLink".into(),
+                    ))
+                }
+            }
+        }
+        Err(decode(format!("more than {MAX_PAGES} pages in one round")))
+    }
+}

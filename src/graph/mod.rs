@@ -1010,6 +1010,50 @@ impl GraphClient {
         }
     }
 
+    /// Reads up to any number of users by id in `$batch`es of [`BATCH_LIMIT`]; a user that is
+    /// gone maps to `None`.
+    pub async fn users_by_id(
+        &self,
+        ids: &[String],
+        select: &[String],
+    ) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH_LIMIT) {
+            let requests = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    BatchRequest::get(
+                        i.to_string(),
+                        format!("/users/{}?$select={}", urlencode(id), select.join(",")),
+                    )
+                })
+                .collect();
+            let mut answers = self.batch(requests).await?;
+            for (i, uid) in chunk.iter().enumerate() {
+                let (status, body) = answers.remove(&i.to_string()).unwrap_or((0, Value::Null));
+                let u = match status {
+                    200 => Some(GraphUser::from_value(body).map_err(|m| GraphError::Decode {
+                        what: "Graph user".into(),
+                        message: m,
+                    })?),
+                    404 => None,
+                    other => {
+                        let body = serde_json::to_vec(&body).unwrap_or_default();
+                        return Err(self.api_error(
+                            "GET",
+                            &format!("{}/users/{uid}", self.api_root),
+                            other,
+                            &body,
+                        ));
+                    }
+                };
+                out.insert(uid.clone(), u);
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads users afresh to confirm a deactivation: each user (`None`: 404, gone), its manager,
     /// and which of `groups` it is a transitive member of (`checkMemberGroups`), in `$batch`es.
     /// A user whose reads failed carries the error; the others are still answered.

@@ -205,6 +205,7 @@ impl Store {
             trace_skips: t("trace_skips")?,
             intents: t("intents")?,
             guard: t("guard")?,
+            people: t("people")?,
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
             journal: self.journal.clone(),
@@ -242,6 +243,8 @@ pub struct IntegrationStore {
     intents: sled::Tree,
     /// Deactivations written, by time (`store::guard`).
     guard: sled::Tree,
+    /// Managers' selected properties as Graph last told them (`sync::managers`).
+    people: sled::Tree,
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
     journal: Option<Arc<journal::Journal>>,
@@ -540,6 +543,39 @@ impl IntegrationStore {
     pub fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
         self.meta.insert(key.as_bytes(), encode(v)?)?;
         Ok(())
+    }
+
+    /// A manager's properties as last read from Graph (the manager `$select`).
+    pub fn person(
+        &self,
+        entra_id: &str,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, StoreError> {
+        match self.people.get(entra_id.as_bytes())? {
+            Some(v) => Ok(Some(decode(
+                &format!("{}/people", self.name),
+                entra_id.as_bytes(),
+                &v,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_person(
+        &self,
+        entra_id: &str,
+        props: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        self.people.insert(entra_id.as_bytes(), encode(props)?)?;
+        Ok(())
+    }
+
+    pub fn remove_person(&self, entra_id: &str) -> Result<(), StoreError> {
+        self.people.remove(entra_id.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn is_person(&self, entra_id: &str) -> Result<bool, StoreError> {
+        Ok(self.people.contains_key(entra_id.as_bytes())?)
     }
 
     pub fn remove_meta(&self, key: &str) -> Result<(), StoreError> {

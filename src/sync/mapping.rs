@@ -229,7 +229,8 @@ pub struct Desired {
     pub entra_id: String,
     pub user_name: String,
     pub record: Record,
-    /// Entra id of the manager, when the user has one.
+    /// Entra id of the manager, when the user has one (whether or not `enterprise.manager`
+    /// is linked: see [`Mapping::link_manager`]).
     pub manager_entra_id: Option<String>,
     /// Keys whose source was empty under the `keep` policy: the target's value stays.
     pub keep: BTreeSet<String>,
@@ -556,16 +557,13 @@ impl Mapping {
                 None => {}
             }
         }
-        let manager_entra_id = manager.map(|m| m.id.clone());
         Ok(Desired {
             entra_id: user.id.clone(),
             user_name,
             record,
-            manager_entra_id: if self.link_manager {
-                manager_entra_id
-            } else {
-                None
-            },
+            // Known whenever the manager was read (also without `manager.value`): the index
+            // finds a manager's reports by it.
+            manager_entra_id: manager.map(|m| m.id.clone()),
             keep,
         })
     }

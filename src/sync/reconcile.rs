@@ -30,7 +30,7 @@ use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
 use super::trace::{self, Match, OutOfScope, Pending, Scope, Source, Trace, Via};
 use crate::config::IntegrationConfig;
 use crate::graph::models::{GraphGroup, GraphUser};
-use crate::graph::{GraphClient, GraphError, BATCH_LIMIT};
+use crate::graph::{GraphClient, GraphError};
 use crate::store::intents::{Intent, IntentId};
 use crate::store::writer::{BackgroundWriter, Written};
 use crate::store::{new_run_id, IndexEntry, IntegrationStore, StoreError};
@@ -51,6 +51,9 @@ pub struct RunOptions {
     pub allow_mass_deactivation: bool,
     /// Also read every LMS user and repair drift made by hand (changed or deleted users).
     pub deep: bool,
+    /// Read every member's manager from Graph instead of tracking managers with the users
+    /// delta (`sync::managers`); also done every `verify_managers_every`.
+    pub verify_managers: bool,
 }
 
 /// Progress events for a terminal display.
@@ -141,6 +144,15 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Source(String),
+}
+
+impl From<super::managers::ManagersError> for RunError {
+    fn from(e: super::managers::ManagersError) -> Self {
+        match e {
+            super::managers::ManagersError::Graph(g) => RunError::Graph(g),
+            super::managers::ManagersError::Store(s) => RunError::Store(s),
+        }
+    }
 }
 
 struct Run<'a, 'c, T: Target> {
@@ -582,6 +594,26 @@ impl<T: Target> Run<'_, '_, T> {
 
         let user_select = cfg.mapping.user_select();
         let manager_select = cfg.mapping.manager_select();
+        let manager_plan = match &manager_select {
+            Some(sel) => Some(
+                super::managers::prepare(
+                    self.ctx.graph,
+                    self.ctx.store,
+                    sel,
+                    self.opts.verify_managers,
+                    cfg.verify_managers_every,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        if let Some(p) = &manager_plan {
+            if matches!(p.mode, super::managers::Mode::Verify) {
+                self.report
+                    .notes
+                    .push("every member's manager was read from Graph (a verification run)".into());
+            }
+        }
 
         // Graph reads run ahead of the LMS writes by up to two pages.
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
@@ -597,6 +629,7 @@ impl<T: Target> Run<'_, '_, T> {
                     managed: self.managed.clone(),
                     store: self.ctx.store.clone(),
                     actual: self.actual.clone(),
+                    managers: manager_plan.as_ref().map(|p| p.mode.clone()),
                 },
                 tx,
             )
@@ -670,6 +703,9 @@ impl<T: Target> Run<'_, '_, T> {
                     .put_meta(&format!("group_name/{}", g.id), &g.name)?;
             }
             self.rebuild_mirror().await?;
+            if let Some(p) = &manager_plan {
+                super::managers::finish(self.ctx.store, p)?;
+            }
             self.ctx.store.flush()?;
         }
         Ok(())
@@ -1721,16 +1757,24 @@ fn lookup(
     managed: &BTreeSet<String>,
     entra_id: &str,
 ) -> Result<Option<IndexEntry>, StoreError> {
-    let Some(mut e) = store.get_user(entra_id)? else {
-        return Ok(None);
-    };
+    Ok(cut(store.get_user(entra_id)?, actual, managed, entra_id))
+}
+
+/// [`lookup`] of an entry already read.
+fn cut(
+    entry: Option<IndexEntry>,
+    actual: &HashMap<String, Option<Record>>,
+    managed: &BTreeSet<String>,
+    entra_id: &str,
+) -> Option<IndexEntry> {
+    let mut e = entry?;
     match actual.get(entra_id) {
-        Some(None) => return Ok(None),
+        Some(None) => return None,
         Some(Some(r)) => e.record = r.clone(),
         None => {}
     }
     e.record.retain(|k, _| managed.contains(k));
-    Ok(Some(e))
+    Some(e)
 }
 
 /// What the Graph reader hands to the planner.
@@ -1764,6 +1808,8 @@ struct FeedSpec {
     store: IntegrationStore,
     /// Deep runs: what the LMS really holds where it differs from the index.
     actual: HashMap<String, Option<Record>>,
+    /// How managers are learnt (with `manager_select`).
+    managers: Option<super::managers::Mode>,
 }
 
 async fn feed_members(
@@ -1780,8 +1826,11 @@ async fn feed_members(
         managed,
         store,
         actual,
+        managers: manager_mode,
     } = spec;
     let mut seen: HashSet<String> = HashSet::new();
+    // Managers read or looked up in this run (a manager has many reports).
+    let mut memo = HashMap::new();
     let result: Result<bool, RunError> = async {
         for group_id in &groups {
             let group = graph.group(group_id).await?;
@@ -1807,17 +1856,24 @@ async fn feed_members(
                     ));
                 }
                 let users: Vec<GraphUser> = page.users.into_iter().filter(|u| seen.insert(u.id.clone())).collect();
-                let managers = match &manager_select {
-                    Some(sel) => read_managers(&graph, &users, sel, concurrency).instrument(span.clone()).await?,
-                    None => HashMap::new(),
+                let entries = users
+                    .iter()
+                    .map(|u| store.get_user(&u.id))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let managers = match (&manager_select, &manager_mode) {
+                    (Some(sel), Some(mode)) => {
+                        let from = super::managers::Lookup { graph: &graph, store: &store, mode, select: sel, concurrency };
+                        from.page(&users, &entries, &mut memo).instrument(span.clone()).await?
+                    }
+                    _ => HashMap::new(),
                 };
                 let mut mapped = Vec::with_capacity(users.len());
-                for u in users {
+                for (u, entry) in users.into_iter().zip(entries) {
                     let mgr = managers.get(&u.id).and_then(|m| m.as_ref());
                     let d = match mapping.apply(&u, mgr) {
                         Ok(mut d) => {
                             d.record.retain(|k, _| managed.contains(k));
-                            let existing = lookup(&store, &actual, &managed, &u.id)?;
+                            let existing = cut(entry, &actual, &managed, &u.id);
                             Ok((d, existing))
                         }
                         Err(f) => Err(f),
@@ -1850,26 +1906,4 @@ async fn feed_members(
             Err(RunError::Source(msg))
         }
     }
-}
-
-/// Managers of a page of users, in `$batch`es of 20 with bounded concurrency.
-async fn read_managers(
-    graph: &GraphClient,
-    users: &[GraphUser],
-    select: &[String],
-    concurrency: usize,
-) -> Result<HashMap<String, Option<GraphUser>>, GraphError> {
-    let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
-    let mut out = HashMap::with_capacity(ids.len());
-    // Collected first: a lazily mapped iterator here trips the compiler's Send check for
-    // the spawned reader task.
-    let calls: Vec<_> = ids
-        .chunks(BATCH_LIMIT)
-        .map(|c| graph.managers(c, select))
-        .collect();
-    let mut batches = stream::iter(calls).buffer_unordered(concurrency);
-    while let Some(r) = batches.next().await {
-        out.extend(r?);
-    }
-    Ok(out)
 }
