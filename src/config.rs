@@ -135,6 +135,8 @@ struct RawServer {
     max_body_kib: Option<usize>,
     worker_concurrency: Option<usize>,
     max_attempts: Option<u32>,
+    /// Full reconciles of different integrations run at once (CLI and serve).
+    reconcile_concurrency: Option<usize>,
     /// Bearer token for `/status` (and `/metrics` with `metrics_require_token`).
     admin_token: Option<RawSecret>,
     metrics_require_token: Option<bool>,
@@ -331,6 +333,8 @@ pub struct ServerConfig {
     pub worker_concurrency: usize,
     /// Attempts before a queued notification moves to the dead-letter tree.
     pub max_attempts: u32,
+    /// Full reconciles of different integrations at once (`reconcile` and `serve`).
+    pub reconcile_concurrency: usize,
     /// Bearer token `/status` requires (disabled without one), and `/metrics` too when
     /// `metrics_require_token`.
     pub admin_token: Option<SecretString>,
@@ -879,6 +883,13 @@ impl Config {
                 "must be between 1 and 64",
             ));
         }
+        let reconcile_concurrency = raw.server.reconcile_concurrency.unwrap_or(4);
+        if !(1..=64).contains(&reconcile_concurrency) {
+            return Err(invalid(
+                "server.reconcile_concurrency",
+                "must be between 1 and 64",
+            ));
+        }
         let max_attempts = raw.server.max_attempts.unwrap_or(8);
         if !(1..=100).contains(&max_attempts) {
             return Err(invalid("server.max_attempts", "must be between 1 and 100"));
@@ -928,6 +939,7 @@ impl Config {
                 max_body_bytes: max_body_kib * 1024,
                 worker_concurrency,
                 max_attempts,
+                reconcile_concurrency,
                 admin_token,
                 metrics_require_token,
                 allow_cleartext_admin: raw.server.allow_cleartext_admin.unwrap_or(false),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use rostersync::alert::Alerter;
 use rostersync::app::{CheckStatus, Integration};
 use rostersync::config::Config;
@@ -442,22 +443,34 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 deep: *deep,
                 verify_managers: *verify_managers,
             };
-            let mut reports = Vec::new();
-            for cfg in config.select(integration.as_deref())? {
-                let i = Arc::new(Integration::build(cfg, &store)?);
-                let (bar, progress) = if tty {
-                    let (b, f) = progress_bar();
-                    (Some(b), Some(f))
-                } else {
-                    (None, None)
-                };
-                let report = i
-                    .reconcile_task(opts, progress)
-                    .await
-                    .context("the reconcile task stopped")?;
-                if let Some(b) = bar {
-                    b.finish_and_clear();
-                }
+            // Integrations side by side (each paced by its own tenant and LMS), at most
+            // `server.reconcile_concurrency` at once; reports in configuration order.
+            let selected = config.select(integration.as_deref())?;
+            let single = selected.len() == 1;
+            let mut runs = Vec::with_capacity(selected.len());
+            for cfg in selected {
+                runs.push(Arc::new(Integration::build(cfg, &store)?));
+            }
+            let (bar, progress) = if tty && single {
+                let (b, f) = progress_bar();
+                (Some(b), Some(f))
+            } else {
+                (None, None)
+            };
+            let limit = config.server.reconcile_concurrency.max(1);
+            let results: Vec<_> = futures::stream::iter(runs.iter().map(|i| {
+                let progress = progress.clone();
+                async move { i.reconcile_task(opts, progress).await }
+            }))
+            .buffered(limit)
+            .collect()
+            .await;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            let mut reports = Vec::with_capacity(results.len());
+            for r in results {
+                let report = r.context("the reconcile task stopped")?;
                 if !json {
                     let max = if *dry_run { usize::MAX } else { 50 };
                     print!("{}", render_report(&report, max));

@@ -90,6 +90,9 @@ struct Live {
     health: Arc<IntegrationHealth>,
     /// The tenant GUID the webhook checks (resolved at start-up when `tenant_id` is a domain).
     tenant: TenantGuid,
+    /// Shared by every integration: at most `server.reconcile_concurrency` full reconciles
+    /// at once.
+    reconciles: Arc<tokio::sync::Semaphore>,
 }
 
 /// Whether `serve` may start with this server config: an admin token must not be asked for
@@ -133,6 +136,9 @@ pub async fn serve(
         }
     };
     let alerter = crate::alert::Alerter::new(&config, &store)?;
+    let reconciles = Arc::new(tokio::sync::Semaphore::new(
+        config.server.reconcile_concurrency.max(1),
+    ));
     let mut lives: Vec<Arc<Live>> = Vec::new();
     let mut hooks = HashMap::new();
     for cfg in &config.integrations {
@@ -170,6 +176,7 @@ pub async fn serve(
             wake,
             run_lock: Mutex::new(()),
             tenant,
+            reconciles: Arc::clone(&reconciles),
         }));
     }
     let stats = Arc::new(WebhookStats::default());
@@ -346,6 +353,10 @@ async fn integration_main(
         }
     };
     live.health.set_problem("startup", None);
+    // Start-up just got a token, reached the LMS and made the subscriptions.
+    live.health.set_problem("graph token", None);
+    live.health.set_problem("lms", None);
+    subscriptions_checked(&live);
     let tg = Arc::new(tg);
     set.spawn(worker_loop(
         Arc::clone(&live),
@@ -437,6 +448,8 @@ async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
 }
 
 async fn full_reconcile(live: &Live, public: &Url, reason: &str) {
+    // Other integrations' reconciles run beside this one, up to the shared limit.
+    let _permit = live.reconciles.acquire().await;
     tracing::info!(integration = %live.integ.cfg.name, %reason, "full reconcile");
     let report = live.integ.reconcile(RunOptions::default(), None).await;
     live.health.set_problem(
@@ -449,6 +462,7 @@ async fn full_reconcile(live: &Live, public: &Url, reason: &str) {
         if let Err(e) = subs::ensure(&live.integ, public, &live.client_state).await {
             tracing::error!(error = %e, "subscriptions for a changed group tree failed");
         }
+        subscriptions_checked(live);
     }
 }
 
@@ -529,6 +543,7 @@ async fn worker_loop(
                             {
                                 tracing::error!(error = %e, "subscriptions for a changed group tree failed");
                             }
+                            subscriptions_checked(&live);
                         }
                     }
                     Err(e) => {
@@ -605,6 +620,7 @@ async fn renew_loop(
         match subs::ensure(&live.integ, &public, &live.client_state).await {
             Ok(recreated) => {
                 live.health.set_problem("subscriptions", None);
+                subscriptions_checked(&live);
                 if recreated {
                     let _ = live.integ.store.enqueue(&[QueueItem::new(Hint::Reconcile {
                         reason: "a subscription was recreated".into(),
@@ -629,13 +645,19 @@ async fn health_loop(live: Arc<Live>, opts: ServeOptions, mut stop: watch::Recei
             .set_problem("graph token", token.map(|e| e.to_string()));
         let target = live.integ.target.probe().await.err();
         live.health.set_problem("lms", target);
-        let subs = match subs::live(&live.integ) {
-            Ok(r) => r.err(),
-            Err(e) => Some(e.to_string()),
-        };
-        live.health.set_problem("subscriptions live", subs);
+        subscriptions_checked(&live);
         if sleep_or_stop(opts.health_interval, &mut stop).await {
             return;
         }
     }
+}
+
+/// The "subscriptions live" check, from the store now: called whenever subscriptions were made
+/// or renewed, so `/status` never lags the table it shows.
+fn subscriptions_checked(live: &Live) {
+    let subs = match subs::live(&live.integ) {
+        Ok(r) => r.err(),
+        Err(e) => Some(e.to_string()),
+    };
+    live.health.set_problem("subscriptions live", subs);
 }

@@ -63,8 +63,7 @@ pub struct Plan {
 /// Whether Graph refused the users delta as such (not a passing failure): the run then reads
 /// every manager, as when nothing is tracked.
 fn unsupported(e: &GraphError) -> bool {
-    matches!(e, GraphError::Decode { .. })
-        || matches!(e.status(), Some(400 | 404 | 405 | 501))
+    matches!(e, GraphError::Decode { .. }) || matches!(e.status(), Some(400 | 404 | 405 | 501))
 }
 
 #[derive(Debug, thiserror::Error)]
