@@ -467,6 +467,13 @@ impl<T: Target> Run<'_, '_, T> {
         real.retain(|k, _| self.managed.contains(k));
         let mut known = e.record;
         known.retain(|k, _| self.managed.contains(k));
+        // What the LMS does not keep as sent (it computes it) is not drift: taken as applied.
+        for k in self.managed.iter().filter(|k| !self.caps.keeps(k)) {
+            match known.get(k) {
+                Some(v) => real.insert(k.clone(), v.clone()),
+                None => real.remove(k),
+            };
+        }
         if real == known {
             return false;
         }
@@ -614,6 +621,8 @@ impl<T: Target> Run<'_, '_, T> {
 
         let deferred = std::mem::take(&mut self.deferred);
         self.settle_managers(deferred).await?;
+        // Fields the LMS could not take, and what was learned about it, in this run.
+        self.report.notes.extend(self.ctx.target.notes());
 
         if !self.opts.dry_run {
             for g in &self.report.groups {
@@ -1220,7 +1229,7 @@ async fn apply_one<T: Target>(
                     target_id: target_id.clone(),
                 },
             };
-            match ctx.target.update(&target_id, &c.changes).await {
+            match ctx.target.update(&target_id, &c.changes, &c.record).await {
                 Ok(()) => Ok(indexed()),
                 Err(TargetError::NotFound(_)) if c.action == Action::Deactivate => {
                     // Deleted in the LMS by hand: nothing left to deactivate.
@@ -1303,7 +1312,7 @@ async fn link<T: Target>(
     current.retain(|k, _| managed.contains(k));
     let changes = plan::diff(&current, &c.record);
     if !changes.is_empty() {
-        ctx.target.update(&u.id, &changes).await?;
+        ctx.target.update(&u.id, &changes, &c.record).await?;
     }
     tracing::info!(target_id = %u.id, changed = changes.len(), "linked existing LMS user");
     let matched = if by_user_name {

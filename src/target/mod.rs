@@ -1,11 +1,17 @@
 //! The LMS side: a small [`Target`] trait and its SCIM 2.0 implementation.
 //!
 //! The trait speaks the neutral record vocabulary of `sync::mapping` (keys such as
-//! `emails.work`); only `target::scim` knows SCIM JSON. Every operation is idempotent: the sync
-//! looks up by externalId before it creates, and deactivation is an update of `active`.
+//! `emails.work`); only `target::scim` knows SCIM JSON. Every operation is idempotent: a
+//! create that may have happened is looked up before anything is posted again, and
+//! deactivation is an update of `active`.
+//!
+//! What one LMS's SCIM server really takes is its [`dialect::Dialect`]: `target::scim` adapts
+//! its writes and lookups to it, so the sync never needs to know.
 
+pub mod dialect;
 pub mod scim;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 
 use crate::sync::mapping::{AttrChange, Record};
@@ -54,7 +60,7 @@ pub struct TargetUser {
     pub record: Record,
 }
 
-/// What the target can take, learnt from its discovery documents.
+/// What the target can take, learnt from its discovery documents and its dialect.
 #[derive(Clone, Debug, Default)]
 pub struct Capabilities {
     /// Whether the target served its schemas (otherwise core + enterprise are assumed).
@@ -62,8 +68,14 @@ pub struct Capabilities {
     pub enterprise: bool,
     /// Attribute names of the custom extension, when the target declares it.
     pub custom_attributes: Option<Vec<String>>,
+    /// Top-level core User attributes the target declares (lowercase), when it declares any.
+    pub core_attributes: Option<BTreeSet<String>>,
+    /// Core attributes the target declares `readOnly` (lowercase): never sent.
+    pub read_only: BTreeSet<String>,
     pub patch: bool,
     pub filter: bool,
+    /// The dialect in force when discovery ran.
+    pub dialect: dialect::Dialect,
     /// Human-readable notes from discovery (for `check`).
     pub notes: Vec<String>,
 }
@@ -80,7 +92,23 @@ impl Capabilities {
                 .as_ref()
                 .is_some_and(|a| a.iter().any(|n| n.eq_ignore_ascii_case(name)));
         }
-        true
+        let top = key.split('.').next().unwrap_or(key).to_ascii_lowercase();
+        if self.read_only.contains(&top) {
+            return false;
+        }
+        match &self.core_attributes {
+            // userName, externalId and active are rostersync's own: always sent.
+            Some(declared) if !matches!(top.as_str(), "username" | "externalid" | "active") => {
+                declared.contains(&top)
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether the LMS keeps what is written to `key`; `reconcile --deep` compares only
+    /// those (a value the LMS computes itself would otherwise be rewritten at every run).
+    pub fn keeps(&self, key: &str) -> bool {
+        !self.dialect.not_kept.contains(key)
     }
 }
 
@@ -102,11 +130,15 @@ pub trait Target: Send + Sync {
         &self,
         record: &Record,
     ) -> impl Future<Output = Result<Option<String>, TargetError>> + Send;
-    /// Applies attribute changes to an existing user; never called with no change.
+    /// Applies attribute changes to an existing user; never called with no change. `record`
+    /// is the user's complete desired record (managed keys): some LMSs take only whole lists
+    /// or whole resources. A change the LMS cannot take at all is left out with a warning (see
+    /// [`Target::notes`]), not an error.
     fn update(
         &self,
         id: &str,
         changes: &[AttrChange],
+        record: &Record,
     ) -> impl Future<Output = Result<(), TargetError>> + Send;
     /// One user by target id; `None` when it does not exist (404).
     fn get(&self, id: &str)
@@ -117,4 +149,9 @@ pub trait Target: Send + Sync {
         start: usize,
         count: usize,
     ) -> impl Future<Output = Result<(Vec<TargetUser>, usize), TargetError>> + Send;
+    /// Warnings gathered since the last call (e.g. a field this LMS never lets be cleared, or
+    /// something learned about its dialect), at most one per user and field per run.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
