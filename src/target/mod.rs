@@ -9,6 +9,7 @@
 //! its writes and lookups to it, so the sync never needs to know.
 
 pub mod dialect;
+pub mod probe;
 pub mod scim;
 
 use std::collections::BTreeSet;
