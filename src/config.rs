@@ -201,6 +201,7 @@ struct RawDialect {
     patch_ops: Option<Vec<String>>,
     put: Option<bool>,
     value_paths: Option<bool>,
+    replace_adds: Option<bool>,
     clear: Option<String>,
     filter: Option<Vec<String>>,
     user_name_unique: Option<String>,
@@ -219,6 +220,7 @@ impl RawDialect {
         let mut out = DialectSettings {
             put: self.put,
             value_paths: self.value_paths,
+            replace_adds: self.replace_adds,
             email_type: self.email_type,
             enterprise: self.enterprise,
             custom: self.custom,

@@ -217,6 +217,7 @@ async fn lifecycle(name: &str, d: SimDialect, probed: bool) {
     let l = env.lms_user(&adopted.id);
     assert_eq!(l["id"], hand_id.as_str(), "{name}: adopted, not duplicated");
     assert_converged(&env, &d, &HashSet::new());
+    println!("{name}: first sync notes: {:?}", r.notes);
     println!(
         "{name}: first sync: {} users created, {first_writes} writes ({posts} POST, {} PATCH, {} PUT, {} GET)",
         r.counts.created,
@@ -403,6 +404,11 @@ async fn replace_only() {
 }
 
 #[tokio::test]
+async fn replace_needs_add() {
+    lifecycle("replace-needs-add", SimDialect::replace_needs_add(), false).await;
+}
+
+#[tokio::test]
 async fn no_clear() {
     lifecycle("no-clear", SimDialect::no_clear(), false).await;
 }
@@ -459,6 +465,16 @@ async fn the_probe_learns_each_dialect() {
                 assert_eq!(dialect.clear, Clear::Null);
                 assert!(row(&p, "clear title").answer.contains("501"));
                 assert!(row(&p, "clear title").action.contains("replace null"));
+            }
+            "replace-needs-add" => {
+                assert!(!p.failed(), "{name}: {:#?}", p.rows);
+                assert!(!dialect.replace_adds);
+                let again = p
+                    .rows
+                    .iter()
+                    .find(|r| r.operation.contains("again"))
+                    .expect("a set-again row");
+                assert!(again.action.contains("with add"), "{again:?}");
             }
             "no-clear" => {
                 assert!(!p.failed(), "impossible clears are warnings: {:#?}", p.rows);

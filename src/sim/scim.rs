@@ -644,6 +644,7 @@ fn patch_user(
     let Some(rec) = st.users.get(id) else {
         return Err(ScimError::not_found(format!("User {id} not found")));
     };
+    inner.cfg.dialect.check_targets(&v, &rec.attrs)?;
     // Atomic (RFC 7644 §3.5.2): work on a copy, commit only if every op succeeded.
     let mut attrs = rec.attrs.clone();
     patch::apply_patch(&inner.reg, &mut attrs, &v, inner.opts())?;

@@ -148,6 +148,10 @@ pub struct DialectSettings {
     pub put: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub value_paths: Option<bool>,
+    /// Whether `replace` sets an attribute that has no value yet (RFC 7644 §3.5.2.3 says it
+    /// does); otherwise `add` is used for those.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replace_adds: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clear: Option<Clear>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,6 +210,8 @@ pub struct Dialect {
     /// Whether value-path filters (`emails[type eq "work"].value`) may be used in PATCH paths.
     /// Off by default: typed lists are replaced as a whole.
     pub value_paths: bool,
+    /// Whether `replace` sets an absent attribute (else `add` does).
+    pub replace_adds: bool,
     pub clear: Clear,
     pub filter: BTreeSet<FilterAttr>,
     pub user_name_unique: CaseRule,
@@ -278,6 +284,7 @@ impl Dialect {
         let patch_ops = field!(patch_ops, default_ops());
         let put = field!(put, true);
         let value_paths = field!(value_paths, false);
+        let replace_adds = field!(replace_adds, true);
         let clear = field!(clear, Clear::Remove);
         let filter = field!(filter, all_filters());
         let user_name_unique = field!(user_name_unique, CaseRule::CaseInsensitive);
@@ -291,6 +298,7 @@ impl Dialect {
             patch_ops,
             put,
             value_paths,
+            replace_adds,
             clear,
             filter,
             user_name_unique,
@@ -317,6 +325,14 @@ impl Dialect {
 
     /// The op that sets a value: `replace` (it adds an absent attribute too), else `add`.
     pub fn set_op(&self) -> Option<PatchOp> {
+        self.set_op_for(false)
+    }
+
+    /// The op that sets a value that is absent now (`absent`) or present.
+    pub fn set_op_for(&self, absent: bool) -> Option<PatchOp> {
+        if absent && !self.replace_adds && self.patch_ops.contains(&PatchOp::Add) {
+            return Some(PatchOp::Add);
+        }
         if self.patch_ops.contains(&PatchOp::Replace) {
             Some(PatchOp::Replace)
         } else if self.patch_ops.contains(&PatchOp::Add) {
@@ -405,6 +421,13 @@ impl Dialect {
                 "filter",
             ),
             line(
+                format!(
+                    "set an absent value with: {}",
+                    if self.replace_adds { "replace" } else { "add" }
+                ),
+                "replace_adds",
+            ),
+            line(
                 format!("userName uniqueness: {}", self.user_name_unique.as_str()),
                 "user_name_unique",
             ),
@@ -445,6 +468,9 @@ pub enum Downgrade {
     NoPatch,
     NoPut,
     NoValuePaths,
+    /// `replace` of an absent attribute was refused (noTarget): absent values are set with
+    /// `add`.
+    ReplaceAddsNothing,
     /// The clearing form in force was refused: use `to` from now on.
     Clear {
         to: Clear,
@@ -494,6 +520,10 @@ impl Downgrade {
                 learned.value_paths = Some(false);
                 now.value_paths
             }
+            Downgrade::ReplaceAddsNothing => {
+                learned.replace_adds = Some(false);
+                now.replace_adds
+            }
             Downgrade::Clear { to } => {
                 learned.clear = Some(*to);
                 now.clear != *to
@@ -534,6 +564,7 @@ impl Downgrade {
             Downgrade::NoPatchOp { .. } | Downgrade::NoPatch => pins.patch_ops.is_some(),
             Downgrade::NoPut => pins.put.is_some(),
             Downgrade::NoValuePaths => pins.value_paths.is_some(),
+            Downgrade::ReplaceAddsNothing => pins.replace_adds.is_some(),
             Downgrade::Clear { .. } => pins.clear.is_some(),
             Downgrade::NoFilter { .. } => pins.filter.is_some(),
             Downgrade::CaseSensitive => pins.user_name_unique.is_some(),
@@ -555,6 +586,9 @@ impl Downgrade {
             Downgrade::NoPut => "PUT is not supported: not used as a fallback".into(),
             Downgrade::NoValuePaths => {
                 "value-path filters are not supported: typed lists are replaced whole".into()
+            }
+            Downgrade::ReplaceAddsNothing => {
+                "replace does not set an absent attribute: absent values are set with add".into()
             }
             Downgrade::Clear { to: Clear::None } => {
                 "PATCH cannot clear a value: cleared by PUT where PUT works, else left as it is"
@@ -642,8 +676,12 @@ impl Learned {
 pub enum Form {
     /// Sets a single-valued attribute.
     Set,
+    /// Sets a single-valued attribute that has no value yet.
+    SetAbsent,
     /// Replaces a whole multi-valued list (typed e-mails or phone numbers).
     WholeList,
+    /// Sets a whole multi-valued list that has no value yet.
+    WholeListAbsent,
     /// Sets one typed element through a value-path filter.
     ValuePath,
     /// Clears with the given form.
@@ -706,7 +744,12 @@ pub fn learn_patch(op: PatchOp, form: &Form, keys: &[String], r: Refusal<'_>) ->
             vec![Downgrade::Clear { to: c.next() }]
         }
         (PatchOp::Replace, _) if r.unsupported() => vec![Downgrade::NoPatch],
-        (_, Form::Set | Form::WholeList) if r.about_path() || r.mutability() => {
+        (PatchOp::Replace, Form::SetAbsent | Form::WholeListAbsent)
+            if r.status == 400 && r.scim("noTarget") =>
+        {
+            vec![Downgrade::ReplaceAddsNothing]
+        }
+        (_, Form::Set | Form::SetAbsent | Form::WholeList) if r.about_path() || r.mutability() => {
             per_key(|key| Downgrade::NoPatchFor { key })
         }
         _ => Vec::new(),
@@ -823,6 +866,15 @@ mod tests {
         assert_eq!(
             learn_patch(PatchOp::Replace, &Form::Set, &keys, r(501, None)),
             vec![Downgrade::NoPatch]
+        );
+        assert_eq!(
+            learn_patch(
+                PatchOp::Replace,
+                &Form::SetAbsent,
+                &keys,
+                r(400, Some("noTarget"))
+            ),
+            vec![Downgrade::ReplaceAddsNothing]
         );
         assert_eq!(
             learn_patch(

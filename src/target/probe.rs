@@ -568,6 +568,7 @@ async fn run(
     let mut put_ok: Option<bool> = None;
     let mut weakest: Option<Clear> = None;
     let mut remove_refused = false;
+    let mut replace_adds: Option<bool> = None;
     // Set once PATCH answered 501/405 to a plain replace: it is not there at all, and every
     // change is tried with PUT only.
     let mut no_patch_at_all = false;
@@ -732,6 +733,34 @@ async fn run(
                     format!("clear it with {how}"),
                     if form == Clear::Remove { Good } else { Warn },
                 );
+                if replace_adds.is_none() {
+                    // Set it again: `replace` of an absent value (RFC 7644 §3.5.2.3 adds it).
+                    let a = p.patch(&id, p.set_op(PatchOp::Replace, k, &v2)).await?;
+                    let set = a.ok() && kept(&p.read(&id).await?);
+                    if set {
+                        replace_adds = Some(true);
+                        p.row(
+                            format!("set {k} again (PATCH replace of an absent value)"),
+                            a.text(),
+                            "set absent values with replace too",
+                            Good,
+                        );
+                    } else {
+                        let b = p.patch(&id, p.set_op(PatchOp::Add, k, &v2)).await?;
+                        let added = b.ok() && kept(&p.read(&id).await?);
+                        replace_adds = Some(!added);
+                        p.row(
+                            format!("set {k} again (PATCH replace of an absent value, then add)"),
+                            format!("{}; add {}", a.text(), b.text()),
+                            if added {
+                                "set absent values with add"
+                            } else {
+                                "set absent values with replace (add does not work either)"
+                            },
+                            Warn,
+                        );
+                    }
+                }
             }
             None => {
                 let pa = p.put(&id, k, None).await?;
@@ -1070,6 +1099,13 @@ async fn run(
             "probe: PATCH add was refused".into(),
         );
     }
+    if replace_adds == Some(false) {
+        p.lesson(
+            Downgrade::ReplaceAddsNothing,
+            "probe: replace of an absent value was refused".into(),
+        );
+    }
+    p.learned.replace_adds = Some(replace_adds.unwrap_or(true));
     p.learned.patch_ops = Some(ops);
     p.learned.put = put_ok.or(Some(false));
     p.learned.clear = Some(weakest.unwrap_or(Clear::None));

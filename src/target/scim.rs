@@ -1338,15 +1338,20 @@ impl Target for ScimTarget {
         let total = get_ci(&v, "totalResults")
             .and_then(|t| t.as_u64().or_else(|| t.as_str()?.parse().ok()))
             .unwrap_or(0) as usize;
-        let users = get_ci(&v, "Resources")
+        let resources = get_ci(&v, "Resources")
             .and_then(|r| r.as_array())
-            .map(|a| {
-                a.iter()
-                    .map(|r| self.parse_user(r))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?
+            .cloned()
             .unwrap_or_default();
+        let mut users = Vec::with_capacity(resources.len());
+        for r in &resources {
+            match self.parse_user(r) {
+                Ok(u) => users.push(u),
+                // One unreadable resource does not stop a listing (nor is it ours: ours have ids).
+                Err(e) => {
+                    tracing::warn!(error = %e, path, "skipping an unreadable user in a listing")
+                }
+            }
+        }
         Ok((users, total))
     }
 

@@ -34,6 +34,8 @@ pub struct SimDialect {
     pub refuse_null: bool,
     /// `replace` with `""` answers 400 `invalidValue`.
     pub refuse_empty: bool,
+    /// `replace` of an attribute that has no value answers 400 `noTarget` (`add` sets it).
+    pub replace_needs_target: bool,
     pub filter: SimFilter,
     /// `/ServiceProviderConfig` says `filter.supported: false` (whatever `filter` does).
     pub advertise_no_filter: bool,
@@ -82,6 +84,14 @@ impl SimDialect {
         }
     }
 
+    /// `replace` only changes values that exist: an absent one must be set with `add`.
+    pub fn replace_needs_add() -> Self {
+        SimDialect {
+            replace_needs_target: true,
+            ..Default::default()
+        }
+    }
+
     /// No PATCH at all: every change is a PUT of the whole resource.
     pub fn put_only() -> Self {
         SimDialect {
@@ -121,6 +131,7 @@ impl SimDialect {
         vec![
             ("strict", Self::strict()),
             ("replace-only", Self::replace_only()),
+            ("replace-needs-add", Self::replace_needs_add()),
             ("no-clear", Self::no_clear()),
             ("put-only", Self::put_only()),
             ("no-filter", Self::no_filter()),
@@ -201,6 +212,59 @@ impl SimDialect {
                         "Operations[{i}]: attribute \"{r}\" cannot be modified with PATCH"
                     )));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a `replace` of an attribute the user has no value for (with
+    /// `replace_needs_target`).
+    pub(crate) fn check_targets(
+        &self,
+        body: &Value,
+        attrs: &Map<String, Value>,
+    ) -> Result<(), ScimError> {
+        if !self.replace_needs_target {
+            return Ok(());
+        }
+        let ops = body
+            .get("Operations")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for (i, op) in ops.iter().enumerate() {
+            let (Some("replace"), Some(path), Some(v)) = (
+                op.get("op").and_then(Value::as_str),
+                op.get("path").and_then(Value::as_str),
+                op.get("value"),
+            ) else {
+                continue;
+            };
+            if v.is_null() || path.contains('[') {
+                continue;
+            }
+            let get = |m: &Map<String, Value>, k: &str| {
+                m.iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                    .map(|(_, v)| v.clone())
+            };
+            let present = match path.rsplit_once(':') {
+                Some((urn, attr)) if path.to_ascii_lowercase().starts_with("urn:") => {
+                    get(attrs, urn)
+                        .and_then(|e| e.as_object().and_then(|o| get(o, attr)))
+                        .is_some()
+                }
+                _ => match path.split_once('.') {
+                    Some((a, sub)) => get(attrs, a)
+                        .and_then(|e| e.as_object().and_then(|o| get(o, sub)))
+                        .is_some(),
+                    None => get(attrs, path).is_some(),
+                },
+            };
+            if !present {
+                return Err(ScimError::no_target(format!(
+                    "Operations[{i}]: \"{path}\" has no value to replace; use add"
+                )));
             }
         }
         Ok(())

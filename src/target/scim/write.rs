@@ -105,11 +105,16 @@ pub(crate) fn plan(
                     })
                     .collect();
                 if !items.is_empty() {
-                    match d.set_op() {
+                    let absent = group.iter().all(|x| write_absent(x.old.as_ref()));
+                    match d.set_op_for(absent) {
                         Some(op) => out.patch.push(PatchPart {
                             op: json!({"op": op.as_str(), "path": attr, "value": items}),
                             kind: op,
-                            form: Form::WholeList,
+                            form: if absent {
+                                Form::WholeListAbsent
+                            } else {
+                                Form::WholeList
+                            },
                             path: attr.to_string(),
                             keys,
                         }),
@@ -143,11 +148,12 @@ pub(crate) fn plan(
                             Place::Ext(_, a) => ext_value(a, scalar(v)),
                             _ => scalar(v),
                         };
-                        match d.set_op() {
+                        let absent = write_absent(c.old.as_ref());
+                        match d.set_op_for(absent) {
                             Some(op) => out.patch.push(PatchPart {
                                 op: json!({"op": op.as_str(), "path": path, "value": value}),
                                 kind: op,
-                                form: Form::Set,
+                                form: if absent { Form::SetAbsent } else { Form::Set },
                                 path,
                                 keys: vec![key.to_string()],
                             }),
@@ -166,6 +172,15 @@ pub(crate) fn plan(
         }
     }
     out
+}
+
+/// Whether the attribute has no value now (`""` is none).
+fn write_absent(old: Option<&AttrValue>) -> bool {
+    match old {
+        None => true,
+        Some(AttrValue::Str(s)) => s.is_empty(),
+        Some(_) => false,
+    }
 }
 
 fn put_or_impossible(d: &Dialect, c: &AttrChange, out: &mut WritePlan, why: &str) {
