@@ -527,3 +527,40 @@ async fn the_probe_learns_each_dialect() {
         );
     }
 }
+
+/// Creates whose answer is lost (the LMS created the user, then answered 500) are found
+/// again on every dialect — by externalId, by userName checking externalId where the
+/// externalId filter is blind, or in a fresh listing where nothing filters — and never
+/// posted a second time.
+#[tokio::test]
+async fn lost_creates_are_found_and_never_posted_twice_on_every_dialect() {
+    for (name, d) in SimDialect::all() {
+        let env = env_for(&d, 30).await;
+        env.scim.set_faults(rostersync::sim::scim::ScimFaults {
+            rate_500_after_create: 0.3,
+            seed: 9,
+            ..Default::default()
+        });
+        env.scim.reset_counts();
+        let r = env.reconcile().await;
+        ok(name, &r);
+        assert!(env.scim.request_count("500") > 0, "{name}: faults injected");
+        assert_eq!(
+            env.scim.request_count("POST"),
+            r.counts.created,
+            "{name}: one POST per user"
+        );
+        let mut names: Vec<String> = env
+            .scim
+            .users()
+            .iter()
+            .map(|u| u["userName"].as_str().unwrap().to_lowercase())
+            .collect();
+        let n = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), n, "{name}: no duplicate LMS users");
+        env.scim.set_faults(Default::default());
+        assert_converged(&env, &d, &HashSet::new());
+    }
+}

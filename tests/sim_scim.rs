@@ -304,7 +304,7 @@ async fn filters_escape_and_plus() {
     let id = h.create(user(tricky)).await;
     h.create(user("plain@example.edu")).await;
 
-    // Build the value with a JSON serializer (scim.md §3).
+    // Build the value with a JSON serializer (docs/scim.md).
     let lit = serde_json::to_string(tricky).expect("json");
     let r = h.filter(&format!("userName eq {lit}")).await;
     assert_eq!(r.status, 200, "{}", r.body);

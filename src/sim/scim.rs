@@ -43,7 +43,7 @@ const BASE_PATH: &str = "/scim/v2";
 const MAX_BODY_BYTES: usize = 1 << 20;
 const WORKERS: usize = 2;
 
-/// Server behaviour. Defaults are RFC-strict (scim.md §10).
+/// Server behaviour. Defaults are RFC-strict (docs/scim.md).
 #[derive(Clone, Debug)]
 pub struct ScimSimConfig {
     /// Required bearer token.
@@ -388,7 +388,7 @@ async fn dispatch(
         if fs.roll(r429) {
             drop(fs);
             inner.count("429");
-            // Not in RFC 7644's table, but real servers send it (scim.md §5, §9 item 10).
+            // Not in RFC 7644's table, but real servers send it (docs/scim.md).
             let mut resp = ScimError::new(429, None, "too many requests").response();
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
@@ -414,7 +414,7 @@ async fn dispatch(
 
 fn query_params(req: &HttpRequest) -> Vec<(String, String)> {
     // form_urlencoded decodes `+` as a space as well as `%20` (Entra sends
-    // `filter=externalId+eq+%22x%22`, scim.md §3).
+    // `filter=externalId+eq+%22x%22`, docs/scim.md).
     url::form_urlencoded::parse(req.query_string().as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
@@ -751,7 +751,7 @@ impl ListQuery {
     }
 }
 
-/// ListResponse (RFC 7644 §3.4.2; paging §3.4.2.4, scim.md §6): `startIndex` is 1-based
+/// ListResponse (RFC 7644 §3.4.2; paging §3.4.2.4, docs/scim.md): `startIndex` is 1-based
 /// (<1 → 1), `count` is capped at `max_page_size` (negative → 0; 0 → no `Resources`),
 /// `itemsPerPage` is the number returned on this page.
 fn list_users(inner: &Inner, q: &ListQuery) -> Result<Value, ScimError> {

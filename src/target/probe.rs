@@ -87,6 +87,13 @@ impl Answer {
     fn ok(&self) -> bool {
         (200..300).contains(&self.status)
     }
+    /// Status and scimType only.
+    fn short(&self) -> String {
+        match &self.scim_type {
+            Some(t) => format!("{} {t}", self.status),
+            None => self.status.to_string(),
+        }
+    }
     fn text(&self) -> String {
         let mut s = self.status.to_string();
         if let Some(t) = &self.scim_type {
@@ -704,7 +711,7 @@ async fn run(
                     Clear::Null => "replace null",
                     _ => "replace \"\"",
                 },
-                a.text()
+                a.short()
             ));
             if form == Clear::Remove && !a.ok() {
                 remove_refused = true;
@@ -765,7 +772,7 @@ async fn run(
             None => {
                 let pa = p.put(&id, k, None).await?;
                 let gone = pa.ok() && empty(p.read(&id).await?.as_ref().and_then(|r| r.get(k)));
-                tried.push(format!("PUT without it {}", pa.text()));
+                tried.push(format!("PUT without it {}", pa.short()));
                 if gone {
                     put_ok = Some(put_ok.unwrap_or(true));
                     no_patch.insert(k.clone());
@@ -842,7 +849,7 @@ async fn run(
         };
         let mut how = format!(
             "POST {}; find {}; PATCH externalId {}",
-            a.text(),
+            a.short(),
             if found { "found" } else { "not found" },
             pa.text()
         );
@@ -941,7 +948,7 @@ async fn run(
                     } else {
                         "replace null"
                     },
-                    a.text()
+                    a.short()
                 ));
                 if form == Clear::Remove && !a.ok() {
                     remove_refused = true;
@@ -967,7 +974,7 @@ async fn run(
                 }
                 None => {
                     let pa = p.put(&id, MANAGER, None).await?;
-                    tried.push(format!("PUT without it {}", pa.text()));
+                    tried.push(format!("PUT without it {}", pa.short()));
                     if pa.ok() {
                         if !no_patch_at_all {
                             no_patch.insert(MANAGER.to_string());

@@ -679,7 +679,7 @@ impl ScimTarget {
             .and_then(|r| r.as_array())
             .cloned()
             .unwrap_or_default();
-        // Some servers ignore filters (scim.md §9.6): re-check every returned resource.
+        // Some servers ignore filters (docs/scim.md): re-check every returned resource.
         let mut candidates = Vec::new();
         for r in &resources {
             let u = self.parse_user(r)?;
@@ -754,7 +754,7 @@ impl ScimTarget {
             if page.is_empty() {
                 break;
             }
-            // Advance by what came back, not by totalResults (scim.md §9.7).
+            // Advance by what came back, not by totalResults (docs/scim.md).
             start += page.len();
             seen += page.len();
             for r in &page {
@@ -1334,7 +1334,7 @@ impl Target for ScimTarget {
             return Err(self.error("GET", &path, status, &body));
         }
         let v = Self::decode("ListResponse", &body)?;
-        // totalResults is optional in practice (scim.md §9.7); paging ends on an empty page.
+        // totalResults is optional in practice (docs/scim.md); paging ends on an empty page.
         let total = get_ci(&v, "totalResults")
             .and_then(|t| t.as_u64().or_else(|| t.as_str()?.parse().ok()))
             .unwrap_or(0) as usize;
@@ -1527,7 +1527,7 @@ fn get_path_ci<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
     path.iter().try_fold(v, |cur, k| get_ci(cur, k))
 }
 
-/// Servers send `true`, `"True"` or `1` (scim.md §9.8).
+/// Servers send `true`, `"True"` or `1` (docs/scim.md).
 pub(crate) fn lenient_bool(v: Option<&Value>) -> Option<bool> {
     match v? {
         Value::Bool(b) => Some(*b),
@@ -1539,7 +1539,7 @@ pub(crate) fn lenient_bool(v: Option<&Value>) -> Option<bool> {
 }
 
 /// A query value: everything but RFC 3986 unreserved characters is percent-encoded, so a
-/// space is `%20`, never `+` (scim.md §3).
+/// space is `%20`, never `+` (docs/scim.md).
 fn query_encode(s: &str) -> String {
     crate::graph::urlencode(s)
 }

@@ -1,4 +1,4 @@
-//! SCIM error bodies (RFC 7644 §3.12; scim.md §5).
+//! SCIM error bodies (RFC 7644 §3.12; docs/scim.md).
 
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;

@@ -379,8 +379,8 @@ pub(crate) fn normalize_value(
     if def.is_complex() {
         let obj = match v {
             Value::Object(o) => Cow::Borrowed(o),
-            // Entra and directory-scimple send `manager` as a bare id string (scim.md §8,
-            // §9 item 9); accepted only in lenient mode.
+            // Entra and some server libraries send `manager` as a bare id string (docs/scim.md,
+            // Reads); accepted only in lenient mode.
             Value::String(s) if opts.lenient && def.sub_attr("value").is_some() && !def.multi => {
                 let mut o = Map::new();
                 o.insert("value".into(), Value::String(s.clone()));
@@ -424,7 +424,7 @@ pub(crate) fn normalize_value(
             if v.is_boolean() {
                 true
             } else if let (true, Some(s)) = (opts.lenient, v.as_str()) {
-                // Entra's default job sends "True"/"False" (scim.md §8, [E-compat]).
+                // Entra's default job sends "True"/"False" (docs/scim.md).
                 if s.eq_ignore_ascii_case("true") {
                     return Ok(Some(Value::Bool(true)));
                 } else if s.eq_ignore_ascii_case("false") {
@@ -466,7 +466,7 @@ pub(crate) fn check_primary(def: &AttrDef, items: &[Value], path: &str) -> Resul
 }
 
 /// Validates a POST/PUT body and returns the canonical attribute map (RFC 7643 §3, §3.3,
-/// RFC 7644 §3.3; scim.md §9 item 5):
+/// RFC 7644 §3.3; docs/scim.md):
 /// - `schemas` is required, must contain the core User URN, and may only list declared
 ///   extensions;
 /// - each key is a core attribute (case-insensitive, RFC 7643 §2.1) or a declared extension
