@@ -46,6 +46,8 @@ const TYPED: &[&str] = &["emails", "phoneNumbers"];
 const MAX_ROUNDS: usize = 12;
 /// Warnings kept for a run's report (all are logged).
 const MAX_NOTES: usize = 500;
+/// Answers to writes compared with what was written, per run.
+const ANSWERS_CHECKED: u64 = 32;
 
 /// Where the learned layer of the dialect is kept between runs (the integration's store).
 pub trait DialectMemory: Send + Sync {
@@ -90,6 +92,8 @@ pub struct ScimTarget {
     listing: tokio::sync::Mutex<Option<Listing>>,
     /// Creates answered 409 so far (a lookup that misses after one retakes the listing).
     conflicts: AtomicU64,
+    /// Answers to writes compared with what was written, in this run.
+    checked: AtomicU64,
 }
 
 /// Where a record key lives in a SCIM User.
@@ -104,8 +108,8 @@ pub(crate) enum Place<'a> {
 
 /// What a PATCH or PUT attempt came to.
 enum Sent {
-    /// Applied; the resource the server answered with, if any.
-    Done(Option<Value>),
+    /// Applied; the body the server answered with (maybe the resource, maybe nothing).
+    Done(Vec<u8>),
     /// Refused in a way that may teach something (400, 405, 501).
     Refused(TargetError),
 }
@@ -149,6 +153,7 @@ impl ScimTarget {
             memory: None,
             listing: tokio::sync::Mutex::new(None),
             conflicts: AtomicU64::new(0),
+            checked: AtomicU64::new(0),
         })
     }
 
@@ -540,6 +545,16 @@ impl ScimTarget {
         })
     }
 
+    /// The answer to a write, parsed, while this run still compares answers with what was
+    /// written: the server's habits show in the first few, and parsing every 201 would cost a
+    /// first reconcile of many users real CPU.
+    fn worth_checking(&self, body: &[u8]) -> Option<Value> {
+        if body.is_empty() || self.checked.fetch_add(1, Ordering::Relaxed) >= ANSWERS_CHECKED {
+            return None;
+        }
+        serde_json::from_slice(body).ok()
+    }
+
     /// Compares what the LMS answered after a write with what was written: keys it holds
     /// differently (or, in a whole resource, not at all) are not kept by the LMS.
     fn learn_from_answer(&self, sent: &Record, answer: &Value, whole: bool) {
@@ -600,28 +615,36 @@ impl ScimTarget {
     async fn find_created(&self, record: &Record) -> Result<Option<String>, TargetError> {
         let external_id = string_of(record, EXTERNAL_ID);
         let user_name = string_of(record, USER_NAME);
+        if external_id.is_empty() {
+            return Ok(None);
+        }
         for attempt in 1..=3u32 {
             let d = self.dialect();
-            if d.filters(FilterAttr::ExternalId) && !external_id.is_empty() {
+            if d.filters(FilterAttr::ExternalId) {
                 if let Some(u) = self.find(FilterAttr::ExternalId, &external_id).await? {
                     return Ok(Some(u.id));
                 }
             }
             let d = self.dialect();
-            if d.filters(FilterAttr::UserName) && !user_name.is_empty() {
+            if d.filters(FilterAttr::UserName) {
                 if let Some(u) = self.find(FilterAttr::UserName, &user_name).await? {
                     if string_of(&u.record, EXTERNAL_ID) == external_id {
                         return Ok(Some(u.id));
                     }
                 }
-            }
-            if !d.filters(FilterAttr::UserName) && !d.filters(FilterAttr::ExternalId) {
+            } else {
+                // No userName filter: a listing taken now sees the user if it exists (and
+                // retrying it would only repeat the same listing).
                 let l = self.fresh_listing().await?;
-                let id = l
-                    .as_ref()
-                    .and_then(|l| l.by_external_id(&external_id).first().cloned())
-                    .filter(|_| !external_id.is_empty());
-                return Ok(id);
+                let Some(l) = l.as_ref() else {
+                    return Ok(None);
+                };
+                let by_name = l
+                    .by_user_name(&user_name)
+                    .iter()
+                    .find(|e| e.external_id.as_deref() == Some(external_id.as_str()))
+                    .map(|e| e.id.clone());
+                return Ok(by_name.or_else(|| l.by_external_id(&external_id).first().cloned()));
             }
             if attempt < 3 {
                 tokio::time::sleep(Duration::from_millis(150 * u64::from(attempt))).await;
@@ -682,7 +705,9 @@ impl ScimTarget {
         // Some servers ignore filters (docs/scim.md): re-check every returned resource.
         let mut candidates = Vec::new();
         for r in &resources {
-            let u = self.parse_user(r)?;
+            let Ok(u) = self.parse_user(r) else {
+                continue;
+            };
             let got = string_of(&u.record, name);
             if got == value
                 || (attr == FilterAttr::UserName && got.to_lowercase() == value.to_lowercase())
@@ -831,7 +856,7 @@ impl ScimTarget {
             .send(reqwest::Method::PATCH, &path, Some(&body), true)
             .await?;
         match status {
-            200 | 204 => Ok(Sent::Done(serde_json::from_slice(&bytes).ok())),
+            200 | 204 => Ok(Sent::Done(bytes)),
             404 => Err(TargetError::NotFound(id.to_string())),
             400 | 405 | 501 => Ok(Sent::Refused(self.error("PATCH", &path, status, &bytes))),
             _ => Err(self.error("PATCH", &path, status, &bytes)),
@@ -854,7 +879,7 @@ impl ScimTarget {
             .send(reqwest::Method::PUT, &path, Some(&next), true)
             .await?;
         match status {
-            200 | 204 => Ok(Sent::Done(serde_json::from_slice(&bytes).ok())),
+            200 | 204 => Ok(Sent::Done(bytes)),
             404 => Err(TargetError::NotFound(id.to_string())),
             400 | 405 | 501 => Ok(Sent::Refused(self.error("PUT", &path, status, &bytes))),
             _ => Err(self.error("PUT", &path, status, &bytes)),
@@ -943,7 +968,7 @@ impl ScimTarget {
         let all: Vec<&PatchPart> = parts.iter().collect();
         let e = match self.send_patch(id, &all).await? {
             Sent::Done(answer) => {
-                if let Some(a) = answer {
+                if let Some(a) = self.worth_checking(&answer) {
                     let done: Vec<AttrChange> = parts.iter().flat_map(of).collect();
                     self.learn_from_answer(&write::written(&done), &a, false);
                 }
@@ -990,7 +1015,7 @@ impl ScimTarget {
     ) -> Result<Vec<AttrChange>, TargetError> {
         let e = match self.put_changes(id, changes).await? {
             Sent::Done(answer) => {
-                if let Some(a) = answer {
+                if let Some(a) = self.worth_checking(&answer) {
                     self.learn_from_answer(&write::written(changes), &a, false);
                 }
                 return Ok(Vec::new());
@@ -1144,8 +1169,9 @@ impl Target for ScimTarget {
             st.resolve();
             Arc::clone(&st.effective)
         };
-        // A new run: its lookups see a fresh listing.
+        // A new run: its lookups see a fresh listing; its first answers are compared again.
         *self.listing.lock().await = None;
+        self.checked.store(0, Ordering::Relaxed);
         if let Some(e) = effective.enterprise {
             caps.enterprise = e;
         }
@@ -1224,13 +1250,19 @@ impl Target for ScimTarget {
             };
             match status {
                 201 | 200 => {
-                    let answer: Option<Value> = serde_json::from_slice(&bytes).ok();
-                    let id = answer
-                        .as_ref()
-                        .and_then(|a| get_ci(a, "id"))
-                        .and_then(|i| i.as_str())
+                    #[derive(serde::Deserialize)]
+                    struct Created {
+                        id: Option<String>,
+                    }
+                    let answer = self.worth_checking(&bytes);
+                    let id = match &answer {
+                        Some(a) => get_ci(a, "id").and_then(|i| i.as_str()).map(str::to_string),
+                        None => serde_json::from_slice::<Created>(&bytes)
+                            .ok()
+                            .and_then(|c| c.id),
+                    };
+                    let id = id
                         .filter(|s| !s.is_empty())
-                        .map(str::to_string)
                         // No usable body: take the id from Location, else look it up.
                         .or_else(|| {
                             location
