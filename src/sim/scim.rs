@@ -407,7 +407,7 @@ async fn dispatch(
     };
     match route(&inner, &req, &body) {
         Ok(r) => r,
-        Err(e) if inner.cfg.dialect.loose_errors => e.loose_response(),
+        Err(e) if inner.cfg.dialect.loose_errors => e.loose_response(inner.cfg.dialect.bare_errors),
         Err(e) => e.response(),
     }
 }

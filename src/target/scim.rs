@@ -25,8 +25,8 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use super::dialect::{
-    learn_patch, learn_put, CaseRule, Dialect, DialectSettings, Downgrade, FilterAttr, Learned,
-    Refusal,
+    learn_patch, learn_put, CaseRule, Dialect, DialectSettings, Downgrade, FilterAttr, Form,
+    Learned, Refusal,
 };
 use super::{Capabilities, Target, TargetError, TargetUser};
 use crate::retry::{read_limited, retry_after, RetryPolicy};
@@ -983,9 +983,25 @@ impl ScimTarget {
             if self.learn_from_patch(&parts[i], &e) {
                 return Ok(parts.iter().flat_map(of).collect());
             }
+            if self
+                .try_put_instead(id, &parts[i], &e, &of(&parts[i]))
+                .await?
+            {
+                // That one is written; the others go again in the next round.
+                return Ok((0..parts.len())
+                    .filter(|j| *j != i)
+                    .flat_map(|j| of(&parts[j]))
+                    .collect());
+            }
         }
         if parts.len() == 1 {
-            return Err(e);
+            return match self
+                .try_put_instead(id, &parts[0], &e, &of(&parts[0]))
+                .await?
+            {
+                true => Ok(Vec::new()),
+                false => Err(e),
+            };
         }
         let mut again = Vec::new();
         let mut first: Option<TargetError> = None;
@@ -995,7 +1011,7 @@ impl ScimTarget {
                 Sent::Refused(e) => {
                     if self.learn_from_patch(part, &e) {
                         again.extend(of(part));
-                    } else {
+                    } else if !self.try_put_instead(id, part, &e, &of(part)).await? {
                         first.get_or_insert(e);
                     }
                 }
@@ -1004,6 +1020,44 @@ impl ScimTarget {
         match first {
             Some(e) => Err(e),
             None => Ok(again),
+        }
+    }
+
+    /// A plain 400 to setting a value says too little to learn from: it may be the value. If
+    /// a PUT takes the same change, the server refuses PATCH for this attribute (true, and
+    /// learned); otherwise the refusal stands (false).
+    async fn try_put_instead(
+        &self,
+        id: &str,
+        part: &PatchPart,
+        e: &TargetError,
+        changes: &[AttrChange],
+    ) -> Result<bool, TargetError> {
+        let setting = matches!(
+            part.form,
+            Form::Set | Form::SetAbsent | Form::WholeList | Form::WholeListAbsent
+        );
+        let plain_400 = matches!(e, TargetError::Http { status: 400, .. });
+        if !setting || !plain_400 || !self.dialect().put || changes.is_empty() {
+            return Ok(false);
+        }
+        match self.put_changes(id, changes).await? {
+            Sent::Done(_) => {
+                let TargetError::Http { detail, .. } = e else {
+                    return Ok(true);
+                };
+                let evidence = format!(
+                    "PATCH {} {} answered 400: {}; PUT took it",
+                    part.kind.as_str(),
+                    part.path,
+                    clip(detail, 120)
+                );
+                for key in &part.keys {
+                    self.learn(Downgrade::NoPatchFor { key: key.clone() }, &evidence);
+                }
+                Ok(true)
+            }
+            Sent::Refused(_) => Ok(false),
         }
     }
 

@@ -54,6 +54,8 @@ pub struct SimDialect {
     /// `schemas`, a 409 without `scimType`, 404 with an empty body, 401 with an empty
     /// `text/html` body.
     pub loose_errors: bool,
+    /// With `loose_errors`: no error carries a `scimType` at all.
+    pub bare_errors: bool,
     /// `/Schemas` and `/ResourceTypes` come back without `totalResults`.
     pub discovery_without_total: bool,
 }
@@ -126,6 +128,21 @@ impl SimDialect {
         }
     }
 
+    /// Errors that say nothing but their status and a detail (no `scimType` anywhere):
+    /// PATCH `remove` answers 501, `replace` with null a plain 400, value paths a plain 400,
+    /// and PATCH of `displayName` and `externalId` a plain 400 (PUT takes them).
+    pub fn bare_errors() -> Self {
+        SimDialect {
+            ops_501: vec!["remove"],
+            refuse_null: true,
+            no_value_paths: true,
+            refuse_patch_of: vec!["displayName", "externalId"],
+            loose_errors: true,
+            bare_errors: true,
+            ..Default::default()
+        }
+    }
+
     /// Every preset, by name (for tests that run against each).
     pub fn all() -> Vec<(&'static str, SimDialect)> {
         vec![
@@ -136,6 +153,7 @@ impl SimDialect {
             ("put-only", Self::put_only()),
             ("no-filter", Self::no_filter()),
             ("partial-library", Self::partial_library()),
+            ("bare-errors", Self::bare_errors()),
         ]
     }
 

@@ -76,16 +76,19 @@ impl ScimError {
     }
 
     /// As loose servers answer: `status` a number, `{"detail"}` without `schemas`, no
-    /// `scimType` on a 409, nothing at all in a 404.
-    pub fn loose_response(&self) -> HttpResponse {
+    /// `scimType` on a 409 (on nothing with `bare`), nothing at all in a 404.
+    pub fn loose_response(&self, bare: bool) -> HttpResponse {
         let code = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut b = HttpResponse::build(code);
         if self.status == 404 {
             return b.finish();
         }
         let mut v = json!({"status": self.status, "detail": self.detail});
-        if let (Some(t), Some(obj), false) = (self.scim_type, v.as_object_mut(), self.status == 409)
-        {
+        if let (Some(t), Some(obj), false) = (
+            self.scim_type,
+            v.as_object_mut(),
+            bare || self.status == 409,
+        ) {
             obj.insert("scimType".into(), t.into());
         }
         b.insert_header((header::CONTENT_TYPE, "application/json"));
