@@ -81,9 +81,45 @@ struct Answer {
     scim_type: Option<String>,
     detail: String,
     body: Option<Value>,
+    /// The `Location` header (a create's id where the body has none).
+    location: Option<String>,
 }
 
 impl Answer {
+    /// What PATCH would answer where the probe already found it missing.
+    fn no_patch() -> Answer {
+        Answer {
+            status: 501,
+            scim_type: None,
+            detail: "PATCH is not supported".into(),
+            body: None,
+            location: None,
+        }
+    }
+
+    /// The id of a created user: from the body, else from `Location`.
+    fn created_id(&self) -> Option<String> {
+        if !self.ok() {
+            return None;
+        }
+        self.body
+            .as_ref()
+            .and_then(|b| get_ci(b, "id"))
+            .and_then(|i| match i {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .filter(|s| !s.is_empty())
+            .or_else(|| {
+                self.location
+                    .as_deref()
+                    .and_then(|l| l.trim_end_matches('/').rsplit('/').next())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+            })
+    }
+
     fn ok(&self) -> bool {
         (200..300).contains(&self.status)
     }
@@ -170,7 +206,7 @@ impl Probe<'_> {
             reqwest::Method::PATCH => "PATCH",
             _ => "DELETE",
         };
-        let (status, _, bytes) = self.t.send(method, path, body, m != "POST").await?;
+        let (status, location, bytes) = self.t.send(method, path, body, m != "POST").await?;
         let body: Option<Value> = serde_json::from_slice(&bytes).ok();
         let (scim_type, detail) = match self.t.error(m, path, status, &bytes) {
             TargetError::Http {
@@ -183,6 +219,7 @@ impl Probe<'_> {
             scim_type,
             detail,
             body,
+            location,
         })
     }
 
@@ -375,13 +412,7 @@ async fn run(
     }
     let body = p.t.resource(&record);
     let a = p.call(reqwest::Method::POST, "/Users", Some(&body)).await?;
-    let id = a
-        .body
-        .as_ref()
-        .and_then(|b| get_ci(b, "id"))
-        .and_then(|i| i.as_str())
-        .map(str::to_string);
-    let Some(id) = id.filter(|_| a.ok()) else {
+    let Some(id) = a.created_id() else {
         p.row(
             "create (POST /Users with every mapped attribute)",
             a.text(),
@@ -522,6 +553,11 @@ async fn run(
     // userName uniqueness: a case variant of the canary's userName.
     let variant = canary.to_uppercase();
     let mut vrec = record.clone();
+    // Other e-mails, so that a server unique on e-mails does not answer 409 for them.
+    let case_tag = format!("{tag}-case");
+    for k in spec.keys.iter().filter(|k| k.starts_with("emails.")) {
+        vrec.insert(k.clone(), AttrValue::Str(value_for(k, 1, &case_tag)));
+    }
     vrec.insert(USER_NAME.into(), AttrValue::Str(variant.clone()));
     vrec.insert(
         EXTERNAL_ID.into(),
@@ -539,13 +575,8 @@ async fn run(
             Good,
         );
     } else if a.ok() {
-        if let Some(vid) = a
-            .body
-            .as_ref()
-            .and_then(|b| get_ci(b, "id"))
-            .and_then(|i| i.as_str())
-        {
-            p.canaries.push(vid.to_string());
+        if let Some(vid) = a.created_id() {
+            p.canaries.push(vid);
         }
         p.learned.user_name_unique = Some(CaseRule::CaseSensitive);
         p.lesson(
@@ -802,13 +833,7 @@ async fn run(
     let a = p
         .call(reqwest::Method::POST, "/Users", Some(&p.t.resource(&hand)))
         .await?;
-    let mid = a
-        .body
-        .as_ref()
-        .and_then(|b| get_ci(b, "id"))
-        .and_then(|i| i.as_str())
-        .map(str::to_string)
-        .filter(|_| a.ok());
+    let mid = a.created_id();
     if let Some(mid) = mid.clone() {
         p.canaries.push(mid.clone());
         let mut ours = hand.clone();
@@ -820,15 +845,8 @@ async fn run(
             .call(reqwest::Method::POST, "/Users", Some(&p.t.resource(&ours)))
             .await?;
         let conflict = a.status == 409;
-        if a.ok() {
-            if let Some(dup) = a
-                .body
-                .as_ref()
-                .and_then(|b| get_ci(b, "id"))
-                .and_then(|i| i.as_str())
-            {
-                p.canaries.push(dup.to_string());
-            }
+        if let Some(dup) = a.created_id() {
+            p.canaries.push(dup);
         }
         let found = if filters.contains(&FilterAttr::UserName) {
             p.find(FilterAttr::UserName, &mname).await?.1 >= 1
@@ -837,12 +855,7 @@ async fn run(
         };
         let ext = AttrValue::Str(format!("{external_id}-m"));
         let pa = if no_patch_at_all {
-            Answer {
-                status: 501,
-                scim_type: None,
-                detail: "PATCH is not supported".into(),
-                body: None,
-            }
+            Answer::no_patch()
         } else {
             p.patch(&mid, p.set_op(PatchOp::Replace, EXTERNAL_ID, &ext))
                 .await?
@@ -892,12 +905,7 @@ async fn run(
         if let Some(mid) = &mid {
             let v = AttrValue::Str(mid.clone());
             let a = if no_patch_at_all {
-                Answer {
-                    status: 501,
-                    scim_type: None,
-                    detail: "PATCH is not supported".into(),
-                    body: None,
-                }
+                Answer::no_patch()
             } else {
                 p.patch(&id, p.set_op(PatchOp::Replace, MANAGER, &v))
                     .await?
@@ -997,12 +1005,7 @@ async fn run(
     // active false, then true.
     for (v, what) in [(false, "deactivate"), (true, "reactivate")] {
         let a = if no_patch_at_all {
-            Answer {
-                status: 501,
-                scim_type: None,
-                detail: "PATCH is not supported".into(),
-                body: None,
-            }
+            Answer::no_patch()
         } else {
             p.patch(&id, json!({"op": "replace", "path": "active", "value": v}))
                 .await?
