@@ -582,3 +582,55 @@ async fn lost_creates_are_found_and_never_posted_twice_on_every_dialect() {
         assert_converged(&env, &d, &HashSet::new());
     }
 }
+
+/// A dialect pinned in config is used from the first request (nothing to learn) and is never
+/// changed by what the server answers: a pin that contradicts the server fails the change,
+/// with the server's answer, instead of being learned away.
+#[tokio::test]
+async fn a_pinned_dialect_is_used_as_is() {
+    let env = spawn(EnvOptions {
+        users: 16,
+        dialect: SimDialect::replace_only(),
+        target_extra:
+            "dialect = { patch_ops = [\"replace\"], clear = \"null\", enterprise = false }".into(),
+        ..Default::default()
+    })
+    .await;
+    let r = env.reconcile().await;
+    ok("pinned", &r);
+    assert!(
+        env.scim.users().iter().all(|u| u.get(ENTERPRISE).is_none()),
+        "enterprise = false: no enterprise attribute sent"
+    );
+    let id = enabled_members(&env)[2].id.clone();
+    env.graph.update_user(&id, |u| u.job_title = None);
+    let r = env.reconcile().await;
+    ok("pinned", &r);
+    assert!(env.lms_user(&id).get("title").is_none());
+    assert!(
+        !r.notes.iter().any(|n| n.contains("learned")),
+        "nothing to learn: {:?}",
+        r.notes
+    );
+    let d = env.integration.target.dialect();
+    assert_eq!(
+        d.origin["patch_ops"],
+        rostersync::target::dialect::Origin::Config
+    );
+
+    // A pin the server contradicts: remove is pinned, the server answers 501 to it.
+    let env = spawn(EnvOptions {
+        users: 16,
+        dialect: SimDialect::replace_only(),
+        target_extra: "dialect = { clear = \"remove\" }".into(),
+        ..Default::default()
+    })
+    .await;
+    ok("pinned remove", &env.reconcile().await);
+    let id = enabled_members(&env)[2].id.clone();
+    env.graph.update_user(&id, |u| u.job_title = None);
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Partial, "{:?}", r.failures);
+    assert!(r.failures[0].reason.contains("501"), "{:?}", r.failures);
+    assert_eq!(env.integration.target.dialect().clear, Clear::Remove);
+}

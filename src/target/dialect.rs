@@ -561,6 +561,13 @@ impl Downgrade {
     /// Whether a config pin forbids learning this.
     pub fn pinned_against(&self, pins: &DialectSettings) -> bool {
         match self {
+            // Pinning remove as the way to clear (or add for absent values) pins that op too.
+            Downgrade::NoPatchOp {
+                op: PatchOp::Remove,
+            } => pins.patch_ops.is_some() || pins.clear == Some(Clear::Remove),
+            Downgrade::NoPatchOp { op: PatchOp::Add } => {
+                pins.patch_ops.is_some() || pins.replace_adds == Some(false)
+            }
             Downgrade::NoPatchOp { .. } | Downgrade::NoPatch => pins.patch_ops.is_some(),
             Downgrade::NoPut => pins.put.is_some(),
             Downgrade::NoValuePaths => pins.value_paths.is_some(),

@@ -69,6 +69,9 @@ pub struct Capabilities {
     pub enterprise: bool,
     /// Attribute names of the custom extension, when the target declares it.
     pub custom_attributes: Option<Vec<String>>,
+    /// The custom extension is pinned in config without being declared: every `custom.*`
+    /// attribute is sent.
+    pub custom_any: bool,
     /// Top-level core User attributes the target declares (lowercase), when it declares any.
     pub core_attributes: Option<BTreeSet<String>>,
     /// Core attributes the target declares `readOnly` (lowercase): never sent.
@@ -88,10 +91,11 @@ impl Capabilities {
             return self.enterprise;
         }
         if let Some(name) = key.strip_prefix("custom.") {
-            return self
-                .custom_attributes
-                .as_ref()
-                .is_some_and(|a| a.iter().any(|n| n.eq_ignore_ascii_case(name)));
+            return self.custom_any
+                || self
+                    .custom_attributes
+                    .as_ref()
+                    .is_some_and(|a| a.iter().any(|n| n.eq_ignore_ascii_case(name)));
         }
         let top = key.split('.').next().unwrap_or(key).to_ascii_lowercase();
         if self.read_only.contains(&top) {

@@ -1232,8 +1232,9 @@ impl Target for ScimTarget {
         match effective.custom {
             Some(false) => caps.custom_attributes = None,
             Some(true) if caps.custom_attributes.is_none() => {
+                caps.custom_any = true;
                 caps.notes.push(format!(
-                    "the custom extension {} is pinned in config but not declared in /Schemas: its attribute names are not known, so custom.* attributes are not sent",
+                    "the custom extension {} is pinned in config but not declared in /Schemas: every mapped custom.* attribute is sent",
                     self.custom_schema
                 ));
             }
@@ -1242,7 +1243,7 @@ impl Target for ScimTarget {
         if caps.discovered && !caps.enterprise {
             caps.notes.push(format!("the LMS does not declare {ENTERPRISE_USER}; employeeNumber, department and manager are not sent"));
         }
-        if caps.discovered && caps.custom_attributes.is_none() {
+        if caps.discovered && caps.custom_attributes.is_none() && !caps.custom_any {
             caps.notes.push(format!(
                 "the LMS does not declare {}; custom.* attributes are not sent",
                 self.custom_schema
