@@ -189,9 +189,10 @@ async fn lifecycle(name: &str, d: SimDialect, probed: bool) {
     }
     let members = enabled_members(&env);
     // Adoption: a user made by hand in the LMS with a member's userName (in another case,
-    // where the LMS compares userNames case-insensitively), without externalId.
+    // where the LMS compares userNames case-insensitively or the probe found out that it
+    // does not), without externalId.
     let adopted = members[0].clone();
-    let hand_name = if d.case_sensitive_user_names {
+    let hand_name = if d.case_sensitive_user_names && !probed {
         adopted.user_principal_name.clone()
     } else {
         adopted.user_principal_name.to_uppercase()
