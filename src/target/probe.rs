@@ -824,6 +824,13 @@ async fn run(
         }
     }
 
+    // How rostersync sets a value that is absent (the externalId and the manager below are).
+    let absent_op = if replace_adds == Some(false) {
+        PatchOp::Add
+    } else {
+        PatchOp::Replace
+    };
+
     // Adoption: a user made by hand (no externalId), then rostersync's create → 409 → find
     // by userName → PATCH externalId.
     let mname = format!("rostersync-probe-{tag}-m@invalid.example");
@@ -857,13 +864,14 @@ async fn run(
         let pa = if no_patch_at_all {
             Answer::no_patch()
         } else {
-            p.patch(&mid, p.set_op(PatchOp::Replace, EXTERNAL_ID, &ext))
+            p.patch(&mid, p.set_op(absent_op, EXTERNAL_ID, &ext))
                 .await?
         };
         let mut how = format!(
-            "POST {}; find {}; PATCH externalId {}",
+            "POST {}; find {}; PATCH {} externalId {}",
             a.short(),
             if found { "found" } else { "not found" },
+            absent_op.as_str(),
             pa.text()
         );
         let linked = if pa.ok() {
@@ -907,15 +915,14 @@ async fn run(
             let a = if no_patch_at_all {
                 Answer::no_patch()
             } else {
-                p.patch(&id, p.set_op(PatchOp::Replace, MANAGER, &v))
-                    .await?
+                p.patch(&id, p.set_op(absent_op, MANAGER, &v)).await?
             };
             let set =
                 a.ok() && p.read(&id).await?.as_ref().and_then(|r| r.get(MANAGER)) == Some(&v);
             if set {
                 ops.insert(PatchOp::Replace);
                 p.row(
-                    "set the manager (PATCH replace …:manager)",
+                    format!("set the manager (PATCH {} …:manager)", absent_op.as_str()),
                     a.text(),
                     "PATCH replace {\"value\": <manager's LMS id>}",
                     Good,
@@ -928,7 +935,10 @@ async fn run(
                     no_patch.insert(MANAGER.to_string());
                 }
                 p.row(
-                    "set the manager (PATCH replace …:manager, then PUT)",
+                    format!(
+                        "set the manager (PATCH {} …:manager, then PUT)",
+                        absent_op.as_str()
+                    ),
                     format!("{}; PUT {}", a.text(), pa.text()),
                     if pa.ok() {
                         "write it with GET + PUT"
