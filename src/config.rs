@@ -211,6 +211,7 @@ struct RawDialect {
     no_patch: Option<Vec<String>>,
     not_writable: Option<Vec<String>>,
     no_clear: Option<Vec<String>>,
+    clear_by_put: Option<Vec<String>>,
     not_kept: Option<Vec<String>>,
 }
 
@@ -274,6 +275,7 @@ impl RawDialect {
             ("no_patch", self.no_patch, &mut out.no_patch),
             ("not_writable", self.not_writable, &mut out.not_writable),
             ("no_clear", self.no_clear, &mut out.no_clear),
+            ("clear_by_put", self.clear_by_put, &mut out.clear_by_put),
             ("not_kept", self.not_kept, &mut out.not_kept),
         ] {
             for key in list.unwrap_or_default() {

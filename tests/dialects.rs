@@ -506,6 +506,9 @@ async fn the_probe_learns_each_dialect() {
             "bare-errors" => {
                 assert!(!p.failed(), "{name}: {:#?}", p.rows);
                 assert_eq!(dialect.clear, Clear::Empty);
+                // A list takes no "": cleared with PUT, while it is still set with PATCH.
+                assert!(dialect.clear_by_put.contains("emails.work"));
+                assert!(!dialect.no_patch.contains("emails.work"));
                 assert!(
                     dialect.no_patch.contains("externalId"),
                     "{:?}",

@@ -173,6 +173,9 @@ pub struct DialectSettings {
     /// Record keys that can never be cleared.
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub no_clear: BTreeSet<String>,
+    /// Record keys no PATCH form clears (while others are): cleared with GET + PUT.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub clear_by_put: BTreeSet<String>,
     /// Record keys the server does not keep as sent (computed or normalised): sent when they
     /// change in Entra, never "repaired" by `reconcile --deep`.
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
@@ -224,6 +227,7 @@ pub struct Dialect {
     pub no_patch: BTreeSet<String>,
     pub not_writable: BTreeSet<String>,
     pub no_clear: BTreeSet<String>,
+    pub clear_by_put: BTreeSet<String>,
     pub not_kept: BTreeSet<String>,
     /// Where each field comes from (`patch_ops` → `learned`, …).
     pub origin: BTreeMap<String, Origin>,
@@ -308,6 +312,7 @@ impl Dialect {
             no_patch: union(|l| &l.no_patch),
             not_writable: union(|l| &l.not_writable),
             no_clear: union(|l| &l.no_clear),
+            clear_by_put: union(|l| &l.clear_by_put),
             not_kept: union(|l| &l.not_kept),
             origin,
         };
@@ -443,6 +448,7 @@ impl Dialect {
             ("PATCH refused for", &self.no_patch),
             ("cannot be changed after the create", &self.not_writable),
             ("can never be cleared", &self.no_clear),
+            ("cleared with GET + PUT", &self.clear_by_put),
             (
                 "not kept by the LMS as sent (not repaired by --deep)",
                 &self.not_kept,

@@ -603,6 +603,7 @@ async fn run(
     let mut no_patch: BTreeSet<String> = BTreeSet::new();
     let mut not_writable: BTreeSet<String> = BTreeSet::new();
     let mut no_clear: BTreeSet<String> = BTreeSet::new();
+    let mut clear_by_put: BTreeSet<String> = BTreeSet::new();
     let mut put_ok: Option<bool> = None;
     let mut weakest: Option<Clear> = None;
     let mut remove_refused = false;
@@ -806,7 +807,7 @@ async fn run(
                 tried.push(format!("PUT without it {}", pa.short()));
                 if gone {
                     put_ok = Some(put_ok.unwrap_or(true));
-                    no_patch.insert(k.clone());
+                    clear_by_put.insert(k.clone());
                     p.row(
                         format!("clear {k}"),
                         tried.join("; "),
@@ -995,7 +996,7 @@ async fn run(
                     tried.push(format!("PUT without it {}", pa.short()));
                     if pa.ok() {
                         if !no_patch_at_all {
-                            no_patch.insert(MANAGER.to_string());
+                            clear_by_put.insert(MANAGER.to_string());
                         }
                         p.row(
                             "clear the manager",
@@ -1132,6 +1133,7 @@ async fn run(
     p.learned.no_patch = no_patch;
     p.learned.not_writable = not_writable;
     p.learned.no_clear = no_clear;
+    p.learned.clear_by_put = clear_by_put;
     p.learned.not_kept = not_kept;
     Ok(())
 }

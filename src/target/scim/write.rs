@@ -64,7 +64,8 @@ pub(crate) fn plan(
             });
             continue;
         }
-        let by_put = !d.patch() || d.no_patch.contains(key);
+        let by_put =
+            !d.patch() || d.no_patch.contains(key) || (clearing && d.clear_by_put.contains(key));
         if by_put {
             put_or_impossible(d, c, &mut out, "the LMS refuses to PATCH it");
             continue;
