@@ -638,3 +638,39 @@ async fn a_pinned_dialect_is_used_as_is() {
     assert!(r.failures[0].reason.contains("501"), "{:?}", r.failures);
     assert_eq!(env.integration.target.dialect().clear, Clear::Remove);
 }
+
+/// A 401 with an empty `text/html` body (no SCIM error at all) is still "the token is wrong",
+/// and stops a run instead of failing each user.
+#[tokio::test]
+async fn an_empty_html_401_is_read_as_a_rejected_token() {
+    let env = spawn(EnvOptions {
+        users: 6,
+        dialect: SimDialect::partial_library(),
+        ..Default::default()
+    })
+    .await;
+    let bad = env
+        .config_toml
+        .replace(common::SCIM_TOKEN, "not-the-scim-token-4711");
+    let config = rostersync::config::Config::from_toml(&bad, std::path::Path::new(".")).unwrap();
+    let i = rostersync::app::Integration::build(&config.integrations[0], &env.store).unwrap();
+    let lines = i.check().await;
+    let lms = lines
+        .iter()
+        .find(|l| l.what == "LMS discovery")
+        .expect("an LMS line");
+    assert_eq!(lms.status, rostersync::app::CheckStatus::Fail);
+    assert!(
+        lms.detail.contains("401") && lms.detail.contains("target.token"),
+        "{}",
+        lms.detail
+    );
+    let r = i.reconcile(RunOptions::default(), None).await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(
+        r.error.as_deref().unwrap_or("").contains("401"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(env.scim.user_count(), 0);
+}
