@@ -10,8 +10,35 @@ use crate::config::IntegrationConfig;
 use crate::graph::{GraphClient, GraphSettings};
 use crate::store::{IntegrationStore, Store, StoreError};
 use crate::sync::reconcile::{self, Context, ProgressFn, RunOptions, RunReport};
-use crate::target::scim::ScimTarget;
+use crate::target::dialect::Learned;
+use crate::target::probe::{ProbeReport, ProbeSpec, RowStatus};
+use crate::target::scim::{DialectMemory, ScimTarget};
 use crate::target::Target;
+
+/// Meta key of what the LMS's SCIM server taught rostersync (its dialect, learned layer).
+pub const DIALECT_META: &str = "scim_dialect";
+/// Meta key of the last `check --probe` report.
+pub const PROBE_META: &str = "scim_probe";
+
+/// Keeps the learned dialect in the integration's `meta` tree.
+struct StoreMemory(IntegrationStore);
+
+impl DialectMemory for StoreMemory {
+    fn load(&self) -> Option<Learned> {
+        match self.0.get_meta(DIALECT_META) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "the stored SCIM dialect cannot be read; learning it again");
+                None
+            }
+        }
+    }
+    fn save(&self, learned: &Learned) {
+        if let Err(e) = self.0.put_meta(DIALECT_META, learned) {
+            tracing::warn!(error = %e, "the learned SCIM dialect could not be stored");
+        }
+    }
+}
 
 /// One integration's live parts.
 pub struct Integration {
@@ -49,6 +76,7 @@ impl Integration {
             )
             .with_label(cfg.name.as_str()),
         );
+        let istore = store.integration(&cfg.name)?;
         let target = ScimTarget::new(
             &cfg.target.url,
             cfg.target.token.clone(),
@@ -56,12 +84,14 @@ impl Integration {
             cfg.target.concurrency,
             Duration::from_secs(cfg.target.timeout_secs),
         )?
-        .with_label(cfg.name.as_str());
+        .with_label(cfg.name.as_str())
+        .with_dialect(cfg.target.dialect.clone())
+        .with_memory(Box::new(StoreMemory(istore.clone())));
         Ok(Self {
             cfg: cfg.clone(),
             graph,
             target,
-            store: store.integration(&cfg.name)?,
+            store: istore,
             handshake: Default::default(),
         })
     }
@@ -117,6 +147,7 @@ impl Integration {
                 what,
                 status,
                 detail,
+                probe: None,
             })
         };
         let split = |r: Result<String, String>| match r {
@@ -148,13 +179,29 @@ impl Integration {
                     caps.notes.join("; ")
                 };
                 line("LMS discovery".into(), CheckStatus::Ok, notes);
-                if !caps.patch {
-                    line(
-                        "LMS PATCH".into(),
-                        CheckStatus::Fail,
-                        "the LMS says PATCH is not supported (ServiceProviderConfig patch.supported = false); rostersync updates users with PATCH only".into(),
-                    );
+                let d = &caps.dialect;
+                let probed = self
+                    .store
+                    .get_meta::<Learned>(DIALECT_META)
+                    .ok()
+                    .flatten()
+                    .and_then(|l| l.probed_at);
+                let status = if !d.patch() && !d.put {
+                    CheckStatus::Fail
+                } else if probed.is_none() {
+                    CheckStatus::Warn
+                } else {
+                    CheckStatus::Ok
+                };
+                let how = match probed {
+                    Some(t) => format!("probed {}", t.format("%Y-%m-%d %H:%M UTC")),
+                    None => "not probed yet: run `check --probe` once before go-live".into(),
+                };
+                let mut detail = format!("{how}; {}", d.summary().join("; "));
+                if !d.patch() && !d.put {
+                    detail.push_str("; neither PATCH nor PUT works: users cannot be updated");
                 }
+                line("LMS dialect".into(), status, detail);
                 let rejected: Vec<&str> = self
                     .cfg
                     .mapping
@@ -185,6 +232,72 @@ impl Integration {
             Err(e) => line("LMS discovery".into(), CheckStatus::Fail, e.to_string()),
         }
         out
+    }
+
+    /// `check --probe`: proves every operation the mapping and the lifecycle need with canary
+    /// users in the LMS (it writes there), learns and stores the LMS's dialect, and returns
+    /// the probe's table as one check line (`Fail` when something rostersync needs cannot be
+    /// done).
+    pub async fn probe(&self, delete: bool) -> CheckLine {
+        let mut line = CheckLine {
+            integration: self.cfg.name.to_string(),
+            what: "LMS probe".into(),
+            status: CheckStatus::Fail,
+            detail: String::new(),
+            probe: None,
+        };
+        let run = async {
+            let caps = self.target.discover().await?;
+            let spec = ProbeSpec {
+                keys: self
+                    .cfg
+                    .mapping
+                    .rules
+                    .iter()
+                    .map(|r| r.key.clone())
+                    .filter(|k| caps.accepts(k))
+                    .collect(),
+                manager: self.cfg.mapping.link_manager && caps.enterprise,
+                delete,
+            };
+            self.target.probe_dialect(&spec).await
+        };
+        match run.await {
+            Ok(report) => {
+                if let Err(e) = self.store.put_meta(PROBE_META, &report) {
+                    tracing::warn!(error = %e, "the probe report could not be stored");
+                }
+                if let Err(e) = self.store.flush() {
+                    tracing::warn!(error = %e, "the probe report could not be flushed");
+                }
+                let warned = report
+                    .rows
+                    .iter()
+                    .filter(|r| r.status == RowStatus::Warn)
+                    .count();
+                line.status = if report.failed() {
+                    CheckStatus::Fail
+                } else if warned > 0 {
+                    CheckStatus::Warn
+                } else {
+                    CheckStatus::Ok
+                };
+                line.detail = format!(
+                    "canary {}: {} operations; {} worked around or not possible, {} blocking; dialect stored",
+                    report.canary,
+                    report.rows.len(),
+                    warned,
+                    report
+                        .rows
+                        .iter()
+                        .filter(|r| r.status == RowStatus::Fail)
+                        .count()
+                );
+                line.probe = Some(report);
+            }
+            Err(e) => line.detail = format!("the probe stopped: {e}"),
+        }
+        line
     }
 
     async fn check_group(&self, id: &str) -> Result<String, String> {
@@ -225,4 +338,7 @@ pub struct CheckLine {
     pub what: String,
     pub status: CheckStatus,
     pub detail: String,
+    /// `check --probe`: the probe's table, on its own line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeReport>,
 }

@@ -16,6 +16,7 @@ use crate::graph::credential::{
     Certificate, CertificateAlg, CertificateCredential, ClientCredential,
 };
 use crate::sync::mapping::{Mapping, MappingError, UsernameSource};
+use crate::target::dialect::DialectSettings;
 
 /// Default SCIM custom extension URN for attributes that have no standard SCIM home.
 pub const DEFAULT_CUSTOM_SCHEMA: &str =
@@ -196,6 +197,111 @@ struct RawTarget {
     concurrency: Option<usize>,
     timeout_secs: Option<u64>,
     custom_schema: Option<String>,
+    dialect: Option<RawDialect>,
+}
+
+/// `[integration.target] dialect = { … }`: pins what the LMS's SCIM server accepts (README,
+/// "The LMS's SCIM dialect"). Every key is optional; a pinned key is never changed by what the
+/// server answers.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDialect {
+    patch_ops: Option<Vec<String>>,
+    put: Option<bool>,
+    value_paths: Option<bool>,
+    replace_adds: Option<bool>,
+    clear: Option<String>,
+    filter: Option<Vec<String>>,
+    user_name_unique: Option<String>,
+    email_type: Option<bool>,
+    enterprise: Option<bool>,
+    custom: Option<bool>,
+    no_patch: Option<Vec<String>>,
+    not_writable: Option<Vec<String>>,
+    no_clear: Option<Vec<String>>,
+    clear_by_put: Option<Vec<String>>,
+    not_kept: Option<Vec<String>>,
+}
+
+impl RawDialect {
+    fn resolve(self, k: &dyn Fn(&str) -> String) -> Result<DialectSettings, ConfigError> {
+        use crate::target::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
+        let mut out = DialectSettings {
+            put: self.put,
+            value_paths: self.value_paths,
+            replace_adds: self.replace_adds,
+            email_type: self.email_type,
+            enterprise: self.enterprise,
+            custom: self.custom,
+            ..Default::default()
+        };
+        if let Some(ops) = self.patch_ops {
+            let mut set = BTreeSet::new();
+            for o in ops {
+                set.insert(PatchOp::parse(&o).ok_or_else(|| {
+                    invalid(
+                        k("target.dialect.patch_ops"),
+                        format!("{o:?} is not a PATCH op; use \"add\", \"replace\" and/or \"remove\" ([] = no PATCH: every change is GET + PUT)"),
+                    )
+                })?);
+            }
+            out.patch_ops = Some(set);
+        }
+        if let Some(c) = self.clear {
+            out.clear = Some(Clear::parse(&c).ok_or_else(|| {
+                invalid(
+                    k("target.dialect.clear"),
+                    format!(
+                        "{c:?} is not supported; use \"remove\", \"null\", \"empty\" or \"none\""
+                    ),
+                )
+            })?);
+        }
+        if let Some(f) = self.filter {
+            let mut set = BTreeSet::new();
+            for a in f {
+                set.insert(FilterAttr::parse(&a).ok_or_else(|| {
+                    invalid(
+                        k("target.dialect.filter"),
+                        format!("{a:?} is not supported; use \"userName\" and/or \"externalId\" ([] = no filter: list and match)"),
+                    )
+                })?);
+            }
+            out.filter = Some(set);
+        }
+        if let Some(u) = self.user_name_unique {
+            out.user_name_unique = Some(CaseRule::parse(&u).ok_or_else(|| {
+                invalid(
+                    k("target.dialect.user_name_unique"),
+                    format!(
+                        "{u:?} is not supported; use \"case-insensitive\" or \"case-sensitive\""
+                    ),
+                )
+            })?);
+        }
+        for (name, list, dest) in [
+            ("no_patch", self.no_patch, &mut out.no_patch),
+            ("not_writable", self.not_writable, &mut out.not_writable),
+            ("no_clear", self.no_clear, &mut out.no_clear),
+            ("clear_by_put", self.clear_by_put, &mut out.clear_by_put),
+            ("not_kept", self.not_kept, &mut out.not_kept),
+        ] {
+            for key in list.unwrap_or_default() {
+                let ok = !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                if !ok {
+                    return Err(invalid(
+                        k(&format!("target.dialect.{name}")),
+                        format!("{key:?} is not a record key such as \"displayName\", \"emails.work\" or \"enterprise.manager\""),
+                    ));
+                }
+                dest.insert(key);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Set by the AKS workload identity webhook to the projected service account token's path.
@@ -578,6 +684,8 @@ pub struct TargetConfig {
     pub concurrency: usize,
     pub timeout_secs: u64,
     pub custom_schema: String,
+    /// What the LMS's SCIM server takes, pinned in config (empty = learn it).
+    pub dialect: DialectSettings,
 }
 
 fn parse_http_url(key: &str, s: &str) -> Result<Url, ConfigError> {
@@ -772,6 +880,7 @@ impl Config {
                     ),
                 ));
             }
+            let dialect = t.dialect.unwrap_or_default().resolve(&k)?;
             let mapping = Mapping::build(username, ri.mapping.as_ref()).map_err(|e| match e {
                 MappingError::At { key, message } => invalid(k(&format!("mapping.{key}")), message),
             })?;
@@ -847,6 +956,7 @@ impl Config {
                     concurrency,
                     timeout_secs,
                     custom_schema,
+                    dialect,
                 },
                 mapping,
                 schedule,
@@ -1285,6 +1395,46 @@ token = { value = "scim-token" }
         assert_eq!(i.target.concurrency, 8);
         assert_eq!(secret_of(i), "s3cr3t-value");
         assert!(i.link_existing);
+    }
+
+    #[test]
+    fn the_scim_dialect_can_be_pinned_and_every_bad_value_names_its_key() {
+        use crate::target::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
+        let text = format!(
+            "{GOOD}dialect = {{ patch_ops = [\"replace\"], clear = \"null\", put = false, filter = [\"userName\"], user_name_unique = \"case-sensitive\", email_type = false, not_kept = [\"displayName\"], no_patch = [\"externalId\"] }}\n"
+        );
+        let c = Config::from_toml(&text, Path::new("/etc/rs")).unwrap();
+        let d = &c.integrations[0].target.dialect;
+        assert_eq!(d.patch_ops, Some([PatchOp::Replace].into()));
+        assert_eq!(d.clear, Some(Clear::Null));
+        assert_eq!(d.put, Some(false));
+        assert_eq!(d.filter, Some([FilterAttr::UserName].into()));
+        assert_eq!(d.user_name_unique, Some(CaseRule::CaseSensitive));
+        assert_eq!(d.email_type, Some(false));
+        assert!(d.not_kept.contains("displayName") && d.no_patch.contains("externalId"));
+        let plain = Config::from_toml(GOOD, Path::new("/etc/rs")).unwrap();
+        assert_eq!(
+            plain.integrations[0].target.dialect,
+            DialectSettings::default(),
+            "nothing pinned by default"
+        );
+        for (bad, key) in [
+            ("patch_ops = [\"merge\"]", "target.dialect.patch_ops"),
+            ("clear = \"blank\"", "target.dialect.clear"),
+            ("filter = [\"email\"]", "target.dialect.filter"),
+            (
+                "user_name_unique = \"yes\"",
+                "target.dialect.user_name_unique",
+            ),
+            ("not_kept = [\"a b\"]", "target.dialect.not_kept"),
+            ("typo = true", "typo"),
+        ] {
+            let text = format!("{GOOD}dialect = {{ {bad} }}\n");
+            let e = Config::from_toml(&text, Path::new("/etc/rs"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     fn secret_of(i: &IntegrationConfig) -> &str {

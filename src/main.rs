@@ -56,6 +56,16 @@ enum Cmd {
         integration: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Go-live check: WRITES to the LMS. Creates canary users
+        /// (rostersync-probe-<random>@invalid.example), tries every operation the mapping and
+        /// the lifecycle need, deactivates them, prints what the LMS answered and what
+        /// rostersync will do, and stores the learned dialect.
+        #[arg(long)]
+        probe: bool,
+        /// With --probe: delete the canaries at the end (where the LMS supports DELETE)
+        /// instead of leaving them deactivated.
+        #[arg(long, requires = "probe")]
+        probe_delete: bool,
     },
     /// Makes the LMS users equal to the groups' members (a full reconcile).
     Reconcile {
@@ -392,7 +402,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             store.flush()?;
             Ok(0)
         }
-        Cmd::Check { integration, json } => {
+        Cmd::Check {
+            integration,
+            json,
+            probe,
+            probe_delete,
+        } => {
             init_logging(&cli, true);
             let config = load_config(&cli)?;
             if !json {
@@ -407,7 +422,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut lines = Vec::new();
             for cfg in config.select(integration.as_deref())? {
                 let i = Integration::build(cfg, &store)?;
+                if *probe && !json {
+                    println!(
+                        "probe {}: writing to the LMS at {} (canary users rostersync-probe-…@invalid.example)",
+                        cfg.name, cfg.target.url
+                    );
+                }
                 lines.extend(i.check().await);
+                if *probe {
+                    lines.push(i.probe(*probe_delete).await);
+                }
             }
             alerts.deliver_before_exit(ALERT_DELIVERY_LIMIT).await;
             if *json {

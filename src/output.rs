@@ -8,6 +8,7 @@ use crate::app::{CheckLine, CheckStatus};
 use crate::sync::mapping::{ACTIVE, EXTERNAL_ID, USER_NAME};
 use crate::sync::plan::{Action, PlannedChange};
 use crate::sync::reconcile::{Outcome, RunReport};
+use crate::target::probe::{ProbeReport, RowStatus};
 
 fn clip(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
@@ -121,6 +122,52 @@ pub fn render_checks(lines: &[CheckLine]) -> String {
             CheckStatus::Fail => "FAIL",
         };
         let _ = writeln!(s, "{tag} {}: {}: {}", l.integration, l.what, l.detail);
+        if let Some(p) = &l.probe {
+            s.push_str(&render_probe(p));
+        }
+    }
+    s
+}
+
+/// The probe's table: operation, what the LMS answered, what rostersync will do.
+pub fn render_probe(p: &ProbeReport) -> String {
+    let mut s = String::new();
+    let w_op = p
+        .rows
+        .iter()
+        .map(|r| r.operation.chars().count())
+        .max()
+        .unwrap_or(9)
+        .clamp(9, 60);
+    let w_ans = p
+        .rows
+        .iter()
+        .map(|r| r.answer.chars().count())
+        .max()
+        .unwrap_or(12)
+        .clamp(12, 70);
+    let _ = writeln!(
+        s,
+        "       {:<w_op$}  {:<w_ans$}  rostersync will",
+        "operation", "LMS answered"
+    );
+    for r in &p.rows {
+        let tag = match r.status {
+            RowStatus::Ok => "ok  ",
+            RowStatus::Warn => "warn",
+            RowStatus::Fail => "FAIL",
+        };
+        let _ = writeln!(
+            s,
+            "  {tag} {:<w_op$}  {:<w_ans$}  {}",
+            clip(&r.operation, w_op),
+            clip(&r.answer, w_ans),
+            r.action
+        );
+    }
+    let _ = writeln!(s, "  dialect now in force:");
+    for d in &p.dialect {
+        let _ = writeln!(s, "    {d}");
     }
     s
 }

@@ -132,6 +132,82 @@ async fn a_run_with_failed_users_exits_2_and_lists_them() {
     );
 }
 
+/// `check --probe` is the go-live check: it says it writes, prints the table (operation,
+/// the LMS's answer, what rostersync will do), leaves every canary deactivated, stores the
+/// dialect (the next `check` says when it was probed), and `--json` carries the table.
+#[tokio::test]
+async fn check_probe_prints_the_table_stores_the_dialect_and_leaves_no_active_canary() {
+    let env = spawn(EnvOptions {
+        users: 5,
+        dialect: rostersync::sim::scim::SimDialect::partial_library(),
+        ..Default::default()
+    })
+    .await;
+    let cfg = write_config(env.dir.path(), &env.config_toml);
+    let o = rostersync(&["check"], &cfg).await;
+    let out = text(&o);
+    assert!(
+        out.contains("WARN test: LMS dialect: not probed yet"),
+        "{out}"
+    );
+    let o = rostersync(&["check", "--probe"], &cfg).await;
+    let out = text(&o);
+    assert!(out.contains("probe test: writing to the LMS"), "{out}");
+    assert!(
+        out.contains("LMS answered") && out.contains("rostersync will"),
+        "{out}"
+    );
+    assert!(
+        out.contains("find by externalId") && out.contains("0 found although the canary has it"),
+        "{out}"
+    );
+    assert!(
+        out.contains("clear title") && out.contains("replace null"),
+        "{out}"
+    );
+    // displayName can never be cleared there (computed, refused by PATCH): not a failure.
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(!out.contains(SCIM_TOKEN) && !out.contains(FIXTURE_CLIENT_SECRET));
+    let canaries: Vec<_> = env
+        .scim
+        .users()
+        .into_iter()
+        .filter(|u| {
+            u["userName"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .starts_with("rostersync-probe-")
+        })
+        .collect();
+    assert!(canaries.len() >= 2, "{canaries:?}");
+    assert!(
+        canaries.iter().all(|u| u["active"] == false),
+        "{canaries:?}"
+    );
+    let o = rostersync(&["check"], &cfg).await;
+    let out = text(&o);
+    assert!(out.contains("LMS dialect: probed"), "{out}");
+    assert!(
+        out.contains("userName uniqueness: case-sensitive (learned)"),
+        "{out}"
+    );
+
+    let o = rostersync(&["check", "--probe", "--probe-delete", "--json"], &cfg).await;
+    let lines: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let probe = lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["what"] == "LMS probe")
+        .expect("a probe line");
+    assert!(
+        probe["probe"]["rows"].as_array().unwrap().len() > 20,
+        "{probe}"
+    );
+    assert!(probe["probe"]["dialect"].is_array());
+}
+
 /// `rostersync demo` needs no config or tenant: it reconciles the simulated tenant, starts
 /// serve, and every live change reaches the LMS; exit 0, no secret printed.
 #[tokio::test]

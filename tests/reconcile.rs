@@ -777,8 +777,9 @@ impl rostersync::target::Target for FailingAfter<'_> {
         &self,
         id: &str,
         c: &[rostersync::sync::mapping::AttrChange],
+        r: &rostersync::sync::mapping::Record,
     ) -> Result<(), rostersync::target::TargetError> {
-        self.inner.update(id, c).await
+        self.inner.update(id, c, r).await
     }
     async fn get(
         &self,

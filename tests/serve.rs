@@ -1093,3 +1093,86 @@ async fn stop_does_not_wait_for_a_stuck_lms_and_loses_nothing() {
     .await;
     again.stop().await;
 }
+
+/// `serve` on every SCIM dialect the simulator reproduces: a title change, a clear, a hire
+/// with a manager, a disable and its undoing, and a leaver reach the LMS in whatever form it
+/// takes (a clear the LMS cannot take at all stays, with a warning, and fails nobody).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_reach_the_lms_on_every_scim_dialect() {
+    for (name, d) in rostersync::sim::scim::SimDialect::all() {
+        let env = spawn(EnvOptions {
+            users: 16,
+            dialect: d.clone(),
+            ..Default::default()
+        })
+        .await;
+        let s = launch(env).await;
+        let env = &s.env;
+        let members: Vec<String> = env
+            .member_ids()
+            .into_iter()
+            .filter(|id| {
+                *id != env.fx.ceo_id && env.graph.user(id).is_some_and(|u| u.account_enabled)
+            })
+            .collect();
+        let someone = members[3].clone();
+        env.graph
+            .update_user(&someone, |u| u.job_title = Some(format!("Dialect {name}")));
+        wait_for(&format!("{name}: title change"), 5_000, || {
+            title(env, &someone).as_deref() == Some(&format!("Dialect {name}"))
+        })
+        .await;
+        let clearable = !(d.refuse_null && d.refuse_empty && d.no_put);
+        env.graph.update_user(&someone, |u| u.job_title = None);
+        if clearable {
+            // "" is no value (servers that clear with replace "" keep it).
+            wait_for(&format!("{name}: title cleared"), 5_000, || {
+                title(env, &someone).is_none_or(|t| t.is_empty())
+            })
+            .await;
+        }
+        let boss = members[0].clone();
+        env.graph.upsert_user(new_user(70, Some(boss.clone())));
+        let hire = new_user(70, None).id;
+        env.graph.add_member(&env.fx.all_group_id, &hire);
+        wait_for(&format!("{name}: hire created"), 5_000, || {
+            active(env, &hire) == Some(true)
+        })
+        .await;
+        let boss_lms = lms(env, &boss).expect("boss in the LMS")["id"].clone();
+        assert_eq!(
+            lms(env, &hire).unwrap()[ENTERPRISE]["manager"]["value"],
+            boss_lms,
+            "{name}: the hire's manager link"
+        );
+        env.graph.update_user(&hire, |u| u.account_enabled = false);
+        wait_for(&format!("{name}: disabled"), 5_000, || {
+            active(env, &hire) == Some(false)
+        })
+        .await;
+        env.graph.update_user(&hire, |u| u.account_enabled = true);
+        wait_for(&format!("{name}: re-enabled"), 5_000, || {
+            active(env, &hire) == Some(true)
+        })
+        .await;
+        env.graph.remove_member(&env.fx.all_group_id, &hire);
+        wait_for(&format!("{name}: left"), 5_000, || {
+            active(env, &hire) == Some(false)
+        })
+        .await;
+        let store = s.integ_store();
+        assert_eq!(
+            store.queue_stats(chrono::Utc::now()).unwrap().dead,
+            0,
+            "{name}: nothing buried"
+        );
+        if !clearable {
+            assert_eq!(
+                title(env, &someone).as_deref(),
+                Some(format!("Dialect {name}").as_str()),
+                "{name}: the LMS cannot clear it; it stays"
+            );
+        }
+        s.stop().await;
+    }
+}

@@ -304,7 +304,7 @@ async fn filters_escape_and_plus() {
     let id = h.create(user(tricky)).await;
     h.create(user("plain@example.edu")).await;
 
-    // Build the value with a JSON serializer (scim.md §3).
+    // Build the value with a JSON serializer (docs/scim.md).
     let lit = serde_json::to_string(tricky).expect("json");
     let r = h.filter(&format!("userName eq {lit}")).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -982,4 +982,223 @@ async fn concurrent_creates_are_unique() {
         .send_raw(Method::GET, "Users", None, Some("sim-scim-token"))
         .await;
     assert_eq!(r.status, 404);
+}
+
+/// Each dialect switch reproduces what a partial server answers (and the default stays
+/// strict, which every other test here checks).
+#[tokio::test]
+async fn dialect_switches_reproduce_partial_servers() {
+    use rostersync::sim::scim::SimDialect;
+    let sim = ScimSim::start(ScimSimConfig {
+        dialect: SimDialect::partial_library(),
+        ..ScimSimConfig::default()
+    })
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let base = sim.base_url();
+    let token = sim.token();
+    let send = |m: Method, path: &str, body: Option<Value>| {
+        let mut rb = http.request(m, format!("{base}{path}")).bearer_auth(&token);
+        if let Some(b) = body {
+            rb = rb
+                .header("Content-Type", "application/scim+json")
+                .body(b.to_string());
+        }
+        async move {
+            let r = rb.send().await.unwrap();
+            let status = r.status().as_u16();
+            let ct = r
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let text = r.text().await.unwrap();
+            (status, ct, text)
+        }
+    };
+    let json_of = |t: &str| -> Value { serde_json::from_str(t).unwrap_or(Value::Null) };
+
+    // Discovery: no totalResults; the config says patch yes, filter no.
+    let (s, _, t) = send(Method::GET, "/Schemas", None).await;
+    assert_eq!(s, 200);
+    assert!(json_of(&t).get("totalResults").is_none() && json_of(&t)["Resources"].is_array());
+    let (_, _, t) = send(Method::GET, "/ResourceTypes", None).await;
+    assert!(json_of(&t).get("totalResults").is_none());
+    let (_, _, t) = send(Method::GET, "/ServiceProviderConfig", None).await;
+    let spc = json_of(&t);
+    assert_eq!(
+        (
+            spc["patch"]["supported"].clone(),
+            spc["filter"]["supported"].clone()
+        ),
+        (json!(true), json!(false))
+    );
+    // 404 with an empty body; 401 with an empty text/html body.
+    let (s, _, t) = send(Method::GET, "/Schemas/urn:nope", None).await;
+    assert_eq!((s, t.as_str()), (404, ""));
+    let r = http.get(format!("{base}/Users")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert_eq!(r.text().await.unwrap(), "");
+
+    // Untyped e-mails, a computed displayName.
+    let (s, _, t) = send(Method::POST, "/Users", Some(user("ada@x.example"))).await;
+    assert_eq!(s, 201, "{t}");
+    let ada = json_of(&t);
+    let id = ada["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        ada["emails"],
+        json!([{"value": "ada@x.example", "primary": true}])
+    );
+    assert_eq!(ada["displayName"], "Lovelace, Ada");
+    // userName uniqueness is case-sensitive; the filter is not.
+    let (s, _, t) = send(Method::POST, "/Users", Some(user("ada@x.example"))).await;
+    assert_eq!(s, 409);
+    assert_eq!(
+        json_of(&t),
+        json!({"status": 409, "detail": "userName \"ada@x.example\" is already in use"})
+    );
+    let (s, _, _) = send(Method::POST, "/Users", Some(user("ADA@x.example"))).await;
+    assert_eq!(s, 201, "another case is another user here");
+    let enc = |f: &str| utf8_percent_encode(f, NON_ALPHANUMERIC).to_string();
+    let (_, _, t) = send(
+        Method::GET,
+        &format!("/Users?filter={}", enc("userName eq \"ada@X.example\"")),
+        None,
+    )
+    .await;
+    assert_eq!(json_of(&t)["totalResults"], 2);
+    // externalId is not filterable: 200 and nothing.
+    let (s, _, t) = send(
+        Method::GET,
+        &format!(
+            "/Users?filter={}",
+            enc("externalId eq \"ext-ada@x.example\"")
+        ),
+        None,
+    )
+    .await;
+    assert_eq!((s, json_of(&t)["totalResults"].clone()), (200, json!(0)));
+
+    // PATCH: replace only; displayName and externalId refused although declared writable.
+    let patch = |ops: Value| Some(json!({"schemas": [PATCH_OP], "Operations": ops}));
+    let path = format!("/Users/{id}");
+    let (s, _, _) = send(
+        Method::PATCH,
+        &path,
+        patch(json!([{"op": "add", "path": "title", "value": "x"}])),
+    )
+    .await;
+    assert_eq!(s, 501);
+    let (s, _, _) = send(
+        Method::PATCH,
+        &path,
+        patch(json!([{"op": "remove", "path": "title"}])),
+    )
+    .await;
+    assert_eq!(s, 501);
+    let (s, _, t) = send(
+        Method::PATCH,
+        &path,
+        patch(json!([{"op": "replace", "path": "title", "value": "T"},
+                     {"op": "replace", "path": "externalId", "value": "e"}])),
+    )
+    .await;
+    assert_eq!(s, 400);
+    let e = json_of(&t);
+    assert_eq!(e["scimType"], "mutability");
+    assert!(
+        e["detail"].as_str().unwrap().contains("Operations[1]"),
+        "{e}"
+    );
+    let (s, _, _) = send(
+        Method::PATCH,
+        &path,
+        patch(json!([{"op": "replace", "path": "emails[type eq \"work\"].value", "value": "n@x"}])),
+    )
+    .await;
+    assert_eq!(s, 400);
+    let (s, _, t) = send(
+        Method::PATCH,
+        &path,
+        patch(json!([{"op": "replace", "path": "title", "value": "T"}])),
+    )
+    .await;
+    assert_eq!((s, json_of(&t)["title"].clone()), (200, json!("T")));
+    let (s, _, t) = send(
+        Method::PATCH,
+        &path,
+        patch(json!([{"op": "replace", "path": "title", "value": null}])),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(json_of(&t).get("title").is_none());
+
+    // The other presets: PUT only, no filter, nothing clears.
+    let only_put = ScimSim::start(ScimSimConfig {
+        dialect: SimDialect::put_only(),
+        ..ScimSimConfig::default()
+    })
+    .await
+    .unwrap();
+    let h = Harness {
+        sim: only_put,
+        http: reqwest::Client::new(),
+        token: "sim-scim-token".into(),
+    };
+    let uid = h.create(user("p@x.example")).await;
+    assert_eq!(
+        h.patch(
+            &uid,
+            json!([{"op": "replace", "path": "title", "value": "x"}])
+        )
+        .await
+        .status,
+        501
+    );
+    assert_eq!(
+        h.get("/ServiceProviderConfig").await.body["patch"]["supported"],
+        false
+    );
+    let mut full = h.get(&format!("/Users/{uid}")).await.body;
+    full["title"] = json!("by PUT");
+    assert_eq!(
+        h.req(Method::PUT, &format!("/Users/{uid}"), Some(full))
+            .await
+            .body["title"],
+        "by PUT"
+    );
+    let nf = Harness::new(ScimSimConfig {
+        dialect: SimDialect::no_filter(),
+        ..ScimSimConfig::default()
+    })
+    .await;
+    let r = nf.filter("userName eq \"x\"").await;
+    assert_eq!((r.status, r.scim_type()), (400, Some("invalidFilter")));
+    let nc = Harness::new(ScimSimConfig {
+        dialect: SimDialect::no_clear(),
+        ..ScimSimConfig::default()
+    })
+    .await;
+    let cid = nc.create(user("c@x.example")).await;
+    for op in [
+        json!({"op": "replace", "path": "title", "value": null}),
+        json!({"op": "replace", "path": "title", "value": ""}),
+    ] {
+        let r = nc.patch(&cid, json!([op])).await;
+        assert_eq!((r.status, r.scim_type()), (400, Some("invalidValue")));
+    }
+    let r = nc
+        .req(
+            Method::PUT,
+            &format!("/Users/{cid}"),
+            Some(user("c@x.example")),
+        )
+        .await;
+    assert_eq!(r.status, 501);
 }

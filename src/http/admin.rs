@@ -244,6 +244,43 @@ pub struct IntegrationStatus {
     pub retrying: Vec<ItemView>,
     pub dead_letters: Vec<ItemView>,
     pub subscriptions: Vec<SubscriptionView>,
+    /// What the LMS's SCIM server takes: the last `check --probe` and what was learned since.
+    pub dialect: DialectView,
+}
+
+#[derive(Serialize, Default)]
+pub struct DialectView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probed_at: Option<DateTime<Utc>>,
+    /// What the LMS taught rostersync, oldest first.
+    pub lessons: Vec<crate::target::dialect::Lesson>,
+    /// The last `check --probe` table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<crate::target::probe::ProbeReport>,
+}
+
+fn dialect_view(store: &IntegrationStore, warnings: &mut Vec<String>) -> DialectView {
+    let learned: Option<crate::target::dialect::Learned> =
+        store.get_meta(crate::app::DIALECT_META).unwrap_or(None);
+    let probe: Option<crate::target::probe::ProbeReport> =
+        store.get_meta(crate::app::PROBE_META).unwrap_or(None);
+    match &probe {
+        None => warnings.push(
+            "the LMS was never probed: run `rostersync check --probe` (it writes canary users) before go-live".into(),
+        ),
+        Some(p) if p.failed() => warnings.push(
+            "the last `check --probe` found operations this LMS cannot do: see SCIM dialect".into(),
+        ),
+        Some(_) => {}
+    }
+    let (probed_at, lessons) = learned
+        .map(|l| (l.probed_at, l.lessons))
+        .unwrap_or_default();
+    DialectView {
+        probed_at,
+        lessons,
+        probe,
+    }
 }
 
 #[derive(Serialize)]
@@ -380,6 +417,7 @@ pub fn status_doc(admin: &Admin) -> StatusDoc {
                 }
             })
             .collect();
+        let dialect = dialect_view(&i.store, &mut warnings);
         out.push(IntegrationStatus {
             name: i.name.clone(),
             ready: checks.iter().all(|c| c.ok),
@@ -392,6 +430,7 @@ pub fn status_doc(admin: &Admin) -> StatusDoc {
             retrying,
             dead_letters,
             subscriptions,
+            dialect,
         });
     }
     let mut store_warnings = Vec::new();
@@ -595,14 +634,95 @@ code{{font-size:12px}}</style></head><body><h1>rostersync</h1><p>Generated {} ·
             );
         }
         h.push_str("</table>");
+        html_dialect(&mut h, &i.dialect);
     }
     h.push_str("</body></html>");
     h
 }
 
+/// The SCIM dialect section: the probe's table and what was learned since.
+fn html_dialect(h: &mut String, d: &DialectView) {
+    h.push_str("<h3>SCIM dialect</h3>");
+    match &d.probe {
+        None => h.push_str("<p>Never probed: run <code>rostersync check --probe</code>.</p>"),
+        Some(p) => {
+            let _ = write!(
+                h,
+                "<p>Probed {} with canary <code>{}</code>.</p><table><tr><th>operation</th><th>LMS answered</th><th>rostersync will</th></tr>",
+                time(&p.at),
+                esc(&p.canary)
+            );
+            for r in &p.rows {
+                let class = match r.status {
+                    crate::target::probe::RowStatus::Ok => "ok",
+                    crate::target::probe::RowStatus::Warn => "",
+                    crate::target::probe::RowStatus::Fail => "bad",
+                };
+                let _ = write!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td class=\"{class}\">{}</td></tr>",
+                    esc(&r.operation),
+                    esc(&r.answer),
+                    esc(&r.action)
+                );
+            }
+            h.push_str("</table><p>In force after the probe:</p><ul>");
+            for l in &p.dialect {
+                let _ = write!(h, "<li>{}</li>", esc(l));
+            }
+            h.push_str("</ul>");
+        }
+    }
+    if !d.lessons.is_empty() {
+        h.push_str(
+            "<table><tr><th>learned</th><th>what rostersync does now</th><th>from</th></tr>",
+        );
+        for l in &d.lessons {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                time(&l.at),
+                esc(&l.downgrade.to_string()),
+                esc(&l.evidence)
+            );
+        }
+        h.push_str("</table>");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dialect_section_shows_the_probe_table_escaped() {
+        use crate::target::probe::{ProbeReport, ProbeRow, RowStatus};
+        let mut h = String::new();
+        html_dialect(&mut h, &DialectView::default());
+        assert!(h.contains("check --probe"), "{h}");
+        let view = DialectView {
+            probed_at: Some(Utc::now()),
+            lessons: Vec::new(),
+            probe: Some(ProbeReport {
+                at: Utc::now(),
+                canary: "rostersync-probe-x@invalid.example".into(),
+                rows: vec![ProbeRow {
+                    operation: "clear <title>".into(),
+                    answer: "501".into(),
+                    action: "clear it with PATCH replace null".into(),
+                    status: RowStatus::Warn,
+                }],
+                dialect: vec!["PATCH ops: replace (learned)".into()],
+            }),
+        };
+        let mut h = String::new();
+        html_dialect(&mut h, &view);
+        assert!(
+            h.contains("clear &lt;title&gt;") && h.contains("replace null"),
+            "{h}"
+        );
+        assert!(h.contains("PATCH ops: replace (learned)"));
+    }
 
     #[test]
     fn html_escapes_everything_it_prints() {

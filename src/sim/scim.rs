@@ -2,14 +2,16 @@
 //!
 //! Serves `/Users`, `/Users/.search`, `/ServiceProviderConfig`, `/Schemas`, `/ResourceTypes`
 //! under `http://127.0.0.1:PORT/scim/v2` with bearer-token auth. Defaults are RFC-strict;
-//! Entra-compatible leniency is opt-in ([`ScimSimConfig::lenient_ops`]). Faults (429, 500,
-//! create-then-500, 503) are injected from a seeded RNG. The wire facts and quirks are in
-//! `shared/reference/scim.md`, cited below as "scim.md §n".
+//! Entra-compatible leniency is opt-in ([`ScimSimConfig::lenient_ops`]), and so are the
+//! behaviours of partial LMS servers ([`ScimSimConfig::dialect`], see [`SimDialect`]). Faults
+//! (429, 500, create-then-500, 503) are injected from a seeded RNG. `docs/scim.md` describes
+//! the wire facts and quirks this follows.
 //!
 //! Storage: a `HashMap` by id plus case-folded `userName` and exact `externalId` indexes
 //! (used for top-level `eq` filters) and a creation-order map for paging, so 100,000 users
 //! are fine.
 
+mod dialect;
 mod error;
 mod filter;
 mod patch;
@@ -30,6 +32,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
+pub use dialect::{SimDialect, SimFilter};
 use error::{ScimError, SCIM_CONTENT_TYPE};
 use schema::{Registry, LIST_RESPONSE_URN, SEARCH_REQUEST_URN};
 use store::{normalize_resource, project, render, Opts, State};
@@ -40,7 +43,7 @@ const BASE_PATH: &str = "/scim/v2";
 const MAX_BODY_BYTES: usize = 1 << 20;
 const WORKERS: usize = 2;
 
-/// Server behaviour. Defaults are RFC-strict (scim.md §10).
+/// Server behaviour. Defaults are RFC-strict (docs/scim.md).
 #[derive(Clone, Debug)]
 pub struct ScimSimConfig {
     /// Required bearer token.
@@ -60,6 +63,8 @@ pub struct ScimSimConfig {
     pub patch_returns_204: bool,
     /// Default 100: cap on `count` (advertised as `filter.maxResults`).
     pub max_page_size: usize,
+    /// Default strict: the partial-server behaviours to reproduce.
+    pub dialect: SimDialect,
 }
 
 impl Default for ScimSimConfig {
@@ -71,6 +76,7 @@ impl Default for ScimSimConfig {
             lenient_ops: false,
             patch_returns_204: false,
             max_page_size: 100,
+            dialect: SimDialect::default(),
         }
     }
 }
@@ -178,11 +184,12 @@ impl ScimSim {
         let listener = TcpListener::bind(("127.0.0.1", 0))?;
         let addr = listener.local_addr()?;
         let base_url = format!("http://{addr}{BASE_PATH}");
+        let case_sensitive = cfg.dialect.case_sensitive_user_names;
         let inner = Arc::new(Inner {
             reg: Registry::new(cfg.custom_extension.as_ref()),
             cfg,
             base_url: base_url.clone(),
-            state: RwLock::new(State::default()),
+            state: RwLock::new(State::new(case_sensitive)),
             faults: Mutex::new(FaultState {
                 faults: ScimFaults::default(),
                 rng: StdRng::seed_from_u64(0),
@@ -272,8 +279,9 @@ impl ScimSim {
 
     /// Inserts a user as if made by hand in the LMS (validated like a POST); returns its id.
     pub fn insert_user(&self, resource: Value) -> Result<String, String> {
-        let attrs = normalize_resource(&self.inner.reg, &resource, self.inner.opts())
+        let mut attrs = normalize_resource(&self.inner.reg, &resource, self.inner.opts())
             .map_err(|e| e.to_string())?;
+        self.inner.cfg.dialect.shape(&mut attrs);
         self.inner.write().insert(attrs).map_err(|e| e.to_string())
     }
 
@@ -383,6 +391,11 @@ async fn dispatch(
         return ScimError::new(503, None, "the service is unavailable").response();
     }
     if !authorized(&req, &inner.cfg.token) {
+        if inner.cfg.dialect.loose_errors {
+            return HttpResponse::Unauthorized()
+                .content_type("text/html")
+                .finish();
+        }
         return ScimError::new(401, None, "missing or invalid bearer token").response();
     }
     {
@@ -395,7 +408,7 @@ async fn dispatch(
         if fs.roll(r429) {
             drop(fs);
             inner.count("429");
-            // Not in RFC 7644's table, but real servers send it (scim.md §5, §9 item 10).
+            // Not in RFC 7644's table, but real servers send it (docs/scim.md).
             let mut resp = ScimError::new(429, None, "too many requests").response();
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
@@ -427,6 +440,7 @@ async fn dispatch(
     }
     match route(&inner, &req, &body) {
         Ok(r) => r,
+        Err(e) if inner.cfg.dialect.loose_errors => e.loose_response(inner.cfg.dialect.bare_errors),
         Err(e) => e.response(),
     }
 }
@@ -460,7 +474,7 @@ fn user_fault(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Option<UserFault
 
 fn query_params(req: &HttpRequest) -> Vec<(String, String)> {
     // form_urlencoded decodes `+` as a space as well as `%20` (Entra sends
-    // `filter=externalId+eq+%22x%22`, scim.md §3).
+    // `filter=externalId+eq+%22x%22`, docs/scim.md).
     url::form_urlencoded::parse(req.query_string().as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
@@ -534,15 +548,20 @@ fn route(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Result<HttpResponse, 
     };
 
     match segs.as_slice() {
-        ["ServiceProviderConfig"] => discovery(Some(schema::service_provider_config(
-            base,
-            inner.cfg.max_page_size.max(1),
-        ))),
-        ["Schemas"] => discovery(Some(schema::list_all(inner.reg.schema_docs(base)))),
+        ["ServiceProviderConfig"] => {
+            let mut spc = schema::service_provider_config(base, inner.cfg.max_page_size.max(1));
+            let d = &inner.cfg.dialect;
+            spc["patch"]["supported"] = json!(!d.no_patch);
+            spc["filter"]["supported"] =
+                json!(!d.advertise_no_filter && d.filter != SimFilter::None);
+            discovery(Some(spc))
+        }
+        ["Schemas"] => discovery(Some(discovery_list(inner, inner.reg.schema_docs(base)))),
         ["Schemas", urn] => discovery(inner.reg.schema_doc(base, urn)),
-        ["ResourceTypes"] => discovery(Some(schema::list_all(vec![inner
-            .reg
-            .user_resource_type(base)]))),
+        ["ResourceTypes"] => discovery(Some(discovery_list(
+            inner,
+            vec![inner.reg.user_resource_type(base)],
+        ))),
         ["ResourceTypes", "User"] => discovery(Some(inner.reg.user_resource_type(base))),
         ["ResourceTypes", _] => discovery(None),
         ["Bulk"] => Err(ScimError::new(
@@ -578,6 +597,9 @@ fn route(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Result<HttpResponse, 
                     &project_params(inner, r, &params),
                 ))
             }
+            Method::PUT if inner.cfg.dialect.no_put => {
+                Err(ScimError::new(501, None, "PUT is not supported"))
+            }
             Method::PUT => replace_user(inner, id, body, &params),
             Method::PATCH => patch_user(inner, id, body, &params),
             Method::DELETE => {
@@ -591,6 +613,19 @@ fn route(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Result<HttpResponse, 
         },
         _ => Err(unknown()),
     }
+}
+
+/// A discovery ListResponse, without `totalResults` for the servers that leave it out.
+fn discovery_list(inner: &Inner, items: Vec<Value>) -> Value {
+    let mut v = schema::list_all(items);
+    if inner.cfg.dialect.discovery_without_total {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("totalResults");
+            o.remove("itemsPerPage");
+            o.remove("startIndex");
+        }
+    }
+    v
 }
 
 fn project_params(inner: &Inner, resource: Value, params: &[(String, String)]) -> Value {
@@ -608,7 +643,8 @@ fn create_user(
     params: &[(String, String)],
 ) -> Result<HttpResponse, ScimError> {
     let v = parse_json(body)?;
-    let attrs = normalize_resource(&inner.reg, &v, inner.opts())?;
+    let mut attrs = normalize_resource(&inner.reg, &v, inner.opts())?;
+    inner.cfg.dialect.shape(&mut attrs);
     let resource = {
         let mut st = inner.write();
         let id = st.insert(attrs)?;
@@ -645,7 +681,8 @@ fn replace_user(
 ) -> Result<HttpResponse, ScimError> {
     let v = parse_json(body)?;
     // Full replace (RFC 7644 §3.5.1): readOnly attributes in the body are ignored.
-    let attrs = normalize_resource(&inner.reg, &v, inner.opts())?;
+    let mut attrs = normalize_resource(&inner.reg, &v, inner.opts())?;
+    inner.cfg.dialect.shape(&mut attrs);
     let mut st = inner.write();
     st.update(id, attrs)?;
     let r = inner
@@ -662,13 +699,16 @@ fn patch_user(
     params: &[(String, String)],
 ) -> Result<HttpResponse, ScimError> {
     let v = parse_json(body)?;
+    inner.cfg.dialect.check_patch(&v)?;
     let mut st = inner.write();
     let Some(rec) = st.users.get(id) else {
         return Err(ScimError::not_found(format!("User {id} not found")));
     };
+    inner.cfg.dialect.check_targets(&v, &rec.attrs)?;
     // Atomic (RFC 7644 §3.5.2): work on a copy, commit only if every op succeeded.
     let mut attrs = rec.attrs.clone();
     patch::apply_patch(&inner.reg, &mut attrs, &v, inner.opts())?;
+    inner.cfg.dialect.shape(&mut attrs);
     st.update(id, attrs)?;
     let r = inner
         .render_id(&st, id)
@@ -771,10 +811,25 @@ impl ListQuery {
     }
 }
 
-/// ListResponse (RFC 7644 §3.4.2; paging §3.4.2.4, scim.md §6): `startIndex` is 1-based
+/// ListResponse (RFC 7644 §3.4.2; paging §3.4.2.4, docs/scim.md): `startIndex` is 1-based
 /// (<1 → 1), `count` is capped at `max_page_size` (negative → 0; 0 → no `Resources`),
 /// `itemsPerPage` is the number returned on this page.
 fn list_users(inner: &Inner, q: &ListQuery) -> Result<Value, ScimError> {
+    let d = &inner.cfg.dialect;
+    if q.filter.is_some() && d.filter == SimFilter::None {
+        return Err(ScimError::invalid_filter("filtering is not supported"));
+    }
+    if q.filter
+        .as_deref()
+        .is_some_and(|f| d.filter_matches_nothing(f))
+    {
+        let mut out = Map::new();
+        out.insert("schemas".into(), json!([LIST_RESPONSE_URN]));
+        out.insert("totalResults".into(), json!(0));
+        out.insert("startIndex".into(), json!(1));
+        out.insert("itemsPerPage".into(), json!(0));
+        return Ok(Value::Object(out));
+    }
     let filter = match q.filter.as_deref() {
         Some(f) if !f.trim().is_empty() => Some(filter::parse_filter(&inner.reg, f)?),
         Some(_) => return Err(ScimError::invalid_filter("empty filter")),

@@ -1,7 +1,10 @@
 //! The mass-deactivation guard's memory (`<integration>/guard`): every deactivation written,
-//! by whichever path (reconcile, worker, `sync-user`), with its time, so that one budget per
-//! integration holds over a rolling window and across restarts; and the trip, once the budget
-//! was exceeded, which holds further deactivations until it is cleared.
+//! by whichever path (reconcile, worker, `sync-user`), with its time and user, so that one
+//! budget per integration holds over a rolling window and across restarts (a user deactivated
+//! twice within it counts once); and the trip, once the budget was exceeded, which holds
+//! further deactivations until it is cleared.
+
+use std::collections::HashSet;
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -27,35 +30,35 @@ fn key(at: DateTime<Utc>, seq: u64) -> [u8; 16] {
 }
 
 impl IntegrationStore {
-    /// Records `n` deactivations written now.
-    pub fn record_deactivations(&self, n: u64) -> Result<(), StoreError> {
-        if n == 0 {
+    /// Records the users deactivated now.
+    pub fn record_deactivations(&self, users: &[String]) -> Result<(), StoreError> {
+        if users.is_empty() {
             return Ok(());
         }
         let seq = self.db.generate_id()?;
-        self.guard.insert(key(Utc::now(), seq), encode(&n)?)?;
+        self.guard.insert(key(Utc::now(), seq), encode(&users)?)?;
         Ok(())
     }
 
-    /// Deactivations written since `since`; older records are dropped on the way.
-    pub fn deactivations_since(&self, since: DateTime<Utc>) -> Result<u64, StoreError> {
+    /// The users deactivated since `since`; older records are dropped on the way.
+    pub fn deactivated_since(&self, since: DateTime<Utc>) -> Result<HashSet<String>, StoreError> {
         let tree = format!("{}/guard", self.name);
         let cut = key(since, 0);
         let mut old = Vec::new();
-        let mut total = 0u64;
+        let mut users = HashSet::new();
         for r in self.guard.iter() {
             let (k, v) = r?;
             if k.as_ref() < &cut[..] {
                 old.push(k);
                 continue;
             }
-            let n: u64 = decode(&tree, &k, &v)?;
-            total = total.saturating_add(n);
+            let these: Vec<String> = decode(&tree, &k, &v)?;
+            users.extend(these);
         }
         for k in old {
             self.guard.remove(k)?;
         }
-        Ok(total)
+        Ok(users)
     }
 
     /// The trip that holds deactivations now, if one was recorded within `window`.
@@ -88,20 +91,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deactivations_are_summed_over_the_window_and_the_trip_expires() {
+    fn deactivated_users_are_counted_once_over_the_window_and_the_trip_expires() {
         let (_s, a) = store_a();
-        a.record_deactivations(20).unwrap();
-        a.record_deactivations(0).unwrap();
-        a.record_deactivations(5).unwrap();
+        let users =
+            |r: std::ops::Range<u32>| -> Vec<String> { r.map(|i| format!("u{i}")).collect() };
+        a.record_deactivations(&users(0..20)).unwrap();
+        a.record_deactivations(&[]).unwrap();
+        a.record_deactivations(&users(15..25)).unwrap();
         let hour_ago = Utc::now() - Duration::hours(1);
-        assert_eq!(a.deactivations_since(hour_ago).unwrap(), 25);
-        assert_eq!(
-            a.deactivations_since(Utc::now() + Duration::seconds(1))
-                .unwrap(),
-            0
-        );
+        assert_eq!(a.deactivated_since(hour_ago).unwrap().len(), 25);
+        assert!(a
+            .deactivated_since(Utc::now() + Duration::seconds(1))
+            .unwrap()
+            .is_empty());
         // The second call dropped the old records.
-        assert_eq!(a.deactivations_since(hour_ago).unwrap(), 0);
+        assert!(a.deactivated_since(hour_ago).unwrap().is_empty());
         let trip = GuardTrip {
             would_deactivate: 30,
             allowed: 25,

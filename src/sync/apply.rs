@@ -92,7 +92,7 @@ async fn apply_one<T: Target>(
                     target_id: target_id.clone(),
                 },
             };
-            match ctx.target.update(&target_id, &c.changes).await {
+            match ctx.target.update(&target_id, &c.changes, &c.record).await {
                 Ok(()) => Ok(indexed()),
                 Err(TargetError::NotFound(_)) if c.action == Action::Deactivate => {
                     // Deleted in the LMS by hand: nothing left to deactivate.
@@ -179,7 +179,7 @@ async fn link<T: Target>(
     current.retain(|k, _| managed.contains(k));
     let changes = plan::diff(&current, &c.record);
     if !changes.is_empty() {
-        ctx.target.update(&u.id, &changes).await?;
+        ctx.target.update(&u.id, &changes, &c.record).await?;
     }
     tracing::info!(target_id = %u.id, changed = changes.len(), "linked existing LMS user");
     let matched = if by_user_name {
@@ -368,60 +368,87 @@ async fn read_back<T: Target>(
 
 // ---- the deactivation budget ----
 
-/// Checks `would` deactivations against the integration's budget over its guard window (all
-/// paths share it). On a trip the trip is stored (it holds further deactivations until it
-/// expires or an operator allows them); `allow` (`--allow-mass-deactivation`) clears it.
+/// Checks the deactivation of `users` against the integration's budget over its guard window
+/// (all paths share it; a user already deactivated within the window costs nothing more). On a
+/// trip the trip is stored (it holds further deactivations until it expires or an operator
+/// allows them); `allow` (`--allow-mass-deactivation`) clears it.
 pub(crate) fn guard_check<T: Target>(
     ctx: &Context<'_, T>,
-    would: u64,
+    users: &[&str],
     allow: bool,
 ) -> Result<Result<(), GuardTrip>, StoreError> {
-    let store = ctx.store;
-    let cfg = ctx.cfg;
     if allow {
-        store.clear_guard_trip()?;
+        ctx.store.clear_guard_trip()?;
     }
-    if would == 0 {
-        return Ok(Ok(()));
-    }
-    let since = Utc::now() - cfg.guard_window;
-    let used = store.deactivations_since(since)?;
-    let limit = cfg.max_deactivations.to_string();
-    // A trip under another limit (the operator raised it) no longer holds.
-    let tripped = store
-        .guard_trip(cfg.guard_window)?
-        .is_some_and(|t| t.trip.limit == limit);
-    let r = plan::guard(
-        would,
-        store.active_count(),
-        used,
-        cfg.max_deactivations,
-        allow,
-        tripped,
-    );
+    let (r, tripped) = guard_verdict(ctx, users, allow)?;
     if let Err(trip) = &r {
         if !tripped {
-            store.put_guard_trip(trip)?;
+            ctx.store.put_guard_trip(trip)?;
         }
     }
     Ok(r)
 }
 
-/// Whether `would` deactivations are so far past what the budget has left (more than four
+/// The guard's verdict without storing a trip (a dry run).
+pub(crate) fn guard_preview<T: Target>(
+    ctx: &Context<'_, T>,
+    users: &[&str],
+    allow: bool,
+) -> Result<Result<(), GuardTrip>, StoreError> {
+    Ok(guard_verdict(ctx, users, allow)?.0)
+}
+
+/// The verdict, and whether a stored trip holds already.
+fn guard_verdict<T: Target>(
+    ctx: &Context<'_, T>,
+    users: &[&str],
+    allow: bool,
+) -> Result<(Result<(), GuardTrip>, bool), StoreError> {
+    let cfg = ctx.cfg;
+    let (used, would) = budget_use(ctx, users)?;
+    if would == 0 {
+        return Ok((Ok(()), false));
+    }
+    // A trip under another limit (the operator raised it) no longer holds.
+    let tripped = ctx
+        .store
+        .guard_trip(cfg.guard_window)?
+        .is_some_and(|t| t.trip.limit == cfg.max_deactivations.to_string());
+    let r = plan::guard(
+        would,
+        ctx.store.active_count(),
+        used,
+        cfg.max_deactivations,
+        allow,
+        tripped,
+    );
+    Ok((r, tripped))
+}
+
+/// (users deactivated within the guard window, how many of `users` are not among them).
+fn budget_use<T: Target>(ctx: &Context<'_, T>, users: &[&str]) -> Result<(u64, u64), StoreError> {
+    let since = Utc::now() - ctx.cfg.guard_window;
+    let done = ctx.store.deactivated_since(since)?;
+    let new: std::collections::HashSet<&str> = users
+        .iter()
+        .copied()
+        .filter(|u| !done.contains(*u))
+        .collect();
+    Ok((done.len() as u64, new.len() as u64))
+}
+
+/// Whether deactivating `users` is so far past what the budget has left (more than four
 /// times) that confirming each of them with Graph would only cost reads: a mass event.
 pub(crate) fn clearly_past_budget<T: Target>(
     ctx: &Context<'_, T>,
-    would: u64,
+    users: &[&str],
 ) -> Result<bool, StoreError> {
+    let (used, would) = budget_use(ctx, users)?;
     if would == 0 {
         return Ok(false);
     }
-    let cfg = ctx.cfg;
-    let used = ctx
-        .store
-        .deactivations_since(Utc::now() - cfg.guard_window)?;
     let base = ctx.store.active_count().saturating_add(used);
-    let left = cfg.max_deactivations.allowed(base).saturating_sub(used);
+    let left = ctx.cfg.max_deactivations.allowed(base).saturating_sub(used);
     Ok(would > left.max(1).saturating_mul(4))
 }
 

@@ -501,6 +501,13 @@ impl<T: Target> Run<'_, '_, T> {
         real.retain(|k, _| self.managed.contains(k));
         let mut known = e.record;
         known.retain(|k, _| self.managed.contains(k));
+        // What the LMS does not keep as sent (it computes it) is not drift: taken as applied.
+        for k in self.managed.iter().filter(|k| !self.caps.keeps(k)) {
+            match known.get(k) {
+                Some(v) => real.insert(k.clone(), v.clone()),
+                None => real.remove(k),
+            };
+        }
         if real == known {
             return false;
         }
@@ -682,6 +689,8 @@ impl<T: Target> Run<'_, '_, T> {
             }
         }
         self.settle_managers(deferred).await?;
+        // Fields the LMS could not take, and what was learned about it, in this run.
+        self.report.notes.extend(self.ctx.target.notes());
 
         if !self.opts.dry_run {
             let remember = std::mem::take(&mut self.remember);
@@ -722,27 +731,18 @@ impl<T: Target> Run<'_, '_, T> {
         let cfg = ctx.cfg;
         let n = candidates.len() as u64;
         let allow = self.opts.allow_mass_deactivation;
+        let ids: Vec<String> = candidates
+            .iter()
+            .map(|c| c.change.entra_id.clone())
+            .collect();
+        let who: Vec<&str> = ids.iter().map(String::as_str).collect();
         // A dry run stores no trip and reads nothing more: it judges the candidates as planned.
         // A real run confirms each with Graph first and counts the confirmed, but a mass event
         // far past the budget is stopped without a read for each of its users.
         let verdict = if self.opts.dry_run {
-            let used = ctx
-                .store
-                .deactivations_since(Utc::now() - cfg.guard_window)?;
-            let tripped = ctx
-                .store
-                .guard_trip(cfg.guard_window)?
-                .is_some_and(|t| t.trip.limit == cfg.max_deactivations.to_string());
-            plan::guard(
-                n,
-                ctx.store.active_count(),
-                used,
-                cfg.max_deactivations,
-                allow,
-                tripped,
-            )
-        } else if !allow && super::apply::clearly_past_budget(ctx, n)? {
-            super::apply::guard_check(ctx, n, allow)?
+            super::apply::guard_preview(ctx, &who, allow)?
+        } else if !allow && super::apply::clearly_past_budget(ctx, &who)? {
+            super::apply::guard_check(ctx, &who, allow)?
         } else {
             Ok(())
         };
@@ -762,10 +762,6 @@ impl<T: Target> Run<'_, '_, T> {
                 .await?;
             return Ok(());
         }
-        let ids: Vec<String> = candidates
-            .iter()
-            .map(|c| c.change.entra_id.clone())
-            .collect();
         let mapping = &cfg.mapping;
         let user_select = mapping.user_select();
         let manager_select = mapping.manager_select();
@@ -852,22 +848,26 @@ impl<T: Target> Run<'_, '_, T> {
             ));
         }
         // The budget, over what Graph confirmed.
-        let confirmed = apply
+        let confirmed: Vec<&str> = apply
             .iter()
             .filter(|c| c.action == Action::Deactivate)
-            .count() as u64;
-        if let Err(trip) = super::apply::guard_check(ctx, confirmed, allow)? {
+            .map(|c| c.entra_id.as_str())
+            .collect();
+        if let Err(trip) = super::apply::guard_check(ctx, &confirmed, allow)? {
             let (held, rest): (Vec<PlannedChange>, Vec<PlannedChange>) = apply
                 .into_iter()
                 .partition(|c| c.action == Action::Deactivate);
             self.apply_all(rest, true).await?;
             return self.held(held, trip);
         }
-        let before = self.report.counts.deactivated;
+        let before = self.report.changes.len();
         self.apply_all(apply, true).await?;
-        self.ctx
-            .store
-            .record_deactivations(self.report.counts.deactivated - before)?;
+        let done: Vec<String> = self.report.changes[before..]
+            .iter()
+            .filter(|c| c.action == Action::Deactivate)
+            .map(|c| c.entra_id.clone())
+            .collect();
+        self.ctx.store.record_deactivations(&done)?;
         Ok(())
     }
 

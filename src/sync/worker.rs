@@ -789,7 +789,7 @@ async fn one_round<T: Target>(
         stream::iter(calls).buffer_unordered(conc).collect().await;
     let mut entries = Vec::new();
     let mut uncertain = Vec::new();
-    let mut deactivated = 0u64;
+    let mut deactivated: Vec<String> = Vec::new();
     let mut moved = Vec::new();
     for (i, r) in results {
         let w = &mut work[i];
@@ -809,7 +809,7 @@ async fn one_round<T: Target>(
                     moved.push(c.entra_id.clone());
                 }
                 if c.action == Action::Deactivate {
-                    deactivated += 1;
+                    deactivated.push(c.entra_id.clone());
                 }
                 entries.push((c.entra_id.clone(), a.entry));
                 w.outcome = Some(UserOutcome::Done);
@@ -836,7 +836,7 @@ async fn one_round<T: Target>(
     if let Some(id) = intents {
         ctx.store.settle_intents(id, uncertain)?;
     }
-    ctx.store.record_deactivations(deactivated)?;
+    ctx.store.record_deactivations(&deactivated)?;
     finish_round(ctx, &mut work, out, first, opts, moved)
 }
 
@@ -920,7 +920,7 @@ async fn confirm<T: Target>(
     let now = Utc::now();
     let after = chrono::Duration::from_std(opts.gone_confirm_after).unwrap_or_default();
     let mut candidates: Vec<usize> = Vec::new();
-    let mut direct = 0u64;
+    let mut direct_ids: Vec<String> = Vec::new();
     for (i, w) in work.iter_mut().enumerate() {
         let Some(d) = &w.decision else { continue };
         if let (Some(why), Some(OutOfScope::LeftAllGroups | OutOfScope::Deleted)) =
@@ -951,11 +951,13 @@ async fn confirm<T: Target>(
                 }
                 candidates.push(i);
             }
-            Verdict::Change(c) if c.action == Action::Deactivate => direct += 1,
+            Verdict::Change(c) if c.action == Action::Deactivate => {
+                direct_ids.push(w.task.id.clone())
+            }
             _ => {}
         }
     }
-    if candidates.is_empty() && direct == 0 {
+    if candidates.is_empty() && direct_ids.is_empty() {
         return Ok(());
     }
     let (allowed, normal): (Vec<usize>, Vec<usize>) = candidates
@@ -964,12 +966,17 @@ async fn confirm<T: Target>(
         .partition(|&i| work[i].task.allow_mass);
     if !opts.dry_run && !allowed.is_empty() {
         // Replayed with --allow-mass-deactivation: the operator allowed them.
-        apply::guard_check(ctx, 0, true)?.ok();
+        apply::guard_check(ctx, &[], true)?.ok();
     }
     // A mass event far past the budget (a deleted group, say) is held without a Graph read
     // for each of its users; anything short of that is confirmed first and counted after.
-    if !opts.dry_run && apply::clearly_past_budget(ctx, normal.len() as u64 + direct)? {
-        let trip = apply::guard_check(ctx, normal.len() as u64 + direct, false)?.err();
+    let suspects: Vec<&str> = normal
+        .iter()
+        .map(|&i| work[i].task.id.as_str())
+        .chain(direct_ids.iter().map(String::as_str))
+        .collect();
+    if !opts.dry_run && apply::clearly_past_budget(ctx, &suspects)? {
+        let trip = apply::guard_check(ctx, &suspects, false)?.err();
         hold(ctx, work, &normal, opts, trip.as_ref());
         *tripped = trip;
         return guard_confirmed(ctx, work, opts, tripped);
@@ -1079,7 +1086,11 @@ fn guard_confirmed<T: Target>(
     if deactivations.is_empty() {
         return Ok(());
     }
-    if let Err(trip) = apply::guard_check(ctx, deactivations.len() as u64, false)? {
+    let who: Vec<&str> = deactivations
+        .iter()
+        .map(|&i| work[i].task.id.as_str())
+        .collect();
+    if let Err(trip) = apply::guard_check(ctx, &who, false)? {
         hold(ctx, work, &deactivations, opts, Some(&trip));
         *tripped = Some(trip);
     }

@@ -1,11 +1,18 @@
 //! The LMS side: a small [`Target`] trait and its SCIM 2.0 implementation.
 //!
 //! The trait speaks the neutral record vocabulary of `sync::mapping` (keys such as
-//! `emails.work`); only `target::scim` knows SCIM JSON. Every operation is idempotent: the sync
-//! looks up by externalId before it creates, and deactivation is an update of `active`.
+//! `emails.work`); only `target::scim` knows SCIM JSON. Every operation is idempotent: a
+//! create that may have happened is looked up before anything is posted again, and
+//! deactivation is an update of `active`.
+//!
+//! What one LMS's SCIM server really takes is its [`dialect::Dialect`]: `target::scim` adapts
+//! its writes and lookups to it, so the sync never needs to know.
 
+pub mod dialect;
+pub mod probe;
 pub mod scim;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 
 use crate::sync::mapping::{AttrChange, Record};
@@ -65,7 +72,7 @@ pub struct TargetUser {
     pub record: Record,
 }
 
-/// What the target can take, learnt from its discovery documents.
+/// What the target can take, learnt from its discovery documents and its dialect.
 #[derive(Clone, Debug, Default)]
 pub struct Capabilities {
     /// Whether the target served its schemas (otherwise core + enterprise are assumed).
@@ -73,8 +80,17 @@ pub struct Capabilities {
     pub enterprise: bool,
     /// Attribute names of the custom extension, when the target declares it.
     pub custom_attributes: Option<Vec<String>>,
+    /// The custom extension is pinned in config without being declared: every `custom.*`
+    /// attribute is sent.
+    pub custom_any: bool,
+    /// Top-level core User attributes the target declares (lowercase), when it declares any.
+    pub core_attributes: Option<BTreeSet<String>>,
+    /// Core attributes the target declares `readOnly` (lowercase): never sent.
+    pub read_only: BTreeSet<String>,
     pub patch: bool,
     pub filter: bool,
+    /// The dialect in force when discovery ran.
+    pub dialect: dialect::Dialect,
     /// Human-readable notes from discovery (for `check`).
     pub notes: Vec<String>,
 }
@@ -86,12 +102,29 @@ impl Capabilities {
             return self.enterprise;
         }
         if let Some(name) = key.strip_prefix("custom.") {
-            return self
-                .custom_attributes
-                .as_ref()
-                .is_some_and(|a| a.iter().any(|n| n.eq_ignore_ascii_case(name)));
+            return self.custom_any
+                || self
+                    .custom_attributes
+                    .as_ref()
+                    .is_some_and(|a| a.iter().any(|n| n.eq_ignore_ascii_case(name)));
         }
-        true
+        let top = key.split('.').next().unwrap_or(key).to_ascii_lowercase();
+        if self.read_only.contains(&top) {
+            return false;
+        }
+        match &self.core_attributes {
+            // userName, externalId and active are rostersync's own: always sent.
+            Some(declared) if !matches!(top.as_str(), "username" | "externalid" | "active") => {
+                declared.contains(&top)
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether the LMS keeps what is written to `key`; `reconcile --deep` compares only
+    /// those (a value the LMS computes itself would otherwise be rewritten at every run).
+    pub fn keeps(&self, key: &str) -> bool {
+        !self.dialect.not_kept.contains(key)
     }
 }
 
@@ -113,11 +146,15 @@ pub trait Target: Send + Sync {
         &self,
         record: &Record,
     ) -> impl Future<Output = Result<Option<String>, TargetError>> + Send;
-    /// Applies attribute changes to an existing user; never called with no change.
+    /// Applies attribute changes to an existing user; never called with no change. `record`
+    /// is the user's complete desired record (managed keys): some LMSs take only whole lists
+    /// or whole resources. A change the LMS cannot take at all is left out with a warning (see
+    /// [`Target::notes`]), not an error.
     fn update(
         &self,
         id: &str,
         changes: &[AttrChange],
+        record: &Record,
     ) -> impl Future<Output = Result<(), TargetError>> + Send;
     /// One user by target id; `None` when it does not exist (404).
     fn get(&self, id: &str)
@@ -132,5 +169,10 @@ pub trait Target: Send + Sync {
     /// failure of one user.
     fn reachable(&self) -> impl Future<Output = Result<(), TargetError>> + Send {
         async { self.list(1, 1).await.map(|_| ()) }
+    }
+    /// Warnings gathered since the last call (e.g. a field this LMS never lets be cleared, or
+    /// something learned about its dialect), at most one per user and field per run.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
     }
 }

@@ -3,7 +3,20 @@
 //! Owns all SCIM JSON: resource building, PATCH operations, filters, ListResponse paging,
 //! discovery and the SCIM error body. Requests are bounded by a semaphore (per target) and
 //! retried under the shared [`RetryPolicy`]; a POST is never retried blindly.
+//!
+//! Real LMS servers are partial, so this client is strict in what it sends and tolerant in
+//! what it reads, and it adapts to the server's [`Dialect`]: writes take the forms the server
+//! accepts (`write`), a write the server refuses with 501 or a 400 `invalidPath` / `noTarget` /
+//! `mutability` teaches a downgrade that is kept (through [`DialectMemory`]) and the change is
+//! retried in the downgraded form — once per thing learned, so it never loops — and lookups
+//! fall back to list-and-match where the server cannot filter (`listing`).
 
+mod listing;
+pub(crate) mod write;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -11,17 +24,57 @@ use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 use url::Url;
 
+use super::dialect::{
+    learn_patch, learn_put, CaseRule, Dialect, DialectSettings, Downgrade, FilterAttr, Form,
+    Learned, Refusal,
+};
 use super::{Capabilities, Target, TargetError, TargetUser};
 use crate::retry::{read_limited, retry_after, RetryPolicy};
 use crate::sync::mapping::{AttrChange, AttrValue, Record, ACTIVE, EXTERNAL_ID, USER_NAME};
+use listing::{Entry, Listing};
+pub(crate) use write::PatchPart;
 
 pub const CORE_USER: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 pub const ENTERPRISE_USER: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
-const PATCH_OP: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+pub(crate) const PATCH_OP: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 const MEDIA_TYPE: &str = "application/scim+json";
 const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Multi-valued attributes whose elements we address by `type`.
 const TYPED: &[&str] = &["emails", "phoneNumbers"];
+/// Rounds of "refused, learned, retried" one update may take: each round must teach something
+/// new, and there are fewer things to learn than this.
+const MAX_ROUNDS: usize = 12;
+/// Warnings kept for a run's report (all are logged).
+const MAX_NOTES: usize = 500;
+/// Answers to writes compared with what was written, per run.
+const ANSWERS_CHECKED: u64 = 32;
+
+/// Where the learned layer of the dialect is kept between runs (the integration's store).
+pub trait DialectMemory: Send + Sync {
+    fn load(&self) -> Option<Learned>;
+    fn save(&self, learned: &Learned);
+}
+
+/// The dialect's layers and the per-run warnings.
+struct DialectState {
+    discovered: DialectSettings,
+    learned: Learned,
+    pinned: DialectSettings,
+    effective: Arc<Dialect>,
+    /// (userName, key) already warned about in this run.
+    warned: HashSet<(String, String)>,
+    notes: Vec<String>,
+}
+
+impl DialectState {
+    fn resolve(&mut self) {
+        self.effective = Arc::new(Dialect::resolve(
+            &self.discovered,
+            &self.learned.settings,
+            &self.pinned,
+        ));
+    }
+}
 
 pub struct ScimTarget {
     http: reqwest::Client,
@@ -33,16 +86,32 @@ pub struct ScimTarget {
     retry: RetryPolicy,
     /// Integration name for metrics.
     label: String,
+    state: Mutex<DialectState>,
+    memory: Option<Box<dyn DialectMemory>>,
+    /// List-and-match for servers that cannot filter (taken lazily, once per run).
+    listing: tokio::sync::Mutex<Option<Listing>>,
+    /// Creates answered 409 so far (a lookup that misses after one retakes the listing).
+    conflicts: AtomicU64,
+    /// Answers to writes compared with what was written, in this run.
+    checked: AtomicU64,
 }
 
 /// Where a record key lives in a SCIM User.
-enum Place<'a> {
+pub(crate) enum Place<'a> {
     /// Top-level or `name.<sub>` attribute.
     Core(&'a str),
     /// Element of a multi-valued attribute selected by type: (`emails`, `work`).
     Typed(&'a str, &'a str),
     /// Attribute of an extension schema: (URN, attribute).
     Ext(String, &'a str),
+}
+
+/// What a PATCH or PUT attempt came to.
+enum Sent {
+    /// Applied; the body the server answered with (maybe the resource, maybe nothing).
+    Done(Vec<u8>),
+    /// Refused in a way that may teach something (400, 405, 501).
+    Refused(TargetError),
 }
 
 impl ScimTarget {
@@ -65,6 +134,15 @@ impl ScimTarget {
                 url: base.to_string(),
                 message: format!("cannot build the HTTP client: {e}"),
             })?;
+        let mut state = DialectState {
+            discovered: DialectSettings::default(),
+            learned: Learned::default(),
+            pinned: DialectSettings::default(),
+            effective: Arc::new(Dialect::default()),
+            warned: HashSet::new(),
+            notes: Vec::new(),
+        };
+        state.resolve();
         Ok(Self {
             http,
             base: base.as_str().trim_end_matches('/').to_string(),
@@ -73,6 +151,11 @@ impl ScimTarget {
             permits: Semaphore::new(concurrency.max(1)),
             retry: RetryPolicy::default(),
             label: String::new(),
+            state: Mutex::new(state),
+            memory: None,
+            listing: tokio::sync::Mutex::new(None),
+            conflicts: AtomicU64::new(0),
+            checked: AtomicU64::new(0),
         })
     }
 
@@ -87,7 +170,87 @@ impl ScimTarget {
         self
     }
 
-    fn place<'a>(&self, key: &'a str) -> Place<'a> {
+    /// The dialect pinned in config (`[integration.target] dialect = { … }`): never changed
+    /// by what the server answers.
+    pub fn with_dialect(self, pins: DialectSettings) -> Self {
+        {
+            let mut st = self.lock();
+            st.pinned = pins;
+            st.resolve();
+        }
+        self
+    }
+
+    /// Keeps what is learned about the server in `memory`, starting from what it holds.
+    pub fn with_memory(mut self, memory: Box<dyn DialectMemory>) -> Self {
+        if let Some(l) = memory.load() {
+            let mut st = self.lock();
+            st.learned = l;
+            st.resolve();
+        }
+        self.memory = Some(memory);
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DialectState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The dialect in force now.
+    pub fn dialect(&self) -> Arc<Dialect> {
+        Arc::clone(&self.lock().effective)
+    }
+
+    /// What the server has taught so far (the stored layer).
+    pub fn learned(&self) -> Learned {
+        self.lock().learned.clone()
+    }
+
+    /// Replaces the learned layer (after `check --probe`) and stores it.
+    pub fn set_learned(&self, learned: Learned) {
+        let mut st = self.lock();
+        st.learned = learned;
+        st.resolve();
+        if let Some(m) = &self.memory {
+            m.save(&st.learned);
+        }
+    }
+
+    /// Folds one lesson into the dialect, stores it and notes it; false when it teaches
+    /// nothing new or a config pin forbids it.
+    fn learn(&self, d: Downgrade, evidence: &str) -> bool {
+        let mut st = self.lock();
+        if d.pinned_against(&st.pinned) {
+            tracing::warn!(lesson = %d, evidence, "the LMS answer contradicts the dialect pinned in config; keeping the pin");
+            return false;
+        }
+        let now = Arc::clone(&st.effective);
+        if !d.apply(&mut st.learned.settings, &now) {
+            return false;
+        }
+        tracing::warn!(lesson = %d, evidence, "learned about the LMS's SCIM dialect");
+        st.notes
+            .push(format!("LMS dialect learned: {d} (after {evidence})"));
+        st.learned.record(d, evidence.to_string());
+        st.resolve();
+        if let Some(m) = &self.memory {
+            m.save(&st.learned);
+        }
+        true
+    }
+
+    /// A change this LMS cannot take: one warning per user and field per run.
+    fn warn_once(&self, user: &str, key: &str, text: String) {
+        let mut st = self.lock();
+        if st.warned.insert((user.to_string(), key.to_string())) {
+            tracing::warn!(user_name = user, key, "{text}");
+            if st.notes.len() < MAX_NOTES {
+                st.notes.push(format!("{user}: {text}"));
+            }
+        }
+    }
+
+    pub(crate) fn place<'a>(&self, key: &'a str) -> Place<'a> {
         if let Some(a) = key.strip_prefix("enterprise.") {
             return Place::Ext(ENTERPRISE_USER.to_string(), a);
         }
@@ -102,8 +265,6 @@ impl ScimTarget {
         Place::Core(key)
     }
 
-    /// Sends one request (bounded, retried on 429/5xx unless `idempotent` is false) and
-    /// returns status, Location header and body.
     /// One quick request (no retries, 5 s timeout) for health checks: `GET /Users?count=1`.
     pub async fn probe(&self) -> Result<(), String> {
         let url = format!("{}/Users?startIndex=1&count=1", self.base);
@@ -123,7 +284,9 @@ impl ScimTarget {
         }
     }
 
-    async fn send(
+    /// Sends one request (bounded, retried on 429/5xx unless `idempotent` is false) and
+    /// returns status, Location header and body.
+    pub(crate) async fn send(
         &self,
         method: reqwest::Method,
         path_and_query: &str,
@@ -215,12 +378,23 @@ impl ScimTarget {
         }
     }
 
-    fn error(&self, method: &'static str, path: &str, status: u16, body: &[u8]) -> TargetError {
+    /// A SCIM error answer, read tolerantly: `status` may be a number or absent, `scimType`
+    /// absent, the body `{"detail": …}` only, plain text or empty (RFC 7644 §3.12).
+    pub(crate) fn error(
+        &self,
+        method: &'static str,
+        path: &str,
+        status: u16,
+        body: &[u8],
+    ) -> TargetError {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        let detail = v
-            .get("detail")
-            .and_then(|d| d.as_str())
-            .map(str::to_string)
+        let detail = get_ci(&v, "detail")
+            .and_then(|d| match d {
+                Value::String(s) => Some(s.clone()),
+                Value::Null => None,
+                other => Some(other.to_string()),
+            })
+            .map(|d| clip(&d, 500))
             .unwrap_or_else(|| {
                 let text = String::from_utf8_lossy(&body[..body.len().min(300)])
                     .trim()
@@ -235,15 +409,15 @@ impl ScimTarget {
             method,
             path: path.to_string(),
             status,
-            scim_type: v
-                .get("scimType")
+            scim_type: get_ci(&v, "scimType")
                 .and_then(|t| t.as_str())
+                .filter(|t| !t.is_empty())
                 .map(str::to_string),
             detail,
         }
     }
 
-    fn decode(what: &str, body: &[u8]) -> Result<Value, TargetError> {
+    pub(crate) fn decode(what: &str, body: &[u8]) -> Result<Value, TargetError> {
         serde_json::from_slice(body).map_err(|e| TargetError::Decode {
             what: what.to_string(),
             message: e.to_string(),
@@ -289,144 +463,190 @@ impl ScimTarget {
         Value::Object(root)
     }
 
-    /// Translates record changes into RFC 7644 §3.5.2 PATCH operations.
-    pub fn patch_ops(&self, changes: &[AttrChange]) -> Vec<Value> {
-        let mut ops = Vec::with_capacity(changes.len());
-        for c in changes {
-            let key = c.key.as_str();
-            let (set_path, elem_path, container) = match self.place(key) {
-                Place::Core(k) => (k.to_string(), None, None),
-                Place::Typed(attr, ty) => (
-                    format!("{attr}[type eq \"{ty}\"].value"),
-                    Some(format!("{attr}[type eq \"{ty}\"]")),
-                    Some((attr, ty)),
-                ),
-                Place::Ext(urn, a) => (format!("{urn}:{a}"), None, None),
-            };
-            match (&c.old, &c.new) {
-                (_, None) => {
-                    ops.push(json!({"op": "remove", "path": elem_path.unwrap_or(set_path)}))
-                }
-                (old, Some(new)) => {
-                    let v = scalar(new);
-                    match container {
-                        // A typed element that did not exist must be added as a whole: a
-                        // replace through a value filter that matches nothing is `noTarget`.
-                        Some((attr, ty)) if old.is_none() => ops.push(
-                            json!({"op": "add", "path": attr, "value": [typed_element(ty, v)]}),
-                        ),
-                        _ => {
-                            let v = match self.place(key) {
-                                Place::Ext(_, a) => ext_value(a, v),
-                                _ => v,
-                            };
-                            let op = if old.is_some() || key == ACTIVE {
-                                "replace"
-                            } else {
-                                "add"
-                            };
-                            ops.push(json!({"op": op, "path": set_path, "value": v}))
-                        }
-                    }
-                }
-            }
-        }
-        ops
+    /// The PATCH operations for `changes` under the dialect in force (see `write`); changes
+    /// that need a PUT or cannot be made are not among them.
+    pub fn patch_ops(&self, changes: &[AttrChange], record: &Record) -> Vec<Value> {
+        let d = self.dialect();
+        write::plan(&d, changes, record, &|k| self.place(k))
+            .patch
+            .into_iter()
+            .map(|p| p.op)
+            .collect()
     }
 
-    /// Reads a SCIM User resource back into the record vocabulary (for linking).
+    /// Reads a SCIM User resource into the record vocabulary, tolerantly: attribute names in
+    /// any case, `""` is no value, booleans as `true`/`"True"`/`1`, the manager as an object or
+    /// a bare id, and an untyped primary (or sole) e-mail or phone number is the work one.
     pub fn parse_user(&self, v: &Value) -> Result<TargetUser, TargetError> {
         let bad = |m: &str| TargetError::Decode {
             what: "User resource".into(),
             message: m.to_string(),
         };
-        let id = v
-            .get("id")
-            .and_then(|i| i.as_str())
-            .ok_or_else(|| bad("a user has no id"))?;
+        let id = match get_ci(v, "id") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err(bad("a user has no id")),
+        };
         let user_name = get_ci(v, USER_NAME)
             .and_then(|u| u.as_str())
             .unwrap_or("")
             .to_string();
         let mut record = Record::new();
         record.insert(USER_NAME.into(), AttrValue::Str(user_name.clone()));
-        if let Some(e) = get_ci(v, EXTERNAL_ID).and_then(|e| e.as_str()) {
+        if let Some(e) = get_ci(v, EXTERNAL_ID)
+            .and_then(|e| e.as_str())
+            .filter(|e| !e.is_empty())
+        {
             record.insert(EXTERNAL_ID.into(), AttrValue::Str(e.to_string()));
         }
         record.insert(
             ACTIVE.into(),
             AttrValue::Bool(lenient_bool(get_ci(v, ACTIVE)).unwrap_or(true)),
         );
-        if let Some(o) = v.as_object() {
-            for (k, val) in o {
-                let lk = k.to_ascii_lowercase();
-                if lk == ENTERPRISE_USER.to_ascii_lowercase()
-                    || lk == self.custom_schema.to_ascii_lowercase()
-                {
-                    let prefix = if lk == ENTERPRISE_USER.to_ascii_lowercase() {
-                        "enterprise"
+        let enterprise = ENTERPRISE_USER.to_ascii_lowercase();
+        let custom = self.custom_schema.to_ascii_lowercase();
+        for (k, val) in v.as_object().into_iter().flatten() {
+            let lk = k.to_ascii_lowercase();
+            if lk == enterprise || lk == custom {
+                let prefix = if lk == enterprise {
+                    "enterprise"
+                } else {
+                    "custom"
+                };
+                for (a, av) in val.as_object().into_iter().flatten() {
+                    let s = if a.eq_ignore_ascii_case("manager") {
+                        get_ci(av, "value").and_then(|x| x.as_str()).or(av.as_str())
                     } else {
-                        "custom"
+                        av.as_str()
                     };
-                    if let Some(ext) = val.as_object() {
-                        for (a, av) in ext {
-                            let s = if a.eq_ignore_ascii_case("manager") {
-                                av.get("value").and_then(|x| x.as_str()).or(av.as_str())
-                            } else {
-                                av.as_str()
-                            };
-                            if let Some(s) = s.filter(|s| !s.is_empty()) {
-                                record
-                                    .insert(format!("{prefix}.{a}"), AttrValue::Str(s.to_string()));
-                            }
-                        }
+                    if let Some(s) = s.filter(|s| !s.is_empty()) {
+                        record.insert(format!("{prefix}.{a}"), AttrValue::Str(s.to_string()));
                     }
-                } else if TYPED.iter().any(|t| t.eq_ignore_ascii_case(k)) {
-                    let attr = TYPED
-                        .iter()
-                        .find(|t| t.eq_ignore_ascii_case(k))
-                        .copied()
-                        .unwrap_or("emails");
-                    for el in val.as_array().into_iter().flatten() {
-                        if let (Some(ty), Some(s)) = (
-                            el.get("type").and_then(|t| t.as_str()),
-                            el.get("value").and_then(|t| t.as_str()),
-                        ) {
-                            record.insert(
-                                format!("{attr}.{}", ty.to_ascii_lowercase()),
-                                AttrValue::Str(s.to_string()),
-                            );
-                        }
+                }
+            } else if let Some(attr) = TYPED.iter().find(|t| t.eq_ignore_ascii_case(k)) {
+                read_typed(attr, val, &mut record);
+            } else if lk == "name" {
+                for (sub, sv) in val.as_object().into_iter().flatten() {
+                    if let Some(s) = sv.as_str().filter(|s| !s.is_empty()) {
+                        record.insert(format!("name.{sub}"), AttrValue::Str(s.to_string()));
                     }
-                } else if lk == "name" {
-                    for (sub, sv) in val.as_object().into_iter().flatten() {
-                        if let Some(s) = sv.as_str().filter(|s| !s.is_empty()) {
-                            record.insert(format!("name.{sub}"), AttrValue::Str(s.to_string()));
-                        }
-                    }
-                } else if !matches!(
-                    lk.as_str(),
-                    "id" | "schemas" | "meta" | "username" | "externalid" | "active"
-                ) {
-                    if let Some(s) = val.as_str().filter(|s| !s.is_empty()) {
-                        record.insert(k.clone(), AttrValue::Str(s.to_string()));
-                    }
+                }
+            } else if !matches!(
+                lk.as_str(),
+                "id" | "schemas" | "meta" | "username" | "externalid" | "active"
+            ) {
+                if let Some(s) = val.as_str().filter(|s| !s.is_empty()) {
+                    record.insert(k.clone(), AttrValue::Str(s.to_string()));
                 }
             }
         }
         Ok(TargetUser {
-            id: id.to_string(),
+            id,
             user_name,
             record,
         })
     }
 
-    /// After an ambiguous create: looks the user up by externalId a few times, since filtered
-    /// lists can lag behind a create (scim.md §9.11).
-    async fn find_created(&self, external_id: &str) -> Result<Option<String>, TargetError> {
+    /// The answer to a write, parsed, while this run still compares answers with what was
+    /// written: the server's habits show in the first few, and parsing every 201 would cost a
+    /// first reconcile of many users real CPU.
+    fn worth_checking(&self, body: &[u8]) -> Option<Value> {
+        if body.is_empty() || self.checked.fetch_add(1, Ordering::Relaxed) >= ANSWERS_CHECKED {
+            return None;
+        }
+        serde_json::from_slice(body).ok()
+    }
+
+    /// Compares what the LMS answered after a write with what was written: keys it holds
+    /// differently (or, in a whole resource, not at all) are not kept by the LMS.
+    fn learn_from_answer(&self, sent: &Record, answer: &Value, whole: bool) {
+        let Ok(got) = self.parse_user(answer) else {
+            return;
+        };
+        let keys: Vec<&String> = sent.keys().filter(|k| k.as_str() != USER_NAME).collect();
+        let present = keys.iter().filter(|k| got.record.contains_key(**k)).count();
+        // A body that lacks most of what was sent is a summary, not the resource.
+        let full = whole && !keys.is_empty() && present * 2 >= keys.len();
+        for key in keys {
+            let held = got.record.get(key);
+            let differs = match held {
+                Some(_) => !write::same(held, sent.get(key)),
+                None => full && !write::same(None, sent.get(key)),
+            };
+            if differs && !self.dialect().not_kept.contains(key) {
+                let shown = held.map(|v| clip(&v.to_string(), 60));
+                let evidence = format!(
+                    "the LMS answered with {key} = {} for {}",
+                    shown.as_deref().unwrap_or("(none)"),
+                    clip(
+                        &sent.get(key).map(|v| v.to_string()).unwrap_or_default(),
+                        60
+                    )
+                );
+                self.learn(Downgrade::NotKept { key: key.clone() }, &evidence);
+                if key == EXTERNAL_ID {
+                    self.learn(
+                        Downgrade::NoFilter {
+                            attr: FilterAttr::ExternalId,
+                        },
+                        "the LMS does not keep externalId",
+                    );
+                }
+            }
+        }
+        let typed_sent = sent.keys().any(|k| k.starts_with("emails."));
+        if typed_sent && self.dialect().email_type {
+            let untyped = get_ci(answer, "emails")
+                .and_then(|e| e.as_array())
+                .is_some_and(|a| !a.is_empty() && a.iter().all(|e| get_ci(e, "type").is_none()));
+            if untyped {
+                self.learn(
+                    Downgrade::EmailTypeDropped,
+                    "the LMS answered with emails without their type",
+                );
+            }
+        }
+    }
+
+    // ---- lookups ----
+
+    /// After an ambiguous create: looks the user up — by externalId, and by userName with
+    /// our externalId (the externalId filter may silently match nothing), or in a fresh
+    /// listing where the LMS cannot filter — a few times, since filtered lists can lag behind
+    /// a create. Never answers with a user that is not ours.
+    async fn find_created(&self, record: &Record) -> Result<Option<String>, TargetError> {
+        let external_id = string_of(record, EXTERNAL_ID);
+        let user_name = string_of(record, USER_NAME);
+        if external_id.is_empty() {
+            return Ok(None);
+        }
         for attempt in 1..=3u32 {
-            if let Some(u) = self.find(EXTERNAL_ID, external_id).await? {
-                return Ok(Some(u.id));
+            let d = self.dialect();
+            if d.filters(FilterAttr::ExternalId) {
+                if let Some(u) = self.find(FilterAttr::ExternalId, &external_id).await? {
+                    return Ok(Some(u.id));
+                }
+            }
+            let d = self.dialect();
+            if d.filters(FilterAttr::UserName) {
+                if let Some(u) = self.find(FilterAttr::UserName, &user_name).await? {
+                    if string_of(&u.record, EXTERNAL_ID) == external_id {
+                        return Ok(Some(u.id));
+                    }
+                }
+            } else {
+                // No userName filter: a listing taken now sees the user if it exists (and
+                // retrying it would only repeat the same listing).
+                let l = self.fresh_listing().await?;
+                let Some(l) = l.as_ref() else {
+                    return Ok(None);
+                };
+                let by_name = l
+                    .by_user_name(&user_name)
+                    .iter()
+                    .find(|e| e.external_id.as_deref() == Some(external_id.as_str()))
+                    .map(|e| e.id.clone());
+                return Ok(by_name.or_else(|| l.by_external_id(&external_id).first().cloned()));
             }
             if attempt < 3 {
                 tokio::time::sleep(Duration::from_millis(150 * u64::from(attempt))).await;
@@ -435,43 +655,449 @@ impl ScimTarget {
         Ok(None)
     }
 
-    async fn find(
+    /// One user by userName or externalId: a filter where the LMS takes it, otherwise the
+    /// list-and-match listing.
+    async fn find(&self, attr: FilterAttr, value: &str) -> Result<Option<TargetUser>, TargetError> {
+        if self.dialect().filters(attr) {
+            match self.find_filtered(attr, value).await {
+                Err(TargetError::Http {
+                    status,
+                    scim_type,
+                    detail,
+                    ..
+                }) if matches!(status, 400 | 403 | 501)
+                    && (status != 400
+                        || scim_type
+                            .as_deref()
+                            .is_none_or(|t| t.eq_ignore_ascii_case("invalidFilter"))) =>
+                {
+                    let evidence = format!(
+                        "GET /Users?filter={} eq … answered {status}: {}",
+                        attr.as_str(),
+                        clip(&detail, 120)
+                    );
+                    self.learn(Downgrade::NoFilter { attr }, &evidence);
+                }
+                r => return r,
+            }
+        }
+        self.find_listed(attr, value).await
+    }
+
+    async fn find_filtered(
         &self,
-        attr: &'static str,
+        attr: FilterAttr,
         value: &str,
     ) -> Result<Option<TargetUser>, TargetError> {
-        let path = eq_filter_path(attr, value);
+        let name = attr.as_str();
+        let path = eq_filter_path(name, value);
         let (status, _, body) = self.send(reqwest::Method::GET, &path, None, true).await?;
         if status != 200 {
-            return Err(self.error("GET", &format!("/Users?filter={attr} eq …"), status, &body));
+            return Err(self.error("GET", &format!("/Users?filter={name} eq …"), status, &body));
         }
         let v = Self::decode("filtered ListResponse", &body)?;
-        let resources = v
-            .get("Resources")
+        let resources = get_ci(&v, "Resources")
             .and_then(|r| r.as_array())
             .cloned()
             .unwrap_or_default();
-        // Some servers ignore filters (scim.md §9.6): re-check every returned resource.
-        let mut matches = Vec::new();
+        // Some servers ignore filters (docs/scim.md): re-check every returned resource.
+        let mut candidates = Vec::new();
         for r in &resources {
-            let candidate = get_ci(r, attr).and_then(|x| x.as_str()).unwrap_or("");
-            let same = if attr == USER_NAME {
-                candidate.to_lowercase() == value.to_lowercase()
-            } else {
-                candidate == value
+            let Ok(u) = self.parse_user(r) else {
+                continue;
             };
-            if same {
-                matches.push(self.parse_user(r)?);
+            let got = string_of(&u.record, name);
+            if got == value
+                || (attr == FilterAttr::UserName && got.to_lowercase() == value.to_lowercase())
+            {
+                candidates.push(u);
             }
         }
-        match matches.len() {
-            0 => Ok(None),
-            1 => Ok(matches.pop()),
-            n => Err(TargetError::Ambiguous {
-                attr,
-                value: value.to_string(),
-                count: n,
-            }),
+        pick(attr, value, candidates)
+    }
+
+    /// Looks a user up in the listing of `/Users`, taking it first when needed.
+    async fn find_listed(
+        &self,
+        attr: FilterAttr,
+        value: &str,
+    ) -> Result<Option<TargetUser>, TargetError> {
+        let mut guard = self.listing.lock().await;
+        for round in 0..2 {
+            let conflicts = self.conflicts.load(Ordering::SeqCst);
+            let usable = guard.as_ref().is_some_and(|l| {
+                l.fresh(listing::MAX_AGE) && (round == 0 || l.conflicts == conflicts)
+            });
+            if !usable {
+                *guard = Some(self.take_listing(conflicts).await?);
+            }
+            let Some(l) = guard.as_ref() else { break };
+            let ids: Vec<String> = match attr {
+                FilterAttr::UserName => {
+                    l.by_user_name(value).iter().map(|e| e.id.clone()).collect()
+                }
+                FilterAttr::ExternalId => l.by_external_id(value).to_vec(),
+            };
+            if ids.is_empty() {
+                // A 409 since the listing was taken: the user exists; look again once.
+                if round == 0 && l.conflicts < conflicts && usable {
+                    continue;
+                }
+                return Ok(None);
+            }
+            let mut found = Vec::new();
+            for id in ids {
+                if let Some(u) = self.get(&id).await? {
+                    found.push(u);
+                }
+            }
+            return pick(attr, value, found);
+        }
+        Ok(None)
+    }
+
+    /// The listing taken now (after an ambiguous create: it must see the latest users).
+    async fn fresh_listing(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<Listing>>, TargetError> {
+        let mut guard = self.listing.lock().await;
+        let conflicts = self.conflicts.load(Ordering::SeqCst);
+        *guard = Some(self.take_listing(conflicts).await?);
+        Ok(guard)
+    }
+
+    /// Pages through `/Users` keeping only id, userName and externalId of each user.
+    async fn take_listing(&self, conflicts: u64) -> Result<Listing, TargetError> {
+        const PAGE: usize = 100;
+        let mut l = Listing::new(conflicts);
+        let mut start = 1;
+        let mut seen = 0usize;
+        while seen < listing::MAX_USERS {
+            let page = self.list_raw(start, PAGE).await?;
+            if page.is_empty() {
+                break;
+            }
+            // Advance by what came back, not by totalResults (docs/scim.md).
+            start += page.len();
+            seen += page.len();
+            for r in &page {
+                let Some(id) = get_ci(r, "id").and_then(|i| i.as_str()) else {
+                    continue;
+                };
+                l.insert(Entry {
+                    id: id.to_string(),
+                    user_name: get_ci(r, USER_NAME)
+                        .and_then(|u| u.as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                    external_id: get_ci(r, EXTERNAL_ID)
+                        .and_then(|x| x.as_str())
+                        .filter(|x| !x.is_empty())
+                        .map(str::to_string),
+                });
+            }
+        }
+        tracing::info!(
+            users = l.len(),
+            "listed the LMS's users for lookups (it cannot filter)"
+        );
+        Ok(l)
+    }
+
+    /// On a server whose userNames are unique case-sensitively: whether a user with this
+    /// userName in any case exists already (from the listing, taken once per run).
+    async fn exists_in_any_case(&self, user_name: &str) -> Result<bool, TargetError> {
+        let mut guard = self.listing.lock().await;
+        let usable = guard.as_ref().is_some_and(|l| l.fresh(listing::MAX_AGE));
+        if !usable {
+            let conflicts = self.conflicts.load(Ordering::SeqCst);
+            *guard = Some(self.take_listing(conflicts).await?);
+        }
+        Ok(guard
+            .as_ref()
+            .is_some_and(|l| !l.by_user_name(user_name).is_empty()))
+    }
+
+    async fn remember_created(&self, id: &str, record: &Record) {
+        let mut guard = self.listing.lock().await;
+        if let Some(l) = guard.as_mut() {
+            let ext = string_of(record, EXTERNAL_ID);
+            l.insert(Entry {
+                id: id.to_string(),
+                user_name: string_of(record, USER_NAME),
+                external_id: (!ext.is_empty()).then_some(ext),
+            });
+        }
+    }
+
+    async fn list_raw(&self, start: usize, count: usize) -> Result<Vec<Value>, TargetError> {
+        let path = format!("/Users?startIndex={start}&count={count}");
+        let (status, _, body) = self.send(reqwest::Method::GET, &path, None, true).await?;
+        if status != 200 {
+            return Err(self.error("GET", &path, status, &body));
+        }
+        let v = Self::decode("ListResponse", &body)?;
+        Ok(get_ci(&v, "Resources")
+            .and_then(|r| r.as_array())
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    // ---- writes ----
+
+    /// One PATCH with `parts`; a 400/405/501 comes back as `Sent::Refused`.
+    async fn send_patch(&self, id: &str, parts: &[&PatchPart]) -> Result<Sent, TargetError> {
+        let ops: Vec<&Value> = parts.iter().map(|p| &p.op).collect();
+        let body = json!({"schemas": [PATCH_OP], "Operations": ops});
+        let path = format!("/Users/{}", crate::graph::urlencode(id));
+        let (status, _, bytes) = self
+            .send(reqwest::Method::PATCH, &path, Some(&body), true)
+            .await?;
+        match status {
+            200 | 204 => Ok(Sent::Done(bytes)),
+            404 => Err(TargetError::NotFound(id.to_string())),
+            400 | 405 | 501 => Ok(Sent::Refused(self.error("PATCH", &path, status, &bytes))),
+            _ => Err(self.error("PATCH", &path, status, &bytes)),
+        }
+    }
+
+    /// GET, change, PUT (RFC 7644 §3.5.1): for what PATCH cannot do.
+    async fn put_changes(&self, id: &str, changes: &[AttrChange]) -> Result<Sent, TargetError> {
+        let path = format!("/Users/{}", crate::graph::urlencode(id));
+        let (status, _, body) = self.send(reqwest::Method::GET, &path, None, true).await?;
+        match status {
+            200 => {}
+            404 => return Err(TargetError::NotFound(id.to_string())),
+            _ => return Err(self.error("GET", &path, status, &body)),
+        }
+        let current = Self::decode("User", &body)?;
+        let d = self.dialect();
+        let next = write::apply_to_resource(&current, changes, &|k| self.place(k), d.email_type);
+        let (status, _, bytes) = self
+            .send(reqwest::Method::PUT, &path, Some(&next), true)
+            .await?;
+        match status {
+            200 | 204 => Ok(Sent::Done(bytes)),
+            404 => Err(TargetError::NotFound(id.to_string())),
+            400 | 405 | 501 => Ok(Sent::Refused(self.error("PUT", &path, status, &bytes))),
+            _ => Err(self.error("PUT", &path, status, &bytes)),
+        }
+    }
+
+    /// What a refused PATCH part teaches; true when something new was learned.
+    fn learn_from_patch(&self, part: &PatchPart, e: &TargetError) -> bool {
+        let TargetError::Http {
+            status,
+            scim_type,
+            detail,
+            ..
+        } = e
+        else {
+            return false;
+        };
+        let r = Refusal {
+            status: *status,
+            scim_type: scim_type.as_deref(),
+        };
+        let evidence = format!(
+            "PATCH {} {} answered {status}{}: {}",
+            part.kind.as_str(),
+            part.path,
+            scim_type
+                .as_deref()
+                .map(|t| format!(" {t}"))
+                .unwrap_or_default(),
+            clip(detail, 120)
+        );
+        let mut any = false;
+        for d in learn_patch(part.kind, &part.form, &part.keys, r) {
+            any |= self.learn(d, &evidence);
+        }
+        any
+    }
+
+    fn learn_from_put(&self, changes: &[AttrChange], e: &TargetError) -> bool {
+        let TargetError::Http {
+            status,
+            scim_type,
+            detail,
+            ..
+        } = e
+        else {
+            return false;
+        };
+        let r = Refusal {
+            status: *status,
+            scim_type: scim_type.as_deref(),
+        };
+        let keys: Vec<String> = changes.iter().map(|c| c.key.clone()).collect();
+        let clearing = changes.iter().all(|c| c.new.is_none());
+        let evidence = format!(
+            "PUT of {} answered {status}{}: {}",
+            keys.join(", "),
+            scim_type
+                .as_deref()
+                .map(|t| format!(" {t}"))
+                .unwrap_or_default(),
+            clip(detail, 120)
+        );
+        let mut any = false;
+        for d in learn_put(&keys, clearing, r) {
+            any |= self.learn(d, &evidence);
+        }
+        any
+    }
+
+    /// Sends the PATCH part of a plan. Returns the changes still to make (of operations that
+    /// were refused and taught something), or the error when nothing could be learned.
+    async fn patch_round(
+        &self,
+        id: &str,
+        parts: &[PatchPart],
+        pending: &[AttrChange],
+    ) -> Result<Vec<AttrChange>, TargetError> {
+        let of = |part: &PatchPart| -> Vec<AttrChange> {
+            pending
+                .iter()
+                .filter(|c| part.keys.contains(&c.key))
+                .cloned()
+                .collect()
+        };
+        let all: Vec<&PatchPart> = parts.iter().collect();
+        let e = match self.send_patch(id, &all).await? {
+            Sent::Done(answer) => {
+                if let Some(a) = self.worth_checking(&answer) {
+                    let done: Vec<AttrChange> = parts.iter().flat_map(of).collect();
+                    self.learn_from_answer(&write::written(&done), &a, false);
+                }
+                return Ok(Vec::new());
+            }
+            Sent::Refused(e) => e,
+        };
+        // The request is atomic: nothing was applied. Blame the one operation the server
+        // names, or else try each operation alone.
+        let blamed = blame(parts, &e);
+        if let Some(i) = blamed {
+            if self.learn_from_patch(&parts[i], &e) {
+                return Ok(parts.iter().flat_map(of).collect());
+            }
+            if self
+                .try_put_instead(id, &parts[i], &e, &of(&parts[i]))
+                .await?
+            {
+                // That one is written; the others go again in the next round.
+                return Ok((0..parts.len())
+                    .filter(|j| *j != i)
+                    .flat_map(|j| of(&parts[j]))
+                    .collect());
+            }
+        }
+        if parts.len() == 1 {
+            return match self
+                .try_put_instead(id, &parts[0], &e, &of(&parts[0]))
+                .await?
+            {
+                true => Ok(Vec::new()),
+                false => Err(e),
+            };
+        }
+        let mut again = Vec::new();
+        let mut first: Option<TargetError> = None;
+        for part in parts {
+            match self.send_patch(id, &[part]).await? {
+                Sent::Done(_) => {}
+                Sent::Refused(e) => {
+                    if self.learn_from_patch(part, &e) {
+                        again.extend(of(part));
+                    } else if !self.try_put_instead(id, part, &e, &of(part)).await? {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(again),
+        }
+    }
+
+    /// A plain 400 to setting a value says too little to learn from: it may be the value. If
+    /// a PUT takes the same change, the server refuses PATCH for this attribute (true, and
+    /// learned); otherwise the refusal stands (false).
+    async fn try_put_instead(
+        &self,
+        id: &str,
+        part: &PatchPart,
+        e: &TargetError,
+        changes: &[AttrChange],
+    ) -> Result<bool, TargetError> {
+        let setting = matches!(
+            part.form,
+            Form::Set | Form::SetAbsent | Form::WholeList | Form::WholeListAbsent
+        );
+        let plain_400 = matches!(e, TargetError::Http { status: 400, .. });
+        if !setting || !plain_400 || !self.dialect().put || changes.is_empty() {
+            return Ok(false);
+        }
+        match self.put_changes(id, changes).await? {
+            Sent::Done(_) => {
+                let TargetError::Http { detail, .. } = e else {
+                    return Ok(true);
+                };
+                let evidence = format!(
+                    "PATCH {} {} answered 400: {}; PUT took it",
+                    part.kind.as_str(),
+                    part.path,
+                    clip(detail, 120)
+                );
+                for key in &part.keys {
+                    self.learn(Downgrade::NoPatchFor { key: key.clone() }, &evidence);
+                }
+                Ok(true)
+            }
+            Sent::Refused(_) => Ok(false),
+        }
+    }
+
+    /// Sends the PUT part of a plan, like [`Self::patch_round`].
+    async fn put_round(
+        &self,
+        id: &str,
+        changes: &[AttrChange],
+    ) -> Result<Vec<AttrChange>, TargetError> {
+        let e = match self.put_changes(id, changes).await? {
+            Sent::Done(answer) => {
+                if let Some(a) = self.worth_checking(&answer) {
+                    self.learn_from_answer(&write::written(changes), &a, false);
+                }
+                return Ok(Vec::new());
+            }
+            Sent::Refused(e) => e,
+        };
+        if self.learn_from_put(changes, &e) {
+            return Ok(changes.to_vec());
+        }
+        if changes.len() == 1 {
+            return Err(e);
+        }
+        let mut again = Vec::new();
+        let mut first = None;
+        for c in changes {
+            let one = std::slice::from_ref(c);
+            match self.put_changes(id, one).await? {
+                Sent::Done(_) => {}
+                Sent::Refused(e) => {
+                    if self.learn_from_put(one, &e) {
+                        again.push(c.clone());
+                    } else {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(again),
         }
     }
 }
@@ -484,20 +1110,28 @@ impl Target for ScimTarget {
             filter: true,
             ..Default::default()
         };
+        let mut found = DialectSettings::default();
         let (status, _, body) = self
             .send(reqwest::Method::GET, "/ServiceProviderConfig", None, true)
             .await?;
         if status >= 500 {
             return Err(self.error("GET", "/ServiceProviderConfig", status, &body));
         }
-        if status == 200 {
-            let v = Self::decode("/ServiceProviderConfig", &body)?;
-            caps.patch = lenient_bool(v.pointer("/patch/supported")).unwrap_or(true);
-            caps.filter = lenient_bool(v.pointer("/filter/supported")).unwrap_or(true);
-        } else {
-            caps.notes.push(format!(
+        match (status, serde_json::from_slice::<Value>(&body)) {
+            (200, Ok(v)) => {
+                if lenient_bool(get_path_ci(&v, &["patch", "supported"])) == Some(false) {
+                    found.patch_ops = Some(BTreeSet::new());
+                }
+                if lenient_bool(get_path_ci(&v, &["filter", "supported"])) == Some(false) {
+                    found.filter = Some(BTreeSet::new());
+                }
+            }
+            (200, Err(_)) => caps
+                .notes
+                .push("/ServiceProviderConfig is not JSON; assuming PATCH and filters work".into()),
+            _ => caps.notes.push(format!(
                 "/ServiceProviderConfig not served ({status}); assuming PATCH and filters work"
-            ));
+            )),
         }
         let (status, _, body) = self
             .send(reqwest::Method::GET, "/Schemas", None, true)
@@ -505,54 +1139,122 @@ impl Target for ScimTarget {
         if status >= 500 {
             return Err(self.error("GET", "/Schemas", status, &body));
         }
-        if status == 200 {
-            let v = Self::decode("/Schemas", &body)?;
-            let list = match &v {
-                Value::Array(a) => a.clone(),
-                _ => v
-                    .get("Resources")
-                    .and_then(|r| r.as_array())
-                    .cloned()
-                    .unwrap_or_default(),
-            };
+        let schemas = (status == 200)
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten();
+        if let Some(v) = schemas {
             caps.discovered = true;
             caps.enterprise = false;
-            for s in &list {
-                let id = s.get("id").and_then(|i| i.as_str()).unwrap_or("");
+            for s in listed(&v) {
+                let id = get_ci(s, "id").and_then(|i| i.as_str()).unwrap_or("");
+                let attrs: Vec<&Value> = get_ci(s, "attributes")
+                    .and_then(|a| a.as_array())
+                    .map(|a| a.iter().collect())
+                    .unwrap_or_default();
+                let name_of = |x: &Value| {
+                    get_ci(x, "name")
+                        .and_then(|n| n.as_str())
+                        .map(str::to_string)
+                };
                 if id.eq_ignore_ascii_case(ENTERPRISE_USER) {
                     caps.enterprise = true;
                 } else if id.eq_ignore_ascii_case(&self.custom_schema) {
-                    let names = s
-                        .get("attributes")
-                        .and_then(|a| a.as_array())
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|x| {
-                                    x.get("name").and_then(|n| n.as_str()).map(str::to_string)
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    caps.custom_attributes = Some(names);
+                    caps.custom_attributes =
+                        Some(attrs.iter().filter_map(|x| name_of(x)).collect());
+                } else if id.eq_ignore_ascii_case(CORE_USER) && !attrs.is_empty() {
+                    let mut declared = BTreeSet::new();
+                    for a in &attrs {
+                        let Some(n) = name_of(a) else { continue };
+                        let n = n.to_ascii_lowercase();
+                        let ro = get_ci(a, "mutability")
+                            .and_then(|m| m.as_str())
+                            .is_some_and(|m| m.eq_ignore_ascii_case("readOnly"));
+                        if ro && !matches!(n.as_str(), "id" | "meta" | "groups") {
+                            caps.read_only.insert(n.clone());
+                        }
+                        if n == "username" && lenient_bool(get_ci(a, "caseExact")) == Some(true) {
+                            found.user_name_unique = Some(CaseRule::CaseSensitive);
+                        }
+                        declared.insert(n);
+                    }
+                    caps.core_attributes = Some(declared);
                 }
-            }
-            if !caps.enterprise {
-                caps.notes.push(format!("the LMS does not declare {ENTERPRISE_USER}; employeeNumber, department and manager are not sent"));
-            }
-            if caps.custom_attributes.is_none() {
-                caps.notes.push(format!(
-                    "the LMS does not declare {}; custom.* attributes are not sent",
-                    self.custom_schema
-                ));
             }
         } else {
             caps.custom_attributes = None;
             caps.notes.push(format!("/Schemas not served ({status}); assuming core User and the enterprise extension only"));
         }
-        if !caps.patch {
-            caps.notes
-                .push("the LMS says PATCH is not supported; rostersync needs PATCH".into());
+        // /ResourceTypes may declare the extensions /Schemas leaves out.
+        let (status, _, body) = self
+            .send(reqwest::Method::GET, "/ResourceTypes", None, true)
+            .await?;
+        if status == 200 {
+            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                for rt in listed(&v) {
+                    let is_user = ["id", "name"].iter().any(|k| {
+                        get_ci(rt, k)
+                            .and_then(|x| x.as_str())
+                            .is_some_and(|x| x.eq_ignore_ascii_case("User"))
+                    });
+                    if !is_user {
+                        continue;
+                    }
+                    for e in get_ci(rt, "schemaExtensions")
+                        .and_then(|x| x.as_array())
+                        .into_iter()
+                        .flatten()
+                    {
+                        let urn = get_ci(e, "schema").and_then(|x| x.as_str()).unwrap_or("");
+                        if urn.eq_ignore_ascii_case(ENTERPRISE_USER) {
+                            caps.enterprise = true;
+                        }
+                    }
+                }
+            }
         }
+        let effective = {
+            let mut st = self.lock();
+            st.discovered = found;
+            // A new run: warnings are given again, once each.
+            st.warned.clear();
+            st.notes.clear();
+            st.resolve();
+            Arc::clone(&st.effective)
+        };
+        // A new run: its lookups see a fresh listing; its first answers are compared again.
+        *self.listing.lock().await = None;
+        self.checked.store(0, Ordering::Relaxed);
+        if let Some(e) = effective.enterprise {
+            caps.enterprise = e;
+        }
+        match effective.custom {
+            Some(false) => caps.custom_attributes = None,
+            Some(true) if caps.custom_attributes.is_none() => {
+                caps.custom_any = true;
+                caps.notes.push(format!(
+                    "the custom extension {} is pinned in config but not declared in /Schemas: every mapped custom.* attribute is sent",
+                    self.custom_schema
+                ));
+            }
+            _ => {}
+        }
+        if caps.discovered && !caps.enterprise {
+            caps.notes.push(format!("the LMS does not declare {ENTERPRISE_USER}; employeeNumber, department and manager are not sent"));
+        }
+        if caps.discovered && caps.custom_attributes.is_none() && !caps.custom_any {
+            caps.notes.push(format!(
+                "the LMS does not declare {}; custom.* attributes are not sent",
+                self.custom_schema
+            ));
+        }
+        caps.patch = effective.patch();
+        caps.filter = !effective.filter.is_empty();
+        let notable = effective.notable();
+        if !notable.is_empty() {
+            caps.notes
+                .push(format!("LMS dialect: {}", notable.join("; ")));
+        }
+        caps.dialect = (*effective).clone();
         Ok(caps)
     }
 
@@ -560,23 +1262,25 @@ impl Target for ScimTarget {
         &self,
         external_id: &str,
     ) -> Result<Option<TargetUser>, TargetError> {
-        self.find(EXTERNAL_ID, external_id).await
+        self.find(FilterAttr::ExternalId, external_id).await
     }
 
     async fn find_by_user_name(&self, user_name: &str) -> Result<Option<TargetUser>, TargetError> {
-        self.find(USER_NAME, user_name).await
+        self.find(FilterAttr::UserName, user_name).await
     }
 
     async fn create(&self, record: &Record) -> Result<Option<String>, TargetError> {
-        #[derive(serde::Deserialize)]
-        struct Created {
-            id: Option<String>,
+        let user_name = string_of(record, USER_NAME);
+        if self.dialect().user_name_unique == CaseRule::CaseSensitive
+            && self.exists_in_any_case(&user_name).await?
+        {
+            // The LMS would take a second user differing only by case: treat it as the 409
+            // a case-insensitive server answers, so the caller looks it up and links it.
+            tracing::info!(user_name = %user_name, "a user with this userName in another case exists in the LMS; not creating another");
+            self.conflicts.fetch_add(1, Ordering::SeqCst);
+            return Ok(None);
         }
         let body = self.resource(record);
-        let external_id = match record.get(EXTERNAL_ID) {
-            Some(AttrValue::Str(s)) => s.clone(),
-            _ => String::new(),
-        };
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -587,7 +1291,7 @@ impl Target for ScimTarget {
                 Ok(r) => r,
                 Err(TargetError::Transport { url, message }) => {
                     // The first attempt may have succeeded: look before posting again.
-                    if let Some(id) = self.find_created(&external_id).await? {
+                    if let Some(id) = self.find_created(record).await? {
                         return Ok(Some(id));
                     }
                     if attempt >= 3 {
@@ -599,24 +1303,47 @@ impl Target for ScimTarget {
             };
             match status {
                 201 | 200 => {
-                    if let Ok(Created { id: Some(id) }) = serde_json::from_slice::<Created>(&bytes)
-                    {
-                        return Ok(Some(id));
+                    #[derive(serde::Deserialize)]
+                    struct Created {
+                        id: Option<String>,
                     }
-                    // No usable body: take the id from Location, else look it up.
-                    if let Some(id) = location
-                        .as_deref()
-                        .and_then(|l| l.trim_end_matches('/').rsplit('/').next())
+                    let answer = self.worth_checking(&bytes);
+                    let id = match &answer {
+                        Some(a) => get_ci(a, "id").and_then(|i| i.as_str()).map(str::to_string),
+                        None => serde_json::from_slice::<Created>(&bytes)
+                            .ok()
+                            .and_then(|c| c.id),
+                    };
+                    let id = id
                         .filter(|s| !s.is_empty())
-                    {
-                        return Ok(Some(id.to_string()));
+                        // No usable body: take the id from Location, else look it up.
+                        .or_else(|| {
+                            location
+                                .as_deref()
+                                .and_then(|l| l.trim_end_matches('/').rsplit('/').next())
+                                .filter(|s| !s.is_empty())
+                                .map(str::to_string)
+                        });
+                    let id = match id {
+                        Some(id) => id,
+                        None => match self.find_created(record).await? {
+                            Some(id) => id,
+                            None => return Ok(None),
+                        },
+                    };
+                    if let Some(a) = &answer {
+                        self.learn_from_answer(record, a, true);
                     }
-                    return self.find_created(&external_id).await;
+                    self.remember_created(&id, record).await;
+                    return Ok(Some(id));
                 }
-                409 => return Ok(None),
+                409 => {
+                    self.conflicts.fetch_add(1, Ordering::SeqCst);
+                    return Ok(None);
+                }
                 500 | 502 | 503 | 504 if attempt < 3 => {
                     // Maybe created, maybe not: re-query before trying again.
-                    if let Some(id) = self.find_created(&external_id).await? {
+                    if let Some(id) = self.find_created(record).await? {
                         return Ok(Some(id));
                     }
                     tokio::time::sleep(self.retry.delay(attempt, None)).await;
@@ -626,20 +1353,48 @@ impl Target for ScimTarget {
         }
     }
 
-    async fn update(&self, id: &str, changes: &[AttrChange]) -> Result<(), TargetError> {
-        let ops = self.patch_ops(changes);
-        if ops.is_empty() {
-            return Ok(());
+    async fn update(
+        &self,
+        id: &str,
+        changes: &[AttrChange],
+        record: &Record,
+    ) -> Result<(), TargetError> {
+        let user = string_of(record, USER_NAME);
+        let mut pending: Vec<AttrChange> = changes.to_vec();
+        for _ in 0..MAX_ROUNDS {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let d = self.dialect();
+            let plan = write::plan(&d, &pending, record, &|k| self.place(k));
+            for i in &plan.impossible {
+                let what = if i.clearing {
+                    "not cleared"
+                } else {
+                    "not changed"
+                };
+                self.warn_once(
+                    &user,
+                    &i.key,
+                    format!("{} {what} in the LMS: {}; left as it is", i.key, i.why),
+                );
+            }
+            let mut again = Vec::new();
+            if !plan.patch.is_empty() {
+                again.extend(self.patch_round(id, &plan.patch, &pending).await?);
+            }
+            if !plan.put.is_empty() {
+                again.extend(self.put_round(id, &plan.put).await?);
+            }
+            pending = again;
         }
-        let body = json!({"schemas": [PATCH_OP], "Operations": ops});
-        let path = format!("/Users/{}", crate::graph::urlencode(id));
-        let (status, _, bytes) = self
-            .send(reqwest::Method::PATCH, &path, Some(&body), true)
-            .await?;
-        match status {
-            200 | 204 => Ok(()),
-            404 => Err(TargetError::NotFound(id.to_string())),
-            _ => Err(self.error("PATCH", &path, status, &bytes)),
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(TargetError::Decode {
+                what: "the LMS's answers to PATCH and PUT".into(),
+                message: "they kept refusing the change in every form rostersync knows".into(),
+            })
         }
     }
 
@@ -664,18 +1419,149 @@ impl Target for ScimTarget {
             return Err(self.error("GET", &path, status, &body));
         }
         let v = Self::decode("ListResponse", &body)?;
-        let total = v.get("totalResults").and_then(|t| t.as_u64()).unwrap_or(0) as usize;
-        let users = v
-            .get("Resources")
+        // totalResults is optional in practice (docs/scim.md); paging ends on an empty page.
+        let total = get_ci(&v, "totalResults")
+            .and_then(|t| t.as_u64().or_else(|| t.as_str()?.parse().ok()))
+            .unwrap_or(0) as usize;
+        let resources = get_ci(&v, "Resources")
             .and_then(|r| r.as_array())
-            .map(|a| {
-                a.iter()
-                    .map(|r| self.parse_user(r))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?
+            .cloned()
             .unwrap_or_default();
+        let mut users = Vec::with_capacity(resources.len());
+        for r in &resources {
+            match self.parse_user(r) {
+                Ok(u) => users.push(u),
+                // One unreadable resource does not stop a listing (nor is it ours: ours have ids).
+                Err(e) => {
+                    tracing::warn!(error = %e, path, "skipping an unreadable user in a listing")
+                }
+            }
+        }
         Ok((users, total))
+    }
+
+    fn notes(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().notes)
+    }
+}
+
+/// The operation a refused request's detail names (by its path, or "Operations[i]"), when it
+/// names exactly one.
+fn blame(parts: &[PatchPart], e: &TargetError) -> Option<usize> {
+    let TargetError::Http { detail, .. } = e else {
+        return None;
+    };
+    let d = detail.to_ascii_lowercase();
+    if let Some(i) = (0..parts.len()).find(|i| d.contains(&format!("operations[{i}]"))) {
+        return Some(i);
+    }
+    let named: Vec<usize> = (0..parts.len())
+        .filter(|&i| {
+            let p = parts[i].path.to_ascii_lowercase();
+            let short = p.rsplit(':').next().unwrap_or(&p).to_string();
+            d.contains(&p) || (short.len() > 3 && d.contains(&format!("\"{short}\"")))
+        })
+        .collect();
+    (named.len() == 1).then(|| named[0])
+}
+
+/// The one user a lookup means: an exact userName beats one differing only in case (a
+/// case-sensitive server may hold both); more than one is ambiguous.
+fn pick(
+    attr: FilterAttr,
+    value: &str,
+    mut candidates: Vec<TargetUser>,
+) -> Result<Option<TargetUser>, TargetError> {
+    if candidates.len() > 1 && attr == FilterAttr::UserName {
+        let exact: Vec<TargetUser> = candidates
+            .iter()
+            .filter(|u| u.user_name == value)
+            .cloned()
+            .collect();
+        if exact.len() == 1 {
+            candidates = exact;
+        }
+    }
+    match candidates.len() {
+        0 => Ok(None),
+        1 => Ok(candidates.pop()),
+        n => Err(TargetError::Ambiguous {
+            attr: attr.as_str(),
+            value: value.to_string(),
+            count: n,
+        }),
+    }
+}
+
+/// Reads a typed multi-valued attribute; an untyped primary (or sole) element stands for the
+/// work one when no element is typed work.
+fn read_typed(attr: &str, val: &Value, record: &mut Record) {
+    let items: Vec<&Value> = val.as_array().into_iter().flatten().collect();
+    let value_of = |e: &Value| {
+        get_ci(e, "value")
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    for el in &items {
+        if let (Some(ty), Some(s)) = (
+            get_ci(el, "type")
+                .and_then(|t| t.as_str())
+                .filter(|t| !t.is_empty()),
+            value_of(el),
+        ) {
+            record
+                .entry(format!("{attr}.{}", ty.to_ascii_lowercase()))
+                .or_insert(AttrValue::Str(s));
+        }
+    }
+    let work = format!("{attr}.work");
+    if record.contains_key(&work) {
+        return;
+    }
+    let untyped: Vec<&&Value> = items
+        .iter()
+        .filter(|e| {
+            get_ci(e, "type")
+                .and_then(|t| t.as_str())
+                .is_none_or(str::is_empty)
+        })
+        .collect();
+    let chosen = untyped
+        .iter()
+        .find(|e| lenient_bool(get_ci(e, "primary")) == Some(true))
+        .or_else(|| (items.len() == 1).then(|| untyped.first()).flatten());
+    if let Some(s) = chosen.and_then(|e| value_of(e)) {
+        record.insert(work, AttrValue::Str(s));
+    }
+}
+
+/// The items of a discovery answer: a ListResponse (with or without `totalResults`), a bare
+/// array, or a single resource.
+fn listed(v: &Value) -> Vec<&Value> {
+    match v {
+        Value::Array(a) => a.iter().collect(),
+        Value::Object(_) => match get_ci(v, "Resources").and_then(|r| r.as_array()) {
+            Some(a) => a.iter().collect(),
+            None if get_ci(v, "id").is_some() => vec![v],
+            None => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+fn string_of(record: &Record, key: &str) -> String {
+    match record.get(key) {
+        Some(AttrValue::Str(s)) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
     }
 }
 
@@ -690,14 +1576,14 @@ fn method_name(m: &reqwest::Method) -> &'static str {
     }
 }
 
-fn scalar(v: &AttrValue) -> Value {
+pub(crate) fn scalar(v: &AttrValue) -> Value {
     match v {
         AttrValue::Bool(b) => Value::Bool(*b),
         AttrValue::Str(s) => Value::String(s.clone()),
     }
 }
 
-fn typed_element(ty: &str, v: Value) -> Value {
+pub(crate) fn typed_element(ty: &str, v: Value) -> Value {
     if ty == "work" {
         json!({"value": v, "type": ty, "primary": true})
     } else {
@@ -706,7 +1592,7 @@ fn typed_element(ty: &str, v: Value) -> Value {
 }
 
 /// The enterprise manager is a complex attribute whose `value` is the manager's target id.
-fn ext_value(attr: &str, v: Value) -> Value {
+pub(crate) fn ext_value(attr: &str, v: Value) -> Value {
     if attr == "manager" {
         json!({ "value": v })
     } else {
@@ -715,26 +1601,28 @@ fn ext_value(attr: &str, v: Value) -> Value {
 }
 
 /// Attribute names are case-insensitive (RFC 7643 §2.1).
-fn get_ci<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+pub(crate) fn get_ci<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
     v.as_object()?
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v)
 }
 
-/// Servers send `true`, `"True"` or `1` (scim.md §9.8).
-fn lenient_bool(v: Option<&Value>) -> Option<bool> {
+fn get_path_ci<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |cur, k| get_ci(cur, k))
+}
+
+/// Servers send `true`, `"True"` or `1` (docs/scim.md).
+pub(crate) fn lenient_bool(v: Option<&Value>) -> Option<bool> {
     match v? {
         Value::Bool(b) => Some(*b),
-        Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
-        Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        Value::String(s) if s.eq_ignore_ascii_case("true") || s == "1" => Some(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") || s == "0" => Some(false),
         Value::Number(n) => n.as_u64().map(|n| n != 0),
         _ => None,
     }
 }
 
-/// A query value: everything but RFC 3986 unreserved characters is percent-encoded, so a
-/// space is `%20`, never `+` (scim.md §3).
 /// `/Users?filter=<attr> eq "<value>"`. Values are JSON strings (RFC 7644 §3.4.2.2): the
 /// serializer escapes quotes and backslashes; the whole filter is then percent-encoded with
 /// %20 for spaces.
@@ -744,6 +1632,8 @@ pub(crate) fn eq_filter_path(attr: &str, value: &str) -> String {
     format!("/Users?filter={}", query_encode(&filter))
 }
 
+/// A query value: everything but RFC 3986 unreserved characters is percent-encoded, so a
+/// space is `%20`, never `+` (docs/scim.md).
 fn query_encode(s: &str) -> String {
     crate::graph::urlencode(s)
 }
@@ -751,6 +1641,7 @@ fn query_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::dialect::{Clear, PatchOp};
 
     fn target() -> ScimTarget {
         ScimTarget::new(
@@ -765,6 +1656,18 @@ mod tests {
 
     fn s(v: &str) -> Option<AttrValue> {
         Some(AttrValue::Str(v.into()))
+    }
+
+    fn change(key: &str, old: Option<AttrValue>, new: Option<AttrValue>) -> AttrChange {
+        AttrChange {
+            key: key.into(),
+            old,
+            new,
+        }
+    }
+
+    fn record_of(changes: &[AttrChange]) -> Record {
+        write::written(changes)
     }
 
     #[test]
@@ -797,75 +1700,191 @@ mod tests {
     }
 
     #[test]
-    fn patch_ops_are_rfc_shaped() {
-        let ops = target().patch_ops(&[
-            AttrChange {
-                key: "title".into(),
-                old: s("A"),
-                new: s("B"),
-            },
-            AttrChange {
-                key: "emails.work".into(),
-                old: None,
-                new: s("n@x"),
-            },
-            AttrChange {
-                key: "emails.work".into(),
-                old: s("o@x"),
-                new: s("n@x"),
-            },
-            AttrChange {
-                key: "emails.work".into(),
-                old: s("o@x"),
-                new: None,
-            },
-            AttrChange {
-                key: "active".into(),
-                old: Some(AttrValue::Bool(true)),
-                new: Some(AttrValue::Bool(false)),
-            },
-            AttrChange {
-                key: "enterprise.department".into(),
-                old: None,
-                new: s("R&D"),
-            },
-            AttrChange {
-                key: "enterprise.manager".into(),
-                old: s("m1"),
-                new: s("m2"),
-            },
-            AttrChange {
-                key: "name.familyName".into(),
-                old: s("X"),
-                new: None,
-            },
-        ]);
+    fn default_writes_replace_even_empty_values_replace_lists_whole_and_remove_to_clear() {
+        let changes = [
+            change("title", s("A"), s("B")),
+            change("emails.work", None, s("n@x")),
+            change("emails.home", s("h@x"), None),
+            change(
+                "active",
+                Some(AttrValue::Bool(true)),
+                Some(AttrValue::Bool(false)),
+            ),
+            change("enterprise.department", None, s("R&D")),
+            change("enterprise.manager", s("m1"), s("m2")),
+            change("name.familyName", s("X"), None),
+            change("enterprise.manager", s("m2"), None),
+        ];
+        let mut record = record_of(&changes);
+        record.insert("emails.other".into(), AttrValue::Str("o@x".into()));
+        let ops = target().patch_ops(&changes, &record);
         assert_eq!(ops[0], json!({"op":"replace","path":"title","value":"B"}));
         assert_eq!(
             ops[1],
-            json!({"op":"add","path":"emails","value":[{"value":"n@x","type":"work","primary":true}]})
+            json!({"op":"replace","path":"emails","value":[
+                {"value":"o@x","type":"other"},
+                {"value":"n@x","type":"work","primary":true}]}),
+            "the whole list, unchanged elements from the record included"
         );
         assert_eq!(
             ops[2],
-            json!({"op":"replace","path":"emails[type eq \"work\"].value","value":"n@x"})
-        );
-        assert_eq!(
-            ops[3],
-            json!({"op":"remove","path":"emails[type eq \"work\"]"})
-        );
-        assert_eq!(
-            ops[4],
             json!({"op":"replace","path":"active","value":false})
         );
         assert_eq!(
-            ops[5],
-            json!({"op":"add","path":format!("{ENTERPRISE_USER}:department"),"value":"R&D"})
+            ops[3],
+            json!({"op":"replace","path":format!("{ENTERPRISE_USER}:department"),"value":"R&D"}),
+            "replace also when the old value was empty (RFC 7644 §3.5.2.3)"
         );
         assert_eq!(
-            ops[6],
+            ops[4],
             json!({"op":"replace","path":format!("{ENTERPRISE_USER}:manager"),"value":{"value":"m2"}})
         );
-        assert_eq!(ops[7], json!({"op":"remove","path":"name.familyName"}));
+        assert_eq!(ops[5], json!({"op":"remove","path":"name.familyName"}));
+        assert_eq!(
+            ops[6],
+            json!({"op":"remove","path":format!("{ENTERPRISE_USER}:manager")})
+        );
+        assert_eq!(ops.len(), 7);
+    }
+
+    #[test]
+    fn a_replace_only_dialect_clears_with_null_and_a_pinned_one_with_nothing() {
+        let t = target().with_dialect(DialectSettings {
+            patch_ops: Some([PatchOp::Replace].into()),
+            ..Default::default()
+        });
+        let changes = [
+            change("title", s("A"), None),
+            change("emails.work", s("a@x"), None),
+        ];
+        let ops = t.patch_ops(&changes, &Record::new());
+        assert_eq!(
+            ops,
+            vec![
+                json!({"op":"replace","path":"title","value":null}),
+                json!({"op":"replace","path":"emails","value":[]}),
+            ]
+        );
+        let t = target().with_dialect(DialectSettings {
+            patch_ops: Some([PatchOp::Replace].into()),
+            clear: Some(Clear::None),
+            put: Some(false),
+            ..Default::default()
+        });
+        let d = t.dialect();
+        let plan = write::plan(&d, &changes, &Record::new(), &|k| t.place(k));
+        assert!(plan.patch.is_empty() && plan.put.is_empty());
+        assert_eq!(plan.impossible.len(), 2);
+        assert!(plan.impossible.iter().all(|i| i.clearing));
+    }
+
+    #[test]
+    fn value_paths_are_used_only_when_the_dialect_allows_them() {
+        let t = target().with_dialect(DialectSettings {
+            value_paths: Some(true),
+            ..Default::default()
+        });
+        let ops = t.patch_ops(&[change("emails.work", s("o@x"), s("n@x"))], &Record::new());
+        assert_eq!(
+            ops,
+            vec![json!({"op":"replace","path":"emails[type eq \"work\"].value","value":"n@x"})]
+        );
+    }
+
+    #[test]
+    fn reading_is_tolerant() {
+        let t = target();
+        let u = t
+            .parse_user(&json!({
+                "ID": "7", "USERNAME": "ada@x", "externalId": "", "Active": "False",
+                "title": "", "displayName": "Ada",
+                "emails": [{"value": "ada@x", "primary": true}, {"value": "h@x", "type": "home"}],
+                "name": {"givenName": "", "familyName": "Lovelace"},
+                ENTERPRISE_USER: {"manager": "m-9", "department": ""}
+            }))
+            .unwrap();
+        let r = &u.record;
+        assert_eq!(u.id, "7");
+        assert_eq!(r["active"], AttrValue::Bool(false));
+        assert!(!r.contains_key("externalId") && !r.contains_key("title"));
+        assert_eq!(r["emails.work"], AttrValue::Str("ada@x".into()));
+        assert_eq!(r["emails.home"], AttrValue::Str("h@x".into()));
+        assert!(!r.contains_key("name.givenName"));
+        assert_eq!(r["enterprise.manager"], AttrValue::Str("m-9".into()));
+        assert!(!r.contains_key("enterprise.department"));
+        // A sole untyped e-mail is the work one too; an untyped non-primary among others is not.
+        let sole = t
+            .parse_user(&json!({"id": "1", "userName": "a", "emails": [{"value": "s@x"}]}))
+            .unwrap();
+        assert_eq!(sole.record["emails.work"], AttrValue::Str("s@x".into()));
+        let two = t
+            .parse_user(&json!({"id": "1", "userName": "a", "emails": [{"value": "s@x"}, {"value": "t@x"}]}))
+            .unwrap();
+        assert!(!two.record.contains_key("emails.work"));
+    }
+
+    #[test]
+    fn errors_are_read_tolerantly() {
+        let t = target();
+        let e = t.error(
+            "POST",
+            "/Users",
+            409,
+            br#"{"detail": "exists", "status": 409}"#,
+        );
+        assert!(
+            matches!(&e, TargetError::Http { status: 409, scim_type: None, detail, .. } if detail == "exists"),
+            "{e:?}"
+        );
+        let e = t.error("GET", "/Schemas/x", 404, b"");
+        assert!(matches!(&e, TargetError::Http { detail, .. } if detail == "no detail given"));
+        let e = t.error(
+            "PATCH",
+            "/Users/1",
+            400,
+            br#"{"scimType": "mutability", "detail": "Operations[1]: \"externalId\" is immutable"}"#,
+        );
+        let parts = write::plan(
+            &t.dialect(),
+            &[
+                change("title", None, s("x")),
+                change("externalId", None, s("e")),
+            ],
+            &Record::new(),
+            &|k| t.place(k),
+        )
+        .patch;
+        assert_eq!(blame(&parts, &e), Some(1));
+        let e = t.error(
+            "PATCH",
+            "/Users/1",
+            400,
+            br#"{"detail": "bad \"externalId\""}"#,
+        );
+        assert_eq!(blame(&parts, &e), Some(1));
+    }
+
+    #[test]
+    fn an_exact_user_name_wins_over_a_case_variant() {
+        let u = |id: &str, n: &str| TargetUser {
+            id: id.into(),
+            user_name: n.into(),
+            record: Record::new(),
+        };
+        let got = pick(
+            FilterAttr::UserName,
+            "Ada@x",
+            vec![u("1", "ada@x"), u("2", "Ada@x")],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got.id, "2");
+        assert!(pick(
+            FilterAttr::UserName,
+            "ADA@x",
+            vec![u("1", "ada@x"), u("2", "Ada@x")]
+        )
+        .is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rostersync::app::Integration;
 use rostersync::config::{Config, DEFAULT_CUSTOM_SCHEMA};
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
 use rostersync::sim::graph::{fixture, Fixture, GraphSim, SimUser};
-use rostersync::sim::scim::{ScimSim, ScimSimConfig};
+use rostersync::sim::scim::{ScimSim, ScimSimConfig, SimDialect};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::{RunOptions, RunReport};
 use serde_json::Value;
@@ -37,6 +37,10 @@ pub struct EnvOptions {
     /// Extra TOML appended at the end (e.g. an [integration.mapping] table).
     pub tail: String,
     pub custom_extension: bool,
+    /// The SCIM simulator's dialect (strict by default).
+    pub dialect: SimDialect,
+    /// Extra TOML lines appended to the [integration.target] table.
+    pub target_extra: String,
 }
 
 impl Default for EnvOptions {
@@ -46,6 +50,8 @@ impl Default for EnvOptions {
             integration_extra: String::new(),
             tail: String::new(),
             custom_extension: true,
+            dialect: SimDialect::default(),
+            target_extra: String::new(),
         }
     }
 }
@@ -68,6 +74,7 @@ pub async fn spawn(opts: EnvOptions) -> TestEnv {
     let scim = ScimSim::start(ScimSimConfig {
         token: SCIM_TOKEN.into(),
         custom_extension: opts.custom_extension.then(demo_custom_extension),
+        dialect: opts.dialect.clone(),
         ..Default::default()
     })
     .await
@@ -86,6 +93,10 @@ pub async fn spawn(opts: EnvOptions) -> TestEnv {
             "\n[integration.target]",
             &format!("{}\n\n[integration.target]", opts.integration_extra),
         );
+    }
+    if !opts.target_extra.is_empty() {
+        text.push_str(&opts.target_extra);
+        text.push('\n');
     }
     text.push_str(&opts.tail);
     let text = format!(

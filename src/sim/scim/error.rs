@@ -1,4 +1,4 @@
-//! SCIM error bodies (RFC 7644 §3.12; scim.md §5).
+//! SCIM error bodies (RFC 7644 §3.12; docs/scim.md).
 
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;
@@ -73,6 +73,26 @@ impl ScimError {
             obj.insert("scimType".into(), t.into());
         }
         v
+    }
+
+    /// As loose servers answer: `status` a number, `{"detail"}` without `schemas`, no
+    /// `scimType` on a 409 (on nothing with `bare`), nothing at all in a 404.
+    pub fn loose_response(&self, bare: bool) -> HttpResponse {
+        let code = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut b = HttpResponse::build(code);
+        if self.status == 404 {
+            return b.finish();
+        }
+        let mut v = json!({"status": self.status, "detail": self.detail});
+        if let (Some(t), Some(obj), false) = (
+            self.scim_type,
+            v.as_object_mut(),
+            bare || self.status == 409,
+        ) {
+            obj.insert("scimType".into(), t.into());
+        }
+        b.insert_header((header::CONTENT_TYPE, "application/json"));
+        b.body(v.to_string())
     }
 
     pub fn response(&self) -> HttpResponse {

@@ -1,8 +1,8 @@
-//! Filter parser and evaluator (RFC 7644 §3.4.2.2; scim.md §3) and the PATCH `path` parser
+//! Filter parser and evaluator (RFC 7644 §3.4.2.2; docs/scim.md) and the PATCH `path` parser
 //! (RFC 7644 §3.5.2, Figure 7).
 //!
 //! Grammar handled (attribute operators bind tighter than `not` > `and` > `or`, as every
-//! parser does, scim.md §3):
+//! parser does):
 //! ```text
 //! FILTER    = OR
 //! OR        = AND *("or" AND)

@@ -1,4 +1,4 @@
-//! PATCH (RFC 7644 §3.5.2; scim.md §4). Operations are applied, in order, to a copy of the
+//! PATCH (RFC 7644 §3.5.2; docs/scim.md). Operations are applied, in order, to a copy of the
 //! stored attributes; the caller commits the copy only when every operation succeeded
 //! (the request is atomic).
 
@@ -53,7 +53,7 @@ pub(crate) fn apply_patch(
             "\"schemas\" must contain {PATCH_OP_URN}"
         )));
     }
-    // "Operations" with a capital O (RFC 7644 §3.5.2; scim.md §9 item 4).
+    // "Operations" with a capital O (RFC 7644 §3.5.2; docs/scim.md).
     let Some(ops) = get_key(obj, "Operations", opts.lenient) else {
         let near = obj.keys().find(|k| k.eq_ignore_ascii_case("Operations"));
         return Err(ScimError::invalid_syntax(match near {
@@ -102,8 +102,8 @@ fn apply_one(
             "\"op\" is required and must be a string",
         ));
     };
-    // The RFC spells them in lowercase; Entra capitalises them. Strict by default
-    // (scim.md §4: "accept any case, with a strict mode that rejects").
+    // The RFC spells them in lowercase; Entra capitalises them. Strict by default, any case
+    // in lenient mode.
     let matches = |want: &str| {
         if opts.lenient {
             name.eq_ignore_ascii_case(want)
@@ -284,7 +284,7 @@ fn is_true(v: &Value, key: &str) -> bool {
 }
 
 /// "Setting primary true on one element makes the server set the others to false"
-/// (RFC 7643 §2.4; scim.md §4).
+/// (RFC 7643 §2.4; docs/scim.md).
 fn fix_primary(items: &mut [Value], touched: &[usize]) {
     let Some(keep) = touched
         .iter()

@@ -1,4 +1,4 @@
-//! The schemas the simulator declares (RFC 7643 §4, §7, §8.7; scim.md §1) and the discovery
+//! The schemas the simulator declares (RFC 7643 §4, §7, §8.7; docs/scim.md) and the discovery
 //! documents built from them (RFC 7643 §5, §6, §7; RFC 7644 §4).
 
 use serde_json::{json, Map, Value};

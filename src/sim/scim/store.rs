@@ -26,8 +26,11 @@ pub(crate) struct State {
     pub users: HashMap<String, UserRec>,
     /// Creation order (for paging and `users()`).
     pub order: BTreeMap<u64, String>,
-    /// Case-folded userName → id (`uniqueness: server`, `caseExact: false`).
-    pub by_user_name: HashMap<String, String>,
+    /// Case-folded userName → ids (`uniqueness: server`, `caseExact: false`: one id, unless
+    /// the server compares userNames case-sensitively for uniqueness, `case_sensitive`).
+    pub by_user_name: HashMap<String, Vec<String>>,
+    /// A partial server's quirk: `Ada@x` and `ada@x` may both exist.
+    pub case_sensitive: bool,
     /// externalId (case-exact) → ids; the RFC promises no uniqueness for it.
     pub by_external_id: HashMap<String, Vec<String>>,
     next_seq: u64,
@@ -50,9 +53,51 @@ pub(crate) fn timestamp(t: &DateTime<Utc>) -> String {
 }
 
 impl State {
-    /// Id of the user holding `user_name` (case-insensitive), if any.
+    pub fn new(case_sensitive: bool) -> Self {
+        State {
+            case_sensitive,
+            ..State::default()
+        }
+    }
+
+    /// Id of the user holding `user_name` (case-insensitive; the exact one first), if any.
     pub fn id_by_user_name(&self, user_name: &str) -> Option<&String> {
-        self.by_user_name.get(&fold_user_name(user_name))
+        let ids = self.by_user_name.get(&fold_user_name(user_name))?;
+        ids.iter()
+            .find(|i| {
+                self.users
+                    .get(*i)
+                    .and_then(|r| user_name_of(&r.attrs))
+                    .is_some_and(|n| n == user_name)
+            })
+            .or_else(|| ids.first())
+    }
+
+    /// The user other than `except` whose userName collides with `user_name` under the
+    /// server's uniqueness rule.
+    fn holder(&self, user_name: &str, except: Option<&str>) -> Option<&String> {
+        self.by_user_name
+            .get(&fold_user_name(user_name))?
+            .iter()
+            .filter(|i| Some(i.as_str()) != except)
+            .find(|i| {
+                !self.case_sensitive
+                    || self
+                        .users
+                        .get(*i)
+                        .and_then(|r| user_name_of(&r.attrs))
+                        .is_some_and(|n| n == user_name)
+            })
+    }
+
+    fn unindex_name(&mut self, name: &str, id: &str) {
+        let key = fold_user_name(name);
+        if let Some(v) = self.by_user_name.get_mut(&key) {
+            v.retain(|i| i != id);
+            if v.is_empty() {
+                self.by_user_name.remove(&key);
+            }
+        }
     }
 
     /// Inserts a validated resource. 409 `uniqueness` when the userName is taken.
@@ -61,7 +106,7 @@ impl State {
             return Err(ScimError::invalid_value("userName is required"));
         };
         let key = fold_user_name(user_name);
-        if self.by_user_name.contains_key(&key) {
+        if self.holder(user_name, None).is_some() {
             return Err(ScimError::uniqueness(format!(
                 "userName \"{user_name}\" is already in use"
             )));
@@ -70,7 +115,7 @@ impl State {
         let now = Utc::now();
         self.next_seq += 1;
         let seq = self.next_seq;
-        self.by_user_name.insert(key, id.clone());
+        self.by_user_name.entry(key).or_default().push(id.clone());
         if let Some(x) = external_id_of(&attrs) {
             self.by_external_id
                 .entry(x.to_string())
@@ -104,20 +149,21 @@ impl State {
             return Err(ScimError::mutability("userName is required"));
         };
         let new_key = fold_user_name(new_name);
-        if let Some(owner) = self.by_user_name.get(&new_key) {
-            if owner != id {
-                return Err(ScimError::uniqueness(format!(
-                    "userName \"{new_name}\" is already in use"
-                )));
-            }
+        if self.holder(new_name, Some(id)).is_some() {
+            return Err(ScimError::uniqueness(format!(
+                "userName \"{new_name}\" is already in use"
+            )));
         }
-        let old_key = user_name_of(&old.attrs).map(fold_user_name);
+        let old_name = user_name_of(&old.attrs).map(str::to_string);
         let old_ext = external_id_of(&old.attrs).map(str::to_string);
         let new_ext = external_id_of(&attrs).map(str::to_string);
-        if let Some(k) = old_key {
-            self.by_user_name.remove(&k);
+        if let Some(n) = old_name {
+            self.unindex_name(&n, id);
         }
-        self.by_user_name.insert(new_key, id.to_string());
+        self.by_user_name
+            .entry(new_key)
+            .or_default()
+            .push(id.to_string());
         if old_ext != new_ext {
             if let Some(x) = old_ext {
                 self.remove_external(&x, id);
@@ -153,7 +199,8 @@ impl State {
         };
         self.order.remove(&rec.seq);
         if let Some(n) = user_name_of(&rec.attrs) {
-            self.by_user_name.remove(&fold_user_name(n));
+            let n = n.to_string();
+            self.unindex_name(&n, id);
         }
         if let Some(x) = external_id_of(&rec.attrs) {
             self.remove_external(x, id);
@@ -178,7 +225,12 @@ impl State {
                         .into_iter()
                         .collect(),
                 ),
-                "userName" => Some(self.id_by_user_name(v).cloned().into_iter().collect()),
+                "userName" => Some(
+                    self.by_user_name
+                        .get(&fold_user_name(v))
+                        .cloned()
+                        .unwrap_or_default(),
+                ),
                 "externalId" => Some(self.by_external_id.get(v).cloned().unwrap_or_default()),
                 _ => None,
             },
@@ -327,8 +379,8 @@ pub(crate) fn normalize_value(
     if def.is_complex() {
         let obj = match v {
             Value::Object(o) => Cow::Borrowed(o),
-            // Entra and directory-scimple send `manager` as a bare id string (scim.md §8,
-            // §9 item 9); accepted only in lenient mode.
+            // Entra and some server libraries send `manager` as a bare id string (docs/scim.md,
+            // Reads); accepted only in lenient mode.
             Value::String(s) if opts.lenient && def.sub_attr("value").is_some() && !def.multi => {
                 let mut o = Map::new();
                 o.insert("value".into(), Value::String(s.clone()));
@@ -372,7 +424,7 @@ pub(crate) fn normalize_value(
             if v.is_boolean() {
                 true
             } else if let (true, Some(s)) = (opts.lenient, v.as_str()) {
-                // Entra's default job sends "True"/"False" (scim.md §8, [E-compat]).
+                // Entra's default job sends "True"/"False" (docs/scim.md).
                 if s.eq_ignore_ascii_case("true") {
                     return Ok(Some(Value::Bool(true)));
                 } else if s.eq_ignore_ascii_case("false") {
@@ -414,7 +466,7 @@ pub(crate) fn check_primary(def: &AttrDef, items: &[Value], path: &str) -> Resul
 }
 
 /// Validates a POST/PUT body and returns the canonical attribute map (RFC 7643 §3, §3.3,
-/// RFC 7644 §3.3; scim.md §9 item 5):
+/// RFC 7644 §3.3; docs/scim.md):
 /// - `schemas` is required, must contain the core User URN, and may only list declared
 ///   extensions;
 /// - each key is a core attribute (case-insensitive, RFC 7643 §2.1) or a declared extension
