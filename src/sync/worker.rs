@@ -886,12 +886,11 @@ fn finish_round<T: Target>(
     let mut next: BTreeMap<String, UserTask> = BTreeMap::new();
     let mut fan_out: Vec<&str> = moved.iter().map(String::as_str).collect();
     if manager_props {
+        // A manager notified directly (renamed, moved, deleted): the name and mail its
+        // reports carry may have changed with it.
         fan_out.extend(work.iter().filter_map(|w| {
-            let exists = matches!(
-                w.gathered.as_ref().and_then(|g| g.user.as_ref()),
-                Some(Ok(_))
-            );
-            (!w.task.follow_up && exists).then_some(w.task.id.as_str())
+            let read = w.gathered.as_ref().and_then(|g| g.user.as_ref()).is_some();
+            (!w.task.follow_up && read).then_some(w.task.id.as_str())
         }));
     }
     for m in fan_out {
