@@ -1054,6 +1054,48 @@ impl GraphClient {
         Ok(out)
     }
 
+    /// Which of `groups` a user is a transitive member of (`checkMemberGroups`, in chunks of
+    /// [`CHECK_MEMBER_GROUPS_MAX`]); none for a user that is gone.
+    pub async fn member_groups(
+        &self,
+        user_id: &str,
+        groups: &[String],
+    ) -> Result<Vec<String>, GraphError> {
+        let requests = groups
+            .chunks(CHECK_MEMBER_GROUPS_MAX)
+            .enumerate()
+            .map(|(i, ids)| BatchRequest {
+                id: i.to_string(),
+                method: "POST",
+                url: format!("/users/{}/checkMemberGroups", urlencode(user_id)),
+                body: Some(json!({ "groupIds": ids })),
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (_, (status, body)) in self.batch(requests).await? {
+            match status {
+                200 => out.extend(
+                    body.get("value")
+                        .and_then(|v| v.as_array())
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|x| x.as_str().map(str::to_string)),
+                ),
+                404 => {}
+                other => {
+                    let body = serde_json::to_vec(&body).unwrap_or_default();
+                    return Err(self.api_error(
+                        "POST",
+                        &format!("{}/users/{user_id}/checkMemberGroups", self.api_root),
+                        other,
+                        &body,
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads users afresh to confirm a deactivation: each user (`None`: 404, gone), its manager,
     /// and which of `groups` it is a transitive member of (`checkMemberGroups`), in `$batch`es.
     /// A user whose reads failed carries the error; the others are still answered.

@@ -210,17 +210,15 @@ pub(crate) fn intent_of(c: &PlannedChange) -> Intent {
     }
 }
 
-/// Stores the intents of `changes` and waits until they are durable. `None` for no changes.
-pub(crate) async fn announce<T: Target>(
+/// Stores intents and waits until they are durable. `None` for none.
+pub(crate) async fn announce_intents<T: Target>(
     ctx: &Context<'_, T>,
-    changes: &[&PlannedChange],
+    intents: Vec<Intent>,
 ) -> Result<Option<IntentId>, StoreError> {
-    if changes.is_empty() {
+    if intents.is_empty() {
         return Ok(None);
     }
-    let id = ctx
-        .store
-        .record_intents(changes.iter().map(|c| intent_of(c)).collect())?;
+    let id = ctx.store.record_intents(intents)?;
     ctx.store.durable().await?;
     Ok(Some(id))
 }

@@ -728,7 +728,6 @@ impl<T: Target> Run<'_, '_, T> {
             return Ok(());
         }
         let ctx = self.ctx;
-        let cfg = ctx.cfg;
         let n = candidates.len() as u64;
         let allow = self.opts.allow_mass_deactivation;
         let ids: Vec<String> = candidates
@@ -762,6 +761,71 @@ impl<T: Target> Run<'_, '_, T> {
                 .await?;
             return Ok(());
         }
+        // Within the budget even if every candidate is confirmed: each chunk is written as
+        // soon as Graph confirmed it (a change undone meanwhile is not written). Otherwise all
+        // are confirmed first and the budget judges what Graph confirmed.
+        let within = allow || super::apply::guard_preview(ctx, &who, false)?.is_ok();
+        let chunk = (crate::graph::BATCH_LIMIT / 3).max(1);
+        let mut confirmed: Vec<PlannedChange> = Vec::new();
+        let mut rest = candidates;
+        while !rest.is_empty() {
+            let take = if within {
+                chunk.min(rest.len())
+            } else {
+                rest.len()
+            };
+            let now: Vec<Candidate> = rest.drain(..take).collect();
+            let decided = self.confirm_candidates(now).await?;
+            if within {
+                self.apply_confirmed(decided).await?;
+            } else {
+                confirmed.extend(decided);
+            }
+        }
+        if within {
+            return Ok(());
+        }
+        // The budget, over what Graph confirmed.
+        let ids: Vec<&str> = confirmed
+            .iter()
+            .filter(|c| c.action == Action::Deactivate)
+            .map(|c| c.entra_id.as_str())
+            .collect();
+        if let Err(trip) = super::apply::guard_check(ctx, &ids, allow)? {
+            let (held, rest): (Vec<PlannedChange>, Vec<PlannedChange>) = confirmed
+                .into_iter()
+                .partition(|c| c.action == Action::Deactivate);
+            self.apply_all(rest, true).await?;
+            return self.held(held, trip);
+        }
+        self.apply_confirmed(confirmed).await
+    }
+
+    /// Applies what Graph confirmed and counts the deactivations in the guard's window.
+    async fn apply_confirmed(&mut self, changes: Vec<PlannedChange>) -> Result<(), RunError> {
+        let before = self.report.changes.len();
+        self.apply_all(changes, true).await?;
+        let done: Vec<String> = self.report.changes[before..]
+            .iter()
+            .filter(|c| c.action == Action::Deactivate)
+            .map(|c| c.entra_id.clone())
+            .collect();
+        self.ctx.store.record_deactivations(&done)?;
+        Ok(())
+    }
+
+    /// Reads the candidates again from Graph (user, manager, `checkMemberGroups`) and decides
+    /// again: what Graph confirms, or what it says is due instead (a withdrawn deactivation).
+    async fn confirm_candidates(
+        &mut self,
+        candidates: Vec<Candidate>,
+    ) -> Result<Vec<PlannedChange>, RunError> {
+        let ctx = self.ctx;
+        let cfg = ctx.cfg;
+        let ids: Vec<String> = candidates
+            .iter()
+            .map(|c| c.change.entra_id.clone())
+            .collect();
         let mapping = &cfg.mapping;
         let user_select = mapping.user_select();
         let manager_select = mapping.manager_select();
@@ -847,28 +911,7 @@ impl<T: Target> Run<'_, '_, T> {
                 "{withdrawn} deactivations were withdrawn: Graph said the user is an enabled member again when asked just before"
             ));
         }
-        // The budget, over what Graph confirmed.
-        let confirmed: Vec<&str> = apply
-            .iter()
-            .filter(|c| c.action == Action::Deactivate)
-            .map(|c| c.entra_id.as_str())
-            .collect();
-        if let Err(trip) = super::apply::guard_check(ctx, &confirmed, allow)? {
-            let (held, rest): (Vec<PlannedChange>, Vec<PlannedChange>) = apply
-                .into_iter()
-                .partition(|c| c.action == Action::Deactivate);
-            self.apply_all(rest, true).await?;
-            return self.held(held, trip);
-        }
-        let before = self.report.changes.len();
-        self.apply_all(apply, true).await?;
-        let done: Vec<String> = self.report.changes[before..]
-            .iter()
-            .filter(|c| c.action == Action::Deactivate)
-            .map(|c| c.entra_id.clone())
-            .collect();
-        self.ctx.store.record_deactivations(&done)?;
-        Ok(())
+        Ok(apply)
     }
 
     /// The guard stopped these deactivations: traced as held, reported, none applied.

@@ -30,6 +30,7 @@ use super::trace::{self, Match, OutOfScope, Path, Scope, Source, Trace, Via};
 use crate::graph::delta::{DeltaRound, MemberChange};
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{FreshRead, GraphError};
+use crate::store::intents::Intent;
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::state::MemberKind;
 use crate::store::{IndexEntry, StoreError};
@@ -453,6 +454,21 @@ async fn gather<T: Target>(
         });
     };
     let membership = match src {
+        // The mirror does not know this user as a member, but the LMS does (inactive): the
+        // mirror may have missed a membership (a restored user's come back unannounced), so
+        // Graph says whether a reactivation is due. (Active users are confirmed before any
+        // deactivation anyway.)
+        ScopeSource::Mirror(_)
+            if via.is_empty() && existing.as_ref().is_some_and(|e| !e.active()) =>
+        {
+            let groups = ctx.graph.member_groups(&user.id, &ctx.cfg.groups).await?;
+            if groups.is_empty() {
+                Membership::NotMember
+            } else {
+                via = transitive_via(ctx, &groups);
+                Membership::Member
+            }
+        }
         ScopeSource::Mirror(_) if via.is_empty() => Membership::NotMember,
         ScopeSource::Mirror(_) => Membership::Member,
         ScopeSource::Graph => {
@@ -484,6 +500,20 @@ async fn gather<T: Target>(
     })
 }
 
+/// The configured groups among `member_of` (Graph's `checkMemberGroups` answer), as scope.
+fn transitive_via<T: Target>(ctx: &Context<'_, T>, member_of: &[String]) -> Vec<Via> {
+    ctx.cfg
+        .groups
+        .iter()
+        .filter(|c| member_of.iter().any(|m| m.eq_ignore_ascii_case(c)))
+        .map(|c| Via {
+            group_id: c.clone(),
+            group_name: None,
+            path: Path::Transitive,
+        })
+        .collect()
+}
+
 /// The facts of a user read again to confirm a deactivation.
 fn refresh<T: Target>(
     ctx: &Context<'_, T>,
@@ -508,16 +538,7 @@ fn refresh<T: Target>(
     let mref = manager_ref(ctx, tg, mapped.as_ref().ok())?;
     let via = if member && via.is_empty() {
         // A member Graph knows of and the mirror does not (a lost membership hint).
-        ctx.cfg
-            .groups
-            .iter()
-            .filter(|c| read.member_of.iter().any(|m| m.eq_ignore_ascii_case(c)))
-            .map(|c| Via {
-                group_id: c.clone(),
-                group_name: None,
-                path: Path::Transitive,
-            })
-            .collect()
+        transitive_via(ctx, &read.member_of)
     } else {
         via
     };
@@ -681,7 +702,31 @@ async fn one_round<T: Target>(
         work.push(w);
     }
 
-    // 2. Deactivations rest on Graph's fresh word: read again, decide again.
+    // 2. Intents first (also of the deactivations still to be confirmed, so that nothing but
+    // the fresh read stands between that read and the write), then Graph's fresh word for each
+    // deactivation: read again, decide again.
+    let intents = if opts.dry_run {
+        None
+    } else {
+        let mut planned: Vec<Intent> = Vec::new();
+        for w in &work {
+            match w.decision.as_ref().map(|d| &d.verdict) {
+                Some(Verdict::Change(c)) => planned.push(apply::intent_of(c)),
+                Some(Verdict::Confirm) => {
+                    if let Some(e) = w.gathered.as_ref().and_then(|g| g.existing.as_ref()) {
+                        planned.push(Intent {
+                            entra_id: w.task.id.clone(),
+                            action: Action::Deactivate.as_str().to_string(),
+                            target_id: Some(e.target_id.clone()),
+                            user_name: e.user_name.clone(),
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        apply::announce_intents(ctx, planned).await?
+    };
     let mut trip = None;
     confirm(ctx, tg, &mut work, opts, &mut trip).await?;
     if trip.is_some() {
@@ -753,11 +798,6 @@ async fn one_round<T: Target>(
         }
         return finish_round(ctx, &mut work, out, first, opts, Vec::new());
     }
-    let changes: Vec<&PlannedChange> = to_apply
-        .iter()
-        .filter_map(|&i| work[i].decision.as_ref().and_then(Decision::change))
-        .collect();
-    let intents = apply::announce(ctx, &changes).await?;
     let calls: Vec<_> = to_apply
         .iter()
         .filter_map(|&i| {
