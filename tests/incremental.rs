@@ -330,10 +330,11 @@ async fn one_bad_user_ends_in_the_dead_letters_and_stalls_nobody() {
         })
     })
     .await;
-    // Later changes of others still flow.
+    // Later changes of others still flow (at worst after one more slow attempt of a bad user,
+    // cut off at the per-user deadline).
     env.graph
         .update_user(&who[3], |u| u.job_title = Some("Again".into()));
-    wait_for("a later change", 5_000, || {
+    wait_for("a later change", 15_000, || {
         title(env, &who[3]).as_deref() == Some("Again")
     })
     .await;

@@ -398,8 +398,9 @@ async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
     let settled = apply::settle_intents(&ctx, &tg.managed)
         .await
         .map_err(|e| e.to_string())?;
+    // Their reports too: a manager whose write was cut short may have left them unlinked.
     let mut again: std::collections::BTreeSet<String> = settled.settled.iter().cloned().collect();
-    for m in &settled.moved {
+    for m in &settled.settled {
         again.extend(integ.store.reports_of(m).map_err(|e| e.to_string())?);
     }
     if !again.is_empty() {

@@ -81,7 +81,7 @@ impl Default for WorkerSettings {
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(15 * 60),
             gone_confirm_after: Duration::from_secs(5),
-            user_deadline: Duration::from_secs(120),
+            user_deadline: Duration::from_secs(60),
         }
     }
 }
@@ -209,6 +209,9 @@ pub(crate) struct SyncOptions {
     pub hold_departures: Option<&'static str>,
     /// See [`WorkerSettings::user_deadline`].
     pub user_deadline: Duration,
+    /// Follow-ups (users whose manager link follows) go to the queue, durably, instead of a
+    /// further round in memory (the worker; `sync-user` has no queue).
+    pub queue_follow_ups: bool,
 }
 
 impl SyncOptions {
@@ -222,6 +225,7 @@ impl SyncOptions {
             max_rounds: 3,
             hold_departures: None,
             user_deadline: WorkerSettings::default().user_deadline,
+            queue_follow_ups: false,
         }
     }
 }
@@ -873,11 +877,27 @@ async fn one_round<T: Target>(
         }
     }
     ctx.store.put_users(&entries)?;
+    ctx.store.record_deactivations(&deactivated)?;
+    let mut next = finish_round(ctx, &mut work, out, first, opts, moved)?;
+    if opts.queue_follow_ups && !next.is_empty() {
+        // Queued before the intents are settled: should the process die now, the users whose
+        // manager link follows are still in the queue (or the intents are read back and their
+        // reports queued at the next start).
+        let hints: Vec<QueueItem> = std::mem::take(&mut next)
+            .into_iter()
+            .map(|t| {
+                QueueItem::new(Hint::User {
+                    user_id: t.id,
+                    follow_up: true,
+                })
+            })
+            .collect();
+        ctx.store.enqueue(&hints)?;
+    }
     if let Some(id) = intents {
         ctx.store.settle_intents(id, uncertain)?;
     }
-    ctx.store.record_deactivations(&deactivated)?;
-    finish_round(ctx, &mut work, out, first, opts, moved)
+    Ok(next)
 }
 
 /// Stores the round's traces, records its outcomes and returns the next round's users: the
@@ -1239,6 +1259,7 @@ pub async fn process<T: Target>(
         let tasks: Vec<UserTask> = users.values().map(|(t, _)| t.clone()).collect();
         let mut opts = SyncOptions::new(Source::Incremental, ws.concurrency, ws.gone_confirm_after);
         opts.user_deadline = ws.user_deadline;
+        opts.queue_follow_ups = true;
         if !stopped.is_empty() {
             opts.hold_departures = Some(
                 "a configured group was deleted or emptied in Entra: the worker deactivates nobody for leaving the groups until a reconcile lists the groups again",

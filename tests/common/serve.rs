@@ -127,10 +127,13 @@ async fn launch_on(env: TestEnv, port: u16) -> Served {
         stop: Some(stop_tx),
         task,
     };
-    // Ready: subscriptions made through the handshake, first reconcile applied.
+    // Ready: subscriptions made through the handshake, first reconcile applied and recorded
+    // (so a test's own changes never race it).
     let members = s.env.member_ids().len();
     wait_for("subscriptions and the first reconcile", 20_000, || {
-        s.env.graph.subscriptions().len() >= 2 && s.env.scim.user_count() >= members * 9 / 10
+        s.env.graph.subscriptions().len() >= 2
+            && s.env.scim.user_count() >= members * 9 / 10
+            && s.runs() >= 1
     })
     .await;
     s
