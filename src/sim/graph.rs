@@ -12,6 +12,8 @@
 //!   cast with `/microsoft.graph.user` or `/microsoft.graph.group`), with `$select`, `$top`
 //!   (1..=999, default 100) and opaque `$skiptoken` paging through absolute `@odata.nextLink`s.
 //! * `GET /v1.0/users/{id | userPrincipalName}` and `/users/{id}/manager`, with `$select`.
+//! * `GET /v1.0/groups/delta` and `/users/delta` (delta queries; `graph/delta.rs`,
+//!   `graph/user_delta.rs`).
 //! * `GET /v1.0/users/{id | userPrincipalName}/memberOf` and `/transitiveMemberOf` (optionally
 //!   cast with `/microsoft.graph.group`), with `$select`, `$top` and paging as above.
 //! * `POST /v1.0/users/{id | userPrincipalName}/checkMemberGroups` (`{"groupIds": [..]}`, at
@@ -27,12 +29,14 @@
 //! [`GraphSim`], which also queue change notifications (see [`subscriptions`]).
 //!
 //! Change notifications, subscriptions, lifecycle events and their `validationTokens` live in
-//! `graph/subscriptions.rs` and `graph/tokens.rs`; group delta queries in `graph/delta.rs`
+//! `graph/subscriptions.rs` and `graph/tokens.rs`; delta queries in `graph/delta.rs` (groups)
+//! and `graph/user_delta.rs` (users)
 //! (`graph.md` sections 1–6).
 
 mod delta;
 mod subscriptions;
 mod tokens;
+mod user_delta;
 
 pub use subscriptions::{
     DeliveryAttempt, LifecycleEvent, NotifyFaults, NotifyStats, SimSubscription, TokenForgery,
@@ -267,6 +271,7 @@ struct State {
     soft_deleted: HashMap<String, SimUser>,
     notify: subscriptions::NotifyState,
     delta: delta::DeltaState,
+    user_delta: user_delta::UserDeltaState,
     /// Certificates and federated credentials of the app registration.
     app_credentials: tokens::AppCredentials,
 }
@@ -292,6 +297,7 @@ impl State {
             soft_deleted: HashMap::new(),
             notify: subscriptions::NotifyState::default(),
             delta: delta::DeltaState::default(),
+            user_delta: user_delta::UserDeltaState::default(),
             app_credentials: tokens::AppCredentials::default(),
         };
         for u in t.users {
@@ -330,6 +336,8 @@ impl State {
     }
 
     fn upsert_user(&mut self, u: SimUser) {
+        let appears = !self.users.contains_key(&u.id);
+        self.before_user_change(&u.id, appears);
         if let Some(old) = self.users.remove(&u.id) {
             self.unindex_user(&old);
         }
@@ -342,6 +350,10 @@ impl State {
     }
 
     fn update_user(&mut self, id: &str, f: impl FnOnce(&mut SimUser)) -> bool {
+        if !self.users.contains_key(id) {
+            return false;
+        }
+        self.before_user_change(id, false);
         let Some(mut u) = self.users.remove(id) else {
             return false;
         };
@@ -359,6 +371,10 @@ impl State {
     /// Hard delete (also of a soft-deleted user): notifies `deleted` for the user and `updated`
     /// for every group it was a direct member of.
     fn delete_user(&mut self, id: &str) -> bool {
+        let live = self.users.contains_key(id);
+        if live || self.soft_deleted.contains_key(id) {
+            self.before_user_change(id, live);
+        }
         if let Some(u) = self.users.remove(id) {
             self.unindex_user(&u);
         } else if self.soft_deleted.remove(id).is_none() {
@@ -384,6 +400,10 @@ impl State {
     /// Soft delete: the user disappears from reads and listings but keeps its (hidden)
     /// memberships; notifies `updated` (graph.md 1.1, gotcha 9).
     fn soft_delete_user(&mut self, id: &str) -> bool {
+        if !self.users.contains_key(id) {
+            return false;
+        }
+        self.before_user_change(id, true);
         let Some(u) = self.users.remove(id) else {
             return false;
         };
@@ -396,6 +416,10 @@ impl State {
 
     /// Restores a soft-deleted user with its memberships; notifies `updated`.
     fn restore_user(&mut self, id: &str) -> bool {
+        if !self.soft_deleted.contains_key(id) {
+            return false;
+        }
+        self.before_user_change(id, true);
         let Some(u) = self.soft_deleted.remove(id) else {
             return false;
         };
@@ -750,10 +774,12 @@ impl GraphSim {
     }
 
     /// Requests served since start, by kind: "token", "group", "transitiveMembers", "members",
-    /// "user", "manager", "batch", "subscriptions" (any /v1.0/subscriptions request), "delta"
-    /// (`/groups/delta`), "jwks" (signing-key metadata), "other" (any other /v1.0 path) and
-    /// "throttled" (429s, inner batch requests included). Every received request counts under its kind, whatever its
-    /// outcome; each inner batch request counts under its own kind as well.
+    /// "user", "manager", "memberOf" (`memberOf` and `transitiveMemberOf`), "checkMemberGroups",
+    /// "batch", "subscriptions" (any /v1.0/subscriptions request), "delta" (`/groups/delta`),
+    /// "userDelta" (`/users/delta`), "jwks" (signing-key metadata), "other" (any other /v1.0
+    /// path) and "throttled" (429s, inner batch requests included). Every received request
+    /// counts under its kind, whatever its outcome; each inner batch request counts under its own
+    /// kind as well.
     pub fn request_count(&self, kind: &str) -> u64 {
         self.shared.lock().counts.get(kind).copied().unwrap_or(0)
     }
@@ -1270,9 +1296,15 @@ fn decode_segments(path: &str) -> Vec<String> {
         .collect()
 }
 
+/// `delta` or its fully qualified name (Graph SDKs send the latter).
+fn is_delta(seg: &str) -> bool {
+    seg == "delta" || seg == "microsoft.graph.delta"
+}
+
 fn classify(segs: &[String]) -> &'static str {
     match segs {
-        [a, b] if a == "groups" && b == "delta" => "delta",
+        [a, b] if a == "groups" && is_delta(b) => "delta",
+        [a, b] if a == "users" && is_delta(b) => "userDelta",
         [a, _] if a == "groups" => "group",
         [a, _, b, ..] if a == "groups" && b == "transitiveMembers" => "transitiveMembers",
         [a, _, b, ..] if a == "groups" && b == "members" => "members",
@@ -1312,11 +1344,14 @@ fn api_request(
     if let Err(e) = check_auth(&s, ctx, req) {
         return e;
     }
-    let content_type = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let content_type = header("content-type");
+    let prefer = header("prefer");
     serve(
         &mut s,
         &sim.base_url,
@@ -1328,15 +1363,29 @@ fn api_request(
         Payload {
             body,
             content_type: content_type.as_deref(),
+            prefer: prefer.as_deref(),
         },
     )
 }
 
-/// The body of a request and its declared content type (`POST` only).
+/// The body of a request, its declared content type (`POST` only) and the request headers
+/// that change an answer.
 #[derive(Clone, Copy)]
 struct Payload<'a> {
     body: &'a [u8],
     content_type: Option<&'a str>,
+    /// `Prefer` (`return=minimal` on user delta rounds).
+    prefer: Option<&'a str>,
+}
+
+impl Payload<'_> {
+    /// `Prefer: return=minimal` (one of possibly several comma-separated preferences).
+    fn prefers_minimal(&self) -> bool {
+        self.prefer.is_some_and(|p| {
+            p.split(',')
+                .any(|x| x.trim().eq_ignore_ascii_case("return=minimal"))
+        })
+    }
 }
 
 fn method_not_allowed(ctx: &Ctx) -> ApiResponse {
@@ -1374,8 +1423,11 @@ fn serve(
     if !method.eq_ignore_ascii_case("GET") {
         return method_not_allowed(ctx);
     }
-    if segs.len() == 2 && segs[0] == "groups" && segs[1] == "delta" {
+    if segs.len() == 2 && segs[0] == "groups" && is_delta(&segs[1]) {
         return delta::serve(s, base, ctx, query);
+    }
+    if segs.len() == 2 && segs[0] == "users" && is_delta(&segs[1]) {
+        return user_delta::serve(s, base, ctx, query, payload.prefers_minimal());
     }
     let q = match Query::parse(query) {
         Ok(q) => q,
@@ -2071,6 +2123,7 @@ struct InnerRequest {
     /// The inner request's JSON body, serialized again (POST only).
     body: Option<Vec<u8>>,
     content_type: Option<String>,
+    prefer: Option<String>,
 }
 
 fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
@@ -2106,14 +2159,18 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
             .and_then(Value::as_str)
             .ok_or_else(|| format!("Request '{id}' in batch has no 'url'."))?;
         let mut content_type = None;
+        let mut prefer = None;
         if let Some(h) = r.get("headers") {
             match h {
                 Value::Object(m) => {
-                    content_type = m
-                        .iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-                        .and_then(|(_, v)| v.as_str())
-                        .map(str::to_string);
+                    let header = |name: &str| {
+                        m.iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                            .and_then(|(_, v)| v.as_str())
+                            .map(str::to_string)
+                    };
+                    content_type = header("content-type");
+                    prefer = header("prefer");
                 }
                 Value::Null => {}
                 _ => return Err(format!("Request '{id}' in batch has invalid 'headers'.")),
@@ -2150,6 +2207,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
             depends_on,
             body,
             content_type,
+            prefer,
         });
     }
     for r in &out {
@@ -2264,6 +2322,7 @@ fn serve_inner(s: &mut State, base: &str, ctx: &Ctx, r: &InnerRequest) -> ApiRes
     let payload = Payload {
         body: r.body.as_deref().unwrap_or(&[]),
         content_type: r.content_type.as_deref(),
+        prefer: r.prefer.as_deref(),
     };
     serve(s, base, ctx, &r.method, path, &segs, query, payload)
 }

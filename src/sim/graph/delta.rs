@@ -34,7 +34,7 @@ use super::{
 const DEFAULT_DELTA_PAGE: usize = 200;
 const MAX_FILTER_IDS: usize = 50;
 /// Stored snapshots/rounds beyond this are evicted oldest-first.
-const MAX_STORED: usize = 10_000;
+pub(super) const MAX_STORED: usize = 10_000;
 
 #[derive(Clone, Debug)]
 struct Spec {
@@ -91,21 +91,22 @@ impl PartialEq for ObjRef {
     }
 }
 
-fn random_token() -> String {
+pub(super) fn random_token() -> String {
     let mut b = [0u8; 24];
     rand::rng().fill(&mut b);
     b64_encode(&b, B64_URL, false)
 }
 
-struct DeltaQuery {
-    select: Option<String>,
-    filter: Option<String>,
-    deltatoken: Option<String>,
-    skiptoken: Option<String>,
-    raw: Vec<String>,
+pub(super) struct DeltaQuery {
+    pub(super) select: Option<String>,
+    pub(super) filter: Option<String>,
+    pub(super) deltatoken: Option<String>,
+    pub(super) skiptoken: Option<String>,
+    /// `$select`/`$filter` parts as sent (for the 410 Location).
+    pub(super) raw: Vec<String>,
 }
 
-fn parse_query(raw: &str) -> Result<DeltaQuery, (&'static str, String)> {
+pub(super) fn parse_query(raw: &str) -> Result<DeltaQuery, (&'static str, String)> {
     let mut q = DeltaQuery {
         select: None,
         filter: None,
@@ -158,7 +159,7 @@ fn parse_query(raw: &str) -> Result<DeltaQuery, (&'static str, String)> {
 }
 
 /// `id eq 'a' or id eq 'b'` → lower-cased ids.
-fn parse_filter(f: &str) -> Result<Vec<String>, String> {
+pub(super) fn parse_filter(f: &str) -> Result<Vec<String>, String> {
     let bad = || {
         format!("Invalid filter clause: '{f}'. Only 'id eq' clauses joined with 'or' are supported for delta queries.")
     };
@@ -474,6 +475,12 @@ fn delta_base(base: &str) -> String {
 }
 
 fn gone(ctx: &Ctx, base: &str, raw: &[String]) -> ApiResponse {
+    gone_at(ctx, &delta_base(base), raw)
+}
+
+/// `410 Gone` for an expired delta or skip token of the delta function at `delta_url`, with a
+/// `Location` holding the original query and an empty `$deltatoken` (a new initial round).
+pub(super) fn gone_at(ctx: &Ctx, delta_url: &str, raw: &[String]) -> ApiResponse {
     let mut query = raw.join("&");
     if !query.is_empty() {
         query.push('&');
@@ -485,7 +492,7 @@ fn gone(ctx: &Ctx, base: &str, raw: &[String]) -> ApiResponse {
         "syncStateNotFound",
         "The delta token has expired. Start a new full synchronization by following the Location header.",
     )
-    .header("Location", format!("{}?{query}", delta_base(base)))
+    .header("Location", format!("{delta_url}?{query}"))
 }
 
 fn page_response(base: &str, page: Vec<Value>, link: (&str, String)) -> ApiResponse {
@@ -499,11 +506,11 @@ fn page_response(base: &str, page: Vec<Value>, link: (&str, String)) -> ApiRespo
     ApiResponse::json(200, Value::Object(body))
 }
 
-fn encode_skip(round: &str, page: usize) -> String {
+pub(super) fn encode_skip(round: &str, page: usize) -> String {
     b64_encode(format!("{round}:{page}").as_bytes(), B64_URL, false)
 }
 
-fn decode_skip(t: &str) -> Option<(String, usize)> {
+pub(super) fn decode_skip(t: &str) -> Option<(String, usize)> {
     let bytes = super::b64_decode(t.trim())?;
     let text = String::from_utf8(bytes).ok()?;
     let (r, p) = text.split_once(':')?;
@@ -674,8 +681,8 @@ impl GraphSim {
         self.shared.lock().delta.page_size = n.max(1);
     }
 
-    /// Every delta and skip token issued so far answers `410 Gone` (with a `Location` to restart)
-    /// from now on.
+    /// Every delta and skip token issued so far (group and user delta) answers `410 Gone` (with a
+    /// `Location` to restart) from now on.
     pub fn expire_delta_tokens(&self) {
         let mut s = self.shared.lock();
         for snap in s.delta.snapshots.values_mut() {
@@ -684,5 +691,6 @@ impl GraphSim {
         for r in s.delta.rounds.values_mut() {
             r.expired = true;
         }
+        s.user_delta.expire_all();
     }
 }
