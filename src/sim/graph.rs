@@ -33,11 +33,13 @@
 //! and `graph/user_delta.rs` (users)
 //! (`graph.md` sections 1–6).
 
+mod cost;
 mod delta;
 mod subscriptions;
 mod tokens;
 mod user_delta;
 
+pub use cost::{request_cost, Cost, CostModel, CostStats, Latency, Priority};
 pub use subscriptions::{
     DeliveryAttempt, LifecycleEvent, NotifyFaults, NotifyStats, SimSubscription, TokenForgery,
 };
@@ -272,6 +274,9 @@ struct State {
     notify: subscriptions::NotifyState,
     delta: delta::DeltaState,
     user_delta: user_delta::UserDeltaState,
+    /// Resource-unit model and added latency (both off unless set; `graph/cost.rs`).
+    cost: Option<cost::CostState>,
+    latency: Option<cost::LatencyState>,
     /// Certificates and federated credentials of the app registration.
     app_credentials: tokens::AppCredentials,
 }
@@ -298,6 +303,8 @@ impl State {
             notify: subscriptions::NotifyState::default(),
             delta: delta::DeltaState::default(),
             user_delta: user_delta::UserDeltaState::default(),
+            cost: None,
+            latency: None,
             app_credentials: tokens::AppCredentials::default(),
         };
         for u in t.users {
@@ -942,6 +949,27 @@ fn not_found(ctx: &Ctx, what: &str) -> ApiResponse {
 }
 
 fn throttled(ctx: &Ctx, s: &State) -> ApiResponse {
+    throttled_with(
+        ctx,
+        s,
+        s.faults.retry_after_secs,
+        "ReadWrite",
+        "ResourceUnitLimitExceeded",
+    )
+}
+
+/// A 429 from the resource-unit model (`graph/cost.rs`).
+fn throttled_by_model(ctx: &Ctx, s: &State, r: &cost::Refusal) -> ApiResponse {
+    throttled_with(ctx, s, r.retry_after, r.limit, r.information)
+}
+
+fn throttled_with(
+    ctx: &Ctx,
+    s: &State,
+    retry_after: u64,
+    limit: &str,
+    information: &str,
+) -> ApiResponse {
     ApiResponse {
         status: 429,
         headers: vec![("Content-Type".into(), ERROR_JSON.into())],
@@ -960,15 +988,12 @@ fn throttled(ctx: &Ctx, s: &State) -> ApiResponse {
             }
         })),
     }
-    .header("Retry-After", s.faults.retry_after_secs.to_string())
+    .header("Retry-After", retry_after.to_string())
     .header(
         "x-ms-throttle-scope",
-        format!(
-            "Tenant_Application/ReadWrite/{}/{}",
-            s.client_id, s.tenant_id
-        ),
+        format!("Tenant_Application/{limit}/{}/{}", s.client_id, s.tenant_id),
     )
-    .header("x-ms-throttle-information", "ResourceUnitLimitExceeded")
+    .header("x-ms-throttle-information", information)
 }
 
 async fn dispatch(req: HttpRequest, body: web::Bytes, sim: web::Data<Shared>) -> HttpResponse {
@@ -983,6 +1008,11 @@ async fn dispatch(req: HttpRequest, body: web::Bytes, sim: web::Data<Shared>) ->
     }
     let ctx = Ctx::new(Some(&req));
     if let Some(rest) = trimmed.strip_prefix("v1.0/") {
+        // Drawn under the lock, slept without it: other requests go on meanwhile.
+        let delay = sim.lock().next_latency();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let rest = rest.trim_end_matches('/');
         if rest == "subscriptions" || rest.starts_with("subscriptions/") {
             return subscriptions::api(&sim, &req, &ctx, rest, &body)
@@ -1337,21 +1367,29 @@ fn api_request(
         if req.method() != actix_web::http::Method::POST {
             return method_not_allowed(ctx);
         }
-        return batch(&mut s, &sim.base_url, ctx, body);
+        let priority = header_value(req, "x-ms-throttle-priority");
+        let before = s.ru_charged();
+        let resp = batch(&mut s, &sim.base_url, ctx, body, priority.as_deref());
+        // The envelope costs nothing itself; its answer carries what its requests cost.
+        return match s.admit("batch", cost::Cost { ru: 0, write: 0 }, Priority::Normal) {
+            Ok(Some(_)) => {
+                let charge = cost::Charge {
+                    ru: u32::try_from(s.ru_charged() - before).unwrap_or(u32::MAX),
+                    limit_share: s.limit_share().filter(|p| *p > 0.8),
+                };
+                charge.decorate(resp)
+            }
+            _ => resp,
+        };
     }
     let kind = classify(&segs);
     s.count(kind);
     if let Err(e) = check_auth(&s, ctx, req) {
         return e;
     }
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let content_type = header("content-type");
-    let prefer = header("prefer");
+    let content_type = header_value(req, "content-type");
+    let prefer = header_value(req, "prefer");
+    let priority = header_value(req, "x-ms-throttle-priority");
     serve(
         &mut s,
         &sim.base_url,
@@ -1364,8 +1402,16 @@ fn api_request(
             body,
             content_type: content_type.as_deref(),
             prefer: prefer.as_deref(),
+            priority: Priority::parse(priority.as_deref()),
         },
     )
+}
+
+fn header_value(req: &HttpRequest, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// The body of a request, its declared content type (`POST` only) and the request headers
@@ -1376,6 +1422,8 @@ struct Payload<'a> {
     content_type: Option<&'a str>,
     /// `Prefer` (`return=minimal` on user delta rounds).
     prefer: Option<&'a str>,
+    /// `x-ms-throttle-priority` (inner `$batch` requests without one: the batch's).
+    priority: Priority,
 }
 
 impl Payload<'_> {
@@ -1414,6 +1462,33 @@ fn serve(
         s.count("throttled");
         return throttled(ctx, s);
     }
+    let price = cost::request_cost(method, segs, query);
+    let charge = match s.admit(classify(segs), price, payload.priority) {
+        Ok(c) => c,
+        Err(refusal) => {
+            s.count("throttled");
+            return throttled_by_model(ctx, s, &refusal);
+        }
+    };
+    let resp = route(s, base, ctx, method, raw_path, segs, query, payload);
+    match charge {
+        Some(c) => c.decorate(resp),
+        None => resp,
+    }
+}
+
+/// Routes one admitted request.
+#[allow(clippy::too_many_arguments)]
+fn route(
+    s: &mut State,
+    base: &str,
+    ctx: &Ctx,
+    method: &str,
+    raw_path: &str,
+    segs: &[String],
+    query: &str,
+    payload: Payload<'_>,
+) -> ApiResponse {
     if segs.len() == 3 && segs[0] == "users" && segs[2] == "checkMemberGroups" {
         if !method.eq_ignore_ascii_case("POST") {
             return method_not_allowed(ctx);
@@ -2124,6 +2199,7 @@ struct InnerRequest {
     body: Option<Vec<u8>>,
     content_type: Option<String>,
     prefer: Option<String>,
+    priority: Option<String>,
 }
 
 fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
@@ -2160,6 +2236,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
             .ok_or_else(|| format!("Request '{id}' in batch has no 'url'."))?;
         let mut content_type = None;
         let mut prefer = None;
+        let mut priority = None;
         if let Some(h) = r.get("headers") {
             match h {
                 Value::Object(m) => {
@@ -2171,6 +2248,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
                     };
                     content_type = header("content-type");
                     prefer = header("prefer");
+                    priority = header("x-ms-throttle-priority");
                 }
                 Value::Null => {}
                 _ => return Err(format!("Request '{id}' in batch has invalid 'headers'.")),
@@ -2208,6 +2286,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
             body,
             content_type,
             prefer,
+            priority,
         });
     }
     for r in &out {
@@ -2223,7 +2302,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
     Ok(out)
 }
 
-fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8]) -> ApiResponse {
+fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8], priority: Option<&str>) -> ApiResponse {
     let reqs = match parse_batch(body) {
         Ok(r) => r,
         Err(msg) => return graph_error(ctx, 400, "BadRequest", &msg),
@@ -2260,7 +2339,7 @@ fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8]) -> ApiResponse {
                     "FailedDependency",
                     &format!("The request depends on request '{d}', which failed."),
                 ),
-                None => serve_inner(s, base, &inner_ctx, r),
+                None => serve_inner(s, base, &inner_ctx, r, priority),
             };
             done.insert(r.id.clone(), resp.status);
             responses.push((r.id.clone(), resp));
@@ -2301,7 +2380,13 @@ fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8]) -> ApiResponse {
     }
 }
 
-fn serve_inner(s: &mut State, base: &str, ctx: &Ctx, r: &InnerRequest) -> ApiResponse {
+fn serve_inner(
+    s: &mut State,
+    base: &str,
+    ctx: &Ctx,
+    r: &InnerRequest,
+    batch_priority: Option<&str>,
+) -> ApiResponse {
     let url = r.url.trim();
     if url.starts_with("http://") || url.starts_with("https://") {
         s.count("other");
@@ -2323,6 +2408,7 @@ fn serve_inner(s: &mut State, base: &str, ctx: &Ctx, r: &InnerRequest) -> ApiRes
         body: r.body.as_deref().unwrap_or(&[]),
         content_type: r.content_type.as_deref(),
         prefer: r.prefer.as_deref(),
+        priority: Priority::parse(r.priority.as_deref().or(batch_priority)),
     };
     serve(s, base, ctx, &r.method, path, &segs, query, payload)
 }

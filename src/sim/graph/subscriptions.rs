@@ -745,7 +745,7 @@ pub(super) async fn api(
 ) -> ApiResponse {
     let segs = super::decode_segments(rest);
     let method = req.method().as_str().to_ascii_uppercase();
-    {
+    let charge = {
         let mut s = sim.lock();
         s.count("subscriptions");
         if let Err(e) = check_auth(&s, ctx, req) {
@@ -755,8 +755,32 @@ pub(super) async fn api(
             s.count("throttled");
             return throttled(ctx, &s);
         }
+        let price = super::cost::request_cost(&method, &segs, req.query_string());
+        let priority =
+            super::Priority::parse(super::header_value(req, "x-ms-throttle-priority").as_deref());
+        match s.admit("subscriptions", price, priority) {
+            Ok(c) => c,
+            Err(refusal) => {
+                s.count("throttled");
+                return super::throttled_by_model(ctx, &s, &refusal);
+            }
+        }
+    };
+    let resp = route(sim, ctx, &method, &segs, body).await;
+    match charge {
+        Some(c) => c.decorate(resp),
+        None => resp,
     }
-    match (method.as_str(), segs.len()) {
+}
+
+async fn route(
+    sim: &web::Data<Shared>,
+    ctx: &Ctx,
+    method: &str,
+    segs: &[String],
+    body: &[u8],
+) -> ApiResponse {
+    match (method, segs.len()) {
         ("POST", 1) => create(sim, ctx, body).await,
         ("GET", 1) => {
             let mut s = sim.lock();
@@ -806,7 +830,7 @@ pub(super) async fn api(
         (_, 1..=3) if segs.len() < 3 || segs[2].eq_ignore_ascii_case("reauthorize") => {
             super::method_not_allowed(ctx)
         }
-        _ => super::unknown_segment(ctx, &segs, segs.len() - 1),
+        _ => super::unknown_segment(ctx, segs, segs.len() - 1),
     }
 }
 
