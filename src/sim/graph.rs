@@ -2,7 +2,8 @@
 //!
 //! Serves, over real HTTP on `127.0.0.1`, the slice of Microsoft Graph and of the Microsoft
 //! identity platform token endpoint that rostersync uses, following the documented wire formats
-//! (see `graph.md` sections 7, 8 and 9.1):
+//! (Microsoft Graph v1.0 API reference, "JSON batching", "Microsoft Graph throttling guidance"
+//! and the identity platform's client-credentials flow, on learn.microsoft.com):
 //!
 //! * `POST /{tenant}/oauth2/v2.0/token` — client credentials with a secret (form body or HTTP
 //!   Basic) or a client assertion (a certificate registered with
@@ -31,7 +32,7 @@
 //! Change notifications, subscriptions, lifecycle events and their `validationTokens` live in
 //! `graph/subscriptions.rs` and `graph/tokens.rs`; delta queries in `graph/delta.rs` (groups)
 //! and `graph/user_delta.rs` (users)
-//! (`graph.md` sections 1–6).
+//! (Microsoft's change-notification and delta-query pages).
 
 mod cost;
 mod delta;
@@ -405,7 +406,7 @@ impl State {
     }
 
     /// Soft delete: the user disappears from reads and listings but keeps its (hidden)
-    /// memberships; notifies `updated` (graph.md 1.1, gotcha 9).
+    /// memberships; notifies `updated` (user subscriptions know only `updated` and `deleted`).
     fn soft_delete_user(&mut self, id: &str) -> bool {
         if !self.users.contains_key(id) {
             return false;
@@ -721,7 +722,7 @@ impl GraphSim {
 
     /// Soft delete: the user answers 404 and leaves member listings, but keeps its memberships
     /// for a restore; notifies `updated` on user subscriptions. Group delta does not report the
-    /// removal (graph.md gotcha 9). False when there is no such live user.
+    /// removal (Microsoft's docs threads report it late or not at all). False when there is no such live user.
     pub fn soft_delete_user(&self, id: &str) -> bool {
         self.shared.lock().soft_delete_user(id)
     }

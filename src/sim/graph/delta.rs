@@ -1,4 +1,4 @@
-//! Group delta query, `GET /v1.0/groups/delta` (graph.md 6.1, 6.2, 6.4).
+//! Group delta query, `GET /v1.0/groups/delta` (Microsoft's "group: delta" and "Use delta query" pages).
 //!
 //! * Query: `$select` (group properties and `members`; only with `members` selected are
 //!   direct-membership changes tracked and returned as `members@delta`), `$filter=id eq '…'`
@@ -16,10 +16,11 @@
 //!   returns the changes since it was issued again). [`GraphSim::expire_delta_tokens`] makes
 //!   all existing delta and skip tokens answer `410 Gone` with a `Location` holding the original
 //!   query with an empty `$deltatoken`. An unknown or garbled `$deltatoken` answers 400
-//!   `syncStateNotFound` (graph.md 6.4 names it for dead tokens), an unknown `$skiptoken` 400
+//!   `syncStateNotFound` (the code Microsoft's delta-query page names for dead tokens), an unknown `$skiptoken` 400
 //!   `Directory_ExpiredPageToken` (as the member listings do).
 //! * Soft-deleted users keep their (hidden) memberships, so delta reports no removal for them
-//!   (graph.md gotcha 9); a hard delete is reported.
+//!   (as reported against Graph: a soft-deleted member's removal comes late or never); a hard
+//!   delete is reported.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -288,7 +289,7 @@ impl State {
                     if members.iter().any(|r| r.id == *m) {
                         continue;
                     }
-                    // Soft-deleted users keep their membership link (gotcha 9).
+                    // Soft-deleted users keep their membership link.
                     if self.groups.contains_key(m) {
                         members.push(ObjRef {
                             id: m.clone(),
