@@ -885,3 +885,79 @@ async fn a_disabled_user_that_can_no_longer_be_mapped_is_still_deactivated() {
     );
     assert_eq!(env.lms_user(&id)["active"], false);
 }
+
+/// After the first run, a reconcile reads no manager one by one: managers come from the index,
+/// corrected by a users delta round; a changed manager, a renamed manager (inside or outside
+/// the groups) and a deleted one all reach the LMS as a run that read every manager would
+/// write them (`--verify-managers` afterwards writes nothing).
+#[tokio::test]
+async fn managers_are_tracked_between_reconciles_and_agree_with_reading_them_all() {
+    let env = spawn(EnvOptions {
+        users: 120,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(env.reconcile().await.outcome, Outcome::Ok);
+    let reads = || env.graph.request_count("manager");
+    let before = reads();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.error);
+    assert_eq!(reads(), before, "a no-change run read managers one by one");
+    assert_eq!(r.changes.len(), 0, "{:?}", r.changes);
+
+    let ids = some_enabled_members(&env, 6);
+    let outsider = env.fx.ceo_id.clone();
+    // A report gets another manager; a member manager is renamed; the manager outside the
+    // groups is renamed; a member manager is deleted.
+    env.graph
+        .update_user(&ids[0], |u| u.manager_id = Some(ids[1].clone()));
+    let renamed_manager =
+        env.member_ids()
+            .into_iter()
+            .find(|m| {
+                *m != outsider
+                    && env.member_ids().iter().any(|r| {
+                        env.graph.user(r).unwrap().manager_id.as_deref() == Some(m.as_str())
+                    })
+            })
+            .expect("a member who manages someone");
+    env.graph.update_user(&renamed_manager, |u| {
+        u.display_name = Some("Renamed Manager".into());
+        u.mail = Some("renamed.manager@contoso.example".into())
+    });
+    env.graph.update_user(&outsider, |u| {
+        u.mail = Some("ceo.renamed@contoso.example".into())
+    });
+    let doomed =
+        env.member_ids()
+            .into_iter()
+            .find(|m| {
+                *m != renamed_manager
+                    && *m != ids[1]
+                    && env.member_ids().iter().any(|r| {
+                        env.graph.user(r).unwrap().manager_id.as_deref() == Some(m.as_str())
+                    })
+            })
+            .expect("another member who manages someone");
+    env.graph.delete_user(&doomed);
+    let before = reads();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert!(
+        reads() - before < 40,
+        "{} managers read one by one for a handful of changes",
+        reads() - before
+    );
+    env.assert_lms_matches_tenant(upn);
+    let verify = env
+        .run(RunOptions {
+            verify_managers: true,
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        reads() - before >= 100,
+        "--verify-managers reads every member's manager"
+    );
+    assert_eq!(verify.changes.len(), 0, "{:?}", verify.changes);
+}

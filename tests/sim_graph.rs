@@ -1236,7 +1236,7 @@ async fn post_json(url: &str, tok: &str, body: &Value) -> (u16, Value) {
 }
 
 /// `checkMemberGroups` answers transitively, alone and inside `$batch`, and 404s a user that
-/// is gone (graph.md 7.2b: the call that confirms a deactivation).
+/// is gone (the call that confirms a deactivation).
 #[tokio::test]
 async fn check_member_groups_is_transitive_and_batched() {
     let (sim, fx) = start(40, 3).await;

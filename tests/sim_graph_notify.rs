@@ -1,5 +1,5 @@
 //! Wire-level tests of the Graph simulator's subscriptions, change/lifecycle notifications,
-//! validation tokens and group delta (`rostersync::sim::graph`, graph.md sections 1–6).
+//! validation tokens and group delta (`rostersync::sim::graph`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::TcpListener;

@@ -2,7 +2,8 @@
 //!
 //! Serves, over real HTTP on `127.0.0.1`, the slice of Microsoft Graph and of the Microsoft
 //! identity platform token endpoint that rostersync uses, following the documented wire formats
-//! (see `graph.md` sections 7, 8 and 9.1):
+//! (Microsoft Graph v1.0 API reference, "JSON batching", "Microsoft Graph throttling guidance"
+//! and the identity platform's client-credentials flow, on learn.microsoft.com):
 //!
 //! * `POST /{tenant}/oauth2/v2.0/token` — client credentials with a secret (form body or HTTP
 //!   Basic) or a client assertion (a certificate registered with
@@ -12,6 +13,8 @@
 //!   cast with `/microsoft.graph.user` or `/microsoft.graph.group`), with `$select`, `$top`
 //!   (1..=999, default 100) and opaque `$skiptoken` paging through absolute `@odata.nextLink`s.
 //! * `GET /v1.0/users/{id | userPrincipalName}` and `/users/{id}/manager`, with `$select`.
+//! * `GET /v1.0/groups/delta` and `/users/delta` (delta queries; `graph/delta.rs`,
+//!   `graph/user_delta.rs`).
 //! * `GET /v1.0/users/{id | userPrincipalName}/memberOf` and `/transitiveMemberOf` (optionally
 //!   cast with `/microsoft.graph.group`), with `$select`, `$top` and paging as above.
 //! * `POST /v1.0/users/{id | userPrincipalName}/checkMemberGroups` (`{"groupIds": [..]}`, at
@@ -27,13 +30,17 @@
 //! [`GraphSim`], which also queue change notifications (see [`subscriptions`]).
 //!
 //! Change notifications, subscriptions, lifecycle events and their `validationTokens` live in
-//! `graph/subscriptions.rs` and `graph/tokens.rs`; group delta queries in `graph/delta.rs`
-//! (`graph.md` sections 1–6).
+//! `graph/subscriptions.rs` and `graph/tokens.rs`; delta queries in `graph/delta.rs` (groups)
+//! and `graph/user_delta.rs` (users)
+//! (Microsoft's change-notification and delta-query pages).
 
+mod cost;
 mod delta;
 mod subscriptions;
 mod tokens;
+mod user_delta;
 
+pub use cost::{request_cost, Cost, CostModel, CostStats, Latency, Priority};
 pub use subscriptions::{
     DeliveryAttempt, LifecycleEvent, NotifyFaults, NotifyStats, SimSubscription, TokenForgery,
 };
@@ -267,6 +274,10 @@ struct State {
     soft_deleted: HashMap<String, SimUser>,
     notify: subscriptions::NotifyState,
     delta: delta::DeltaState,
+    user_delta: user_delta::UserDeltaState,
+    /// Resource-unit model and added latency (both off unless set; `graph/cost.rs`).
+    cost: Option<cost::CostState>,
+    latency: Option<cost::LatencyState>,
     /// Certificates and federated credentials of the app registration.
     app_credentials: tokens::AppCredentials,
 }
@@ -292,6 +303,9 @@ impl State {
             soft_deleted: HashMap::new(),
             notify: subscriptions::NotifyState::default(),
             delta: delta::DeltaState::default(),
+            user_delta: user_delta::UserDeltaState::default(),
+            cost: None,
+            latency: None,
             app_credentials: tokens::AppCredentials::default(),
         };
         for u in t.users {
@@ -330,6 +344,8 @@ impl State {
     }
 
     fn upsert_user(&mut self, u: SimUser) {
+        let appears = !self.users.contains_key(&u.id);
+        self.before_user_change(&u.id, appears);
         if let Some(old) = self.users.remove(&u.id) {
             self.unindex_user(&old);
         }
@@ -342,6 +358,10 @@ impl State {
     }
 
     fn update_user(&mut self, id: &str, f: impl FnOnce(&mut SimUser)) -> bool {
+        if !self.users.contains_key(id) {
+            return false;
+        }
+        self.before_user_change(id, false);
         let Some(mut u) = self.users.remove(id) else {
             return false;
         };
@@ -359,6 +379,10 @@ impl State {
     /// Hard delete (also of a soft-deleted user): notifies `deleted` for the user and `updated`
     /// for every group it was a direct member of.
     fn delete_user(&mut self, id: &str) -> bool {
+        let live = self.users.contains_key(id);
+        if live || self.soft_deleted.contains_key(id) {
+            self.before_user_change(id, live);
+        }
         if let Some(u) = self.users.remove(id) {
             self.unindex_user(&u);
         } else if self.soft_deleted.remove(id).is_none() {
@@ -382,8 +406,12 @@ impl State {
     }
 
     /// Soft delete: the user disappears from reads and listings but keeps its (hidden)
-    /// memberships; notifies `updated` (graph.md 1.1, gotcha 9).
+    /// memberships; notifies `updated` (user subscriptions know only `updated` and `deleted`).
     fn soft_delete_user(&mut self, id: &str) -> bool {
+        if !self.users.contains_key(id) {
+            return false;
+        }
+        self.before_user_change(id, true);
         let Some(u) = self.users.remove(id) else {
             return false;
         };
@@ -396,6 +424,10 @@ impl State {
 
     /// Restores a soft-deleted user with its memberships; notifies `updated`.
     fn restore_user(&mut self, id: &str) -> bool {
+        if !self.soft_deleted.contains_key(id) {
+            return false;
+        }
+        self.before_user_change(id, true);
         let Some(u) = self.soft_deleted.remove(id) else {
             return false;
         };
@@ -690,7 +722,7 @@ impl GraphSim {
 
     /// Soft delete: the user answers 404 and leaves member listings, but keeps its memberships
     /// for a restore; notifies `updated` on user subscriptions. Group delta does not report the
-    /// removal (graph.md gotcha 9). False when there is no such live user.
+    /// removal (Microsoft's docs threads report it late or not at all). False when there is no such live user.
     pub fn soft_delete_user(&self, id: &str) -> bool {
         self.shared.lock().soft_delete_user(id)
     }
@@ -750,10 +782,12 @@ impl GraphSim {
     }
 
     /// Requests served since start, by kind: "token", "group", "transitiveMembers", "members",
-    /// "user", "manager", "batch", "subscriptions" (any /v1.0/subscriptions request), "delta"
-    /// (`/groups/delta`), "jwks" (signing-key metadata), "other" (any other /v1.0 path) and
-    /// "throttled" (429s, inner batch requests included). Every received request counts under its kind, whatever its
-    /// outcome; each inner batch request counts under its own kind as well.
+    /// "user", "manager", "memberOf" (`memberOf` and `transitiveMemberOf`), "checkMemberGroups",
+    /// "batch", "subscriptions" (any /v1.0/subscriptions request), "delta" (`/groups/delta`),
+    /// "userDelta" (`/users/delta`), "jwks" (signing-key metadata), "other" (any other /v1.0
+    /// path) and "throttled" (429s, inner batch requests included). Every received request
+    /// counts under its kind, whatever its outcome; each inner batch request counts under its own
+    /// kind as well.
     pub fn request_count(&self, kind: &str) -> u64 {
         self.shared.lock().counts.get(kind).copied().unwrap_or(0)
     }
@@ -916,6 +950,27 @@ fn not_found(ctx: &Ctx, what: &str) -> ApiResponse {
 }
 
 fn throttled(ctx: &Ctx, s: &State) -> ApiResponse {
+    throttled_with(
+        ctx,
+        s,
+        s.faults.retry_after_secs,
+        "ReadWrite",
+        "ResourceUnitLimitExceeded",
+    )
+}
+
+/// A 429 from the resource-unit model (`graph/cost.rs`).
+fn throttled_by_model(ctx: &Ctx, s: &State, r: &cost::Refusal) -> ApiResponse {
+    throttled_with(ctx, s, r.retry_after, r.limit, r.information)
+}
+
+fn throttled_with(
+    ctx: &Ctx,
+    s: &State,
+    retry_after: u64,
+    limit: &str,
+    information: &str,
+) -> ApiResponse {
     ApiResponse {
         status: 429,
         headers: vec![("Content-Type".into(), ERROR_JSON.into())],
@@ -934,15 +989,12 @@ fn throttled(ctx: &Ctx, s: &State) -> ApiResponse {
             }
         })),
     }
-    .header("Retry-After", s.faults.retry_after_secs.to_string())
+    .header("Retry-After", retry_after.to_string())
     .header(
         "x-ms-throttle-scope",
-        format!(
-            "Tenant_Application/ReadWrite/{}/{}",
-            s.client_id, s.tenant_id
-        ),
+        format!("Tenant_Application/{limit}/{}/{}", s.client_id, s.tenant_id),
     )
-    .header("x-ms-throttle-information", "ResourceUnitLimitExceeded")
+    .header("x-ms-throttle-information", information)
 }
 
 async fn dispatch(req: HttpRequest, body: web::Bytes, sim: web::Data<Shared>) -> HttpResponse {
@@ -957,6 +1009,11 @@ async fn dispatch(req: HttpRequest, body: web::Bytes, sim: web::Data<Shared>) ->
     }
     let ctx = Ctx::new(Some(&req));
     if let Some(rest) = trimmed.strip_prefix("v1.0/") {
+        // Drawn under the lock, slept without it: other requests go on meanwhile.
+        let delay = sim.lock().next_latency();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let rest = rest.trim_end_matches('/');
         if rest == "subscriptions" || rest.starts_with("subscriptions/") {
             return subscriptions::api(&sim, &req, &ctx, rest, &body)
@@ -1270,9 +1327,15 @@ fn decode_segments(path: &str) -> Vec<String> {
         .collect()
 }
 
+/// `delta` or its fully qualified name (Graph SDKs send the latter).
+fn is_delta(seg: &str) -> bool {
+    seg == "delta" || seg == "microsoft.graph.delta"
+}
+
 fn classify(segs: &[String]) -> &'static str {
     match segs {
-        [a, b] if a == "groups" && b == "delta" => "delta",
+        [a, b] if a == "groups" && is_delta(b) => "delta",
+        [a, b] if a == "users" && is_delta(b) => "userDelta",
         [a, _] if a == "groups" => "group",
         [a, _, b, ..] if a == "groups" && b == "transitiveMembers" => "transitiveMembers",
         [a, _, b, ..] if a == "groups" && b == "members" => "members",
@@ -1305,18 +1368,29 @@ fn api_request(
         if req.method() != actix_web::http::Method::POST {
             return method_not_allowed(ctx);
         }
-        return batch(&mut s, &sim.base_url, ctx, body);
+        let priority = header_value(req, "x-ms-throttle-priority");
+        let before = s.ru_charged();
+        let resp = batch(&mut s, &sim.base_url, ctx, body, priority.as_deref());
+        // The envelope costs nothing itself; its answer carries what its requests cost.
+        return match s.admit("batch", cost::Cost { ru: 0, write: 0 }, Priority::Normal) {
+            Ok(Some(_)) => {
+                let charge = cost::Charge {
+                    ru: u32::try_from(s.ru_charged() - before).unwrap_or(u32::MAX),
+                    limit_share: s.limit_share().filter(|p| *p > 0.8),
+                };
+                charge.decorate(resp)
+            }
+            _ => resp,
+        };
     }
     let kind = classify(&segs);
     s.count(kind);
     if let Err(e) = check_auth(&s, ctx, req) {
         return e;
     }
-    let content_type = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let content_type = header_value(req, "content-type");
+    let prefer = header_value(req, "prefer");
+    let priority = header_value(req, "x-ms-throttle-priority");
     serve(
         &mut s,
         &sim.base_url,
@@ -1328,15 +1402,39 @@ fn api_request(
         Payload {
             body,
             content_type: content_type.as_deref(),
+            prefer: prefer.as_deref(),
+            priority: Priority::parse(priority.as_deref()),
         },
     )
 }
 
-/// The body of a request and its declared content type (`POST` only).
+fn header_value(req: &HttpRequest, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The body of a request, its declared content type (`POST` only) and the request headers
+/// that change an answer.
 #[derive(Clone, Copy)]
 struct Payload<'a> {
     body: &'a [u8],
     content_type: Option<&'a str>,
+    /// `Prefer` (`return=minimal` on user delta rounds).
+    prefer: Option<&'a str>,
+    /// `x-ms-throttle-priority` (inner `$batch` requests without one: the batch's).
+    priority: Priority,
+}
+
+impl Payload<'_> {
+    /// `Prefer: return=minimal` (one of possibly several comma-separated preferences).
+    fn prefers_minimal(&self) -> bool {
+        self.prefer.is_some_and(|p| {
+            p.split(',')
+                .any(|x| x.trim().eq_ignore_ascii_case("return=minimal"))
+        })
+    }
 }
 
 fn method_not_allowed(ctx: &Ctx) -> ApiResponse {
@@ -1365,6 +1463,33 @@ fn serve(
         s.count("throttled");
         return throttled(ctx, s);
     }
+    let price = cost::request_cost(method, segs, query);
+    let charge = match s.admit(classify(segs), price, payload.priority) {
+        Ok(c) => c,
+        Err(refusal) => {
+            s.count("throttled");
+            return throttled_by_model(ctx, s, &refusal);
+        }
+    };
+    let resp = route(s, base, ctx, method, raw_path, segs, query, payload);
+    match charge {
+        Some(c) => c.decorate(resp),
+        None => resp,
+    }
+}
+
+/// Routes one admitted request.
+#[allow(clippy::too_many_arguments)]
+fn route(
+    s: &mut State,
+    base: &str,
+    ctx: &Ctx,
+    method: &str,
+    raw_path: &str,
+    segs: &[String],
+    query: &str,
+    payload: Payload<'_>,
+) -> ApiResponse {
     if segs.len() == 3 && segs[0] == "users" && segs[2] == "checkMemberGroups" {
         if !method.eq_ignore_ascii_case("POST") {
             return method_not_allowed(ctx);
@@ -1374,8 +1499,11 @@ fn serve(
     if !method.eq_ignore_ascii_case("GET") {
         return method_not_allowed(ctx);
     }
-    if segs.len() == 2 && segs[0] == "groups" && segs[1] == "delta" {
+    if segs.len() == 2 && segs[0] == "groups" && is_delta(&segs[1]) {
         return delta::serve(s, base, ctx, query);
+    }
+    if segs.len() == 2 && segs[0] == "users" && is_delta(&segs[1]) {
+        return user_delta::serve(s, base, ctx, query, payload.prefers_minimal());
     }
     let q = match Query::parse(query) {
         Ok(q) => q,
@@ -2071,6 +2199,8 @@ struct InnerRequest {
     /// The inner request's JSON body, serialized again (POST only).
     body: Option<Vec<u8>>,
     content_type: Option<String>,
+    prefer: Option<String>,
+    priority: Option<String>,
 }
 
 fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
@@ -2106,14 +2236,20 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
             .and_then(Value::as_str)
             .ok_or_else(|| format!("Request '{id}' in batch has no 'url'."))?;
         let mut content_type = None;
+        let mut prefer = None;
+        let mut priority = None;
         if let Some(h) = r.get("headers") {
             match h {
                 Value::Object(m) => {
-                    content_type = m
-                        .iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-                        .and_then(|(_, v)| v.as_str())
-                        .map(str::to_string);
+                    let header = |name: &str| {
+                        m.iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                            .and_then(|(_, v)| v.as_str())
+                            .map(str::to_string)
+                    };
+                    content_type = header("content-type");
+                    prefer = header("prefer");
+                    priority = header("x-ms-throttle-priority");
                 }
                 Value::Null => {}
                 _ => return Err(format!("Request '{id}' in batch has invalid 'headers'.")),
@@ -2150,6 +2286,8 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
             depends_on,
             body,
             content_type,
+            prefer,
+            priority,
         });
     }
     for r in &out {
@@ -2165,7 +2303,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<InnerRequest>, String> {
     Ok(out)
 }
 
-fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8]) -> ApiResponse {
+fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8], priority: Option<&str>) -> ApiResponse {
     let reqs = match parse_batch(body) {
         Ok(r) => r,
         Err(msg) => return graph_error(ctx, 400, "BadRequest", &msg),
@@ -2202,7 +2340,7 @@ fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8]) -> ApiResponse {
                     "FailedDependency",
                     &format!("The request depends on request '{d}', which failed."),
                 ),
-                None => serve_inner(s, base, &inner_ctx, r),
+                None => serve_inner(s, base, &inner_ctx, r, priority),
             };
             done.insert(r.id.clone(), resp.status);
             responses.push((r.id.clone(), resp));
@@ -2243,7 +2381,13 @@ fn batch(s: &mut State, base: &str, ctx: &Ctx, body: &[u8]) -> ApiResponse {
     }
 }
 
-fn serve_inner(s: &mut State, base: &str, ctx: &Ctx, r: &InnerRequest) -> ApiResponse {
+fn serve_inner(
+    s: &mut State,
+    base: &str,
+    ctx: &Ctx,
+    r: &InnerRequest,
+    batch_priority: Option<&str>,
+) -> ApiResponse {
     let url = r.url.trim();
     if url.starts_with("http://") || url.starts_with("https://") {
         s.count("other");
@@ -2264,6 +2408,8 @@ fn serve_inner(s: &mut State, base: &str, ctx: &Ctx, r: &InnerRequest) -> ApiRes
     let payload = Payload {
         body: r.body.as_deref().unwrap_or(&[]),
         content_type: r.content_type.as_deref(),
+        prefer: r.prefer.as_deref(),
+        priority: Priority::parse(r.priority.as_deref().or(batch_priority)),
     };
     serve(s, base, ctx, &r.method, path, &segs, query, payload)
 }

@@ -237,10 +237,26 @@ impl Lookup<'_> {
         let mut out: HashMap<String, Option<GraphUser>> = HashMap::with_capacity(users.len());
         let mut read_each: Vec<String> = Vec::new();
         let mut of: Vec<(String, String)> = Vec::new();
+        // A disabled member never synced is not created, whoever its manager: nothing to read.
+        let needless = |u: &GraphUser, e: &Option<IndexEntry>| {
+            e.is_none() && crate::sync::decide::account_disabled(u)
+        };
         match mode {
-            Mode::Verify => read_each.extend(users.iter().map(|u| u.id.clone())),
+            Mode::Verify => {
+                for (u, e) in users.iter().zip(entries) {
+                    if needless(u, e) {
+                        out.insert(u.id.clone(), None);
+                    } else {
+                        read_each.push(u.id.clone());
+                    }
+                }
+            }
             Mode::Tracked { overlay } => {
                 for (u, e) in users.iter().zip(entries) {
+                    if needless(u, e) {
+                        out.insert(u.id.clone(), None);
+                        continue;
+                    }
                     let fact = match overlay.get(&u.id) {
                         Some(f) => f.clone(),
                         None => match e {

@@ -83,6 +83,7 @@ async fn launch_on(env: TestEnv, port: u16) -> Served {
         1,
     );
     let config = Config::from_toml(&text, Path::new(".")).expect("config");
+    let name = config.integrations[0].name.to_string();
     // After a stop in this process, the last handles (aborted tasks, actix workers' app data)
     // drop a moment later, and sled's lock goes with them.
     let mut tries = 0;
@@ -133,7 +134,7 @@ async fn launch_on(env: TestEnv, port: u16) -> Served {
     wait_for("subscriptions and the first reconcile", 20_000, || {
         s.env.graph.subscriptions().len() >= 2
             && s.env.scim.user_count() >= members * 9 / 10
-            && s.runs() >= 1
+            && s.runs_of(&name) >= 1
     })
     .await;
     s

@@ -1,4 +1,4 @@
-//! Group delta query, `GET /v1.0/groups/delta` (graph.md 6.1, 6.2, 6.4).
+//! Group delta query, `GET /v1.0/groups/delta` (Microsoft's "group: delta" and "Use delta query" pages).
 //!
 //! * Query: `$select` (group properties and `members`; only with `members` selected are
 //!   direct-membership changes tracked and returned as `members@delta`), `$filter=id eq '…'`
@@ -16,10 +16,11 @@
 //!   returns the changes since it was issued again). [`GraphSim::expire_delta_tokens`] makes
 //!   all existing delta and skip tokens answer `410 Gone` with a `Location` holding the original
 //!   query with an empty `$deltatoken`. An unknown or garbled `$deltatoken` answers 400
-//!   `syncStateNotFound` (graph.md 6.4 names it for dead tokens), an unknown `$skiptoken` 400
+//!   `syncStateNotFound` (the code Microsoft's delta-query page names for dead tokens), an unknown `$skiptoken` 400
 //!   `Directory_ExpiredPageToken` (as the member listings do).
 //! * Soft-deleted users keep their (hidden) memberships, so delta reports no removal for them
-//!   (graph.md gotcha 9); a hard delete is reported.
+//!   (as reported against Graph: a soft-deleted member's removal comes late or never); a hard
+//!   delete is reported.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -34,7 +35,7 @@ use super::{
 const DEFAULT_DELTA_PAGE: usize = 200;
 const MAX_FILTER_IDS: usize = 50;
 /// Stored snapshots/rounds beyond this are evicted oldest-first.
-const MAX_STORED: usize = 10_000;
+pub(super) const MAX_STORED: usize = 10_000;
 
 #[derive(Clone, Debug)]
 struct Spec {
@@ -91,21 +92,22 @@ impl PartialEq for ObjRef {
     }
 }
 
-fn random_token() -> String {
+pub(super) fn random_token() -> String {
     let mut b = [0u8; 24];
     rand::rng().fill(&mut b);
     b64_encode(&b, B64_URL, false)
 }
 
-struct DeltaQuery {
-    select: Option<String>,
-    filter: Option<String>,
-    deltatoken: Option<String>,
-    skiptoken: Option<String>,
-    raw: Vec<String>,
+pub(super) struct DeltaQuery {
+    pub(super) select: Option<String>,
+    pub(super) filter: Option<String>,
+    pub(super) deltatoken: Option<String>,
+    pub(super) skiptoken: Option<String>,
+    /// `$select`/`$filter` parts as sent (for the 410 Location).
+    pub(super) raw: Vec<String>,
 }
 
-fn parse_query(raw: &str) -> Result<DeltaQuery, (&'static str, String)> {
+pub(super) fn parse_query(raw: &str) -> Result<DeltaQuery, (&'static str, String)> {
     let mut q = DeltaQuery {
         select: None,
         filter: None,
@@ -158,7 +160,7 @@ fn parse_query(raw: &str) -> Result<DeltaQuery, (&'static str, String)> {
 }
 
 /// `id eq 'a' or id eq 'b'` → lower-cased ids.
-fn parse_filter(f: &str) -> Result<Vec<String>, String> {
+pub(super) fn parse_filter(f: &str) -> Result<Vec<String>, String> {
     let bad = || {
         format!("Invalid filter clause: '{f}'. Only 'id eq' clauses joined with 'or' are supported for delta queries.")
     };
@@ -287,7 +289,7 @@ impl State {
                     if members.iter().any(|r| r.id == *m) {
                         continue;
                     }
-                    // Soft-deleted users keep their membership link (gotcha 9).
+                    // Soft-deleted users keep their membership link.
                     if self.groups.contains_key(m) {
                         members.push(ObjRef {
                             id: m.clone(),
@@ -474,6 +476,12 @@ fn delta_base(base: &str) -> String {
 }
 
 fn gone(ctx: &Ctx, base: &str, raw: &[String]) -> ApiResponse {
+    gone_at(ctx, &delta_base(base), raw)
+}
+
+/// `410 Gone` for an expired delta or skip token of the delta function at `delta_url`, with a
+/// `Location` holding the original query and an empty `$deltatoken` (a new initial round).
+pub(super) fn gone_at(ctx: &Ctx, delta_url: &str, raw: &[String]) -> ApiResponse {
     let mut query = raw.join("&");
     if !query.is_empty() {
         query.push('&');
@@ -485,7 +493,7 @@ fn gone(ctx: &Ctx, base: &str, raw: &[String]) -> ApiResponse {
         "syncStateNotFound",
         "The delta token has expired. Start a new full synchronization by following the Location header.",
     )
-    .header("Location", format!("{}?{query}", delta_base(base)))
+    .header("Location", format!("{delta_url}?{query}"))
 }
 
 fn page_response(base: &str, page: Vec<Value>, link: (&str, String)) -> ApiResponse {
@@ -499,11 +507,11 @@ fn page_response(base: &str, page: Vec<Value>, link: (&str, String)) -> ApiRespo
     ApiResponse::json(200, Value::Object(body))
 }
 
-fn encode_skip(round: &str, page: usize) -> String {
+pub(super) fn encode_skip(round: &str, page: usize) -> String {
     b64_encode(format!("{round}:{page}").as_bytes(), B64_URL, false)
 }
 
-fn decode_skip(t: &str) -> Option<(String, usize)> {
+pub(super) fn decode_skip(t: &str) -> Option<(String, usize)> {
     let bytes = super::b64_decode(t.trim())?;
     let text = String::from_utf8(bytes).ok()?;
     let (r, p) = text.split_once(':')?;
@@ -674,8 +682,8 @@ impl GraphSim {
         self.shared.lock().delta.page_size = n.max(1);
     }
 
-    /// Every delta and skip token issued so far answers `410 Gone` (with a `Location` to restart)
-    /// from now on.
+    /// Every delta and skip token issued so far (group and user delta) answers `410 Gone` (with a
+    /// `Location` to restart) from now on.
     pub fn expire_delta_tokens(&self) {
         let mut s = self.shared.lock();
         for snap in s.delta.snapshots.values_mut() {
@@ -684,5 +692,6 @@ impl GraphSim {
         for r in s.delta.rounds.values_mut() {
             r.expired = true;
         }
+        s.user_delta.expire_all();
     }
 }

@@ -1,14 +1,15 @@
-//! Subscriptions, change notifications and lifecycle notifications (graph.md sections 1–4).
+//! Subscriptions, change notifications and lifecycle notifications (Microsoft's
+//! "subscription", "change notifications" and "lifecycle notifications" pages).
 //!
 //! * `POST/GET /v1.0/subscriptions`, `GET/PATCH/DELETE /v1.0/subscriptions/{id}`,
-//!   `POST /v1.0/subscriptions/{id}/reauthorize`, with the validation handshake (section 2) on
+//!   `POST /v1.0/subscriptions/{id}/reauthorize`, with the validation handshake on
 //!   create, PATCH and reauthorize, for the notification URL and, separately, the lifecycle URL.
 //! * Mutations through [`GraphSim`] queue change notifications for every matching live
 //!   subscription; a background loop batches them (up to [`MAX_BATCH_ITEMS`] per POST, grouped by
-//!   URL) and delivers them with retries (section 3.1) and optional fault injection.
+//!   URL) and delivers them with retries and optional fault injection.
 //! * Lifecycle notifications are sent on demand ([`GraphSim::send_lifecycle`]) or automatically
-//!   before expiry ([`GraphSim::set_auto_reauthorization`]), in the observed format of section 4,
-//!   with `validationTokens` (section 5, see `tokens.rs`).
+//!   before expiry ([`GraphSim::set_auto_reauthorization`]), in the observed format, with
+//!   `validationTokens` (see `tokens.rs`).
 //!
 //! Expired subscriptions are removed lazily (on every API call and every delivery tick).
 
@@ -26,11 +27,11 @@ use super::{check_auth, graph_error, throttled, ApiResponse, Body, Ctx, GraphSim
 
 /// Max notifications per delivery POST.
 pub(super) const MAX_BATCH_ITEMS: usize = 10;
-/// Subscriptions per app+tenant for directory resources (graph.md 1.3).
+/// Subscriptions per app+tenant for directory resources (change-notification quotas).
 const MAX_SUBSCRIPTIONS: usize = 100;
-/// Default maximum lifetime of user/group subscriptions: 41,760 minutes (graph.md 1.1).
+/// Default maximum lifetime of user/group subscriptions: 41,760 minutes (subscription resource).
 const DEFAULT_MAX_LIFETIME_MINUTES: f64 = 41_760.0;
-/// Minimum lifetime: shorter expirations are raised to now + 45 minutes (graph.md 1.1).
+/// Minimum lifetime: shorter expirations are raised to now + 45 minutes (subscription resource).
 const MIN_LIFETIME_MINUTES: i64 = 45;
 const TICK: Duration = Duration::from_millis(20);
 const CLIENT_STATE_MAX: usize = 128;
@@ -67,7 +68,7 @@ pub struct NotifyFaults {
     pub seed: u64,
 }
 
-/// Lifecycle events (graph.md section 4).
+/// Lifecycle events ("lifecycle notifications").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LifecycleEvent {
     ReauthorizationRequired,
@@ -379,7 +380,7 @@ impl State {
             .cloned()
             .collect();
         for sub in targets {
-            // `members@delta` is reported on `/groups` subscriptions only (graph.md 3.3).
+            // `members@delta` is reported on `/groups` subscriptions only (as observed on Graph).
             let hint = match sub.key {
                 ResourceKey::AllGroups => members_hint.clone(),
                 _ => None,
@@ -405,7 +406,7 @@ impl State {
         data.insert("id".into(), json!(id));
         data.insert("organizationId".into(), json!(self.tenant_id));
         if set == "Groups" {
-            // Observed on group notifications (graph.md 3.3), undocumented, unordered.
+            // Observed on group notifications, undocumented, unordered.
             self.notify.sequence += 1;
             let now = Utc::now();
             data.insert("eventTime".into(), json!(graph_time(now)));
@@ -645,7 +646,7 @@ async fn deliver(shared: web::Data<Shared>, batch: Batch) {
     }
 }
 
-/// The validation handshake (graph.md section 2). Err = the 400 message.
+/// The validation handshake ("notification endpoint validation"). Err = the 400 message.
 async fn validate_endpoint(
     client: &reqwest::Client,
     url: &str,
@@ -745,7 +746,7 @@ pub(super) async fn api(
 ) -> ApiResponse {
     let segs = super::decode_segments(rest);
     let method = req.method().as_str().to_ascii_uppercase();
-    {
+    let charge = {
         let mut s = sim.lock();
         s.count("subscriptions");
         if let Err(e) = check_auth(&s, ctx, req) {
@@ -755,8 +756,32 @@ pub(super) async fn api(
             s.count("throttled");
             return throttled(ctx, &s);
         }
+        let price = super::cost::request_cost(&method, &segs, req.query_string());
+        let priority =
+            super::Priority::parse(super::header_value(req, "x-ms-throttle-priority").as_deref());
+        match s.admit("subscriptions", price, priority) {
+            Ok(c) => c,
+            Err(refusal) => {
+                s.count("throttled");
+                return super::throttled_by_model(ctx, &s, &refusal);
+            }
+        }
+    };
+    let resp = route(sim, ctx, &method, &segs, body).await;
+    match charge {
+        Some(c) => c.decorate(resp),
+        None => resp,
     }
-    match (method.as_str(), segs.len()) {
+}
+
+async fn route(
+    sim: &web::Data<Shared>,
+    ctx: &Ctx,
+    method: &str,
+    segs: &[String],
+    body: &[u8],
+) -> ApiResponse {
+    match (method, segs.len()) {
         ("POST", 1) => create(sim, ctx, body).await,
         ("GET", 1) => {
             let mut s = sim.lock();
@@ -806,7 +831,7 @@ pub(super) async fn api(
         (_, 1..=3) if segs.len() < 3 || segs[2].eq_ignore_ascii_case("reauthorize") => {
             super::method_not_allowed(ctx)
         }
-        _ => super::unknown_segment(ctx, &segs, segs.len() - 1),
+        _ => super::unknown_segment(ctx, segs, segs.len() - 1),
     }
 }
 
@@ -977,7 +1002,7 @@ async fn create(sim: &web::Data<Shared>, ctx: &Ctx, body: &[u8]) -> ApiResponse 
     };
     let mut change_set: Vec<String> = Vec::new();
     for t in change_type.split(',').map(str::trim) {
-        // users and groups support only updated and deleted (graph.md 1.1).
+        // users and groups support only updated and deleted (subscription resource).
         if t != "updated" && t != "deleted" {
             return invalid(ctx, &format!("Invalid 'changeType' attribute: '{t}'."));
         }

@@ -1,14 +1,15 @@
-//! `validationTokens` (graph.md section 5) and the identity-platform metadata that publishes
+//! `validationTokens` (Microsoft's "change notifications with resource data" page) and the identity-platform metadata that publishes
 //! their signing key: `{login}/common/v2.0/.well-known/openid-configuration` (and the v1
 //! `{login}/common/.well-known/openid-configuration`) pointing to
 //! `{login}/common/discovery/v2.0/keys` (and v1 `{login}/common/discovery/keys`).
 //!
-//! Also the token endpoint's checks of client assertions (graph.md 9.2, 9.3): certificates
+//! Also the token endpoint's checks of client assertions (identity platform: certificate credentials,
+//! workload identity federation): certificates
 //! registered on the app (`x5t#S256` or `x5t`, PS256 or RS256 signature, `aud` = the token URL,
 //! `iss` = `sub` = client id, lifetime, single-use `jti`) and federated identity credentials
 //! (issuer's signature, `iss`, `sub`, `aud`, lifetime). AADSTS700027 is from Microsoft's error
 //! table; 700024, 700021, 50013, 50027, 70021 and 700211–700213 follow what Entra is widely
-//! reported to send (graph.md 12: not verified against the table).
+//! reported to send (not verified against the table).
 
 use std::collections::HashMap;
 
@@ -160,10 +161,10 @@ impl GraphSim {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Client assertions: certificates (graph.md §9.2) and workload identity federation (§9.3)
+// Client assertions: certificates and workload identity federation
 // ---------------------------------------------------------------------------------------------
 
-/// The audience a federated identity credential expects by convention (graph.md §9.3).
+/// The audience a federated identity credential expects by convention (workload identity federation).
 pub const TOKEN_EXCHANGE_AUDIENCE: &str = "api://AzureADTokenExchange";
 /// Issuer of the test "Kubernetes" service-account tokens (signed with
 /// `keys::KUBE_ISSUER_KEY_PEM`).
