@@ -990,22 +990,37 @@ impl GraphClient {
         status: u16,
         body: Value,
     ) -> Result<Option<GraphUser>, GraphError> {
+        self.object_answer(&format!("/users/{user_id}/manager"), status, body)
+    }
+
+    /// One `$batch` answer to a user read: the user, `None` for 404 (gone).
+    fn user_answer(
+        &self,
+        user_id: &str,
+        status: u16,
+        body: Value,
+    ) -> Result<Option<GraphUser>, GraphError> {
+        self.object_answer(&format!("/users/{user_id}"), status, body)
+    }
+
+    /// One `$batch` answer to a GET of `path` that reads a user object (404: none).
+    fn object_answer(
+        &self,
+        path: &str,
+        status: u16,
+        body: Value,
+    ) -> Result<Option<GraphUser>, GraphError> {
         match status {
             200 => GraphUser::from_value(body)
                 .map(Some)
                 .map_err(|m| GraphError::Decode {
-                    what: "Graph $batch".into(),
+                    what: format!("Graph GET {path}"),
                     message: m,
                 }),
             404 => Ok(None),
             other => {
                 let body = serde_json::to_vec(&body).unwrap_or_default();
-                Err(self.api_error(
-                    "GET",
-                    &format!("{}/users/{user_id}/manager", self.api_root),
-                    other,
-                    &body,
-                ))
+                Err(self.api_error("GET", &format!("{}{path}", self.api_root), other, &body))
             }
         }
     }
@@ -1032,22 +1047,7 @@ impl GraphClient {
             let mut answers = self.batch(requests).await?;
             for (i, uid) in chunk.iter().enumerate() {
                 let (status, body) = answers.remove(&i.to_string()).unwrap_or((0, Value::Null));
-                let u = match status {
-                    200 => Some(GraphUser::from_value(body).map_err(|m| GraphError::Decode {
-                        what: "Graph user".into(),
-                        message: m,
-                    })?),
-                    404 => None,
-                    other => {
-                        let body = serde_json::to_vec(&body).unwrap_or_default();
-                        return Err(self.api_error(
-                            "GET",
-                            &format!("{}/users/{uid}", self.api_root),
-                            other,
-                            &body,
-                        ));
-                    }
-                };
+                let u = self.user_answer(uid, status, body)?;
                 out.insert(uid.clone(), u);
             }
         }
@@ -1138,24 +1138,7 @@ impl GraphClient {
                 let mut take = |k: String| answers.remove(&k).unwrap_or((0, Value::Null));
                 let read = (|| {
                     let (st, body) = take(format!("{i}u"));
-                    let user = match st {
-                        200 => {
-                            Some(GraphUser::from_value(body).map_err(|m| GraphError::Decode {
-                                what: "Graph user".into(),
-                                message: m,
-                            })?)
-                        }
-                        404 => None,
-                        other => {
-                            let body = serde_json::to_vec(&body).unwrap_or_default();
-                            return Err(self.api_error(
-                                "GET",
-                                &format!("{}/users/{uid}", self.api_root),
-                                other,
-                                &body,
-                            ));
-                        }
-                    };
+                    let user = self.user_answer(uid, st, body)?;
                     let manager = match manager_select {
                         Some(_) => {
                             let (st, body) = take(format!("{i}m"));

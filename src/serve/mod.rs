@@ -404,15 +404,7 @@ async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
         again.extend(integ.store.reports_of(m).map_err(|e| e.to_string())?);
     }
     if !again.is_empty() {
-        let hints: Vec<QueueItem> = again
-            .into_iter()
-            .map(|u| {
-                QueueItem::new(Hint::User {
-                    user_id: u,
-                    follow_up: true,
-                })
-            })
-            .collect();
+        let hints: Vec<QueueItem> = again.into_iter().map(QueueItem::follow_up).collect();
         integ.store.enqueue(&hints).map_err(|e| e.to_string())?;
     }
     worker::init_tree(&ctx).await.map_err(|e| e.to_string())?;

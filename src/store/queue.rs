@@ -88,6 +88,15 @@ impl QueueItem {
         }
     }
 
+    /// A hint rostersync derives itself for one user (a delta round's member, a manager's
+    /// report, a user read back after a crash): it does not fan out to the user's reports.
+    pub fn follow_up(user_id: String) -> QueueItem {
+        QueueItem::new(Hint::User {
+            user_id,
+            follow_up: true,
+        })
+    }
+
     /// What an undecodable entry becomes: a dead letter that shows its bytes.
     fn undecodable(bytes: &[u8], error: String) -> QueueItem {
         use base64::Engine as _;

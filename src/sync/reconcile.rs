@@ -1008,12 +1008,7 @@ impl<T: Target> Run<'_, '_, T> {
             );
             let hints: Vec<crate::store::queue::QueueItem> = look
                 .into_iter()
-                .map(|u| {
-                    crate::store::queue::QueueItem::new(crate::store::queue::Hint::User {
-                        user_id: u,
-                        follow_up: true,
-                    })
-                })
+                .map(crate::store::queue::QueueItem::follow_up)
                 .collect();
             store.enqueue(&hints)?;
         }

@@ -885,12 +885,7 @@ async fn one_round<T: Target>(
         // reports queued at the next start).
         let hints: Vec<QueueItem> = std::mem::take(&mut next)
             .into_iter()
-            .map(|t| {
-                QueueItem::new(Hint::User {
-                    user_id: t.id,
-                    follow_up: true,
-                })
-            })
+            .map(|t| QueueItem::follow_up(t.id))
             .collect();
         ctx.store.enqueue(&hints)?;
     }
@@ -1275,12 +1270,7 @@ pub async fn process<T: Target>(
             let follow: Vec<QueueItem> = synced
                 .left_over
                 .into_iter()
-                .map(|t| {
-                    QueueItem::new(Hint::User {
-                        user_id: t.id,
-                        follow_up: true,
-                    })
-                })
+                .map(|t| QueueItem::follow_up(t.id))
                 .collect();
             ctx.store.enqueue(&follow)?;
         }
@@ -1505,15 +1495,7 @@ async fn membership<T: Target>(
         }
     }
     // Queue the users first, then advance the link: a crash in between repeats the round.
-    let hints: Vec<QueueItem> = candidates
-        .into_iter()
-        .map(|u| {
-            QueueItem::new(Hint::User {
-                user_id: u,
-                follow_up: true,
-            })
-        })
-        .collect();
+    let hints: Vec<QueueItem> = candidates.into_iter().map(QueueItem::follow_up).collect();
     tracing::info!(
         added = added.len(),
         removed = removed.len(),
