@@ -7,6 +7,8 @@
 //! - [`store`]: sled-backed state (user index, run history), keys per integration.
 //! - [`sync`]: mapping, plan (pure), guard (pure), full reconcile (effects).
 //! - [`alert`]: alerts by e-mail and webhook, through a durable outbox with deduplication.
+//! - [`ops`]: operator commands (queue, subscriptions, one user) as documents, run by the CLI
+//!   or, while `serve` holds the store, by `serve` through its admin API.
 //! - [`sim`]: in-process Graph tenant and SCIM LMS simulators for tests, benches and `demo`.
 //!
 //! Architecture notes live in `ARCHITECTURE.md`.
@@ -21,6 +23,7 @@ pub mod graph;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod output;
 pub mod retry;
 pub mod serve;

@@ -10,6 +10,7 @@ use crate::app::Integration;
 use crate::config::MAX_SUBSCRIPTION_MINUTES;
 use crate::graph::subscriptions::{Created, NewSubscription};
 use crate::graph::GraphError;
+use crate::ops::subscriptions::{AtGraph, DeleteDoc, Deleted, ListDoc, Listed, RenewDoc, Renewed};
 use crate::store::state::{client_state_fingerprint, SubscriptionRecord, Watch};
 use crate::store::StoreError;
 
@@ -458,6 +459,104 @@ pub async fn lifecycle(
             Ok(false)
         }
     }
+}
+
+/// `subscriptions list`: each recorded subscription with whether Graph still has it, then
+/// those Graph holds at this integration's address that the store does not know.
+pub async fn list(integ: &Integration) -> Result<ListDoc, SubsError> {
+    let name = integ.cfg.name.as_str();
+    let remote = integ.graph.list_subscriptions().await?;
+    let mut out = Vec::new();
+    for r in integ.store.subscriptions()? {
+        let live = remote.iter().any(|s| s.id == r.id);
+        out.push(Listed {
+            id: r.id,
+            resource: r.resource,
+            expires_at: Some(r.expires_at),
+            at_graph: if live { AtGraph::Live } else { AtGraph::NotFound },
+        });
+    }
+    let ours = format!("/webhooks/graph/{name}");
+    for s in remote {
+        if s.notification_url.ends_with(&ours) && integ.store.subscription(&s.id)?.is_none() {
+            out.push(Listed {
+                id: s.id,
+                resource: s.resource,
+                expires_at: None,
+                at_graph: AtGraph::UnknownToStore,
+            });
+        }
+    }
+    Ok(ListDoc {
+        integration: name.to_string(),
+        subscriptions: out,
+    })
+}
+
+/// `subscriptions renew`: renews every subscription now (recreating any that is gone), then
+/// lists them. The bool: one had to be made again (notifications may have been missed).
+pub async fn renew_now(
+    integ: &Integration,
+    public: &Url,
+    client_state: &str,
+) -> Result<(RenewDoc, bool), SubsError> {
+    for mut r in integ.store.subscriptions()? {
+        // Due now: `ensure` renews it.
+        r.expires_at = Utc::now() + Duration::seconds(1);
+        integ.store.put_subscription(&r)?;
+    }
+    let recreated = ensure(integ, public, client_state).await?;
+    let subscriptions = integ
+        .store
+        .subscriptions()?
+        .into_iter()
+        .map(|r| Renewed {
+            id: r.id,
+            resource: r.resource,
+            expires_at: r.expires_at,
+        })
+        .collect();
+    let doc = RenewDoc {
+        integration: integ.cfg.name.to_string(),
+        subscriptions,
+    };
+    Ok((doc, recreated))
+}
+
+/// `subscriptions delete`: deletes every recorded subscription at Graph and in the store, up
+/// to the first failure (named in the document).
+pub async fn delete_all(integ: &Integration) -> DeleteDoc {
+    let mut doc = DeleteDoc {
+        integration: integ.cfg.name.to_string(),
+        deleted: Vec::new(),
+        error: None,
+    };
+    let recs = match integ.store.subscriptions() {
+        Ok(r) => r,
+        Err(e) => {
+            doc.error = Some(e.to_string());
+            return doc;
+        }
+    };
+    for r in recs {
+        let step = async {
+            let gone = integ.graph.delete_subscription(&r.id).await?;
+            integ.store.remove_subscription(&r.id)?;
+            Ok::<bool, SubsError>(gone)
+        };
+        match step.await {
+            Ok(deleted) => doc.deleted.push(Deleted {
+                id: r.id,
+                resource: r.resource,
+                deleted,
+            }),
+            Err(e) => {
+                doc.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    doc
 }
 
 #[cfg(test)]
