@@ -66,7 +66,9 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// A failed queue item's retries (attempts, backoff); they are kept in the store.
     pub retry: RetryPolicy,
-    /// A deletion is believed on a second 404 at least this long after the first.
+    /// A deletion is believed on a second 404 at least this long after the first, and a
+    /// departure from the groups is confirmed with Graph no sooner than this after it was
+    /// first seen.
     pub gone_confirm_after: Duration,
     /// The longest one user's Graph reads, or one user's LMS write, may take (retries
     /// included) before it counts as that user's failed attempt: one slow user must not hold
@@ -993,8 +995,12 @@ async fn confirm<T: Target>(
                     w.gathered.as_ref().and_then(|g| g.user.as_ref()),
                     Some(Err(()))
                 );
+                // A departure settles before Graph is asked: a move between groups (removed
+                // from one, added to another a moment later) reaches the mirror as two
+                // changes, and a read between them would deactivate a member.
+                let departed = d.out == Some(OutOfScope::LeftAllGroups);
                 let since = w.task.missing_since.unwrap_or(now);
-                if first_404 && now - since < after && !opts.wait_inline {
+                if (first_404 || departed) && now - since < after && !opts.wait_inline {
                     w.task.missing_since = Some(since);
                     w.outcome = Some(UserOutcome::Wait {
                         until: since + after,
