@@ -2,7 +2,7 @@
 //! 429s, delta-link expiry and SIGKILLs of `serve`, checked against the simulators' truth (see
 //! `differential/engine.rs` for the invariants and how each is checked).
 //!
-//! `cargo test --test differential` runs the regression seeds and seeds 1-20, three at a time.
+//! `cargo test --test differential` runs the regression seeds and seeds 1-16, three at a time.
 //! `DIFF_SEEDS=1-200` picks other seeds (plus the regression seeds), `DIFF_SEED=N` replays
 //! one seed alone, `DIFF_JOBS=N` sets how many run at once. The soak (`cargo bench --bench
 //! soak`) runs the same engine over 1,000+ seeds.
@@ -13,11 +13,35 @@ mod engine;
 
 use std::sync::Arc;
 
-/// Seeds that once failed, always run: each found a bug (what it found in the comment).
-const REGRESSION_SEEDS: &[u64] = &[];
+/// Seeds that once failed, always run: what each found (on 6250fc8, before the rewrite of the
+/// incremental path; seeds 1-16 found more, see their output).
+const REGRESSION_SEEDS: &[u64] = &[
+    // Nested group detached, serve killed and restarted meanwhile: start-up deleted the nested
+    // group's subscription, Graph's notifications for it got 403, and after re-attaching its
+    // members stayed inactive (and a hired manager was never created).
+    17,
+    // Moved direct -> nested (removed, added 15 ms later): deactivated while already back in;
+    // re-attached nested group's members left inactive until a reconcile.
+    21,
+    // A manager soft- or hard-deleted: reports keep manager.value, managerEmail and
+    // managerDisplayName until a reconcile.
+    30,
+    // Moved nested -> direct, added before removed (never out of the groups): deactivated.
+    32,
+    // Nested group detached and re-attached without any kill: its members stay inactive.
+    46,
+    // Moved nested -> direct: deactivated 0.17 s after being added back; once also a new hire
+    // deactivated 0.17 s after joining (its own user notification, read against the mirror).
+    47,
+    // A permanently deleted manager: reports keep the link and the manager's name and mail.
+    83,
+    // disable -> enable within 20 ms: the deactivation written 1 s after the re-enable (seen
+    // once); a manager hired into the group never linked to the reports.
+    119,
+];
 
 /// Seeds run by default besides the regression seeds.
-const DEFAULT_SEEDS: &str = "1-20";
+const DEFAULT_SEEDS: &str = "1-16";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn incremental_sync_agrees_with_reconcile_under_chaos() {
