@@ -584,6 +584,32 @@ async fn spawn_serve(config: &Path, log: &Path) -> Result<Serve, String> {
     }
 }
 
+/// A free port below the kernel's ephemeral range (32768 and up on Linux), so that no outgoing
+/// connection takes it while `serve` is down between a SIGKILL and its restart.
+fn free_port() -> Result<u16, String> {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let _ = NEXT.compare_exchange(
+            0,
+            rand::rng().random_range(20_000..30_000),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for _ in 0..2000 {
+        let mut port = NEXT.fetch_add(1, Ordering::Relaxed);
+        if !(20_000..32_000).contains(&port) {
+            NEXT.store(20_001, Ordering::Relaxed);
+            port = 20_000;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no free port in 20000..32000".into())
+}
+
 fn log_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -758,14 +784,13 @@ impl Run {
             process_log: Vec::new(),
         };
         run.timeline.initial = run.enabled_members();
+        run.port = free_port()?;
         run.write_config();
         let serve = spawn_serve(&run.config, &run.log)
             .await
             .map_err(|e| format!("{e}; log ends:\n{}", log_tail(&run.log, 30)))?;
-        run.port = serve.addr.port();
         run.last_listening = serve.started;
         run.serve = Some(serve);
-        run.write_config();
         // Ready: subscriptions made, the first reconcile applied (generous: not an invariant).
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
