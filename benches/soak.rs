@@ -66,10 +66,13 @@ fn main() {
     let done = {
         let report = Arc::clone(&report);
         move |o: &engine::Outcome| {
-            println!("{}", o.line());
+            // A full disk or a closed pipe must not end the soak (println! would panic).
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", o.line());
             for v in &o.violations {
-                println!("    {}", v.detail.lines().next().unwrap_or_default());
+                let _ = writeln!(out, "    {}", v.detail.lines().next().unwrap_or_default());
             }
+            drop(out);
             let mut f = report.lock().unwrap_or_else(|e| e.into_inner());
             for v in &o.violations {
                 let _ = writeln!(f, "{}\n", v.detail);

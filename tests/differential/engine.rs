@@ -405,8 +405,29 @@ pub async fn run_seeds(
         let sem = Arc::clone(&sem);
         let settings = settings.clone();
         set.spawn(async move {
+            use futures::FutureExt;
             let _permit = sem.acquire_owned().await;
-            run_seed(seed, &settings).await
+            let run = std::panic::AssertUnwindSafe(run_seed(seed, &settings)).catch_unwind();
+            match run.await {
+                Ok(o) => o,
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    let mut o = Outcome {
+                        seed,
+                        ..Default::default()
+                    };
+                    o.violations.push(Violation {
+                        kind: Kind::Process,
+                        detail: format!("the harness panicked: {why}"),
+                    });
+                    finish(&mut o, &settings, None);
+                    o
+                }
+            }
         });
     }
     let mut out = Vec::new();
@@ -679,32 +700,44 @@ pub async fn run_seed(seed: u64, settings: &Settings) -> Outcome {
                 detail: e,
             });
             out.elapsed = started.elapsed();
+            finish(&mut out, settings, None);
             return out;
         }
     };
     run.drive(&mut out).await;
     out.violations.append(&mut run.violations);
     out.elapsed = started.elapsed();
-    if !out.violations.is_empty() {
+    finish(&mut out, settings, Some(&run.log));
+    out
+}
+
+/// A failing seed keeps its `serve` log; each violation gets the seed, its kind and the replay
+/// command.
+fn finish(out: &mut Outcome, settings: &Settings, log: Option<&Path>) {
+    if out.violations.is_empty() {
+        return;
+    }
+    let seed = out.seed;
+    if let Some(log) = log {
         let _ = std::fs::create_dir_all(&settings.keep_logs);
         let kept = settings.keep_logs.join(format!("seed-{seed}.log"));
-        if std::fs::copy(&run.log, &kept).is_ok() {
+        if std::fs::copy(log, &kept).is_ok() {
             out.log = Some(kept);
         }
-        let replay = format!("{}{}", settings.replay_env(), (settings.replay)(seed));
-        for v in &mut out.violations {
-            v.detail = format!(
-                "seed {seed}: {}: {}\n    replay: {replay}{}",
-                v.kind.name(),
-                v.detail,
-                out.log
-                    .as_ref()
-                    .map(|l| format!("\n    serve log: {}", l.display()))
-                    .unwrap_or_default()
-            );
-        }
     }
-    out
+    let replay = format!("{}{}", settings.replay_env(), (settings.replay)(seed));
+    let log = out
+        .log
+        .as_ref()
+        .map(|l| format!("\n    serve log: {}", l.display()))
+        .unwrap_or_default();
+    for v in &mut out.violations {
+        v.detail = format!(
+            "seed {seed}: {}: {}\n    replay: {replay}{log}",
+            v.kind.name(),
+            v.detail
+        );
+    }
 }
 
 impl Run {
