@@ -392,21 +392,32 @@ pub fn parse_seeds(text: &str) -> Result<Vec<u64>, String> {
     Ok(out)
 }
 
-/// Runs `seeds`, `jobs` at a time, calling `done` as each finishes; outcomes in seed order.
+/// Runs `seeds` in order, `jobs` at a time, calling `done` as each finishes; outcomes in seed
+/// order.
 pub async fn run_seeds(
     seeds: Vec<u64>,
     jobs: usize,
     settings: &Settings,
     done: impl Fn(&Outcome),
 ) -> Vec<Outcome> {
-    let sem = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
     let mut set = tokio::task::JoinSet::new();
+    let mut out = Vec::new();
+    let mut collect = |r: Result<Outcome, tokio::task::JoinError>| match r {
+        Ok(o) => {
+            done(&o);
+            out.push(o);
+        }
+        Err(e) => panic!("a seed's task failed: {e}"),
+    };
     for seed in seeds {
-        let sem = Arc::clone(&sem);
+        while set.len() >= jobs.max(1) {
+            if let Some(r) = set.join_next().await {
+                collect(r);
+            }
+        }
         let settings = settings.clone();
         set.spawn(async move {
             use futures::FutureExt;
-            let _permit = sem.acquire_owned().await;
             let run = std::panic::AssertUnwindSafe(run_seed(seed, &settings)).catch_unwind();
             match run.await {
                 Ok(o) => o,
@@ -430,15 +441,8 @@ pub async fn run_seeds(
             }
         });
     }
-    let mut out = Vec::new();
     while let Some(r) = set.join_next().await {
-        match r {
-            Ok(o) => {
-                done(&o);
-                out.push(o);
-            }
-            Err(e) => panic!("a seed's task failed: {e}"),
-        }
+        collect(r);
     }
     out.sort_by_key(|o| o.seed);
     out
