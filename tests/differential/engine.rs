@@ -181,6 +181,12 @@ pub struct Chaos {
     pub forget_400_at: Option<usize>,
     /// (step, steps until the restart) of each SIGKILL.
     pub kills: Vec<(usize, usize)>,
+    /// Kill `serve` again this many ms after the first restart printed that it listens (in
+    /// its start-up: subscriptions, first reads), then restart it.
+    pub startup_kill_ms: Option<u64>,
+    /// Kill the very first `serve` this many ms after it listens (while it creates the
+    /// subscriptions), then start it again.
+    pub first_start_kill_ms: Option<u64>,
 }
 
 /// What happened to one seed.
@@ -240,6 +246,12 @@ impl Outcome {
         }
         if c.forget_400_at.is_some() {
             chaos.push("400".into());
+        }
+        if let Some(ms) = c.first_start_kill_ms {
+            chaos.push(format!("kill in first start +{ms}ms"));
+        }
+        if let Some(ms) = c.startup_kill_ms {
+            chaos.push(format!("kill in start-up +{ms}ms"));
         }
         let conv = match self.converged_after {
             Some(d) => format!("converged {:.1}s", d.as_secs_f64()),
@@ -687,6 +699,8 @@ struct Run {
     reconcile_started: Option<Instant>,
     /// Wall-clock times of kills and restarts (to compare with Graph's delivery log).
     process_log: Vec<String>,
+    /// See [`Chaos::startup_kill_ms`]; taken when done.
+    startup_kill_ms: Option<u64>,
 }
 
 /// Runs one seed; never panics on a product failure (those are violations).
@@ -819,6 +833,7 @@ impl Run {
             last_listening: Instant::now(),
             reconcile_started: None,
             process_log: Vec::new(),
+            startup_kill_ms: None,
         };
         run.timeline.initial = run.enabled_members();
         run.port = free_port()?;
@@ -828,6 +843,20 @@ impl Run {
             .map_err(|e| format!("{e}; log ends:\n{}", log_tail(&run.log, 30)))?;
         run.last_listening = serve.started;
         run.serve = Some(serve);
+        // Sometimes the very first start-up (which creates the subscriptions) is killed too.
+        let mut extra = StdRng::seed_from_u64(seed ^ 0x57a7_0b00_7c11_0001);
+        if extra.random_bool(0.2) {
+            let ms = extra.random_range(0..60);
+            out.chaos.first_start_kill_ms = Some(ms);
+            run.startup_kill_ms = Some(ms);
+            run.kill_in_startup().await;
+            if run.serve.is_none() {
+                return Err(format!(
+                    "serve did not start again after a kill in its first start-up; log ends:\n{}",
+                    log_tail(&run.log, 30)
+                ));
+            }
+        }
         // Ready: subscriptions made, the first reconcile applied (generous: not an invariant).
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -1002,6 +1031,8 @@ impl Run {
             expire_410_at: rng.random_bool(0.3).then(|| rng.random_range(0..steps)),
             forget_400_at: rng.random_bool(0.3).then(|| rng.random_range(0..steps)),
             kills: Vec::new(),
+            startup_kill_ms: None,
+            first_start_kill_ms: out.chaos.first_start_kill_ms,
         };
         let kills = match rng.random_range(0..100) {
             0..35 => 0,
@@ -1017,6 +1048,11 @@ impl Run {
             let restart_after = rng.random_range(0..=2usize);
             chaos.kills.push((k, restart_after));
         }
+        // From an RNG of its own, so that adding this left every seed's script as it was.
+        let mut extra = StdRng::seed_from_u64(self.seed ^ 0x57a7_0b00_7c11_0002);
+        chaos.startup_kill_ms =
+            (!chaos.kills.is_empty() && extra.random_bool(0.3)).then(|| extra.random_range(0..250));
+        self.startup_kill_ms = chaos.startup_kill_ms;
         out.chaos = chaos.clone();
 
         self.graph.set_notify_faults(NotifyFaults {
@@ -1038,6 +1074,7 @@ impl Run {
             if restart_at == Some(i) {
                 restart_at = None;
                 self.restart().await;
+                self.kill_in_startup().await;
             }
             if let Some(&(_, after)) = chaos.kills.iter().find(|(k, _)| *k == i) {
                 if self.serve.is_some() {
@@ -1046,6 +1083,7 @@ impl Run {
                         let pause = self.rng.random_range(0..300);
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                         self.restart().await;
+                        self.kill_in_startup().await;
                     } else {
                         restart_at = Some(i + after);
                     }
@@ -1554,6 +1592,20 @@ impl Run {
                 log_tail(&self.log, 20)
             ),
         });
+    }
+
+    /// Once per seed (when the chaos says so): SIGKILL during the start-up that just began,
+    /// then start again.
+    async fn kill_in_startup(&mut self) {
+        let Some(ms) = self.startup_kill_ms.take() else {
+            return;
+        };
+        let since = self.last_listening.elapsed();
+        if let Some(rest) = Duration::from_millis(ms).checked_sub(since) {
+            tokio::time::sleep(rest).await;
+        }
+        self.kill().await;
+        self.restart().await;
     }
 
     /// SIGTERM and wait (60 s, then SIGKILL and a violation).
