@@ -1,7 +1,8 @@
 //! The differential engine behind `tests/differential.rs` and `benches/soak.rs`: one seed is one
 //! small simulated tenant, the real `rostersync serve` binary as a child process, a seeded
 //! random sequence of directory changes made in the Graph simulator with notification chaos,
-//! Graph 429s, delta-link expiry and SIGKILLs of `serve`, and then these invariants checked
+//! Graph 429s, delta-link expiry and SIGKILLs of `serve` (some in its start-up), and then these
+//! invariants checked
 //! against the simulator's truth (never through rostersync's own mapping code):
 //!
 //! * **no wrong deactivation**: every write that left a user inactive (the SCIM simulator's
