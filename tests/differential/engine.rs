@@ -2,8 +2,8 @@
 //! small simulated tenant, the real `rostersync serve` binary as a child process, a seeded
 //! random sequence of directory changes made in the Graph simulator with notification chaos,
 //! Graph 429s, delta-link expiry and SIGKILLs of `serve` (some in its start-up), and then these
-//! invariants checked
-//! against the simulator's truth (never through rostersync's own mapping code):
+//! invariants checked against the simulator's truth (never through rostersync's own mapping
+//! code):
 //!
 //! * **no wrong deactivation**: every write that left a user inactive (the SCIM simulator's
 //!   write log, so every write is seen, not samples) is checked against the timeline of
