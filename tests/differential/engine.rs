@@ -188,6 +188,9 @@ pub struct Chaos {
     /// Kill the very first `serve` this many ms after it listens (while it creates the
     /// subscriptions), then start it again.
     pub first_start_kill_ms: Option<u64>,
+    /// After this step: several direct members removed at once, `serve` killed while it
+    /// writes their deactivations, the members added back while it is down, then restarted.
+    pub burst_at: Option<usize>,
 }
 
 /// What happened to one seed.
@@ -253,6 +256,9 @@ impl Outcome {
         }
         if let Some(ms) = c.startup_kill_ms {
             chaos.push(format!("kill in start-up +{ms}ms"));
+        }
+        if c.burst_at.is_some() {
+            chaos.push("burst+kill".into());
         }
         let conv = match self.converged_after {
             Some(d) => format!("converged {:.1}s", d.as_secs_f64()),
@@ -1034,6 +1040,7 @@ impl Run {
             kills: Vec::new(),
             startup_kill_ms: None,
             first_start_kill_ms: out.chaos.first_start_kill_ms,
+            burst_at: None,
         };
         let kills = match rng.random_range(0..100) {
             0..35 => 0,
@@ -1053,6 +1060,9 @@ impl Run {
         let mut extra = StdRng::seed_from_u64(self.seed ^ 0x57a7_0b00_7c11_0002);
         chaos.startup_kill_ms =
             (!chaos.kills.is_empty() && extra.random_bool(0.3)).then(|| extra.random_range(0..250));
+        chaos.burst_at = extra
+            .random_bool(0.15)
+            .then(|| extra.random_range(0..steps));
         self.startup_kill_ms = chaos.startup_kill_ms;
         out.chaos = chaos.clone();
 
@@ -1110,6 +1120,9 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(pause)).await;
             self.step().await;
             out.mutations += 1;
+            if chaos.burst_at == Some(i) {
+                out.mutations += self.burst(&mut extra).await;
+            }
         }
         if self.serve.is_none() {
             self.restart().await;
@@ -1593,6 +1606,38 @@ impl Run {
                 log_tail(&self.log, 20)
             ),
         });
+    }
+
+    /// 3-6 direct members removed from the main group at once; `serve` killed 0.2-0.7 s later,
+    /// while it may be writing their deactivations (and its index after them); the members
+    /// added back while it is down; `serve` started again. Returns the changes made.
+    async fn burst(&mut self, rng: &mut StdRng) -> usize {
+        let direct = self.direct(&self.all);
+        let nested = self.direct(&self.nested);
+        let mut pool: Vec<String> = direct.into_iter().filter(|u| !nested.contains(u)).collect();
+        let k = rng.random_range(3..=6usize).min(pool.len());
+        let mut chosen = Vec::new();
+        for _ in 0..k {
+            chosen.push(pool.swap_remove(rng.random_range(0..pool.len())));
+        }
+        let all = self.all.clone();
+        for u in &chosen {
+            let what = format!("burst: remove {} from the main group", self.name(u));
+            self.change(what, &[u], |g| g.remove_member(&all, u));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..700))).await;
+        let was_up = self.serve.is_some();
+        self.kill().await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
+        for u in &chosen {
+            let what = format!("burst: add {} back to the main group", self.name(u));
+            self.change(what, &[u], |g| g.add_member(&all, u));
+        }
+        if was_up {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+            self.restart().await;
+        }
+        2 * chosen.len()
     }
 
     /// Once per seed (when the chaos says so): SIGKILL during the start-up that just began,
