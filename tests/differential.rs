@@ -38,6 +38,10 @@ const REGRESSION_SEEDS: &[u64] = &[
     // disable -> enable within 20 ms: the deactivation written 1 s after the re-enable (seen
     // once); a manager hired into the group never linked to the reports.
     119,
+    // Nested group detached while serve was down: the restart deleted the nested group's
+    // subscription and the detached members were never deactivated (active non-members until
+    // a reconcile); notifications for the deleted subscription answered 403.
+    2094,
 ];
 
 /// Seeds run by default besides the regression seeds.
