@@ -1,4 +1,5 @@
-"""A real SMTP server for tests/alerts.rs, built on aiosmtpd.
+"""An independent SMTP server (aiosmtpd) for the interop test of tests/alerts.rs (ignored by
+default; .ci/run runs it with `cargo test --test alerts -- --ignored`).
 
     python3 tests/smtp_sink.py PORT DIR [USER PASSWORD]
 
