@@ -114,10 +114,10 @@ impl Integration {
                 .unwrap_or_default()
                 .as_secs_f64();
             let (outcome, success) = match report.outcome {
-                reconcile::Outcome::Ok => ("ok", true),
-                reconcile::Outcome::Partial => ("partial", true),
-                reconcile::Outcome::GuardTripped => ("guard_tripped", false),
-                reconcile::Outcome::Failed => ("failed", false),
+                reconcile::RunOutcome::Ok => ("ok", true),
+                reconcile::RunOutcome::Partial => ("partial", true),
+                reconcile::RunOutcome::GuardTripped => ("guard_tripped", false),
+                reconcile::RunOutcome::Failed => ("failed", false),
             };
             crate::metrics::reconcile_finished(self.cfg.name.as_str(), seconds, outcome, success);
         }

@@ -17,6 +17,7 @@ use crate::graph::credential::{
 };
 use crate::sync::mapping::{Mapping, MappingError, UsernameSource};
 use crate::target::dialect::DialectSettings;
+use crate::text::{is_guid, is_loopback_host};
 
 /// Default SCIM custom extension URN for attributes that have no standard SCIM home.
 pub const DEFAULT_CUSTOM_SCHEMA: &str =
@@ -691,7 +692,7 @@ pub struct TargetConfig {
 fn parse_http_url(key: &str, s: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(s.trim_end_matches('/'))
         .map_err(|e| invalid(key, format!("{s:?} is not a URL: {e}")))?;
-    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    let loopback = url.host_str().is_some_and(is_loopback_host);
     if url.host_str().is_none() {
         return Err(invalid(key, format!("{s:?} has no host")));
     }
@@ -703,15 +704,6 @@ fn parse_http_url(key: &str, s: &str) -> Result<Url, ConfigError> {
         ));
     }
     Ok(url)
-}
-
-fn looks_like_guid(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.len() == 5
-        && [8, 4, 4, 4, 12]
-            .iter()
-            .zip(&parts)
-            .all(|(n, p)| p.len() == *n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// A TOML error without the offending source line or any quoted value: the line or value may
@@ -801,7 +793,7 @@ impl Config {
             if ri.tenant_id.trim().is_empty() {
                 return Err(invalid(k("tenant_id"), "is empty; use the Directory (tenant) ID from the app registration's Overview page"));
             }
-            if !looks_like_guid(&ri.client_id) {
+            if !is_guid(&ri.client_id) {
                 return Err(invalid(k("client_id"), format!("{:?} is not a GUID; use the Application (client) ID from the app registration's Overview page", ri.client_id)));
             }
             if ri.groups.is_empty() {
@@ -811,7 +803,7 @@ impl Config {
                 ));
             }
             for g in &ri.groups {
-                if !looks_like_guid(g) {
+                if !is_guid(g) {
                     return Err(invalid(k("groups"), format!("{g:?} is not a group object id (a GUID such as 0bc7d487-fd6f-41a0-8362-71ec81074f11); display names are not accepted")));
                 }
             }
@@ -1174,10 +1166,6 @@ pub enum SmtpTls {
     Tls,
     /// No encryption: only for a server on 127.0.0.1/localhost (test servers, a local relay).
     None,
-}
-
-fn is_loopback_host(h: &str) -> bool {
-    matches!(h, "127.0.0.1" | "localhost" | "::1" | "[::1]")
 }
 
 impl RawAlerts {

@@ -7,16 +7,9 @@ use std::fmt::Write;
 use crate::app::{CheckLine, CheckStatus};
 use crate::sync::mapping::{ACTIVE, EXTERNAL_ID, USER_NAME};
 use crate::sync::plan::{Action, PlannedChange};
-use crate::sync::reconcile::{Outcome, RunReport};
+use crate::sync::reconcile::{RunOutcome, RunReport};
 use crate::target::probe::{ProbeReport, RowStatus};
-
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
-    }
-}
+use crate::text::clip;
 
 fn opt(v: &Option<crate::sync::mapping::AttrValue>) -> String {
     match v {
@@ -103,10 +96,10 @@ pub fn render_report(r: &RunReport, max_changes: usize) -> String {
         let _ = writeln!(s, "  ERROR: {e}");
     }
     let outcome = match r.outcome {
-        Outcome::Ok => "ok",
-        Outcome::Partial => "some users failed",
-        Outcome::GuardTripped => "guard tripped",
-        Outcome::Failed => "failed",
+        RunOutcome::Ok => "ok",
+        RunOutcome::Partial => "some users failed",
+        RunOutcome::GuardTripped => "guard tripped",
+        RunOutcome::Failed => "failed",
     };
     let secs = (r.finished_at - r.started_at).num_milliseconds() as f64 / 1000.0;
     let _ = writeln!(s, "  outcome: {outcome} in {secs:.1} s");
@@ -177,10 +170,10 @@ pub fn render_probe(p: &ProbeReport) -> String {
 pub fn exit_code(reports: &[RunReport]) -> i32 {
     if reports
         .iter()
-        .any(|r| matches!(r.outcome, Outcome::Failed | Outcome::GuardTripped))
+        .any(|r| matches!(r.outcome, RunOutcome::Failed | RunOutcome::GuardTripped))
     {
         1
-    } else if reports.iter().any(|r| r.outcome == Outcome::Partial) {
+    } else if reports.iter().any(|r| r.outcome == RunOutcome::Partial) {
         2
     } else {
         0

@@ -1,36 +1,105 @@
-//! The one HTTP retry policy: capped exponential backoff with jitter, honouring `Retry-After`.
+//! The one retry primitive: how a status code bears on a retry ([`transience`]), capped
+//! exponential backoff with jitter that honours `Retry-After` ([`RetryPolicy::delay`]), and
+//! the bookkeeping of one operation's attempts under an attempt cap and a deadline
+//! ([`Backoff`]).
 //!
-//! Both the Graph and the SCIM client use it, so throttling behaves the same on both sides.
+//! Every retry in rostersync goes through it: the Graph client (requests, `$batch` parts,
+//! token fetches), the SCIM client, the incremental worker's durable queue, the alert outbox
+//! and serve's own loops. Retries that outlive the process (queue items, alerts) count their
+//! failures in the store and ask [`RetryPolicy::after_failures`] for the next time.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 
+/// How an HTTP status bears on repeating the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transience {
+    /// 429: the request was not processed; it may be repeated, even a POST.
+    Throttled,
+    /// 503: the service (or a proxy in front of it) is unavailable; a backend may still have
+    /// acted, so only an idempotent request is repeated blindly.
+    Unavailable,
+    /// 500, 502, 504: may pass; an idempotent request is repeated a bounded number of times.
+    ServerError,
+    /// Anything else: the answer stands.
+    Final,
+}
+
+/// The [`Transience`] of an HTTP status.
+pub fn transience(status: u16) -> Transience {
+    match status {
+        429 => Transience::Throttled,
+        503 => Transience::Unavailable,
+        500 | 502 | 504 => Transience::ServerError,
+        _ => Transience::Final,
+    }
+}
+
+/// A retry policy: attempt cap, deadline, backoff and how far `Retry-After` is honoured.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     /// Attempts in total, the first included.
     pub max_attempts: u32,
+    /// Of those, how many may follow a server error ([`Transience::ServerError`]).
+    pub server_error_retries: u32,
     /// Delay before the second attempt when the server gives no `Retry-After`.
     pub base: Duration,
     /// Upper bound of a computed backoff delay.
     pub cap: Duration,
     /// Upper bound of a server's `Retry-After`: honoured in full up to this.
     pub retry_after_cap: Duration,
+    /// No attempt starts later than this after the first (none: only the attempt cap).
+    pub deadline: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
+    /// The HTTP clients' policy (Graph, SCIM): 8 attempts, 200 ms doubling to 60 s.
     fn default() -> Self {
         Self {
             max_attempts: 8,
+            server_error_retries: 7,
             base: Duration::from_millis(200),
             cap: Duration::from_secs(60),
             retry_after_cap: Duration::from_secs(15 * 60),
+            deadline: None,
         }
     }
 }
 
 impl RetryPolicy {
+    /// A policy of `max_attempts` attempts, `base` doubling up to `cap`, no deadline.
+    pub const fn new(max_attempts: u32, base: Duration, cap: Duration) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            server_error_retries: max_attempts,
+            base,
+            cap,
+            retry_after_cap: Duration::from_secs(15 * 60),
+            deadline: None,
+        }
+    }
+
+    /// The attempts of one operation starting now.
+    pub fn start(&self) -> Backoff {
+        Backoff {
+            policy: *self,
+            attempts: 1,
+            server_errors: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// For retries kept in the store (queue items, alerts): the wait after the `failures`-th
+    /// failure of an operation first tried `age` ago, or `None` when it should be given up.
+    pub fn after_failures(&self, failures: u32, age: Duration) -> Option<Duration> {
+        if failures >= self.max_attempts || self.deadline.is_some_and(|d| age >= d) {
+            return None;
+        }
+        Some(self.delay(failures, None))
+    }
+
     /// Delay before attempt `attempt + 1` (attempt counts from 1).
     pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let mut rng = rand::rng();
@@ -46,6 +115,64 @@ impl RetryPolicy {
         // "Equal jitter": between half and all of the capped delay.
         let half = capped / 2;
         half + Duration::from_millis(rng.random_range(0..=half.as_millis().max(1) as u64))
+    }
+}
+
+/// One operation's attempts under a [`RetryPolicy`]: the first attempt is under way when it is
+/// made; each failure asks whether and when to try again.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    policy: RetryPolicy,
+    attempts: u32,
+    server_errors: u32,
+    started: Instant,
+}
+
+impl Backoff {
+    /// Attempts made so far, the current one included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The current attempt failed in a way worth repeating (a transport error, a throttle, or
+    /// whatever the caller decides): the wait before the next attempt, which is counted from
+    /// here, or `None` when the attempts or the deadline are spent.
+    pub fn retry(&mut self, retry_after: Option<Duration>) -> Option<Duration> {
+        if self.attempts >= self.policy.max_attempts {
+            return None;
+        }
+        let delay = self.policy.delay(self.attempts, retry_after);
+        if let Some(deadline) = self.policy.deadline {
+            if self.started.elapsed() + delay > deadline {
+                return None;
+            }
+        }
+        self.attempts += 1;
+        Some(delay)
+    }
+
+    /// As [`Backoff::retry`] for an HTTP answer: `None` when its status is not worth
+    /// repeating (for a non-`idempotent` request, only a 429 is), or when the policy says stop.
+    pub fn retry_status(
+        &mut self,
+        status: u16,
+        idempotent: bool,
+        retry_after: Option<Duration>,
+    ) -> Option<Duration> {
+        match transience(status) {
+            Transience::Throttled => self.retry(retry_after),
+            Transience::Unavailable if idempotent => self.retry(retry_after),
+            Transience::ServerError
+                if idempotent && self.server_errors < self.policy.server_error_retries =>
+            {
+                let d = self.retry(retry_after);
+                if d.is_some() {
+                    self.server_errors += 1;
+                }
+                d
+            }
+            _ => None,
+        }
     }
 }
 
@@ -131,10 +258,8 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         let p = RetryPolicy {
-            max_attempts: 5,
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(1),
             retry_after_cap: Duration::from_secs(3),
+            ..RetryPolicy::new(5, Duration::from_millis(100), Duration::from_secs(1))
         };
         let d1 = p.delay(1, None);
         assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
@@ -151,6 +276,80 @@ mod tests {
             huge <= Duration::from_millis(3050),
             "an absurd Retry-After is clamped, not overflowed"
         );
+    }
+
+    #[test]
+    fn backoff_stops_at_the_attempt_cap() {
+        let p = RetryPolicy::new(3, Duration::from_millis(1), Duration::from_millis(2));
+        let mut b = p.start();
+        assert_eq!(b.attempts(), 1);
+        assert!(b.retry(None).is_some());
+        assert!(b.retry(None).is_some());
+        assert_eq!(b.attempts(), 3);
+        assert_eq!(b.retry(None), None, "three attempts in all");
+    }
+
+    #[test]
+    fn backoff_stops_before_a_wait_that_passes_the_deadline() {
+        let p = RetryPolicy {
+            deadline: Some(Duration::from_secs(5)),
+            ..RetryPolicy::new(100, Duration::from_millis(10), Duration::from_millis(20))
+        };
+        let mut b = p.start();
+        assert!(b.retry(None).is_some());
+        assert!(b.retry(Some(Duration::from_secs(2))).is_some());
+        assert_eq!(b.retry(Some(Duration::from_secs(6))), None);
+    }
+
+    #[test]
+    fn statuses_are_classified_and_posts_only_repeat_throttles() {
+        let p = RetryPolicy {
+            server_error_retries: 1,
+            ..RetryPolicy::new(10, Duration::from_millis(1), Duration::from_millis(1))
+        };
+        let mut b = p.start();
+        assert_eq!(b.retry_status(400, true, None), None);
+        assert_eq!(b.retry_status(404, true, None), None);
+        assert_eq!(
+            b.retry_status(503, false, None),
+            None,
+            "a POST may have acted"
+        );
+        assert_eq!(b.retry_status(500, false, None), None);
+        assert!(
+            b.retry_status(429, false, None).is_some(),
+            "429: not processed"
+        );
+        assert!(b.retry_status(503, true, None).is_some());
+        assert!(b.retry_status(502, true, None).is_some());
+        assert_eq!(
+            b.retry_status(502, true, None),
+            None,
+            "one server-error retry"
+        );
+        assert!(
+            b.retry_status(429, true, None).is_some(),
+            "throttles still repeat"
+        );
+        let ra = b
+            .retry_status(429, true, Some(Duration::from_secs(3)))
+            .unwrap();
+        assert!(ra >= Duration::from_secs(3), "Retry-After is honoured");
+    }
+
+    #[test]
+    fn stored_retries_give_up_by_count_or_age() {
+        let p = RetryPolicy {
+            deadline: Some(Duration::from_secs(60)),
+            ..RetryPolicy::new(4, Duration::from_secs(1), Duration::from_secs(8))
+        };
+        let d = p.after_failures(2, Duration::ZERO).unwrap();
+        assert!(
+            d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+            "{d:?}"
+        );
+        assert_eq!(p.after_failures(4, Duration::ZERO), None);
+        assert_eq!(p.after_failures(1, Duration::from_secs(61)), None);
     }
 
     #[test]

@@ -17,13 +17,14 @@ use chrono::Utc;
 use common::{spawn, EnvOptions, TestEnv, SCIM_TOKEN};
 use rostersync::alert::Alerter;
 use rostersync::config::Config;
+use rostersync::retry::RetryPolicy;
 use rostersync::serve::{serve, ServeOptions};
 use rostersync::sim::graph::SimUser;
 use rostersync::sim::scim::ScimFaults;
 use rostersync::sim::smtp::{ReceivedMail as Mail, SmtpSim, SmtpSimConfig};
 use rostersync::store::queue::{Hint, QueueItem};
 use rostersync::store::Store;
-use rostersync::sync::reconcile::Outcome;
+use rostersync::sync::reconcile::RunOutcome;
 use rostersync::sync::worker::{self, WorkerSettings};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -289,7 +290,7 @@ async fn failed_users_arrive_as_one_digest_by_mail_and_webhook_without_secrets()
         squat(env, &v.user_principal_name, n);
     }
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Partial, "{:?}", r.error);
+    assert_eq!(r.outcome, RunOutcome::Partial, "{:?}", r.error);
     assert_eq!(r.failures.len(), 3, "{:?}", r.failures);
 
     let d = s.alerter.deliver_due(Utc::now()).await;
@@ -364,13 +365,13 @@ async fn a_guard_trip_alerts_once_with_the_numbers_and_the_way_out() {
     let smtp = start_smtp(0).await;
     let s = setup(100, "max_deactivations = \"10%\"", smtp.port, None).await;
     let env = &s.env;
-    assert_eq!(env.reconcile().await.outcome, Outcome::Ok);
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::Ok);
     for v in enabled_members(env, 30) {
         env.graph.remove_member(&env.fx.all_group_id, &v.id);
         env.graph.remove_member(&env.fx.nested_group_id, &v.id);
     }
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::GuardTripped);
+    assert_eq!(r.outcome, RunOutcome::GuardTripped);
     assert_eq!(s.alerter.deliver_due(Utc::now()).await.sent, 1);
     let mails = smtp.wait_mails(1).await;
     let m = &mails[0];
@@ -390,7 +391,7 @@ async fn a_guard_trip_alerts_once_with_the_numbers_and_the_way_out() {
     assert_clean_mail(env, m);
 
     // The next run trips again: no second mail within the window (24 hours by default).
-    assert_eq!(env.reconcile().await.outcome, Outcome::GuardTripped);
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::GuardTripped);
     assert_eq!(
         s.alerter
             .deliver_due(Utc::now() + chrono::Duration::hours(1))
@@ -420,7 +421,7 @@ async fn a_rejected_client_secret_alerts_with_the_aadsts_advice_and_not_the_secr
     let alerter = Alerter::new(&config, &env.store).unwrap();
 
     let r = integ.reconcile(Default::default(), None).await;
-    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(r.outcome, RunOutcome::Failed);
     assert_eq!(alerter.deliver_due(Utc::now()).await.sent, 1);
     let mails = smtp.wait_mails(1).await;
     let m = &mails[0];
@@ -452,7 +453,7 @@ async fn dead_letters_arrive_as_one_digest_listing_each_item() {
     let smtp = start_smtp(0).await;
     let s = setup(40, "", smtp.port, None).await;
     let env = &s.env;
-    assert_eq!(env.reconcile().await.outcome, Outcome::Ok);
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::Ok);
     let ctx = env.integration.context();
     worker::init_tree(&ctx).await.unwrap();
     let tg = worker::targeting(&ctx).await.unwrap();
@@ -490,7 +491,10 @@ async fn dead_letters_arrive_as_one_digest_listing_each_item() {
         .unwrap();
     let items = store.queue_ready(Utc::now(), 100).unwrap();
     let ws = WorkerSettings {
-        max_attempts: 1,
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..WorkerSettings::default().retry
+        },
         ..Default::default()
     };
     let out = worker::process(&ctx, &tg, &ws, items).await.unwrap();

@@ -22,7 +22,7 @@ use rostersync::sim::graph::{
 use rostersync::sim::keys;
 use rostersync::sim::scim::{ScimSim, ScimSimConfig};
 use rostersync::store::Store;
-use rostersync::sync::reconcile::Outcome;
+use rostersync::sync::reconcile::RunOutcome;
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
@@ -179,7 +179,7 @@ fn last_assertion(env: &TestEnv) -> Value {
 async fn a_certificate_with_ps256_gets_a_token_and_a_reconcile_works() {
     let env = certificate_env().await;
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
     assert!(r.counts.created > 20, "{:?}", r.counts);
     env.assert_lms_matches_tenant(upn);
 
@@ -209,7 +209,7 @@ async fn a_certificate_with_ps256_gets_a_token_and_a_reconcile_works() {
     let tokens = env.graph.request_count("token");
     env.graph.expire_tokens();
     let again = env.reconcile().await;
-    assert_eq!(again.outcome, Outcome::Ok, "{:?}", again.error);
+    assert_eq!(again.outcome, RunOutcome::Ok, "{:?}", again.error);
     assert_eq!(env.graph.request_count("token"), tokens + 1);
     assert_ne!(last_assertion(&env)["claims"]["jti"], c["jti"]);
 
@@ -233,7 +233,7 @@ async fn rs256_with_an_x5t_header_works_from_a_combined_pem_file() {
     )
     .await;
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.error);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
     let h = &last_assertion(&env)["header"];
     assert_eq!(h["alg"], "RS256");
     assert_eq!(h["x5t"], keys::APP_CERT_X5T);
@@ -302,7 +302,7 @@ async fn an_unregistered_certificate_fails_the_check_and_the_run_with_its_thumbp
         token_line.detail
     );
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(r.outcome, RunOutcome::Failed);
     assert!(
         r.error.as_deref().unwrap_or("").contains("AADSTS700027"),
         "{:?}",
@@ -543,7 +543,7 @@ async fn workload_identity_with_a_valid_token_file_reconciles() {
     let token = good_kube_token();
     let env = workload_env(&token).await;
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
     env.assert_lms_matches_tenant(upn);
     let a = last_assertion(&env);
     assert_eq!(a["kind"], "federated");
@@ -699,7 +699,7 @@ async fn a_rotated_token_file_is_read_at_the_next_token_request() {
         now() + 600,
     );
     let env = workload_env(&first).await;
-    assert_eq!(env.reconcile().await.outcome, Outcome::Ok);
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::Ok);
     let first_jti = last_assertion(&env)["claims"]["jti"].clone();
 
     // The kubelet writes a new token; the old one expires (an hour passes at the sim).
@@ -715,7 +715,7 @@ async fn a_rotated_token_file_is_read_at_the_next_token_request() {
     env.graph.expire_tokens();
     let tokens = env.graph.request_count("token");
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.error);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
     assert_eq!(env.graph.request_count("token"), tokens + 1);
     let used = last_assertion(&env)["claims"]["jti"].clone();
     assert_ne!(used, first_jti);

@@ -11,7 +11,7 @@ use common::{spawn, EnvOptions, TestEnv, ENTERPRISE};
 use rostersync::output::render_checks;
 use rostersync::sim::graph::SimUser;
 use rostersync::sim::scim::SimDialect;
-use rostersync::sync::reconcile::{Outcome, RunOptions, RunReport};
+use rostersync::sync::reconcile::{RunOptions, RunOutcome, RunReport};
 use rostersync::sync::sync_user::sync_user;
 use rostersync::sync::trace::Outcome as TraceOutcome;
 use rostersync::target::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
@@ -132,7 +132,7 @@ fn assert_converged(env: &TestEnv, d: &SimDialect, stale: &HashSet<(String, &str
 
 fn ok(name: &str, r: &RunReport) {
     assert!(
-        matches!(r.outcome, Outcome::Ok),
+        matches!(r.outcome, RunOutcome::Ok),
         "{name}: {:?} {:?} {:?}",
         r.outcome,
         r.error,
@@ -634,7 +634,7 @@ async fn a_pinned_dialect_is_used_as_is() {
     let id = enabled_members(&env)[2].id.clone();
     env.graph.update_user(&id, |u| u.job_title = None);
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Partial, "{:?}", r.failures);
+    assert_eq!(r.outcome, RunOutcome::Partial, "{:?}", r.failures);
     assert!(r.failures[0].reason.contains("501"), "{:?}", r.failures);
     assert_eq!(env.integration.target.dialect().clear, Clear::Remove);
 }
@@ -666,7 +666,7 @@ async fn an_empty_html_401_is_read_as_a_rejected_token() {
         lms.detail
     );
     let r = i.reconcile(RunOptions::default(), None).await;
-    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(r.outcome, RunOutcome::Failed);
     assert!(
         r.error.as_deref().unwrap_or("").contains("401"),
         "{:?}",

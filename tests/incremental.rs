@@ -13,7 +13,7 @@ use rostersync::app::Integration;
 use rostersync::sim::graph::{NotifyFaults, SimUser};
 use rostersync::sim::scim::{ScimFaults, UserFault, UserFaultKind};
 use rostersync::store::queue::Hint;
-use rostersync::sync::reconcile::{Outcome, RunOptions};
+use rostersync::sync::reconcile::{RunOptions, RunOutcome};
 
 /// Users that are direct members of the main group only (not also in the nested one).
 fn direct_only(s: &Served, n: usize) -> Vec<String> {
@@ -65,7 +65,7 @@ async fn reconcile_writes_nothing(s: &Served) {
     let before = s.env.writes();
     let r = i.reconcile(RunOptions::default(), None).await;
     assert!(
-        matches!(r.outcome, Outcome::Ok),
+        matches!(r.outcome, RunOutcome::Ok),
         "{:?} {:?}",
         r.error,
         r.failures

@@ -6,7 +6,7 @@ use common::{spawn, upn, EnvOptions};
 use rostersync::sim::graph::{GraphFaults, SimGroup};
 use rostersync::sim::scim::ScimFaults;
 use rostersync::sync::plan::Action;
-use rostersync::sync::reconcile::{Outcome, RunOptions};
+use rostersync::sync::reconcile::{RunOptions, RunOutcome};
 use serde_json::json;
 
 fn some_enabled_members(env: &common::TestEnv, n: usize) -> Vec<String> {
@@ -24,7 +24,7 @@ fn some_enabled_members(env: &common::TestEnv, n: usize) -> Vec<String> {
 async fn first_reconcile_makes_the_lms_equal_the_group_and_a_second_changes_nothing() {
     let env = spawn(EnvOptions::default()).await;
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
     assert!(r.counts.created > 250, "{:?}", r.counts);
     // The fixture has unicode names, an apostrophe in a UPN, a user without mail, a 200-char
     // title, nested members and a manager chain whose top is outside the group.
@@ -48,7 +48,7 @@ async fn first_reconcile_makes_the_lms_equal_the_group_and_a_second_changes_noth
 
     env.scim.reset_counts();
     let again = env.reconcile().await;
-    assert_eq!(again.outcome, Outcome::Ok);
+    assert_eq!(again.outcome, RunOutcome::Ok);
     assert_eq!(
         (
             again.counts.created,
@@ -70,7 +70,7 @@ async fn first_reconcile_makes_the_lms_equal_the_group_and_a_second_changes_noth
 #[tokio::test]
 async fn each_kind_of_change_produces_exactly_the_expected_change() {
     let env = spawn(EnvOptions::default()).await;
-    assert_eq!(env.reconcile().await.outcome, Outcome::Ok);
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::Ok);
     let ids = some_enabled_members(&env, 3);
     let (promoted, leaver, disabled) = (&ids[0], &ids[1], &ids[2]);
 
@@ -210,7 +210,7 @@ async fn managers_and_reports_across_several_member_pages_are_linked_in_one_run(
     })
     .await;
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
     assert!(r.counts.created > 2_000, "{:?}", r.counts);
     env.assert_lms_matches_tenant(upn);
     // A report listed before its manager's page gets the link by one PATCH at the end; every
@@ -266,7 +266,7 @@ async fn a_manager_that_fails_to_sync_does_not_hold_back_its_reports() {
         )
         .unwrap();
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Partial, "{:?}", r.error);
+    assert_eq!(r.outcome, RunOutcome::Partial, "{:?}", r.error);
     assert_eq!(
         r.failures
             .iter()
@@ -297,7 +297,7 @@ async fn the_guard_stops_mass_deactivation_until_overridden() {
         env.graph.remove_member(&env.fx.nested_group_id, v);
     }
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::GuardTripped);
+    assert_eq!(r.outcome, RunOutcome::GuardTripped);
     let g = r.guard.as_ref().unwrap();
     assert_eq!(g.would_deactivate, 30);
     assert!(
@@ -312,7 +312,7 @@ async fn the_guard_stops_mass_deactivation_until_overridden() {
             ..Default::default()
         })
         .await;
-    assert_eq!(r.outcome, Outcome::Ok);
+    assert_eq!(r.outcome, RunOutcome::Ok);
     assert_eq!(r.counts.deactivated, 30);
     assert!(victims.iter().all(|v| env.lms_user(v)["active"] == false));
 }
@@ -337,7 +337,7 @@ async fn an_emptied_or_missing_group_is_an_error_not_everyone_leaving() {
         env.graph.remove_member(&env.fx.all_group_id, m);
     }
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(r.outcome, RunOutcome::Failed);
     assert!(
         r.error.as_deref().unwrap().contains("no members"),
         "{:?}",
@@ -354,7 +354,7 @@ async fn an_emptied_or_missing_group_is_an_error_not_everyone_leaving() {
 
     env.graph.delete_group(&env.fx.all_group_id);
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(r.outcome, RunOutcome::Failed);
     assert!(
         r.error.as_deref().unwrap().contains("does not exist"),
         "{:?}",
@@ -389,7 +389,7 @@ async fn twenty_percent_throttling_on_both_sides_still_converges() {
         ..Default::default()
     });
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
     assert!(env.graph.request_count("throttled") > 0 && env.scim.request_count("429") > 0);
     env.assert_lms_matches_tenant(upn);
     let again = env.reconcile().await;
@@ -409,7 +409,7 @@ async fn lost_create_responses_do_not_duplicate_users() {
         ..Default::default()
     });
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.failures);
     let users = env.scim.users();
     let mut names: Vec<_> = users
         .iter()
@@ -434,7 +434,7 @@ async fn dry_run_applies_nothing_but_shows_the_plan() {
             ..Default::default()
         })
         .await;
-    assert_eq!(r.outcome, Outcome::Ok);
+    assert_eq!(r.outcome, RunOutcome::Ok);
     assert!(r.counts.created > 40);
     assert_eq!(r.changes.len() as u64, r.counts.created);
     assert_eq!(env.writes(), 0);
@@ -494,7 +494,7 @@ async fn every_username_mode_works_and_a_missing_value_is_a_per_user_failure() {
         }
         if mode == "mail" || mode == "employeeId" {
             assert!(!lacking.is_empty(), "the fixture has a user without {mode}");
-            assert_eq!(r.outcome, Outcome::Partial);
+            assert_eq!(r.outcome, RunOutcome::Partial);
             assert_eq!(rostersync::output::exit_code(&[r]), 2);
         }
     }
@@ -522,7 +522,7 @@ async fn existing_lms_users_are_linked_once_and_others_never_touched() {
         )
         .unwrap();
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.failures);
     let l = env.lms_user(&member.id);
     assert_eq!(
         l["id"],
@@ -569,7 +569,7 @@ async fn link_existing_false_reports_the_collision_and_leaves_the_user_alone() {
         )
         .unwrap();
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Partial);
+    assert_eq!(r.outcome, RunOutcome::Partial);
     assert_eq!(r.failures.len(), 1);
     assert!(
         r.failures[0].reason.contains("link_existing"),
@@ -619,7 +619,7 @@ async fn custom_attributes_are_not_sent_to_an_lms_that_does_not_declare_them() {
     })
     .await;
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.failures);
     assert!(env
         .scim
         .users()
@@ -656,7 +656,7 @@ async fn users_in_two_groups_are_synced_once() {
         .push("bbbbbbbb-0000-4000-8000-000000000009".into());
     let two = rostersync::app::Integration::build(&cfg, &env.store).unwrap();
     let r = two.reconcile(RunOptions::default(), None).await;
-    assert_eq!(r.outcome, Outcome::Ok);
+    assert_eq!(r.outcome, RunOutcome::Ok);
     assert_eq!(r.groups.len(), 2);
     assert_eq!(r.counts.members as usize, env.member_ids().len());
     // Leaving one of two groups is not leaving.
@@ -706,7 +706,7 @@ async fn a_deep_reconcile_repairs_changes_made_by_hand_in_the_lms() {
             ..Default::default()
         })
         .await;
-    assert_eq!(deep.outcome, Outcome::Ok, "{:?}", deep.failures);
+    assert_eq!(deep.outcome, RunOutcome::Ok, "{:?}", deep.failures);
     let mut got: Vec<_> = deep
         .changes
         .iter()
@@ -819,7 +819,7 @@ async fn a_fatal_lms_error_mid_run_ends_the_run_instead_of_hanging() {
     let r = tokio::time::timeout(std::time::Duration::from_secs(60), run)
         .await
         .expect("the run ends");
-    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(r.outcome, RunOutcome::Failed);
     assert!(r.error.as_deref().unwrap().contains("401"), "{:?}", r.error);
     assert_eq!(r.counts.deactivated, 0);
 }
@@ -897,11 +897,11 @@ async fn managers_are_tracked_between_reconciles_and_agree_with_reading_them_all
         ..Default::default()
     })
     .await;
-    assert_eq!(env.reconcile().await.outcome, Outcome::Ok);
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::Ok);
     let reads = || env.graph.request_count("manager");
     let before = reads();
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?}", r.error);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
     assert_eq!(reads(), before, "a no-change run read managers one by one");
     assert_eq!(r.changes.len(), 0, "{:?}", r.changes);
 
@@ -942,7 +942,7 @@ async fn managers_are_tracked_between_reconciles_and_agree_with_reading_them_all
     env.graph.delete_user(&doomed);
     let before = reads();
     let r = env.reconcile().await;
-    assert_eq!(r.outcome, Outcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
     assert!(
         reads() - before < 40,
         "{} managers read one by one for a handful of changes",

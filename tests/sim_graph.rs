@@ -1302,3 +1302,76 @@ async fn check_member_groups_is_transitive_and_batched() {
     assert_eq!(st, 400, "{body}");
     sim.stop().await;
 }
+
+/// The user-read log (kept only when asked for) names the user of each single-user read, alone
+/// or in `$batch`, by id whatever key was sent, and leaves out throttled requests, manager
+/// reads and group listings.
+#[tokio::test]
+async fn user_reads_are_logged_only_when_recorded() {
+    let (sim, fx) = start(20, 5).await;
+    let tok = token(&sim, &fx).await;
+    let u = member_users(&fx)
+        .into_iter()
+        .find(|u| {
+            u.user_principal_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".@-".contains(c))
+        })
+        .expect("a plain UPN")
+        .clone();
+    let base = sim.graph_url();
+    let (st, _, _) = get(&format!("{base}/v1.0/users/{}", u.id), &tok).await;
+    assert_eq!(st, 200);
+    assert!(sim.user_reads().is_empty(), "off by default");
+
+    sim.record_user_reads(true);
+    let before = std::time::Instant::now();
+    let upn = &u.user_principal_name;
+    for path in [
+        format!("/v1.0/users/{}", u.id.to_uppercase()),
+        format!("/v1.0/users/{upn}"),
+        format!("/v1.0/users/{}/manager", u.id),
+        format!("/v1.0/users/{}/transitiveMemberOf", u.id),
+        format!("/v1.0/groups/{}/transitiveMembers", fx.all_group_id),
+        "/v1.0/users/00000000-0000-4000-8000-00000000dead".to_string(),
+    ] {
+        get(&format!("{base}{path}"), &tok).await;
+    }
+    let ids = json!({"groupIds": [fx.all_group_id]});
+    let (st, body) = post_json(
+        &format!("{base}/v1.0/$batch"),
+        &tok,
+        &json!({"requests": [
+            {"id": "1", "method": "POST", "url": format!("/users/{}/checkMemberGroups", u.id),
+             "headers": {"Content-Type": "application/json"}, "body": ids},
+        ]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    sim.set_faults(GraphFaults {
+        throttle_rate: 1.0,
+        retry_after_secs: 1,
+        seed: 1,
+    });
+    let (st, _, _) = get(&format!("{base}/v1.0/users/{}", u.id), &tok).await;
+    assert_eq!(st, 429);
+
+    let reads = sim.user_reads();
+    let got: Vec<(&str, &str)> = reads.iter().map(|r| (r.user.as_str(), r.kind)).collect();
+    let id = u.id.to_lowercase();
+    assert_eq!(
+        got,
+        vec![
+            (id.as_str(), "user"),
+            (id.as_str(), "user"),
+            (id.as_str(), "memberOf"),
+            ("00000000-0000-4000-8000-00000000dead", "user"),
+            (id.as_str(), "checkMemberGroups"),
+        ]
+    );
+    assert!(reads.iter().all(|r| r.at >= before));
+    assert!(reads.windows(2).all(|w| w[0].at <= w[1].at));
+    sim.record_user_reads(false);
+    assert!(sim.user_reads().is_empty());
+    sim.stop().await;
+}

@@ -1520,3 +1520,73 @@ async fn delta_tokens_expire_with_410_and_bad_queries_are_400() {
         .unwrap();
     assert_eq!(resp.status(), 401);
 }
+
+#[tokio::test]
+async fn forgotten_delta_tokens_are_400_sync_state_not_found() {
+    let e = env(30).await;
+    e.sim.set_delta_page_size(5);
+    let gid = e.fx.all_group_id.clone();
+    let (_, first) = e.call("GET", &delta_url(&e, &gid), None).await;
+    let next = first["@odata.nextLink"].as_str().unwrap().to_string();
+    let (_, link) = delta_round(&e, &delta_url(&e, &gid)).await;
+    e.sim.forget_delta_tokens();
+    let (st, _, body) = e.get_full(&link).await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(err_code(&body), "syncStateNotFound");
+    let (st, _, body) = e.get_full(&next).await;
+    assert_eq!(st, 400, "{body}");
+    // A new initial round works, and its link does.
+    let (pages, link) = delta_round(&e, &delta_url(&e, &gid)).await;
+    assert_eq!(
+        entries(&pages, &gid).len(),
+        e.sim.group(&gid).unwrap().members.len()
+    );
+    let (st, _, _) = e.get_full(&link).await;
+    assert_eq!(st, 200);
+}
+
+/// `notifications_unsettled` counts what is queued (delayed, paused) and what is being
+/// delivered or retried; it is 0 once everything was delivered or given up.
+#[tokio::test]
+async fn unsettled_notifications_are_queued_or_in_flight() {
+    let e = env(5).await;
+    e.sim
+        .set_delivery_retry(Duration::from_millis(50), Duration::from_millis(400));
+    e.subscribe("/users", "updated", "/n").await;
+    assert_eq!(e.sim.notifications_unsettled(), 0);
+    e.sim.pause_delivery(true);
+    e.sim
+        .update_user(&e.fx.ceo_id, |u| u.city = Some("Lima".into()));
+    e.sim
+        .update_user(&e.fx.ceo_id, |u| u.city = Some("Quito".into()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(e.sim.notifications_unsettled(), 2);
+    e.rx.script_notify("/n", &[Act::Status(500); 20]);
+    e.sim.pause_delivery(false);
+    wait_until("the batch in retries", Duration::from_secs(2), || {
+        !e.sim.delivery_log().is_empty()
+    })
+    .await;
+    assert_eq!(
+        e.sim.notifications_unsettled(),
+        1,
+        "one batch being retried"
+    );
+    wait_until("given up", Duration::from_secs(3), || {
+        e.sim.notify_stats().abandoned_batches == 1
+    })
+    .await;
+    assert_eq!(e.sim.notifications_unsettled(), 0);
+    e.rx.script_notify("/n", &[]);
+    e.rx.clear();
+    e.sim
+        .update_user(&e.fx.ceo_id, |u| u.city = Some("Cusco".into()));
+    wait_until("delivered", Duration::from_secs(2), || {
+        e.rx.items("/n").len() == 1
+    })
+    .await;
+    wait_until("settled", Duration::from_secs(2), || {
+        e.sim.notifications_unsettled() == 0
+    })
+    .await;
+}

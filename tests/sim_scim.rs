@@ -1202,3 +1202,79 @@ async fn dialect_switches_reproduce_partial_servers() {
         .await;
     assert_eq!(r.status, 501);
 }
+
+/// The write log (kept only when asked for) holds every committed write with its method, the
+/// user, `active` before and after, and the attributes it changed; refused writes and reads
+/// are not in it.
+#[tokio::test]
+async fn write_log_records_committed_writes() {
+    let h = Harness::new(ScimSimConfig::default()).await;
+    h.create(user("before@example.com")).await;
+    assert!(h.sim.writes().is_empty(), "off by default");
+    h.sim.record_writes(true);
+    let t0 = std::time::Instant::now();
+    let id = h.create(user("ada@example.com")).await;
+    let r = h.post("/Users", user("ada@example.com")).await;
+    assert_eq!(r.status, 409);
+    let r = h
+        .patch(
+            &id,
+            json!([{"op": "replace", "path": "active", "value": false},
+                   {"op": "replace", "path": format!("{ENT}:department"), "value": "Physics"}]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = h
+        .patch(
+            &id,
+            json!([{"op": "replace", "path": "active", "value": false}]),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let mut whole = user("ada@example.com");
+    whole["title"] = json!("Countess");
+    let r = h
+        .req(Method::PUT, &format!("/Users/{id}"), Some(whole))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    h.get(&format!("/Users/{id}")).await;
+    let r = h.req(Method::DELETE, &format!("/Users/{id}"), None).await;
+    assert_eq!(r.status, 204);
+
+    let log = h.sim.writes();
+    type Seen<'a> = (&'a str, Option<bool>, Option<bool>, Vec<String>);
+    let got: Vec<Seen> = log
+        .iter()
+        .map(|w| (w.method, w.active_before, w.active_after, w.changed.clone()))
+        .collect();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    assert_eq!(got[0].0, "POST");
+    assert_eq!((got[0].1, got[0].2), (None, Some(true)));
+    assert!(got[0].3.contains(&"userName".to_string()));
+    assert_eq!(
+        got[1..],
+        [
+            (
+                "PATCH",
+                Some(true),
+                Some(false),
+                s(&["active", &format!("{ENT}:department")])
+            ),
+            ("PATCH", Some(false), Some(false), s(&[])),
+            (
+                "PUT",
+                Some(false),
+                Some(true),
+                s(&["active", "title", &format!("{ENT}:department")])
+            ),
+            ("DELETE", Some(true), None, got[4].3.clone()),
+        ]
+    );
+    assert!(log.iter().all(|w| w.id == id
+        && w.external_id.as_deref() == Some("ext-ada@example.com")
+        && w.user_name.as_deref() == Some("ada@example.com")
+        && w.at >= t0));
+    assert!(log.windows(2).all(|w| w[0].at <= w[1].at));
+    h.sim.record_writes(false);
+    assert!(h.sim.writes().is_empty());
+}

@@ -7,7 +7,7 @@ use common::{rostersync, spawn, text, EnvOptions, TestEnv, SCIM_TOKEN};
 use rostersync::sim::graph::{SimUser, FIXTURE_CLIENT_SECRET};
 use rostersync::store::queue::{Hint, QueueItem};
 use rostersync::sync::plan::Action;
-use rostersync::sync::reconcile::Outcome as RunOutcome;
+use rostersync::sync::reconcile::RunOutcome;
 use rostersync::sync::sync_user::{sync_user, SyncUserError};
 use rostersync::sync::trace::{
     explain, Answer, Match, OutOfScope, Outcome, Path as ViaPath, Source,

@@ -15,6 +15,8 @@ use tracing::Instrument;
 
 use super::outbox::{self, Channel, Entry};
 use crate::config::{AlertSettings, Config, EmailAlerts, IntegrationConfig, SmtpTls};
+use crate::redact::Redactor;
+use crate::retry::RetryPolicy;
 use crate::store::alerts::AlertTrees;
 use crate::store::{IntegrationStore, Store, StoreError};
 
@@ -25,11 +27,17 @@ pub(super) fn wake() {
     WAKE.notify_one();
 }
 
-/// First retry after a failed delivery; doubles up to [`RETRY_CAP`].
-const RETRY_BASE: i64 = 15;
-const RETRY_CAP: i64 = 30 * 60;
 /// An entry that could not be delivered for this long is dropped (with an error log).
-const GIVE_UP_DAYS: i64 = 7;
+const GIVE_UP_DAYS: u64 = 7;
+/// A failed delivery is retried after 15 s, doubling up to 30 min, for [`GIVE_UP_DAYS`].
+const ALERT_RETRY: RetryPolicy = RetryPolicy {
+    deadline: Some(StdDuration::from_secs(GIVE_UP_DAYS * 24 * 3600)),
+    ..RetryPolicy::new(
+        u32::MAX,
+        StdDuration::from_secs(15),
+        StdDuration::from_secs(30 * 60),
+    )
+};
 /// Marks older than this are forgotten (longer than every window).
 const MARK_DAYS: i64 = 400;
 
@@ -137,7 +145,7 @@ impl Alerter {
                 },
             };
             if let Err(e) = r {
-                errors.push(format!("{ch:?}: {}", scrub(&e, &secrets)));
+                errors.push(format!("{ch:?}: {}", secrets.scrub(&e)));
                 still.push(ch);
             }
         }
@@ -145,19 +153,22 @@ impl Alerter {
             tracing::info!(%subject, "alert sent");
             d.sent += 1;
             self.trees.remove(id)
-        } else if now - entry.raised_at > Duration::days(GIVE_UP_DAYS) {
-            tracing::error!(%subject, errors = %errors.join("; "), "ALERT DROPPED: undeliverable for {GIVE_UP_DAYS} days");
-            d.dropped += 1;
-            self.trees.remove(id)
-        } else {
+        } else if let Some(wait) = ALERT_RETRY.after_failures(
+            entry.attempts + 1,
+            (now - entry.raised_at).to_std().unwrap_or_default(),
+        ) {
             entry.attempts += 1;
-            let wait = (RETRY_BASE << (entry.attempts - 1).min(16)).min(RETRY_CAP);
-            entry.not_before = now + Duration::seconds(wait);
+            entry.not_before =
+                now + Duration::from_std(wait).unwrap_or_else(|_| Duration::hours(1));
             entry.pending = still;
             entry.last_error = Some(errors.join("; "));
             tracing::warn!(%subject, errors = %errors.join("; "), attempts = entry.attempts, retry_at = %entry.not_before, "alert not delivered; kept in the outbox for a retry");
             d.failed += 1;
             self.trees.put(id, &entry)
+        } else {
+            tracing::error!(%subject, errors = %errors.join("; "), "ALERT DROPPED: undeliverable for {GIVE_UP_DAYS} days");
+            d.dropped += 1;
+            self.trees.remove(id)
         };
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot update the alert outbox");
@@ -215,35 +226,22 @@ impl Alerter {
         }
     }
 
-    /// The settings an entry is sent with, and the secrets scrubbed from it.
-    fn for_integration(&self, name: &str) -> (Arc<AlertSettings>, Vec<String>) {
-        let mut secrets: Vec<String> = Vec::new();
-        let add = |secrets: &mut Vec<String>, s: &SecretString| {
-            secrets.push(s.expose_secret().to_string())
-        };
-        let settings = match self.integrations.get(name) {
-            Some(k) => {
-                if let crate::graph::credential::ClientCredential::Secret(cs) = &k.cfg.credential {
-                    add(&mut secrets, cs);
-                }
-                add(&mut secrets, &k.cfg.target.token);
-                if let Some(c) = &k.cfg.client_state {
-                    add(&mut secrets, c);
-                }
-                if let Ok(Some(c)) = k.store.stored_client_state() {
-                    secrets.push(c);
-                }
-                Arc::clone(&k.cfg.alerts)
-            }
-            None => Arc::clone(&self.global),
+    /// The settings an entry is sent with, and the redactor that scrubs it.
+    fn for_integration(&self, name: &str) -> (Arc<AlertSettings>, Redactor) {
+        let (settings, mut secrets) = match self.integrations.get(name) {
+            Some(k) => (
+                Arc::clone(&k.cfg.alerts),
+                Redactor::of(&k.cfg, Some(&k.store)),
+            ),
+            None => (Arc::clone(&self.global), Redactor::default()),
         };
         for s in [&settings, &self.global] {
             if let Some(u) = &s.webhook_url {
-                add(&mut secrets, u);
+                secrets.add(u);
             }
             // Not the SMTP username: often a plain word or the sender's address.
             if let Some(p) = s.email.as_ref().and_then(|e| e.smtp.password.as_ref()) {
-                add(&mut secrets, p);
+                secrets.add(p);
             }
         }
         (settings, secrets)
@@ -320,20 +318,8 @@ async fn send_email(e: &EmailAlerts, subject: &str, body: &str) -> Result<(), St
         .map_err(|err| format!("SMTP {}:{}: {err}", s.host, s.port))
 }
 
-/// Replaces every secret in `text` (short ones are left: they would mangle the text and
-/// config refuses empty ones).
-fn scrub(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_string();
-    for s in secrets {
-        if s.len() >= 6 && out.contains(s.as_str()) {
-            out = out.replace(s.as_str(), "[redacted]");
-        }
-    }
-    out
-}
-
 /// Subject and plain-text body of an entry, scrubbed of `secrets`.
-pub(super) fn render(e: &Entry, secrets: &[String]) -> (String, String) {
+pub(super) fn render(e: &Entry, secrets: &Redactor) -> (String, String) {
     let subject = format!("[rostersync] {}: {}", e.integration, e.headline());
     let mut b = String::new();
     b.push_str(&format!("{}\n\n", e.headline()));
@@ -356,7 +342,7 @@ pub(super) fn render(e: &Entry, secrets: &[String]) -> (String, String) {
         }
     }
     b.push_str(&format!("\nWhat to do: {}\n", e.advice));
-    (scrub(&subject, secrets), scrub(&b, secrets))
+    (secrets.scrub(&subject), secrets.scrub(&b))
 }
 
 #[cfg(test)]
@@ -391,7 +377,11 @@ mod tests {
             attempts: 0,
             last_error: None,
         };
-        let (subject, body) = render(&e, &["hunter2-secret".into(), "x".into()]);
+        let mut secrets = Redactor::default();
+        secrets
+            .add(&SecretString::from("hunter2-secret".to_string()))
+            .add(&SecretString::from("x".to_string()));
+        let (subject, body) = render(&e, &secrets);
         assert_eq!(subject, "[rostersync] contoso: 5 users failed to sync");
         assert!(body.contains("- alice: token [redacted] leaked"), "{body}");
         assert!(body.contains("- bob: no mail") && body.contains("… and 3 more"));

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use url::Url;
 
 use crate::retry::{read_limited, retry_after, transport_message, RetryPolicy};
+use crate::text::is_guid;
 use credential::{ClientCredential, Proof, JWT_BEARER};
 use models::{GraphGroup, GraphUser};
 
@@ -117,7 +118,7 @@ struct TokenState {
     /// token meanwhile wait for it (if it is within their budget) or get the error.
     backoff: Option<(Instant, GraphError)>,
     /// Failed attempts in a row (for the backoff).
-    failures: u32,
+    failures: Option<crate::retry::Backoff>,
 }
 
 /// Longest a caller waits for a token (backoff sleeps included) before it gets the error. A
@@ -171,14 +172,6 @@ impl GraphError {
             },
         }
     }
-}
-
-fn looks_like_guid(s: &str) -> bool {
-    s.len() == 36
-        && s.chars().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
 }
 
 /// One tenant's Graph client. Cheap to share behind an `Arc`.
@@ -405,20 +398,21 @@ impl GraphClient {
                         let token = fresh.token.clone();
                         st.cached = Some(fresh);
                         st.backoff = None;
-                        st.failures = 0;
+                        st.failures = None;
                         Ok(token)
                     }
                     Err(TokenFailure { error, retry }) => {
-                        st.failures += 1;
+                        let failures = st.failures.get_or_insert_with(|| self.retry.start());
+                        let attempt = failures.attempts();
+                        let delay = retry.and_then(|ra| failures.retry(ra));
                         let usable = st
                             .cached
                             .as_ref()
                             .filter(|t| Instant::now() < t.expires_at)
                             .map(|t| t.token.clone());
-                        match retry {
-                            Some(retry_after) if st.failures < self.retry.max_attempts => {
-                                let delay = self.retry.delay(st.failures, retry_after);
-                                tracing::warn!(attempt = st.failures, error = %error, ?delay, "token request failed; will retry");
+                        match delay {
+                            Some(delay) => {
+                                tracing::warn!(attempt, error = %error, ?delay, "token request failed; will retry");
                                 st.backoff = Some((Instant::now() + delay, error.duplicate()));
                                 match usable {
                                     Some(t) => Ok(t),
@@ -426,8 +420,8 @@ impl GraphClient {
                                     None => Err(None),
                                 }
                             }
-                            _ => {
-                                st.failures = 0;
+                            None => {
+                                st.failures = None;
                                 match usable {
                                     Some(t) => Ok(t),
                                     None => Err(Some(error)),
@@ -456,7 +450,7 @@ impl GraphClient {
     /// `https://login.microsoftonline.com/{tenant id}/v2.0`, and `token_endpoint` holds it too).
     pub async fn tenant_guid(&self) -> Result<String, GraphError> {
         let s = &self.settings;
-        if looks_like_guid(&s.tenant_id) {
+        if is_guid(&s.tenant_id) {
             return Ok(s.tenant_id.to_ascii_lowercase());
         }
         let url = format!(
@@ -501,7 +495,7 @@ impl GraphClient {
             .iter()
             .flatten()
             .flat_map(|u| u.split('/'))
-            .find(|seg| looks_like_guid(seg))
+            .find(|seg| is_guid(seg))
             .map(str::to_ascii_lowercase)
             .ok_or_else(|| GraphError::Decode {
                 what: what(),
@@ -653,10 +647,13 @@ impl GraphClient {
         body: Option<&Value>,
     ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), GraphError> {
         let path = url.strip_prefix(&self.api_root).unwrap_or(url).to_string();
-        let mut attempt = 0;
+        // Graph's guidance is to repeat a throttled or unavailable request after Retry-After,
+        // writes included: the only write, a subscription, is made safe to repeat by serve,
+        // which deletes any subscription at its address it does not hold.
+        let idempotent = true;
+        let mut attempts = self.retry.start();
         let mut refreshed = false;
         loop {
-            attempt += 1;
             let token = self.token().await?;
             let mut req = match method {
                 "POST" => self.http.post(url),
@@ -678,10 +675,21 @@ impl GraphClient {
             );
             let resp = match resp {
                 Ok(r) => r,
-                Err(e) if attempt < self.retry.max_attempts && !e.is_redirect() => {
-                    tracing::warn!(attempt, %path, error = %e, "Graph request failed; retrying");
-                    tokio::time::sleep(self.retry.delay(attempt, None)).await;
-                    continue;
+                Err(e) if !e.is_redirect() => {
+                    let attempt = attempts.attempts();
+                    match attempts.retry(None) {
+                        Some(delay) => {
+                            tracing::warn!(attempt, %path, error = %e, "Graph request failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
+                        None => {
+                            return Err(GraphError::Transport {
+                                what: format!("Graph {method} {path}"),
+                                message: transport_message(&e),
+                            })
+                        }
+                    }
                 }
                 Err(e) => {
                     return Err(GraphError::Transport {
@@ -691,9 +699,10 @@ impl GraphClient {
                 }
             };
             let status = resp.status().as_u16();
-            if matches!(status, 429 | 502 | 503 | 504) && attempt < self.retry.max_attempts {
-                let ra = retry_after(resp.headers());
-                let delay = self.retry.delay(attempt, ra);
+            let attempt = attempts.attempts();
+            if let Some(delay) =
+                attempts.retry_status(status, idempotent, retry_after(resp.headers()))
+            {
                 tracing::debug!(attempt, status, %path, ?delay, "Graph throttled or unavailable; backing off");
                 tokio::time::sleep(delay).await;
                 continue;
@@ -883,9 +892,8 @@ impl GraphClient {
         let mut out = HashMap::with_capacity(requests.len());
         let mut pending = requests;
         let batch_url = format!("{}/$batch", self.api_root);
-        let mut attempt = 0;
+        let mut attempts = self.retry.start();
         while !pending.is_empty() {
-            attempt += 1;
             let body: Vec<Value> = pending.iter().map(BatchRequest::to_json).collect();
             let (status, resp) = self
                 .send("POST", &batch_url, Some(&json!({ "requests": body })))
@@ -913,7 +921,7 @@ impl GraphClient {
                     .ok_or_else(|| decode("a response has an unknown id".into()))?
                     .to_string();
                 let st = r.get("status").and_then(|s| s.as_u64()).unwrap_or(0) as u16;
-                if matches!(st, 429 | 500 | 502 | 503 | 504) {
+                if crate::retry::transience(st) != crate::retry::Transience::Final {
                     let ra = r
                         .get("headers")
                         .and_then(|h| h.as_object())
@@ -942,7 +950,8 @@ impl GraphClient {
                 }
             }
             if !retry.is_empty() {
-                if attempt >= self.retry.max_attempts {
+                let attempt = attempts.attempts();
+                let Some(delay) = attempts.retry(max_wait) else {
                     return Err(GraphError::Api {
                         method: "POST",
                         path: "/$batch".into(),
@@ -954,8 +963,8 @@ impl GraphClient {
                         ),
                         hint: String::new(),
                     });
-                }
-                tokio::time::sleep(self.retry.delay(attempt, max_wait)).await;
+                };
+                tokio::time::sleep(delay).await;
             }
             pending = retry;
         }

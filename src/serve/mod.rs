@@ -21,10 +21,11 @@ use crate::app::Integration;
 use crate::config::Config;
 use crate::http::admin::{Admin, AdminIntegration};
 use crate::http::{Health, IntegrationHealth};
+use crate::retry::RetryPolicy;
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::{Store, StoreError};
 use crate::sync::apply;
-use crate::sync::reconcile::{Outcome, RunOptions};
+use crate::sync::reconcile::{RunOptions, RunOutcome};
 use crate::sync::worker::{self, Targeting, WorkerSettings};
 use crate::webhook::handshake::STARTUP_WINDOW;
 use crate::webhook::tokens::{Cloud, JwksCache};
@@ -188,7 +189,7 @@ pub async fn serve(
             l.integ.store.runs(50).unwrap_or_default();
         if let Some(r) = runs
             .iter()
-            .find(|r| matches!(r.outcome, Outcome::Ok | Outcome::Partial))
+            .find(|r| matches!(r.outcome, RunOutcome::Ok | RunOutcome::Partial))
         {
             crate::metrics::last_success_at(l.integ.cfg.name.as_str(), r.finished_at.timestamp());
         }
@@ -331,24 +332,24 @@ async fn integration_main(
     // Probes (and their token alerts) run from the start: a refused secret or an unreachable
     // LMS at start-up is exactly when someone must hear of it.
     set.spawn(health_loop(Arc::clone(&live), opts.clone(), stop.clone()));
-    // Start-up: capabilities, group tree, subscriptions. Retried until it works.
-    let mut delay = Duration::from_secs(1);
-    let mut failures = 0u32;
+    // Start-up: capabilities, group tree, subscriptions. Retried until it works, 1 s
+    // doubling to 60 s.
+    let retry = RetryPolicy::new(u32::MAX, Duration::from_secs(1), Duration::from_secs(60));
+    let mut attempts = retry.start();
     let tg = loop {
         match startup(&live, &public).await {
             Ok(tg) => break tg,
             Err(e) => {
                 tracing::error!(integration = %name, error = %e, "start-up failed; retrying");
-                failures += 1;
                 // Not for a blip: after a few attempts (about 7 s).
-                if failures == 3 {
+                if attempts.attempts() == 3 {
                     crate::alert::startup_failed(&live.integ.cfg, &live.integ.store, &e);
                 }
                 live.health.set_problem("startup", Some(e));
-                if sleep_or_stop(delay, &mut stop).await {
+                let wait = attempts.retry(None).unwrap_or(retry.cap);
+                if sleep_or_stop(wait, &mut stop).await {
                     return;
                 }
-                delay = (delay * 2).min(Duration::from_secs(60));
             }
         }
     };
@@ -447,7 +448,7 @@ async fn full_reconcile(live: &Live, public: &Url, reason: &str) {
     let report = live.integ.reconcile(RunOptions::default(), None).await;
     live.health.set_problem(
         "last reconcile",
-        (report.outcome == Outcome::Failed)
+        (report.outcome == RunOutcome::Failed)
             .then(|| report.error.clone().unwrap_or_else(|| "failed".into())),
     );
     if report.tree_changed {
@@ -467,7 +468,13 @@ async fn worker_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let store = &live.integ.store;
-    let mut backoff = Duration::from_millis(500);
+    // After a batch that could not go on (the store, Graph's token): 0.5 s doubling to 30 s.
+    let retry = RetryPolicy::new(
+        u32::MAX,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    );
+    let mut failures = retry.start();
     loop {
         if *stop.borrow() {
             return;
@@ -558,13 +565,13 @@ async fn worker_loop(
         }
         drop(_guard);
         if fatal {
-            if sleep_or_stop(backoff, &mut stop).await {
+            let wait = failures.retry(None).unwrap_or(retry.cap);
+            if sleep_or_stop(wait, &mut stop).await {
                 return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
             continue;
         }
-        backoff = Duration::from_millis(500);
+        failures = retry.start();
         tokio::select! {
             _ = live.wake.notified() => {}
             _ = tokio::time::sleep(opts.poll_interval) => {}

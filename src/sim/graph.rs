@@ -121,6 +121,21 @@ pub struct GraphFaults {
     pub seed: u64,
 }
 
+/// A read of one user the simulator answered (not throttled): `GET /users/{key}`, or
+/// `checkMemberGroups`, `memberOf`, `transitiveMemberOf` of that user, alone or inside a
+/// `$batch`. Kept by [`GraphSim::record_user_reads`], for tests that must know when a client
+/// last asked Graph about someone.
+#[derive(Clone, Debug)]
+pub struct UserRead {
+    /// When the request was handled (under the state lock: the answer is the state then).
+    pub at: Instant,
+    /// The user's object id, lower-cased (the key as sent, lower-cased, when no live user has
+    /// it, e.g. a deleted one).
+    pub user: String,
+    /// `"user"`, `"checkMemberGroups"` or `"memberOf"` (either listing).
+    pub kind: &'static str,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Wire constants
 // ---------------------------------------------------------------------------------------------
@@ -280,6 +295,8 @@ struct State {
     latency: Option<cost::LatencyState>,
     /// Certificates and federated credentials of the app registration.
     app_credentials: tokens::AppCredentials,
+    /// Reads of single users, kept only once [`GraphSim::record_user_reads`] turned it on.
+    user_reads: Option<Vec<UserRead>>,
 }
 
 impl State {
@@ -307,6 +324,7 @@ impl State {
             cost: None,
             latency: None,
             app_credentials: tokens::AppCredentials::default(),
+            user_reads: None,
         };
         for u in t.users {
             s.upsert_user(u);
@@ -325,6 +343,30 @@ impl State {
 
     fn count(&mut self, kind: &str) {
         *self.counts.entry(kind.to_string()).or_insert(0) += 1;
+    }
+
+    /// Appends to the user-read log (when kept) if `segs` names one user or its memberships.
+    fn note_user_read(&mut self, segs: &[String]) {
+        if self.user_reads.is_none() || segs.len() < 2 || segs[0] != "users" {
+            return;
+        }
+        let kind = match classify(segs) {
+            "user" => "user",
+            "checkMemberGroups" => "checkMemberGroups",
+            "memberOf" => "memberOf",
+            _ => return,
+        };
+        let user = self
+            .find_user(&segs[1])
+            .map(|u| u.id.to_lowercase())
+            .unwrap_or_else(|| segs[1].to_lowercase());
+        if let Some(log) = self.user_reads.as_mut() {
+            log.push(UserRead {
+                at: Instant::now(),
+                user,
+                kind,
+            });
+        }
     }
 
     fn index_user(&mut self, u: &SimUser) {
@@ -803,6 +845,17 @@ impl GraphSim {
         for exp in self.shared.lock().tokens.values_mut() {
             *exp = now;
         }
+    }
+
+    /// Starts (true: from now on, empty) or stops (false: and forgets) keeping the log of
+    /// [`UserRead`]s.
+    pub fn record_user_reads(&self, on: bool) {
+        self.shared.lock().user_reads = on.then(Vec::new);
+    }
+
+    /// The user reads kept since [`GraphSim::record_user_reads`], oldest first.
+    pub fn user_reads(&self) -> Vec<UserRead> {
+        self.shared.lock().user_reads.clone().unwrap_or_default()
     }
 
     /// Stops the server.
@@ -1490,6 +1543,7 @@ fn route(
     query: &str,
     payload: Payload<'_>,
 ) -> ApiResponse {
+    s.note_user_read(segs);
     if segs.len() == 3 && segs[0] == "users" && segs[2] == "checkMemberGroups" {
         if !method.eq_ignore_ascii_case("POST") {
             return method_not_allowed(ctx);

@@ -114,6 +114,57 @@ pub enum UserFaultKind {
     Oversized,
 }
 
+/// One write the simulator committed to its store (kept by [`ScimSim::record_writes`]), so
+/// tests can tell exactly when a user was created, changed, deactivated or deleted.
+#[derive(Clone, Debug)]
+pub struct ScimWrite {
+    /// When the write was applied (under the store's write lock).
+    pub at: std::time::Instant,
+    /// `"POST"`, `"PUT"`, `"PATCH"` or `"DELETE"`.
+    pub method: &'static str,
+    /// The user's server id.
+    pub id: String,
+    /// externalId after the write (before it, for a DELETE).
+    pub external_id: Option<String>,
+    /// userName after the write (before it, for a DELETE).
+    pub user_name: Option<String>,
+    /// `active` before the write; `None` when the user did not exist or had no `active`.
+    pub active_before: Option<bool>,
+    /// `active` after the write; `None` after a DELETE or when absent.
+    pub active_after: Option<bool>,
+    /// Attributes whose value the write changed: top-level names, and `URN:name` inside an
+    /// extension (empty for a write that changed nothing).
+    pub changed: Vec<String>,
+}
+
+/// The attributes that differ between two stored attribute maps (see [`ScimWrite::changed`]).
+fn changed_attrs(
+    before: Option<&Map<String, Value>>,
+    after: Option<&Map<String, Value>>,
+) -> Vec<String> {
+    let empty = Map::new();
+    let (b, a) = (before.unwrap_or(&empty), after.unwrap_or(&empty));
+    let mut keys: Vec<&String> = b.keys().chain(a.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = Vec::new();
+    for k in keys {
+        let (x, y) = (b.get(k), a.get(k));
+        if x == y {
+            continue;
+        }
+        match (x, y) {
+            (Some(Value::Object(x)), Some(Value::Object(y))) if k.starts_with("urn:") => {
+                for sub in changed_attrs(Some(x), Some(y)) {
+                    out.push(format!("{k}:{sub}"));
+                }
+            }
+            _ => out.push(k.clone()),
+        }
+    }
+    out
+}
+
 struct FaultState {
     faults: ScimFaults,
     rng: StdRng,
@@ -133,6 +184,8 @@ struct Inner {
     faults: Mutex<FaultState>,
     down: AtomicBool,
     counts: Mutex<HashMap<String, u64>>,
+    /// `None` unless [`ScimSim::record_writes`] turned the log on.
+    writes: Mutex<Option<Vec<ScimWrite>>>,
 }
 
 impl Inner {
@@ -149,6 +202,46 @@ impl Inner {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         *c.entry(kind.to_string()).or_insert(0) += 1;
     }
+    fn logging_writes(&self) -> bool {
+        self.writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Logs a committed write (when the log is on); call it with the store's write lock held.
+    fn log_write(
+        &self,
+        method: &'static str,
+        id: &str,
+        before: Option<&Map<String, Value>>,
+        after: Option<&Map<String, Value>>,
+    ) {
+        let mut log = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(log) = log.as_mut() else {
+            return;
+        };
+        let text = |m: Option<&Map<String, Value>>, k: &str| {
+            m.and_then(|m| m.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let active = |m: Option<&Map<String, Value>>| {
+            m.and_then(|m| m.get("active")).and_then(Value::as_bool)
+        };
+        let last = after.or(before);
+        log.push(ScimWrite {
+            at: std::time::Instant::now(),
+            method,
+            id: id.to_string(),
+            external_id: text(last, "externalId"),
+            user_name: text(last, "userName"),
+            active_before: active(before),
+            active_after: active(after),
+            changed: changed_attrs(before, after),
+        });
+    }
+
     fn opts(&self) -> Opts {
         Opts {
             lenient: self.cfg.lenient_ops,
@@ -196,6 +289,7 @@ impl ScimSim {
             }),
             down: AtomicBool::new(false),
             counts: Mutex::new(HashMap::new()),
+            writes: Mutex::new(None),
         });
         let data = web::Data::from(inner.clone());
         let server = HttpServer::new(move || {
@@ -304,6 +398,22 @@ impl ScimSim {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+
+    /// Starts (true: from now on, empty) or stops (false: and forgets) keeping the log of
+    /// committed writes ([`ScimWrite`]).
+    pub fn record_writes(&self, on: bool) {
+        *self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()) = on.then(Vec::new);
+    }
+
+    /// The writes kept since [`ScimSim::record_writes`], in the order they were applied.
+    pub fn writes(&self) -> Vec<ScimWrite> {
+        self.inner
+            .writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Make the server answer 503 to everything (target down) or resume.
@@ -603,7 +713,13 @@ fn route(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Result<HttpResponse, 
             Method::PUT => replace_user(inner, id, body, &params),
             Method::PATCH => patch_user(inner, id, body, &params),
             Method::DELETE => {
-                if inner.write().delete(id) {
+                let mut st = inner.write();
+                let before = inner
+                    .logging_writes()
+                    .then(|| st.users.get(*id).map(|r| r.attrs.clone()))
+                    .flatten();
+                if st.delete(id) {
+                    inner.log_write("DELETE", id, before.as_ref(), None);
                     Ok(HttpResponse::NoContent().finish())
                 } else {
                     Err(ScimError::not_found(format!("User {id} not found")))
@@ -648,6 +764,10 @@ fn create_user(
     let resource = {
         let mut st = inner.write();
         let id = st.insert(attrs)?;
+        if inner.logging_writes() {
+            let after = st.users.get(&id).map(|r| r.attrs.clone());
+            inner.log_write("POST", &id, None, after.as_ref());
+        }
         inner
             .render_id(&st, &id)
             .ok_or_else(|| ScimError::new(500, None, "created user vanished"))?
@@ -684,7 +804,15 @@ fn replace_user(
     let mut attrs = normalize_resource(&inner.reg, &v, inner.opts())?;
     inner.cfg.dialect.shape(&mut attrs);
     let mut st = inner.write();
+    let before = inner
+        .logging_writes()
+        .then(|| st.users.get(id).map(|r| r.attrs.clone()))
+        .flatten();
     st.update(id, attrs)?;
+    if inner.logging_writes() {
+        let after = st.users.get(id).map(|r| r.attrs.clone());
+        inner.log_write("PUT", id, before.as_ref(), after.as_ref());
+    }
     let r = inner
         .render_id(&st, id)
         .ok_or_else(|| ScimError::not_found(format!("User {id} not found")))?;
@@ -707,9 +835,14 @@ fn patch_user(
     inner.cfg.dialect.check_targets(&v, &rec.attrs)?;
     // Atomic (RFC 7644 §3.5.2): work on a copy, commit only if every op succeeded.
     let mut attrs = rec.attrs.clone();
+    let before = inner.logging_writes().then(|| rec.attrs.clone());
     patch::apply_patch(&inner.reg, &mut attrs, &v, inner.opts())?;
     inner.cfg.dialect.shape(&mut attrs);
     st.update(id, attrs)?;
+    if let Some(before) = before {
+        let after = st.users.get(id).map(|r| r.attrs.clone());
+        inner.log_write("PATCH", id, Some(&before), after.as_ref());
+    }
     let r = inner
         .render_id(&st, id)
         .ok_or_else(|| ScimError::not_found(format!("User {id} not found")))?;

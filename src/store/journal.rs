@@ -49,7 +49,7 @@ const MAX_RECORD: usize = 64 * 1024 * 1024;
 const RECORD_START: &[u8] = b"{\"integration\":\"";
 
 #[derive(Serialize, Deserialize)]
-struct Record {
+struct Entry {
     integration: String,
     items: Vec<QueueItem>,
 }
@@ -152,7 +152,7 @@ fn insert(db: &sled::Db, tree: &sled::Tree, encoded: &[u8]) -> Result<Option<sle
 }
 
 /// The record framed at `at`, and where the next one starts.
-fn frame_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
+fn frame_at(bytes: &[u8], at: usize) -> Option<(Entry, usize)> {
     let header = bytes.get(at..at.checked_add(8)?)?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
@@ -164,14 +164,14 @@ fn frame_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
     if !payload.starts_with(RECORD_START) || crc32fast::hash(payload) != crc {
         return None;
     }
-    let r = serde_json::from_slice::<Record>(payload).ok()?;
+    let r = serde_json::from_slice::<Entry>(payload).ok()?;
     Some((r, start + len))
 }
 
 /// The records of a journal file, skipping corrupt ones where later records are intact.
 #[derive(Default)]
 struct Scan {
-    records: Vec<Record>,
+    records: Vec<Entry>,
     /// Corrupt spans followed by intact records: (offset, length).
     corrupt: Vec<(u64, u64)>,
     /// Bytes at the end that hold no intact record.
@@ -229,7 +229,7 @@ fn scan(bytes: &[u8]) -> Scan {
 
 /// The complete records at the start of `bytes` (as far as a replay would read them).
 #[cfg(test)]
-fn records(bytes: &[u8]) -> Vec<Record> {
+fn records(bytes: &[u8]) -> Vec<Entry> {
     scan(bytes).records
 }
 
@@ -354,7 +354,7 @@ impl Journal {
         integration: &str,
         items: &[QueueItem],
     ) -> Result<(), String> {
-        let payload = serde_json::to_vec(&Record {
+        let payload = serde_json::to_vec(&Entry {
             integration: integration.to_string(),
             items: items.to_vec(),
         })
@@ -574,7 +574,7 @@ mod tests {
 
     fn rec_of(integration: &str, u: &str) -> Vec<u8> {
         frame(
-            &serde_json::to_vec(&Record {
+            &serde_json::to_vec(&Entry {
                 integration: integration.into(),
                 items: vec![item(u)],
             })
@@ -628,7 +628,7 @@ mod tests {
     fn records_stop_at_a_torn_or_corrupt_tail() {
         let rec = |u: &str| {
             frame(
-                &serde_json::to_vec(&Record {
+                &serde_json::to_vec(&Entry {
                     integration: "a".into(),
                     items: vec![item(u)],
                 })
@@ -659,7 +659,7 @@ mod tests {
         }
         // As after a crash before the sled flush: records still in the journal.
         let rec = frame(
-            &serde_json::to_vec(&Record {
+            &serde_json::to_vec(&Entry {
                 integration: "acme".into(),
                 items: vec![item("u3")],
             })
@@ -788,7 +788,7 @@ mod failure_tests {
         drop(Store::open(dir.path()).unwrap());
         let rec = |integration: &str, u: &str| {
             frame(
-                &serde_json::to_vec(&Record {
+                &serde_json::to_vec(&Entry {
                     integration: integration.into(),
                     items: vec![item(u)],
                 })
@@ -843,7 +843,7 @@ mod failure_tests {
         }
         let rec = |integration: &str| {
             frame(
-                &serde_json::to_vec(&Record {
+                &serde_json::to_vec(&Entry {
                     integration: integration.into(),
                     items: vec![item("u")],
                 })
@@ -877,7 +877,7 @@ mod fuzz_tests {
 
     fn record(name: &str) -> Vec<u8> {
         frame(
-            &serde_json::to_vec(&Record {
+            &serde_json::to_vec(&Entry {
                 integration: name.into(),
                 items: vec![],
             })

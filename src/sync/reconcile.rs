@@ -67,7 +67,7 @@ pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Outcome {
+pub enum RunOutcome {
     /// Everything planned was applied (or, in a dry run, planned).
     Ok,
     /// Some users failed; the rest was applied.
@@ -114,7 +114,7 @@ pub struct RunReport {
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
     pub dry_run: bool,
-    pub outcome: Outcome,
+    pub outcome: RunOutcome,
     pub counts: Counts,
     pub groups: Vec<GroupSummary>,
     pub failures: Vec<UserFailure>,
@@ -281,7 +281,7 @@ enum Event<A> {
 }
 
 /// Runs a full reconcile of one integration. Never panics on bad input; whole-run errors end
-/// up in `report.error` with `Outcome::Failed`.
+/// up in `report.error` with `RunOutcome::Failed`.
 pub async fn reconcile<T: Target>(
     ctx: &Context<'_, T>,
     opts: RunOptions,
@@ -297,7 +297,7 @@ pub async fn reconcile<T: Target>(
             started_at,
             finished_at: started_at,
             dry_run: opts.dry_run,
-            outcome: Outcome::Ok,
+            outcome: RunOutcome::Ok,
             counts: Counts::default(),
             groups: Vec::new(),
             failures: Vec::new(),
@@ -316,7 +316,7 @@ pub async fn reconcile<T: Target>(
             report,
             applied: 0,
             actual: HashMap::new(),
-            traces: Pending::new(ctx.cfg, Source::Reconcile, &run_id, !opts.dry_run),
+            traces: Pending::new(ctx.cfg, ctx.store, Source::Reconcile, &run_id, !opts.dry_run),
             link_manager: false,
             deferred: Vec::new(),
             candidates: Vec::new(),
@@ -333,11 +333,11 @@ pub async fn reconcile<T: Target>(
         if let Err(e) = &result {
             tracing::error!(error = %e, "reconcile failed");
             report.error = Some(e.to_string());
-            report.outcome = Outcome::Failed;
+            report.outcome = RunOutcome::Failed;
         } else if report.guard.is_some() {
-            report.outcome = Outcome::GuardTripped;
+            report.outcome = RunOutcome::GuardTripped;
         } else if !report.failures.is_empty() {
-            report.outcome = Outcome::Partial;
+            report.outcome = RunOutcome::Partial;
         }
         if !opts.dry_run {
             let mut history = report.clone();

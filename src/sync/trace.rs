@@ -13,13 +13,14 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
 use super::mapping::{AttrChange, AttrValue, Record};
 use super::plan::{Action, PlannedChange};
 use crate::config::IntegrationConfig;
+use crate::redact::Redactor;
 use crate::store::{IndexEntry, IntegrationStore, StoreError};
+use crate::text::clip;
 
 /// Longest string value kept in a trace (longer ones end in `…`).
 pub const MAX_VALUE_CHARS: usize = 256;
@@ -255,16 +256,6 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// `s` cut to at most `max` characters (the last being `…` when cut).
-pub fn clip(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
-    out.push('…');
-    out
-}
-
 fn clip_value(v: &AttrValue) -> AttrValue {
     match v {
         AttrValue::Str(s) => AttrValue::Str(clip(s, MAX_VALUE_CHARS)),
@@ -439,20 +430,14 @@ impl Trace {
 
     /// Replaces every occurrence of a secret (a configured token or client secret) in the
     /// trace's text; nothing should ever carry one, but an LMS could echo one in an error.
-    pub fn scrub(&mut self, secrets: &[String]) -> &mut Self {
-        let fix = |s: &mut String| {
-            for secret in secrets {
-                if s.contains(secret.as_str()) {
-                    *s = s.replace(secret.as_str(), "[redacted]");
-                }
-            }
-        };
+    pub fn scrub(&mut self, redactor: &Redactor) -> &mut Self {
+        let fix = |s: &mut String| redactor.scrub_in_place(s);
         let fix_value = |v: &mut AttrValue| {
             if let AttrValue::Str(s) = v {
                 fix(s);
             }
         };
-        if secrets.is_empty() {
+        if redactor.is_empty() {
             return self;
         }
         for s in [&mut self.user_name, &mut self.upn, &mut self.note]
@@ -693,20 +678,6 @@ fn render_match(m: &Match, plan: Option<&TracePlan>) -> String {
     }
 }
 
-/// The configured secrets of an integration, for [`Trace::scrub`]. Very short values are left
-/// out: replacing them would mangle ordinary text.
-pub fn secrets_of(cfg: &IntegrationConfig) -> Vec<String> {
-    let mut out = vec![cfg.target.token.expose_secret().to_string()];
-    if let crate::graph::credential::ClientCredential::Secret(s) = &cfg.credential {
-        out.push(s.expose_secret().to_string());
-    }
-    if let Some(s) = &cfg.client_state {
-        out.push(s.expose_secret().to_string());
-    }
-    out.retain(|s| s.chars().count() >= 6);
-    out
-}
-
 /// Traces of one run being decided: each planned change's trace waits here for its answer.
 pub struct Pending {
     integration: String,
@@ -714,20 +685,26 @@ pub struct Pending {
     run: String,
     /// Dry runs keep nothing: their traces are never stored.
     enabled: bool,
-    secrets: Vec<String>,
+    secrets: Redactor,
     /// Traces of planned changes, and whether their mapped values are the change's record
     /// (added when the outcome is known: an applied change's are not copied).
     waiting: HashMap<String, (Trace, bool)>,
 }
 
 impl Pending {
-    pub fn new(cfg: &IntegrationConfig, source: Source, run: &str, enabled: bool) -> Pending {
+    pub fn new(
+        cfg: &IntegrationConfig,
+        store: &IntegrationStore,
+        source: Source,
+        run: &str,
+        enabled: bool,
+    ) -> Pending {
         Pending {
             integration: cfg.name.to_string(),
             source,
             run: run.to_string(),
             enabled,
-            secrets: secrets_of(cfg),
+            secrets: Redactor::of(cfg, Some(store)),
             waiting: HashMap::new(),
         }
     }
@@ -1077,7 +1054,9 @@ mod tests {
         t.plan(&c)
             .failed(&format!("PATCH answered 400: bad token {secret}"), true);
         t.note = Some(format!("note {secret}"));
-        t.scrub(std::slice::from_ref(&secret));
+        let mut r = Redactor::default();
+        r.add(&secrecy::SecretString::from(secret.clone()));
+        t.scrub(&r);
         let json = serde_json::to_string(&t).unwrap();
         assert!(
             !json.contains(&secret) && json.contains("[redacted]"),

@@ -30,6 +30,8 @@ use super::trace::{self, Match, OutOfScope, Path, Scope, Source, Trace, Via};
 use crate::graph::delta::{DeltaRound, MemberChange};
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{FreshRead, GraphError};
+use crate::redact::Redactor;
+use crate::retry::RetryPolicy;
 use crate::store::intents::Intent;
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::state::MemberKind;
@@ -62,10 +64,11 @@ pub async fn targeting<T: Target>(ctx: &Context<'_, T>) -> Result<Targeting, Run
 #[derive(Clone, Debug)]
 pub struct WorkerSettings {
     pub concurrency: usize,
-    pub max_attempts: u32,
-    pub backoff_base: Duration,
-    pub backoff_cap: Duration,
-    /// A deletion is believed on a second 404 at least this long after the first.
+    /// A failed queue item's retries (attempts, backoff); they are kept in the store.
+    pub retry: RetryPolicy,
+    /// A deletion is believed on a second 404 at least this long after the first, and a
+    /// departure from the groups is confirmed with Graph no sooner than this after it was
+    /// first seen.
     pub gone_confirm_after: Duration,
     /// The longest one user's Graph reads, or one user's LMS write, may take (retries
     /// included) before it counts as that user's failed attempt: one slow user must not hold
@@ -77,9 +80,7 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
             concurrency: 8,
-            max_attempts: 8,
-            backoff_base: Duration::from_secs(2),
-            backoff_cap: Duration::from_secs(15 * 60),
+            retry: RetryPolicy::new(8, Duration::from_secs(2), Duration::from_secs(15 * 60)),
             gone_confirm_after: Duration::from_secs(5),
             user_deadline: Duration::from_secs(60),
         }
@@ -91,7 +92,10 @@ impl WorkerSettings {
     pub fn from_config(server: &crate::config::ServerConfig) -> WorkerSettings {
         WorkerSettings {
             concurrency: server.worker_concurrency,
-            max_attempts: server.max_attempts,
+            retry: RetryPolicy {
+                max_attempts: server.max_attempts,
+                ..WorkerSettings::default().retry
+            },
             ..WorkerSettings::default()
         }
     }
@@ -906,7 +910,7 @@ fn finish_round<T: Target>(
     opts: SyncOptions,
     moved: Vec<String>,
 ) -> Result<Vec<UserTask>, RunError> {
-    let secrets = trace::secrets_of(ctx.cfg);
+    let secrets = Redactor::of(ctx.cfg, Some(ctx.store));
     let mut store_traces = Vec::new();
     for w in work.iter_mut() {
         if let Some(mut t) = w.trace.take() {
@@ -991,8 +995,12 @@ async fn confirm<T: Target>(
                     w.gathered.as_ref().and_then(|g| g.user.as_ref()),
                     Some(Err(()))
                 );
+                // A departure settles before Graph is asked: a move between groups (removed
+                // from one, added to another a moment later) reaches the mirror as two
+                // changes, and a read between them would deactivate a member.
+                let departed = d.out == Some(OutOfScope::LeftAllGroups);
                 let since = w.task.missing_since.unwrap_or(now);
-                if first_404 && now - since < after && !opts.wait_inline {
+                if (first_404 || departed) && now - since < after && !opts.wait_inline {
                     w.task.missing_since = Some(since);
                     w.outcome = Some(UserOutcome::Wait {
                         until: since + after,
@@ -1356,19 +1364,16 @@ fn settle<T: Target>(
     for (id, mut it, err, _) in failed {
         it.attempts += 1;
         it.last_error = Some(err);
-        if it.attempts >= ws.max_attempts {
+        let age = (Utc::now() - it.received_at).to_std().unwrap_or_default();
+        if let Some(delay) = ws.retry.after_failures(it.attempts, age) {
+            it.not_before =
+                Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
+            ctx.store.requeue(id, &it)?;
+        } else {
             tracing::error!(item = id, hint = %it.hint.describe(), attempts = it.attempts, error = ?it.last_error, "giving up; moved to dead letters");
             ctx.store.bury(id, &it)?;
             out.buried += 1;
             out.dead_letters.push((id, it));
-        } else {
-            let exp = ws
-                .backoff_base
-                .saturating_mul(1u32 << (it.attempts - 1).min(20));
-            let delay = exp.min(ws.backoff_cap);
-            it.not_before =
-                Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
-            ctx.store.requeue(id, &it)?;
         }
     }
     for (id, mut it, why) in held {
@@ -1702,6 +1707,6 @@ token = { value = "token-value" }
 "#;
         let c = crate::config::Config::from_toml(text, std::path::Path::new(".")).unwrap();
         let ws = WorkerSettings::from_config(&c.server);
-        assert_eq!((ws.concurrency, ws.max_attempts), (3, 2));
+        assert_eq!((ws.concurrency, ws.retry.max_attempts), (3, 2));
     }
 }

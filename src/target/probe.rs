@@ -21,6 +21,7 @@ use super::dialect::{CaseRule, Clear, DialectSettings, Downgrade, FilterAttr, Le
 use super::scim::{ext_value, get_ci, scalar, typed_element, Place, ScimTarget, PATCH_OP};
 use super::{Target, TargetError};
 use crate::sync::mapping::{AttrValue, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME};
+use crate::text::clip;
 
 /// What to prove.
 #[derive(Clone, Debug)]
@@ -141,14 +142,6 @@ impl Answer {
             s.push_str(&clip(&self.detail, 100));
         }
         s
-    }
-}
-
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
     }
 }
 

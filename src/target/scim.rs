@@ -29,8 +29,10 @@ use super::dialect::{
     Learned, Refusal,
 };
 use super::{Capabilities, Target, TargetError, TargetUser};
+use crate::redact::Redactor;
 use crate::retry::{read_limited, retry_after, RetryPolicy};
 use crate::sync::mapping::{AttrChange, AttrValue, Record, ACTIVE, EXTERNAL_ID, USER_NAME};
+use crate::text::clip;
 use listing::{Entry, Listing};
 pub(crate) use write::PatchPart;
 
@@ -39,6 +41,9 @@ pub const ENTERPRISE_USER: &str = "urn:ietf:params:scim:schemas:extension:enterp
 pub(crate) const PATCH_OP: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 const MEDIA_TYPE: &str = "application/scim+json";
 const MAX_BODY: usize = 16 * 1024 * 1024;
+/// After an ambiguous create: three lookups, 150-300 ms apart (filtered lists may lag behind).
+const LOOKUPS_AFTER_CREATE: RetryPolicy =
+    RetryPolicy::new(3, Duration::from_millis(150), Duration::from_millis(300));
 /// Multi-valued attributes whose elements we address by `type`.
 const TYPED: &[&str] = &["emails", "phoneNumbers"];
 /// Rounds of "refused, learned, retried" one update may take: each round must teach something
@@ -149,7 +154,10 @@ impl ScimTarget {
             token,
             custom_schema: custom_schema.to_string(),
             permits: Semaphore::new(concurrency.max(1)),
-            retry: RetryPolicy::default(),
+            retry: RetryPolicy {
+                server_error_retries: 2,
+                ..RetryPolicy::default()
+            },
             label: String::new(),
             state: Mutex::new(state),
             memory: None,
@@ -295,10 +303,9 @@ impl ScimTarget {
     ) -> Result<(u16, Option<String>, Vec<u8>), TargetError> {
         let url = format!("{}{}", self.base, path_and_query);
         let mname = method_name(&method);
-        let mut attempt = 0;
-        let mut server_errors = 0;
+        let mut attempts = self.retry.start();
         loop {
-            attempt += 1;
+            let attempt = attempts.attempts();
             let resp = {
                 let _permit = self
                     .permits
@@ -328,9 +335,12 @@ impl ScimTarget {
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) => {
-                    if idempotent && attempt < self.retry.max_attempts && !e.is_redirect() {
+                    let delay = (idempotent && !e.is_redirect())
+                        .then(|| attempts.retry(None))
+                        .flatten();
+                    if let Some(delay) = delay {
                         tracing::warn!(attempt, method = mname, path = path_and_query, error = %e, "LMS request failed; retrying");
-                        tokio::time::sleep(self.retry.delay(attempt, None)).await;
+                        tokio::time::sleep(delay).await;
                         continue;
                     }
                     return Err(TargetError::Transport {
@@ -342,13 +352,9 @@ impl ScimTarget {
             let status = resp.status().as_u16();
             // 429 means "not processed": safe to retry even for POST. A 503 may come from a
             // proxy after the backend acted, so a POST leaves it to its caller.
-            let throttled = status == 429 || (status == 503 && idempotent);
-            let transient = matches!(status, 500 | 502 | 504) && idempotent && server_errors < 2;
-            if (throttled || transient) && attempt < self.retry.max_attempts {
-                if transient {
-                    server_errors += 1;
-                }
-                let delay = self.retry.delay(attempt, retry_after(resp.headers()));
+            if let Some(delay) =
+                attempts.retry_status(status, idempotent, retry_after(resp.headers()))
+            {
                 tracing::debug!(
                     attempt,
                     status,
@@ -405,6 +411,10 @@ impl ScimTarget {
                     text
                 }
             });
+        // An LMS may echo the request's Authorization header in its error text.
+        let mut secrets = Redactor::default();
+        secrets.add(&self.token);
+        let detail = secrets.scrub(&detail);
         TargetError::Http {
             method,
             path: path.to_string(),
@@ -620,7 +630,8 @@ impl ScimTarget {
         if external_id.is_empty() {
             return Ok(None);
         }
-        for attempt in 1..=3u32 {
+        let mut lookups = LOOKUPS_AFTER_CREATE.start();
+        loop {
             let d = self.dialect();
             if d.filters(FilterAttr::ExternalId) {
                 if let Some(u) = self.find(FilterAttr::ExternalId, &external_id).await? {
@@ -648,11 +659,11 @@ impl ScimTarget {
                     .map(|e| e.id.clone());
                 return Ok(by_name.or_else(|| l.by_external_id(&external_id).first().cloned()));
             }
-            if attempt < 3 {
-                tokio::time::sleep(Duration::from_millis(150 * u64::from(attempt))).await;
+            match lookups.retry(None) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Ok(None),
             }
         }
-        Ok(None)
     }
 
     /// One user by userName or externalId: a filter where the LMS takes it, otherwise the
@@ -1281,9 +1292,13 @@ impl Target for ScimTarget {
             return Ok(None);
         }
         let body = self.resource(record);
-        let mut attempt = 0;
+        // A create whose fate is unknown is looked up, then sent again: three times at most.
+        let mut attempts = RetryPolicy {
+            max_attempts: 3,
+            ..self.retry
+        }
+        .start();
         loop {
-            attempt += 1;
             let res = self
                 .send(reqwest::Method::POST, "/Users", Some(&body), false)
                 .await;
@@ -1294,8 +1309,9 @@ impl Target for ScimTarget {
                     if let Some(id) = self.find_created(record).await? {
                         return Ok(Some(id));
                     }
-                    if attempt >= 3 {
-                        return Err(TargetError::Transport { url, message });
+                    match attempts.retry(None) {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => return Err(TargetError::Transport { url, message }),
                     }
                     continue;
                 }
@@ -1341,12 +1357,15 @@ impl Target for ScimTarget {
                     self.conflicts.fetch_add(1, Ordering::SeqCst);
                     return Ok(None);
                 }
-                500 | 502 | 503 | 504 if attempt < 3 => {
+                500 | 502 | 503 | 504 => {
                     // Maybe created, maybe not: re-query before trying again.
                     if let Some(id) = self.find_created(record).await? {
                         return Ok(Some(id));
                     }
-                    tokio::time::sleep(self.retry.delay(attempt, None)).await;
+                    match attempts.retry(None) {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => return Err(self.error("POST", "/Users", status, &bytes)),
+                    }
                 }
                 _ => return Err(self.error("POST", "/Users", status, &bytes)),
             }
@@ -1554,14 +1573,6 @@ fn string_of(record: &Record, key: &str) -> String {
     match record.get(key) {
         Some(AttrValue::Str(s)) => s.clone(),
         _ => String::new(),
-    }
-}
-
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
     }
 }
 
@@ -1821,6 +1832,34 @@ mod tests {
             .parse_user(&json!({"id": "1", "userName": "a", "emails": [{"value": "s@x"}, {"value": "t@x"}]}))
             .unwrap();
         assert!(!two.record.contains_key("emails.work"));
+    }
+
+    #[test]
+    fn an_echoed_token_never_reaches_an_error() {
+        let t = ScimTarget::new(
+            &Url::parse("http://lms.test/scim/v2").unwrap(),
+            SecretString::from("lms-token-0123456789"),
+            "urn:ietf:params:scim:schemas:extension:acme:2.0:User",
+            2,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let e = t.error(
+            "GET",
+            "/Users",
+            401,
+            br#"{"detail": "bad header: Bearer lms-token-0123456789"}"#,
+        );
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains("lms-token-0123456789"), "{shown}");
+        assert!(shown.contains("Bearer [redacted]"), "{shown}");
+        let e = t.error(
+            "GET",
+            "/Users",
+            400,
+            b"Authorization: Bearer lms-token-0123456789",
+        );
+        assert!(!format!("{e}").contains("0123456789"), "{e}");
     }
 
     #[test]

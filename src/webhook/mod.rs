@@ -47,6 +47,7 @@ use tokio::sync::Notify;
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::state::Watch;
 use crate::store::IntegrationStore;
+use crate::text::is_guid;
 use handshake::{HandshakeWindow, TokenCheck};
 use rejections::{Reason, RejectionLog, Tally};
 use tokens::{Cloud, JwksCache, TokenError, TokenExpectation};
@@ -66,7 +67,7 @@ impl TenantGuid {
     /// From the configured `tenant_id`: known if it is a GUID.
     pub fn from_config(tenant_id: &str) -> Self {
         let t = TenantGuid::default();
-        if looks_like_guid(tenant_id) {
+        if is_guid(tenant_id) {
             t.set(tenant_id);
         }
         t
@@ -391,10 +392,6 @@ fn client_state_ok(expected: &SecretString, got: Option<&str>) -> bool {
         Some(g) => e.len() == g.len() && bool::from(e.ct_eq(g.as_bytes())),
         None => false,
     }
-}
-
-fn looks_like_guid(s: &str) -> bool {
-    s.len() == 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
 /// The lifecycle events Graph documents; anything else is kept as a short escaped excerpt.

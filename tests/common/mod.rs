@@ -4,7 +4,7 @@
 
 pub mod serve;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rostersync::app::Integration;
@@ -147,103 +147,22 @@ impl TestEnv {
             .unwrap_or_else(|| panic!("no LMS user with externalId {entra_id}"))
     }
 
-    /// Asserts that the LMS holds exactly what the tenant says, attribute by attribute.
+    /// Asserts that the LMS holds exactly what the tenant says, attribute by attribute
+    /// (see [`lms_differences`]; manager links as [`ManagerLink::Active`]).
     /// `username` picks the SimUser field that becomes userName.
     pub fn assert_lms_matches_tenant(&self, username: fn(&SimUser) -> Option<String>) {
-        let members: Vec<String> = self.member_ids();
-        let lms = self.lms_by_external_id();
-        for id in &members {
-            let u = self.graph.user(id).expect("member exists");
-            let Some(l) = lms.get(id) else {
-                assert!(
-                    !u.account_enabled || username(&u).is_none(),
-                    "member {} ({}) is missing in the LMS",
-                    u.user_principal_name,
-                    id
-                );
-                continue;
-            };
-            let want_name = username(&u).expect("mapped user has a username");
-            assert_eq!(l["userName"], want_name.as_str(), "userName of {id}");
-            assert_eq!(
-                l["active"], u.account_enabled,
-                "active of {}",
-                u.user_principal_name
-            );
-            assert_eq!(
-                l.pointer("/name/givenName").and_then(|v| v.as_str()),
-                u.given_name.as_deref(),
-                "givenName of {id}"
-            );
-            assert_eq!(
-                l.pointer("/name/familyName").and_then(|v| v.as_str()),
-                u.surname.as_deref(),
-                "familyName of {id}"
-            );
-            assert_eq!(
-                l.get("displayName").and_then(|v| v.as_str()),
-                u.display_name.as_deref()
-            );
-            assert_eq!(
-                l.get("title").and_then(|v| v.as_str()),
-                u.job_title.as_deref(),
-                "title of {id}"
-            );
-            let work_mail = l.get("emails").and_then(|e| e.as_array()).and_then(|a| {
-                a.iter()
-                    .find(|e| e["type"] == "work")
-                    .and_then(|e| e["value"].as_str())
-            });
-            assert_eq!(work_mail, u.mail.as_deref(), "work email of {id}");
-            let ent = l.get(ENTERPRISE);
-            let get_ent = |k: &str| ent.and_then(|e| e.get(k)).and_then(|v| v.as_str());
-            assert_eq!(
-                get_ent("employeeNumber"),
-                u.employee_id.as_deref(),
-                "employeeNumber of {id}"
-            );
-            assert_eq!(
-                get_ent("department"),
-                u.department.as_deref(),
-                "department of {id}"
-            );
-            let manager = u.manager_id.as_ref().and_then(|m| self.graph.user(m));
-            // Linked only to a manager who is active in the LMS: one who left scope is
-            // linked by nobody (the name and mail stay).
-            let manager_target = manager
-                .as_ref()
-                .and_then(|m| lms.get(&m.id))
-                .filter(|m| m["active"] == true)
-                .and_then(|m| m["id"].as_str());
-            let got_manager = ent
-                .and_then(|e| e.pointer("/manager/value"))
-                .and_then(|v| v.as_str());
-            assert_eq!(
-                got_manager, manager_target,
-                "manager link of {}",
-                u.user_principal_name
-            );
-            let custom = l.get(DEFAULT_CUSTOM_SCHEMA);
-            let get_c = |k: &str| custom.and_then(|e| e.get(k)).and_then(|v| v.as_str());
-            assert_eq!(get_c("officeLocation"), u.office_location.as_deref());
-            assert_eq!(get_c("city"), u.city.as_deref());
-            assert_eq!(get_c("country"), u.country.as_deref());
-            assert_eq!(
-                get_c("managerEmail"),
-                manager.as_ref().and_then(|m| m.mail.as_deref()),
-                "managerEmail of {id}"
-            );
-            assert_eq!(
-                get_c("managerDisplayName"),
-                manager.as_ref().and_then(|m| m.display_name.as_deref())
-            );
-        }
-        // Everybody else rostersync ever created must be inactive.
-        for (ext, l) in &lms {
-            if !members.contains(ext) {
-                assert_eq!(l["active"], false, "non-member {ext} is still active");
-            }
-        }
+        let diffs = lms_differences(
+            &self.graph,
+            &self.scim,
+            &self.fx.all_group_id,
+            username,
+            ManagerLink::Active,
+        );
+        assert!(
+            diffs.is_empty(),
+            "the LMS differs from the tenant:\n  {}",
+            diffs.join("\n  ")
+        );
     }
 
     pub fn writes(&self) -> u64 {
@@ -252,6 +171,241 @@ impl TestEnv {
             .map(|k| self.scim.request_count(k))
             .sum()
     }
+}
+
+/// Which LMS id a member's `enterprise…:manager.value` should hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManagerLink {
+    /// The LMS user of the manager (whatever its `active`), when there is one.
+    Indexed,
+    /// The manager's LMS user only while the manager is an enabled member of the group
+    /// (active in the LMS); otherwise no link.
+    Active,
+    /// The manager's LMS user while the manager is a member of the group, enabled or not.
+    Member,
+}
+
+impl ManagerLink {
+    pub fn parse(s: &str) -> Option<ManagerLink> {
+        match s {
+            "indexed" => Some(ManagerLink::Indexed),
+            "active" => Some(ManagerLink::Active),
+            "member" => Some(ManagerLink::Member),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ManagerLink::Indexed => "indexed",
+            ManagerLink::Active => "active",
+            ManagerLink::Member => "member",
+        }
+    }
+}
+
+/// Everything in which the LMS differs from what the tenant says, attribute by attribute,
+/// computed from the simulators' state alone (never through rostersync's mapping): every
+/// transitive user member of `group` is in the LMS (unless disabled and never created, or
+/// unmappable), once, `active` as its account, with the default mapping's attributes, its
+/// manager's name and mail, and the manager link as `link` says; every other LMS user that
+/// carries an externalId is inactive. Empty when they agree.
+pub fn lms_differences(
+    graph: &GraphSim,
+    scim: &ScimSim,
+    group: &str,
+    username: fn(&SimUser) -> Option<String>,
+    link: ManagerLink,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let members: HashSet<String> = graph.transitive_user_ids(group).into_iter().collect();
+    let mut lms: HashMap<String, Value> = HashMap::new();
+    for u in scim.users() {
+        let Some(ext) = u
+            .get("externalId")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        if lms.contains_key(&ext) {
+            out.push(format!("{ext}: more than one LMS user has this externalId"));
+            continue;
+        }
+        lms.insert(ext, u);
+    }
+    let mut ids: Vec<&String> = members.iter().collect();
+    ids.sort();
+    for id in ids {
+        let Some(u) = graph.user(id) else { continue };
+        let who = format!("{} ({id})", u.user_principal_name);
+        let Some(l) = lms.get(id) else {
+            if u.account_enabled && username(&u).is_some() {
+                out.push(format!("{who}: member missing in the LMS"));
+            }
+            continue;
+        };
+        let active = l.get("active").and_then(|v| v.as_bool());
+        if active != Some(u.account_enabled) {
+            out.push(format!(
+                "{who}: active is {active:?}, want {}",
+                u.account_enabled
+            ));
+        }
+        fn check(
+            out: &mut Vec<String>,
+            who: &str,
+            what: &str,
+            got: Option<&str>,
+            want: Option<&str>,
+        ) {
+            if got != want {
+                out.push(format!("{who}: {what} is {got:?}, want {want:?}"));
+            }
+        }
+        let want_name = username(&u);
+        check(
+            &mut out,
+            &who,
+            "userName",
+            l["userName"].as_str(),
+            want_name.as_deref(),
+        );
+        check(
+            &mut out,
+            &who,
+            "givenName",
+            l.pointer("/name/givenName").and_then(|v| v.as_str()),
+            u.given_name.as_deref(),
+        );
+        check(
+            &mut out,
+            &who,
+            "familyName",
+            l.pointer("/name/familyName").and_then(|v| v.as_str()),
+            u.surname.as_deref(),
+        );
+        check(
+            &mut out,
+            &who,
+            "displayName",
+            l.get("displayName").and_then(|v| v.as_str()),
+            u.display_name.as_deref(),
+        );
+        check(
+            &mut out,
+            &who,
+            "title",
+            l.get("title").and_then(|v| v.as_str()),
+            u.job_title.as_deref(),
+        );
+        let work_mail = l.get("emails").and_then(|e| e.as_array()).and_then(|a| {
+            a.iter()
+                .find(|e| e["type"] == "work")
+                .and_then(|e| e["value"].as_str())
+        });
+        check(&mut out, &who, "work email", work_mail, u.mail.as_deref());
+        let ent = l.get(ENTERPRISE);
+        let get_ent = |k: &str| ent.and_then(|e| e.get(k)).and_then(|v| v.as_str());
+        check(
+            &mut out,
+            &who,
+            "employeeNumber",
+            get_ent("employeeNumber"),
+            u.employee_id.as_deref(),
+        );
+        check(
+            &mut out,
+            &who,
+            "department",
+            get_ent("department"),
+            u.department.as_deref(),
+        );
+        let manager = u.manager_id.as_ref().and_then(|m| graph.user(m));
+        let manager_lms = manager
+            .as_ref()
+            .and_then(|m| lms.get(&m.id))
+            .and_then(|m| m["id"].as_str());
+        let want_link = manager.as_ref().and_then(|m| match link {
+            ManagerLink::Indexed => manager_lms,
+            ManagerLink::Active => (members.contains(&m.id) && m.account_enabled)
+                .then_some(manager_lms)
+                .flatten(),
+            ManagerLink::Member => members.contains(&m.id).then_some(manager_lms).flatten(),
+        });
+        let got_link = ent
+            .and_then(|e| e.pointer("/manager/value"))
+            .and_then(|v| v.as_str());
+        if got_link != want_link {
+            let about = match &manager {
+                Some(m) => format!(
+                    "manager {} ({}): member {}, enabled {}, in the LMS {}",
+                    m.user_principal_name,
+                    m.id,
+                    members.contains(&m.id),
+                    m.account_enabled,
+                    manager_lms.is_some()
+                ),
+                None => match &u.manager_id {
+                    Some(m) => format!("manager {m} is not a live user"),
+                    None => "no manager in Graph".into(),
+                },
+            };
+            out.push(format!(
+                "{who}: manager link is {got_link:?}, want {want_link:?} ({about})"
+            ));
+        }
+        let custom = l.get(DEFAULT_CUSTOM_SCHEMA);
+        let get_c = |k: &str| custom.and_then(|e| e.get(k)).and_then(|v| v.as_str());
+        check(
+            &mut out,
+            &who,
+            "officeLocation",
+            get_c("officeLocation"),
+            u.office_location.as_deref(),
+        );
+        check(&mut out, &who, "city", get_c("city"), u.city.as_deref());
+        check(
+            &mut out,
+            &who,
+            "country",
+            get_c("country"),
+            u.country.as_deref(),
+        );
+        let of_manager = |attr: &str| match &u.manager_id {
+            Some(m) => format!("{attr} (manager {m})"),
+            None => attr.to_string(),
+        };
+        check(
+            &mut out,
+            &who,
+            &of_manager("managerEmail"),
+            get_c("managerEmail"),
+            manager.as_ref().and_then(|m| m.mail.as_deref()),
+        );
+        check(
+            &mut out,
+            &who,
+            &of_manager("managerDisplayName"),
+            get_c("managerDisplayName"),
+            manager.as_ref().and_then(|m| m.display_name.as_deref()),
+        );
+    }
+    // Everybody else rostersync ever created must be inactive.
+    let mut others: Vec<(&String, &Value)> = lms
+        .iter()
+        .filter(|(ext, _)| !members.contains(*ext))
+        .collect();
+    others.sort_by_key(|(ext, _)| *ext);
+    for (ext, l) in others {
+        if l["active"] != false {
+            out.push(format!(
+                "{} ({ext}): not a member but active is {}",
+                l["userName"].as_str().unwrap_or("?"),
+                l["active"]
+            ));
+        }
+    }
+    out
 }
 
 pub fn upn(u: &SimUser) -> Option<String> {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{spawn, EnvOptions, TestEnv};
 use rostersync::config::Config;
+use rostersync::retry::RetryPolicy;
 use rostersync::serve::{serve, ServeOptions};
 use rostersync::sim::graph::{SimSubscription, SimUser};
 use rostersync::store::{IntegrationStore, Store};
@@ -28,9 +29,7 @@ pub fn opts() -> ServeOptions {
     ServeOptions {
         worker: WorkerSettings {
             concurrency: 8,
-            max_attempts: 3,
-            backoff_base: Duration::from_millis(200),
-            backoff_cap: Duration::from_secs(2),
+            retry: RetryPolicy::new(3, Duration::from_millis(200), Duration::from_secs(2)),
             gone_confirm_after: Duration::from_millis(500),
             user_deadline: Duration::from_secs(6),
         },

@@ -15,7 +15,8 @@
 //! * Tokens are server-side snapshots of the tracked state: a deltaLink can be replayed (it
 //!   returns the changes since it was issued again). [`GraphSim::expire_delta_tokens`] makes
 //!   all existing delta and skip tokens answer `410 Gone` with a `Location` holding the original
-//!   query with an empty `$deltatoken`. An unknown or garbled `$deltatoken` answers 400
+//!   query with an empty `$deltatoken`; [`GraphSim::forget_delta_tokens`] makes them unknown
+//!   instead. An unknown or garbled `$deltatoken` answers 400
 //!   `syncStateNotFound` (the code Microsoft's delta-query page names for dead tokens), an unknown `$skiptoken` 400
 //!   `Directory_ExpiredPageToken` (as the member listings do).
 //! * Soft-deleted users keep their (hidden) memberships, so delta reports no removal for them
@@ -693,5 +694,14 @@ impl GraphSim {
             r.expired = true;
         }
         s.user_delta.expire_all();
+    }
+
+    /// Forgets every delta and skip token issued so far: a deltaLink then answers `400
+    /// syncStateNotFound` and a nextLink `400 Directory_ExpiredPageToken` (what Graph does with
+    /// sync state it no longer has), where [`GraphSim::expire_delta_tokens`] gives `410 Gone`.
+    pub fn forget_delta_tokens(&self) {
+        let mut s = self.shared.lock();
+        s.delta.snapshots.clear();
+        s.delta.rounds.clear();
     }
 }

@@ -262,6 +262,8 @@ pub(super) struct NotifyState {
     /// Refuse a second subscription of the same resource and change type (409), as Graph
     /// documents; off, duplicates are made, as some emulators do.
     duplicates_conflict: bool,
+    /// Change-notification batches being delivered (posted or waiting for a retry).
+    in_flight: usize,
 }
 
 impl Default for NotifyState {
@@ -287,6 +289,7 @@ impl Default for NotifyState {
             creator_id: uuid::Uuid::new_v4().to_string(),
             sequence: 0,
             duplicates_conflict: true,
+            in_flight: 0,
         }
     }
 }
@@ -576,7 +579,12 @@ pub(super) fn spawn_delivery_loop(shared: web::Data<Shared>) -> tokio::task::Joi
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(TICK).await;
-            let batches = shared.lock().take_batches();
+            let batches = {
+                let mut s = shared.lock();
+                let batches = s.take_batches();
+                s.notify.in_flight += batches.iter().filter(|b| !b.lifecycle).count();
+                batches
+            };
             for b in batches {
                 tokio::spawn(deliver(shared.clone(), b));
             }
@@ -635,6 +643,9 @@ async fn deliver(shared: web::Data<Shared>, batch: Batch) {
                 s.notify.stats.delivered_batches += 1;
             } else if start.elapsed() + delay > give_up {
                 s.notify.stats.abandoned_batches += 1;
+            }
+            if !batch.lifecycle && (ok || start.elapsed() + delay > give_up) {
+                s.notify.in_flight = s.notify.in_flight.saturating_sub(1);
             }
         }
         if ok || start.elapsed() + delay > give_up {
@@ -1289,6 +1300,14 @@ impl GraphSim {
 
     pub fn notify_stats(&self) -> NotifyStats {
         self.shared.lock().notify.stats.clone()
+    }
+
+    /// Change notifications not settled yet: queued (delayed or held back by
+    /// [`GraphSim::pause_delivery`]) plus batches being posted or waiting for a retry. 0 means
+    /// every change so far was delivered, dropped or abandoned.
+    pub fn notifications_unsettled(&self) -> usize {
+        let s = self.shared.lock();
+        s.notify.pending.len() + s.notify.in_flight
     }
 
     /// Replaces the delivery fault configuration and re-seeds its RNG from `f.seed`.
