@@ -19,7 +19,7 @@ use url::Url;
 
 use super::queue::{DeadPage, ReplayDoc, ReplayRequest, StatsDoc};
 use super::subscriptions::{DeleteDoc, ListDoc, RenewDoc};
-use super::{paths, ApiError, ErrorCode, SyncUserRequest};
+use super::{error_chain as chain, paths, ApiError, ErrorCode, SyncUserRequest};
 use crate::config::ServerConfig;
 use crate::sync::trace::{Explanation, Trace};
 
@@ -178,7 +178,8 @@ impl AdminClient {
                 .await
                 .map_err(|e| ClientError::Decode(chain(&e.without_url())))?;
             if status.is_success() {
-                return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()));
+                return serde_json::from_slice(&bytes)
+                    .map_err(|e| ClientError::Decode(e.to_string()));
             }
             return Err(match serde_json::from_slice::<ApiError>(&bytes) {
                 Ok(e) => ClientError::Api(e),
@@ -230,8 +231,14 @@ impl AdminClient {
     }
 
     pub async fn subscriptions(&self, integration: &str) -> Result<ListDoc, ClientError> {
-        self.call(Method::GET, &paths::subscriptions(integration), &[], None, SLOW)
-            .await
+        self.call(
+            Method::GET,
+            &paths::subscriptions(integration),
+            &[],
+            None,
+            SLOW,
+        )
+        .await
     }
 
     pub async fn renew(&self, integration: &str) -> Result<RenewDoc, ClientError> {
@@ -256,8 +263,14 @@ impl AdminClient {
         req: &SyncUserRequest,
     ) -> Result<Trace, ClientError> {
         let body = json(req)?;
-        self.call(Method::POST, &paths::sync_user(integration), &[], body, SLOW)
-            .await
+        self.call(
+            Method::POST,
+            &paths::sync_user(integration),
+            &[],
+            body,
+            SLOW,
+        )
+        .await
     }
 }
 
@@ -265,21 +278,6 @@ fn json<T: Serialize>(body: &T) -> Result<Option<Vec<u8>>, ClientError> {
     serde_json::to_vec(body)
         .map(Some)
         .map_err(|e| ClientError::Build(e.to_string()))
-}
-
-/// An error with its sources, as one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
 }
 
 /// `server.listen` as a base URL: an unspecified address is asked on loopback; with built-in
@@ -297,32 +295,28 @@ fn listen_route(server: &ServerConfig) -> Option<(Url, Option<(String, SocketAdd
     };
     let addr = SocketAddr::new(ip, listen.port());
     if server.tls.is_none() {
-        return Url::parse(&format!("http://{addr}/")).ok().map(|u| (u, None));
+        return Url::parse(&format!("http://{addr}/"))
+            .ok()
+            .map(|u| (u, None));
     }
-    let name = server
-        .public_url
-        .as_ref()
-        .and_then(|u| match u.host() {
-            Some(url::Host::Domain(d)) => Some(d.to_string()),
-            _ => None,
-        });
+    let name = server.public_url.as_ref().and_then(|u| match u.host() {
+        Some(url::Host::Domain(d)) => Some(d.to_string()),
+        _ => None,
+    });
     match name {
         Some(host) => Url::parse(&format!("https://{host}:{}/", listen.port()))
             .ok()
             .map(|u| (u, Some((host, addr)))),
-        None => Url::parse(&format!("https://{addr}/")).ok().map(|u| (u, None)),
+        None => Url::parse(&format!("https://{addr}/"))
+            .ok()
+            .map(|u| (u, None)),
     }
 }
 
 /// `public_url`, where the token may go: https, or http to a loopback address.
 fn public_route(server: &ServerConfig) -> Option<Url> {
     let u = server.public_url.as_ref()?;
-    let loopback = match u.host() {
-        Some(url::Host::Ipv4(a)) => a.is_loopback(),
-        Some(url::Host::Ipv6(a)) => a.is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
-    };
+    let loopback = u.host_str().is_some_and(crate::text::is_loopback_host);
     (u.scheme() == "https" || loopback).then(|| u.clone())
 }
 
@@ -358,8 +352,9 @@ mod tests {
         );
         let s = server("listen = \"[::]:9000\"\nadmin_token = { value = \"admin-token-1234\" }\nallow_cleartext_admin = true");
         assert_eq!(bases(&s), ["http://[::1]:9000/"]);
-        // The token never goes to a plain-http public_url that is not loopback.
-        let s = server("listen = \"127.0.0.1:0\"\nadmin_token = { value = \"admin-token-1234\" }\npublic_url = \"http://sync.example.com\"");
+        // Port 0 and no public_url: nowhere to ask (config refuses a plain-http public_url
+        // that is not loopback, and `public_route` would not send the token there either).
+        let s = server("listen = \"127.0.0.1:0\"\nadmin_token = { value = \"admin-token-1234\" }");
         assert!(matches!(AdminClient::new(&s), Err(ClientError::NoAddress)));
         let s = server("listen = \"127.0.0.1:8080\"");
         assert!(matches!(AdminClient::new(&s), Err(ClientError::NoToken)));
@@ -368,7 +363,9 @@ mod tests {
     #[test]
     fn with_built_in_tls_the_certificate_is_checked_for_the_public_name() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
-        let tls = format!("tls_cert = \"{dir}/rsa-fullchain.pem\"\ntls_key = \"{dir}/rsa-key-pkcs8.pem\"");
+        let tls = format!(
+            "tls_cert = \"{dir}/rsa-fullchain.pem\"\ntls_key = \"{dir}/rsa-key-pkcs8.pem\""
+        );
         let s = server(&format!("listen = \"0.0.0.0:8443\"\nadmin_token = {{ value = \"admin-token-1234\" }}\npublic_url = \"https://sync.example.com\"\n{tls}"));
         let (base, resolve) = listen_route(&s).unwrap();
         assert_eq!(base.as_str(), "https://sync.example.com:8443/");
@@ -376,7 +373,9 @@ mod tests {
             resolve,
             Some(("sync.example.com".into(), "127.0.0.1:8443".parse().unwrap()))
         );
-        let s = server(&format!("listen = \"127.0.0.1:8443\"\nadmin_token = {{ value = \"admin-token-1234\" }}\n{tls}"));
+        let s = server(&format!(
+            "listen = \"127.0.0.1:8443\"\nadmin_token = {{ value = \"admin-token-1234\" }}\n{tls}"
+        ));
         assert_eq!(bases(&s), ["https://127.0.0.1:8443/"]);
     }
 }

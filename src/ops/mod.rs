@@ -12,7 +12,10 @@ pub mod client;
 pub mod queue;
 pub mod subscriptions;
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+
+use crate::sync::trace::Trace;
 
 /// Longest user key (object id, UPN or userName) an admin request may carry.
 pub const MAX_USER_KEY: usize = 256;
@@ -86,14 +89,52 @@ pub mod paths {
     }
 }
 
-/// `text` with every one of `secrets` (6 characters or longer) replaced: errors that leave
-/// through the admin API carry no configured secret even if a peer echoed one.
-pub fn redact(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_string();
-    for s in secrets {
-        if s.len() >= 6 && out.contains(s.as_str()) {
-            out = out.replace(s.as_str(), "[redacted]");
+/// The operations that need `serve`'s live state: its Graph and LMS clients, its worker's
+/// run lock, its subscription lock, the wake-up of its worker. `serve` implements this; the
+/// admin API (`http::admin`) calls it after checking the token. Errors are [`ApiError`]s
+/// whose text carries no secret.
+pub trait Serving: Send + Sync {
+    /// `queue replay`, then wakes the worker.
+    fn replay<'a>(
+        &'a self,
+        integration: &'a str,
+        req: queue::ReplayRequest,
+    ) -> BoxFuture<'a, Result<queue::ReplayDoc, ApiError>>;
+    /// `subscriptions list|renew|delete`, one at a time with serve's own renewals.
+    fn subscriptions<'a>(
+        &'a self,
+        integration: &'a str,
+        cmd: subscriptions::SubsCommand,
+    ) -> BoxFuture<'a, Result<subscriptions::SubsAnswer, ApiError>>;
+    /// `sync-user`, under the integration's run lock (never beside a batch or a reconcile).
+    fn sync_user<'a>(
+        &'a self,
+        integration: &'a str,
+        req: SyncUserRequest,
+    ) -> BoxFuture<'a, Result<Trace, ApiError>>;
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, error: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            error: error.into(),
         }
     }
-    out
+}
+
+/// An error with its sources, as one line (`outer: inner: …`, a source its parent already
+/// quotes left out).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
 }

@@ -39,7 +39,7 @@ pub fn stats(store: &IntegrationStore, now: DateTime<Utc>) -> Result<StatsDoc, S
     })
 }
 
-/// A queued or dead item as an operator sees it (`queue dead`, `/status`).
+/// A dead letter as an operator sees it (`queue dead`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ItemView {
     pub id: u64,
@@ -101,7 +101,7 @@ pub fn dead_page(
 ) -> Result<DeadPage, StoreError> {
     let limit = limit.max(1);
     let mut items: Vec<ItemView> = store
-        .dead_letters_after(after, limit + 1)?
+        .dead_letters_after(after, limit.saturating_add(1))?
         .into_iter()
         .map(ItemView::from)
         .collect();

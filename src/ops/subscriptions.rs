@@ -1,10 +1,9 @@
 //! `subscriptions list|renew|delete`: the documents and their text. The operations need the
 //! Graph client and run where the integration lives (`serve::subs`): in the CLI, or in the
-//! `serve` that holds the store, asked through [`SubsCall`].
+//! `serve` that holds the store, asked through its admin API.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 /// What Graph says of a subscription the store records, or one Graph holds at our address
 /// that the store does not know.
@@ -131,7 +130,7 @@ impl DeleteDoc {
     }
 }
 
-/// A subscription command for the task of `serve` that owns an integration's subscriptions.
+/// A subscription command, as `serve` is asked to run it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubsCommand {
     List,
@@ -145,6 +144,3 @@ pub enum SubsAnswer {
     Renew(RenewDoc),
     Delete(DeleteDoc),
 }
-
-/// A command and where its answer (or the error, secrets removed) goes.
-pub type SubsCall = (SubsCommand, oneshot::Sender<Result<SubsAnswer, String>>);

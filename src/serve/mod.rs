@@ -3,6 +3,7 @@
 //! incremental worker, renews subscriptions and runs the scheduled full reconcile. Stops
 //! gracefully: no new requests, in-flight requests and the current batch finish, store flushed.
 
+mod ops;
 pub mod subs;
 
 use std::collections::HashMap;
@@ -86,8 +87,19 @@ struct Live {
     integ: Integration,
     client_state: String,
     wake: Arc<Notify>,
-    /// Held by a full reconcile and by each incremental batch: never both at once.
+    /// Held by a full reconcile, by each incremental batch and by an operator's `sync-user`:
+    /// never two at once.
     run_lock: Mutex<()>,
+    /// Held by whatever creates, renews or deletes subscriptions (start-up, renewals, a
+    /// changed group tree, lifecycle events, an operator's `subscriptions renew|delete`), so
+    /// two never race on the same records. Taken after `run_lock`, never before it.
+    subs_lock: Mutex<()>,
+    /// One `queue replay` at a time: two would queue the same dead letters twice.
+    replay_lock: Mutex<()>,
+    /// Start-up (intents settled, group tree, subscriptions) is done.
+    started: std::sync::atomic::AtomicBool,
+    /// Every secret of this integration, for errors that leave through the admin API.
+    redactor: crate::redact::Redactor,
     health: Arc<IntegrationHealth>,
     /// The tenant GUID the webhook checks (resolved at start-up when `tenant_id` is a domain).
     tenant: TenantGuid,
@@ -170,12 +182,17 @@ pub async fn serve(
         hook.handshake.open_for(opts.handshake_startup_window);
         let tenant = hook.tenant.clone();
         hooks.insert(cfg.name.to_string(), hook);
+        let redactor = crate::redact::Redactor::of(cfg, Some(&integ.store));
         lives.push(Arc::new(Live {
             health: Arc::new(IntegrationHealth::new(cfg.name.as_str())),
             integ,
             client_state,
             wake,
             run_lock: Mutex::new(()),
+            subs_lock: Mutex::new(()),
+            replay_lock: Mutex::new(()),
+            started: std::sync::atomic::AtomicBool::new(false),
+            redactor,
             tenant,
             reconciles: Arc::clone(&reconciles),
         }));
@@ -194,6 +211,7 @@ pub async fn serve(
             crate::metrics::last_success_at(l.integ.cfg.name.as_str(), r.finished_at.timestamp());
         }
     }
+    let serving = Arc::new(ops::ServeOps::new(lives.clone()));
     let admin = web::Data::new(Admin {
         store: store.clone(),
         integrations: lives
@@ -209,6 +227,7 @@ pub async fn serve(
             .collect(),
         token: config.server.admin_token.clone(),
         metrics_require_token: config.server.metrics_require_token,
+        serving: Some(serving.clone() as Arc<dyn crate::ops::Serving>),
     });
     let health = web::Data::new(Health {
         store: store.clone(),
@@ -232,6 +251,7 @@ pub async fn serve(
         .server
         .public_url_for(bound)
         .ok_or(ServeError::NoPublicUrl(bound))?;
+    serving.set_public(public.clone());
     let handle = server.handle();
     let server_task = tokio::spawn(server);
     tracing::info!(%bound, public_url = %public, "listening");
@@ -354,6 +374,8 @@ async fn integration_main(
         }
     };
     live.health.set_problem("startup", None);
+    live.started
+        .store(true, std::sync::atomic::Ordering::Release);
     // Start-up just got a token, reached the LMS and made the subscriptions.
     live.health.set_problem("graph token", None);
     live.health.set_problem("lms", None);
@@ -409,12 +431,14 @@ async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
         integ.store.enqueue(&hints).map_err(|e| e.to_string())?;
     }
     worker::init_tree(&ctx).await.map_err(|e| e.to_string())?;
+    let subs_guard = live.subs_lock.lock().await;
     let gone = subs::reconcile_with_graph(integ, public)
         .await
         .map_err(|e| e.to_string())?;
     let recreated = subs::ensure(integ, public, &live.client_state)
         .await
         .map_err(|e| e.to_string())?;
+    drop(subs_guard);
     let ever_reconciled = integ
         .store
         .runs::<crate::sync::reconcile::RunReport>(1)
@@ -453,7 +477,7 @@ async fn full_reconcile(live: &Live, public: &Url, reason: &str) {
     );
     if report.tree_changed {
         // Nested groups joined or left: their subscriptions follow.
-        if let Err(e) = subs::ensure(&live.integ, public, &live.client_state).await {
+        if let Err(e) = ensure_subscriptions(live, public).await {
             tracing::error!(error = %e, "subscriptions for a changed group tree failed");
         }
         subscriptions_checked(live);
@@ -505,15 +529,17 @@ async fn worker_loop(
                         event,
                         subscription_id,
                     } => {
-                        match subs::lifecycle(
+                        let subs_guard = live.subs_lock.lock().await;
+                        let handled = subs::lifecycle(
                             &live.integ,
                             &public,
                             &live.client_state,
                             event,
                             subscription_id,
                         )
-                        .await
-                        {
+                        .await;
+                        drop(subs_guard);
+                        match handled {
                             Ok(true) => reconcile_reason = Some(format!("lifecycle event {event}")),
                             Ok(false) => {}
                             Err(e) => {
@@ -538,9 +564,7 @@ async fn worker_loop(
                             reconcile_reason = Some(r);
                         }
                         if out.tree_changed {
-                            if let Err(e) =
-                                subs::ensure(&live.integ, &public, &live.client_state).await
-                            {
+                            if let Err(e) = ensure_subscriptions(&live, &public).await {
                                 tracing::error!(error = %e, "subscriptions for a changed group tree failed");
                             }
                             subscriptions_checked(&live);
@@ -617,7 +641,7 @@ async fn renew_loop(
         if sleep_or_stop(every, &mut stop).await {
             return;
         }
-        match subs::ensure(&live.integ, &public, &live.client_state).await {
+        match ensure_subscriptions(&live, &public).await {
             Ok(recreated) => {
                 live.health.set_problem("subscriptions", None);
                 subscriptions_checked(&live);
@@ -650,6 +674,12 @@ async fn health_loop(live: Arc<Live>, opts: ServeOptions, mut stop: watch::Recei
             return;
         }
     }
+}
+
+/// `subs::ensure` under the integration's subscription lock.
+async fn ensure_subscriptions(live: &Live, public: &Url) -> Result<bool, subs::SubsError> {
+    let _guard = live.subs_lock.lock().await;
+    subs::ensure(&live.integ, public, &live.client_state).await
 }
 
 /// The "subscriptions live" check, from the store now: called whenever subscriptions were made

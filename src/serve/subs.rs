@@ -473,7 +473,11 @@ pub async fn list(integ: &Integration) -> Result<ListDoc, SubsError> {
             id: r.id,
             resource: r.resource,
             expires_at: Some(r.expires_at),
-            at_graph: if live { AtGraph::Live } else { AtGraph::NotFound },
+            at_graph: if live {
+                AtGraph::Live
+            } else {
+                AtGraph::NotFound
+            },
         });
     }
     let ours = format!("/webhooks/graph/{name}");
@@ -500,12 +504,18 @@ pub async fn renew_now(
     public: &Url,
     client_state: &str,
 ) -> Result<(RenewDoc, bool), SubsError> {
+    // Each one asked of Graph now (`ensure` alone renews only those close to their expiry,
+    // judged by the lifetime last granted).
+    let mut recreated = false;
     for mut r in integ.store.subscriptions()? {
-        // Due now: `ensure` renews it.
-        r.expires_at = Utc::now() + Duration::seconds(1);
-        integ.store.put_subscription(&r)?;
+        if !renew_record(integ, &mut r).await? {
+            tracing::warn!(subscription = %r.id, "subscription is gone (404); creating it again");
+            integ.store.remove_subscription(&r.id)?;
+            recreated = true;
+        }
     }
-    let recreated = ensure(integ, public, client_state).await?;
+    // Then whatever is missing or no longer wanted, as every renewal check does.
+    recreated |= ensure(integ, public, client_state).await?;
     let subscriptions = integ
         .store
         .subscriptions()?
