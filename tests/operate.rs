@@ -271,6 +271,67 @@ async fn operator_commands_reach_the_running_serve_and_print_what_they_print_on_
         "{}",
         text(&o)
     );
+    // The API itself: JSON errors with a stable code, the token checked before anything else.
+    let http = reqwest::Client::new();
+    let api = |path: &str| format!("http://{}/admin/{path}", child.addr);
+    let r = http.get(api("test/queue")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["code"], "unauthorized");
+    let r = http
+        .get(api("nope/queue"))
+        .bearer_auth(WRONG_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "no integration is named to a stranger"
+    );
+    let r = http
+        .get(api("nope/queue"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["code"],
+        "unknown_integration"
+    );
+    for (body, what) in [
+        ("{\"user\": ", "truncated JSON"),
+        ("{\"user\": \"x\", \"force\": true}", "an unknown field"),
+        (
+            &*format!("{{\"user\": \"{}\"}}", "x".repeat(300)),
+            "a 300-byte user",
+        ),
+    ] {
+        let r = http
+            .post(api("test/sync-user"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{what}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["code"],
+            "bad_request",
+            "{what}"
+        );
+    }
+    let r = http
+        .post(api("test/queue/replay"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400, "neither an id nor all");
+
     let log_text = std::fs::read_to_string(&log).unwrap();
     no_secret(&log_text);
 

@@ -3,7 +3,8 @@
 //! token, or as the password of HTTP Basic so a browser can prompt for it) and is disabled
 //! without one; `/metrics` needs it only with `metrics_require_token`. Nothing here shows a
 //! secret: the documents are built from run reports, queue items, subscription records and
-//! health problems, none of which hold one.
+//! health problems, none of which hold one. The operator commands' API (`/admin/…`) is in
+//! `http::ops`, behind the same token.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
