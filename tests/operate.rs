@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::serve::*;
 use common::{rostersync, spawn, text, EnvOptions, SCIM_TOKEN};
 use rostersync::sim::graph::FIXTURE_CLIENT_SECRET;
+use rostersync::sim::scim::{ScimFaults, UserFault, UserFaultKind};
 use rostersync::store::queue::{Hint, QueueItem};
 use rostersync::store::Store;
 use serde_json::Value;
@@ -208,6 +209,46 @@ async fn operator_commands_reach_the_running_serve_and_print_what_they_print_on_
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("test: no user"), "{}", text(&o));
 
+    // sync-user never runs beside a batch of serve's worker: a batch whose LMS write takes 4 s
+    // holds the run lock, and the sync-user asked during it writes after it.
+    let slow = members[7].clone();
+    env.graph
+        .update_user(&slow, |u| u.job_title = Some("Slow write".into()));
+    env.graph
+        .update_user(&synced, |u| u.job_title = Some("After the batch".into()));
+    env.scim.set_faults(ScimFaults {
+        users: vec![UserFault {
+            external_id: slow.clone(),
+            kind: UserFaultKind::Delay(Duration::from_secs(4)),
+        }],
+        ..Default::default()
+    });
+    env.scim.record_writes(true);
+    let hook = reqwest::Client::new()
+        .post(format!("http://{}/webhooks/graph/test", child.addr))
+        .json(&user_notification(&env, &users_subscription(&env), &slow))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hook.status().as_u16(), 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let o = run(&["sync-user", &synced], &config).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let writes = env.scim.writes();
+    let at = |id: &str| {
+        writes
+            .iter()
+            .find(|w| w.external_id.as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("no LMS write for {id}: {writes:?}"))
+            .at
+    };
+    assert!(
+        at(&synced) > at(&slow),
+        "sync-user wrote while the worker's batch was in flight"
+    );
+    env.scim.set_faults(ScimFaults::default());
+    assert_eq!(title(&env, &slow).as_deref(), Some("Slow write"));
+
     // explain, known and unknown.
     let served_explain = run(&["explain", &synced], &config).await;
     assert_eq!(
@@ -335,14 +376,19 @@ async fn operator_commands_reach_the_running_serve_and_print_what_they_print_on_
     let log_text = std::fs::read_to_string(&log).unwrap();
     no_secret(&log_text);
 
-    // Without serve, the same commands on the store print the same.
-    child.proc.start_kill().unwrap();
-    let _ = child.proc.wait().await;
-    let mut tries = 0;
-    while Store::open(&dir.join("data")).is_err() && tries < 100 {
-        tries += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Without serve (stopped as a service manager stops it: SIGTERM drains and flushes), the
+    // same commands on the store print the same.
+    if let Some(pid) = child.proc.id() {
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
     }
+    let stopped = tokio::time::timeout(Duration::from_secs(60), child.proc.wait()).await;
+    assert!(
+        stopped.is_ok_and(|s| s.is_ok_and(|s| s.success())),
+        "serve stops on SIGTERM"
+    );
     let o = run(&["explain", &synced], &config).await;
     assert_eq!(stdout(&o), stdout(&served_explain));
     let o = run(&["subscriptions", "list"], &config).await;
