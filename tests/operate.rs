@@ -395,4 +395,20 @@ async fn operator_commands_reach_the_running_serve_and_print_what_they_print_on_
     assert_eq!(stdout(&o), stdout(&served_list));
     let o = run(&["queue", "stats", "--json"], &config).await;
     assert_eq!(stdout(&o), stdout(&served_stats));
+
+    // subscriptions delete (on the store now): each deleted at Graph and forgotten.
+    let before = env.graph.subscriptions();
+    let o = run(&["subscriptions", "delete"], &config).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for s in &before {
+        assert!(
+            stdout(&o).contains(&format!("test  {}  {}  deleted\n", s.id, s.resource)),
+            "{}",
+            text(&o)
+        );
+    }
+    assert!(env.graph.subscriptions().is_empty());
+    let o = run(&["subscriptions", "list", "--json"], &config).await;
+    let listed: Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(listed[0]["subscriptions"], serde_json::json!([]));
 }

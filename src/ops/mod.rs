@@ -1,12 +1,13 @@
 //! Operator commands on one integration — its notification queue, its Graph subscriptions, one
 //! user — as documents: what the command found or did, serializable both ways and rendered by
 //! one function each. The CLI runs a command on the store itself when it can open it, and asks
-//! the running `serve` through its admin API (`http::admin`, [`client`]) when `serve` holds it;
+//! the running `serve` through its admin API (`http::ops`, [`client`]) when `serve` holds it;
 //! either way it prints the same document the same way.
 //!
 //! Owns the documents, their text, the store-level operations, the admin API's paths, request
-//! and error bodies, and its client. It knows no HTTP server and nothing of `serve`'s tasks;
-//! the operations that need live clients (subscriptions, `sync-user`) run where those are.
+//! and error bodies, and its client. It knows no HTTP server and nothing of `serve`'s tasks:
+//! the operations that need live clients and locks (subscriptions, `sync-user`, a replay's
+//! wake-up) are behind [`Serving`], which `serve` implements.
 
 pub mod client;
 pub mod queue;

@@ -544,7 +544,7 @@ pub async fn delete_all(integ: &Integration) -> DeleteDoc {
     let recs = match integ.store.subscriptions() {
         Ok(r) => r,
         Err(e) => {
-            doc.error = Some(e.to_string());
+            doc.error = Some(crate::ops::error_chain(&e));
             return doc;
         }
     };
@@ -561,7 +561,7 @@ pub async fn delete_all(integ: &Integration) -> DeleteDoc {
                 deleted,
             }),
             Err(e) => {
-                doc.error = Some(e.to_string());
+                doc.error = Some(crate::ops::error_chain(&e));
                 break;
             }
         }
