@@ -8,7 +8,7 @@ use url::Url;
 
 use crate::app::Integration;
 use crate::config::MAX_SUBSCRIPTION_MINUTES;
-use crate::graph::subscriptions::{Created, NewSubscription};
+use crate::graph::subscriptions::{self, Created, NewSubscription};
 use crate::graph::GraphError;
 use crate::store::state::{client_state_fingerprint, SubscriptionRecord, Watch};
 use crate::store::StoreError;
@@ -27,8 +27,8 @@ pub enum SubsError {
 
 pub fn resource(w: &Watch) -> String {
     match w {
-        Watch::Users => "/users".into(),
-        Watch::Members { group_id } => format!("/groups/{group_id}/members"),
+        Watch::Users => subscriptions::USERS_RESOURCE.into(),
+        Watch::Members { group_id } => subscriptions::group_members_resource(group_id),
     }
 }
 
