@@ -323,6 +323,25 @@ impl Integration {
     }
 }
 
+/// Full reconciles of several integrations side by side, at most `limit` at once (each is
+/// paced by its own tenant's Graph bucket and its own LMS, so they do not slow each other
+/// down); the reports come back in the order of `runs`. `progress` goes to every run.
+pub async fn reconcile_side_by_side(
+    runs: &[std::sync::Arc<Integration>],
+    opts: RunOptions,
+    limit: usize,
+    progress: Option<ProgressFn>,
+) -> Vec<Result<RunReport, tokio::task::JoinError>> {
+    use futures::StreamExt;
+    futures::stream::iter(runs.iter().map(|i| {
+        let progress = progress.clone();
+        async move { i.reconcile_task(opts, progress).await }
+    }))
+    .buffered(limit.max(1))
+    .collect()
+    .await
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckStatus {

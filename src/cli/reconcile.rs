@@ -4,7 +4,6 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use futures::StreamExt;
 use rostersync::alert::Alerter;
 use rostersync::app::Integration;
 use rostersync::output::{exit_code, render_report};
@@ -42,13 +41,12 @@ pub async fn run(
     } else {
         (None, None)
     };
-    let limit = config.server.reconcile_concurrency.max(1);
-    let results: Vec<_> = futures::stream::iter(runs.iter().map(|i| {
-        let progress = progress.clone();
-        async move { i.reconcile_task(opts, progress).await }
-    }))
-    .buffered(limit)
-    .collect()
+    let results = rostersync::app::reconcile_side_by_side(
+        &runs,
+        opts,
+        config.server.reconcile_concurrency,
+        progress,
+    )
     .await;
     if let Some(b) = bar {
         b.finish_and_clear();

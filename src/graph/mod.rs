@@ -1,7 +1,7 @@
 //! Microsoft Graph client: app-only token, one retrying HTTP core, paging, and the reads the
 //! sync needs (groups, transitive user members, users, managers via `$batch`).
 //!
-//! Owns every Graph URL and wire detail (see README "Graph"). It must not know SCIM, sled or
+//! Owns every Graph URL and wire detail (docs/graph.md). It must not know SCIM, sled or
 //! the mapping; callers pass the `$select` lists.
 
 pub mod credential;
@@ -64,9 +64,9 @@ impl GraphError {
     }
 }
 
-/// Plain advice for the token endpoint's AADSTS codes. Codes other than 7000215, 7000222,
-/// 700016, 7000218, 70011, 700027 and 90002 are not in Microsoft's published table (graph.md
-/// §12): their advice follows what Entra is widely reported to send.
+/// Plain advice for the token endpoint's AADSTS codes. 7000215, 7000222, 700016 and 7000218
+/// are in Microsoft's published table; the advice for the others follows Microsoft's error
+/// lookup and SDK troubleshooting pages (docs/graph.md, Tokens).
 pub fn aadsts_advice(code: Option<u64>, description: &str) -> String {
     let first_line = description.lines().next().unwrap_or("").trim();
     match code {

@@ -8,7 +8,7 @@ use url::Url;
 
 use crate::app::Integration;
 use crate::config::MAX_SUBSCRIPTION_MINUTES;
-use crate::graph::subscriptions::{Created, NewSubscription};
+use crate::graph::subscriptions::{self, Created, NewSubscription};
 use crate::graph::GraphError;
 use crate::ops::subscriptions::{AtGraph, DeleteDoc, Deleted, ListDoc, Listed, RenewDoc, Renewed};
 use crate::store::state::{client_state_fingerprint, SubscriptionRecord, Watch};
@@ -28,16 +28,22 @@ pub enum SubsError {
 
 pub fn resource(w: &Watch) -> String {
     match w {
-        Watch::Users => "/users".into(),
-        Watch::Members { group_id } => format!("/groups/{group_id}/members"),
+        Watch::Users => subscriptions::USERS_RESOURCE.into(),
+        Watch::Members { group_id } => subscriptions::group_members_resource(group_id),
     }
 }
 
 pub fn notification_url(public: &Url, name: &str) -> String {
     format!(
-        "{}/webhooks/graph/{name}",
-        public.as_str().trim_end_matches('/')
+        "{}{}",
+        public.as_str().trim_end_matches('/'),
+        notification_path(name)
     )
+}
+
+/// The path every notification URL of this integration ends with, whatever `public_url` was.
+fn notification_path(name: &str) -> String {
+    format!("/webhooks/graph/{name}")
 }
 
 pub fn lifecycle_url(public: &Url, name: &str) -> String {
@@ -480,7 +486,7 @@ pub async fn list(integ: &Integration) -> Result<ListDoc, SubsError> {
             },
         });
     }
-    let ours = format!("/webhooks/graph/{name}");
+    let ours = notification_path(name);
     for s in remote {
         if s.notification_url.ends_with(&ours) && integ.store.subscription(&s.id)?.is_none() {
             out.push(Listed {

@@ -531,7 +531,7 @@ impl<T: Target> Run<'_, '_, T> {
             if users.is_empty() {
                 break;
             }
-            // Advance by what came back, not by `total`: servers misreport it (scim.md §9.7).
+            // Advance by what came back, not by `total`: servers misreport it (docs/scim.md).
             let _ = total;
             start += users.len();
             for u in users {
