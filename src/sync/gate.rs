@@ -80,7 +80,8 @@ impl UserGate {
         let mut ids: Vec<String> = ids.into_iter().collect();
         ids.sort();
         ids.dedup();
-        let mut waiting = false;
+        // Counted while this claim waits (also if it is given up meanwhile).
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
@@ -91,14 +92,14 @@ impl UserGate {
                     for id in &ids {
                         *s.worker.entry(id.clone()).or_insert(0) += 1;
                     }
-                    if waiting {
-                        s.waiting = s.waiting.saturating_sub(1);
+                    if let Some(w) = waiting.take() {
+                        w.done(&mut s);
                     }
                     return Claim { gate: self, ids };
                 }
-                if !waiting {
-                    waiting = true;
+                if waiting.is_none() {
                     s.waiting += 1;
+                    waiting = Some(Waiting { gate: self });
                 }
             }
             released.await;
@@ -194,6 +195,25 @@ impl Drop for RunTicket<'_> {
     }
 }
 
+/// A claim waiting for a reconcile write (see [`UserGate::worker_waiting`]).
+struct Waiting<'g> {
+    gate: &'g UserGate,
+}
+
+impl Waiting<'_> {
+    fn done(self, s: &mut GateState) {
+        s.waiting = s.waiting.saturating_sub(1);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut s = self.gate.lock();
+        s.waiting = s.waiting.saturating_sub(1);
+    }
+}
+
 /// Users the worker holds; released (and marked written) when dropped.
 pub struct Claim<'g> {
     gate: &'g UserGate,
@@ -275,6 +295,13 @@ mod tests {
             .await
             .expect("released")
             .unwrap();
+        assert!(!gate.worker_waiting());
+        // A claim given up while it waits is not counted as waiting any more.
+        assert!(gate.try_write("c", run.epoch()));
+        let given_up =
+            tokio::time::timeout(Duration::from_millis(50), gate.claim(["c".to_string()])).await;
+        assert!(given_up.is_err());
+        assert!(!gate.worker_waiting());
         drop(run);
     }
 
