@@ -43,7 +43,13 @@ impl DialectMemory for StoreMemory {
 /// One integration's live parts.
 pub struct Integration {
     pub cfg: IntegrationConfig,
+    /// The worker's, `sync-user`'s and the subscriptions' Graph client (normal priority).
     pub graph: std::sync::Arc<GraphClient>,
+    /// The full reconcile's: the same tenant, token and Graph budget, but low priority and
+    /// paced (`graph::pacer`).
+    pub background: std::sync::Arc<GraphClient>,
+    /// Keeps the worker's and a reconcile's writes of one user apart (`sync::gate`).
+    pub gate: std::sync::Arc<crate::sync::gate::UserGate>,
     pub target: ScimTarget,
     pub store: IntegrationStore,
     /// Open while a subscription call of ours may make Graph validate our endpoints
@@ -87,9 +93,12 @@ impl Integration {
         .with_label(cfg.name.as_str())
         .with_dialect(cfg.target.dialect.clone())
         .with_memory(Box::new(StoreMemory(istore.clone())));
+        let background = std::sync::Arc::new(graph.background());
         Ok(Self {
             cfg: cfg.clone(),
             graph,
+            background,
+            gate: Default::default(),
             target,
             store: istore,
             handshake: Default::default(),
@@ -102,12 +111,22 @@ impl Integration {
             graph: &self.graph,
             target: &self.target,
             store: &self.store,
+            gate: &self.gate,
+        }
+    }
+
+    /// The context of a full reconcile: as [`Integration::context`], with the background
+    /// Graph client (low priority, paced).
+    pub fn background_context(&self) -> Context<'_, ScimTarget> {
+        Context {
+            graph: &self.background,
+            ..self.context()
         }
     }
 
     pub async fn reconcile(&self, opts: RunOptions, progress: Option<ProgressFn>) -> RunReport {
         let dry_run = opts.dry_run;
-        let report = reconcile::reconcile(&self.context(), opts, progress).await;
+        let report = reconcile::reconcile(&self.background_context(), opts, progress).await;
         if !dry_run {
             let seconds = (report.finished_at - report.started_at)
                 .to_std()

@@ -210,7 +210,7 @@ async fn operator_commands_reach_the_running_serve_and_print_what_they_print_on_
     assert!(text(&o).contains("test: no user"), "{}", text(&o));
 
     // sync-user never runs beside a batch of serve's worker: a batch whose LMS write takes 4 s
-    // holds the run lock, and the sync-user asked during it writes after it.
+    // holds the gate's exclusive lock, and the sync-user asked during it writes after it.
     let slow = members[7].clone();
     env.graph
         .update_user(&slow, |u| u.job_title = Some("Slow write".into()));

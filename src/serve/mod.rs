@@ -87,12 +87,9 @@ struct Live {
     integ: Integration,
     client_state: String,
     wake: Arc<Notify>,
-    /// Held by a full reconcile, by each incremental batch and by an operator's `sync-user`:
-    /// never two at once.
-    run_lock: Mutex<()>,
     /// Held by whatever creates, renews or deletes subscriptions (start-up, renewals, a
     /// changed group tree, lifecycle events, an operator's `subscriptions renew|delete`), so
-    /// two never race on the same records. Taken after `run_lock`, never before it.
+    /// two never race on the same records. Taken after the gate's exclusive lock, never before it.
     subs_lock: Mutex<()>,
     /// One `queue replay` at a time: two would queue the same dead letters twice.
     replay_lock: Mutex<()>,
@@ -100,12 +97,50 @@ struct Live {
     started: std::sync::atomic::AtomicBool,
     /// Every secret of this integration, for errors that leave through the admin API.
     redactor: crate::redact::Redactor,
+    /// A full reconcile is due (`reconcile_loop` runs it beside the incremental worker; the
+    /// two keep apart through the integration's `sync::gate`).
+    due: std::sync::Mutex<Due>,
+    reconcile_wake: Notify,
     health: Arc<IntegrationHealth>,
     /// The tenant GUID the webhook checks (resolved at start-up when `tenant_id` is a domain).
     tenant: TenantGuid,
     /// Shared by every integration: at most `server.reconcile_concurrency` full reconciles
     /// at once.
     reconciles: Arc<tokio::sync::Semaphore>,
+}
+
+/// A full reconcile asked for and not run yet.
+#[derive(Default)]
+struct Due {
+    /// Why (the latest reason); `None`: nothing is due.
+    reason: Option<String>,
+    /// Queue items (`Hint::Reconcile`, lifecycle events) that asked for it: they leave the
+    /// queue once the run is over, so a crash meanwhile runs it again at the next start.
+    items: Vec<u64>,
+    /// Items handed to a run not finished yet (the worker skips them in the queue).
+    handed: std::collections::BTreeSet<u64>,
+}
+
+impl Live {
+    /// Asks `reconcile_loop` for a full reconcile (several asks before it starts make one).
+    fn reconcile_soon(&self, reason: String, items: Vec<u64>) {
+        {
+            let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
+            d.reason = Some(reason);
+            d.handed.extend(items.iter().copied());
+            d.items.extend(items);
+        }
+        self.reconcile_wake.notify_one();
+    }
+
+    /// Queue items already handed to a reconcile.
+    fn handed(&self) -> std::collections::BTreeSet<u64> {
+        self.due
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handed
+            .clone()
+    }
 }
 
 /// Whether `serve` may start with this server config: an admin token must not be asked for
@@ -188,11 +223,12 @@ pub async fn serve(
             integ,
             client_state,
             wake,
-            run_lock: Mutex::new(()),
             subs_lock: Mutex::new(()),
             replay_lock: Mutex::new(()),
             started: std::sync::atomic::AtomicBool::new(false),
             redactor,
+            due: Default::default(),
+            reconcile_wake: Notify::new(),
             tenant,
             reconciles: Arc::clone(&reconciles),
         }));
@@ -388,7 +424,8 @@ async fn integration_main(
         opts.clone(),
         stop.clone(),
     ));
-    set.spawn(schedule_loop(
+    set.spawn(schedule_loop(Arc::clone(&live), stop.clone()));
+    set.spawn(reconcile_loop(
         Arc::clone(&live),
         public.clone(),
         stop.clone(),
@@ -503,10 +540,10 @@ async fn worker_loop(
         if *stop.borrow() {
             return;
         }
-        let _guard = live.run_lock.lock().await;
         let mut fatal = false;
         loop {
-            let items = match store.queue_ready(Utc::now(), 500) {
+            let handed = live.handed();
+            let items = match store.queue_ready(Utc::now(), 500 + handed.len()) {
                 Ok(i) => i,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the queue");
@@ -514,17 +551,30 @@ async fn worker_loop(
                     break;
                 }
             };
+            // Items that asked for a reconcile still running stay queued until it ends.
+            let items: Vec<_> = items
+                .into_iter()
+                .filter(|(id, _)| !handed.contains(id))
+                .collect();
             if items.is_empty() {
                 break;
             }
+            // Each batch is exclusive with a reconcile's whole-integration steps (reading
+            // back intents, rebuilding the membership mirror), not with the reconcile itself.
+            let _batch = live.integ.gate.exclusive().await;
             let (special, normal): (Vec<_>, Vec<_>) = items.into_iter().partition(|(_, it)| {
                 matches!(it.hint, Hint::Lifecycle { .. } | Hint::Reconcile { .. })
             });
             let mut reconcile_reason: Option<String> = None;
+            let mut asked: Vec<u64> = Vec::new();
             let mut done = Vec::new();
             for (id, it) in special {
                 match &it.hint {
-                    Hint::Reconcile { reason } => reconcile_reason = Some(reason.clone()),
+                    Hint::Reconcile { reason } => {
+                        reconcile_reason = Some(reason.clone());
+                        asked.push(id);
+                        continue;
+                    }
                     Hint::Lifecycle {
                         event,
                         subscription_id,
@@ -540,7 +590,11 @@ async fn worker_loop(
                         .await;
                         drop(subs_guard);
                         match handled {
-                            Ok(true) => reconcile_reason = Some(format!("lifecycle event {event}")),
+                            Ok(true) => {
+                                reconcile_reason = Some(format!("lifecycle event {event}"));
+                                asked.push(id);
+                                continue;
+                            }
                             Ok(false) => {}
                             Err(e) => {
                                 tracing::error!(%event, error = %e, "lifecycle event handling failed")
@@ -560,8 +614,16 @@ async fn worker_loop(
                             "groups",
                             (!out.stopped.is_empty()).then(|| out.stopped.join("; ")),
                         );
-                        if let Some(r) = out.reconcile {
-                            reconcile_reason = Some(r);
+                        if let Some(reason) = out.reconcile {
+                            // Queued, so that a stop or crash before the run is over runs it
+                            // again at the next start; handed to the reconcile loop from the
+                            // queue like any other.
+                            if let Err(e) = store.enqueue(&[QueueItem::new(Hint::Reconcile {
+                                reason: reason.clone(),
+                            })]) {
+                                tracing::error!(error = %e, "cannot queue the full reconcile; running it anyway");
+                                reconcile_reason = Some(reason);
+                            }
                         }
                         if out.tree_changed {
                             if let Err(e) = ensure_subscriptions(&live, &public).await {
@@ -577,17 +639,18 @@ async fn worker_loop(
                     }
                 }
             }
-            if let Some(reason) = reconcile_reason {
-                full_reconcile(&live, &public, &reason).await;
-            }
             if let Err(e) = store.dequeue(&done) {
                 tracing::error!(error = %e, "cannot remove handled items");
+            }
+            drop(_batch);
+            if let Some(reason) = reconcile_reason {
+                // Runs beside this loop: the next notifications do not wait for it.
+                live.reconcile_soon(reason, asked);
             }
             if fatal || *stop.borrow() {
                 break;
             }
         }
-        drop(_guard);
         if fatal {
             let wait = failures.retry(None).unwrap_or(retry.cap);
             if sleep_or_stop(wait, &mut stop).await {
@@ -604,7 +667,36 @@ async fn worker_loop(
     }
 }
 
-async fn schedule_loop(live: Arc<Live>, public: Url, mut stop: watch::Receiver<bool>) {
+/// Runs the full reconciles asked for (by the worker, a lifecycle event, the schedule), one
+/// at a time, beside the incremental worker.
+async fn reconcile_loop(live: Arc<Live>, public: Url, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (reason, items) = {
+            let mut d = live.due.lock().unwrap_or_else(|e| e.into_inner());
+            (d.reason.take(), std::mem::take(&mut d.items))
+        };
+        if let Some(reason) = reason {
+            full_reconcile(&live, &public, &reason).await;
+            if let Err(e) = live.integ.store.dequeue(&items) {
+                tracing::error!(error = %e, "cannot remove handled items");
+            }
+            let mut d = live.due.lock().unwrap_or_else(|e| e.into_inner());
+            for i in &items {
+                d.handed.remove(i);
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = live.reconcile_wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+async fn schedule_loop(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
     let cfg = &live.integ.cfg;
     let Ok(cron) = cfg.cron() else { return };
     loop {
@@ -623,9 +715,8 @@ async fn schedule_loop(live: Arc<Live>, public: Url, mut stop: watch::Receiver<b
         if sleep_or_stop(wait, &mut stop).await {
             return;
         }
-        // Incremental work waits while this runs (and this waits for a batch in flight).
-        let _guard = live.run_lock.lock().await;
-        full_reconcile(&live, &public, "schedule").await;
+        // Incremental work goes on while it runs.
+        live.reconcile_soon("schedule".into(), Vec::new());
     }
 }
 

@@ -1,6 +1,7 @@
 //! The operator commands `serve` runs for its admin API (`http::ops`), on its own open store
-//! and with its own locks: `sync-user` under the run lock (never beside a batch or a
-//! reconcile), subscription commands under the subscription lock (never beside a renewal or
+//! and with its own locks: `sync-user` one at a time with the worker's batches (the gate's
+//! exclusive lock) and, beside a reconcile, kept apart from its writes of the same user by the
+//! gate's claims (`sync::gate`); subscription commands under the subscription lock (never beside a renewal or
 //! start-up), replays into the queue the worker drains, then a wake-up for it.
 
 use std::sync::atomic::Ordering;
@@ -18,8 +19,8 @@ use crate::store::queue::{Hint, QueueItem};
 use crate::sync::sync_user::{sync_user, SyncUserError};
 use crate::sync::trace::Trace;
 
-/// How long `sync-user` waits for the run lock (a batch finishes in seconds; a full reconcile
-/// of a large tenant may hold it much longer): then the operator is told to try again.
+/// How long `sync-user` waits for the worker's batch (seconds, usually) or a reconcile's
+/// whole-integration step: then the operator is told to try again.
 const RUN_LOCK_WAIT: Duration = Duration::from_secs(120);
 
 pub(super) struct ServeOps {
@@ -149,13 +150,15 @@ impl Serving for ServeOps {
                     ),
                 ));
             }
-            let _run = tokio::time::timeout(RUN_LOCK_WAIT, live.run_lock.lock())
+            // With the worker's batches one at a time; a reconcile running beside it keeps apart
+            // from this user's writes through the gate's claims (`sync::gate`).
+            let _run = tokio::time::timeout(RUN_LOCK_WAIT, live.integ.gate.exclusive())
                 .await
                 .map_err(|_| {
                     ApiError::new(
                         ErrorCode::Busy,
                         format!(
-                            "integration {integration} stayed busy for {} s (a full reconcile is running); try again later",
+                            "integration {integration} stayed busy for {} s (the worker's batch or a reconcile's whole-integration step); try again later",
                             RUN_LOCK_WAIT.as_secs()
                         ),
                     )

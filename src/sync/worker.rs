@@ -9,7 +9,8 @@
 //! When a user's presence in the LMS changes (created, reactivated, deactivated, relinked),
 //! the users it manages are decided again in the same pass, so their manager links follow.
 //! Each batch handles a user at most once per round, and batches of one integration run one
-//! after another, so one user never has two changes in flight.
+//! after another, so one user never has two changes in flight. A full reconcile runs beside
+//! the batches; `sync::gate` keeps the two from writing one user at once or out of order.
 //!
 //! Durability: derived user hints are queued before a delta link is advanced, and an item
 //! leaves the queue only after its change was applied or it was moved to the dead letters.
@@ -658,6 +659,10 @@ async fn one_round<T: Target>(
     first: bool,
 ) -> Result<Vec<UserTask>, RunError> {
     let conc = opts.concurrency.max(1);
+    // 0. The round's users are the worker's until their writes are stored: a reconcile running
+    // beside it neither writes them meanwhile nor afterwards in this run (`sync::gate`); a
+    // reconcile write of one of them in flight is waited for, so Graph is read after it.
+    let _claim = ctx.gate.claim(tasks.iter().map(|t| t.id.clone())).await;
     // 1. Gather and decide, Graph reads concurrently.
     // Collected first: a lazily mapped iterator trips the compiler's Send check of the
     // spawned serve tasks.
