@@ -970,6 +970,9 @@ fn finish_round<T: Target>(
     Ok(next.into_values().collect())
 }
 
+/// The longest a confirming read may take for a deactivation to rest on it (see `confirm`).
+const FRESH_READ_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// Reads again from Graph every user whose decision was "confirm first" and decides again.
 /// The budget is checked before the reads (a mass event costs no reads); a user that answered
 /// 404 is only believed gone on a second 404 `gone_confirm_after` after the first.
@@ -1067,6 +1070,7 @@ async fn confirm<T: Target>(
     let ids: Vec<String> = keep.iter().map(|&i| work[i].task.id.clone()).collect();
     let mapping = &ctx.cfg.mapping;
     let manager_select = mapping.manager_select();
+    let asked = std::time::Instant::now();
     let reads = match ctx
         .graph
         .fresh_reads(
@@ -1091,6 +1095,10 @@ async fn confirm<T: Target>(
     };
     let mut reads = reads;
     let now = Utc::now();
+    // Answers that took long (inner 429s retried after their Retry-After, a slow Graph) may be
+    // older than the directory by the time they would be written: a deactivation then waits
+    // for a fresh read in a later batch rather than rest on them.
+    let stale = asked.elapsed() > FRESH_READ_MAX_AGE;
     for &i in &keep {
         let w = &mut work[i];
         let Some(g) = &w.gathered else { continue };
@@ -1109,7 +1117,17 @@ async fn confirm<T: Target>(
                     continue;
                 }
                 if let Some(f) = fresh.facts() {
-                    w.decision = Some(decide::decide(&w.task.id, &f, opts.dry_run));
+                    let d = decide::decide(&w.task.id, &f, opts.dry_run);
+                    let deactivates =
+                        matches!(&d.verdict, Verdict::Change(c) if c.action == Action::Deactivate);
+                    if stale && deactivates && !opts.wait_inline {
+                        w.outcome = Some(UserOutcome::Wait {
+                            until: now + chrono::Duration::seconds(1),
+                            missing_since: w.task.missing_since,
+                        });
+                        continue;
+                    }
+                    w.decision = Some(d);
                 }
                 w.gathered = Some(fresh);
             }
