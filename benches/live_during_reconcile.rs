@@ -24,6 +24,8 @@
 //! Printed: p50/p99/max of both latency sets, the reconcile's wall time with live changes as a
 //! ratio to the reconcile alone, and the RU and 429s by priority. Nothing asserts timing.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -37,15 +39,9 @@ use rostersync::store::Store;
 use rostersync::sync::reconcile::RunReport;
 use serde_json::Value;
 
-const TOKEN: &str = "bench-token";
+use common::arg;
 
-fn arg(name: &str) -> Option<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-}
+const TOKEN: &str = "bench-token";
 
 fn last_modified(u: &Value) -> Option<DateTime<Utc>> {
     u.pointer("/meta/lastModified")
