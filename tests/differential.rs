@@ -38,6 +38,13 @@ const REGRESSION_SEEDS: &[u64] = &[
     // disable -> enable within 20 ms: the deactivation written 1 s after the re-enable (seen
     // once); a manager hired into the group never linked to the reports.
     119,
+    // A manager soft-deleted, then restored: the reports lost the link while it was gone and
+    // never got it back (Graph notifies only about the manager; seen under load, on 5cb7fde).
+    292, // The same with a manager restored after its reports were read (on 5cb7fde).
+    496,
+    // A reconcile wrote a deactivation 1.03 s after the confirming read (a machine at load 11;
+    // on 5cb7fde).
+    662,
     // Nested group detached while serve was down: the restart deleted the nested group's
     // subscription and the detached members were never deactivated (active non-members until
     // a reconcile); notifications for the deleted subscription answered 403.

@@ -122,6 +122,59 @@ async fn a_manager_hired_into_the_groups_becomes_the_manager_of_their_reports() 
     s.stop().await;
 }
 
+/// A manager deleted and then restored from the deleted items: while gone, the reports lose
+/// the link (Graph no longer names a manager for them); restored, Graph gives the reports
+/// their manager again but notifies only about the manager, and the reports follow at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reports_get_their_manager_back_when_it_is_restored() {
+    let s = start(30, "").await;
+    let env = &s.env;
+    let boss = direct_only(&s, 1).remove(0);
+    let reports = [
+        new_user(1, Some(boss.clone())),
+        new_user(2, Some(boss.clone())),
+    ];
+    for r in &reports {
+        env.graph.upsert_user(r.clone());
+    }
+    env.graph.add_member(&env.fx.all_group_id, &reports[0].id);
+    env.graph
+        .add_member(&env.fx.nested_group_id, &reports[1].id);
+    let custom = rostersync::config::DEFAULT_CUSTOM_SCHEMA;
+    let boss_mail = env.graph.user(&boss).unwrap().mail;
+    let linked = |to: Option<&str>| {
+        reports.iter().all(|r| {
+            lms(env, &r.id).is_some_and(|u| {
+                u[ENTERPRISE]["manager"]["value"].as_str() == to
+                    && (to.is_none() || u[custom]["managerEmail"].as_str() == boss_mail.as_deref())
+            })
+        })
+    };
+    let boss_lms = lms(env, &boss).unwrap()["id"].as_str().unwrap().to_string();
+    wait_for("the hires linked to their manager", 5_000, || {
+        linked(Some(&boss_lms))
+    })
+    .await;
+
+    assert!(env.graph.soft_delete_user(&boss));
+    wait_for(
+        "the deleted manager deactivated and unlinked",
+        15_000,
+        || active(env, &boss) == Some(false) && linked(None),
+    )
+    .await;
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+
+    assert!(env.graph.restore_user(&boss));
+    wait_for("the restored manager linked again", 8_000, || {
+        active(env, &boss) == Some(true) && linked(Some(&boss_lms))
+    })
+    .await;
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+    reconcile_writes_nothing(&s).await;
+    s.stop().await;
+}
+
 /// The membership mirror alone never deactivates: a user the reconcile created while their
 /// membership notification was lost is a member by Graph's word, and stays active when their
 /// next user notification arrives.

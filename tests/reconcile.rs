@@ -3,10 +3,13 @@
 mod common;
 
 use common::{spawn, upn, EnvOptions};
-use rostersync::sim::graph::{GraphFaults, SimGroup};
+use std::time::Duration;
+
+use rostersync::sim::graph::{GraphFaults, Latency, SimGroup};
 use rostersync::sim::scim::ScimFaults;
 use rostersync::sync::plan::Action;
 use rostersync::sync::reconcile::{RunOptions, RunOutcome};
+use rostersync::sync::trace::Outcome;
 use serde_json::json;
 
 fn some_enabled_members(env: &common::TestEnv, n: usize) -> Vec<String> {
@@ -961,4 +964,99 @@ async fn managers_are_tracked_between_reconciles_and_agree_with_reading_them_all
         "--verify-managers reads every member's manager"
     );
     assert_eq!(verify.changes.len(), 0, "{:?}", verify.changes);
+}
+
+/// A manager deleted and then restored between reconciles: the reports lose the link and get
+/// it back, and the runs after each read no manager one by one (a manager read once for a
+/// user the run settled is not read again at every later run).
+#[tokio::test]
+async fn a_deleted_then_restored_manager_is_linked_again_and_costs_no_reads_after() {
+    let env = spawn(EnvOptions {
+        users: 120,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::Ok);
+    let outsider = env.fx.ceo_id.clone();
+    let manages = |m: &str| {
+        env.member_ids()
+            .iter()
+            .any(|r| env.graph.user(r).unwrap().manager_id.as_deref() == Some(m))
+    };
+    let boss = env
+        .member_ids()
+        .into_iter()
+        .find(|m| *m != outsider && manages(m))
+        .expect("a member who manages someone");
+
+    assert!(env.graph.soft_delete_user(&boss));
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
+    env.assert_lms_matches_tenant(upn);
+    settled(&env, "the run after the deletion").await;
+
+    assert!(env.graph.restore_user(&boss));
+    assert!(
+        manages(&boss),
+        "restored, the manager has its reports again"
+    );
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
+    env.assert_lms_matches_tenant(upn);
+    settled(&env, "the run after the restore").await;
+}
+
+/// A reconcile that changes nothing and reads no manager one by one.
+async fn settled(env: &common::TestEnv, what: &str) {
+    let before = env.graph.request_count("manager");
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{what}: {:?}", r.error);
+    assert_eq!(r.changes.len(), 0, "{what}: {:?}", r.changes);
+    assert_eq!(
+        env.graph.request_count("manager"),
+        before,
+        "{what}: managers read one by one again"
+    );
+}
+
+/// A deactivation never rests on a confirming answer that took over a second (Graph slowed by
+/// throttling, say): the user may have come back meanwhile. After three slow answers the
+/// reconcile leaves the departure to the next run, and says so; the next run writes it.
+#[tokio::test]
+async fn a_departure_confirmed_only_slowly_is_left_to_the_next_run() {
+    let env = spawn(EnvOptions {
+        users: 20,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::Ok);
+    let gone = some_enabled_members(&env, 1).remove(0);
+    env.graph.remove_member(&env.fx.all_group_id, &gone);
+    env.graph.remove_member(&env.fx.nested_group_id, &gone);
+    env.graph.set_latency(Some(Latency {
+        fixed: Duration::from_millis(1_100),
+        jitter: Duration::ZERO,
+        seed: 1,
+    }));
+    let r = env.reconcile().await;
+    env.graph.set_latency(None);
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
+    assert!(r.changes.is_empty(), "{:?}", r.changes);
+    assert_eq!(env.lms_user(&gone)["active"], true);
+    assert!(
+        r.notes.iter().any(|n| n.contains("left to the next run")),
+        "{:?}",
+        r.notes
+    );
+    let t = env
+        .integration
+        .store
+        .trace(&gone)
+        .unwrap()
+        .expect("a trace");
+    assert_eq!(t.outcome, Outcome::Skipped, "{t:?}");
+
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
+    assert_eq!(env.lms_user(&gone)["active"], false);
 }

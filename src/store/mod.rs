@@ -212,6 +212,7 @@ impl Store {
             intents: t("intents")?,
             guard: t("guard")?,
             people: t("people")?,
+            orphans: t("orphans")?,
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
             journal: self.journal.clone(),
@@ -251,6 +252,9 @@ pub struct IntegrationStore {
     guard: sled::Tree,
     /// Managers' selected properties as Graph last told them (`sync::managers`).
     people: sled::Tree,
+    /// Reports whose manager vanished from Graph (report → that manager): read again when the
+    /// manager comes back (`store::state`).
+    orphans: sled::Tree,
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
     journal: Option<Arc<journal::Journal>>,
@@ -420,6 +424,7 @@ impl IntegrationStore {
             }
             batch.insert(id.as_bytes(), encode(e)?);
         }
+        self.settle_orphans(entries)?;
         add.apply(&self.reports)?;
         let replaced = batch.apply_returning(&self.users)?;
         for (i, id, new) in created {
@@ -441,6 +446,7 @@ impl IntegrationStore {
             }
         }
         self.users.remove(entra_id.as_bytes())?;
+        self.orphans.remove(entra_id.as_bytes())?;
         Ok(())
     }
 

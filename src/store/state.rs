@@ -255,6 +255,63 @@ impl IntegrationStore {
             .collect()
     }
 
+    // ---- reports of a vanished manager ----
+
+    /// Remembers that these reports lost `manager` because it vanished from Graph (deleted,
+    /// or not found): when it comes back (restored from the deleted items), Graph gives the
+    /// reports their manager again without a change notification for them, and the reverse
+    /// index no longer knows them.
+    pub fn mark_orphans(&self, manager: &str, reports: &[String]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for r in reports {
+            batch.insert(r.as_bytes(), manager.as_bytes());
+        }
+        self.orphans.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The reports remembered for a vanished `manager` (a small tree: scanned).
+    pub fn orphans_of(&self, manager: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.orphans.iter() {
+            let (k, v) = r?;
+            if v.as_ref() == manager.as_bytes() {
+                out.push(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every remembered report, by vanished manager.
+    pub fn orphans(&self) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
+        let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for r in self.orphans.iter() {
+            let (k, v) = r?;
+            out.entry(String::from_utf8_lossy(&v).into_owned())
+                .or_default()
+                .push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// A report that has a manager again is no longer an orphan.
+    pub(crate) fn settle_orphans(
+        &self,
+        entries: &[(String, super::IndexEntry)],
+    ) -> Result<(), StoreError> {
+        if self.orphans.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (id, e) in entries {
+            if e.manager.is_some() {
+                batch.remove(id.as_bytes());
+            }
+        }
+        self.orphans.apply_batch(batch)?;
+        Ok(())
+    }
+
     // ---- clientState ----
 
     /// The integration's clientState: the one stored, or a new random one (kept from now on).
@@ -302,5 +359,36 @@ mod tests {
         let tree = a.group_tree(&["g1".to_string()]).unwrap();
         assert_eq!(tree.len(), 2, "{tree:?} {:?}", a.direct_members("g1"));
         assert!(!a.is_direct_member("g1", "u1").unwrap());
+    }
+
+    /// Reports remembered for a vanished manager stay until they have a manager again (or
+    /// leave the index).
+    #[test]
+    fn orphans_stay_until_they_have_a_manager_again() {
+        let (_s, a) = store_a();
+        let entry = |manager: Option<&str>| super::super::IndexEntry {
+            target_id: "t".into(),
+            user_name: "u@example.com".into(),
+            record: Default::default(),
+            manager: manager.map(str::to_string),
+            linked: false,
+            updated_at: Utc::now(),
+        };
+        for r in ["r1", "r2", "r3"] {
+            a.put_user(r, &entry(None)).unwrap();
+        }
+        a.mark_orphans("m", &["r1".into(), "r2".into()]).unwrap();
+        a.mark_orphans("n", &["r3".into()]).unwrap();
+        let mut of_m = a.orphans_of("m").unwrap();
+        of_m.sort();
+        assert_eq!(of_m, ["r1", "r2"]);
+        assert_eq!(a.orphans().unwrap()["n"], ["r3"]);
+
+        a.put_user("r1", &entry(None)).unwrap();
+        a.put_user("r2", &entry(Some("m"))).unwrap();
+        assert_eq!(a.orphans_of("m").unwrap(), ["r1"]);
+        a.remove_user("r1").unwrap();
+        assert!(a.orphans_of("m").unwrap().is_empty());
+        assert_eq!(a.orphans_of("n").unwrap(), ["r3"]);
     }
 }

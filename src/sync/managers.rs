@@ -101,17 +101,27 @@ pub async fn prepare(
                     .map(|u| (u, ManagerFact::Unknown))
                     .collect();
                 let mut changed_people = 0usize;
+                let orphans = store.orphans()?;
                 for u in users {
                     if u.removed.is_some() {
                         if store.is_person(&u.id)? {
                             store.remove_person(&u.id)?;
-                            // Whoever it managed: read their manager again.
-                            for r in store.reports_of(&u.id)? {
-                                overlay.insert(r, ManagerFact::Unknown);
-                            }
+                        }
+                        // Whoever it managed: read their manager again, and again should it
+                        // come back (restored, it gives them their manager again with no
+                        // `manager@delta` for them).
+                        let reports = store.reports_of(&u.id)?;
+                        if !reports.is_empty() {
+                            store.mark_orphans(&u.id, &reports)?;
+                        }
+                        for r in reports {
+                            overlay.insert(r, ManagerFact::Unknown);
                         }
                         overlay.insert(u.id, ManagerFact::Unknown);
                         continue;
+                    }
+                    for r in orphans.get(&u.id).into_iter().flatten() {
+                        overlay.entry(r.clone()).or_insert(ManagerFact::Unknown);
                     }
                     if let Some(m) = u.manager {
                         overlay.insert(u.id.clone(), ManagerFact::Known(m));
@@ -160,9 +170,14 @@ pub async fn prepare(
 
 /// Records a successful run's plan: what the delta round told of every user's manager goes
 /// into the index (also for users this run did not apply: failed ones, or users out of scope
-/// who may come back), managers that disappeared are read at the next run, then the link
-/// (and, for a verification run, when) is kept.
-pub fn finish(store: &IntegrationStore, plan: &Plan) -> Result<(), StoreError> {
+/// who may come back), managers that disappeared are read at the next run by the users this
+/// run did not settle (`settled`: listed and not failed), then the link (and, for a
+/// verification run, when) is kept.
+pub fn finish(
+    store: &IntegrationStore,
+    plan: &Plan,
+    settled: impl Fn(&str) -> bool,
+) -> Result<(), StoreError> {
     let mut unknown = Vec::new();
     if let Mode::Tracked { overlay } = &plan.mode {
         let mut entries = Vec::new();
@@ -177,7 +192,7 @@ pub fn finish(store: &IntegrationStore, plan: &Plan) -> Result<(), StoreError> {
                     }
                 }
                 ManagerFact::Unknown => {
-                    if store.get_user(id)?.is_some() {
+                    if !settled(id) && store.get_user(id)?.is_some() {
                         unknown.push(id.clone());
                     }
                 }
@@ -333,5 +348,80 @@ impl Lookup<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::store_a as store;
+
+    fn entry(manager: Option<&str>) -> IndexEntry {
+        IndexEntry {
+            target_id: "t".into(),
+            user_name: "u@example.com".into(),
+            record: Default::default(),
+            manager: manager.map(str::to_string),
+            linked: false,
+            updated_at: Utc::now(),
+        }
+    }
+
+    fn tracked(facts: &[(&str, ManagerFact)]) -> Plan {
+        Plan {
+            mode: Mode::Tracked {
+                overlay: facts
+                    .iter()
+                    .map(|(id, f)| (id.to_string(), f.clone()))
+                    .collect(),
+            },
+            next_link: Some("link".into()),
+        }
+    }
+
+    /// A manager to read is carried to the next run only for users this run did not settle
+    /// (out of scope, or failed), not read again at every run.
+    #[test]
+    fn an_unknown_manager_is_carried_only_for_users_not_settled() {
+        let (_s, a) = store();
+        for id in ["listed", "unlisted", "failed"] {
+            a.put_user(id, &entry(Some("m"))).unwrap();
+        }
+        let plan = tracked(&[
+            ("listed", ManagerFact::Unknown),
+            ("unlisted", ManagerFact::Unknown),
+            ("failed", ManagerFact::Unknown),
+            ("never-indexed", ManagerFact::Unknown),
+        ]);
+        finish(&a, &plan, |id| id == "listed").unwrap();
+        let mut carried: Vec<String> = a.get_meta(UNKNOWN).unwrap().unwrap();
+        carried.sort();
+        assert_eq!(carried, ["failed", "unlisted"]);
+        assert_eq!(a.get_meta::<String>(LINK).unwrap().as_deref(), Some("link"));
+
+        finish(&a, &tracked(&[("unlisted", ManagerFact::Unknown)]), |_| {
+            true
+        })
+        .unwrap();
+        assert!(a.get_meta::<Vec<String>>(UNKNOWN).unwrap().is_none());
+    }
+
+    /// What the delta round knew of a manager reaches the index, settled or not.
+    #[test]
+    fn a_known_manager_reaches_the_index() {
+        let (_s, a) = store();
+        a.put_user("r", &entry(Some("old"))).unwrap();
+        finish(
+            &a,
+            &tracked(&[("r", ManagerFact::Known(Some("new".into())))]),
+            |_| false,
+        )
+        .unwrap();
+        assert_eq!(
+            a.get_user("r").unwrap().unwrap().manager.as_deref(),
+            Some("new")
+        );
+        assert_eq!(a.reports_of("new").unwrap(), ["r"]);
+        assert!(a.reports_of("old").unwrap().is_empty());
     }
 }

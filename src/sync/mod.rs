@@ -13,3 +13,9 @@ pub mod reconcile;
 pub mod sync_user;
 pub mod trace;
 pub mod worker;
+
+/// The longest a confirming Graph read may take for a deactivation to rest on it. Answers that
+/// took longer (inner 429s retried after their `Retry-After`, a slow Graph) may be older than
+/// the directory by the time they would be written: the worker then waits for a fresh read in
+/// a later batch, the reconcile reads again or leaves the user to the next run.
+pub(crate) const FRESH_READ_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);

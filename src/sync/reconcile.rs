@@ -215,6 +215,10 @@ struct Chunk {
 /// Index entries and traces are handed to the writer thread in batches of about this many.
 const WRITE_BATCH: usize = 256;
 
+/// Why a deactivation was left to the next run after its confirming reads kept coming slowly.
+const SLOW_CONFIRMATION: &str =
+    "Graph's confirming answers took over a second three times; a deactivation never rests on an answer that old";
+
 /// The LMS-write stream of a run (see the module comment).
 #[derive(Default)]
 struct Pipe {
@@ -754,7 +758,15 @@ impl<T: Target> Run<'_, '_, T> {
             }
             self.rebuild_mirror().await?;
             if let Some(p) = &manager_plan {
-                super::managers::finish(self.ctx.store, p)?;
+                let failed: HashSet<&str> = self
+                    .report
+                    .failures
+                    .iter()
+                    .map(|f| f.entra_id.as_str())
+                    .collect();
+                super::managers::finish(self.ctx.store, p, |id| {
+                    seen.contains(id) && !failed.contains(id)
+                })?;
             }
             self.ctx.store.flush()?;
         }
@@ -816,7 +828,7 @@ impl<T: Target> Run<'_, '_, T> {
                 rest.len()
             };
             let now: Vec<Candidate> = rest.drain(..take).collect();
-            let decided = self.confirm_candidates(now).await?;
+            let decided = self.confirm_fresh(now).await?;
             if within {
                 self.apply_confirmed(decided).await?;
             } else {
@@ -855,12 +867,47 @@ impl<T: Target> Run<'_, '_, T> {
         Ok(())
     }
 
-    /// Reads the candidates again from Graph (user, manager, `checkMemberGroups`) and decides
-    /// again: what Graph confirms, or what it says is due instead (a withdrawn deactivation).
-    async fn confirm_candidates(
+    /// Confirms the candidates with Graph; a deactivation whose confirming answer took over
+    /// [`super::FRESH_READ_MAX_AGE`] is read again (twice at most), then left to the next run:
+    /// it never rests on an answer older than the directory may be.
+    async fn confirm_fresh(
         &mut self,
         candidates: Vec<Candidate>,
     ) -> Result<Vec<PlannedChange>, RunError> {
+        let (mut apply, mut again) = self.confirm_candidates(candidates).await?;
+        for _ in 0..2 {
+            if again.is_empty() {
+                break;
+            }
+            let (more, slow) = self.confirm_candidates(again).await?;
+            apply.extend(more);
+            again = slow;
+        }
+        if !again.is_empty() {
+            let n = again.len();
+            for cand in again {
+                let mut t = self.traces.take(&cand.change);
+                t.skipped(SLOW_CONFIRMATION);
+                self.pipe.traces.push(self.traces.finish(t));
+            }
+            tracing::warn!(
+                count = n,
+                "deactivations left to the next run: {SLOW_CONFIRMATION}"
+            );
+            self.report.notes.push(format!(
+                "{n} deactivations were left to the next run: {SLOW_CONFIRMATION}"
+            ));
+        }
+        Ok(apply)
+    }
+
+    /// Reads the candidates again from Graph (user, manager, `checkMemberGroups`) and decides
+    /// again: what Graph confirms, or what it says is due instead (a withdrawn deactivation).
+    /// The second list: deactivations confirmed by an answer that took too long to rest on.
+    async fn confirm_candidates(
+        &mut self,
+        candidates: Vec<Candidate>,
+    ) -> Result<(Vec<PlannedChange>, Vec<Candidate>), RunError> {
         let ctx = self.ctx;
         let cfg = ctx.cfg;
         let ids: Vec<String> = candidates
@@ -879,10 +926,13 @@ impl<T: Target> Run<'_, '_, T> {
             })
             .collect();
         let mut reads = HashMap::with_capacity(ids.len());
+        let asked = std::time::Instant::now();
         let mut batches = stream::iter(calls).buffer_unordered(cfg.graph_concurrency.max(1));
         while let Some(r) = batches.next().await {
             reads.extend(r?);
         }
+        let stale = asked.elapsed() > super::FRESH_READ_MAX_AGE;
+        let mut slow = Vec::new();
         let mut apply = Vec::new();
         let mut withdrawn = 0u64;
         for cand in candidates {
@@ -935,7 +985,13 @@ impl<T: Target> Run<'_, '_, T> {
             };
             let d = decide::decide(&id, &facts, false);
             match d.verdict {
-                Verdict::Change(c) if c.action == Action::Deactivate => apply.push(c),
+                Verdict::Change(c) if c.action == Action::Deactivate => {
+                    if stale {
+                        slow.push(cand);
+                    } else {
+                        apply.push(c);
+                    }
+                }
                 other => {
                     withdrawn += 1;
                     tracing::info!(user = %id, now = ?other, "deactivation withdrawn: Graph says otherwise now");
@@ -952,7 +1008,7 @@ impl<T: Target> Run<'_, '_, T> {
                 "{withdrawn} deactivations were withdrawn: Graph said the user is an enabled member again when asked just before"
             ));
         }
-        Ok(apply)
+        Ok((apply, slow))
     }
 
     /// The guard stopped these deactivations: traced as held, reported, none applied.
@@ -1400,7 +1456,9 @@ impl<T: Target> Run<'_, '_, T> {
         changes: Vec<PlannedChange>,
         counted: bool,
     ) -> Result<(), RunError> {
-        if changes.is_empty() {
+        // Nothing to send may still leave traces to write (a deactivation Graph could not
+        // confirm, or left to the next run).
+        if changes.is_empty() && self.pipe.traces.is_empty() && self.pipe.entries.is_empty() {
             return Ok(());
         }
         if self.opts.dry_run {

@@ -449,7 +449,11 @@ async fn gather<T: Target>(
         ScopeSource::Graph => Vec::new(),
     };
     if let ScopeSource::Mirror(_) = src {
-        if via.is_empty() && existing.is_none() && store.reports_of(&task.id)?.is_empty() {
+        if via.is_empty()
+            && existing.is_none()
+            && store.reports_of(&task.id)?.is_empty()
+            && store.orphans_of(&task.id)?.is_empty()
+        {
             // Someone else in the tenant: nothing to do, no Graph call.
             return Ok(nothing(Membership::NotMember));
         }
@@ -957,21 +961,36 @@ fn finish_round<T: Target>(
             (!w.task.follow_up && read).then_some(w.task.id.as_str())
         }));
     }
-    for m in fan_out {
-        for r in ctx.store.reports_of(m)? {
-            next.entry(r.clone()).or_insert(UserTask {
-                id: r,
-                follow_up: true,
-                missing_since: None,
-                allow_mass: false,
-            });
+    let mut again: Vec<String> = Vec::new();
+    for w in work.iter() {
+        match w.gathered.as_ref().and_then(|g| g.user.as_ref()) {
+            // A manager gone from Graph takes its reports' link with it (they lose it below,
+            // and the reverse index with it): remembered first, so that they are read again
+            // should the manager come back (restored from the deleted items, which gives
+            // them their manager again without a notification for them).
+            Some(Err(())) => {
+                let reports = ctx.store.reports_of(&w.task.id)?;
+                if !reports.is_empty() {
+                    ctx.store.mark_orphans(&w.task.id, &reports)?;
+                }
+            }
+            Some(Ok(_)) => again.extend(ctx.store.orphans_of(&w.task.id)?),
+            None => {}
         }
+    }
+    for m in fan_out {
+        again.extend(ctx.store.reports_of(m)?);
+    }
+    for r in again {
+        next.entry(r.clone()).or_insert(UserTask {
+            id: r,
+            follow_up: true,
+            missing_since: None,
+            allow_mass: false,
+        });
     }
     Ok(next.into_values().collect())
 }
-
-/// The longest a confirming read may take for a deactivation to rest on it (see `confirm`).
-const FRESH_READ_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// Reads again from Graph every user whose decision was "confirm first" and decides again.
 /// The budget is checked before the reads (a mass event costs no reads); a user that answered
@@ -1098,7 +1117,7 @@ async fn confirm<T: Target>(
     // Answers that took long (inner 429s retried after their Retry-After, a slow Graph) may be
     // older than the directory by the time they would be written: a deactivation then waits
     // for a fresh read in a later batch rather than rest on them.
-    let stale = asked.elapsed() > FRESH_READ_MAX_AGE;
+    let stale = asked.elapsed() > super::FRESH_READ_MAX_AGE;
     for &i in &keep {
         let w = &mut work[i];
         let Some(g) = &w.gathered else { continue };
