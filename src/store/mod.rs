@@ -641,6 +641,18 @@ pub(crate) mod tests {
         (s, a)
     }
 
+    /// An index entry for unit tests: LMS id `target`, the given manager, no record.
+    pub(crate) fn index_entry(target: &str, manager: Option<&str>) -> IndexEntry {
+        IndexEntry {
+            target_id: target.into(),
+            user_name: format!("{target}@example.com"),
+            record: Default::default(),
+            manager: manager.map(str::to_string),
+            linked: false,
+            updated_at: Utc::now(),
+        }
+    }
+
     fn entry(active: bool) -> IndexEntry {
         let mut record = Record::new();
         record.insert(ACTIVE.into(), AttrValue::Bool(active));

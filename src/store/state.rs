@@ -366,14 +366,7 @@ mod tests {
     #[test]
     fn orphans_stay_until_they_have_a_manager_again() {
         let (_s, a) = store_a();
-        let entry = |manager: Option<&str>| super::super::IndexEntry {
-            target_id: "t".into(),
-            user_name: "u@example.com".into(),
-            record: Default::default(),
-            manager: manager.map(str::to_string),
-            linked: false,
-            updated_at: Utc::now(),
-        };
+        let entry = |manager| crate::store::tests::index_entry("t", manager);
         for r in ["r1", "r2", "r3"] {
             a.put_user(r, &entry(None)).unwrap();
         }

@@ -135,18 +135,7 @@ fn lower_priority() {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::store_a as store;
-
-    fn entry(target: &str, manager: Option<&str>) -> IndexEntry {
-        IndexEntry {
-            target_id: target.into(),
-            user_name: format!("{target}@example.com"),
-            record: Default::default(),
-            manager: manager.map(str::to_string),
-            linked: false,
-            updated_at: chrono::Utc::now(),
-        }
-    }
+    use crate::store::tests::{index_entry as entry, store_a as store};
 
     #[tokio::test]
     async fn writes_entries_in_order_and_answers_with_their_ids() {

@@ -354,17 +354,10 @@ impl Lookup<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::store_a as store;
+    use crate::store::tests::{index_entry, store_a as store};
 
     fn entry(manager: Option<&str>) -> IndexEntry {
-        IndexEntry {
-            target_id: "t".into(),
-            user_name: "u@example.com".into(),
-            record: Default::default(),
-            manager: manager.map(str::to_string),
-            linked: false,
-            updated_at: Utc::now(),
-        }
+        index_entry("t", manager)
     }
 
     fn tracked(facts: &[(&str, ManagerFact)]) -> Plan {
