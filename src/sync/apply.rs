@@ -16,7 +16,9 @@ use super::reconcile::{Context, RunError};
 use super::trace::Match;
 use crate::graph::GraphError;
 use crate::store::intents::{Intent, IntentId};
-use crate::store::{IndexEntry, StoreError};
+use super::gate::UserGate;
+use crate::config::DeactivationLimit;
+use crate::store::{IndexEntry, IntegrationStore, StoreError};
 use crate::target::{Target, TargetError, TargetUser};
 
 /// Why a change was not applied.
@@ -366,88 +368,136 @@ async fn read_back<T: Target>(
 
 // ---- the deactivation budget ----
 
-/// Checks the deactivation of `users` against the integration's budget over its guard window
-/// (all paths share it; a user already deactivated within the window costs nothing more). On a
-/// trip the trip is stored (it holds further deactivations until it expires or an operator
-/// allows them); `allow` (`--allow-mass-deactivation`) clears it.
+/// One integration's deactivation budget: what the guard needs of a [`Context`].
+pub(crate) struct Budget<'a> {
+    store: &'a IntegrationStore,
+    gate: &'a UserGate,
+    limit: DeactivationLimit,
+    window: chrono::Duration,
+}
+
+impl<'a> Budget<'a> {
+    pub(crate) fn of<T: Target>(ctx: &Context<'a, T>) -> Budget<'a> {
+        Budget {
+            store: ctx.store,
+            gate: ctx.gate,
+            limit: ctx.cfg.max_deactivations,
+            window: ctx.cfg.guard_window,
+        }
+    }
+
+    /// Checks the deactivation of `users` against the budget over the guard window (all paths
+    /// share it; a user already deactivated within the window costs nothing more). Passed, the
+    /// users are counted at once, before they are written: the worker and a reconcile running
+    /// side by side cannot both spend what is left (the check and the count are one step under
+    /// the gate's budget lock; a write that then fails has spent its share, and its retry
+    /// costs nothing more). On a trip the trip is stored (it holds further deactivations until
+    /// it expires or an operator allows them); `allow` (`--allow-mass-deactivation`) clears it.
+    pub(crate) fn check(
+        &self,
+        users: &[&str],
+        allow: bool,
+    ) -> Result<Result<(), GuardTrip>, StoreError> {
+        let _one_at_a_time = self.gate.budget();
+        if allow {
+            self.store.clear_guard_trip()?;
+        }
+        let (r, tripped) = self.verdict(users, allow)?;
+        match &r {
+            Err(trip) if !tripped => self.store.put_guard_trip(trip)?,
+            Err(_) => {}
+            Ok(()) => {
+                let owned: Vec<String> = users.iter().map(|u| u.to_string()).collect();
+                self.store.record_deactivations(&owned)?;
+            }
+        }
+        Ok(r)
+    }
+
+    /// The verdict without storing a trip or counting anyone (a dry run, a preview).
+    pub(crate) fn preview(
+        &self,
+        users: &[&str],
+        allow: bool,
+    ) -> Result<Result<(), GuardTrip>, StoreError> {
+        Ok(self.verdict(users, allow)?.0)
+    }
+
+    /// The verdict, and whether a stored trip holds already.
+    fn verdict(
+        &self,
+        users: &[&str],
+        allow: bool,
+    ) -> Result<(Result<(), GuardTrip>, bool), StoreError> {
+        let (used, would) = self.use_of(users)?;
+        if would == 0 {
+            return Ok((Ok(()), false));
+        }
+        // A trip under another limit (the operator raised it) no longer holds.
+        let tripped = self
+            .store
+            .guard_trip(self.window)?
+            .is_some_and(|t| t.trip.limit == self.limit.to_string());
+        let r = plan::guard(
+            would,
+            self.store.active_count(),
+            used,
+            self.limit,
+            allow,
+            tripped,
+        );
+        Ok((r, tripped))
+    }
+
+    /// (users deactivated within the guard window, how many of `users` are not among them).
+    fn use_of(&self, users: &[&str]) -> Result<(u64, u64), StoreError> {
+        let since = Utc::now() - self.window;
+        let done = self.store.deactivated_since(since)?;
+        let new: std::collections::HashSet<&str> = users
+            .iter()
+            .copied()
+            .filter(|u| !done.contains(*u))
+            .collect();
+        Ok((done.len() as u64, new.len() as u64))
+    }
+
+    /// Whether deactivating `users` is so far past what the budget has left (more than four
+    /// times) that confirming each of them with Graph would only cost reads: a mass event.
+    pub(crate) fn clearly_past(&self, users: &[&str]) -> Result<bool, StoreError> {
+        let (used, would) = self.use_of(users)?;
+        if would == 0 {
+            return Ok(false);
+        }
+        let base = self.store.active_count().saturating_add(used);
+        let left = self.limit.allowed(base).saturating_sub(used);
+        Ok(would > left.max(1).saturating_mul(4))
+    }
+}
+
+/// [`Budget::check`] of the context's integration.
 pub(crate) fn guard_check<T: Target>(
     ctx: &Context<'_, T>,
     users: &[&str],
     allow: bool,
 ) -> Result<Result<(), GuardTrip>, StoreError> {
-    if allow {
-        ctx.store.clear_guard_trip()?;
-    }
-    let (r, tripped) = guard_verdict(ctx, users, allow)?;
-    if let Err(trip) = &r {
-        if !tripped {
-            ctx.store.put_guard_trip(trip)?;
-        }
-    }
-    Ok(r)
+    Budget::of(ctx).check(users, allow)
 }
 
-/// The guard's verdict without storing a trip (a dry run).
+/// [`Budget::preview`] of the context's integration.
 pub(crate) fn guard_preview<T: Target>(
     ctx: &Context<'_, T>,
     users: &[&str],
     allow: bool,
 ) -> Result<Result<(), GuardTrip>, StoreError> {
-    Ok(guard_verdict(ctx, users, allow)?.0)
+    Budget::of(ctx).preview(users, allow)
 }
 
-/// The verdict, and whether a stored trip holds already.
-fn guard_verdict<T: Target>(
-    ctx: &Context<'_, T>,
-    users: &[&str],
-    allow: bool,
-) -> Result<(Result<(), GuardTrip>, bool), StoreError> {
-    let cfg = ctx.cfg;
-    let (used, would) = budget_use(ctx, users)?;
-    if would == 0 {
-        return Ok((Ok(()), false));
-    }
-    // A trip under another limit (the operator raised it) no longer holds.
-    let tripped = ctx
-        .store
-        .guard_trip(cfg.guard_window)?
-        .is_some_and(|t| t.trip.limit == cfg.max_deactivations.to_string());
-    let r = plan::guard(
-        would,
-        ctx.store.active_count(),
-        used,
-        cfg.max_deactivations,
-        allow,
-        tripped,
-    );
-    Ok((r, tripped))
-}
-
-/// (users deactivated within the guard window, how many of `users` are not among them).
-fn budget_use<T: Target>(ctx: &Context<'_, T>, users: &[&str]) -> Result<(u64, u64), StoreError> {
-    let since = Utc::now() - ctx.cfg.guard_window;
-    let done = ctx.store.deactivated_since(since)?;
-    let new: std::collections::HashSet<&str> = users
-        .iter()
-        .copied()
-        .filter(|u| !done.contains(*u))
-        .collect();
-    Ok((done.len() as u64, new.len() as u64))
-}
-
-/// Whether deactivating `users` is so far past what the budget has left (more than four
-/// times) that confirming each of them with Graph would only cost reads: a mass event.
+/// [`Budget::clearly_past`] of the context's integration.
 pub(crate) fn clearly_past_budget<T: Target>(
     ctx: &Context<'_, T>,
     users: &[&str],
 ) -> Result<bool, StoreError> {
-    let (used, would) = budget_use(ctx, users)?;
-    if would == 0 {
-        return Ok(false);
-    }
-    let base = ctx.store.active_count().saturating_add(used);
-    let left = ctx.cfg.max_deactivations.allowed(base).saturating_sub(used);
-    Ok(would > left.max(1).saturating_mul(4))
+    Budget::of(ctx).clearly_past(users)
 }
 
 // ---- one user or all of them? ----
@@ -471,4 +521,65 @@ pub(crate) async fn probe<T: Target>(ctx: &Context<'_, T>) -> Result<(), RunErro
     }
     ctx.target.reachable().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::store_a;
+
+    fn budget<'a>(store: &'a IntegrationStore, gate: &'a UserGate, n: u64) -> Budget<'a> {
+        Budget {
+            store,
+            gate,
+            limit: DeactivationLimit::Count(n),
+            window: chrono::Duration::hours(24),
+        }
+    }
+
+    /// A passed check spends the budget at once, before anything is written; a user counted
+    /// within the window costs nothing more.
+    #[test]
+    fn a_passed_check_spends_the_budget_before_the_writes() {
+        let (_s, a) = store_a();
+        let gate = UserGate::default();
+        let b = budget(&a, &gate, 3);
+        assert!(b.check(&["u1", "u2"], false).unwrap().is_ok());
+        assert!(b.preview(&["u3"], false).unwrap().is_ok());
+        assert!(b.check(&["u3"], false).unwrap().is_ok());
+        assert!(b.check(&["u1"], false).unwrap().is_ok(), "counted once");
+        let trip = b.check(&["u4"], false).unwrap().unwrap_err();
+        assert_eq!((trip.used, trip.allowed), (3, 3));
+        // The trip holds until allowed.
+        assert!(b.check(&["u1"], false).unwrap().is_ok(), "nothing new to spend");
+        assert!(b.check(&["u5"], false).unwrap().is_err());
+        assert!(b.check(&["u5"], true).unwrap().is_ok());
+    }
+
+    /// The worker and a reconcile checking at the same instant cannot both spend what is left.
+    #[test]
+    fn two_paths_at_once_never_spend_more_than_the_budget() {
+        for _ in 0..50 {
+            let (_s, a) = store_a();
+            let gate = UserGate::default();
+            let passed = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for side in ["worker", "reconcile"] {
+                    let (a, gate, passed) = (&a, &gate, &passed);
+                    s.spawn(move || {
+                        let users = [format!("{side}-1"), format!("{side}-2")];
+                        let users: Vec<&str> = users.iter().map(String::as_str).collect();
+                        if budget(a, gate, 3).check(&users, false).unwrap().is_ok() {
+                            passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    });
+                }
+            });
+            assert_eq!(passed.into_inner(), 1);
+            let spent = a
+                .deactivated_since(Utc::now() - chrono::Duration::hours(1))
+                .unwrap();
+            assert_eq!(spent.len(), 2, "{spent:?}");
+        }
+    }
 }

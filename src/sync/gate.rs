@@ -52,11 +52,18 @@ pub struct UserGate {
     state: Mutex<GateState>,
     released: Notify,
     exclusive: tokio::sync::Mutex<()>,
+    /// Held while the deactivation budget is checked and spent (`apply::Budget::check`).
+    budget: Mutex<()>,
 }
 
 impl UserGate {
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One check of the deactivation budget at a time (the check and its count are one step).
+    pub(crate) fn budget(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.budget.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The lock of steps that concern the whole integration: held by each worker batch, and

@@ -830,7 +830,13 @@ impl<T: Target> Run<'_, '_, T> {
             let now: Vec<Candidate> = rest.drain(..take).collect();
             let decided = self.confirm_fresh(now).await?;
             if within {
-                self.apply_confirmed(decided).await?;
+                if let Err(trip) = self.apply_confirmed(decided, allow).await? {
+                    // The worker spent the budget meanwhile: the rest is held unread.
+                    let held: Vec<PlannedChange> = rest.drain(..).map(|c| c.change).collect();
+                    if !held.is_empty() {
+                        return self.held(held, trip);
+                    }
+                }
             } else {
                 confirmed.extend(decided);
             }
@@ -851,11 +857,32 @@ impl<T: Target> Run<'_, '_, T> {
             self.apply_all(rest, true).await?;
             return self.held(held, trip);
         }
-        self.apply_confirmed(confirmed).await
+        // A trip here was held and reported by `apply_confirmed`.
+        let _ = self.apply_confirmed(confirmed, allow).await?;
+        Ok(())
     }
 
-    /// Applies what Graph confirmed and counts the deactivations in the guard's window.
-    async fn apply_confirmed(&mut self, changes: Vec<PlannedChange>) -> Result<(), RunError> {
+    /// Applies what Graph confirmed, its deactivations first checked against the budget and
+    /// counted in the guard's window (`apply::Budget::check`; a worker running beside this run
+    /// spends the same budget). A trip holds this chunk's deactivations and is returned.
+    async fn apply_confirmed(
+        &mut self,
+        changes: Vec<PlannedChange>,
+        allow: bool,
+    ) -> Result<Result<(), GuardTrip>, RunError> {
+        let ids: Vec<&str> = changes
+            .iter()
+            .filter(|c| c.action == Action::Deactivate)
+            .map(|c| c.entra_id.as_str())
+            .collect();
+        if let Err(trip) = super::apply::guard_check(self.ctx, &ids, allow)? {
+            let (held, rest): (Vec<PlannedChange>, Vec<PlannedChange>) = changes
+                .into_iter()
+                .partition(|c| c.action == Action::Deactivate);
+            self.apply_all(rest, true).await?;
+            self.held(held, trip.clone())?;
+            return Ok(Err(trip));
+        }
         let before = self.report.changes.len();
         self.apply_all(changes, true).await?;
         let done: Vec<String> = self.report.changes[before..]
@@ -864,7 +891,7 @@ impl<T: Target> Run<'_, '_, T> {
             .map(|c| c.entra_id.clone())
             .collect();
         self.ctx.store.record_deactivations(&done)?;
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Confirms the candidates with Graph; a deactivation whose confirming answer took over
