@@ -282,6 +282,16 @@ impl IntegrationStore {
         Ok(out)
     }
 
+    /// Forgets the reports remembered for `manager` (deleted for good: it cannot come back).
+    pub fn forget_orphans_of(&self, manager: &str) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for r in self.orphans_of(manager)? {
+            batch.remove(r.as_bytes());
+        }
+        self.orphans.apply_batch(batch)?;
+        Ok(())
+    }
+
     /// Every remembered report, by vanished manager.
     pub fn orphans(&self) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
         let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
@@ -383,5 +393,7 @@ mod tests {
         a.remove_user("r1").unwrap();
         assert!(a.orphans_of("m").unwrap().is_empty());
         assert_eq!(a.orphans_of("n").unwrap(), ["r3"]);
+        a.forget_orphans_of("n").unwrap();
+        assert!(a.orphans().unwrap().is_empty());
     }
 }

@@ -10,14 +10,14 @@ use std::collections::{BTreeSet, HashMap};
 use chrono::Utc;
 use futures::{stream, StreamExt};
 
+use super::gate::UserGate;
 use super::mapping::{AttrValue, Record, EXTERNAL_ID};
 use super::plan::{self, Action, GuardTrip, PlannedChange};
 use super::reconcile::{Context, RunError};
 use super::trace::Match;
+use crate::config::DeactivationLimit;
 use crate::graph::GraphError;
 use crate::store::intents::{Intent, IntentId};
-use super::gate::UserGate;
-use crate::config::DeactivationLimit;
 use crate::store::{IndexEntry, IntegrationStore, StoreError};
 use crate::target::{Target, TargetError, TargetUser};
 
@@ -551,7 +551,10 @@ mod tests {
         let trip = b.check(&["u4"], false).unwrap().unwrap_err();
         assert_eq!((trip.used, trip.allowed), (3, 3));
         // The trip holds until allowed.
-        assert!(b.check(&["u1"], false).unwrap().is_ok(), "nothing new to spend");
+        assert!(
+            b.check(&["u1"], false).unwrap().is_ok(),
+            "nothing new to spend"
+        );
         assert!(b.check(&["u5"], false).unwrap().is_err());
         assert!(b.check(&["u5"], true).unwrap().is_ok());
     }

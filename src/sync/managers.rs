@@ -108,10 +108,13 @@ pub async fn prepare(
                             store.remove_person(&u.id)?;
                         }
                         // Whoever it managed: read their manager again, and again should it
-                        // come back (restored, it gives them their manager again with no
-                        // `manager@delta` for them).
+                        // come back (a soft delete, reason "changed": restored, it gives them
+                        // their manager again, maybe with no `manager@delta` for them). Deleted
+                        // for good, it cannot.
                         let reports = store.reports_of(&u.id)?;
-                        if !reports.is_empty() {
+                        if u.removed.as_deref() == Some("deleted") {
+                            store.forget_orphans_of(&u.id)?;
+                        } else if !reports.is_empty() {
                             store.mark_orphans(&u.id, &reports)?;
                         }
                         for r in reports {
