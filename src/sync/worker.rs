@@ -1086,83 +1086,92 @@ async fn confirm<T: Target>(
             tokio::time::sleep(opts.gone_confirm_after).await;
         }
     }
-    let ids: Vec<String> = keep.iter().map(|&i| work[i].task.id.clone()).collect();
     let mapping = &ctx.cfg.mapping;
     let manager_select = mapping.manager_select();
-    let asked = std::time::Instant::now();
-    let reads = match ctx
-        .graph
-        .fresh_reads(
-            &ids,
-            &mapping.user_select(),
-            manager_select.as_deref(),
-            &ctx.cfg.groups,
-        )
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            let suspect = graph_suspect(&e);
-            for &i in &keep {
-                work[i].outcome = Some(UserOutcome::Failed {
-                    message: format!("could not confirm with Graph: {e}"),
-                    suspect,
-                });
-            }
-            return Ok(());
-        }
-    };
-    let mut reads = reads;
-    let now = Utc::now();
     // Answers that took long (inner 429s retried after their Retry-After, a slow Graph) may be
-    // older than the directory by the time they would be written: a deactivation then waits
-    // for a fresh read in a later batch rather than rest on them.
-    let stale = asked.elapsed() > super::FRESH_READ_MAX_AGE;
-    for &i in &keep {
-        let w = &mut work[i];
-        let Some(g) = &w.gathered else { continue };
-        match reads.remove(&w.task.id) {
-            Some(Ok(read)) => {
-                let gone = read.user.is_none();
-                let fresh = refresh(ctx, tg, g, read)?;
-                let since = w.task.missing_since.unwrap_or(now);
-                if gone && now - since < after {
-                    // The first 404: believed only on a second one, later.
-                    w.task.missing_since = Some(since);
-                    w.outcome = Some(UserOutcome::Wait {
-                        until: since + after,
-                        missing_since: Some(since),
+    // older than the directory by the time they would be written: a deactivation is read again
+    // at once (twice at most), then waits for a fresh read in a later batch rather than rest
+    // on them.
+    let mut tries = 0;
+    while !keep.is_empty() {
+        let ids: Vec<String> = keep.iter().map(|&i| work[i].task.id.clone()).collect();
+        let asked = std::time::Instant::now();
+        let mut reads = match ctx
+            .graph
+            .fresh_reads(
+                &ids,
+                &mapping.user_select(),
+                manager_select.as_deref(),
+                &ctx.cfg.groups,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let suspect = graph_suspect(&e);
+                for &i in &keep {
+                    work[i].outcome = Some(UserOutcome::Failed {
+                        message: format!("could not confirm with Graph: {e}"),
+                        suspect,
                     });
-                    continue;
                 }
-                if let Some(f) = fresh.facts() {
-                    let d = decide::decide(&w.task.id, &f, opts.dry_run);
-                    let deactivates =
-                        matches!(&d.verdict, Verdict::Change(c) if c.action == Action::Deactivate);
-                    if stale && deactivates && !opts.wait_inline {
+                return Ok(());
+            }
+        };
+        let now = Utc::now();
+        let stale = asked.elapsed() > super::FRESH_READ_MAX_AGE;
+        let mut again = Vec::new();
+        for &i in &keep {
+            let w = &mut work[i];
+            let Some(g) = &w.gathered else { continue };
+            match reads.remove(&w.task.id) {
+                Some(Ok(read)) => {
+                    let gone = read.user.is_none();
+                    let fresh = refresh(ctx, tg, g, read)?;
+                    let since = w.task.missing_since.unwrap_or(now);
+                    if gone && now - since < after {
+                        // The first 404: believed only on a second one, later.
+                        w.task.missing_since = Some(since);
                         w.outcome = Some(UserOutcome::Wait {
-                            until: now + chrono::Duration::seconds(1),
-                            missing_since: w.task.missing_since,
+                            until: since + after,
+                            missing_since: Some(since),
                         });
                         continue;
                     }
-                    w.decision = Some(d);
+                    if let Some(f) = fresh.facts() {
+                        let d = decide::decide(&w.task.id, &f, opts.dry_run);
+                        let deactivates = matches!(&d.verdict, Verdict::Change(c) if c.action == Action::Deactivate);
+                        if stale && deactivates && !opts.wait_inline {
+                            if tries < 2 {
+                                again.push(i);
+                            } else {
+                                w.outcome = Some(UserOutcome::Wait {
+                                    until: now + chrono::Duration::seconds(1),
+                                    missing_since: w.task.missing_since,
+                                });
+                            }
+                            continue;
+                        }
+                        w.decision = Some(d);
+                    }
+                    w.gathered = Some(fresh);
                 }
-                w.gathered = Some(fresh);
-            }
-            Some(Err(e)) => {
-                w.outcome = Some(UserOutcome::Failed {
-                    message: format!("could not confirm with Graph: {e}"),
-                    suspect: graph_suspect(&e),
-                })
-            }
-            None => {
-                w.outcome = Some(UserOutcome::Failed {
-                    message: "Graph did not answer the confirming read".into(),
-                    suspect: true,
-                })
+                Some(Err(e)) => {
+                    w.outcome = Some(UserOutcome::Failed {
+                        message: format!("could not confirm with Graph: {e}"),
+                        suspect: graph_suspect(&e),
+                    })
+                }
+                None => {
+                    w.outcome = Some(UserOutcome::Failed {
+                        message: "Graph did not answer the confirming read".into(),
+                        suspect: true,
+                    })
+                }
             }
         }
+        keep = again;
+        tries += 1;
     }
     guard_confirmed(ctx, work, opts, tripped)
 }

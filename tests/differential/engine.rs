@@ -587,7 +587,11 @@ async fn spawn_serve(config: &Path, log: &Path) -> Result<Serve, String> {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
         .arg("--config")
         .arg(config)
-        .args(["--log", "info", "serve"])
+        .args([
+            "--log",
+            &std::env::var("DIFF_SERVE_LOG").unwrap_or_else(|_| "info".into()),
+            "serve",
+        ])
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .stderr(file)
@@ -811,7 +815,12 @@ impl Run {
         scim.record_writes(true);
         // Graph's delivery retries, compressed (real Graph keeps trying for hours).
         graph.set_delivery_retry(Duration::from_millis(100), Duration::from_secs(20));
-        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let mut dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        // DIFF_KEEP=1 keeps the data directory (store, config) for `explain` after the run.
+        if std::env::var_os("DIFF_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("seed {seed}: data kept in {}", dir.path().display());
+        }
         let config = dir.path().join("rostersync.toml");
         let log = dir.path().join("serve.log");
         let mut run = Run {
