@@ -21,6 +21,8 @@
 //! fixture; wall times depend on the machine (each Graph request waits the latency, so times are
 //! dominated by how many requests run one after another).
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,34 +35,9 @@ use rostersync::sim::scim::{ScimSim, ScimSimConfig};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::RunOptions;
 
+use common::{arg, peak_rss_mib, reset_peak_rss};
+
 const TOKEN: &str = "bench-token";
-
-fn arg(name: &str) -> Option<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-}
-
-/// Peak RSS of this process since the last [`reset_peak_rss`], in MiB (Linux).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
-/// Resets the peak RSS to the current RSS (Linux: writing 5 to clear_refs); false where that
-/// is not possible, and the peak then covers everything before too.
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
 
 /// One measured phase.
 struct Phase {

@@ -16,6 +16,8 @@
 //! the share of requests answered 429, failed and deferred users, and LMS requests per user
 //! (all of them: discovery, lookups, creates, manager PATCHes and the refused ones).
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,15 +30,9 @@ use rostersync::sim::scim::{RateLimit, ScimFaults, ScimSim, ScimSimConfig};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::RunOptions;
 
-const TOKEN: &str = "bench-token";
+use common::arg;
 
-fn arg(name: &str) -> Option<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-}
+const TOKEN: &str = "bench-token";
 
 struct Case {
     rate: f64,

@@ -10,8 +10,8 @@
 //! `S` s (default 4). The scenarios take turns for `R` rounds (default 3), so a disk made slow
 //! by other processes for a while slows all of them; figures are over all rounds, and each
 //! round's req/s is printed too. Every request is a realistic Graph change-notification body (one `updated`
-//! notification of a user from the `/users` subscription, as graph.md 3.3 and the Graph
-//! simulator shape it) with a different user id. Latency is from writing the request to
+//! notification of a user from the `/users` subscription, as docs/graph.md describes and
+//! the Graph simulator shapes it) with a different user id. Latency is from writing the request to
 //! reading the whole answer; req/s counts answers in the measured window.
 //!
 //! * a. a bare handler that reads the body and answers 202;

@@ -43,7 +43,13 @@ impl DialectMemory for StoreMemory {
 /// One integration's live parts.
 pub struct Integration {
     pub cfg: IntegrationConfig,
+    /// The worker's, `sync-user`'s and the subscriptions' Graph client (normal priority).
     pub graph: std::sync::Arc<GraphClient>,
+    /// The full reconcile's: the same tenant, token and Graph budget, but low priority and
+    /// paced (`graph::pacer`).
+    pub background: std::sync::Arc<GraphClient>,
+    /// Keeps the worker's and a reconcile's writes of one user apart (`sync::gate`).
+    pub gate: std::sync::Arc<crate::sync::gate::UserGate>,
     pub target: ScimTarget,
     pub store: IntegrationStore,
     /// Open while a subscription call of ours may make Graph validate our endpoints
@@ -88,9 +94,12 @@ impl Integration {
         .with_throttle_wait(Duration::from_secs(cfg.target.throttle_wait_secs))
         .with_dialect(cfg.target.dialect.clone())
         .with_memory(Box::new(StoreMemory(istore.clone())));
+        let background = std::sync::Arc::new(graph.background());
         Ok(Self {
             cfg: cfg.clone(),
             graph,
+            background,
+            gate: Default::default(),
             target,
             store: istore,
             handshake: Default::default(),
@@ -103,12 +112,22 @@ impl Integration {
             graph: &self.graph,
             target: &self.target,
             store: &self.store,
+            gate: &self.gate,
+        }
+    }
+
+    /// The context of a full reconcile: as [`Integration::context`], with the background
+    /// Graph client (low priority, paced).
+    pub fn background_context(&self) -> Context<'_, ScimTarget> {
+        Context {
+            graph: &self.background,
+            ..self.context()
         }
     }
 
     pub async fn reconcile(&self, opts: RunOptions, progress: Option<ProgressFn>) -> RunReport {
         let dry_run = opts.dry_run;
-        let report = reconcile::reconcile(&self.context(), opts, progress).await;
+        let report = reconcile::reconcile(&self.background_context(), opts, progress).await;
         if !dry_run {
             let seconds = (report.finished_at - report.started_at)
                 .to_std()
@@ -322,6 +341,25 @@ impl Integration {
             page.users.len()
         ))
     }
+}
+
+/// Full reconciles of several integrations side by side, at most `limit` at once (each is
+/// paced by its own tenant's Graph bucket and its own LMS, so they do not slow each other
+/// down); the reports come back in the order of `runs`. `progress` goes to every run.
+pub async fn reconcile_side_by_side(
+    runs: &[std::sync::Arc<Integration>],
+    opts: RunOptions,
+    limit: usize,
+    progress: Option<ProgressFn>,
+) -> Vec<Result<RunReport, tokio::task::JoinError>> {
+    use futures::StreamExt;
+    futures::stream::iter(runs.iter().map(|i| {
+        let progress = progress.clone();
+        async move { i.reconcile_task(opts, progress).await }
+    }))
+    .buffered(limit.max(1))
+    .collect()
+    .await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

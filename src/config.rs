@@ -547,6 +547,11 @@ impl TlsSettings {
 
 /// The longest subscription lifetime Graph grants for users and groups (under 29 days).
 pub const MAX_SUBSCRIPTION_MINUTES: u32 = 41_760;
+
+/// `server.reconcile_concurrency` when unset: full reconciles of different integrations at
+/// once. Each waits mostly on its own tenant and LMS, so they overlap well; each also holds its
+/// run's memory (about 160 MiB at 100,000 members), which bounds it.
+pub const DEFAULT_RECONCILE_CONCURRENCY: usize = 16;
 /// Default full-reconcile schedule (seconds minutes hours day-of-month month day-of-week).
 pub const DEFAULT_SCHEDULE: &str = "0 0 7,12,17 * * Mon-Fri";
 
@@ -1005,7 +1010,10 @@ impl Config {
                 "must be between 1 and 64",
             ));
         }
-        let reconcile_concurrency = raw.server.reconcile_concurrency.unwrap_or(4);
+        let reconcile_concurrency = raw
+            .server
+            .reconcile_concurrency
+            .unwrap_or(DEFAULT_RECONCILE_CONCURRENCY);
         if !(1..=64).contains(&reconcile_concurrency) {
             return Err(invalid(
                 "server.reconcile_concurrency",

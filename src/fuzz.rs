@@ -6,11 +6,13 @@
 //! element counts while they are read; replay is linear in the file); a rejected input changes
 //! no store key; secrets never appear in an error.
 //!
-//! The journal's targets live in `store::journal::fuzz_tests`. Each target runs a fixed small number of cases in `cargo test` (all of them together take
-//! well under a minute on two cores). For a longer run, raise the count for every target:
+//! The journal's targets live in `store::journal::fuzz_tests`. Each target runs a fixed small
+//! number of cases in `cargo test` (all of them together take well under a minute on two
+//! cores). For a longer run, raise the count for every target (the filter `fuzz` takes both
+//! modules):
 //!
 //! ```text
-//! PROPTEST_CASES=20000 cargo test --release --lib fuzz::
+//! PROPTEST_CASES=20000 cargo test --release --lib fuzz
 //! ```
 //!
 //! (`PROPTEST_CASES` replaces each target's default; a failing case is shrunk and printed, and

@@ -814,6 +814,7 @@ async fn a_fatal_lms_error_mid_run_ends_the_run_instead_of_hanging() {
         graph: &env.integration.graph,
         target: &failing,
         store: &env.integration.store,
+        gate: &env.integration.gate,
     };
     let run = rostersync::sync::reconcile::reconcile(&ctx, RunOptions::default(), None);
     let r = tokio::time::timeout(std::time::Duration::from_secs(60), run)

@@ -203,3 +203,82 @@ async fn serve_answers_over_https_only() {
     eprintln!("stopped {:?}", t0.elapsed());
     stopped.expect("serve ended cleanly");
 }
+
+/// With built-in TLS, an operator command reaches the `serve` that holds the store over HTTPS
+/// (the configured chain trusted, the certificate checked for 127.0.0.1), with the admin token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_reach_serve_over_built_in_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = "admin_token = { value = \"tls-admin-token-0d9c8b7a\" }";
+    let keys = tls_keys(
+        &fixtures().join("rsa-fullchain.pem").display().to_string(),
+        &fixtures().join("rsa-key-pkcs8.pem").display().to_string(),
+    );
+    let peer = spawn_refusing_peer();
+    let text = config_text(dir.path(), &format!("{keys}\n{token}"), peer);
+    let config = Config::from_toml(&text, &fixtures()).expect("config");
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        serve(
+            config,
+            ServeOptions::default(),
+            move |a| {
+                let _ = addr_tx.send(a);
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(10), addr_rx)
+        .await
+        .expect("listening in time")
+        .expect("address");
+    // The operator's config names the port serve listens on.
+    let cli_config = dir.path().join("rostersync.toml");
+    std::fs::write(
+        &cli_config,
+        text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\"")),
+    )
+    .expect("write config");
+    let run = |args: &'static [&'static str]| {
+        let cli_config = cli_config.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_rostersync"))
+                .arg("--config")
+                .arg(&cli_config)
+                .args(args)
+                .env_remove("RUST_LOG")
+                .output()
+                .await
+                .expect("run rostersync")
+        }
+    };
+    let o = run(&["queue", "stats"]).await;
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "contoso  queued 0  waiting retry 0  dead 0  oldest -\n",
+        "{out}"
+    );
+    // Start-up cannot finish (Graph refuses everything): sync-user is refused, not run.
+    let o = run(&["sync-user", "someone@contoso.onmicrosoft.com"]).await;
+    let out = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("has not finished starting"), "{out}");
+    assert!(!out.contains("tls-admin-token-0d9c8b7a"), "{out}");
+
+    let _ = stop_tx.send(());
+    let stopped = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stopped in time")
+        .expect("serve task");
+    stopped.expect("serve ended cleanly");
+}

@@ -1,6 +1,6 @@
 //! How rostersync proves the app's identity to the token endpoint: a client secret, a
-//! certificate (a signed JWT client assertion, graph.md §9.2) or a federated token from a file
-//! (workload identity federation, §9.3).
+//! certificate (a signed JWT client assertion) or a federated token from a file (workload
+//! identity federation); docs/graph.md, Tokens.
 //!
 //! Owns: certificate thumbprints, building and signing assertions, reading the federated token
 //! file. It does no HTTP (`GraphClient::fetch_token` posts what this builds) and never puts key

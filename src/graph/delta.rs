@@ -1,4 +1,4 @@
-//! Group membership delta (graph.md section 6): `members@delta` of one group, page by page,
+//! Group membership delta (docs/graph.md, Delta queries): `members@delta` of one group, page by page,
 //! ending in a deltaLink that the next round starts from.
 
 use serde_json::Value;

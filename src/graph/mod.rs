@@ -1,16 +1,17 @@
 //! Microsoft Graph client: app-only token, one retrying HTTP core, paging, and the reads the
 //! sync needs (groups, transitive user members, users, managers via `$batch`).
 //!
-//! Owns every Graph URL and wire detail (see README "Graph"). It must not know SCIM, sled or
+//! Owns every Graph URL and wire detail (docs/graph.md). It must not know SCIM, sled or
 //! the mapping; callers pass the `$select` lists.
 
 pub mod credential;
 pub mod delta;
 pub mod models;
+pub mod pacer;
 pub mod subscriptions;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -23,6 +24,7 @@ use crate::retry::{read_limited, retry_after, transport_message, RetryPolicy};
 use crate::text::is_guid;
 use credential::{ClientCredential, Proof, JWT_BEARER};
 use models::{GraphGroup, GraphUser};
+pub use pacer::{PaceSettings, PaceStats, Pacer, Priority};
 
 /// Graph pages of 999 users are ~2 MB; anything far beyond is a broken or hostile peer.
 const MAX_PAGE_BYTES: usize = 32 * 1024 * 1024;
@@ -64,9 +66,9 @@ impl GraphError {
     }
 }
 
-/// Plain advice for the token endpoint's AADSTS codes. Codes other than 7000215, 7000222,
-/// 700016, 7000218, 70011, 700027 and 90002 are not in Microsoft's published table (graph.md
-/// §12): their advice follows what Entra is widely reported to send.
+/// Plain advice for the token endpoint's AADSTS codes. 7000215, 7000222, 700016 and 7000218
+/// are in Microsoft's published table; the advice for the others follows Microsoft's error
+/// lookup and SDK troubleshooting pages (docs/graph.md, Tokens).
 pub fn aadsts_advice(code: Option<u64>, description: &str) -> String {
     let first_line = description.lines().next().unwrap_or("").trim();
     match code {
@@ -180,12 +182,17 @@ pub struct GraphClient {
     settings: GraphSettings,
     /// Root of the API, e.g. `https://graph.microsoft.com/v1.0`; nextLinks must start with it.
     api_root: String,
-    /// The cached token (see [`TokenState`]) and the signal that a fetch ended.
-    token: Mutex<TokenState>,
-    token_fetched: Notify,
+    /// The cached token (see [`TokenState`]) and the signal that a fetch ended; shared with
+    /// the [`GraphClient::background`] client of the same integration.
+    token: Arc<Mutex<TokenState>>,
+    token_fetched: Arc<Notify>,
     retry: RetryPolicy,
     /// Integration name for metrics.
     label: String,
+    /// `x-ms-throttle-priority` of every request this client sends.
+    priority: Priority,
+    /// The integration's Graph budget, shared with its other client.
+    pacer: Arc<Pacer>,
 }
 
 #[derive(Deserialize)]
@@ -291,11 +298,47 @@ impl GraphClient {
             http,
             settings,
             api_root,
-            token: Mutex::new(TokenState::default()),
-            token_fetched: Notify::new(),
+            token: Arc::new(Mutex::new(TokenState::default())),
+            token_fetched: Arc::new(Notify::new()),
             retry: RetryPolicy::default(),
             label: String::new(),
+            priority: Priority::Normal,
+            pacer: Arc::new(Pacer::default()),
         }
+    }
+
+    /// A client for background work (the full reconcile) beside this one: the same tenant,
+    /// token cache and Graph budget ([`Pacer`]), but its requests are sent with
+    /// `x-ms-throttle-priority: low` and paced so that part of the tenant's bucket stays free
+    /// for this client's (normal-priority) requests.
+    pub fn background(&self) -> GraphClient {
+        GraphClient {
+            http: self.http.clone(),
+            settings: self.settings.clone(),
+            api_root: self.api_root.clone(),
+            token: Arc::clone(&self.token),
+            token_fetched: Arc::clone(&self.token_fetched),
+            retry: self.retry,
+            label: self.label.clone(),
+            priority: Priority::Low,
+            pacer: Arc::clone(&self.pacer),
+        }
+    }
+
+    /// Uses `pacer` as this client's Graph budget (tests, benchmarks).
+    pub fn with_pacer(mut self, pacer: Arc<Pacer>) -> Self {
+        self.pacer = pacer;
+        self
+    }
+
+    /// The priority of this client's requests.
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// The Graph budget this client's requests go through.
+    pub fn pacer(&self) -> &Arc<Pacer> {
+        &self.pacer
     }
 
     /// Names the integration in this client's metrics.
@@ -655,6 +698,9 @@ impl GraphClient {
         let mut refreshed = false;
         loop {
             let token = self.token().await?;
+            // The integration's Graph budget: a pause after a 429, the pace of background
+            // reads.
+            self.pacer.admit(self.priority).await;
             let mut req = match method {
                 "POST" => self.http.post(url),
                 "PATCH" => self.http.patch(url),
@@ -663,7 +709,7 @@ impl GraphClient {
             };
             req = req
                 .bearer_auth(token.expose_secret())
-                .header("x-ms-throttle-priority", "low");
+                .header("x-ms-throttle-priority", self.priority.header());
             if let Some(b) = body {
                 req = req.json(b);
             }
@@ -700,6 +746,12 @@ impl GraphClient {
             };
             let status = resp.status().as_u16();
             let attempt = attempts.attempts();
+            if status == 429 {
+                self.pacer
+                    .throttled(self.priority, retry_after(resp.headers()));
+            } else {
+                self.pacer.answered(self.priority, resp.headers(), 1);
+            }
             if let Some(delay) =
                 attempts.retry_status(status, idempotent, retry_after(resp.headers()))
             {
@@ -935,6 +987,9 @@ impl GraphClient {
                                 })
                         })
                         .map(Duration::from_secs);
+                    if st == 429 {
+                        self.pacer.throttled(self.priority, ra);
+                    }
                     max_wait = max_wait.max(ra);
                     continue;
                 }

@@ -1,10 +1,18 @@
-//! Change-notification subscriptions: create, list, renew, reauthorize, delete
-//! (graph.md section 1).
+//! Change-notification subscriptions: create, list, renew (which also reauthorizes), delete
+//! (docs/graph.md, Subscriptions).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 
 use super::{urlencode, GraphClient, GraphError};
+
+/// The subscription resource for property changes of all users.
+pub const USERS_RESOURCE: &str = "/users";
+
+/// The subscription resource for membership changes of one group.
+pub fn group_members_resource(group_id: &str) -> String {
+    format!("/groups/{group_id}/members")
+}
 
 /// A subscription as Graph describes it (clientState is never read back).
 #[derive(Clone, Debug, PartialEq)]
@@ -160,21 +168,6 @@ impl GraphClient {
             })),
             404 => Ok(None),
             _ => Err(self.api_error("PATCH", &url, status, &resp)),
-        }
-    }
-
-    /// `false`: it no longer exists.
-    pub async fn reauthorize_subscription(&self, id: &str) -> Result<bool, GraphError> {
-        let url = format!(
-            "{}/subscriptions/{}/reauthorize",
-            self.api_root,
-            urlencode(id)
-        );
-        let (status, resp) = self.send("POST", &url, None).await?;
-        match status {
-            200..=299 => Ok(true),
-            404 => Ok(false),
-            _ => Err(self.api_error("POST", &url, status, &resp)),
         }
     }
 

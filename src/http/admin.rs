@@ -3,7 +3,8 @@
 //! token, or as the password of HTTP Basic so a browser can prompt for it) and is disabled
 //! without one; `/metrics` needs it only with `metrics_require_token`. Nothing here shows a
 //! secret: the documents are built from run reports, queue items, subscription records and
-//! health problems, none of which hold one.
+//! health problems, none of which hold one. The operator commands' API (`/admin/…`) is in
+//! `http::ops`, behind the same token.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct Admin {
     pub integrations: Vec<AdminIntegration>,
     pub token: Option<SecretString>,
     pub metrics_require_token: bool,
+    /// `serve`'s live side for the operator commands (`/admin/…`, see `http::ops`).
+    pub serving: Option<Arc<dyn crate::ops::Serving>>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, admin: web::Data<Admin>) {
@@ -47,7 +50,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, admin: web::Data<Admin>) {
         .route(
             "/status/{integration}/users/{user}",
             web::get().to(explain_user),
-        );
+        )
+        .configure(super::ops::configure);
 }
 
 /// `explain` over HTTP: the last decision traced for one user (object id, UPN or userName)
@@ -164,7 +168,7 @@ fn gate(req: &HttpRequest, admin: &Admin, required: bool) -> Option<HttpResponse
 
 /// Counts an admin request without a valid token; logs at most one line per 10 s with the
 /// count since the last one (a stranger guessing tokens must not fill the log).
-fn refused_admin_request(req: &HttpRequest) {
+pub(crate) fn refused_admin_request(req: &HttpRequest) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
     static REFUSED: AtomicU64 = AtomicU64::new(0);

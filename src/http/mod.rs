@@ -13,6 +13,7 @@
 //! writes (see [`Store::write_state`]).
 
 pub mod admin;
+pub mod ops;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

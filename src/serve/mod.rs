@@ -3,6 +3,7 @@
 //! incremental worker, renews subscriptions and runs the scheduled full reconcile. Stops
 //! gracefully: no new requests, in-flight requests and the current batch finish, store flushed.
 
+mod ops;
 pub mod subs;
 
 use std::collections::HashMap;
@@ -86,14 +87,60 @@ struct Live {
     integ: Integration,
     client_state: String,
     wake: Arc<Notify>,
-    /// Held by a full reconcile and by each incremental batch: never both at once.
-    run_lock: Mutex<()>,
+    /// Held by whatever creates, renews or deletes subscriptions (start-up, renewals, a
+    /// changed group tree, lifecycle events, an operator's `subscriptions renew|delete`), so
+    /// two never race on the same records. Taken after the gate's exclusive lock, never before it.
+    subs_lock: Mutex<()>,
+    /// One `queue replay` at a time: two would queue the same dead letters twice.
+    replay_lock: Mutex<()>,
+    /// Start-up (intents settled, group tree, subscriptions) is done.
+    started: std::sync::atomic::AtomicBool,
+    /// Every secret of this integration, for errors that leave through the admin API.
+    redactor: crate::redact::Redactor,
+    /// A full reconcile is due (`reconcile_loop` runs it beside the incremental worker; the
+    /// two keep apart through the integration's `sync::gate`).
+    due: std::sync::Mutex<Due>,
+    reconcile_wake: Notify,
     health: Arc<IntegrationHealth>,
     /// The tenant GUID the webhook checks (resolved at start-up when `tenant_id` is a domain).
     tenant: TenantGuid,
     /// Shared by every integration: at most `server.reconcile_concurrency` full reconciles
     /// at once.
     reconciles: Arc<tokio::sync::Semaphore>,
+}
+
+/// A full reconcile asked for and not run yet.
+#[derive(Default)]
+struct Due {
+    /// Why (the latest reason); `None`: nothing is due.
+    reason: Option<String>,
+    /// Queue items (`Hint::Reconcile`, lifecycle events) that asked for it: they leave the
+    /// queue once the run is over, so a crash meanwhile runs it again at the next start.
+    items: Vec<u64>,
+    /// Items handed to a run not finished yet (the worker skips them in the queue).
+    handed: std::collections::BTreeSet<u64>,
+}
+
+impl Live {
+    /// Asks `reconcile_loop` for a full reconcile (several asks before it starts make one).
+    fn reconcile_soon(&self, reason: String, items: Vec<u64>) {
+        {
+            let mut d = self.due.lock().unwrap_or_else(|e| e.into_inner());
+            d.reason = Some(reason);
+            d.handed.extend(items.iter().copied());
+            d.items.extend(items);
+        }
+        self.reconcile_wake.notify_one();
+    }
+
+    /// Queue items already handed to a reconcile.
+    fn handed(&self) -> std::collections::BTreeSet<u64> {
+        self.due
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handed
+            .clone()
+    }
 }
 
 /// Whether `serve` may start with this server config: an admin token must not be asked for
@@ -170,12 +217,18 @@ pub async fn serve(
         hook.handshake.open_for(opts.handshake_startup_window);
         let tenant = hook.tenant.clone();
         hooks.insert(cfg.name.to_string(), hook);
+        let redactor = crate::redact::Redactor::of(cfg, Some(&integ.store));
         lives.push(Arc::new(Live {
             health: Arc::new(IntegrationHealth::new(cfg.name.as_str())),
             integ,
             client_state,
             wake,
-            run_lock: Mutex::new(()),
+            subs_lock: Mutex::new(()),
+            replay_lock: Mutex::new(()),
+            started: std::sync::atomic::AtomicBool::new(false),
+            redactor,
+            due: Default::default(),
+            reconcile_wake: Notify::new(),
             tenant,
             reconciles: Arc::clone(&reconciles),
         }));
@@ -194,6 +247,7 @@ pub async fn serve(
             crate::metrics::last_success_at(l.integ.cfg.name.as_str(), r.finished_at.timestamp());
         }
     }
+    let serving = Arc::new(ops::ServeOps::new(lives.clone()));
     let admin = web::Data::new(Admin {
         store: store.clone(),
         integrations: lives
@@ -209,6 +263,7 @@ pub async fn serve(
             .collect(),
         token: config.server.admin_token.clone(),
         metrics_require_token: config.server.metrics_require_token,
+        serving: Some(serving.clone() as Arc<dyn crate::ops::Serving>),
     });
     let health = web::Data::new(Health {
         store: store.clone(),
@@ -232,6 +287,7 @@ pub async fn serve(
         .server
         .public_url_for(bound)
         .ok_or(ServeError::NoPublicUrl(bound))?;
+    serving.set_public(public.clone());
     let handle = server.handle();
     let server_task = tokio::spawn(server);
     tracing::info!(%bound, public_url = %public, "listening");
@@ -354,6 +410,8 @@ async fn integration_main(
         }
     };
     live.health.set_problem("startup", None);
+    live.started
+        .store(true, std::sync::atomic::Ordering::Release);
     // Start-up just got a token, reached the LMS and made the subscriptions.
     live.health.set_problem("graph token", None);
     live.health.set_problem("lms", None);
@@ -366,7 +424,8 @@ async fn integration_main(
         opts.clone(),
         stop.clone(),
     ));
-    set.spawn(schedule_loop(
+    set.spawn(schedule_loop(Arc::clone(&live), stop.clone()));
+    set.spawn(reconcile_loop(
         Arc::clone(&live),
         public.clone(),
         stop.clone(),
@@ -409,12 +468,14 @@ async fn startup(live: &Live, public: &Url) -> Result<Targeting, String> {
         integ.store.enqueue(&hints).map_err(|e| e.to_string())?;
     }
     worker::init_tree(&ctx).await.map_err(|e| e.to_string())?;
+    let subs_guard = live.subs_lock.lock().await;
     let gone = subs::reconcile_with_graph(integ, public)
         .await
         .map_err(|e| e.to_string())?;
     let recreated = subs::ensure(integ, public, &live.client_state)
         .await
         .map_err(|e| e.to_string())?;
+    drop(subs_guard);
     let ever_reconciled = integ
         .store
         .runs::<crate::sync::reconcile::RunReport>(1)
@@ -453,7 +514,7 @@ async fn full_reconcile(live: &Live, public: &Url, reason: &str) {
     );
     if report.tree_changed {
         // Nested groups joined or left: their subscriptions follow.
-        if let Err(e) = subs::ensure(&live.integ, public, &live.client_state).await {
+        if let Err(e) = ensure_subscriptions(live, public).await {
             tracing::error!(error = %e, "subscriptions for a changed group tree failed");
         }
         subscriptions_checked(live);
@@ -479,10 +540,10 @@ async fn worker_loop(
         if *stop.borrow() {
             return;
         }
-        let _guard = live.run_lock.lock().await;
         let mut fatal = false;
         loop {
-            let items = match store.queue_ready(Utc::now(), 500) {
+            let handed = live.handed();
+            let items = match store.queue_ready(Utc::now(), 500 + handed.len()) {
                 Ok(i) => i,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the queue");
@@ -490,31 +551,50 @@ async fn worker_loop(
                     break;
                 }
             };
+            // Items that asked for a reconcile still running stay queued until it ends.
+            let items: Vec<_> = items
+                .into_iter()
+                .filter(|(id, _)| !handed.contains(id))
+                .collect();
             if items.is_empty() {
                 break;
             }
+            // Each batch is exclusive with a reconcile's whole-integration steps (reading
+            // back intents, rebuilding the membership mirror), not with the reconcile itself.
+            let _batch = live.integ.gate.exclusive().await;
             let (special, normal): (Vec<_>, Vec<_>) = items.into_iter().partition(|(_, it)| {
                 matches!(it.hint, Hint::Lifecycle { .. } | Hint::Reconcile { .. })
             });
             let mut reconcile_reason: Option<String> = None;
+            let mut asked: Vec<u64> = Vec::new();
             let mut done = Vec::new();
             for (id, it) in special {
                 match &it.hint {
-                    Hint::Reconcile { reason } => reconcile_reason = Some(reason.clone()),
+                    Hint::Reconcile { reason } => {
+                        reconcile_reason = Some(reason.clone());
+                        asked.push(id);
+                        continue;
+                    }
                     Hint::Lifecycle {
                         event,
                         subscription_id,
                     } => {
-                        match subs::lifecycle(
+                        let subs_guard = live.subs_lock.lock().await;
+                        let handled = subs::lifecycle(
                             &live.integ,
                             &public,
                             &live.client_state,
                             event,
                             subscription_id,
                         )
-                        .await
-                        {
-                            Ok(true) => reconcile_reason = Some(format!("lifecycle event {event}")),
+                        .await;
+                        drop(subs_guard);
+                        match handled {
+                            Ok(true) => {
+                                reconcile_reason = Some(format!("lifecycle event {event}"));
+                                asked.push(id);
+                                continue;
+                            }
                             Ok(false) => {}
                             Err(e) => {
                                 tracing::error!(%event, error = %e, "lifecycle event handling failed")
@@ -534,13 +614,19 @@ async fn worker_loop(
                             "groups",
                             (!out.stopped.is_empty()).then(|| out.stopped.join("; ")),
                         );
-                        if let Some(r) = out.reconcile {
-                            reconcile_reason = Some(r);
+                        if let Some(reason) = out.reconcile {
+                            // Queued, so that a stop or crash before the run is over runs it
+                            // again at the next start; handed to the reconcile loop from the
+                            // queue like any other.
+                            if let Err(e) = store.enqueue(&[QueueItem::new(Hint::Reconcile {
+                                reason: reason.clone(),
+                            })]) {
+                                tracing::error!(error = %e, "cannot queue the full reconcile; running it anyway");
+                                reconcile_reason = Some(reason);
+                            }
                         }
                         if out.tree_changed {
-                            if let Err(e) =
-                                subs::ensure(&live.integ, &public, &live.client_state).await
-                            {
+                            if let Err(e) = ensure_subscriptions(&live, &public).await {
                                 tracing::error!(error = %e, "subscriptions for a changed group tree failed");
                             }
                             subscriptions_checked(&live);
@@ -553,17 +639,18 @@ async fn worker_loop(
                     }
                 }
             }
-            if let Some(reason) = reconcile_reason {
-                full_reconcile(&live, &public, &reason).await;
-            }
             if let Err(e) = store.dequeue(&done) {
                 tracing::error!(error = %e, "cannot remove handled items");
+            }
+            drop(_batch);
+            if let Some(reason) = reconcile_reason {
+                // Runs beside this loop: the next notifications do not wait for it.
+                live.reconcile_soon(reason, asked);
             }
             if fatal || *stop.borrow() {
                 break;
             }
         }
-        drop(_guard);
         if fatal {
             let wait = failures.retry(None).unwrap_or(retry.cap);
             if sleep_or_stop(wait, &mut stop).await {
@@ -580,7 +667,36 @@ async fn worker_loop(
     }
 }
 
-async fn schedule_loop(live: Arc<Live>, public: Url, mut stop: watch::Receiver<bool>) {
+/// Runs the full reconciles asked for (by the worker, a lifecycle event, the schedule), one
+/// at a time, beside the incremental worker.
+async fn reconcile_loop(live: Arc<Live>, public: Url, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (reason, items) = {
+            let mut d = live.due.lock().unwrap_or_else(|e| e.into_inner());
+            (d.reason.take(), std::mem::take(&mut d.items))
+        };
+        if let Some(reason) = reason {
+            full_reconcile(&live, &public, &reason).await;
+            if let Err(e) = live.integ.store.dequeue(&items) {
+                tracing::error!(error = %e, "cannot remove handled items");
+            }
+            let mut d = live.due.lock().unwrap_or_else(|e| e.into_inner());
+            for i in &items {
+                d.handed.remove(i);
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = live.reconcile_wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+async fn schedule_loop(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
     let cfg = &live.integ.cfg;
     let Ok(cron) = cfg.cron() else { return };
     loop {
@@ -599,9 +715,8 @@ async fn schedule_loop(live: Arc<Live>, public: Url, mut stop: watch::Receiver<b
         if sleep_or_stop(wait, &mut stop).await {
             return;
         }
-        // Incremental work waits while this runs (and this waits for a batch in flight).
-        let _guard = live.run_lock.lock().await;
-        full_reconcile(&live, &public, "schedule").await;
+        // Incremental work goes on while it runs.
+        live.reconcile_soon("schedule".into(), Vec::new());
     }
 }
 
@@ -617,7 +732,7 @@ async fn renew_loop(
         if sleep_or_stop(every, &mut stop).await {
             return;
         }
-        match subs::ensure(&live.integ, &public, &live.client_state).await {
+        match ensure_subscriptions(&live, &public).await {
             Ok(recreated) => {
                 live.health.set_problem("subscriptions", None);
                 subscriptions_checked(&live);
@@ -650,6 +765,12 @@ async fn health_loop(live: Arc<Live>, opts: ServeOptions, mut stop: watch::Recei
             return;
         }
     }
+}
+
+/// `subs::ensure` under the integration's subscription lock.
+async fn ensure_subscriptions(live: &Live, public: &Url) -> Result<bool, subs::SubsError> {
+    let _guard = live.subs_lock.lock().await;
+    subs::ensure(&live.integ, public, &live.client_state).await
 }
 
 /// The "subscriptions live" check, from the store now: called whenever subscriptions were made

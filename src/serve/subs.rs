@@ -8,8 +8,9 @@ use url::Url;
 
 use crate::app::Integration;
 use crate::config::MAX_SUBSCRIPTION_MINUTES;
-use crate::graph::subscriptions::{Created, NewSubscription};
+use crate::graph::subscriptions::{self, Created, NewSubscription};
 use crate::graph::GraphError;
+use crate::ops::subscriptions::{AtGraph, DeleteDoc, Deleted, ListDoc, Listed, RenewDoc, Renewed};
 use crate::store::state::{client_state_fingerprint, SubscriptionRecord, Watch};
 use crate::store::StoreError;
 
@@ -27,16 +28,22 @@ pub enum SubsError {
 
 pub fn resource(w: &Watch) -> String {
     match w {
-        Watch::Users => "/users".into(),
-        Watch::Members { group_id } => format!("/groups/{group_id}/members"),
+        Watch::Users => subscriptions::USERS_RESOURCE.into(),
+        Watch::Members { group_id } => subscriptions::group_members_resource(group_id),
     }
 }
 
 pub fn notification_url(public: &Url, name: &str) -> String {
     format!(
-        "{}/webhooks/graph/{name}",
-        public.as_str().trim_end_matches('/')
+        "{}{}",
+        public.as_str().trim_end_matches('/'),
+        notification_path(name)
     )
+}
+
+/// The path every notification URL of this integration ends with, whatever `public_url` was.
+fn notification_path(name: &str) -> String {
+    format!("/webhooks/graph/{name}")
 }
 
 pub fn lifecycle_url(public: &Url, name: &str) -> String {
@@ -458,6 +465,114 @@ pub async fn lifecycle(
             Ok(false)
         }
     }
+}
+
+/// `subscriptions list`: each recorded subscription with whether Graph still has it, then
+/// those Graph holds at this integration's address that the store does not know.
+pub async fn list(integ: &Integration) -> Result<ListDoc, SubsError> {
+    let name = integ.cfg.name.as_str();
+    let remote = integ.graph.list_subscriptions().await?;
+    let mut out = Vec::new();
+    for r in integ.store.subscriptions()? {
+        let live = remote.iter().any(|s| s.id == r.id);
+        out.push(Listed {
+            id: r.id,
+            resource: r.resource,
+            expires_at: Some(r.expires_at),
+            at_graph: if live {
+                AtGraph::Live
+            } else {
+                AtGraph::NotFound
+            },
+        });
+    }
+    let ours = notification_path(name);
+    for s in remote {
+        if s.notification_url.ends_with(&ours) && integ.store.subscription(&s.id)?.is_none() {
+            out.push(Listed {
+                id: s.id,
+                resource: s.resource,
+                expires_at: None,
+                at_graph: AtGraph::UnknownToStore,
+            });
+        }
+    }
+    Ok(ListDoc {
+        integration: name.to_string(),
+        subscriptions: out,
+    })
+}
+
+/// `subscriptions renew`: renews every subscription now (recreating any that is gone), then
+/// lists them. The bool: one had to be made again (notifications may have been missed).
+pub async fn renew_now(
+    integ: &Integration,
+    public: &Url,
+    client_state: &str,
+) -> Result<(RenewDoc, bool), SubsError> {
+    // Each one asked of Graph now (`ensure` alone renews only those close to their expiry,
+    // judged by the lifetime last granted).
+    let mut recreated = false;
+    for mut r in integ.store.subscriptions()? {
+        if !renew_record(integ, &mut r).await? {
+            tracing::warn!(subscription = %r.id, "subscription is gone (404); creating it again");
+            integ.store.remove_subscription(&r.id)?;
+            recreated = true;
+        }
+    }
+    // Then whatever is missing or no longer wanted, as every renewal check does.
+    recreated |= ensure(integ, public, client_state).await?;
+    let subscriptions = integ
+        .store
+        .subscriptions()?
+        .into_iter()
+        .map(|r| Renewed {
+            id: r.id,
+            resource: r.resource,
+            expires_at: r.expires_at,
+        })
+        .collect();
+    let doc = RenewDoc {
+        integration: integ.cfg.name.to_string(),
+        subscriptions,
+    };
+    Ok((doc, recreated))
+}
+
+/// `subscriptions delete`: deletes every recorded subscription at Graph and in the store, up
+/// to the first failure (named in the document).
+pub async fn delete_all(integ: &Integration) -> DeleteDoc {
+    let mut doc = DeleteDoc {
+        integration: integ.cfg.name.to_string(),
+        deleted: Vec::new(),
+        error: None,
+    };
+    let recs = match integ.store.subscriptions() {
+        Ok(r) => r,
+        Err(e) => {
+            doc.error = Some(crate::ops::error_chain(&e));
+            return doc;
+        }
+    };
+    for r in recs {
+        let step = async {
+            let gone = integ.graph.delete_subscription(&r.id).await?;
+            integ.store.remove_subscription(&r.id)?;
+            Ok::<bool, SubsError>(gone)
+        };
+        match step.await {
+            Ok(deleted) => doc.deleted.push(Deleted {
+                id: r.id,
+                resource: r.resource,
+                deleted,
+            }),
+            Err(e) => {
+                doc.error = Some(crate::ops::error_chain(&e));
+                break;
+            }
+        }
+    }
+    doc
 }
 
 #[cfg(test)]

@@ -51,6 +51,16 @@ impl From<sled::Error> for StoreError {
     }
 }
 
+/// Whether sled refused to open because another process (or another handle in this one)
+/// holds the data directory's lock: sled 0.34 reports a failed `try_lock_exclusive` of its
+/// `db` file as an `Io` error of kind `Other` with exactly this message prefix, and nothing
+/// else it reports starts so. An unreadable, full or corrupt directory is not a lock.
+fn is_lock_conflict(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io)
+        if io.kind() == std::io::ErrorKind::Other
+            && io.to_string().starts_with("could not acquire lock on "))
+}
+
 /// What rostersync last applied to one target user: the link (target id) and the mapped
 /// record. Only users in this index are ever modified or deactivated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,16 +126,12 @@ impl Store {
             .cache_capacity(32 * 1024 * 1024)
             .open()
             .map_err(|e| {
-                let msg = e.to_string();
-                if msg.contains("lock")
-                    || msg.contains("WouldBlock")
-                    || msg.contains("Resource temporarily unavailable")
-                {
+                if is_lock_conflict(&e) {
                     StoreError::Locked(path.to_path_buf())
                 } else {
                     StoreError::Open {
                         path: path.to_path_buf(),
-                        message: msg,
+                        message: e.to_string(),
                     }
                 }
             })?;
@@ -595,6 +601,30 @@ pub fn new_run_id() -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::sync::mapping::{AttrValue, ACTIVE};
+
+    #[test]
+    fn only_sleds_lock_conflict_is_reported_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let first = Store::open(&data).unwrap();
+        // flock is per open file: a second handle in this process conflicts as another
+        // process would.
+        match Store::open(&data) {
+            Err(StoreError::Locked(p)) => assert_eq!(p, data),
+            other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+        }
+        drop(first);
+        // Not a lock: a data directory that is a file, a path with "lock" in its name.
+        let file = dir.path().join("lockfile-block");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(Store::open(&file), Err(StoreError::Open { .. })));
+        let io = sled::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "lock WouldBlock Resource temporarily unavailable",
+        ));
+        assert!(!is_lock_conflict(&io));
+        assert!(!is_lock_conflict(&sled::Error::Unsupported("lock".into())));
+    }
 
     /// A temporary store and its integration "a" (keep the store alive with it).
     pub(crate) fn store_a() -> (Store, IntegrationStore) {

@@ -130,7 +130,7 @@ fn id_of(k: &[u8]) -> u64 {
 }
 
 /// Queue and dead-letter counts.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueStats {
     pub queued: usize,
     pub waiting_retry: usize,
@@ -271,6 +271,29 @@ impl IntegrationStore {
 
     pub fn dead_letters(&self) -> Result<Vec<(u64, QueueItem)>, StoreError> {
         self.dead_letters_first(usize::MAX)
+    }
+
+    /// At most `limit` dead letters with an id above `after` (all from the first without),
+    /// oldest first: a page of `queue dead`.
+    pub fn dead_letters_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, QueueItem)>, StoreError> {
+        let tree = format!("{}/dead", self.name);
+        let from = match after {
+            None => 0,
+            Some(u64::MAX) => return Ok(Vec::new()),
+            Some(a) => a + 1,
+        };
+        self.dead
+            .range(key(from)..)
+            .take(limit)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((id_of(&k), decode_item(&tree, &k, &v)))
+            })
+            .collect()
     }
 
     /// Moves dead letters back to the queue with a fresh attempt count (`None`: all of them);

@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod decide;
+pub mod gate;
 pub mod managers;
 pub mod mapping;
 pub mod plan;

@@ -43,6 +43,8 @@ pub struct Context<'a, T: Target> {
     pub graph: &'a Arc<GraphClient>,
     pub target: &'a T,
     pub store: &'a IntegrationStore,
+    /// Keeps the worker's and a reconcile's writes of one user apart (`sync::gate`).
+    pub gate: &'a super::gate::UserGate,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -190,6 +192,11 @@ struct Run<'a, 'c, T: Target> {
     /// Writes failed in a row with errors that may concern the whole LMS (401, 5xx, no
     /// answer): past a few, the run stops even if reads still work (e.g. a read-only token).
     suspect_streak: usize,
+    /// The run's place in the integration's gate (`sync::gate`): users the worker wrote
+    /// after it are left to the worker.
+    epoch: u64,
+    /// Changes left to the worker (it held or wrote the user during the run).
+    left: u64,
 }
 
 /// A deactivation the listing suggests (not listed, or a disabled member), to be confirmed.
@@ -326,8 +333,12 @@ pub async fn reconcile<T: Target>(
             notes: Vec::new(),
             tree_changed: false,
         };
+        // From here on, users the incremental worker writes are left to it (`sync::gate`).
+        let ticket = ctx.gate.begin_run();
         let mut run = Run {
             ctx,
+            epoch: ticket.epoch(),
+            left: 0,
             opts,
             caps: Capabilities::default(),
             managed: BTreeSet::new(),
@@ -347,6 +358,28 @@ pub async fn reconcile<T: Target>(
         };
         tracing::info!("reconcile started");
         let result = run.execute().await;
+        if !opts.dry_run {
+            // Whom the worker decided while this run wrote: decided again now that the run's
+            // writes and index entries are all stored (a manager it created, for instance).
+            let again: Vec<crate::store::queue::QueueItem> = ticket
+                .worker_touched()
+                .into_iter()
+                .map(crate::store::queue::QueueItem::follow_up)
+                .collect();
+            if !again.is_empty() {
+                tracing::info!(users = again.len(), "users the incremental worker changed during the run are decided again");
+                if let Err(e) = ctx.store.enqueue(&again) {
+                    tracing::error!(error = %e, "could not queue the users the worker changed during the run");
+                }
+            }
+        }
+        drop(ticket);
+        if run.left > 0 {
+            run.report.notes.push(format!(
+                "{} users were being changed by the incremental worker during this run and were left to it",
+                run.left
+            ));
+        }
         let mut report = run.report;
         report.finished_at = Utc::now();
         if let Err(e) = &result {
@@ -556,7 +589,7 @@ impl<T: Target> Run<'_, '_, T> {
             if users.is_empty() {
                 break;
             }
-            // Advance by what came back, not by `total`: servers misreport it (scim.md §9.7).
+            // Advance by what came back, not by `total`: servers misreport it (docs/scim.md).
             let _ = total;
             start += users.len();
             for u in users {
@@ -605,6 +638,8 @@ impl<T: Target> Run<'_, '_, T> {
                 self.actual.insert(i.entra_id, Some(Record::new()));
             }
         } else {
+            // Not while a worker batch is under way: its intents are its own until it ends.
+            let _whole = self.ctx.gate.exclusive().await;
             let settled = super::apply::settle_intents(self.ctx, &self.managed).await?;
             if !settled.settled.is_empty() {
                 self.report.notes.push(format!(
@@ -718,9 +753,15 @@ impl<T: Target> Run<'_, '_, T> {
         self.report.notes.extend(self.ctx.target.notes());
 
         if !self.opts.dry_run {
+            // The membership mirror and the group tree are the worker's too: rebuilt between
+            // its batches.
+            let _whole = self.ctx.gate.exclusive().await;
             let remember = std::mem::take(&mut self.remember);
             let mut entries = Vec::new();
             for (id, manager) in remember {
+                if self.ctx.gate.worker_has(&id, self.epoch) {
+                    continue;
+                }
                 if let Some(mut e) = self.ctx.store.get_user(&id)? {
                     e.manager = manager;
                     entries.push((id, e));
@@ -1603,11 +1644,21 @@ impl<T: Target> Run<'_, '_, T> {
                     let Some((c, id)) = self.pipe.armed.pop_front() else {
                         break;
                     };
+                    // Held until its index entry is written (or it failed).
+                    if !ctx.gate.try_write(&c.entra_id, self.epoch) {
+                        if let Err(e) = self.leave_to_worker(c, id) {
+                            error.get_or_insert(e.into());
+                        }
+                        continue;
+                    }
                     inflight.push(start(c, id));
                 }
             }
             let buffered = self.pipe.entries.len() + self.pipe.traces.len();
-            if writing.is_none() && buffered > 0 && (buffered >= WRITE_BATCH || inflight.is_empty())
+            // The worker may be waiting for one of these users: no need to fill a batch first.
+            if writing.is_none()
+                && buffered > 0
+                && (buffered >= WRITE_BATCH || inflight.is_empty() || ctx.gate.worker_waiting())
             {
                 writing = Some(self.write_applied());
             }
@@ -1666,6 +1717,7 @@ impl<T: Target> Run<'_, '_, T> {
                     match w {
                         Ok((keys, Ok(()))) => {
                             for k in keys {
+                                ctx.gate.release_write(&k);
                                 self.pipe.unwritten.remove(&k);
                                 let id = self
                                     .pipe
@@ -1724,6 +1776,17 @@ impl<T: Target> Run<'_, '_, T> {
             return Box::pin(self.drive(None, counted)).await;
         }
         Ok(())
+    }
+
+    /// A change of a user the incremental worker holds, or wrote during this run: not sent
+    /// (the worker's read is fresher than this run's plan); its intent is settled as not
+    /// written, and members waiting for it as their manager are linked at the end.
+    fn leave_to_worker(&mut self, c: PlannedChange, chunk: IntentId) -> Result<(), StoreError> {
+        tracing::info!(user = %c.entra_id, action = c.action.as_str(), "left to the incremental worker, which changed this user during the run");
+        let _ = self.traces.take(&c);
+        self.left += 1;
+        self.chunk_done(chunk)?;
+        self.resolve(&c.entra_id, None)
     }
 
     /// One change of an intent record is settled (written to the index, or failed): once all
@@ -1812,6 +1875,7 @@ impl<T: Target> Run<'_, '_, T> {
                 uncertain,
                 suspect,
             }) => {
+                self.ctx.gate.release_write(&c.entra_id);
                 if self.traces.enabled() {
                     let mut t = self.traces.take(&c);
                     t.failed(&message, true);
@@ -1844,6 +1908,7 @@ impl<T: Target> Run<'_, '_, T> {
             }
             Err(ApplyError::Deferred { message, uncertain }) => {
                 tracing::info!(user = %c.entra_id, user_name = %c.user_name, %message, "write deferred to the next run");
+                self.ctx.gate.release_write(&c.entra_id);
                 if self.traces.enabled() {
                     let mut t = self.traces.take(&c);
                     t.failed(&message, true);
@@ -1894,7 +1959,10 @@ impl<T: Target> Run<'_, '_, T> {
                 _ => None,
             };
             if e.record.get(MANAGER) == want.as_ref() {
-                if e.manager != manager && !self.opts.dry_run {
+                if e.manager != manager
+                    && !self.opts.dry_run
+                    && !self.ctx.gate.worker_has(&id, self.epoch)
+                {
                     // Nothing to send, but remember who the manager is now.
                     if let Some(mut full) = self.ctx.store.get_user(&id)? {
                         full.manager = manager;

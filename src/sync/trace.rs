@@ -767,7 +767,7 @@ impl Pending {
 }
 
 /// What rostersync knows about a user now: the last applied state from the index.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IndexState {
     pub target_id: String,
     pub user_name: String,
@@ -796,7 +796,7 @@ impl From<&IndexEntry> for IndexState {
 }
 
 /// The answer to "why is this user as they are": the last stored trace and the index entry.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {
     pub integration: String,
     /// What was asked for (object id, UPN or userName).

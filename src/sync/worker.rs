@@ -9,7 +9,8 @@
 //! When a user's presence in the LMS changes (created, reactivated, deactivated, relinked),
 //! the users it manages are decided again in the same pass, so their manager links follow.
 //! Each batch handles a user at most once per round, and batches of one integration run one
-//! after another, so one user never has two changes in flight.
+//! after another, so one user never has two changes in flight. A full reconcile runs beside
+//! the batches; `sync::gate` keeps the two from writing one user at once or out of order.
 //!
 //! Durability: derived user hints are queued before a delta link is advanced, and an item
 //! leaves the queue only after its change was applied or it was moved to the dead letters.
@@ -661,6 +662,10 @@ async fn one_round<T: Target>(
     first: bool,
 ) -> Result<Vec<UserTask>, RunError> {
     let conc = opts.concurrency.max(1);
+    // 0. The round's users are the worker's until their writes are stored: a reconcile running
+    // beside it neither writes them meanwhile nor afterwards in this run (`sync::gate`); a
+    // reconcile write of one of them in flight is waited for, so Graph is read after it.
+    let _claim = ctx.gate.claim(tasks.iter().map(|t| t.id.clone())).await;
     // 1. Gather and decide, Graph reads concurrently.
     // Collected first: a lazily mapped iterator trips the compiler's Send check of the
     // spawned serve tasks.
@@ -996,6 +1001,9 @@ fn finish_round<T: Target>(
     Ok(next.into_values().collect())
 }
 
+/// The longest a confirming read may take for a deactivation to rest on it (see `confirm`).
+const FRESH_READ_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// Reads again from Graph every user whose decision was "confirm first" and decides again.
 /// The budget is checked before the reads (a mass event costs no reads); a user that answered
 /// 404 is only believed gone on a second 404 `gone_confirm_after` after the first.
@@ -1093,6 +1101,7 @@ async fn confirm<T: Target>(
     let ids: Vec<String> = keep.iter().map(|&i| work[i].task.id.clone()).collect();
     let mapping = &ctx.cfg.mapping;
     let manager_select = mapping.manager_select();
+    let asked = std::time::Instant::now();
     let reads = match ctx
         .graph
         .fresh_reads(
@@ -1117,6 +1126,10 @@ async fn confirm<T: Target>(
     };
     let mut reads = reads;
     let now = Utc::now();
+    // Answers that took long (inner 429s retried after their Retry-After, a slow Graph) may be
+    // older than the directory by the time they would be written: a deactivation then waits
+    // for a fresh read in a later batch rather than rest on them.
+    let stale = asked.elapsed() > FRESH_READ_MAX_AGE;
     for &i in &keep {
         let w = &mut work[i];
         let Some(g) = &w.gathered else { continue };
@@ -1135,7 +1148,17 @@ async fn confirm<T: Target>(
                     continue;
                 }
                 if let Some(f) = fresh.facts() {
-                    w.decision = Some(decide::decide(&w.task.id, &f, opts.dry_run));
+                    let d = decide::decide(&w.task.id, &f, opts.dry_run);
+                    let deactivates =
+                        matches!(&d.verdict, Verdict::Change(c) if c.action == Action::Deactivate);
+                    if stale && deactivates && !opts.wait_inline {
+                        w.outcome = Some(UserOutcome::Wait {
+                            until: now + chrono::Duration::seconds(1),
+                            missing_since: w.task.missing_since,
+                        });
+                        continue;
+                    }
+                    w.decision = Some(d);
                 }
                 w.gathered = Some(fresh);
             }

@@ -1,5 +1,5 @@
 //! Validation of the `validationTokens` JWTs that Microsoft Graph attaches to change and lifecycle
-//! notifications (reference: `graph.md` §5, §3.4, §4).
+//! notifications (docs/graph.md, Notifications; docs/security.md).
 //!
 //! Every token in a notification batch must pass; one failure rejects the batch. A token passes
 //! when all of these hold:

@@ -70,12 +70,21 @@ pub async fn launch(env: TestEnv) -> Served {
     launch_on(env, 0).await
 }
 
+/// Starts `serve` and returns once it listens, without waiting for its first reconcile.
+pub async fn launch_unready(env: TestEnv) -> Served {
+    launch_with(env, 0, false).await
+}
+
 /// Starts `serve` again on a known port (the subscriptions Graph holds point at it).
 pub async fn relaunch_on(env: TestEnv, port: u16) -> Served {
     launch_on(env, port).await
 }
 
 async fn launch_on(env: TestEnv, port: u16) -> Served {
+    launch_with(env, port, true).await
+}
+
+async fn launch_with(env: TestEnv, port: u16, ready: bool) -> Served {
     let text = env.config_toml.replacen(
         "[server]\n",
         &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
@@ -127,6 +136,9 @@ async fn launch_on(env: TestEnv, port: u16) -> Served {
         stop: Some(stop_tx),
         task,
     };
+    if !ready {
+        return s;
+    }
     // Ready: subscriptions made through the handshake, first reconcile applied and recorded
     // (so a test's own changes never race it).
     let members = s.env.member_ids().len();

@@ -1,0 +1,40 @@
+//! Helpers shared by the benches: command-line numbers and this process's memory (Linux).
+#![allow(dead_code)]
+
+/// The number after `name` on the command line, if any.
+pub fn arg(name: &str) -> Option<u64> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// A field of `/proc/self/status` in MiB (`VmRSS`, `VmHWM`).
+fn status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// This process's resident set size now, in MiB.
+pub fn rss_mib() -> Option<f64> {
+    status_mib("VmRSS:")
+}
+
+/// This process's peak RSS since the last [`reset_peak_rss`], in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// Resets the peak RSS to the current RSS (writing 5 to clear_refs); false where that is not
+/// possible, and the peak then covers everything before too.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
