@@ -279,6 +279,12 @@ const PLAN_CHUNK: usize = 64;
 /// At most this many members wait for a manager not listed yet (`Pipe::parked`).
 const MAX_PARKED: usize = 4096;
 
+/// Writes failed in a row with errors that may concern the whole LMS (401, 5xx, no answer,
+/// each after its own retries) that stop the run even while the LMS still answers reads (a
+/// read-only token, say). Not tied to `target.concurrency`: that is only the pacer's ceiling,
+/// and a run should not write dozens of users into a refusing LMS before it gives up.
+const SUSPECT_STREAK_STOP: usize = 16;
+
 /// A member whose manager is being created in this run.
 struct Waiter {
     desired: Desired,
@@ -302,6 +308,8 @@ enum Event<A> {
     Announced(Result<(), StoreError>),
     Written(WriteResult),
     Feed(Option<Result<Feed, RunError>>),
+    /// The probe of Graph and the LMS after a suspect failure answered.
+    Probed(Result<(), RunError>),
     /// Nothing else is ready and members wait to be planned.
     Plan,
 }
@@ -1600,23 +1608,23 @@ impl<T: Target> Run<'_, '_, T> {
                 (c, chunk, r)
             }
         };
-        type Durable<'s> = std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 's>,
-        >;
+        type Durable<'s, E = StoreError> =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), E>> + Send + 's>>;
         let mut announcing: Option<(Vec<PlannedChange>, IntentId, Durable<'_>)> = None;
         let mut inflight = FuturesUnordered::new();
         let mut writing: Option<WriteJob> = None;
+        // A failure that may be the LMS's, not the user's: does it answer at all? Asked beside
+        // the writes in flight, which go on being driven meanwhile: the probe's own LMS
+        // request waits for a place in the pacer's window that they hold.
+        let mut probing: Option<Durable<'_, RunError>> = None;
         let mut error: Option<RunError> = None;
         loop {
-            if error.is_none() && self.probe_due {
-                // A failure that may be the LMS's, not the user's: does it answer at all?
+            if error.is_none() && self.probe_due && probing.is_none() {
                 self.probe_due = false;
-                if let Err(e) = super::apply::probe(ctx).await {
-                    tracing::error!(error = %e, "the LMS or Graph does not answer; stopping the run");
-                    error = Some(e);
-                }
+                probing = Some(Box::pin(super::apply::probe(ctx)));
             }
-            if error.is_none() {
+            // No new write while the probe is out.
+            if error.is_none() && probing.is_none() {
                 let queued = self.pipe.armed.len();
                 if announcing.is_none() && !self.pipe.ready.is_empty() && queued < 2 * conc {
                     let n = self.pipe.ready.len().min(INTENT_CHUNK);
@@ -1686,6 +1694,12 @@ impl<T: Target> Run<'_, '_, T> {
                         None => std::future::pending().await,
                     }
                 }, if writing.is_some() => Event::Written(w),
+                p = async {
+                    match probing.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if probing.is_some() => Event::Probed(p),
                 item = async {
                     match feed.as_mut() {
                         Some((rx, _)) => rx.recv().await,
@@ -1742,6 +1756,13 @@ impl<T: Target> Run<'_, '_, T> {
                                 "the index writer thread stopped".into(),
                             ));
                         }
+                    }
+                }
+                Event::Probed(r) => {
+                    probing = None;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "the LMS or Graph does not answer; stopping the run");
+                        error.get_or_insert(e);
                     }
                 }
                 Event::Plan => {
@@ -1889,11 +1910,10 @@ impl<T: Target> Run<'_, '_, T> {
                 }
                 self.chunk_done(chunk)?;
                 self.probe_due |= suspect;
-                let streak_limit = (2 * self.ctx.cfg.target.concurrency).max(8);
                 if suspect {
                     self.suspect_streak += 1;
                 }
-                let stop = (suspect && self.suspect_streak >= streak_limit).then(|| {
+                let stop = (suspect && self.suspect_streak >= SUSPECT_STREAK_STOP).then(|| {
                     RunError::Source(format!(
                         "the LMS refused {} writes in a row, the last with: {message}; stopping the run",
                         self.suspect_streak
