@@ -1410,19 +1410,26 @@ impl<T: Target> Run<'_, '_, T> {
         let ws = self.pipe.parked.remove(manager).unwrap_or_default();
         self.pipe.parked_count = self.pipe.parked_count.saturating_sub(ws.len());
         for w in ws {
-            self.pipe.waits_on.remove(&w.desired.entra_id);
-            let mref = match self.manager_target(manager)? {
-                Some(t) => ManagerRef::Known(t),
-                None => {
-                    let d = &w.desired;
-                    self.deferred
-                        .push((d.entra_id.clone(), d.manager_entra_id.clone()));
-                    ManagerRef::Deferred
-                }
-            };
-            self.plan_one(&w.desired, w.existing.as_ref(), &w.user, &w.group, mref)?;
+            let target = self.manager_target(manager)?;
+            self.plan_waiter(w, target)?;
         }
         Ok(())
+    }
+
+    /// Plans a member that waited for its manager: linked to it when it is in the target
+    /// (`target`), else linked at the end of the run.
+    fn plan_waiter(&mut self, w: Waiter, target: Option<String>) -> Result<(), StoreError> {
+        self.pipe.waits_on.remove(&w.desired.entra_id);
+        let mref = match target {
+            Some(t) => ManagerRef::Known(t),
+            None => {
+                let d = &w.desired;
+                self.deferred
+                    .push((d.entra_id.clone(), d.manager_entra_id.clone()));
+                ManagerRef::Deferred
+            }
+        };
+        self.plan_one(&w.desired, w.existing.as_ref(), &w.user, &w.group, mref)
     }
 
     /// The listing ended: nobody waits for a manager who was not listed.
@@ -1511,17 +1518,7 @@ impl<T: Target> Run<'_, '_, T> {
             return Ok(());
         }
         for w in self.pipe.waiting.remove(entra_id).unwrap_or_default() {
-            self.pipe.waits_on.remove(&w.desired.entra_id);
-            let mref = match target {
-                Some(t) => ManagerRef::Known(t.to_string()),
-                None => {
-                    let d = &w.desired;
-                    self.deferred
-                        .push((d.entra_id.clone(), d.manager_entra_id.clone()));
-                    ManagerRef::Deferred
-                }
-            };
-            self.plan_one(&w.desired, w.existing.as_ref(), &w.user, &w.group, mref)?;
+            self.plan_waiter(w, target.map(str::to_string))?;
         }
         Ok(())
     }
@@ -1896,19 +1893,7 @@ impl<T: Target> Run<'_, '_, T> {
                 uncertain,
                 suspect,
             }) => {
-                self.ctx.gate.release_write(&c.entra_id);
-                if self.traces.enabled() {
-                    let mut t = self.traces.take(&c);
-                    t.failed(&message, true);
-                    let t = self.traces.finish(t);
-                    self.pipe.traces.push(t);
-                }
-                if uncertain {
-                    if let Some(ch) = self.pipe.chunks.get_mut(&chunk) {
-                        ch.uncertain.push(intent_of(&c));
-                    }
-                }
-                self.chunk_done(chunk)?;
+                self.not_written(&c, chunk, &message, uncertain)?;
                 self.probe_due |= suspect;
                 if suspect {
                     self.suspect_streak += 1;
@@ -1928,25 +1913,37 @@ impl<T: Target> Run<'_, '_, T> {
             }
             Err(ApplyError::Deferred { message, uncertain }) => {
                 tracing::info!(user = %c.entra_id, user_name = %c.user_name, %message, "write deferred to the next run");
-                self.ctx.gate.release_write(&c.entra_id);
-                if self.traces.enabled() {
-                    let mut t = self.traces.take(&c);
-                    t.failed(&message, true);
-                    let t = self.traces.finish(t);
-                    self.pipe.traces.push(t);
-                }
-                if uncertain {
-                    if let Some(ch) = self.pipe.chunks.get_mut(&chunk) {
-                        ch.uncertain.push(intent_of(&c));
-                    }
-                }
-                self.chunk_done(chunk)?;
+                self.not_written(&c, chunk, &message, uncertain)?;
                 self.report.counts.deferred += 1;
                 self.resolve(&c.entra_id, None)?;
                 Ok(())
             }
             Err(ApplyError::Fatal(e)) => Err(e),
         }
+    }
+
+    /// A change the LMS did not take (failed or deferred): the gate lets the user go, its
+    /// trace says why, and its intent is settled (kept when the write may still have landed).
+    fn not_written(
+        &mut self,
+        c: &PlannedChange,
+        chunk: IntentId,
+        message: &str,
+        uncertain: bool,
+    ) -> Result<(), StoreError> {
+        self.ctx.gate.release_write(&c.entra_id);
+        if self.traces.enabled() {
+            let mut t = self.traces.take(c);
+            t.failed(message, true);
+            let t = self.traces.finish(t);
+            self.pipe.traces.push(t);
+        }
+        if uncertain {
+            if let Some(ch) = self.pipe.chunks.get_mut(&chunk) {
+                ch.uncertain.push(intent_of(c));
+            }
+        }
+        self.chunk_done(chunk)
     }
 
     fn count(&mut self, a: Action) {
