@@ -15,8 +15,11 @@
 //!   throttle the LMS's own rate is measured: from the request that met the limit to the next
 //!   one that does, the LMS admitted what it refilled in that time, so the rate is the
 //!   requests admitted since the pause ended divided by that time (kept between a quarter and
-//!   97 % of what was being sent). It is raised by 2 % a second while requests wait for it. Requests are spaced by it, so a token bucket on the
-//!   LMS side is drained slowly instead of being hit by a burst;
+//!   97 % of what was being sent). While requests wait for it, it is raised: by 2 % a second
+//!   while it is slow start's guess, then by 0.4 % per round trip (at most 2 % a second),
+//!   since what the next limit costs is the requests sent within one round trip above it:
+//!   about 0.4 % of them are refused, at 100 ms as at 500 ms. Requests are spaced by it, so a
+//!   token bucket on the LMS side is drained slowly instead of being hit by a burst;
 //! - **one shared pause**: a 429, or a 503 with `Retry-After`, stops every request of the
 //!   integration (not only the one that met it) until `Retry-After` has passed. Refusals that
 //!   belong to the same episode (requests sent before the cut, or within a second of it)
@@ -47,8 +50,13 @@ const MAX_SINCE_RESUME: usize = 100_000;
 const SHED_CUT: f64 = 0.5;
 /// A latency cut (the LMS queueing) is gentler.
 const LATENCY_CUT: f64 = 0.9;
-/// The rate rises by this share per second while requests wait for it.
+/// The rate rises by this share per second while requests wait for it, at most.
 const RATE_RAISE_PER_SEC: f64 = 0.02;
+/// Once the LMS's rate has been measured (see `finish`), it rises by at most this share per
+/// round trip: the requests that meet the next limit are those sent within one round trip
+/// above it, so this bounds the share of refused requests (about this much) whatever the
+/// latency, where a rise per second would cost five times as many at 500 ms as at 100 ms.
+const RATE_RAISE_PER_ROUND_TRIP: f64 = 0.004;
 /// An answer slower than this multiple of the fastest one seen (plus [`LATENCY_SLACK`])
 /// means the LMS is queueing requests.
 const LATENCY_FACTOR: f64 = 2.0;
@@ -74,6 +82,9 @@ struct State {
     slow_start: bool,
     /// Requests a second; `None` until the LMS first throttles.
     rate: Option<f64>,
+    /// The rate was measured from what the LMS admitted (a later throttle), not guessed from
+    /// what slow start was sending.
+    measured: bool,
     /// The earliest start of the next request under `rate`.
     next_slot: Instant,
     paused_until: Option<Instant>,
@@ -158,6 +169,7 @@ impl Pacer {
                 window: INITIAL_WINDOW.min(ceiling as f64),
                 slow_start: true,
                 rate: None,
+                measured: false,
                 next_slot: Instant::now(),
                 paused_until: None,
                 in_flight: 0,
@@ -334,9 +346,16 @@ impl Pacer {
                     st.window = (st.window + grow).min(self.ceiling as f64);
                 }
                 if p.rate_bound {
+                    // A guess climbs fast; a measured rate by a share of it per round trip.
+                    let raise = match st.latency {
+                        Some(rtt) if st.measured && rtt > 0.0 => {
+                            (RATE_RAISE_PER_ROUND_TRIP / rtt).min(RATE_RAISE_PER_SEC)
+                        }
+                        _ => RATE_RAISE_PER_SEC,
+                    };
                     if let Some(r) = st.rate.as_mut() {
-                        // One answer per 1/r seconds: +2 % of r per second.
-                        *r += RATE_RAISE_PER_SEC;
+                        // One answer per 1/r seconds: +raise × r per second.
+                        *r += raise;
                     }
                 }
             }
@@ -377,6 +396,7 @@ impl Pacer {
                         if p.sent > resumed && admitted > 0 && !span.is_zero() {
                             let measured = admitted as f64 / span.as_secs_f64();
                             rate = measured.clamp(from * MIN_CUT, from * MAX_CUT);
+                            st.measured = true;
                         }
                     }
                     st.rate = Some(rate.max(0.2));
@@ -540,6 +560,42 @@ mod tests {
             p.stats().cuts,
             cuts + 1,
             "answers far slower than usual cut"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_guessed_rate_rises_by_two_percent_a_second_a_measured_one_per_round_trip() {
+        // One answer that waited for the rate, after `rtt`: what the rate rises by.
+        let raise = |measured: bool, rtt: Duration| {
+            let p = Pacer::new(8);
+            {
+                let mut st = p.lock();
+                st.rate = Some(50.0);
+                st.measured = measured;
+                st.latency = Some(rtt.as_secs_f64());
+                st.fastest = Some(rtt);
+            }
+            Permit {
+                pacer: &p,
+                sent: Instant::now() - rtt,
+                window_full: false,
+                rate_bound: true,
+                holds_place: false,
+                started: true,
+                finished: false,
+            }
+            .done(Outcome::Answered);
+            p.stats().rate.unwrap() - 50.0
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-3;
+        // Per answer (one every 1/r s): the share per second.
+        let slow = Duration::from_millis(500);
+        let fast = Duration::from_millis(100);
+        assert!(close(raise(false, slow), RATE_RAISE_PER_SEC));
+        assert!(close(raise(true, slow), RATE_RAISE_PER_ROUND_TRIP / 0.5));
+        assert!(
+            close(raise(true, fast), RATE_RAISE_PER_SEC),
+            "at most 2 % a second"
         );
     }
 
