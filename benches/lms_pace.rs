@@ -12,15 +12,18 @@
 //! For each case: a fresh Graph simulator (no added latency or cost: this bench is about the
 //! LMS) and a fresh SCIM simulator whose bucket holds one second of tokens and starts full; the
 //! first reconcile through the library (`Integration::reconcile_task`, as the CLI runs it) with
-//! the default `target.concurrency` ceiling. Printed: wall time and its ratio to the floor,
-//! the share of requests answered 429, failed and deferred users, and LMS requests per user
-//! (all of them: discovery, lookups, creates, manager PATCHes and the refused ones).
+//! the default `target.concurrency` ceiling. Printed: wall time and its ratio to the floor
+//! (`users / R`, the goal's), and to the floor of the requests the LMS admitted in this run
+//! (all but the refused ones, at R a second; lower, since the fixture's disabled members, 3 %,
+//! are not created); the share of requests answered 429; failed and deferred users; and LMS
+//! requests per user and per created user (all of them: discovery, lookups, creates, manager
+//! PATCHes and the refused ones).
 
 mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rostersync::app::Integration;
 use rostersync::config::Config;
@@ -28,9 +31,8 @@ use rostersync::demo::{demo_custom_extension, sim_config_toml};
 use rostersync::sim::graph::{fixture, GraphSim};
 use rostersync::sim::scim::{RateLimit, ScimFaults, ScimSim, ScimSimConfig};
 use rostersync::store::Store;
-use rostersync::sync::reconcile::RunOptions;
 
-use common::arg;
+use common::{arg, timed_reconcile};
 
 const TOKEN: &str = "bench-token";
 
@@ -77,13 +79,7 @@ async fn run(c: &Case) -> Measured {
         ..Default::default()
     });
     sim.reset_counts();
-    let started = Instant::now();
-    let r = integration
-        .reconcile_task(RunOptions::default(), None)
-        .await
-        .expect("reconcile task");
-    let wall = started.elapsed();
-    assert!(r.error.is_none(), "{:?}", r.error);
+    let (r, wall) = timed_reconcile(&integration).await;
     let count = |k: &str| sim.request_count(k);
     let requests = ["GET", "POST", "PATCH", "PUT", "DELETE"]
         .iter()
@@ -137,26 +133,32 @@ async fn main() {
             .unwrap_or(1)
     );
     println!(
-        "| LMS | users | floor (users / R) | wall | wall / floor | 429 share | failed | deferred | requests / user | POST, PATCH |"
+        "| LMS | users | floor (users / R) | wall | wall / floor | wall / admitted floor | 429 share | failed | deferred | requests / user | requests / created user | POST, PATCH |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for c in &cases {
         let m = run(c).await;
         let floor = c.users as f64 / c.rate;
+        // The requests the LMS admitted (all but the refused ones) at exactly R a second: the
+        // floor of this run's own work, below users / R because disabled members are not
+        // created.
+        let admitted_floor = m.requests.saturating_sub(m.throttled) as f64 / c.rate;
         println!(
-            "| {} req/s, {} ms | {} | {:.1} s | {:.1} s | {:.3} | {:.2} % ({} of {}) | {} | {} | {:.4} | {}, {} |",
+            "| {} req/s, {} ms | {} | {:.1} s | {:.1} s | {:.3} | {:.3} | {:.2} % ({} of {}) | {} | {} | {:.4} | {:.4} | {}, {} |",
             c.rate,
             c.latency_ms,
             c.users,
             floor,
             m.wall.as_secs_f64(),
             m.wall.as_secs_f64() / floor,
+            m.wall.as_secs_f64() / admitted_floor.max(f64::MIN_POSITIVE),
             100.0 * m.throttled as f64 / m.requests.max(1) as f64,
             m.throttled,
             m.requests,
             m.failed,
             m.deferred,
             m.requests as f64 / c.users.max(1) as f64,
+            m.requests as f64 / m.created.max(1) as f64,
             m.posts,
             m.patches,
         );
