@@ -33,9 +33,8 @@ use rostersync::demo::{demo_custom_extension, sim_config_toml};
 use rostersync::sim::graph::{fixture, CostModel, CostStats, GraphSim, Latency};
 use rostersync::sim::scim::{ScimSim, ScimSimConfig};
 use rostersync::store::Store;
-use rostersync::sync::reconcile::RunOptions;
 
-use common::{arg, peak_rss_mib, reset_peak_rss};
+use common::{arg, peak_rss_mib, reset_peak_rss, timed_reconcile};
 
 const TOKEN: &str = "bench-token";
 
@@ -95,13 +94,7 @@ async fn reconcile(graph: &GraphSim, integration: &Arc<Integration>) -> Phase {
     graph.refill_cost_buckets();
     let rss_reset = reset_peak_rss();
     let before = graph.cost_stats();
-    let started = Instant::now();
-    let r = integration
-        .reconcile_task(RunOptions::default(), None)
-        .await
-        .expect("reconcile task");
-    let wall = started.elapsed();
-    assert!(r.error.is_none(), "{:?}", r.error);
+    let (r, wall) = timed_reconcile(integration).await;
     let c = &r.counts;
     Phase {
         stats: graph.cost_stats().since(&before),

@@ -91,6 +91,7 @@ impl Integration {
             Duration::from_secs(cfg.target.timeout_secs),
         )?
         .with_label(cfg.name.as_str())
+        .with_throttle_wait(Duration::from_secs(cfg.target.throttle_wait_secs))
         .with_dialect(cfg.target.dialect.clone())
         .with_memory(Box::new(StoreMemory(istore.clone())));
         let background = std::sync::Arc::new(graph.background());

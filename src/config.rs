@@ -196,6 +196,7 @@ struct RawTarget {
     url: String,
     token: RawSecret,
     concurrency: Option<usize>,
+    throttle_wait_secs: Option<u64>,
     timeout_secs: Option<u64>,
     custom_schema: Option<String>,
     dialect: Option<RawDialect>,
@@ -683,11 +684,18 @@ fn parse_schedule(s: &str) -> Result<croner::Cron, String> {
         .map_err(|e| format!("{s:?} is not a cron expression (e.g. {DEFAULT_SCHEDULE:?}): {e}"))
 }
 
+/// Default ceiling of concurrent LMS requests (`target.concurrency`).
+pub const DEFAULT_TARGET_CONCURRENCY: usize = 32;
+
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
     pub url: Url,
     pub token: SecretString,
+    /// Ceiling of concurrent LMS requests; below it the pacer adapts to the LMS.
     pub concurrency: usize,
+    /// How long one write may go on waiting out the LMS's throttling before its user is
+    /// deferred to the next run.
+    pub throttle_wait_secs: u64,
     pub timeout_secs: u64,
     pub custom_schema: String,
     /// What the LMS's SCIM server takes, pinned in config (empty = learn it).
@@ -855,9 +863,20 @@ impl Config {
             }
             let url = parse_http_url(&k("target.url"), &t.url)?;
             let token = t.token.resolve(&k("target.token"), base)?;
-            let concurrency = t.concurrency.unwrap_or(8);
-            if !(1..=64).contains(&concurrency) {
-                return Err(invalid(k("target.concurrency"), "must be between 1 and 64"));
+            // A ceiling: the pacer finds the LMS's own limit below it (`target::pace`).
+            let concurrency = t.concurrency.unwrap_or(DEFAULT_TARGET_CONCURRENCY);
+            if !(1..=256).contains(&concurrency) {
+                return Err(invalid(
+                    k("target.concurrency"),
+                    "must be between 1 and 256",
+                ));
+            }
+            let throttle_wait_secs = t.throttle_wait_secs.unwrap_or(600);
+            if !(1..=86_400).contains(&throttle_wait_secs) {
+                return Err(invalid(
+                    k("target.throttle_wait_secs"),
+                    "must be between 1 and 86400",
+                ));
             }
             let timeout_secs = t.timeout_secs.unwrap_or(30);
             if !(1..=600).contains(&timeout_secs) {
@@ -951,6 +970,7 @@ impl Config {
                     url,
                     token,
                     concurrency,
+                    throttle_wait_secs,
                     timeout_secs,
                     custom_schema,
                     dialect,
@@ -1388,7 +1408,8 @@ token = { value = "scim-token" }
         assert_eq!(i.guard_window, chrono::Duration::hours(24));
         assert_eq!(i.login_url.as_str(), "https://login.microsoftonline.com/");
         assert_eq!(i.target.url.as_str(), "https://lms.example.com/scim/v2");
-        assert_eq!(i.target.concurrency, 8);
+        assert_eq!(i.target.concurrency, DEFAULT_TARGET_CONCURRENCY);
+        assert_eq!(i.target.throttle_wait_secs, 600);
         assert_eq!(secret_of(i), "s3cr3t-value");
         assert!(i.link_existing);
     }

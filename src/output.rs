@@ -69,8 +69,8 @@ pub fn render_report(r: &RunReport, max_changes: usize) -> String {
     let verb = if r.dry_run { "plan" } else { "applied" };
     let _ = writeln!(
         s,
-        "  {verb}: {} create, {} update, {} deactivate, {} reactivate; {} unchanged, {} disabled and not in the LMS, {} failed (of {} members)",
-        c.created, c.updated, c.deactivated, c.reactivated, c.unchanged, c.skipped, c.failed, c.members
+        "  {verb}: {} create, {} update, {} deactivate, {} reactivate; {} unchanged, {} disabled and not in the LMS, {} failed, {} deferred (of {} members)",
+        c.created, c.updated, c.deactivated, c.reactivated, c.unchanged, c.skipped, c.failed, c.deferred, c.members
     );
     for line in r.changes.iter().take(max_changes).map(change_line) {
         let _ = writeln!(s, "{line}");

@@ -1278,3 +1278,80 @@ async fn write_log_records_committed_writes() {
     h.sim.record_writes(false);
     assert!(h.sim.writes().is_empty());
 }
+
+/// The LMS limits a simulator can put on: a token bucket (429 + `Retry-After` in seconds or
+/// as an HTTP date), a concurrency limit (503 + `Retry-After`) and added latency.
+#[tokio::test]
+async fn rate_and_concurrency_limits_answer_with_retry_after() {
+    use rostersync::sim::scim::{ConcurrencyLimit, RateLimit};
+    use std::time::{Duration, Instant};
+    let h = Harness::new(ScimSimConfig::default()).await;
+    h.sim.set_faults(ScimFaults {
+        rate_limit: Some(RateLimit {
+            per_second: 2.0,
+            burst: 3.0,
+            http_date: false,
+        }),
+        ..ScimFaults::default()
+    });
+    let statuses: Vec<u16> = futures::future::join_all((0..5).map(|_| h.get("/Users?count=1")))
+        .await
+        .into_iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    let r = h.get("/Users?count=1").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.header("retry-after"),
+        Some("1"),
+        "the next token, in whole seconds"
+    );
+    assert_eq!(h.sim.request_count("429"), 3);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(h.get("/Users?count=1").await.status, 200, "refilled");
+
+    h.sim.set_faults(ScimFaults {
+        rate_limit: Some(RateLimit {
+            per_second: 1.0,
+            burst: 1.0,
+            http_date: true,
+        }),
+        ..ScimFaults::default()
+    });
+    assert_eq!(h.get("/Users?count=1").await.status, 200);
+    let r = h.get("/Users?count=1").await;
+    assert_eq!(r.status, 429);
+    let date = r.header("retry-after").expect("Retry-After");
+    assert!(
+        chrono::DateTime::parse_from_rfc2822(date).is_ok() && date.ends_with("GMT"),
+        "{date}"
+    );
+
+    h.sim.set_faults(ScimFaults {
+        latency: Duration::from_millis(300),
+        concurrency_limit: Some(ConcurrencyLimit {
+            max: 2,
+            retry_after_secs: 4,
+        }),
+        ..ScimFaults::default()
+    });
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..4).map(|_| h.get("/Users?count=1"))).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "latency added"
+    );
+    let shed: Vec<_> = answers.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(shed.len(), 2);
+    assert_eq!(shed[0].header("retry-after"), Some("4"));
+    let log = h.sim.throttles();
+    assert!(log
+        .iter()
+        .any(|t| t.status == 503 && t.retry_after_secs == 4));
+    h.sim.stop().await;
+}

@@ -1,4 +1,5 @@
-//! Helpers shared by the benches: command-line numbers and this process's memory (Linux).
+//! Helpers shared by the benches: command-line numbers, this process's memory (Linux) and a
+//! timed full reconcile.
 #![allow(dead_code)]
 
 /// The number after `name` on the command line, if any.
@@ -37,4 +38,19 @@ pub fn peak_rss_mib() -> Option<f64> {
 /// possible, and the peak then covers everything before too.
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// A full reconcile of `integration` as the CLI and `serve` run it (a task on the runtime's
+/// workers) and its wall time; a run that ended in an error leaves nothing to measure.
+pub async fn timed_reconcile(
+    integration: &std::sync::Arc<rostersync::app::Integration>,
+) -> (rostersync::sync::reconcile::RunReport, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let r = integration
+        .reconcile_task(rostersync::sync::reconcile::RunOptions::default(), None)
+        .await
+        .expect("reconcile task");
+    let wall = started.elapsed();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    (r, wall)
 }

@@ -4,8 +4,10 @@
 //! under `http://127.0.0.1:PORT/scim/v2` with bearer-token auth. Defaults are RFC-strict;
 //! Entra-compatible leniency is opt-in ([`ScimSimConfig::lenient_ops`]), and so are the
 //! behaviours of partial LMS servers ([`ScimSimConfig::dialect`], see [`SimDialect`]). Faults
-//! (429, 500, create-then-500, 503) are injected from a seeded RNG. `docs/scim.md` describes
-//! the wire facts and quirks this follows.
+//! (429, 500, create-then-500, 503) are injected from a seeded RNG; off by default, an LMS's
+//! limits can be switched on too: added latency, a token-bucket rate limit (429 +
+//! `Retry-After`) and a concurrency limit (503 + `Retry-After`), see [`ScimFaults`].
+//! `docs/scim.md` describes the wire facts and quirks this follows.
 //!
 //! Storage: a `HashMap` by id plus case-folded `userName` and exact `externalId` indexes
 //! (used for top-level `eq` filters) and a creation-order map for paging, so 100,000 users
@@ -20,7 +22,7 @@ mod store;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use actix_web::dev::ServerHandle;
@@ -95,6 +97,54 @@ pub struct ScimFaults {
     /// Faults of single users (by externalId): every request about that user (`/Users/{id}`,
     /// or a `POST /Users` carrying that externalId) meets them, all others do not.
     pub users: Vec<UserFault>,
+    /// Added to every answer (throttled ones included), slept outside every lock.
+    pub latency: std::time::Duration,
+    /// A token bucket over all authenticated requests: past it, 429 + `Retry-After`.
+    pub rate_limit: Option<RateLimit>,
+    /// At most this many requests in progress at once (the latency included): past it, 503 +
+    /// `Retry-After` (a server or proxy shedding load).
+    pub concurrency_limit: Option<ConcurrencyLimit>,
+}
+
+/// A token bucket of `per_second` tokens a second holding at most `burst`; a request that
+/// finds it empty is answered 429 with `Retry-After` (when the next token is due, in whole
+/// seconds, at least 1; as an HTTP date with `http_date`).
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimit {
+    pub per_second: f64,
+    /// Capacity; the bucket starts full.
+    pub burst: f64,
+    pub http_date: bool,
+}
+
+impl RateLimit {
+    /// `per_second` with one second's worth of burst (what the issue measured against).
+    pub fn per_second(per_second: f64) -> RateLimit {
+        RateLimit {
+            per_second,
+            burst: per_second.max(1.0),
+            http_date: false,
+        }
+    }
+}
+
+/// At most `max` requests in progress; the next is answered 503 with `Retry-After:
+/// retry_after_secs`.
+#[derive(Clone, Copy, Debug)]
+pub struct ConcurrencyLimit {
+    pub max: usize,
+    pub retry_after_secs: u64,
+}
+
+/// A throttling answer the simulator gave (kept by [`ScimSim::throttles`]).
+#[derive(Clone, Debug)]
+pub struct ScimThrottle {
+    pub at: std::time::Instant,
+    pub method: String,
+    /// 429 or 503.
+    pub status: u16,
+    /// What `Retry-After` said, in seconds (an HTTP date is converted).
+    pub retry_after_secs: u64,
 }
 
 /// A fault one user's requests meet.
@@ -112,6 +162,9 @@ pub enum UserFaultKind {
     Delay(std::time::Duration),
     /// Answer 200 with a body far beyond any sensible size (8 MiB of JSON).
     Oversized,
+    /// The first `times` requests answered 503 with `Retry-After: retry_after_secs`, doing
+    /// nothing; later ones are served.
+    Unavailable { times: u32, retry_after_secs: u64 },
 }
 
 /// One write the simulator committed to its store (kept by [`ScimSim::record_writes`]), so
@@ -168,11 +221,46 @@ fn changed_attrs(
 struct FaultState {
     faults: ScimFaults,
     rng: StdRng,
+    /// Token bucket of `faults.rate_limit`: tokens and when they were last topped up.
+    tokens: f64,
+    refilled: std::time::Instant,
+    /// Requests each `Unavailable` user fault has refused so far (by externalId).
+    refused: HashMap<String, u32>,
 }
 
 impl FaultState {
     fn roll(&mut self, rate: f64) -> bool {
         rate > 0.0 && self.rng.random::<f64>() < rate
+    }
+
+    /// Takes a token of the rate limit; `Err(wait)` when the bucket is empty (`wait`: until
+    /// the next token).
+    fn take_token(&mut self) -> Result<(), std::time::Duration> {
+        let Some(rl) = self.faults.rate_limit else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        let rate = rl.per_second.max(0.001);
+        let dt = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate).min(rl.burst.max(1.0));
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64(
+                (1.0 - self.tokens) / rate,
+            ))
+        }
+    }
+}
+
+/// Counts a request in progress for [`ConcurrencyLimit`] while alive.
+struct InProgress<'a>(&'a AtomicUsize);
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -186,6 +274,10 @@ struct Inner {
     counts: Mutex<HashMap<String, u64>>,
     /// `None` unless [`ScimSim::record_writes`] turned the log on.
     writes: Mutex<Option<Vec<ScimWrite>>>,
+    /// Requests in progress (for [`ConcurrencyLimit`]).
+    in_progress: AtomicUsize,
+    /// Every 429 and 503 the rate and concurrency limits and `Unavailable` faults answered.
+    throttles: Mutex<Vec<ScimThrottle>>,
 }
 
 impl Inner {
@@ -286,10 +378,15 @@ impl ScimSim {
             faults: Mutex::new(FaultState {
                 faults: ScimFaults::default(),
                 rng: StdRng::seed_from_u64(0),
+                tokens: 0.0,
+                refilled: std::time::Instant::now(),
+                refused: HashMap::new(),
             }),
             down: AtomicBool::new(false),
             counts: Mutex::new(HashMap::new()),
             writes: Mutex::new(None),
+            in_progress: AtomicUsize::new(0),
+            throttles: Mutex::new(Vec::new()),
         });
         let data = web::Data::from(inner.clone());
         let server = HttpServer::new(move || {
@@ -323,10 +420,23 @@ impl ScimSim {
         self.inner.cfg.token.clone()
     }
 
+    /// Replaces the faults; the rate limit's bucket starts full.
     pub fn set_faults(&self, f: ScimFaults) {
         let mut fs = self.inner.faults();
         fs.rng = StdRng::seed_from_u64(f.seed);
+        fs.tokens = f.rate_limit.map_or(0.0, |r| r.burst.max(1.0));
+        fs.refilled = std::time::Instant::now();
+        fs.refused.clear();
         fs.faults = f;
+    }
+
+    /// The 429s and 503s the limits and `Unavailable` faults answered, in order.
+    pub fn throttles(&self) -> Vec<ScimThrottle> {
+        self.inner
+            .throttles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// All users as full JSON resources (as GET would return them), in creation order.
@@ -392,9 +502,15 @@ impl ScimSim {
         c.get(kind).copied().unwrap_or(0)
     }
 
+    /// Forgets the request counts and the throttle log.
     pub fn reset_counts(&self) {
         self.inner
             .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.inner
+            .throttles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
@@ -508,6 +624,30 @@ async fn dispatch(
         }
         return ScimError::new(401, None, "missing or invalid bearer token").response();
     }
+    let _in_progress = InProgress(&inner.in_progress);
+    let running = inner.in_progress.fetch_add(1, Ordering::SeqCst) + 1;
+    let (latency, limited) = {
+        let mut fs = inner.faults();
+        let over = fs
+            .faults
+            .concurrency_limit
+            .filter(|c| running > c.max.max(1))
+            .map(|c| (503, c.retry_after_secs, false));
+        let limited = match over {
+            Some(o) => Some(o),
+            None => fs.take_token().err().map(|wait| {
+                let http_date = fs.faults.rate_limit.is_some_and(|r| r.http_date);
+                (429, wait.as_secs_f64().ceil().max(1.0) as u64, http_date)
+            }),
+        };
+        (fs.faults.latency, limited)
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if let Some((status, secs, http_date)) = limited {
+        return throttled(&inner, &req, status, secs, http_date);
+    }
     {
         let mut fs = inner.faults();
         let (r429, secs, r500) = (
@@ -546,6 +686,21 @@ async fn dispatch(
                 let filler = "x".repeat(8 * 1024 * 1024);
                 return scim_json(StatusCode::OK, &serde_json::json!({ "filler": filler }));
             }
+            UserFaultKind::Unavailable {
+                times,
+                retry_after_secs,
+            } => {
+                let refuse = {
+                    let mut fs = inner.faults();
+                    let key = external_id_of(&inner, &req, &body).unwrap_or_default();
+                    let n = fs.refused.entry(key).or_insert(0);
+                    *n += 1;
+                    *n <= times
+                };
+                if refuse {
+                    return throttled(&inner, &req, 503, retry_after_secs, false);
+                }
+            }
         }
     }
     match route(&inner, &req, &body) {
@@ -555,12 +710,60 @@ async fn dispatch(
     }
 }
 
+/// A 429 or 503 with `Retry-After` (delta-seconds, or an HTTP date `secs` from now), logged.
+fn throttled(
+    inner: &Inner,
+    req: &HttpRequest,
+    status: u16,
+    secs: u64,
+    http_date: bool,
+) -> HttpResponse {
+    inner.count(&status.to_string());
+    inner
+        .throttles
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(ScimThrottle {
+            at: std::time::Instant::now(),
+            method: req.method().as_str().to_string(),
+            status,
+            retry_after_secs: secs,
+        });
+    let detail = if status == 429 {
+        "too many requests"
+    } else {
+        "the service is busy; try again later"
+    };
+    let mut resp = ScimError::new(status, None, detail).response();
+    let value = if http_date {
+        // RFC 9110 §10.2.3: an IMF-fixdate, which has whole seconds: one more so that the
+        // date is never earlier than the wait.
+        let when = chrono::Utc::now() + chrono::Duration::seconds(secs as i64 + 1);
+        when.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+    } else {
+        secs.to_string()
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
 /// The fault of the user a request is about, if one is configured.
 fn user_fault(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Option<UserFaultKind> {
     let faults = inner.faults().faults.users.clone();
     if faults.is_empty() {
         return None;
     }
+    let external = external_id_of(inner, req, body)?;
+    faults
+        .into_iter()
+        .find(|f| f.external_id == external)
+        .map(|f| f.kind)
+}
+
+/// The externalId of the user a request is about (`/Users/{id}` or a `POST /Users`).
+fn external_id_of(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Option<String> {
     let rest = req.path().strip_prefix(BASE_PATH)?;
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let external = match segs.as_slice() {
@@ -576,10 +779,7 @@ fn user_fault(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Option<UserFault
             .to_string(),
         _ => return None,
     };
-    faults
-        .into_iter()
-        .find(|f| f.external_id == external)
-        .map(|f| f.kind)
+    Some(external)
 }
 
 fn query_params(req: &HttpRequest) -> Vec<(String, String)> {

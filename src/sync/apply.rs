@@ -32,6 +32,14 @@ pub(crate) enum ApplyError {
         uncertain: bool,
         suspect: bool,
     },
+    /// The LMS kept throttling this write past the time one write may wait: nothing was
+    /// written; the user is deferred to the next run (or queue round), not failed, and no
+    /// attempt is counted.
+    Deferred {
+        message: String,
+        /// A request may have been under way when the wait was given up (its intent stays).
+        uncertain: bool,
+    },
     /// The run cannot go on (the store failed).
     Fatal(RunError),
 }
@@ -54,6 +62,12 @@ impl From<StoreError> for ApplyError {
 
 impl From<TargetError> for ApplyError {
     fn from(e: TargetError) -> Self {
+        if matches!(e, TargetError::Throttled { .. }) {
+            return ApplyError::Deferred {
+                message: e.to_string(),
+                uncertain: false,
+            };
+        }
         ApplyError::User {
             uncertain: e.outcome_unknown(),
             suspect: e.is_fatal(),

@@ -92,6 +92,10 @@ pub struct Counts {
     #[serde(default)]
     pub skipped: u64,
     pub failed: u64,
+    /// Users whose write the LMS kept throttling past `target.throttle_wait_secs`: nothing
+    /// was written, the next run tries them again (not failures).
+    #[serde(default)]
+    pub deferred: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -230,6 +234,18 @@ struct Pipe {
     pending: HashSet<String>,
     /// Members planned once the create of their manager (the key) has answered.
     waiting: HashMap<String, Vec<Waiter>>,
+    /// Members whose manager (the key) has not been listed yet in this run: held while the
+    /// listing goes on, so that a manager on a later page is created first and the member's
+    /// create carries the link (instead of a PATCH at the end of the run).
+    parked: HashMap<String, Vec<Waiter>>,
+    /// The keys of `parked`, oldest first, and how many members are parked in all: past
+    /// [`MAX_PARKED`] the oldest are planned without waiting.
+    parked_order: VecDeque<String>,
+    parked_count: usize,
+    /// Who waits for whom (waiting or parked): no member waits in a cycle.
+    waits_on: HashMap<String, String>,
+    /// The member listing is still being read.
+    listing: bool,
     /// Applied, not yet written to the index: Entra id → LMS id (managers are looked up here
     /// first).
     unwritten: HashMap<String, String>,
@@ -264,6 +280,15 @@ struct PageWork {
 /// Members planned at a time between picking up LMS answers.
 const PLAN_CHUNK: usize = 64;
 
+/// At most this many members wait for a manager not listed yet (`Pipe::parked`).
+const MAX_PARKED: usize = 4096;
+
+/// Writes failed in a row with errors that may concern the whole LMS (401, 5xx, no answer,
+/// each after its own retries) that stop the run even while the LMS still answers reads (a
+/// read-only token, say). Not tied to `target.concurrency`: that is only the pacer's ceiling,
+/// and a run should not write dozens of users into a refusing LMS before it gives up.
+const SUSPECT_STREAK_STOP: usize = 16;
+
 /// A member whose manager is being created in this run.
 struct Waiter {
     desired: Desired,
@@ -287,6 +312,8 @@ enum Event<A> {
     Announced(Result<(), StoreError>),
     Written(WriteResult),
     Feed(Option<Result<Feed, RunError>>),
+    /// The probe of Graph and the LMS after a suspect failure answered.
+    Probed(Result<(), RunError>),
     /// Nothing else is ready and members wait to be planned.
     Plan,
 }
@@ -375,6 +402,12 @@ pub async fn reconcile<T: Target>(
             report.outcome = RunOutcome::GuardTripped;
         } else if !report.failures.is_empty() {
             report.outcome = RunOutcome::Partial;
+        }
+        if report.counts.deferred > 0 {
+            report.notes.push(format!(
+                "{} users deferred to the next run: the LMS kept throttling their writes past target.throttle_wait_secs",
+                report.counts.deferred
+            ));
         }
         if !opts.dry_run {
             let mut history = report.clone();
@@ -1216,10 +1249,14 @@ impl<T: Target> Run<'_, '_, T> {
     ) -> Result<(), RunError> {
         let mut members: VecDeque<(Desired, Option<IndexEntry>, GraphUser)> =
             VecDeque::with_capacity(fresh.len());
+        let mut unmapped = Vec::new();
         for (u, d) in fresh {
             match d {
                 Ok((d, existing)) => members.push_back((d, existing, u)),
                 Err(f) => {
+                    if self.pipe.parked.contains_key(&u.id) {
+                        unmapped.push(u.id.clone());
+                    }
                     let name = u.string("userPrincipalName");
                     let existing = self.ctx.store.get_user(&u.id)?.map(|mut e| {
                         e.record.retain(|k, _| self.managed.contains(k));
@@ -1261,6 +1298,9 @@ impl<T: Target> Run<'_, '_, T> {
                 }
             }
         }
+        for id in unmapped {
+            self.unpark_for(&id, false)?;
+        }
         let creating: HashSet<&str> = members
             .iter()
             .filter(|(d, e, _)| e.is_none() && is_active(&d.record))
@@ -1296,7 +1336,22 @@ impl<T: Target> Run<'_, '_, T> {
                 .extend(creating.iter().map(|id| id.to_string()));
         }
         drop(manager_of);
+        // Members parked for a manager listed in this page: they wait for its create, or are
+        // planned now when it is not created.
+        let listed: Vec<(String, bool)> = if self.pipe.parked.is_empty() {
+            Vec::new()
+        } else {
+            members
+                .iter()
+                .map(|(d, _, _)| d.entra_id.as_str())
+                .filter(|id| self.pipe.parked.contains_key(*id))
+                .map(|id| (id.to_string(), creating.contains(id)))
+                .collect()
+        };
         drop(creating);
+        for (id, creating) in listed {
+            self.unpark_for(&id, creating)?;
+        }
         self.report.changes.reserve(members.len());
         self.pipe.pages.push_back(PageWork {
             group,
@@ -1326,7 +1381,9 @@ impl<T: Target> Run<'_, '_, T> {
                             Some(dm) => page.depths.get(&d.entra_id).is_some_and(|du| dm < du),
                             None => true,
                         };
-                        if waits && earlier && self.pipe.pending.contains(mid) {
+                        let cycle = self.waits_in_cycle(&d.entra_id, mid);
+                        if waits && earlier && !cycle && self.pipe.pending.contains(mid) {
+                            self.pipe.waits_on.insert(d.entra_id.clone(), mid.clone());
                             self.pipe
                                 .waiting
                                 .entry(mid.clone())
@@ -1337,6 +1394,26 @@ impl<T: Target> Run<'_, '_, T> {
                                     user: u,
                                     group: page.group.clone(),
                                 });
+                            continue;
+                        }
+                        if waits
+                            && self.pipe.listing
+                            && !cycle
+                            && !self.pipe.pending.contains(mid)
+                            && self.pipe.pending.contains(&d.entra_id)
+                        {
+                            // Not listed yet: maybe on a later page. Created first, it is
+                            // linked in this member's own write.
+                            let mid = mid.clone();
+                            self.park(
+                                mid,
+                                Waiter {
+                                    desired: d,
+                                    existing,
+                                    user: u,
+                                    group: page.group.clone(),
+                                },
+                            )?;
                             continue;
                         }
                         self.deferred
@@ -1350,6 +1427,99 @@ impl<T: Target> Run<'_, '_, T> {
         }
         if !page.members.is_empty() {
             self.pipe.pages.push_front(page);
+        }
+        Ok(())
+    }
+
+    /// Whether `member` waiting for `manager` would close a cycle of waits.
+    fn waits_in_cycle(&self, member: &str, manager: &str) -> bool {
+        let mut cur = manager;
+        for _ in 0..64 {
+            if cur == member {
+                return true;
+            }
+            match self.pipe.waits_on.get(cur) {
+                Some(next) => cur = next,
+                None => return false,
+            }
+        }
+        // A chain this long: do not wait.
+        true
+    }
+
+    /// Holds a member until its manager is listed (or the listing ends).
+    fn park(&mut self, manager: String, w: Waiter) -> Result<(), StoreError> {
+        self.pipe
+            .waits_on
+            .insert(w.desired.entra_id.clone(), manager.clone());
+        let list = self.pipe.parked.entry(manager.clone()).or_default();
+        if list.is_empty() {
+            self.pipe.parked_order.push_back(manager);
+        }
+        list.push(w);
+        self.pipe.parked_count += 1;
+        while self.pipe.parked_count > MAX_PARKED {
+            let Some(oldest) = self.pipe.parked_order.pop_front() else {
+                break;
+            };
+            self.unpark(&oldest)?;
+        }
+        Ok(())
+    }
+
+    /// The manager `entra_id` was listed in this page (`creating`: its create is queued) or
+    /// the listing ended: the members parked for it wait for its create or are planned now.
+    fn unpark_for(&mut self, entra_id: &str, creating: bool) -> Result<(), StoreError> {
+        if !self.pipe.parked.contains_key(entra_id) {
+            return Ok(());
+        }
+        if creating && self.pipe.pending.contains(entra_id) {
+            let ws = self.pipe.parked.remove(entra_id).unwrap_or_default();
+            self.pipe.parked_count = self.pipe.parked_count.saturating_sub(ws.len());
+            self.pipe.parked_order.retain(|m| m != entra_id);
+            self.pipe
+                .waiting
+                .entry(entra_id.to_string())
+                .or_default()
+                .extend(ws);
+            return Ok(());
+        }
+        self.pipe.parked_order.retain(|m| m != entra_id);
+        self.unpark(entra_id)
+    }
+
+    /// Plans the members parked for `manager` with what is known of it now.
+    fn unpark(&mut self, manager: &str) -> Result<(), StoreError> {
+        let ws = self.pipe.parked.remove(manager).unwrap_or_default();
+        self.pipe.parked_count = self.pipe.parked_count.saturating_sub(ws.len());
+        for w in ws {
+            let target = self.manager_target(manager)?;
+            self.plan_waiter(w, target)?;
+        }
+        Ok(())
+    }
+
+    /// Plans a member that waited for its manager: linked to it when it is in the target
+    /// (`target`), else linked at the end of the run.
+    fn plan_waiter(&mut self, w: Waiter, target: Option<String>) -> Result<(), StoreError> {
+        self.pipe.waits_on.remove(&w.desired.entra_id);
+        let mref = match target {
+            Some(t) => ManagerRef::Known(t),
+            None => {
+                let d = &w.desired;
+                self.deferred
+                    .push((d.entra_id.clone(), d.manager_entra_id.clone()));
+                ManagerRef::Deferred
+            }
+        };
+        self.plan_one(&w.desired, w.existing.as_ref(), &w.user, &w.group, mref)
+    }
+
+    /// The listing ended: nobody waits for a manager who was not listed.
+    fn unpark_all(&mut self) -> Result<(), StoreError> {
+        self.pipe.listing = false;
+        while let Some(m) = self.pipe.parked_order.pop_front() {
+            self.unpark(&m)?;
         }
         Ok(())
     }
@@ -1431,16 +1601,7 @@ impl<T: Target> Run<'_, '_, T> {
             return Ok(());
         }
         for w in self.pipe.waiting.remove(entra_id).unwrap_or_default() {
-            let mref = match target {
-                Some(t) => ManagerRef::Known(t.to_string()),
-                None => {
-                    let d = &w.desired;
-                    self.deferred
-                        .push((d.entra_id.clone(), d.manager_entra_id.clone()));
-                    ManagerRef::Deferred
-                }
-            };
-            self.plan_one(&w.desired, w.existing.as_ref(), &w.user, &w.group, mref)?;
+            self.plan_waiter(w, target.map(str::to_string))?;
         }
         Ok(())
     }
@@ -1514,6 +1675,9 @@ impl<T: Target> Run<'_, '_, T> {
         counted: bool,
     ) -> Result<(), RunError> {
         let conc = self.ctx.cfg.target.concurrency.max(1);
+        if feed.is_some() {
+            self.pipe.listing = true;
+        }
         let ctx = self.ctx;
         let store = ctx.store;
         let managed = Arc::new(self.managed.clone());
@@ -1526,23 +1690,23 @@ impl<T: Target> Run<'_, '_, T> {
                 (c, chunk, r)
             }
         };
-        type Durable<'s> = std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 's>,
-        >;
+        type Durable<'s, E = StoreError> =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), E>> + Send + 's>>;
         let mut announcing: Option<(Vec<PlannedChange>, IntentId, Durable<'_>)> = None;
         let mut inflight = FuturesUnordered::new();
         let mut writing: Option<WriteJob> = None;
+        // A failure that may be the LMS's, not the user's: does it answer at all? Asked beside
+        // the writes in flight, which go on being driven meanwhile: the probe's own LMS
+        // request waits for a place in the pacer's window that they hold.
+        let mut probing: Option<Durable<'_, RunError>> = None;
         let mut error: Option<RunError> = None;
         loop {
-            if error.is_none() && self.probe_due {
-                // A failure that may be the LMS's, not the user's: does it answer at all?
+            if error.is_none() && self.probe_due && probing.is_none() {
                 self.probe_due = false;
-                if let Err(e) = super::apply::probe(ctx).await {
-                    tracing::error!(error = %e, "the LMS or Graph does not answer; stopping the run");
-                    error = Some(e);
-                }
+                probing = Some(Box::pin(super::apply::probe(ctx)));
             }
-            if error.is_none() {
+            // No new write while the probe is out.
+            if error.is_none() && probing.is_none() {
                 let queued = self.pipe.armed.len();
                 if announcing.is_none() && !self.pipe.ready.is_empty() && queued < 2 * conc {
                     let n = self.pipe.ready.len().min(INTENT_CHUNK);
@@ -1590,6 +1754,7 @@ impl<T: Target> Run<'_, '_, T> {
             }
             if feed.is_some() && error.is_some() {
                 feed = None;
+                self.pipe.listing = false;
             }
             let waiting = self.pipe.ready.len() + self.pipe.armed.len();
             let want_page = feed.is_some() && self.pipe.pages.is_empty() && waiting < 2 * conc;
@@ -1611,6 +1776,12 @@ impl<T: Target> Run<'_, '_, T> {
                         None => std::future::pending().await,
                     }
                 }, if writing.is_some() => Event::Written(w),
+                p = async {
+                    match probing.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if probing.is_some() => Event::Probed(p),
                 item = async {
                     match feed.as_mut() {
                         Some((rx, _)) => rx.recv().await,
@@ -1669,12 +1840,24 @@ impl<T: Target> Run<'_, '_, T> {
                         }
                     }
                 }
+                Event::Probed(r) => {
+                    probing = None;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "the LMS or Graph does not answer; stopping the run");
+                        error.get_or_insert(e);
+                    }
+                }
                 Event::Plan => {
                     if let Err(e) = self.plan_some(PLAN_CHUNK) {
                         error.get_or_insert(e);
                     }
                 }
-                Event::Feed(None) => feed = None,
+                Event::Feed(None) => {
+                    feed = None;
+                    if let Err(e) = self.unpark_all() {
+                        error.get_or_insert(e.into());
+                    }
+                }
                 Event::Feed(Some(item)) => {
                     let active_before = feed.as_ref().map_or(0, |(_, n)| *n);
                     if let Err(e) = item.and_then(|i| self.take_feed(i, active_before)) {
@@ -1795,25 +1978,12 @@ impl<T: Target> Run<'_, '_, T> {
                 uncertain,
                 suspect,
             }) => {
-                self.ctx.gate.release_write(&c.entra_id);
-                if self.traces.enabled() {
-                    let mut t = self.traces.take(&c);
-                    t.failed(&message, true);
-                    let t = self.traces.finish(t);
-                    self.pipe.traces.push(t);
-                }
-                if uncertain {
-                    if let Some(ch) = self.pipe.chunks.get_mut(&chunk) {
-                        ch.uncertain.push(intent_of(&c));
-                    }
-                }
-                self.chunk_done(chunk)?;
+                self.not_written(&c, chunk, &message, uncertain)?;
                 self.probe_due |= suspect;
-                let streak_limit = (2 * self.ctx.cfg.target.concurrency).max(8);
                 if suspect {
                     self.suspect_streak += 1;
                 }
-                let stop = (suspect && self.suspect_streak >= streak_limit).then(|| {
+                let stop = (suspect && self.suspect_streak >= SUSPECT_STREAK_STOP).then(|| {
                     RunError::Source(format!(
                         "the LMS refused {} writes in a row, the last with: {message}; stopping the run",
                         self.suspect_streak
@@ -1826,8 +1996,39 @@ impl<T: Target> Run<'_, '_, T> {
                     None => Ok(()),
                 }
             }
+            Err(ApplyError::Deferred { message, uncertain }) => {
+                tracing::info!(user = %c.entra_id, user_name = %c.user_name, %message, "write deferred to the next run");
+                self.not_written(&c, chunk, &message, uncertain)?;
+                self.report.counts.deferred += 1;
+                self.resolve(&c.entra_id, None)?;
+                Ok(())
+            }
             Err(ApplyError::Fatal(e)) => Err(e),
         }
+    }
+
+    /// A change the LMS did not take (failed or deferred): the gate lets the user go, its
+    /// trace says why, and its intent is settled (kept when the write may still have landed).
+    fn not_written(
+        &mut self,
+        c: &PlannedChange,
+        chunk: IntentId,
+        message: &str,
+        uncertain: bool,
+    ) -> Result<(), StoreError> {
+        self.ctx.gate.release_write(&c.entra_id);
+        if self.traces.enabled() {
+            let mut t = self.traces.take(c);
+            t.failed(message, true);
+            let t = self.traces.finish(t);
+            self.pipe.traces.push(t);
+        }
+        if uncertain {
+            if let Some(ch) = self.pipe.chunks.get_mut(&chunk) {
+                ch.uncertain.push(intent_of(c));
+            }
+        }
+        self.chunk_done(chunk)
     }
 
     fn count(&mut self, a: Action) {

@@ -39,6 +39,9 @@ use crate::store::state::MemberKind;
 use crate::store::{IndexEntry, StoreError};
 use crate::target::Target;
 
+/// A write the LMS kept throttling comes back after this long (not as an attempt).
+const THROTTLED_WAIT_SECS: i64 = 5;
+
 /// What the target accepts, from discovery (read once per worker start).
 #[derive(Clone, Debug)]
 pub struct Targeting {
@@ -829,6 +832,16 @@ async fn one_round<T: Target>(
                 .await
                 .unwrap_or_else(|_| {
                     // It may still arrive: the intent stays and is read back.
+                    if ctx.target.throttling() {
+                        // Held up by the LMS's throttling, not by this user: no attempt.
+                        return Err(ApplyError::Deferred {
+                            message: format!(
+                                "the LMS throttled; no answer for this user within {} s",
+                                opts.user_deadline.as_secs()
+                            ),
+                            uncertain: true,
+                        });
+                    }
                     Err(ApplyError::User {
                         message: format!(
                             "the LMS did not answer for this user within {} s",
@@ -885,6 +898,24 @@ async fn one_round<T: Target>(
                     uncertain.push(apply::intent_of(&c));
                 }
                 w.outcome = Some(UserOutcome::Failed { message, suspect });
+            }
+            Err(ApplyError::Deferred {
+                message,
+                uncertain: unsure,
+            }) => {
+                // The LMS throttles: not this user's failure and no attempt; the item comes
+                // back once the LMS's pause is likely over.
+                tracing::info!(user = %c.entra_id, error = %message, "write deferred: the LMS throttles");
+                if let Some(t) = w.trace.as_mut() {
+                    t.failed(&message, true);
+                }
+                if unsure {
+                    uncertain.push(apply::intent_of(&c));
+                }
+                w.outcome = Some(UserOutcome::Wait {
+                    until: Utc::now() + chrono::Duration::seconds(THROTTLED_WAIT_SECS),
+                    missing_since: w.task.missing_since,
+                });
             }
             Err(ApplyError::Fatal(e)) => return Err(e),
         }

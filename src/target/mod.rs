@@ -9,6 +9,7 @@
 //! its writes and lookups to it, so the sync never needs to know.
 
 pub mod dialect;
+pub mod pace;
 pub mod probe;
 pub mod scim;
 
@@ -41,6 +42,15 @@ pub enum TargetError {
     Decode { what: String, message: String },
     #[error("the LMS rejected the bearer token (401): check target.token")]
     Unauthorized,
+    /// The LMS kept throttling (429, or 503 with `Retry-After`) for longer than one request
+    /// may wait: the write was not made and is deferred, not failed.
+    #[error("{method} {path}: the LMS kept throttling ({status}) for {waited_secs} s; deferred")]
+    Throttled {
+        method: &'static str,
+        path: String,
+        status: u16,
+        waited_secs: u64,
+    },
 }
 
 impl TargetError {
@@ -59,6 +69,8 @@ impl TargetError {
         match self {
             TargetError::Transport { .. } | TargetError::Decode { .. } => true,
             TargetError::Http { status, .. } => *status >= 500 || *status == 408,
+            // The last answer refused the request (a 503 to a POST was looked up first).
+            TargetError::Throttled { .. } => false,
             _ => false,
         }
     }
@@ -169,6 +181,11 @@ pub trait Target: Send + Sync {
     /// failure of one user.
     fn reachable(&self) -> impl Future<Output = Result<(), TargetError>> + Send {
         async { self.list(1, 1).await.map(|_| ()) }
+    }
+    /// Whether the LMS throttled lately (a 429, or a 503 with `Retry-After`, within the last
+    /// minute): a write that took too long was then held up by the LMS, not by its user.
+    fn throttling(&self) -> bool {
+        false
     }
     /// Warnings gathered since the last call (e.g. a field this LMS never lets be cleared, or
     /// something learned about its dialect), at most one per user and field per run.

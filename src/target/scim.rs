@@ -21,13 +21,13 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Map, Value};
-use tokio::sync::Semaphore;
 use url::Url;
 
 use super::dialect::{
     learn_patch, learn_put, CaseRule, Dialect, DialectSettings, Downgrade, FilterAttr, Form,
     Learned, Refusal,
 };
+use super::pace::{Outcome, Pacer};
 use super::{Capabilities, Target, TargetError, TargetUser};
 use crate::redact::Redactor;
 use crate::retry::{read_limited, retry_after, RetryPolicy};
@@ -86,9 +86,13 @@ pub struct ScimTarget {
     base: String,
     token: SecretString,
     custom_schema: String,
-    /// Bounds concurrent requests to this LMS (config `target.concurrency`).
-    permits: Semaphore,
+    /// Paces requests to this LMS: adaptive concurrency up to `target.concurrency`, a rate
+    /// once it throttles, one shared pause on `Retry-After` (`target::pace`).
+    pacer: Pacer,
     retry: RetryPolicy,
+    /// How long one request may go on waiting out throttling (429, 503 with `Retry-After`)
+    /// before it fails as [`TargetError::Throttled`] (its user is deferred, not failed).
+    throttle_wait: Duration,
     /// Integration name for metrics.
     label: String,
     state: Mutex<DialectState>,
@@ -109,6 +113,27 @@ pub(crate) enum Place<'a> {
     Typed(&'a str, &'a str),
     /// Attribute of an extension schema: (URN, attribute).
     Ext(String, &'a str),
+}
+
+/// How long one request goes on waiting out throttling by default (10 minutes).
+pub const DEFAULT_THROTTLE_WAIT: Duration = Duration::from_secs(600);
+
+/// An answer of the LMS (see [`ScimTarget::send_answer`]).
+pub(crate) struct Answer {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: Vec<u8>,
+    /// `Retry-After`, as a wait from now.
+    pub retry_after: Option<Duration>,
+}
+
+/// The path of a request without its query (a filter names a user).
+fn path_only(path_and_query: &str) -> String {
+    path_and_query
+        .split('?')
+        .next()
+        .unwrap_or(path_and_query)
+        .to_string()
 }
 
 /// What a PATCH or PUT attempt came to.
@@ -153,11 +178,12 @@ impl ScimTarget {
             base: base.as_str().trim_end_matches('/').to_string(),
             token,
             custom_schema: custom_schema.to_string(),
-            permits: Semaphore::new(concurrency.max(1)),
+            pacer: Pacer::new(concurrency),
             retry: RetryPolicy {
                 server_error_retries: 2,
                 ..RetryPolicy::default()
             },
+            throttle_wait: DEFAULT_THROTTLE_WAIT,
             label: String::new(),
             state: Mutex::new(state),
             memory: None,
@@ -176,6 +202,18 @@ impl ScimTarget {
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// How long one request may wait out the LMS's throttling before its user is deferred
+    /// (config `target.throttle_wait_secs`).
+    pub fn with_throttle_wait(mut self, wait: Duration) -> Self {
+        self.throttle_wait = wait;
+        self
+    }
+
+    /// The pacer of this LMS's requests (its window, rate and counters).
+    pub fn pacer(&self) -> &Pacer {
+        &self.pacer
     }
 
     /// The dialect pinned in config (`[integration.target] dialect = { … }`): never changed
@@ -292,7 +330,7 @@ impl ScimTarget {
         }
     }
 
-    /// Sends one request (bounded, retried on 429/5xx unless `idempotent` is false) and
+    /// Sends one request (paced, retried on 429/5xx unless `idempotent` is false) and
     /// returns status, Location header and body.
     pub(crate) async fn send(
         &self,
@@ -301,32 +339,45 @@ impl ScimTarget {
         body: Option<&Value>,
         idempotent: bool,
     ) -> Result<(u16, Option<String>, Vec<u8>), TargetError> {
+        let a = self
+            .send_answer(method, path_and_query, body, idempotent)
+            .await?;
+        Ok((a.status, a.location, a.body))
+    }
+
+    /// Sends one request through the pacer and returns the answer, `Retry-After` included.
+    ///
+    /// Throttling (429, or 503 with `Retry-After`) is waited out for every method: the pacer
+    /// pauses all of this LMS's requests for `Retry-After` and the request is sent again,
+    /// without counting as an attempt, until [`ScimTarget::with_throttle_wait`] has passed
+    /// ([`TargetError::Throttled`]). A 429 is taken as not processed (a rate limiter answers
+    /// before the application), so even a POST is repeated; a POST answered 503 is handed back after the pause began, for its caller to
+    /// look before posting again. Other failures count as attempts under the retry policy
+    /// (idempotent requests only).
+    pub(crate) async fn send_answer(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        idempotent: bool,
+    ) -> Result<Answer, TargetError> {
         let url = format!("{}{}", self.base, path_and_query);
         let mname = method_name(&method);
         let mut attempts = self.retry.start();
+        let mut throttles = self.throttle_policy().start();
+        let payload = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
         loop {
             let attempt = attempts.attempts();
-            let resp = {
-                let _permit = self
-                    .permits
-                    .acquire()
-                    .await
-                    .map_err(|_| TargetError::Transport {
-                        url: self.base.clone(),
-                        message: "client is shutting down".into(),
-                    })?;
-                let mut req = self
-                    .http
-                    .request(method.clone(), &url)
-                    .bearer_auth(self.token.expose_secret())
-                    .header("Accept", format!("{MEDIA_TYPE}, application/json"));
-                if let Some(b) = body {
-                    req = req
-                        .header("Content-Type", MEDIA_TYPE)
-                        .body(serde_json::to_vec(b).unwrap_or_default());
-                }
-                req.send().await
-            };
+            let permit = self.pacer.acquire().await;
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(self.token.expose_secret())
+                .header("Accept", format!("{MEDIA_TYPE}, application/json"));
+            if let Some(b) = &payload {
+                req = req.header("Content-Type", MEDIA_TYPE).body(b.clone());
+            }
+            let resp = req.send().await;
             crate::metrics::request(
                 crate::metrics::Remote::Target,
                 &self.label,
@@ -335,6 +386,7 @@ impl ScimTarget {
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) => {
+                    permit.done(Outcome::NoAnswer);
                     let delay = (idempotent && !e.is_redirect())
                         .then(|| attempts.retry(None))
                         .flatten();
@@ -350,21 +402,53 @@ impl ScimTarget {
                 }
             };
             let status = resp.status().as_u16();
-            // 429 means "not processed": safe to retry even for POST. A 503 may come from a
-            // proxy after the backend acted, so a POST leaves it to its caller.
-            if let Some(delay) =
-                attempts.retry_status(status, idempotent, retry_after(resp.headers()))
-            {
+            let ra = retry_after(resp.headers());
+            if status == 429 || (status == 503 && ra.is_some()) {
+                let shed = status == 503;
+                let Some(pause) = throttles.retry(ra) else {
+                    permit.done(Outcome::Throttled {
+                        pause: ra.unwrap_or_default(),
+                        shed,
+                    });
+                    return Err(TargetError::Throttled {
+                        method: mname,
+                        path: path_only(path_and_query),
+                        status,
+                        waited_secs: self.throttle_wait.as_secs(),
+                    });
+                };
+                permit.done(Outcome::Throttled { pause, shed });
                 tracing::debug!(
-                    attempt,
                     status,
                     method = mname,
                     path = path_and_query,
-                    ?delay,
-                    "LMS throttled or failed; backing off"
+                    ?pause,
+                    "LMS throttled; every request pauses"
                 );
-                tokio::time::sleep(delay).await;
-                continue;
+                if idempotent || status == 429 {
+                    // The next `acquire` waits the shared pause out.
+                    continue;
+                }
+            } else if status == 503 {
+                permit.done(Outcome::Shed);
+            } else {
+                permit.done(Outcome::Answered);
+            }
+            // A 503 may come from a proxy after the backend acted, so a POST leaves it to its
+            // caller.
+            if status != 429 && !(status == 503 && ra.is_some()) {
+                if let Some(delay) = attempts.retry_status(status, idempotent, ra) {
+                    tracing::debug!(
+                        attempt,
+                        status,
+                        method = mname,
+                        path = path_and_query,
+                        ?delay,
+                        "LMS failed; backing off"
+                    );
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
             }
             if status == 401 {
                 return Err(TargetError::Unauthorized);
@@ -380,7 +464,21 @@ impl ScimTarget {
                     url: self.base.clone(),
                     message: m,
                 })?;
-            return Ok((status, location, bytes));
+            return Ok(Answer {
+                status,
+                location,
+                body: bytes,
+                retry_after: ra,
+            });
+        }
+    }
+
+    /// Throttles are waited out without an attempt cap, up to `throttle_wait`.
+    fn throttle_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: u32::MAX,
+            deadline: Some(self.throttle_wait),
+            ..self.retry
         }
     }
 
@@ -1293,17 +1391,20 @@ impl Target for ScimTarget {
         }
         let body = self.resource(record);
         // A create whose fate is unknown is looked up, then sent again: three times at most.
+        // A 503 with `Retry-After` (the LMS shedding load) is looked up and sent again once
+        // the shared pause is over, without counting, until `throttle_wait` has passed.
         let mut attempts = RetryPolicy {
             max_attempts: 3,
             ..self.retry
         }
         .start();
+        let mut throttles = self.throttle_policy().start();
         loop {
             let res = self
-                .send(reqwest::Method::POST, "/Users", Some(&body), false)
+                .send_answer(reqwest::Method::POST, "/Users", Some(&body), false)
                 .await;
-            let (status, location, bytes) = match res {
-                Ok(r) => r,
+            let (status, location, bytes, ra) = match res {
+                Ok(a) => (a.status, a.location, a.body, a.retry_after),
                 Err(TargetError::Transport { url, message }) => {
                     // The first attempt may have succeeded: look before posting again.
                     if let Some(id) = self.find_created(record).await? {
@@ -1356,6 +1457,20 @@ impl Target for ScimTarget {
                 409 => {
                     self.conflicts.fetch_add(1, Ordering::SeqCst);
                     return Ok(None);
+                }
+                503 if ra.is_some() => {
+                    // The pause has begun (`send_answer`): the lookup waits it out.
+                    if let Some(id) = self.find_created(record).await? {
+                        return Ok(Some(id));
+                    }
+                    if throttles.retry(ra).is_none() {
+                        return Err(TargetError::Throttled {
+                            method: "POST",
+                            path: "/Users".into(),
+                            status,
+                            waited_secs: self.throttle_wait.as_secs(),
+                        });
+                    }
                 }
                 500 | 502 | 503 | 504 => {
                     // Maybe created, maybe not: re-query before trying again.
@@ -1457,6 +1572,10 @@ impl Target for ScimTarget {
             }
         }
         Ok((users, total))
+    }
+
+    fn throttling(&self) -> bool {
+        self.pacer.throttled_within(Duration::from_secs(60))
     }
 
     fn notes(&self) -> Vec<String> {
