@@ -271,6 +271,11 @@ async fn run_binary(config: &Path) -> (Duration, f64, String) {
     (started.elapsed(), peak_kib as f64 / 1024.0, out)
 }
 
+/// MiB in MB (the goals are in MB).
+fn mb(mib: f64) -> f64 {
+    mib * 1024.0 * 1024.0 / 1e6
+}
+
 fn summary(json_out: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(json_out).unwrap_or_default();
     let c = &v[0]["counts"];
@@ -383,8 +388,9 @@ async fn binary_runs(members: usize) {
     std::fs::write(&config, text).expect("write config");
     let (t1, rss1, out1) = run_binary(&config).await;
     println!(
-        "C1. binary, first reconcile of {members} members: {:.1} s, peak RSS {rss1:.0} MiB ({})",
+        "C1. binary, first reconcile of {members} members: {:.1} s, peak RSS {rss1:.0} MiB = {:.0} MB (goal < 200 MB) ({})",
         t1.as_secs_f64(),
+        mb(rss1),
         summary(&out1)
     );
     let (pages, batches) = (
@@ -392,7 +398,7 @@ async fn binary_runs(members: usize) {
         graph.request_count("batch"),
     );
     let (t2, rss2, out2) = run_binary(&config).await;
-    println!("C2. binary, no-change reconcile of {members} members: {:.1} s, peak RSS {rss2:.0} MiB ({})", t2.as_secs_f64(), summary(&out2));
+    println!("C2. binary, no-change reconcile of {members} members: {:.1} s, peak RSS {rss2:.0} MiB = {:.0} MB (goal < 200 MB) ({})", t2.as_secs_f64(), mb(rss2), summary(&out2));
     println!(
         "Graph requests in C2: member pages {}, manager $batch {}; LMS writes in C2: none expected",
         graph.request_count("transitiveMembers") - pages,

@@ -72,7 +72,7 @@ pub fn render_report(r: &RunReport, max_changes: usize) -> String {
         "  {verb}: {} create, {} update, {} deactivate, {} reactivate; {} unchanged, {} disabled and not in the LMS, {} failed, {} deferred (of {} members)",
         c.created, c.updated, c.deactivated, c.reactivated, c.unchanged, c.skipped, c.failed, c.deferred, c.members
     );
-    for line in r.changes.iter().take(max_changes).map(change_line) {
+    for line in r.changes.iter().take(max_changes).map(|c| change_line(&c)) {
         let _ = writeln!(s, "{line}");
     }
     if max_changes > 0 && r.changes.len() > max_changes {

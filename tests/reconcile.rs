@@ -82,10 +82,11 @@ async fn each_kind_of_change_produces_exactly_the_expected_change() {
     });
     let r = env.reconcile().await;
     assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
-    assert_eq!(r.changes[0].action, Action::Update);
-    assert_eq!(r.changes[0].entra_id, *promoted);
-    assert_eq!(r.changes[0].changes.len(), 1);
-    assert_eq!(r.changes[0].changes[0].key, "title");
+    let change = r.changes.get(0).unwrap();
+    assert_eq!(change.action, Action::Update);
+    assert_eq!(change.entra_id, *promoted);
+    assert_eq!(change.changes.len(), 1);
+    assert_eq!(change.changes[0].key, "title");
     assert_eq!(env.lms_user(promoted)["title"], "Chief Learning Officer");
 
     // The enabled members a user manages: their manager link follows the manager.

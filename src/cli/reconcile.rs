@@ -63,7 +63,13 @@ pub async fn run(
     alerts.deliver_before_exit(ALERT_DELIVERY_LIMIT).await;
     store.flush()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        // Streamed rather than built as one string: a first reconcile reports a change per
+        // member.
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer_pretty(&mut out, &reports)?;
+        writeln!(out)?;
+        out.flush()?;
     }
     Ok(exit_code(&reports))
 }

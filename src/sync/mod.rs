@@ -4,6 +4,7 @@
 //! target and the store only through `GraphClient`, the `Target` trait and `IntegrationStore`.
 
 pub mod apply;
+pub mod changes;
 pub mod decide;
 pub mod gate;
 pub mod managers;

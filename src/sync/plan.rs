@@ -33,8 +33,8 @@ impl Action {
     }
 }
 
-/// One user's planned change.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One user's planned change. Reports read back only what is serialized (`sync::changes`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlannedChange {
     pub action: Action,
     pub entra_id: String,

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::apply::{apply_change, intent_of, Applied, ApplyError};
+use super::changes::Changes;
 use super::decide::{self, Facts, Membership, UserFact, Verdict};
 use super::mapping::{is_active, AttrValue, Desired, MapFailure, Mapping, Record, MANAGER};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
@@ -130,7 +131,7 @@ pub struct RunReport {
     pub error: Option<String>,
     /// Planned (dry run) or applied changes; not kept in the run history.
     #[serde(default, skip_deserializing)]
-    pub changes: Vec<PlannedChange>,
+    pub changes: Changes,
     #[serde(default)]
     pub notes: Vec<String>,
     /// The run found groups joining or leaving the tree of nested groups (`serve` makes the
@@ -341,7 +342,7 @@ pub async fn reconcile<T: Target>(
             failures: Vec::new(),
             guard: None,
             error: None,
-            changes: Vec::new(),
+            changes: Changes::new(),
             notes: Vec::new(),
             tree_changed: false,
         };
@@ -410,8 +411,11 @@ pub async fn reconcile<T: Target>(
             ));
         }
         if !opts.dry_run {
-            let mut history = report.clone();
-            history.changes.clear();
+            // Without its changes, and without copying them (a first reconcile has one per
+            // member).
+            let changes = std::mem::take(&mut report.changes);
+            let history = report.clone();
+            report.changes = changes;
             if let Err(e) = ctx.store.put_run(&report.run_id, &history) {
                 tracing::error!(error = %e, "could not record the run");
             }
@@ -918,8 +922,10 @@ impl<T: Target> Run<'_, '_, T> {
         }
         let before = self.report.changes.len();
         self.apply_all(changes, true).await?;
-        let done: Vec<String> = self.report.changes[before..]
-            .iter()
+        let done: Vec<String> = self
+            .report
+            .changes
+            .iter_from(before)
             .filter(|c| c.action == Action::Deactivate)
             .map(|c| c.entra_id.clone())
             .collect();
@@ -1352,7 +1358,6 @@ impl<T: Target> Run<'_, '_, T> {
         for (id, creating) in listed {
             self.unpark_for(&id, creating)?;
         }
-        self.report.changes.reserve(members.len());
         self.pipe.pages.push_back(PageWork {
             group,
             members,
@@ -1580,7 +1585,7 @@ impl<T: Target> Run<'_, '_, T> {
                 self.trace_plan(&c, Some(u), Some(group), out, true);
                 if self.opts.dry_run {
                     self.count(c.action);
-                    self.report.changes.push(c);
+                    self.report.changes.push(&c);
                 } else {
                     queued_create = c.action == Action::Create;
                     self.pipe.ready.push_back(c);
@@ -1965,7 +1970,7 @@ impl<T: Target> Run<'_, '_, T> {
                     } else {
                         c.changes
                     };
-                    self.report.changes.push(PlannedChange {
+                    self.report.changes.push(&PlannedChange {
                         record: Record::new(),
                         changes,
                         ..c
@@ -2098,12 +2103,16 @@ impl<T: Target> Run<'_, '_, T> {
         }
         self.ctx.store.put_users(&index_only)?;
         // A user created or updated earlier in this run is not counted a second time.
-        let already: HashSet<&str> = self
-            .report
-            .changes
-            .iter()
-            .map(|c| c.entra_id.as_str())
-            .collect();
+        let already: HashSet<String> = if changes.is_empty() {
+            HashSet::new()
+        } else {
+            let these: HashSet<&str> = changes.iter().map(|c| c.entra_id.as_str()).collect();
+            self.report
+                .changes
+                .entra_ids()
+                .filter(|id| these.contains(id.as_str()))
+                .collect()
+        };
         let (again, fresh): (Vec<_>, Vec<_>) = changes
             .into_iter()
             .partition(|c| already.contains(c.entra_id.as_str()));
