@@ -1063,6 +1063,11 @@ async fn a_departure_confirmed_only_slowly_is_left_to_the_next_run() {
         .unwrap()
         .expect("a trace");
     assert_eq!(t.outcome, Outcome::Skipped, "{t:?}");
+    assert_eq!(
+        env.integration.store.queue_len(),
+        1,
+        "handed to the incremental worker"
+    );
 
     let r = env.reconcile().await;
     assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);

@@ -289,7 +289,12 @@ pub struct FreshRead {
     pub manager: Option<GraphUser>,
     /// The asked-for groups the user is a transitive member of.
     pub member_of: Vec<String>,
+    /// When this user's read was sent: its answers are at most this old.
+    pub asked: std::time::Instant,
 }
+
+/// Users read at once by [`GraphClient::fresh_reads`] (one `$batch` each).
+const FRESH_READ_CONCURRENCY: usize = 4;
 
 impl GraphClient {
     pub fn new(settings: GraphSettings, http: reqwest::Client) -> Self {
@@ -1170,84 +1175,91 @@ impl GraphClient {
         manager_select: Option<&[String]>,
         groups: &[String],
     ) -> Result<HashMap<String, Result<FreshRead, GraphError>>, GraphError> {
+        use futures::StreamExt;
         let group_chunks: Vec<&[String]> = groups.chunks(CHECK_MEMBER_GROUPS_MAX).collect();
-        let per_user = 1 + usize::from(manager_select.is_some()) + group_chunks.len();
-        let users_per_batch = (BATCH_LIMIT / per_user).max(1);
-        let mut out = HashMap::with_capacity(user_ids.len());
-        for chunk in user_ids.chunks(users_per_batch) {
-            let mut requests = Vec::with_capacity(chunk.len() * per_user);
-            for (i, uid) in chunk.iter().enumerate() {
-                requests.push(BatchRequest::get(
-                    format!("{i}u"),
-                    format!(
-                        "/users/{}?$select={}",
-                        urlencode(uid),
-                        user_select.join(",")
-                    ),
-                ));
-                if let Some(sel) = manager_select {
-                    requests.push(BatchRequest::get(format!("{i}m"), manager_path(uid, sel)));
-                }
-                for (g, ids) in group_chunks.iter().enumerate() {
-                    requests.push(BatchRequest {
-                        id: format!("{i}g{g}"),
-                        method: "POST",
-                        url: format!("/users/{}/checkMemberGroups", urlencode(uid)),
-                        body: Some(json!({ "groupIds": ids })),
-                    });
-                }
+        // One `$batch` per user: each user's answers are as fresh as its own round trip (an
+        // inner 429 retried after its Retry-After delays that user only), so a caller can tell
+        // a fresh confirmation from an old one user by user (`FreshRead::asked`).
+        let mut sends = Vec::with_capacity(user_ids.len());
+        for uid in user_ids {
+            let mut requests = Vec::with_capacity(2 + group_chunks.len());
+            requests.push(BatchRequest::get(
+                "u".to_string(),
+                format!(
+                    "/users/{}?$select={}",
+                    urlencode(uid),
+                    user_select.join(",")
+                ),
+            ));
+            if let Some(sel) = manager_select {
+                requests.push(BatchRequest::get("m".to_string(), manager_path(uid, sel)));
             }
-            let mut answers = self.batch(requests).await?;
-            for (i, uid) in chunk.iter().enumerate() {
-                let mut take = |k: String| answers.remove(&k).unwrap_or((0, Value::Null));
-                let read = (|| {
-                    let (st, body) = take(format!("{i}u"));
-                    let user = self.user_answer(uid, st, body)?;
-                    let manager = match manager_select {
-                        Some(_) => {
-                            let (st, body) = take(format!("{i}m"));
-                            match (&user, st) {
-                                (None, _) => None,
-                                _ => self.manager_answer(uid, st, body)?,
-                            }
-                        }
-                        None => None,
-                    };
-                    let mut member_of = Vec::new();
-                    for g in 0..group_chunks.len() {
-                        let (st, body) = take(format!("{i}g{g}"));
-                        match (st, &user) {
-                            (200, _) => member_of.extend(
-                                body.get("value")
-                                    .and_then(|v| v.as_array())
-                                    .map(|a| {
-                                        a.iter()
-                                            .filter_map(|x| x.as_str().map(str::to_string))
-                                            .collect::<Vec<_>>()
-                                    })
-                                    .unwrap_or_default(),
-                            ),
-                            // A user that is gone is in no group.
-                            (404, None) => {}
-                            (other, _) => {
-                                let body = serde_json::to_vec(&body).unwrap_or_default();
-                                return Err(self.api_error(
-                                    "POST",
-                                    &format!("{}/users/{uid}/checkMemberGroups", self.api_root),
-                                    other,
-                                    &body,
-                                ));
-                            }
+            for (g, ids) in group_chunks.iter().enumerate() {
+                requests.push(BatchRequest {
+                    id: format!("g{g}"),
+                    method: "POST",
+                    url: format!("/users/{}/checkMemberGroups", urlencode(uid)),
+                    body: Some(json!({ "groupIds": ids })),
+                });
+            }
+            sends.push(async move {
+                let asked = std::time::Instant::now();
+                (uid, asked, self.batch(requests).await)
+            });
+        }
+        let mut answered = futures::stream::iter(sends).buffer_unordered(FRESH_READ_CONCURRENCY);
+        let mut out = HashMap::with_capacity(user_ids.len());
+        while let Some((uid, asked, answers)) = answered.next().await {
+            let mut answers = answers?;
+            let mut take = |k: String| answers.remove(&k).unwrap_or((0, Value::Null));
+            let read = (|| {
+                let (st, body) = take("u".to_string());
+                let user = self.user_answer(uid, st, body)?;
+                let manager = match manager_select {
+                    Some(_) => {
+                        let (st, body) = take("m".to_string());
+                        match (&user, st) {
+                            (None, _) => None,
+                            _ => self.manager_answer(uid, st, body)?,
                         }
                     }
-                    Ok(FreshRead {
-                        user,
-                        manager,
-                        member_of,
-                    })
-                })();
-                out.insert(uid.clone(), read);
-            }
+                    None => None,
+                };
+                let mut member_of = Vec::new();
+                for g in 0..group_chunks.len() {
+                    let (st, body) = take(format!("g{g}"));
+                    match (st, &user) {
+                        (200, _) => member_of.extend(
+                            body.get("value")
+                                .and_then(|v| v.as_array())
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(|x| x.as_str().map(str::to_string))
+                                        .collect::<Vec<_>>()
+                                })
+                                .unwrap_or_default(),
+                        ),
+                        // A user that is gone is in no group.
+                        (404, None) => {}
+                        (other, _) => {
+                            let body = serde_json::to_vec(&body).unwrap_or_default();
+                            return Err(self.api_error(
+                                "POST",
+                                &format!("{}/users/{uid}/checkMemberGroups", self.api_root),
+                                other,
+                                &body,
+                            ));
+                        }
+                    }
+                }
+                Ok(FreshRead {
+                    user,
+                    manager,
+                    member_of,
+                    asked,
+                })
+            })();
+            out.insert(uid.clone(), read);
         }
         Ok(out)
     }

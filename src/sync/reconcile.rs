@@ -222,7 +222,7 @@ const WRITE_BATCH: usize = 256;
 
 /// Why a deactivation was left to the next run after its confirming reads kept coming slowly.
 const SLOW_CONFIRMATION: &str =
-    "Graph's confirming answers took over a second three times; a deactivation never rests on an answer that old";
+    "Graph's confirming answers took over a second three times (a deactivation never rests on an answer that old); handed to the incremental worker and the next run";
 
 /// The LMS-write stream of a run (see the module comment).
 #[derive(Default)]
@@ -951,6 +951,13 @@ impl<T: Target> Run<'_, '_, T> {
         }
         if !again.is_empty() {
             let n = again.len();
+            // Handed to the incremental worker, which reads them again on its own (at once
+            // in `serve`; at its next start otherwise), and to the next run.
+            let hints: Vec<crate::store::queue::QueueItem> = again
+                .iter()
+                .map(|c| crate::store::queue::QueueItem::follow_up(c.change.entra_id.clone()))
+                .collect();
+            self.ctx.store.enqueue(&hints)?;
             for cand in again {
                 let mut t = self.traces.take(&cand.change);
                 t.skipped(SLOW_CONFIRMATION);
@@ -992,12 +999,10 @@ impl<T: Target> Run<'_, '_, T> {
             })
             .collect();
         let mut reads = HashMap::with_capacity(ids.len());
-        let asked = std::time::Instant::now();
         let mut batches = stream::iter(calls).buffer_unordered(cfg.graph_concurrency.max(1));
         while let Some(r) = batches.next().await {
             reads.extend(r?);
         }
-        let stale = asked.elapsed() > super::FRESH_READ_MAX_AGE;
         let mut slow = Vec::new();
         let mut apply = Vec::new();
         let mut withdrawn = 0u64;
@@ -1017,6 +1022,8 @@ impl<T: Target> Run<'_, '_, T> {
                 }
                 None => continue,
             };
+            // How old this user's answers are now, about to be decided and written.
+            let stale = read.asked.elapsed() > super::FRESH_READ_MAX_AGE;
             let mapped = read
                 .user
                 .as_ref()

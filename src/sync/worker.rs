@@ -1126,7 +1126,6 @@ async fn confirm<T: Target>(
     let mut tries = 0;
     while !keep.is_empty() {
         let ids: Vec<String> = keep.iter().map(|&i| work[i].task.id.clone()).collect();
-        let asked = std::time::Instant::now();
         let mut reads = match ctx
             .graph
             .fresh_reads(
@@ -1150,7 +1149,6 @@ async fn confirm<T: Target>(
             }
         };
         let now = Utc::now();
-        let stale = asked.elapsed() > super::FRESH_READ_MAX_AGE;
         let mut again = Vec::new();
         for &i in &keep {
             let w = &mut work[i];
@@ -1158,6 +1156,7 @@ async fn confirm<T: Target>(
             match reads.remove(&w.task.id) {
                 Some(Ok(read)) => {
                     let gone = read.user.is_none();
+                    let stale = read.asked.elapsed() > super::FRESH_READ_MAX_AGE;
                     let fresh = refresh(ctx, tg, g, read)?;
                     let since = w.task.missing_since.unwrap_or(now);
                     if gone && now - since < after {
