@@ -19,6 +19,9 @@
 //! forged requests, and the growth of the data directory and of the queue (which must equal the
 //! genuine 202s). Nothing asserts timing.
 
+mod common;
+
+use common::arg_or as arg;
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -43,15 +46,6 @@ const TENANT: &str = "3f1c2a9e-7b44-4d0e-9a51-6c2b8e0f4d11";
 const CLIENT_ID: &str = "6e2f0b7c-1d3a-4c5e-8f9a-0b1c2d3e4f50";
 const SUBSCRIPTION: &str = "d850b120-19bb-4291-b9c4-845ea04dd38d";
 const CLIENT_STATE: &str = "Zq3vJ8kP2mN6tR1xW5yB9cF4hL7dG0sA3eU8iO2pK6jH1nM5bV9cX4zT7rQ0wE2y";
-
-fn arg(name: &str, default: f64) -> f64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Counts what the log receives.
 #[derive(Clone, Default)]

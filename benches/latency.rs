@@ -26,6 +26,8 @@
 //! the simulator's delivery tick) and makes the next change. It prints p50/p99/max of
 //! both measures, overall and per kind. Nothing asserts timing.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -37,16 +39,9 @@ use rostersync::sim::graph::{fixture, GraphSim, SimUser};
 use rostersync::sim::scim::{ScimSim, ScimSimConfig};
 use serde_json::Value;
 
-const TOKEN: &str = "bench-token";
+use common::{arg_or as arg, pct};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+const TOKEN: &str = "bench-token";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -114,14 +109,6 @@ async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     false
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
 }
 
 fn line(label: &str, mut v: Vec<f64>) -> String {

@@ -39,7 +39,7 @@ use rostersync::store::Store;
 use rostersync::sync::reconcile::RunReport;
 use serde_json::Value;
 
-use common::arg;
+use common::{arg, pct};
 
 const TOKEN: &str = "bench-token";
 
@@ -48,14 +48,6 @@ fn last_modified(u: &Value) -> Option<DateTime<Utc>> {
         .and_then(|v| v.as_str())
         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
         .map(|t| t.with_timezone(&Utc))
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
 }
 
 fn line(label: &str, mut v: Vec<f64>) -> String {

@@ -18,6 +18,9 @@
 //! A2 for `--rounds` rounds; `--only c` runs C alone.
 //! A2 isolates the SCIM client (ScimTarget::create on prepared records) from the pipeline.
 
+mod common;
+
+use common::arg_or as arg;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -71,15 +74,6 @@ fn cpu_text(r: &Rate) -> String {
 fn only(part: &str) -> bool {
     let args: Vec<String> = std::env::args().collect();
     args.windows(2).any(|w| w[0] == "--only" && w[1] == part)
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 async fn scim() -> ScimSim {

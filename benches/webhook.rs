@@ -30,6 +30,9 @@
 //! request bytes and parsing only the status line and Content-Length, because it shares the
 //! machine's cores with the server. Everything prints; nothing asserts timing.
 
+mod common;
+
+use common::arg_or as arg;
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -57,15 +60,6 @@ const CLIENT_STATE: &str = "Zq3vJ8kP2mN6tR1xW5yB9cF4hL7dG0sA3eU8iO2pK6jH1nM5bV9c
 /// Distinct notification bodies (user ids) the clients cycle through.
 const BODIES: usize = 512;
 const MAX_BODY: usize = 1024 * 1024;
-
-fn arg(name: &str, default: f64) -> f64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn user_id(i: usize) -> String {
     format!("{:08x}-0000-4000-8000-{:012x}", 0x5eed_0000 + i, i)

@@ -2,8 +2,26 @@
 //! timed full reconcile.
 #![allow(dead_code)]
 
+/// The `p` quantile (0-1, nearest rank) of values sorted ascending; NaN when there are none.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
 /// The number after `name` on the command line, if any.
 pub fn arg(name: &str) -> Option<u64> {
+    arg_parsed(name)
+}
+
+/// The value after `name` on the command line, or `default` (absent or unparsable).
+pub fn arg_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    arg_parsed(name).unwrap_or(default)
+}
+
+fn arg_parsed<T: std::str::FromStr>(name: &str) -> Option<T> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
