@@ -508,6 +508,28 @@ mod scim_responses {
             .unwrap();
     }
 
+    /// An LMS that answers the same page whatever the `startIndex` ends a listing after one
+    /// repeated page instead of paging up to the listing's bound (millions of requests; the
+    /// test above once spun for half an hour on such an answer).
+    #[test]
+    fn a_listing_of_a_server_that_ignores_start_index_ends() {
+        let rt = runtime();
+        let server = rt.block_on(Canned::start());
+        let t = target(&format!("{}/scim/v2", server.url));
+        server.set(
+            200,
+            serde_json::to_vec(&serde_json::json!({
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],
+                "totalResults": 1000,
+                "Resources": [{"id": "u1", "userName": "ada@contoso.example"}]
+            }))
+            .unwrap(),
+        );
+        let l = rt.block_on(t.take_listing(0)).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(server.hits.load(Ordering::SeqCst), 2);
+    }
+
     proptest! {
         #![proptest_config(config(512))]
 

@@ -875,8 +875,10 @@ impl ScimTarget {
         Ok(guard)
     }
 
-    /// Pages through `/Users` keeping only id, userName and externalId of each user.
-    async fn take_listing(&self, conflicts: u64) -> Result<Listing, TargetError> {
+    /// Pages through `/Users` keeping only id, userName and externalId of each user. A page
+    /// that brings no user not listed already ends it: a server that ignores `startIndex`
+    /// answers the same page for ever.
+    pub(crate) async fn take_listing(&self, conflicts: u64) -> Result<Listing, TargetError> {
         const PAGE: usize = 100;
         let mut l = Listing::new(conflicts);
         let mut start = 1;
@@ -889,6 +891,7 @@ impl ScimTarget {
             // Advance by what came back, not by totalResults (docs/scim.md).
             start += page.len();
             seen += page.len();
+            let before = l.len();
             for r in &page {
                 let Some(id) = get_ci(r, "id").and_then(|i| i.as_str()) else {
                     continue;
@@ -904,6 +907,13 @@ impl ScimTarget {
                         .filter(|x| !x.is_empty())
                         .map(str::to_string),
                 });
+            }
+            if l.len() == before {
+                tracing::warn!(
+                    start,
+                    "the LMS answered a page of users listed already (it may ignore startIndex); the listing ends here"
+                );
+                break;
             }
         }
         tracing::info!(
