@@ -26,7 +26,7 @@ pub struct Remote {
 /// `serve`: any other failure to open the store is that failure.
 pub fn open(config: &Config) -> anyhow::Result<Where> {
     let dir = config.server.data_dir.clone();
-    match Store::open(&dir) {
+    match Store::open_unless_locked(&dir) {
         Ok(s) => Ok(Where::Store(s)),
         Err(StoreError::Locked(_)) => match AdminClient::new(&config.server) {
             Ok(client) => {

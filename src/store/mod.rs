@@ -51,6 +51,40 @@ impl From<sled::Error> for StoreError {
     }
 }
 
+/// How long a lock held by another handle is waited for before the store reports it as
+/// [`StoreError::Locked`]: a process that is just exiting (a restart) or a handle dropped a
+/// moment ago (sled's own I/O threads let go of the file shortly after the drop) is not an
+/// error; a second `serve` on the same directory still is, after this wait.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_db(path: &Path, wait: std::time::Duration) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            // The index is read sequentially during a reconcile; a small cache keeps RSS flat.
+            // 8 MiB rather than 32: a first reconcile of 100,000 members peaked 8-30 MiB lower
+            // (benches/reconcile.rs, C1), with no slower no-change run (C2).
+            .cache_capacity(8 * 1024 * 1024)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_conflict(&e) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Locked(path.to_path_buf()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            Err(e) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
 /// Whether sled refused to open because another process (or another handle in this one)
 /// holds the data directory's lock: sled 0.34 reports a failed `try_lock_exclusive` of its
 /// `db` file as an `Io` error of kind `Other` with exactly this message prefix, and nothing
@@ -106,37 +140,31 @@ impl Store {
     /// Opens the store; a webhook journal left by a crash is replayed into the queues that
     /// already exist (see [`Store::open_configured`]).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Self::open_replaying(path, journal::Replay::Existing)
+        Self::open_replaying(path, journal::Replay::Existing, LOCK_WAIT)
+    }
+
+    /// As [`Store::open`], but a lock held by another handle is reported at once: for a
+    /// command that then asks the running `serve` instead.
+    pub fn open_unless_locked(path: &Path) -> Result<Store, StoreError> {
+        Self::open_replaying(path, journal::Replay::Existing, std::time::Duration::ZERO)
     }
 
     /// Opens the store for these configured integrations: a left-over webhook journal is
     /// replayed into their queues only, never into a new queue for a name no longer configured.
     pub fn open_configured(path: &Path, names: &[IntegrationName]) -> Result<Store, StoreError> {
-        Self::open_replaying(path, journal::Replay::Configured(names))
+        Self::open_replaying(path, journal::Replay::Configured(names), LOCK_WAIT)
     }
 
-    fn open_replaying(path: &Path, which: journal::Replay<'_>) -> Result<Store, StoreError> {
+    fn open_replaying(
+        path: &Path,
+        which: journal::Replay<'_>,
+        lock_wait: std::time::Duration,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let db = sled::Config::new()
-            .path(path)
-            // The index is read sequentially during a reconcile; a small cache keeps RSS flat.
-            // 8 MiB rather than 32: a first reconcile of 100,000 members peaked 8-30 MiB lower
-            // (benches/reconcile.rs, C1), with no slower no-change run (C2).
-            .cache_capacity(8 * 1024 * 1024)
-            .open()
-            .map_err(|e| {
-                if is_lock_conflict(&e) {
-                    StoreError::Locked(path.to_path_buf())
-                } else {
-                    StoreError::Open {
-                        path: path.to_path_buf(),
-                        message: e.to_string(),
-                    }
-                }
-            })?;
+        let db = open_db(path, lock_wait)?;
         let mut store = Store::wrap(db);
         store.health.watch_dir(path);
         store.journal = Some(journal::Journal::open(
@@ -617,11 +645,20 @@ pub(crate) mod tests {
         let first = Store::open(&data).unwrap();
         // flock is per open file: a second handle in this process conflicts as another
         // process would.
-        match Store::open(&data) {
+        let asked = std::time::Instant::now();
+        match Store::open_unless_locked(&data) {
             Err(StoreError::Locked(p)) => assert_eq!(p, data),
             other => panic!("expected Locked, got {:?}", other.map(|_| ())),
         }
-        drop(first);
+        assert!(asked.elapsed() < LOCK_WAIT, "reported without the wait");
+        // A handle let go of during the wait (a restart, a test reopening) is waited for.
+        let held = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(first);
+        });
+        let second = Store::open(&data).expect("opened once the first handle is gone");
+        held.join().unwrap();
+        drop(second);
         // Not a lock: a data directory that is a file, a path with "lock" in its name.
         let file = dir.path().join("lockfile-block");
         std::fs::write(&file, b"x").unwrap();
