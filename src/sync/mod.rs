@@ -20,3 +20,6 @@ pub mod worker;
 /// the directory by the time they would be written: the worker then waits for a fresh read in
 /// a later batch, the reconcile reads again or leaves the user to the next run.
 pub(crate) const FRESH_READ_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How many times a confirming read that came too slowly is repeated at once.
+pub(crate) const FRESH_READ_RETRIES: usize = 2;

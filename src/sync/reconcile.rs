@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use futures::stream::{self, FuturesUnordered};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
@@ -900,8 +900,9 @@ impl<T: Target> Run<'_, '_, T> {
     }
 
     /// Applies what Graph confirmed, its deactivations first checked against the budget and
-    /// counted in the guard's window (`apply::Budget::check`; a worker running beside this run
-    /// spends the same budget). A trip holds this chunk's deactivations and is returned.
+    /// counted in the guard's window by that check (`apply::Budget::check`; a worker running
+    /// beside this run spends the same budget). A trip holds this chunk's deactivations and is
+    /// returned.
     async fn apply_confirmed(
         &mut self,
         changes: Vec<PlannedChange>,
@@ -920,16 +921,7 @@ impl<T: Target> Run<'_, '_, T> {
             self.held(held, trip.clone())?;
             return Ok(Err(trip));
         }
-        let before = self.report.changes.len();
         self.apply_all(changes, true).await?;
-        let done: Vec<String> = self
-            .report
-            .changes
-            .iter_from(before)
-            .filter(|c| c.action == Action::Deactivate)
-            .map(|c| c.entra_id.clone())
-            .collect();
-        self.ctx.store.record_deactivations(&done)?;
         Ok(Ok(()))
     }
 
@@ -940,8 +932,9 @@ impl<T: Target> Run<'_, '_, T> {
         &mut self,
         candidates: Vec<Candidate>,
     ) -> Result<Vec<PlannedChange>, RunError> {
+        let first_asked = chrono::Utc::now();
         let (mut apply, mut again) = self.confirm_candidates(candidates).await?;
-        for _ in 0..2 {
+        for _ in 0..super::FRESH_READ_RETRIES {
             if again.is_empty() {
                 break;
             }
@@ -952,10 +945,16 @@ impl<T: Target> Run<'_, '_, T> {
         if !again.is_empty() {
             let n = again.len();
             // Handed to the incremental worker, which reads them again on its own (at once
-            // in `serve`; at its next start otherwise), and to the next run.
+            // in `serve`; at its next start otherwise), and to the next run. Graph said they
+            // were gone when first asked: the worker's settling time counts from then.
             let hints: Vec<crate::store::queue::QueueItem> = again
                 .iter()
-                .map(|c| crate::store::queue::QueueItem::follow_up(c.change.entra_id.clone()))
+                .map(|c| {
+                    let mut it =
+                        crate::store::queue::QueueItem::follow_up(c.change.entra_id.clone());
+                    it.missing_since = Some(first_asked);
+                    it
+                })
                 .collect();
             self.ctx.store.enqueue(&hints)?;
             for cand in again {
@@ -990,19 +989,11 @@ impl<T: Target> Run<'_, '_, T> {
         let mapping = &cfg.mapping;
         let user_select = mapping.user_select();
         let manager_select = mapping.manager_select();
-        let chunk = (crate::graph::BATCH_LIMIT / 3).max(1);
-        let calls: Vec<_> = ids
-            .chunks(chunk)
-            .map(|c| {
-                ctx.graph
-                    .fresh_reads(c, &user_select, manager_select.as_deref(), &cfg.groups)
-            })
-            .collect();
-        let mut reads = HashMap::with_capacity(ids.len());
-        let mut batches = stream::iter(calls).buffer_unordered(cfg.graph_concurrency.max(1));
-        while let Some(r) = batches.next().await {
-            reads.extend(r?);
-        }
+        // One `$batch` per user, a few at a time (`GraphClient::fresh_reads`).
+        let mut reads = ctx
+            .graph
+            .fresh_reads(&ids, &user_select, manager_select.as_deref(), &cfg.groups)
+            .await?;
         let mut slow = Vec::new();
         let mut apply = Vec::new();
         let mut withdrawn = 0u64;

@@ -878,7 +878,9 @@ async fn one_round<T: Target>(
                 if decide::changes_presence(&probe, before) {
                     moved.push(c.entra_id.clone());
                 }
-                if c.action == Action::Deactivate {
+                // The budget counted the others when it let them through (`guard_confirmed`);
+                // the ones an operator allowed were not checked.
+                if c.action == Action::Deactivate && w.task.allow_mass {
                     deactivated.push(c.entra_id.clone());
                 }
                 entries.push((c.entra_id.clone(), a.entry));
@@ -993,6 +995,8 @@ fn finish_round<T: Target>(
         }));
     }
     let mut again: Vec<String> = Vec::new();
+    // Read once per round (a small tree, usually empty), not once per user read.
+    let mut orphans = ctx.store.orphans()?;
     for w in work.iter() {
         match w.gathered.as_ref().and_then(|g| g.user.as_ref()) {
             // A manager gone from Graph takes its reports' link with it (they lose it below,
@@ -1005,7 +1009,7 @@ fn finish_round<T: Target>(
                     ctx.store.mark_orphans(&w.task.id, &reports)?;
                 }
             }
-            Some(Ok(_)) => again.extend(ctx.store.orphans_of(&w.task.id)?),
+            Some(Ok(_)) => again.extend(orphans.remove(&w.task.id).unwrap_or_default()),
             None => {}
         }
     }
@@ -1145,7 +1149,9 @@ async fn confirm<T: Target>(
                         suspect,
                     });
                 }
-                return Ok(());
+                // What was decided already (deactivations read earlier, or decided on facts
+                // read just now) still passes the budget.
+                break;
             }
         };
         let now = Utc::now();
@@ -1172,7 +1178,7 @@ async fn confirm<T: Target>(
                         let d = decide::decide(&w.task.id, &f, opts.dry_run);
                         let deactivates = matches!(&d.verdict, Verdict::Change(c) if c.action == Action::Deactivate);
                         if stale && deactivates && !opts.wait_inline {
-                            if tries < 2 {
+                            if tries < super::FRESH_READ_RETRIES {
                                 again.push(i);
                             } else {
                                 w.outcome = Some(UserOutcome::Wait {
