@@ -53,6 +53,10 @@ const REGRESSION_SEEDS: &[u64] = &[
     // subscription and the detached members were never deactivated (active non-members until
     // a reconcile); notifications for the deleted subscription answered 403.
     2094,
+    // A user enabled while their manager was soft-deleted (3 ms apart) was written with no
+    // manager, and the manager was restored: never linked, not even by the reconcile (its
+    // users delta showed no change since its last run; on 1f9ba31).
+    1337,
 ];
 
 /// Seeds run by default besides the regression seeds.

@@ -175,6 +175,92 @@ async fn reports_get_their_manager_back_when_it_is_restored() {
     s.stop().await;
 }
 
+/// A user hired while their manager is in the deleted items is written with no manager (Graph
+/// names none); when the manager is restored, Graph gives them their manager again but
+/// notifies only about the manager, and no link of the store pointed from the hire to it:
+/// the manager's direct reports, read when it is back, find the hire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hire_made_while_the_manager_was_deleted_is_linked_when_it_is_restored() {
+    let s = start(30, "").await;
+    let env = &s.env;
+    let boss = direct_only(&s, 1).remove(0);
+    let boss_lms = lms(env, &boss).unwrap()["id"].as_str().unwrap().to_string();
+    assert!(env.graph.soft_delete_user(&boss));
+    wait_for("the deleted manager deactivated", 15_000, || {
+        active(env, &boss) == Some(false)
+    })
+    .await;
+
+    let hire = new_user(1, Some(boss.clone()));
+    env.graph.upsert_user(hire.clone());
+    env.graph.add_member(&env.fx.all_group_id, &hire.id);
+    wait_for("the hire created with no manager", 8_000, || {
+        lms(env, &hire.id).is_some_and(|u| u[ENTERPRISE]["manager"]["value"].is_null())
+    })
+    .await;
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+
+    assert!(env.graph.restore_user(&boss));
+    wait_for("the hire linked to the restored manager", 8_000, || {
+        active(env, &boss) == Some(true)
+            && lms(env, &hire.id).is_some_and(|u| {
+                u[ENTERPRISE]["manager"]["value"].as_str() == Some(boss_lms.as_str())
+            })
+    })
+    .await;
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+    reconcile_writes_nothing(&s).await;
+    s.stop().await;
+}
+
+/// The reconcile learns managers from the users delta since its own last run, which shows
+/// only what differs from then: a link the worker wrote in between, on a state that passed
+/// (here a manager change undone while its notification waits), is read again from Graph by
+/// the next reconcile rather than believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_next_reconcile_reads_again_a_link_the_worker_wrote_on_a_passing_state() {
+    let s = start(30, "").await;
+    let env = &s.env;
+    let bosses = direct_only(&s, 2);
+    let lms_id = |id: &str| lms(env, id).unwrap()["id"].as_str().unwrap().to_string();
+    let (first, second) = (lms_id(&bosses[0]), lms_id(&bosses[1]));
+    let hire = new_user(1, Some(bosses[0].clone()));
+    env.graph.upsert_user(hire.clone());
+    env.graph.add_member(&env.fx.all_group_id, &hire.id);
+    let manager_of = || {
+        lms(env, &hire.id).and_then(|u| {
+            u[ENTERPRISE]["manager"]["value"]
+                .as_str()
+                .map(str::to_string)
+        })
+    };
+    wait_for("the hire linked", 8_000, || {
+        manager_of() == Some(first.clone())
+    })
+    .await;
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+    // Settles the worker's doubt about the hire and starts a users delta from here.
+    reconcile_writes_nothing(&s).await;
+
+    env.graph
+        .update_user(&hire.id, |u| u.manager_id = Some(bosses[1].clone()));
+    wait_for("the hire moved to the second manager", 8_000, || {
+        manager_of() == Some(second.clone())
+    })
+    .await;
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+    env.graph.pause_delivery(true);
+    env.graph
+        .update_user(&hire.id, |u| u.manager_id = Some(bosses[0].clone()));
+
+    let i = Integration::build(&s.env.integration.cfg, &s.store).unwrap();
+    let r = i.reconcile(RunOptions::default(), None).await;
+    assert!(matches!(r.outcome, RunOutcome::Ok), "{:?}", r.error);
+    assert_eq!(manager_of(), Some(first), "{:?}", r.changes);
+    env.graph.pause_delivery(false);
+    s.stop().await;
+}
+
 /// The membership mirror alone never deactivates: a user the reconcile created while their
 /// membership notification was lost is a member by Graph's word, and stays active when their
 /// next user notification arrives.

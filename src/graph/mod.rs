@@ -1305,10 +1305,63 @@ impl GraphClient {
         self.group_list(&url).await
     }
 
+    /// The object ids of a user's direct reports that are users (org contacts left out).
+    ///
+    /// For a manager that comes back (restored from the deleted items): Graph gives its
+    /// reports their manager again but notifies only about the manager, so the worker reads
+    /// them again.
+    pub async fn direct_reports(&self, user_id: &str) -> Result<Vec<String>, GraphError> {
+        let url = format!(
+            "{}/users/{}/directReports/microsoft.graph.user?$select=id&$top=999",
+            self.api_root,
+            urlencode(user_id)
+        );
+        let items = self
+            .object_list(
+                &url,
+                "Graph direct reports listing",
+                "#microsoft.graph.user",
+            )
+            .await?;
+        Ok(items
+            .iter()
+            .filter_map(|item| item.get("id").and_then(|i| i.as_str()))
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Reads a listing of directory objects page by page and keeps the groups.
     async fn group_list(&self, first: &str) -> Result<Vec<GraphGroup>, GraphError> {
+        let items = self
+            .object_list(first, "Graph group listing", "#microsoft.graph.group")
+            .await?;
+        Ok(items
+            .iter()
+            .filter_map(|item| {
+                let id = item.get("id").and_then(|i| i.as_str())?;
+                Some(GraphGroup {
+                    id: id.to_string(),
+                    display_name: item
+                        .get("displayName")
+                        .and_then(|n| n.as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                })
+            })
+            .collect())
+    }
+
+    /// Reads a listing of directory objects page by page (`@odata.nextLink`, only under the
+    /// API root, never a page linking to itself, at most 10,000 pages) and keeps the items of
+    /// type `odata_type` (or of no stated type: a listing cast to that type).
+    async fn object_list(
+        &self,
+        first: &str,
+        what: &str,
+        odata_type: &str,
+    ) -> Result<Vec<Value>, GraphError> {
         let decode = |m: String| GraphError::Decode {
-            what: "Graph group listing".into(),
+            what: what.into(),
             message: m,
         };
         let mut out = Vec::new();
@@ -1322,7 +1375,7 @@ impl GraphClient {
                     self.api_root
                 )));
             }
-            let v = self.get_json(&url).await?;
+            let mut v = self.get_json(&url).await?;
             next = match v.get("@odata.nextLink") {
                 Some(Value::String(s)) if *s == url => {
                     return Err(decode("a page links to itself".into()))
@@ -1330,29 +1383,14 @@ impl GraphClient {
                 Some(Value::String(s)) => Some(s.clone()),
                 _ => None,
             };
-            let items = v
-                .get("value")
-                .and_then(|v| v.as_array())
-                .ok_or_else(|| decode("the page has no `value` array".into()))?;
-            for item in items {
-                let is_group = item
-                    .get("@odata.type")
+            let Some(Value::Array(items)) = v.get_mut("value").map(Value::take) else {
+                return Err(decode("the page has no `value` array".into()));
+            };
+            out.extend(items.into_iter().filter(|item| {
+                item.get("@odata.type")
                     .and_then(|t| t.as_str())
-                    .is_none_or(|t| t.eq_ignore_ascii_case("#microsoft.graph.group"));
-                let Some(id) = item.get("id").and_then(|i| i.as_str()) else {
-                    continue;
-                };
-                if is_group {
-                    out.push(GraphGroup {
-                        id: id.to_string(),
-                        display_name: item
-                            .get("displayName")
-                            .and_then(|n| n.as_str())
-                            .unwrap_or("")
-                            .to_string(),
-                    });
-                }
-            }
+                    .is_none_or(|t| t.eq_ignore_ascii_case(odata_type))
+            }));
         }
         Ok(out)
     }
@@ -1378,6 +1416,152 @@ pub fn urlencode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-request-per-connection HTTP stub: a token for any `oauth2` request, else
+    /// `answer(request target)` (a JSON body, or 404 when `None`); records the request lines.
+    async fn stub(
+        answer: impl Fn(&str, &str) -> Option<Value> + Send + Sync + 'static,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (b, log) = (base.clone(), Arc::clone(&seen));
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (b, log, answer) = (b.clone(), Arc::clone(&log), Arc::clone(&answer));
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    let target = line.split(' ').nth(1).unwrap_or("").to_string();
+                    log.lock().unwrap().push(line);
+                    let body = if target.contains("/oauth2/") {
+                        Some(
+                            json!({"token_type": "Bearer", "expires_in": 3599, "access_token": "at"}),
+                        )
+                    } else {
+                        answer(&b, &target)
+                    };
+                    let (status, body) = match body {
+                        Some(v) => ("200 OK", v.to_string()),
+                        None => (
+                            "404 Not Found",
+                            json!({"error": {"code": "Request_ResourceNotFound", "message": "no"}})
+                                .to_string(),
+                        ),
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        (base, seen)
+    }
+
+    fn stub_client(base: &str) -> GraphClient {
+        GraphClient::new(
+            GraphSettings {
+                tenant_id: "t".into(),
+                client_id: "c".into(),
+                credential: ClientCredential::Secret(SecretString::from("s")),
+                login_url: Url::parse(base).unwrap(),
+                graph_url: Url::parse(base).unwrap(),
+            },
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn direct_reports_keeps_users_follows_pages_and_refuses_bad_links() {
+        const FIRST: &str = "/directReports/microsoft.graph.user?$select=id&$top=999";
+        const SECOND: &str =
+            "/directReports/microsoft.graph.user?$select=id&$top=999&$skiptoken=p2";
+        let (base, seen) = stub(|base, target| {
+            let user = target.strip_prefix("/v1.0/users/")?;
+            let (who, rest) = user.split_once('/')?;
+            let again = format!("{base}/v1.0/users/{who}{FIRST}");
+            let away =
+                json!({"@odata.nextLink": "http://elsewhere.invalid/v1.0/users/x", "value": []});
+            Some(match (who, rest == &FIRST[1..]) {
+                ("m%40x", true) => json!({
+                    "@odata.nextLink": format!("{base}/v1.0/users/m%40x{SECOND}"),
+                    "value": [
+                        {"@odata.type": "#microsoft.graph.user", "id": "a"},
+                        {"@odata.type": "#microsoft.graph.orgContact", "id": "contact"},
+                        {"id": "b"},
+                        {"@odata.type": "#microsoft.graph.user"},
+                    ]
+                }),
+                ("m%40x", false) if rest == &SECOND[1..] => json!({"value": [{"id": "c"}]}),
+                ("self", true) => json!({"@odata.nextLink": again, "value": []}),
+                ("away", true) => away,
+                ("novalue", true) => json!({"items": []}),
+                _ => return None,
+            })
+        })
+        .await;
+        let g = stub_client(&base);
+        assert_eq!(g.direct_reports("m@x").await.unwrap(), ["a", "b", "c"]);
+        let lines = seen.lock().unwrap().clone();
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| !l.contains("oauth2"))
+                .cloned()
+                .collect::<Vec<_>>(),
+            [
+                format!("GET /v1.0/users/m%40x{FIRST} HTTP/1.1"),
+                format!("GET /v1.0/users/m%40x{SECOND} HTTP/1.1"),
+            ]
+        );
+        for (who, why) in [
+            ("self", "links to itself"),
+            ("away", "outside"),
+            ("novalue", "no `value`"),
+        ] {
+            match g.direct_reports(who).await {
+                Err(GraphError::Decode { what, message }) => {
+                    assert_eq!(what, "Graph direct reports listing", "{who}: {message}");
+                    assert!(message.contains(why), "{who}: {message}");
+                }
+                other => panic!("{who}: {other:?}"),
+            }
+        }
+        let err = g.direct_reports("gone").await.unwrap_err();
+        assert_eq!(err.status(), Some(404), "{err}");
+    }
 
     #[test]
     fn aadsts_codes_become_advice() {

@@ -17,6 +17,9 @@
 //!   `graph/user_delta.rs`).
 //! * `GET /v1.0/users/{id | userPrincipalName}/memberOf` and `/transitiveMemberOf` (optionally
 //!   cast with `/microsoft.graph.group`), with `$select`, `$top` and paging as above.
+//! * `GET /v1.0/users/{id | userPrincipalName}/directReports` (optionally cast with
+//!   `/microsoft.graph.user`): the live users whose manager is this user, ordered by id, with
+//!   `$select`, `$top` and paging as above.
 //! * `POST /v1.0/users/{id | userPrincipalName}/checkMemberGroups` (`{"groupIds": [..]}`, at
 //!   most 20 ids; transitive), also inside `$batch` with a JSON body and a `Content-Type` header.
 //! * `POST /v1.0/$batch` (max 20 requests, responses shuffled, inner requests throttled
@@ -824,7 +827,8 @@ impl GraphSim {
     }
 
     /// Requests served since start, by kind: "token", "group", "transitiveMembers", "members",
-    /// "user", "manager", "memberOf" (`memberOf` and `transitiveMemberOf`), "checkMemberGroups",
+    /// "user", "manager", "memberOf" (`memberOf` and `transitiveMemberOf`), "directReports",
+    /// "checkMemberGroups",
     /// "batch", "subscriptions" (any /v1.0/subscriptions request), "delta" (`/groups/delta`),
     /// "userDelta" (`/users/delta`), "jwks" (signing-key metadata), "other" (any other /v1.0
     /// path) and "throttled" (429s, inner batch requests included). Every received request
@@ -1398,6 +1402,7 @@ fn classify(segs: &[String]) -> &'static str {
         [a, _, b, ..] if a == "users" && (b == "memberOf" || b == "transitiveMemberOf") => {
             "memberOf"
         }
+        [a, _, b, ..] if a == "users" && b == "directReports" => "directReports",
         _ => "other",
     }
 }
@@ -1581,6 +1586,9 @@ fn route(
         (Some("users"), 3 | 4) if matches!(seg(2), Some("memberOf" | "transitiveMemberOf")) => {
             let transitive = seg(2) == Some("transitiveMemberOf");
             list_member_of(s, base, &next_base, ctx, &segs[1], transitive, seg(3), &q)
+        }
+        (Some("users"), 3 | 4) if seg(2) == Some("directReports") => {
+            list_direct_reports(s, base, &next_base, ctx, &segs[1], seg(3), &q)
         }
         (Some("users"), 3) => unknown_segment(ctx, segs, 2),
         (Some("groups") | Some("users"), 1) => graph_error(
@@ -2173,6 +2181,107 @@ fn list_member_of(
     }
     body.insert("value".into(), Value::Array(items));
     ApiResponse::json(200, Value::Object(body))
+}
+
+/// `GET /users/{id | userPrincipalName}/directReports` (optionally cast to
+/// `microsoft.graph.user`): the live users whose `manager_id` is this user, ordered by id (a
+/// soft-deleted report is not listed; the simulated tenant has no org contacts). Without a cast
+/// the items carry `@odata.type`, as Graph's directoryObject collections do. A missing or
+/// soft-deleted user is a 404.
+fn list_direct_reports(
+    s: &mut State,
+    base: &str,
+    next_base: &str,
+    ctx: &Ctx,
+    key: &str,
+    cast: Option<&str>,
+    q: &Query,
+) -> ApiResponse {
+    let (kind, set) = match cast {
+        None => (TypeKind::DirectoryObject, "directoryObjects"),
+        Some("microsoft.graph.user") => (TypeKind::User, "users"),
+        Some(c) => {
+            return graph_error(
+                ctx,
+                400,
+                "Request_UnsupportedQuery",
+                &format!("The type cast '{c}' is not supported for this collection."),
+            )
+        }
+    };
+    let select = match resolve_select(q, kind) {
+        Ok(sel) => sel,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let top = match q.page_size() {
+        Ok(t) => t,
+        Err(msg) => return bad_request(ctx, &msg),
+    };
+    let Some(uid) = s.find_user(key).map(|u| u.id.clone()) else {
+        return not_found(ctx, key);
+    };
+    let listing_key = format!(
+        "{}|directReports|{}",
+        uid.to_lowercase(),
+        cast.unwrap_or("")
+    );
+    let offset = match &q.skiptoken {
+        None => 0,
+        Some(t) => match decode_skiptoken(t, &listing_key) {
+            Some(o) => o,
+            None => {
+                return graph_error(
+                    ctx,
+                    400,
+                    "Directory_ExpiredPageToken",
+                    "The specified page token value has expired and can no longer be included in your request.",
+                )
+            }
+        },
+    };
+    let mut reports: Vec<&SimUser> = s
+        .users
+        .values()
+        .filter(|u| {
+            u.manager_id
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(&uid))
+        })
+        .collect();
+    reports.sort_by(|a, b| a.id.cmp(&b.id));
+    let start = offset.min(reports.len());
+    let end = start.saturating_add(top).min(reports.len());
+    let items: Vec<UserJson<'_>> = reports[start..end]
+        .iter()
+        .map(|u| UserJson {
+            u,
+            select: select.as_deref(),
+            with_type: cast.is_none(),
+            context: None,
+        })
+        .collect();
+    let next_link = (end < reports.len()).then(|| {
+        let mut query = q.passthrough.join("&");
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str("$skiptoken=");
+        query.push_str(&encode_skiptoken(end, &listing_key));
+        format!("{next_base}?{query}")
+    });
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        #[serde(rename = "@odata.context")]
+        context: String,
+        #[serde(rename = "@odata.nextLink", skip_serializing_if = "Option::is_none")]
+        next_link: Option<String>,
+        value: Vec<UserJson<'a>>,
+    }
+    ApiResponse::rendered(&Page {
+        context: context(base, set, q, false),
+        next_link,
+        value: items,
+    })
 }
 
 /// Most group ids `checkMemberGroups` takes in one request.
@@ -3076,6 +3185,250 @@ pub fn fixture(n: usize, seed: u64) -> Fixture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manager `boss` (UPN `boss@x`) with reports `r2`, `r1` and `r3` (listed by id), a
+    /// report `x1` of `r1`, and a user without a manager.
+    fn reports_tenant() -> Tenant {
+        let user = |id: &str, manager: Option<&str>| SimUser {
+            id: id.into(),
+            user_principal_name: format!("{id}@x"),
+            display_name: Some(id.to_uppercase()),
+            account_enabled: true,
+            manager_id: manager.map(str::to_string),
+            ..Default::default()
+        };
+        Tenant {
+            tenant_id: "t-reports".into(),
+            client_id: "c-reports".into(),
+            client_secret: "s-reports".into(),
+            users: vec![
+                user("boss", None),
+                user("r2", Some("boss")),
+                user("r1", Some("BOSS")),
+                user("r3", Some("boss")),
+                user("x1", Some("r1")),
+                user("solo", None),
+            ],
+            groups: Vec::new(),
+        }
+    }
+
+    fn http() -> reqwest::Client {
+        reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    async fn sim_token(sim: &GraphSim) -> String {
+        let body: Value = http()
+            .post(format!("{}/t-reports/oauth2/v2.0/token", sim.login_url()))
+            .form(&[
+                ("client_id", "c-reports"),
+                ("client_secret", "s-reports"),
+                ("scope", "https://graph.microsoft.com/.default"),
+                ("grant_type", "client_credentials"),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["access_token"].as_str().unwrap().to_string()
+    }
+
+    async fn sim_get(url: &str, tok: &str) -> (u16, Value) {
+        let resp = http().get(url).bearer_auth(tok).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    fn ids(page: &Value) -> Vec<&str> {
+        page["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn direct_reports_are_the_live_users_managed_by_the_user() {
+        let sim = GraphSim::start(reports_tenant()).await.unwrap();
+        let tok = sim_token(&sim).await;
+        let root = format!("{}/v1.0", sim.graph_url());
+
+        let (status, page) = sim_get(&format!("{root}/users/boss/directReports"), &tok).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(ids(&page), ["r1", "r2", "r3"]);
+        assert!(page["@odata.context"]
+            .as_str()
+            .unwrap()
+            .ends_with("/v1.0/$metadata#directoryObjects"));
+        assert!(page.get("@odata.nextLink").is_none());
+        for item in page["value"].as_array().unwrap() {
+            assert_eq!(item["@odata.type"], "#microsoft.graph.user", "{item}");
+            assert_eq!(
+                item["userPrincipalName"],
+                format!("{}@x", item["id"].as_str().unwrap())
+            );
+        }
+
+        // By UPN, cast to users: no `@odata.type`, `$select` honoured.
+        let (status, page) = sim_get(
+            &format!("{root}/users/BOSS@x/directReports/microsoft.graph.user?$select=id"),
+            &tok,
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(ids(&page), ["r1", "r2", "r3"]);
+        assert!(page["@odata.context"]
+            .as_str()
+            .unwrap()
+            .ends_with("#users(id)"));
+        for item in page["value"].as_array().unwrap() {
+            assert_eq!(item.as_object().unwrap().len(), 1, "{item}");
+        }
+
+        // Only direct reports; none is an empty collection.
+        let (_, page) = sim_get(&format!("{root}/users/r1/directReports"), &tok).await;
+        assert_eq!(ids(&page), ["x1"]);
+        let (status, page) = sim_get(&format!("{root}/users/solo/directReports"), &tok).await;
+        assert_eq!((status, ids(&page).len()), (200, 0));
+
+        // A soft-deleted report is not listed; restored, it is again.
+        assert!(sim.soft_delete_user("r2"));
+        let (_, page) = sim_get(&format!("{root}/users/boss/directReports"), &tok).await;
+        assert_eq!(ids(&page), ["r1", "r3"]);
+        assert!(sim.restore_user("r2"));
+        let (_, page) = sim_get(&format!("{root}/users/boss/directReports"), &tok).await;
+        assert_eq!(ids(&page), ["r1", "r2", "r3"]);
+        assert_eq!(sim.request_count("directReports"), 6);
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn direct_reports_page_with_top_and_skiptoken() {
+        let sim = GraphSim::start(reports_tenant()).await.unwrap();
+        let tok = sim_token(&sim).await;
+        assert!(sim.soft_delete_user("r3"));
+        let root = format!("{}/v1.0", sim.graph_url());
+        let first =
+            format!("{root}/users/boss/directReports/microsoft.graph.user?$select=id&$top=1");
+        let (status, page) = sim_get(&first, &tok).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(ids(&page), ["r1"]);
+        let next = page["@odata.nextLink"].as_str().unwrap().to_string();
+        assert!(
+            next.starts_with(&format!(
+                "{root}/users/boss/directReports/microsoft.graph.user?"
+            )) && next.contains("$top=1")
+                && next.contains("$skiptoken="),
+            "{next}"
+        );
+        let (status, page) = sim_get(&next, &tok).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(ids(&page), ["r2"]);
+        assert!(page.get("@odata.nextLink").is_none(), "{page}");
+
+        // A token is bound to its listing.
+        let token = next.split("$skiptoken=").nth(1).unwrap();
+        let (status, body) = sim_get(
+            &format!(
+                "{root}/users/r1/directReports/microsoft.graph.user?$top=1&$skiptoken={token}"
+            ),
+            &tok,
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "Directory_ExpiredPageToken");
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn direct_reports_errors_and_batch() {
+        let sim = GraphSim::start(reports_tenant()).await.unwrap();
+        let tok = sim_token(&sim).await;
+        let root = format!("{}/v1.0", sim.graph_url());
+
+        let (status, body) = sim_get(&format!("{root}/users/nobody/directReports"), &tok).await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["error"]["code"], "Request_ResourceNotFound");
+        // A soft-deleted manager is not found either.
+        assert!(sim.soft_delete_user("r1"));
+        let (status, _) = sim_get(&format!("{root}/users/r1/directReports"), &tok).await;
+        assert_eq!(status, 404);
+        let (status, body) = sim_get(
+            &format!("{root}/users/boss/directReports/microsoft.graph.group"),
+            &tok,
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "Request_UnsupportedQuery");
+        let (status, body) = sim_get(
+            &format!("{root}/users/boss/directReports?$select=nope"),
+            &tok,
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let (status, _) = sim_get(&format!("{root}/users/boss/directReports?$top=0"), &tok).await;
+        assert_eq!(status, 400);
+
+        let resp = http()
+            .post(format!("{root}/$batch"))
+            .bearer_auth(&tok)
+            .json(&json!({"requests": [
+                {"id": "1", "method": "GET", "url": "/users/boss/directReports?$select=id"},
+                {"id": "2", "method": "GET", "url": "/users/nobody/directReports"},
+            ]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let body: Value = resp.json().await.unwrap();
+        let answer = |id: &str| {
+            body["responses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["id"] == id)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(answer("1")["status"], 200, "{body}");
+        assert_eq!(ids(&answer("1")["body"]), ["r2", "r3"]);
+        assert_eq!(answer("2")["status"], 404, "{body}");
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn graph_client_reads_direct_reports_from_the_sim() {
+        use crate::graph::credential::ClientCredential;
+        use crate::graph::{GraphClient, GraphSettings};
+
+        let sim = GraphSim::start(reports_tenant()).await.unwrap();
+        let client = GraphClient::new(
+            GraphSettings {
+                tenant_id: "t-reports".into(),
+                client_id: "c-reports".into(),
+                credential: ClientCredential::Secret(secrecy::SecretString::from("s-reports")),
+                login_url: url::Url::parse(&sim.login_url()).unwrap(),
+                graph_url: url::Url::parse(&sim.graph_url()).unwrap(),
+            },
+            http(),
+        );
+        assert_eq!(
+            client.direct_reports("boss").await.unwrap(),
+            ["r1", "r2", "r3"]
+        );
+        assert_eq!(
+            client.direct_reports("boss@x").await.unwrap(),
+            ["r1", "r2", "r3"]
+        );
+        assert!(client.direct_reports("solo").await.unwrap().is_empty());
+        let err = client.direct_reports("nobody").await.unwrap_err();
+        assert_eq!(err.status(), Some(404), "{err}");
+        assert_eq!(sim.request_count("directReports"), 4);
+        sim.stop().await;
+    }
 
     #[test]
     fn users_written_straight_to_json_equal_the_rendered_values() {

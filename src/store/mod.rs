@@ -243,6 +243,8 @@ impl Store {
             guard: t("guard")?,
             people: t("people")?,
             orphans: t("orphans")?,
+            vanished: t("vanished")?,
+            doubts: t("manager_doubts")?,
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
             journal: self.journal.clone(),
@@ -285,6 +287,12 @@ pub struct IntegrationStore {
     /// Reports whose manager vanished from Graph (report → that manager): read again when the
     /// manager comes back (`store::state`).
     orphans: sled::Tree,
+    /// Users Graph said were gone (404, or soft-deleted in the users delta) → when: should
+    /// one come back, its direct reports are read again (`store::state`).
+    vanished: sled::Tree,
+    /// Users whose manager the next reconcile reads rather than takes from the index (user →
+    /// a stamp, so that a doubt raised during a run outlives that run's settling).
+    doubts: sled::Tree,
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
     journal: Option<Arc<journal::Journal>>,
@@ -439,6 +447,7 @@ impl IntegrationStore {
         let mut batch = Writes::default();
         let mut add = Writes::default();
         let mut drop = Writes::default();
+        let mut lost: Vec<(String, String)> = Vec::new();
         // (position in `batch`, Entra id, new manager) of the creates.
         let mut created: Vec<(usize, &str, Option<&str>)> = Vec::new();
         for (id, e) in entries {
@@ -450,11 +459,19 @@ impl IntegrationStore {
                 if old != e.manager {
                     self.link_report(&mut add, id, None, e.manager.as_deref());
                     self.link_report(&mut drop, id, old.as_deref(), None);
+                    if let (Some(o), None) = (&old, &e.manager) {
+                        // The link is gone, and the reverse index with it: should the manager
+                        // come back (restored), the report is found through `orphans`.
+                        lost.push((id.clone(), o.clone()));
+                    }
                 }
             }
             batch.insert(id.as_bytes(), encode(e)?);
         }
         self.settle_orphans(entries)?;
+        for (report, manager) in &lost {
+            self.mark_orphans(manager, std::slice::from_ref(report))?;
+        }
         add.apply(&self.reports)?;
         let replaced = batch.apply_returning(&self.users)?;
         for (i, id, new) in created {
@@ -477,6 +494,7 @@ impl IntegrationStore {
         }
         self.users.remove(entra_id.as_bytes())?;
         self.orphans.remove(entra_id.as_bytes())?;
+        self.doubts.remove(entra_id.as_bytes())?;
         Ok(())
     }
 

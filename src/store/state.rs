@@ -80,6 +80,32 @@ fn prefix(a: &str) -> Vec<u8> {
     k
 }
 
+/// How long a report is remembered for a manager it lost: Microsoft Entra keeps a deleted
+/// user restorable for 30 days (docs/graph.md), after which it cannot come back.
+pub const ORPHAN_DAYS: i64 = 30;
+
+/// An orphan's value: the manager's id, then when the report lost it (Unix seconds).
+fn orphan_value(manager: &str, at: DateTime<Utc>) -> String {
+    format!("{manager}\n{}", at.timestamp())
+}
+
+fn orphan_manager(v: &[u8]) -> String {
+    let end = v.iter().position(|b| *b == b'\n').unwrap_or(v.len());
+    String::from_utf8_lossy(&v[..end]).into_owned()
+}
+
+/// Whether an orphan was remembered more than [`ORPHAN_DAYS`] ago. An entry without a time
+/// (written before the time was kept) is kept until its manager is settled otherwise.
+fn orphan_expired(v: &[u8], now: DateTime<Utc>) -> bool {
+    let Some(i) = v.iter().position(|b| *b == b'\n') else {
+        return false;
+    };
+    std::str::from_utf8(&v[i + 1..])
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .is_some_and(|t| now.timestamp() - t > ORPHAN_DAYS * 86_400)
+}
+
 fn second(k: &[u8]) -> String {
     let i = k.iter().position(|b| *b == 0).map_or(k.len(), |i| i + 1);
     String::from_utf8_lossy(&k[i..]).into_owned()
@@ -257,14 +283,15 @@ impl IntegrationStore {
 
     // ---- reports of a vanished manager ----
 
-    /// Remembers that these reports lost `manager` because it vanished from Graph (deleted,
-    /// or not found): when it comes back (restored from the deleted items), Graph gives the
+    /// Remembers that these reports lost `manager` (it vanished from Graph, or their link to
+    /// it was cleared): should it come back (restored from the deleted items), Graph gives the
     /// reports their manager again without a change notification for them, and the reverse
-    /// index no longer knows them.
+    /// index no longer knows them. Remembered for [`ORPHAN_DAYS`].
     pub fn mark_orphans(&self, manager: &str, reports: &[String]) -> Result<(), StoreError> {
+        let value = orphan_value(manager, Utc::now());
         let mut batch = sled::Batch::default();
         for r in reports {
-            batch.insert(r.as_bytes(), manager.as_bytes());
+            batch.insert(r.as_bytes(), value.as_bytes());
         }
         self.orphans.apply_batch(batch)?;
         Ok(())
@@ -272,14 +299,90 @@ impl IntegrationStore {
 
     /// The reports remembered for a vanished `manager` (a small tree: scanned).
     pub fn orphans_of(&self, manager: &str) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::new();
-        for r in self.orphans.iter() {
-            let (k, v) = r?;
-            if v.as_ref() == manager.as_bytes() {
-                out.push(String::from_utf8_lossy(&k).into_owned());
+        Ok(self.orphans()?.remove(manager).unwrap_or_default())
+    }
+
+    /// Forgets the reports remembered, and the users known vanished, longer than
+    /// [`ORPHAN_DAYS`]: a user deleted that long ago can no longer be restored. Returns how
+    /// many entries went.
+    pub fn prune_orphans(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for tree in [&self.orphans, &self.vanished] {
+            let mut batch = sled::Batch::default();
+            for r in tree.iter() {
+                let (k, v) = r?;
+                if orphan_expired(&v, now) {
+                    batch.remove(k);
+                    n += 1;
+                }
             }
+            tree.apply_batch(batch)?;
+        }
+        Ok(n)
+    }
+
+    // ---- users Graph said were gone ----
+
+    /// Remembers that Graph said `id` is gone (a 404, a soft delete): should it come back,
+    /// Graph gives its reports their manager again, notifying only about `id`.
+    pub fn mark_vanished(&self, id: &str) -> Result<(), StoreError> {
+        self.vanished
+            .insert(id.as_bytes(), orphan_value("", Utc::now()).as_bytes())?;
+        Ok(())
+    }
+
+    /// Whether `id` was remembered as gone (and could still be restored).
+    pub fn is_vanished(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .vanished
+            .get(id.as_bytes())?
+            .is_some_and(|v| !orphan_expired(&v, Utc::now())))
+    }
+
+    /// `id` is back (its reports were read again) or deleted for good.
+    pub fn forget_vanished(&self, id: &str) -> Result<(), StoreError> {
+        self.vanished.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    // ---- managers the next reconcile reads ----
+
+    /// Marks these users' managers as doubtful: the next reconcile reads them from Graph
+    /// instead of taking the index's. The incremental worker raises a doubt for every link it
+    /// writes: the reconcile's users delta tells only what changed since its own last run, so
+    /// a link the worker wrote in between on a passing state (a manager deleted, then
+    /// restored) would otherwise be believed.
+    pub fn doubt_managers(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.insert(id.as_bytes(), &self.db.generate_id()?.to_be_bytes());
+        }
+        self.doubts.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every doubt, with its stamp (for [`IntegrationStore::settle_doubts`]).
+    pub fn manager_doubts(&self) -> Result<Vec<(String, sled::IVec)>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.doubts.iter() {
+            let (k, v) = r?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v));
         }
         Ok(out)
+    }
+
+    /// Removes these doubts unless raised again since they were read (a new stamp stays).
+    pub fn settle_doubts(&self, doubts: &[(String, sled::IVec)]) -> Result<(), StoreError> {
+        for (id, stamp) in doubts {
+            // A mismatch (raised again, or gone) is not an error: that doubt is not ours.
+            let _ = self
+                .doubts
+                .compare_and_swap(id.as_bytes(), Some(stamp), None::<&[u8]>)?;
+        }
+        Ok(())
     }
 
     /// Forgets the reports remembered for `manager` (deleted for good: it cannot come back).
@@ -292,12 +395,16 @@ impl IntegrationStore {
         Ok(())
     }
 
-    /// Every remembered report, by vanished manager.
+    /// Every remembered report, by vanished manager (those remembered too long left out).
     pub fn orphans(&self) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
+        let now = Utc::now();
         let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
         for r in self.orphans.iter() {
             let (k, v) = r?;
-            out.entry(String::from_utf8_lossy(&v).into_owned())
+            if orphan_expired(&v, now) {
+                continue;
+            }
+            out.entry(orphan_manager(&v))
                 .or_default()
                 .push(String::from_utf8_lossy(&k).into_owned());
         }
@@ -395,5 +502,45 @@ mod tests {
         assert_eq!(a.orphans_of("n").unwrap(), ["r3"]);
         a.forget_orphans_of("n").unwrap();
         assert!(a.orphans().unwrap().is_empty());
+    }
+
+    /// A report whose link is cleared in any write (a round that read the report after its
+    /// manager was deleted, before reading the manager) is remembered for that manager; a
+    /// change of manager is not a loss.
+    #[test]
+    fn a_cleared_link_is_remembered_for_the_manager_it_named() {
+        let (_s, a) = store_a();
+        let entry = |manager| crate::store::tests::index_entry("t", manager);
+        a.put_user("r1", &entry(Some("m"))).unwrap();
+        a.put_user("r2", &entry(Some("m"))).unwrap();
+        a.put_user("r2", &entry(Some("n"))).unwrap();
+        assert!(a.orphans().unwrap().is_empty());
+        a.put_user("r1", &entry(None)).unwrap();
+        assert_eq!(a.orphans_of("m").unwrap(), ["r1"]);
+        assert!(a.reports_of("m").unwrap().is_empty());
+        a.put_user("r1", &entry(Some("m"))).unwrap();
+        assert!(a.orphans().unwrap().is_empty(), "linked again: settled");
+    }
+
+    #[test]
+    fn orphans_are_forgotten_once_their_manager_cannot_be_restored() {
+        let (_s, a) = store_a();
+        let now = Utc::now();
+        let old = now - chrono::Duration::days(ORPHAN_DAYS + 1);
+        let recent = now - chrono::Duration::days(ORPHAN_DAYS - 1);
+        a.orphans
+            .insert("r1", orphan_value("m", old).as_bytes())
+            .unwrap();
+        a.orphans
+            .insert("r2", orphan_value("m", recent).as_bytes())
+            .unwrap();
+        // Written before the time was kept: the manager's id alone.
+        a.orphans.insert("r3", "m".as_bytes()).unwrap();
+        let mut of_m = a.orphans_of("m").unwrap();
+        of_m.sort();
+        assert_eq!(of_m, ["r2", "r3"], "the expired one is not read");
+        assert_eq!(a.prune_orphans(now).unwrap(), 1);
+        assert_eq!(a.orphans.len(), 2);
+        assert_eq!(a.prune_orphans(now).unwrap(), 0);
     }
 }

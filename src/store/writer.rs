@@ -39,7 +39,7 @@ pub struct BackgroundWriter {
 enum Mode {
     Thread(Worker<Job>),
     /// The thread could not be started: each job is written by the caller, at once.
-    Inline(IntegrationStore),
+    Inline(Box<IntegrationStore>),
 }
 
 fn write_job(
@@ -85,7 +85,7 @@ impl BackgroundWriter {
     /// Writes on the caller's thread (what `start` falls back to).
     pub fn inline(store: IntegrationStore) -> Self {
         BackgroundWriter {
-            mode: Mode::Inline(store),
+            mode: Mode::Inline(Box::new(store)),
         }
     }
 

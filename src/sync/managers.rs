@@ -28,7 +28,8 @@ use crate::store::{IndexEntry, IntegrationStore, StoreError};
 const LINK: &str = "users_delta_link";
 /// Meta key: when every member's manager was last read from Graph.
 const VERIFIED: &str = "managers_verified_at";
-/// Meta key: users whose manager must be read at the next run (their manager disappeared).
+/// Meta key of an earlier version's list of users whose manager must be read at the next run:
+/// still read once, now kept as doubts (`IntegrationStore::doubt_managers`).
 const UNKNOWN: &str = "managers_unknown";
 
 /// What is known of one user's manager before the page is read.
@@ -58,6 +59,9 @@ pub struct Plan {
     /// The users delta link to keep once the run succeeded (never by a dry run); `None` when
     /// Graph does not offer the users delta (every run then reads every manager).
     pub next_link: Option<String>,
+    /// The doubts (`IntegrationStore::manager_doubts`) this run reads past, settled by
+    /// [`finish`] for the users it settles.
+    pub doubts: Vec<(String, sled::IVec)>,
 }
 
 /// Whether Graph refused the users delta as such (not a passing failure): the run then reads
@@ -82,6 +86,15 @@ pub async fn prepare(
     verify_requested: bool,
     verify_every: chrono::Duration,
 ) -> Result<Plan, ManagersError> {
+    // Doubts raised before this point are settled by this run (if it reads those users).
+    let doubts = store.manager_doubts()?;
+    let pruned = store.prune_orphans(Utc::now())?;
+    if pruned > 0 {
+        tracing::info!(
+            pruned,
+            "reports remembered for a vanished manager longer than it can be restored are forgotten"
+        );
+    }
     let link: Option<String> = store.get_meta(LINK)?;
     let verified: Option<DateTime<Utc>> = store.get_meta(VERIFIED)?;
     let due = verified.is_none_or(|t| Utc::now() - t >= verify_every);
@@ -98,6 +111,7 @@ pub async fn prepare(
                 let carried: Vec<String> = store.get_meta(UNKNOWN)?.unwrap_or_default();
                 let mut overlay: HashMap<String, ManagerFact> = carried
                     .into_iter()
+                    .chain(doubts.iter().map(|(id, _)| id.clone()))
                     .map(|u| (u, ManagerFact::Unknown))
                     .collect();
                 let mut changed_people = 0usize;
@@ -114,8 +128,12 @@ pub async fn prepare(
                         let reports = store.reports_of(&u.id)?;
                         if u.removed.as_deref() == Some("deleted") {
                             store.forget_orphans_of(&u.id)?;
-                        } else if !reports.is_empty() {
-                            store.mark_orphans(&u.id, &reports)?;
+                            store.forget_vanished(&u.id)?;
+                        } else {
+                            store.mark_vanished(&u.id)?;
+                            if !reports.is_empty() {
+                                store.mark_orphans(&u.id, &reports)?;
+                            }
                         }
                         for r in reports {
                             overlay.insert(r, ManagerFact::Unknown);
@@ -149,6 +167,7 @@ pub async fn prepare(
                 return Ok(Plan {
                     mode: Mode::Tracked { overlay },
                     next_link: Some(delta_link),
+                    doubts,
                 });
             }
             UsersRound::Expired(why) => {
@@ -168,6 +187,7 @@ pub async fn prepare(
     Ok(Plan {
         mode: Mode::Verify,
         next_link,
+        doubts,
     })
 }
 
@@ -203,11 +223,17 @@ pub fn finish(
         }
         store.put_users(&entries)?;
     }
-    if unknown.is_empty() {
-        store.remove_meta(UNKNOWN)?;
-    } else {
-        store.put_meta(UNKNOWN, &unknown)?;
+    // The doubts this run read past: settled for the users it settled (or no longer indexed);
+    // a doubt raised again during the run has a new stamp and stays.
+    let mut settle = Vec::new();
+    for (id, stamp) in &plan.doubts {
+        if settled(id) || store.get_user(id)?.is_none() {
+            settle.push((id.clone(), stamp.clone()));
+        }
     }
+    store.settle_doubts(&settle)?;
+    store.doubt_managers(&unknown)?;
+    store.remove_meta(UNKNOWN)?;
     match &plan.next_link {
         Some(l) => store.put_meta(LINK, l)?,
         None => store.remove_meta(LINK)?,
@@ -372,6 +398,7 @@ mod tests {
                     .collect(),
             },
             next_link: Some("link".into()),
+            doubts: Vec::new(),
         }
     }
 
@@ -390,16 +417,39 @@ mod tests {
             ("never-indexed", ManagerFact::Unknown),
         ]);
         finish(&a, &plan, |id| id == "listed").unwrap();
-        let mut carried: Vec<String> = a.get_meta(UNKNOWN).unwrap().unwrap();
-        carried.sort();
-        assert_eq!(carried, ["failed", "unlisted"]);
+        let doubted = |a: &IntegrationStore| {
+            let mut ids: Vec<String> = a
+                .manager_doubts()
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(doubted(&a), ["failed", "unlisted"]);
         assert_eq!(a.get_meta::<String>(LINK).unwrap().as_deref(), Some("link"));
 
-        finish(&a, &tracked(&[("unlisted", ManagerFact::Unknown)]), |_| {
-            true
-        })
-        .unwrap();
-        assert!(a.get_meta::<Vec<String>>(UNKNOWN).unwrap().is_none());
+        let mut next = tracked(&[("unlisted", ManagerFact::Unknown)]);
+        next.doubts = a.manager_doubts().unwrap();
+        finish(&a, &next, |id| id == "unlisted").unwrap();
+        assert_eq!(doubted(&a), ["failed"]);
+    }
+
+    /// A doubt raised by the worker while a run reads is not settled by that run.
+    #[test]
+    fn a_doubt_raised_during_a_run_outlives_it() {
+        let (_s, a) = store();
+        a.put_user("r", &entry(Some("m"))).unwrap();
+        a.doubt_managers(&["r".into()]).unwrap();
+        let mut plan = tracked(&[("r", ManagerFact::Unknown)]);
+        plan.doubts = a.manager_doubts().unwrap();
+        a.doubt_managers(&["r".into()]).unwrap(); // the worker wrote r's link meanwhile
+        finish(&a, &plan, |_| true).unwrap();
+        assert_eq!(a.manager_doubts().unwrap().len(), 1);
+        plan.doubts = a.manager_doubts().unwrap();
+        finish(&a, &plan, |_| true).unwrap();
+        assert!(a.manager_doubts().unwrap().is_empty());
     }
 
     /// What the delta round knew of a manager reaches the index, settled or not.

@@ -456,6 +456,7 @@ async fn gather<T: Target>(
             && existing.is_none()
             && store.reports_of(&task.id)?.is_empty()
             && store.orphans_of(&task.id)?.is_empty()
+            && !store.is_vanished(&task.id)?
         {
             // Someone else in the tenant: nothing to do, no Graph call.
             return Ok(nothing(Membership::NotMember));
@@ -816,7 +817,7 @@ async fn one_round<T: Target>(
             }
             work[i].outcome = Some(UserOutcome::Done);
         }
-        return finish_round(ctx, &mut work, out, first, opts, Vec::new());
+        return finish_round(ctx, &mut work, out, first, opts, Vec::new(), Vec::new());
     }
     let calls: Vec<_> = to_apply
         .iter()
@@ -861,6 +862,9 @@ async fn one_round<T: Target>(
     let mut uncertain = Vec::new();
     let mut deactivated: Vec<String> = Vec::new();
     let mut moved = Vec::new();
+    // Users whose link the worker writes: the next reconcile reads their manager
+    // (`IntegrationStore::doubt_managers`).
+    let mut doubted = Vec::new();
     for (i, r) in results {
         let w = &mut work[i];
         let Some(c) = w.decision.as_ref().and_then(Decision::change).cloned() else {
@@ -877,6 +881,9 @@ async fn one_round<T: Target>(
                 probe.target_id = Some(a.entry.target_id.clone());
                 if decide::changes_presence(&probe, before) {
                     moved.push(c.entra_id.clone());
+                }
+                if before.is_none_or(|b| b.manager != a.entry.manager) {
+                    doubted.push(c.entra_id.clone());
                 }
                 // The budget counted the others when it let them through (`guard_confirmed`);
                 // the ones an operator allowed were not checked.
@@ -922,9 +929,11 @@ async fn one_round<T: Target>(
             Err(ApplyError::Fatal(e)) => return Err(e),
         }
     }
+    ctx.store.doubt_managers(&doubted)?;
     ctx.store.put_users(&entries)?;
     ctx.store.record_deactivations(&deactivated)?;
-    let mut next = finish_round(ctx, &mut work, out, first, opts, moved)?;
+    let (returned, reports) = returned_managers(ctx, &work, opts).await?;
+    let mut next = finish_round(ctx, &mut work, out, first, opts, moved, reports)?;
     if opts.queue_follow_ups && !next.is_empty() {
         // Queued before the intents are settled: should the process die now, the users whose
         // manager link follows are still in the queue (or the intents are read back and their
@@ -935,15 +944,59 @@ async fn one_round<T: Target>(
             .collect();
         ctx.store.enqueue(&hints)?;
     }
+    // Their reports are queued (or in `next`): nothing more to do for them.
+    for id in returned {
+        ctx.store.forget_vanished(&id)?;
+    }
     if let Some(id) = intents {
         ctx.store.settle_intents(id, uncertain)?;
     }
     Ok(next)
 }
 
+/// The users read back this round after Graph had said they were gone, and the indexed users
+/// Graph now names as their direct reports: restored from the deleted items, a manager is
+/// again the manager of its reports, and Graph notifies only about the manager. The reverse
+/// index and the orphans know the reports the store had linked; this read also finds a report
+/// first written while the manager was gone (with no manager). A failed read is logged and
+/// left to the next reconcile, which reads the manager of every user the worker linked.
+async fn returned_managers<T: Target>(
+    ctx: &Context<'_, T>,
+    work: &[Work],
+    opts: SyncOptions,
+) -> Result<(Vec<String>, Vec<String>), RunError> {
+    let mut returned = Vec::new();
+    let mut reports = Vec::new();
+    if opts.dry_run {
+        return Ok((returned, reports));
+    }
+    for w in work {
+        let read = w.gathered.as_ref().and_then(|g| g.user.as_ref());
+        if !matches!(read, Some(Ok(_))) || !ctx.store.is_vanished(&w.task.id)? {
+            continue;
+        }
+        match ctx.graph.direct_reports(&w.task.id).await {
+            Ok(ids) => {
+                for r in ids {
+                    if ctx.store.get_user(&r)?.is_some() {
+                        reports.push(r);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(
+                user = %w.task.id,
+                error = %e,
+                "cannot list the direct reports of a user who is back; their links wait for the next reconcile"
+            ),
+        }
+        returned.push(w.task.id.clone());
+    }
+    Ok((returned, reports))
+}
+
 /// Stores the round's traces, records its outcomes and returns the next round's users: the
-/// reports of users whose presence changed, and of managers notified directly (their name or
-/// mail feeds their reports' records).
+/// reports of users whose presence changed, of managers notified directly (their name or
+/// mail feeds their reports' records), and `returned_reports` (`returned_managers`).
 fn finish_round<T: Target>(
     ctx: &Context<'_, T>,
     work: &mut [Work],
@@ -951,6 +1004,7 @@ fn finish_round<T: Target>(
     first: bool,
     opts: SyncOptions,
     moved: Vec<String>,
+    returned_reports: Vec<String>,
 ) -> Result<Vec<UserTask>, RunError> {
     let secrets = Redactor::of(ctx.cfg, Some(ctx.store));
     let mut store_traces = Vec::new();
@@ -994,7 +1048,7 @@ fn finish_round<T: Target>(
             (!w.task.follow_up && read).then_some(w.task.id.as_str())
         }));
     }
-    let mut again: Vec<String> = Vec::new();
+    let mut again: Vec<String> = returned_reports;
     // Read once per round (a small tree, usually empty), not once per user read.
     let mut orphans = ctx.store.orphans()?;
     for w in work.iter() {
@@ -1004,6 +1058,9 @@ fn finish_round<T: Target>(
             // should the manager come back (restored from the deleted items, which gives
             // them their manager again without a notification for them).
             Some(Err(())) => {
+                if !opts.dry_run {
+                    ctx.store.mark_vanished(&w.task.id)?;
+                }
                 let reports = ctx.store.reports_of(&w.task.id)?;
                 if !reports.is_empty() {
                     ctx.store.mark_orphans(&w.task.id, &reports)?;

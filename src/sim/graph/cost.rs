@@ -488,6 +488,16 @@ mod tests {
         assert_eq!(ru("GET", "users/u", ""), 1);
         assert_eq!(ru("GET", "users/u/transitiveMemberOf", ""), 2);
         assert_eq!(ru("GET", "users/u/memberOf/microsoft.graph.group", ""), 2);
+        // Not in Microsoft's table: 1, like any other GET; the client's query costs 1 too.
+        assert_eq!(ru("GET", "users/u/directReports", ""), 1);
+        assert_eq!(
+            ru(
+                "GET",
+                "users/u/directReports/microsoft.graph.user",
+                "$select=id&$top=999"
+            ),
+            1
+        );
         assert_eq!(
             request_cost("POST", &segs("users/u/checkMemberGroups"), ""),
             Cost { ru: 4, write: 0 }
