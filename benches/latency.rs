@@ -4,7 +4,7 @@
 //!
 //! The Graph simulator (a tenant of U users, default 500), the SCIM simulator and the real
 //! server (`serve::serve`, production `ServeOptions`, listening on 127.0.0.1:0) run in this
-//! process, as in tests/serve.rs. The server learns the group tree, creates its subscriptions
+//! process, as in tests/it/serve.rs. The server learns the group tree, creates its subscriptions
 //! through the simulator's validation handshake and runs its first reconcile; the bench waits
 //! until the LMS has been quiet for a second. Then it makes N changes (default 200) in the
 //! simulated tenant one at a time: 8 of 10 are job-title changes of an active member, 1 a hire

@@ -12,7 +12,7 @@
 //! `DIFF_MANAGER_LINK`, `DIFF_WINDOW_MS`, `DIFF_READ_SLACK_MS`, `DIFF_CONVERGE_MS` and
 //! `DIFF_STEPS` apply as in the test.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 #[path = "../tests/differential/engine.rs"]
 mod engine;

@@ -7,6 +7,7 @@
 //! one seed alone, `DIFF_JOBS=N` sets how many run at once. The soak (`cargo bench --bench
 //! soak`) runs the same engine over 1,000+ seeds.
 
+#[path = "it/common/mod.rs"]
 mod common;
 #[path = "differential/engine.rs"]
 mod engine;

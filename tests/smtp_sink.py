@@ -1,5 +1,5 @@
-"""An independent SMTP server (aiosmtpd) for the interop test of tests/alerts.rs (ignored by
-default; .ci/run runs it with `cargo test --test alerts -- --ignored`).
+"""An independent SMTP server (aiosmtpd) for the interop test of tests/it/alerts.rs (ignored by
+default; .ci/run runs it with `cargo test --test it alerts:: -- --ignored`).
 
     python3 tests/smtp_sink.py PORT DIR [USER PASSWORD]
 

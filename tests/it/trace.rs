@@ -1,9 +1,7 @@
 //! Decision traces: `sync-user` (one user, now, and why), the traces the reconcile and the
 //! incremental worker record, and `explain`, against the simulators over real HTTP.
 
-mod common;
-
-use common::{rostersync, spawn, text, EnvOptions, TestEnv, SCIM_TOKEN};
+use crate::common::{rostersync, spawn, text, EnvOptions, TestEnv, SCIM_TOKEN};
 use rostersync::sim::graph::{SimUser, FIXTURE_CLIENT_SECRET};
 use rostersync::store::queue::{Hint, QueueItem};
 use rostersync::sync::plan::Action;

@@ -2,13 +2,11 @@
 //! it used not to, driven as a tenant would drive it (changes in the Graph simulator,
 //! notifications posted to the real `serve`, the LMS checked against the directory).
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::serve::*;
-use common::{upn, ENTERPRISE};
+use crate::common::serve::*;
+use crate::common::{upn, ENTERPRISE};
 use rostersync::app::Integration;
 use rostersync::sim::graph::{NotifyFaults, SimUser};
 use rostersync::sim::scim::{ScimFaults, UserFault, UserFaultKind};
@@ -420,7 +418,7 @@ async fn the_guard_budget_holds_across_batches_and_restarts() {
 /// attempts and ends in the dead letters; everybody else's changes go on meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_bad_user_ends_in_the_dead_letters_and_stalls_nobody() {
-    let s = start_env(common::EnvOptions {
+    let s = start_env(crate::common::EnvOptions {
         users: 30,
         // The LMS client gives up on a request after a second.
         tail: "timeout_secs = 1\n".into(),
@@ -515,7 +513,7 @@ async fn a_nested_group_removed_and_added_back_brings_its_members_back() {
         only_nested.iter().all(|m| active(env, m) == Some(false))
     })
     .await;
-    let nested_sub = |env: &common::TestEnv| {
+    let nested_sub = |env: &crate::common::TestEnv| {
         env.graph.subscriptions().iter().any(|x| {
             x.resource
                 .to_ascii_lowercase()
@@ -641,7 +639,7 @@ fn free_port() -> u16 {
 }
 
 /// Writes the environment's config with `serve` listening on `port`.
-fn write_config(env: &common::TestEnv, port: u16) -> std::path::PathBuf {
+fn write_config(env: &crate::common::TestEnv, port: u16) -> std::path::PathBuf {
     let path = env.dir.path().join("rostersync.toml");
     let text = env.config_toml.replacen(
         "[server]\n",
@@ -658,7 +656,7 @@ fn write_config(env: &common::TestEnv, port: u16) -> std::path::PathBuf {
 /// (before, the index said "active", nothing was changed, and they stayed locked out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_between_the_lms_write_and_the_index_write_is_repaired_at_the_next_start() {
-    let env = common::spawn(common::EnvOptions {
+    let env = crate::common::spawn(crate::common::EnvOptions {
         users: 300,
         integration_extra: "max_deactivations = 50\nschedule = \"0 0 0 1 1 *\"".into(),
         ..Default::default()
@@ -699,7 +697,7 @@ async fn a_crash_between_the_lms_write_and_the_index_write_is_repaired_at_the_ne
     for l in &leavers {
         env.graph.remove_member(&env.fx.all_group_id, l);
     }
-    let inactive = |env: &common::TestEnv| {
+    let inactive = |env: &crate::common::TestEnv| {
         leavers
             .iter()
             .filter(|l| active(env, l) == Some(false))
@@ -736,7 +734,7 @@ async fn a_crash_between_the_lms_write_and_the_index_write_is_repaired_at_the_ne
 /// 409, which hides leaks; this Graph, like some emulators, makes duplicates.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kills_during_start_up_leave_no_subscription_behind() {
-    let env = common::spawn(common::EnvOptions {
+    let env = crate::common::spawn(crate::common::EnvOptions {
         users: 20,
         integration_extra: "schedule = \"0 0 0 1 1 *\"".into(),
         ..Default::default()

@@ -1,8 +1,6 @@
 //! Full reconcile against the simulated tenant and LMS over real HTTP on 127.0.0.1.
 
-mod common;
-
-use common::{spawn, upn, EnvOptions};
+use crate::common::{spawn, upn, EnvOptions};
 use std::time::Duration;
 
 use rostersync::sim::graph::{GraphFaults, Latency, SimGroup};
@@ -12,7 +10,7 @@ use rostersync::sync::reconcile::{RunOptions, RunOutcome};
 use rostersync::sync::trace::Outcome;
 use serde_json::json;
 
-fn some_enabled_members(env: &common::TestEnv, n: usize) -> Vec<String> {
+fn some_enabled_members(env: &crate::common::TestEnv, n: usize) -> Vec<String> {
     env.member_ids()
         .into_iter()
         .filter(|id| {
@@ -192,7 +190,10 @@ async fn a_hire_into_the_nested_group_and_a_new_manager_are_linked_in_one_run() 
     assert_eq!(r.counts.created, 2, "{:?}", r.changes);
     let boss_target = env.lms_user(&boss.id)["id"].clone();
     let h = env.lms_user(&hire.id);
-    assert_eq!(h[common::ENTERPRISE]["manager"]["value"], boss_target);
+    assert_eq!(
+        h[crate::common::ENTERPRISE]["manager"]["value"],
+        boss_target
+    );
     assert_eq!(
         h[rostersync::config::DEFAULT_CUSTOM_SCHEMA]["managerEmail"],
         "new.boss@contoso-sim.onmicrosoft.com"
@@ -281,7 +282,7 @@ async fn a_manager_that_fails_to_sync_does_not_hold_back_its_reports() {
     let l = env.lms_user(&report.id);
     assert_eq!(l["active"], true, "the report is created all the same");
     assert!(
-        l[common::ENTERPRISE]["manager"].is_null(),
+        l[crate::common::ENTERPRISE]["manager"].is_null(),
         "no link to a manager that is not in the LMS: {l}"
     );
 }
@@ -460,7 +461,7 @@ async fn dry_run_applies_nothing_but_shows_the_plan() {
         "{text}"
     );
     assert_ne!(
-        env.lms_user(&id)[common::ENTERPRISE]["department"],
+        env.lms_user(&id)[crate::common::ENTERPRISE]["department"],
         "Dry Run Dept"
     );
 }
@@ -598,7 +599,9 @@ async fn empty_values_are_cleared_by_default_and_kept_when_configured() {
     env.reconcile().await;
     let id = some_enabled_members(&env, 1)[0].clone();
     let before = env.lms_user(&id);
-    assert!(before["title"].is_string() && before[common::ENTERPRISE]["department"].is_string());
+    assert!(
+        before["title"].is_string() && before[crate::common::ENTERPRISE]["department"].is_string()
+    );
     env.graph.update_user(&id, |u| {
         u.job_title = None;
         u.department = None;
@@ -608,8 +611,8 @@ async fn empty_values_are_cleared_by_default_and_kept_when_configured() {
     let after = env.lms_user(&id);
     assert!(after.get("title").is_none(), "title cleared: {after}");
     assert_eq!(
-        after[common::ENTERPRISE]["department"],
-        before[common::ENTERPRISE]["department"],
+        after[crate::common::ENTERPRISE]["department"],
+        before[crate::common::ENTERPRISE]["department"],
         "department kept"
     );
 }
@@ -688,7 +691,7 @@ async fn a_deep_reconcile_repairs_changes_made_by_hand_in_the_lms() {
             env.scim.base_url(),
             edited["id"].as_str().unwrap()
         ))
-        .bearer_auth(common::SCIM_TOKEN)
+        .bearer_auth(crate::common::SCIM_TOKEN)
         .header("Content-Type", "application/scim+json")
         .body(
             json!({"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
@@ -854,12 +857,12 @@ async fn a_manager_change_to_someone_outside_the_groups_removes_the_stale_link()
             u.account_enabled && u.manager_id.as_deref().is_some_and(|m| m != env.fx.ceo_id)
         })
         .unwrap();
-    assert!(env.lms_user(&id)[common::ENTERPRISE]["manager"]["value"].is_string());
+    assert!(env.lms_user(&id)[crate::common::ENTERPRISE]["manager"]["value"].is_string());
     let ceo = env.fx.ceo_id.clone();
     env.graph.update_user(&id, |u| u.manager_id = Some(ceo));
     let r = env.reconcile().await;
     assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
-    assert!(env.lms_user(&id)[common::ENTERPRISE]
+    assert!(env.lms_user(&id)[crate::common::ENTERPRISE]
         .get("manager")
         .is_none());
     assert_eq!(env.reconcile().await.changes.len(), 0);
@@ -1015,7 +1018,7 @@ async fn a_deleted_then_restored_manager_is_linked_again_and_costs_no_reads_afte
 }
 
 /// A reconcile that changes nothing and reads no manager one by one.
-async fn settled(env: &common::TestEnv, what: &str) {
+async fn settled(env: &crate::common::TestEnv, what: &str) {
     let before = env.graph.request_count("manager");
     let r = env.reconcile().await;
     assert_eq!(r.outcome, RunOutcome::Ok, "{what}: {:?}", r.error);

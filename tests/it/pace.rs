@@ -2,17 +2,15 @@
 //! sheds load (503 + `Retry-After`) or keeps throttling, rostersync fails no user, waits what
 //! the LMS asks, and a first sync costs about one request per user.
 
-mod common;
-
 use std::time::Duration;
 
-use common::serve::*;
-use common::{spawn, upn, EnvOptions, ENTERPRISE};
+use crate::common::serve::*;
+use crate::common::{spawn, upn, EnvOptions, ENTERPRISE};
 use rostersync::sim::scim::{ConcurrencyLimit, RateLimit, ScimFaults, UserFault, UserFaultKind};
 use rostersync::sync::reconcile::RunOutcome;
 
 /// Every request the simulator received, whatever it answered.
-fn requests(env: &common::TestEnv) -> u64 {
+fn requests(env: &crate::common::TestEnv) -> u64 {
     ["GET", "POST", "PATCH", "PUT", "DELETE"]
         .iter()
         .map(|m| env.scim.request_count(m))

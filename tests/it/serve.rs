@@ -1,12 +1,10 @@
 //! `serve` end to end: the real server on 127.0.0.1:0, the Graph simulator creating
 //! subscriptions against it and posting notifications, the SCIM simulator as the LMS.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::serve::*;
-use common::{spawn, EnvOptions, ENTERPRISE};
+use crate::common::serve::*;
+use crate::common::{spawn, EnvOptions, ENTERPRISE};
 use rostersync::sim::graph::LifecycleEvent;
 use rostersync::store::Store;
 use serde_json::{json, Value};
@@ -229,7 +227,9 @@ async fn readiness_is_the_process_and_shows_the_lms() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(!body.contains(common::SCIM_TOKEN) && !body.contains(&s.env.fx.tenant.client_secret));
+    assert!(
+        !body.contains(crate::common::SCIM_TOKEN) && !body.contains(&s.env.fx.tenant.client_secret)
+    );
     s.env.scim.set_down(false);
     let started = Instant::now();
     loop {
@@ -1038,7 +1038,7 @@ async fn status_requires_the_token_and_shows_failures_and_guard() {
         for secret in [
             ADMIN_TOKEN,
             env.fx.tenant.client_secret.as_str(),
-            common::SCIM_TOKEN,
+            crate::common::SCIM_TOKEN,
             sub.client_state.as_deref().unwrap_or("-"),
         ] {
             assert!(!body.contains(secret), "a secret leaked into /status");

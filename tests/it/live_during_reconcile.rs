@@ -5,12 +5,10 @@
 //! answers slowly, so the first reconcile (which reads every member's manager) takes tens of
 //! seconds; the assertions are about order, not time.
 
-mod common;
-
 use std::time::Duration;
 
-use common::serve::*;
-use common::{lms_differences, spawn, upn, EnvOptions, ManagerLink};
+use crate::common::serve::*;
+use crate::common::{lms_differences, spawn, upn, EnvOptions, ManagerLink};
 use rostersync::sim::graph::{CostModel, Latency};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,8 +4,6 @@
 //! the SMTP server for any command the mail client got wrong. One more test, ignored unless
 //! asked for (`.ci/run` asks), sends through aiosmtpd, an independent SMTP server in Python.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{spawn, EnvOptions, TestEnv, SCIM_TOKEN};
 use chrono::Utc;
-use common::{spawn, EnvOptions, TestEnv, SCIM_TOKEN};
 use rostersync::alert::Alerter;
 use rostersync::config::Config;
 use rostersync::retry::RetryPolicy;
@@ -903,7 +901,7 @@ impl PySink {
 }
 
 /// The same digest as the first test, through aiosmtpd (`.ci/run` installs it and runs
-/// `cargo test --test alerts -- --ignored`): our client against a server we did not write.
+/// `cargo test --test it alerts:: -- --ignored`): our client against a server we did not write.
 #[tokio::test]
 #[ignore = "needs python3 with aiosmtpd; .ci/run runs it"]
 async fn aiosmtpd_receives_a_digest_with_auth_and_without_secrets() {

@@ -57,7 +57,7 @@ impl Default for EnvOptions {
 }
 
 /// Logs of the code under test on stderr when `RUST_LOG` is set (e.g. `RUST_LOG=rostersync=debug
-/// cargo test --test serve NAME -- --nocapture`); silent otherwise.
+/// cargo test --test it NAME -- --nocapture`); silent otherwise.
 pub fn init_logs() {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()

@@ -3,13 +3,11 @@
 //! admin API with the configured token, printing what they print on the store. A wrong or
 //! missing token, or no serve where the config says, is a clear error; no secret is printed.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::serve::*;
-use common::{rostersync, spawn, text, EnvOptions, SCIM_TOKEN};
+use crate::common::serve::*;
+use crate::common::{rostersync, spawn, text, EnvOptions, SCIM_TOKEN};
 use rostersync::sim::graph::FIXTURE_CLIENT_SECRET;
 use rostersync::sim::scim::{ScimFaults, UserFault, UserFaultKind};
 use rostersync::store::queue::{Hint, QueueItem};

@@ -3,11 +3,9 @@
 //! first sync, a no-change run and a no-change `--deep` run that write nothing, updates,
 //! clears, manager hire and change, disable, leave, return, adoption and `sync-user`.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::{spawn, EnvOptions, TestEnv, ENTERPRISE};
+use crate::common::{spawn, EnvOptions, TestEnv, ENTERPRISE};
 use rostersync::output::render_checks;
 use rostersync::sim::graph::SimUser;
 use rostersync::sim::scim::SimDialect;
@@ -651,7 +649,7 @@ async fn an_empty_html_401_is_read_as_a_rejected_token() {
     .await;
     let bad = env
         .config_toml
-        .replace(common::SCIM_TOKEN, "not-the-scim-token-4711");
+        .replace(crate::common::SCIM_TOKEN, "not-the-scim-token-4711");
     let config = rostersync::config::Config::from_toml(&bad, std::path::Path::new(".")).unwrap();
     let i = rostersync::app::Integration::build(&config.integrations[0], &env.store).unwrap();
     let lines = i.check().await;

@@ -3,15 +3,13 @@
 //! the cleartext-admin refusal, redirects from Graph, the identity platform and the LMS, and a
 //! throttling token endpoint.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{spawn, EnvOptions};
+use crate::common::{spawn, EnvOptions};
 use rostersync::graph::credential::ClientCredential;
 use rostersync::graph::{GraphClient, GraphSettings};
 use rostersync::target::scim::ScimTarget;
@@ -421,9 +419,9 @@ async fn cleartext_admin_token_on_a_public_listener_is_refused() {
         1,
     );
     std::fs::write(&config, &base).unwrap();
-    let out = common::rostersync(&["serve"], &config).await;
+    let out = crate::common::rostersync(&["serve"], &config).await;
     assert!(!out.status.success());
-    let text = common::text(&out);
+    let text = crate::common::text(&out);
     assert!(
         text.contains("allow_cleartext_admin") && text.contains("tls_cert"),
         "{text}"

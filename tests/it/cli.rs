@@ -1,11 +1,9 @@
 //! The `rostersync` binary as a user runs it: config errors, check, reconcile exit codes, and
 //! that no secret reaches its output or logs.
 
-mod common;
-
 use std::path::Path;
 
-use common::{rostersync, spawn, text, EnvOptions, SCIM_TOKEN};
+use crate::common::{rostersync, spawn, text, EnvOptions, SCIM_TOKEN};
 use rostersync::sim::graph::FIXTURE_CLIENT_SECRET;
 
 fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {

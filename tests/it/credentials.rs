@@ -2,11 +2,9 @@
 //! `x5t#S256`, RS256 with `x5t`) and workload identity federation (a Kubernetes-style token
 //! file), each refused with Entra's AADSTS codes and rostersync's advice when something is off.
 
-mod common;
-
 use std::path::Path;
 
-use common::{upn, TestEnv, SCIM_TOKEN};
+use crate::common::{upn, TestEnv, SCIM_TOKEN};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rostersync::app::{CheckStatus, Integration};
 use rostersync::config::Config;
@@ -737,7 +735,7 @@ async fn the_token_file_defaults_to_azure_federated_token_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("azure-identity-token");
     std::fs::write(&path, good_kube_token()).unwrap();
-    // Only this test reads the variable: every other config here names its file.
+    // Only this test reads the variable: every other config in these tests names its file.
     std::env::set_var("AZURE_FEDERATED_TOKEN_FILE", &path);
     let env = spawn_with(
         "credential = \"workload_identity\"",
