@@ -58,6 +58,10 @@ const REGRESSION_SEEDS: &[u64] = &[
     // manager, and the manager was restored: never linked, not even by the reconcile (its
     // users delta showed no change since its last run; on 1f9ba31).
     1337,
+    // A disabled member soft-deleted, listed by a reconcile while gone (so dropped from the
+    // mirror: listings hide soft-deleted users, group delta does not, and never announces the
+    // return), restored and enabled: its notification was ignored as a stranger's (on 78a7e4c).
+    1362,
 ];
 
 /// Seeds run by default besides the regression seeds.

@@ -471,12 +471,16 @@ async fn gather<T: Target>(
         });
     };
     let membership = match src {
-        // The mirror does not know this user as a member, but the LMS does (inactive): the
-        // mirror may have missed a membership (a restored user's come back unannounced), so
-        // Graph says whether a reactivation is due. (Active users are confirmed before any
-        // deactivation anyway.)
+        // The mirror does not know this user as a member, but the LMS does (inactive), or
+        // Graph said the user was gone: the mirror may have missed a membership (a restored
+        // user's come back unannounced; a soft-deleted member is hidden from the listings a
+        // reconcile rebuilds the mirror from, but not from group delta, which so never
+        // announces it again), so Graph says whether a reactivation or a create is due.
+        // (Active users are confirmed before any deactivation anyway.)
         ScopeSource::Mirror(_)
-            if via.is_empty() && existing.as_ref().is_some_and(|e| !e.active()) =>
+            if via.is_empty()
+                && (existing.as_ref().is_some_and(|e| !e.active())
+                    || store.is_vanished(&task.id)?) =>
         {
             let groups = ctx.graph.member_groups(&user.id, &ctx.cfg.groups).await?;
             if groups.is_empty() {
@@ -954,7 +958,8 @@ async fn one_round<T: Target>(
     Ok(next)
 }
 
-/// The users read back this round after Graph had said they were gone, and the indexed users
+/// The users read back this round after Graph had said they were gone (and now settled), and
+/// the indexed users
 /// Graph now names as their direct reports: restored from the deleted items, a manager is
 /// again the manager of its reports, and Graph notifies only about the manager. The reverse
 /// index and the orphans know the reports the store had linked; this read also finds a report
@@ -975,6 +980,10 @@ async fn returned_managers<T: Target>(
         if !matches!(read, Some(Ok(_))) || !ctx.store.is_vanished(&w.task.id)? {
             continue;
         }
+        let known = match w.gathered.as_ref().map(|g| &g.membership) {
+            Some(Membership::NotMember) => true,
+            _ => ctx.store.get_user(&w.task.id)?.is_some(),
+        };
         match ctx.graph.direct_reports(&w.task.id).await {
             Ok(ids) => {
                 for r in ids {
@@ -989,7 +998,12 @@ async fn returned_managers<T: Target>(
                 "cannot list the direct reports of a user who is back; their links wait for the next reconcile"
             ),
         }
-        returned.push(w.task.id.clone());
+        // Forgotten once settled: a member the LMS now has, or a user Graph says is in none
+        // of the groups (alive, so group delta announces a return). A member still not in
+        // the LMS (disabled) stays, so that its next notification asks Graph again.
+        if known {
+            returned.push(w.task.id.clone());
+        }
     }
     Ok((returned, reports))
 }

@@ -211,6 +211,51 @@ async fn a_hire_made_while_the_manager_was_deleted_is_linked_when_it_is_restored
     s.stop().await;
 }
 
+/// A member soft-deleted while a reconcile lists the groups is dropped from the membership
+/// mirror (listings hide soft-deleted users); restored, it comes back with no membership
+/// change in group delta (which never hid it), so only its own notifications say anything:
+/// Graph is asked whether it is a member rather than they are ignored as a stranger's. (The
+/// race of differential seed 1362, where the restore came before the worker's look at the
+/// dropped member, is that seed's to replay.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_restored_after_a_reconcile_listed_it_as_gone_is_synced_again() {
+    let s = start(30, "").await;
+    let env = &s.env;
+    let hire = SimUser {
+        account_enabled: false,
+        ..new_user(1, None)
+    };
+    env.graph.upsert_user(hire.clone());
+    env.graph.add_member(&env.fx.all_group_id, &hire.id);
+    wait_for("queue drained", 8_000, || s.integ_store().queue_len() == 0).await;
+    assert!(lms(env, &hire.id).is_none(), "disabled: not created");
+
+    // Its notifications arrive only once it is back (no 404 is ever read).
+    env.graph.pause_delivery(true);
+    assert!(env.graph.soft_delete_user(&hire.id));
+    // Lists the groups while the member is soft-deleted.
+    let i = Integration::build(&s.env.integration.cfg, &s.store).unwrap();
+    let r = i.reconcile(RunOptions::default(), None).await;
+    assert!(matches!(r.outcome, RunOutcome::Ok), "{:?}", r.error);
+    assert!(
+        !s.integ_store()
+            .is_direct_member(&env.fx.all_group_id, &hire.id)
+            .unwrap(),
+        "the listing hid the soft-deleted member"
+    );
+    assert!(env.graph.restore_user(&hire.id));
+    env.graph
+        .update_user(&hire.id, |u| u.account_enabled = true);
+    env.graph.pause_delivery(false);
+    wait_for("the restored, enabled member created", 8_000, || {
+        active(env, &hire.id) == Some(true)
+    })
+    .await;
+    wait_for("queue drained", 5_000, || s.integ_store().queue_len() == 0).await;
+    reconcile_writes_nothing(&s).await;
+    s.stop().await;
+}
+
 /// The reconcile learns managers from the users delta since its own last run, which shows
 /// only what differs from then: a link the worker wrote in between, on a state that passed
 /// (here a manager change undone while its notification waits), is read again from Graph by

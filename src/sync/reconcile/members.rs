@@ -59,6 +59,11 @@ impl<T: Target> Run<'_, '_, T> {
                 .collect();
             if let Some(was) = old.get(g) {
                 look.extend(was.symmetric_difference(&now).cloned());
+                // Gone from the listing: maybe soft-deleted (hidden from listings, not from
+                // group delta, which will not announce its return when it is restored).
+                for gone in was.difference(&now) {
+                    store.mark_vanished(gone)?;
+                }
             }
         }
         for g in before.difference(&after) {
