@@ -2095,6 +2095,91 @@ fn list_members(
     })
 }
 
+/// What a listing of one user's relation (`memberOf`, `transitiveMemberOf`, `directReports`)
+/// has checked before it reads: the collection it names, `$select`, `$top`, the user's id, the
+/// key its page tokens are bound to and the page's offset.
+struct RelationPage {
+    set: &'static str,
+    select: Option<Vec<&'static str>>,
+    top: usize,
+    uid: String,
+    listing_key: String,
+    offset: usize,
+}
+
+/// Checks a relation listing's request: no cast or the one `cast_to` (its name, item type and
+/// collection), a valid `$select` and `$top`, a live user and a `$skiptoken` of this listing.
+/// `Err` is the answer to send.
+#[allow(clippy::too_many_arguments)]
+fn relation_page(
+    s: &State,
+    ctx: &Ctx,
+    key: &str,
+    relation: &str,
+    cast: Option<&str>,
+    cast_to: (&str, TypeKind, &'static str),
+    q: &Query,
+) -> Result<RelationPage, ApiResponse> {
+    let (kind, set) = match cast {
+        None => (TypeKind::DirectoryObject, "directoryObjects"),
+        Some(c) if c == cast_to.0 => (cast_to.1, cast_to.2),
+        Some(c) => {
+            return Err(graph_error(
+                ctx,
+                400,
+                "Request_UnsupportedQuery",
+                &format!("The type cast '{c}' is not supported for this collection."),
+            ))
+        }
+    };
+    let select = resolve_select(q, kind).map_err(|msg| bad_request(ctx, &msg))?;
+    let top = q.page_size().map_err(|msg| bad_request(ctx, &msg))?;
+    let Some(uid) = s.find_user(key).map(|u| u.id.clone()) else {
+        return Err(not_found(ctx, key));
+    };
+    let listing_key = format!("{}|{relation}|{}", uid.to_lowercase(), cast.unwrap_or(""));
+    let offset = match &q.skiptoken {
+        None => 0,
+        Some(t) => decode_skiptoken(t, &listing_key).ok_or_else(|| {
+            graph_error(
+                ctx,
+                400,
+                "Directory_ExpiredPageToken",
+                "The specified page token value has expired and can no longer be included in your request.",
+            )
+        })?,
+    };
+    Ok(RelationPage {
+        set,
+        select,
+        top,
+        uid,
+        listing_key,
+        offset,
+    })
+}
+
+impl RelationPage {
+    /// The page's items among `len`: from the offset, at most `$top`.
+    fn range(&self, len: usize) -> (usize, usize) {
+        let start = self.offset.min(len);
+        (start, start.saturating_add(self.top).min(len))
+    }
+
+    /// The `@odata.nextLink` of a page that ends at `end` of `len` items, if more follow.
+    fn next_link(&self, q: &Query, next_base: &str, end: usize, len: usize) -> Option<String> {
+        (end < len).then(|| {
+            let mut query = q.passthrough.join("&");
+            if !query.is_empty() {
+                query.push('&');
+            }
+            query.push_str("$skiptoken=");
+            query.push_str(&encode_skiptoken(end, &self.listing_key));
+            format!("{next_base}?{query}")
+        })
+    }
+}
+
 /// `GET /users/{id | userPrincipalName}/memberOf` and `/transitiveMemberOf` (optionally cast to
 /// `microsoft.graph.group`): the groups the user is a member of, directly or at any depth,
 /// ordered by displayName. Without a cast the items carry `@odata.type`, as Graph's
@@ -2110,74 +2195,30 @@ fn list_member_of(
     cast: Option<&str>,
     q: &Query,
 ) -> ApiResponse {
-    let (kind, set) = match cast {
-        None => (TypeKind::DirectoryObject, "directoryObjects"),
-        Some("microsoft.graph.group") => (TypeKind::Group, "groups"),
-        Some(c) => {
-            return graph_error(
-                ctx,
-                400,
-                "Request_UnsupportedQuery",
-                &format!("The type cast '{c}' is not supported for this collection."),
-            )
-        }
+    let relation = if transitive {
+        "transitiveMemberOf"
+    } else {
+        "memberOf"
     };
-    let select = match resolve_select(q, kind) {
-        Ok(sel) => sel,
-        Err(msg) => return bad_request(ctx, &msg),
+    let cast_to = ("microsoft.graph.group", TypeKind::Group, "groups");
+    let p = match relation_page(s, ctx, key, relation, cast, cast_to, q) {
+        Ok(p) => p,
+        Err(answer) => return answer,
     };
-    let top = match q.page_size() {
-        Ok(t) => t,
-        Err(msg) => return bad_request(ctx, &msg),
-    };
-    let Some(uid) = s.find_user(key).map(|u| u.id.clone()) else {
-        return not_found(ctx, key);
-    };
-    let listing_key = format!(
-        "{}|{}|{}",
-        uid.to_lowercase(),
-        if transitive {
-            "transitiveMemberOf"
-        } else {
-            "memberOf"
-        },
-        cast.unwrap_or("")
-    );
-    let offset = match &q.skiptoken {
-        None => 0,
-        Some(t) => match decode_skiptoken(t, &listing_key) {
-            Some(o) => o,
-            None => {
-                return graph_error(
-                    ctx,
-                    400,
-                    "Directory_ExpiredPageToken",
-                    "The specified page token value has expired and can no longer be included in your request.",
-                )
-            }
-        },
-    };
-    let ids = s.groups_of(&uid, transitive);
-    let start = offset.min(ids.len());
-    let end = start.saturating_add(top).min(ids.len());
+    let ids = s.groups_of(&p.uid, transitive);
+    let (start, end) = p.range(ids.len());
     let items: Vec<Value> = ids[start..end]
         .iter()
         .filter_map(|id| s.groups.get(id))
-        .map(|g| render_group(g, select.as_deref(), cast.is_none()))
+        .map(|g| render_group(g, p.select.as_deref(), cast.is_none()))
         .collect();
     let mut body = Map::new();
-    body.insert("@odata.context".into(), json!(context(base, set, q, false)));
-    if end < ids.len() {
-        let mut query = q.passthrough.join("&");
-        if !query.is_empty() {
-            query.push('&');
-        }
-        query.push_str("$skiptoken=");
-        query.push_str(&encode_skiptoken(end, &listing_key));
-        body.insert(
-            "@odata.nextLink".into(),
-            json!(format!("{next_base}?{query}")),
-        );
+    body.insert(
+        "@odata.context".into(),
+        json!(context(base, p.set, q, false)),
+    );
+    if let Some(link) = p.next_link(q, next_base, end, ids.len()) {
+        body.insert("@odata.nextLink".into(), json!(link));
     }
     body.insert("value".into(), Value::Array(items));
     ApiResponse::json(200, Value::Object(body))
@@ -2197,47 +2238,10 @@ fn list_direct_reports(
     cast: Option<&str>,
     q: &Query,
 ) -> ApiResponse {
-    let (kind, set) = match cast {
-        None => (TypeKind::DirectoryObject, "directoryObjects"),
-        Some("microsoft.graph.user") => (TypeKind::User, "users"),
-        Some(c) => {
-            return graph_error(
-                ctx,
-                400,
-                "Request_UnsupportedQuery",
-                &format!("The type cast '{c}' is not supported for this collection."),
-            )
-        }
-    };
-    let select = match resolve_select(q, kind) {
-        Ok(sel) => sel,
-        Err(msg) => return bad_request(ctx, &msg),
-    };
-    let top = match q.page_size() {
-        Ok(t) => t,
-        Err(msg) => return bad_request(ctx, &msg),
-    };
-    let Some(uid) = s.find_user(key).map(|u| u.id.clone()) else {
-        return not_found(ctx, key);
-    };
-    let listing_key = format!(
-        "{}|directReports|{}",
-        uid.to_lowercase(),
-        cast.unwrap_or("")
-    );
-    let offset = match &q.skiptoken {
-        None => 0,
-        Some(t) => match decode_skiptoken(t, &listing_key) {
-            Some(o) => o,
-            None => {
-                return graph_error(
-                    ctx,
-                    400,
-                    "Directory_ExpiredPageToken",
-                    "The specified page token value has expired and can no longer be included in your request.",
-                )
-            }
-        },
+    let cast_to = ("microsoft.graph.user", TypeKind::User, "users");
+    let p = match relation_page(s, ctx, key, "directReports", cast, cast_to, q) {
+        Ok(p) => p,
+        Err(answer) => return answer,
     };
     let mut reports: Vec<&SimUser> = s
         .users
@@ -2245,30 +2249,21 @@ fn list_direct_reports(
         .filter(|u| {
             u.manager_id
                 .as_deref()
-                .is_some_and(|m| m.eq_ignore_ascii_case(&uid))
+                .is_some_and(|m| m.eq_ignore_ascii_case(&p.uid))
         })
         .collect();
     reports.sort_by(|a, b| a.id.cmp(&b.id));
-    let start = offset.min(reports.len());
-    let end = start.saturating_add(top).min(reports.len());
+    let (start, end) = p.range(reports.len());
     let items: Vec<UserJson<'_>> = reports[start..end]
         .iter()
         .map(|u| UserJson {
             u,
-            select: select.as_deref(),
+            select: p.select.as_deref(),
             with_type: cast.is_none(),
             context: None,
         })
         .collect();
-    let next_link = (end < reports.len()).then(|| {
-        let mut query = q.passthrough.join("&");
-        if !query.is_empty() {
-            query.push('&');
-        }
-        query.push_str("$skiptoken=");
-        query.push_str(&encode_skiptoken(end, &listing_key));
-        format!("{next_base}?{query}")
-    });
+    let next_link = p.next_link(q, next_base, end, reports.len());
     #[derive(serde::Serialize)]
     struct Page<'a> {
         #[serde(rename = "@odata.context")]
@@ -2278,7 +2273,7 @@ fn list_direct_reports(
         value: Vec<UserJson<'a>>,
     }
     ApiResponse::rendered(&Page {
-        context: context(base, set, q, false),
+        context: context(base, p.set, q, false),
         next_link,
         value: items,
     })
