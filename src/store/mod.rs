@@ -469,9 +469,7 @@ impl IntegrationStore {
             batch.insert(id.as_bytes(), encode(e)?);
         }
         self.settle_orphans(entries)?;
-        for (report, manager) in &lost {
-            self.mark_orphans(manager, std::slice::from_ref(report))?;
-        }
+        self.mark_lost(&lost)?;
         add.apply(&self.reports)?;
         let replaced = batch.apply_returning(&self.users)?;
         for (i, id, new) in created {

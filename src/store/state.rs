@@ -288,10 +288,23 @@ impl IntegrationStore {
     /// reports their manager again without a change notification for them, and the reverse
     /// index no longer knows them. Remembered for [`ORPHAN_DAYS`].
     pub fn mark_orphans(&self, manager: &str, reports: &[String]) -> Result<(), StoreError> {
-        let value = orphan_value(manager, Utc::now());
+        let lost: Vec<(String, String)> = reports
+            .iter()
+            .map(|r| (r.clone(), manager.to_string()))
+            .collect();
+        self.mark_lost(&lost)
+    }
+
+    /// [`IntegrationStore::mark_orphans`] for links of several managers: (report, manager)
+    /// pairs, in one batch.
+    pub(crate) fn mark_lost(&self, lost: &[(String, String)]) -> Result<(), StoreError> {
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now();
         let mut batch = sled::Batch::default();
-        for r in reports {
-            batch.insert(r.as_bytes(), value.as_bytes());
+        for (report, manager) in lost {
+            batch.insert(report.as_bytes(), orphan_value(manager, now).as_bytes());
         }
         self.orphans.apply_batch(batch)?;
         Ok(())

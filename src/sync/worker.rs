@@ -959,9 +959,9 @@ async fn one_round<T: Target>(
 }
 
 /// The users read back this round after Graph had said they were gone (and now settled), and
-/// the indexed users
-/// Graph now names as their direct reports: restored from the deleted items, a manager is
-/// again the manager of its reports, and Graph notifies only about the manager. The reverse
+/// the indexed users Graph now names as their direct reports: restored from the deleted items,
+/// a manager is again the manager of its reports, and Graph notifies only about the manager.
+/// The reverse
 /// index and the orphans know the reports the store had linked; this read also finds a report
 /// first written while the manager was gone (with no manager). A failed read is logged and
 /// left to the next reconcile, which reads the manager of every user the worker linked.
