@@ -64,6 +64,12 @@ impl GraphError {
             _ => None,
         }
     }
+
+    /// Graph answered 429 or a 5xx worth asking again (after its `Retry-After`).
+    pub fn is_transient(&self) -> bool {
+        self.status()
+            .is_some_and(|s| crate::retry::transience(s) != crate::retry::Transience::Final)
+    }
 }
 
 /// Plain advice for the token endpoint's AADSTS codes. 7000215, 7000222, 700016 and 7000218
@@ -289,7 +295,8 @@ pub struct FreshRead {
     pub manager: Option<GraphUser>,
     /// The asked-for groups the user is a transitive member of.
     pub member_of: Vec<String>,
-    /// When this user's read was sent: its answers are at most this old.
+    /// When this user's read was sent (after any pause for throttling): its answers are at
+    /// most this old.
     pub asked: std::time::Instant,
 }
 
@@ -694,6 +701,19 @@ impl GraphClient {
         url: &str,
         body: Option<&Value>,
     ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), GraphError> {
+        let (status, headers, body, _) = self.send_timed(method, url, body).await?;
+        Ok((status, headers, body))
+    }
+
+    /// [`Self::send_raw`] with the instant the answered request was sent: after any pause the
+    /// pacer imposed and after any earlier throttled attempt, so that what Graph said is at
+    /// most this old.
+    async fn send_timed(
+        &self,
+        method: &'static str,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>, Instant), GraphError> {
         let path = url.strip_prefix(&self.api_root).unwrap_or(url).to_string();
         // Graph's guidance is to repeat a throttled or unavailable request after Retry-After,
         // writes included: the only write, a subscription, is made safe to repeat by serve,
@@ -706,6 +726,7 @@ impl GraphClient {
             // The integration's Graph budget: a pause after a 429, the pace of background
             // reads.
             self.pacer.admit(self.priority).await;
+            let sent = Instant::now();
             let mut req = match method {
                 "POST" => self.http.post(url),
                 "PATCH" => self.http.patch(url),
@@ -777,7 +798,7 @@ impl GraphClient {
                         what: format!("Graph {method} {path}"),
                         message: m,
                     })?;
-            return Ok((status, headers, bytes));
+            return Ok((status, headers, bytes, sent));
         }
     }
 
@@ -946,15 +967,29 @@ impl GraphClient {
         &self,
         requests: Vec<BatchRequest>,
     ) -> Result<HashMap<String, (u16, Value)>, GraphError> {
+        Ok(self.batch_sent(requests, true).await?.0)
+    }
+
+    /// [`Self::batch`], with the instant the oldest kept answer was sent. Without
+    /// `retry_inner`, inner 429/5xx answers are returned as they are (the pacer still learns
+    /// of a 429, so the next request waits for its `Retry-After`): a caller that must know how
+    /// fresh its answers are asks again itself rather than wait here.
+    async fn batch_sent(
+        &self,
+        requests: Vec<BatchRequest>,
+        retry_inner: bool,
+    ) -> Result<(HashMap<String, (u16, Value)>, Instant), GraphError> {
         let mut out = HashMap::with_capacity(requests.len());
         let mut pending = requests;
+        let mut oldest: Option<Instant> = None;
         let batch_url = format!("{}/$batch", self.api_root);
         let mut attempts = self.retry.start();
         while !pending.is_empty() {
             let body: Vec<Value> = pending.iter().map(BatchRequest::to_json).collect();
-            let (status, resp) = self
-                .send("POST", &batch_url, Some(&json!({ "requests": body })))
+            let (status, _, resp, sent) = self
+                .send_timed("POST", &batch_url, Some(&json!({ "requests": body })))
                 .await?;
+            oldest.get_or_insert(sent);
             if !(200..300).contains(&status) {
                 return Err(self.api_error("POST", &batch_url, status, &resp));
             }
@@ -995,8 +1030,10 @@ impl GraphClient {
                     if st == 429 {
                         self.pacer.throttled(self.priority, ra);
                     }
-                    max_wait = max_wait.max(ra);
-                    continue;
+                    if retry_inner {
+                        max_wait = max_wait.max(ra);
+                        continue;
+                    }
                 }
                 let body = r.get_mut("body").map(Value::take).unwrap_or(Value::Null);
                 answered.insert(id, (st, body));
@@ -1024,11 +1061,17 @@ impl GraphClient {
                         hint: String::new(),
                     });
                 };
+                tracing::debug!(
+                    attempt,
+                    again = retry.len(),
+                    delay = ?delay,
+                    "Graph $batch: some answers throttled or unavailable; sending them again"
+                );
                 tokio::time::sleep(delay).await;
             }
             pending = retry;
         }
-        Ok(out)
+        Ok((out, oldest.unwrap_or_else(Instant::now)))
     }
 
     /// Managers of up to [`BATCH_LIMIT`] users in one `$batch`; users without a manager map to
@@ -1177,9 +1220,11 @@ impl GraphClient {
     ) -> Result<HashMap<String, Result<FreshRead, GraphError>>, GraphError> {
         use futures::StreamExt;
         let group_chunks: Vec<&[String]> = groups.chunks(CHECK_MEMBER_GROUPS_MAX).collect();
-        // One `$batch` per user: each user's answers are as fresh as its own round trip (an
-        // inner 429 retried after its Retry-After delays that user only), so a caller can tell
-        // a fresh confirmation from an old one user by user (`FreshRead::asked`).
+        // One `$batch` per user: each user's answers are as fresh as its own round trip, so a
+        // caller can tell a fresh confirmation from an old one user by user
+        // (`FreshRead::asked`, taken after any pause for throttling). An inner 429 or 5xx is
+        // that user's error (`GraphError::is_transient`), returned at once: waiting out its
+        // Retry-After here would age every other user's answers too; the caller asks again.
         let mut sends = Vec::with_capacity(user_ids.len());
         for uid in user_ids {
             let mut requests = Vec::with_capacity(2 + group_chunks.len());
@@ -1202,15 +1247,12 @@ impl GraphClient {
                     body: Some(json!({ "groupIds": ids })),
                 });
             }
-            sends.push(async move {
-                let asked = std::time::Instant::now();
-                (uid, asked, self.batch(requests).await)
-            });
+            sends.push(async move { (uid, self.batch_sent(requests, false).await) });
         }
         let mut answered = futures::stream::iter(sends).buffer_unordered(FRESH_READ_CONCURRENCY);
         let mut out = HashMap::with_capacity(user_ids.len());
-        while let Some((uid, asked, answers)) = answered.next().await {
-            let mut answers = answers?;
+        while let Some((uid, answers)) = answered.next().await {
+            let (mut answers, asked) = answers?;
             let mut take = |k: String| answers.remove(&k).unwrap_or((0, Value::Null));
             let read = (|| {
                 let (st, body) = take("u".to_string());

@@ -541,10 +541,15 @@ async fn worker_loop(
             return;
         }
         let mut fatal = false;
+        // The earliest backoff of an item still waiting (a departure settling, a retry).
+        let mut next_due = None;
         loop {
             let handed = live.handed();
-            let items = match store.queue_ready(Utc::now(), 500 + handed.len()) {
-                Ok(i) => i,
+            let items = match store.queue_ready_next(Utc::now(), 500 + handed.len()) {
+                Ok((i, next)) => {
+                    next_due = next;
+                    i
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the queue");
                     fatal = true;
@@ -659,9 +664,13 @@ async fn worker_loop(
             continue;
         }
         failures = retry.start();
+        // Back when the first waiting item is due, not a poll later.
+        let nap = next_due
+            .map(|t| (t - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            .map_or(opts.poll_interval, |d| d.min(opts.poll_interval));
         tokio::select! {
             _ = live.wake.notified() => {}
-            _ = tokio::time::sleep(opts.poll_interval) => {}
+            _ = tokio::time::sleep(nap) => {}
             _ = stop.changed() => return,
         }
     }

@@ -285,6 +285,8 @@ struct State {
     token_lifetime_secs: u64,
     faults: GraphFaults,
     throttle_rng: StdRng,
+    /// Requests answered 429 on purpose: (part of the path, how many more times, Retry-After).
+    throttle_paths: Vec<(String, u32, u64)>,
     shuffle_rng: StdRng,
     counts: HashMap<String, u64>,
     /// Soft-deleted users (restorable); their ids stay in the groups' member lists but they are
@@ -318,6 +320,7 @@ impl State {
             token_lifetime_secs: DEFAULT_TOKEN_LIFETIME_SECS,
             faults: GraphFaults::default(),
             throttle_rng: StdRng::seed_from_u64(0),
+            throttle_paths: Vec::new(),
             shuffle_rng: StdRng::seed_from_u64(0x0ba7_c45e_ed00_0001),
             counts: HashMap::new(),
             soft_deleted: HashMap::new(),
@@ -746,6 +749,15 @@ impl GraphSim {
         let mut s = self.shared.lock();
         s.throttle_rng = StdRng::seed_from_u64(f.seed);
         s.faults = f;
+    }
+
+    /// Answers the next `times` requests (top level or inside a `$batch`) whose path contains
+    /// `path_part` with 429 and `Retry-After: retry_after_secs`, whatever the fault rate.
+    pub fn throttle_path(&self, path_part: &str, times: u32, retry_after_secs: u64) {
+        self.shared
+            .lock()
+            .throttle_paths
+            .push((path_part.to_string(), times, retry_after_secs));
     }
 
     /// Inserts or replaces a user (by id).
@@ -1517,6 +1529,22 @@ fn serve(
     query: &str,
     payload: Payload<'_>,
 ) -> ApiResponse {
+    if let Some(t) = s
+        .throttle_paths
+        .iter_mut()
+        .find(|(part, left, _)| *left > 0 && raw_path.contains(part.as_str()))
+    {
+        t.1 -= 1;
+        let retry_after = t.2;
+        s.count("throttled");
+        return throttled_with(
+            ctx,
+            s,
+            retry_after,
+            "ReadWrite",
+            "ResourceUnitLimitExceeded",
+        );
+    }
     if s.should_throttle() {
         s.count("throttled");
         return throttled(ctx, s);

@@ -51,6 +51,9 @@ impl Hint {
     }
 }
 
+/// Queued items by id, in arrival order.
+pub type Ready = Vec<(u64, QueueItem)>;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QueueItem {
     pub hint: Hint,
@@ -184,8 +187,19 @@ impl IntegrationStore {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(u64, QueueItem)>, StoreError> {
+        Ok(self.queue_ready_next(now, limit)?.0)
+    }
+
+    /// [`Self::queue_ready`], and the earliest backoff among the items it passed over (when
+    /// the worker should look again; complete when fewer than `limit` items are ready).
+    pub fn queue_ready_next(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<(Ready, Option<DateTime<Utc>>), StoreError> {
         let tree = format!("{}/queue", self.name);
         let mut out = Vec::new();
+        let mut next: Option<DateTime<Utc>> = None;
         for r in self.queue.iter() {
             let (k, v) = r?;
             let it = decode_item(&tree, &k, &v);
@@ -194,7 +208,8 @@ impl IntegrationStore {
                 self.bury(id_of(&k), &it)?;
                 continue;
             }
-            if it.not_before.is_some_and(|t| t > now) {
+            if let Some(t) = it.not_before.filter(|t| *t > now) {
+                next = Some(next.map_or(t, |n| n.min(t)));
                 continue;
             }
             out.push((id_of(&k), it));
@@ -202,7 +217,7 @@ impl IntegrationStore {
                 break;
             }
         }
-        Ok(out)
+        Ok((out, next))
     }
 
     pub fn queue_len(&self) -> usize {
@@ -384,5 +399,41 @@ mod tests {
         assert!(dead[0].1.last_error.is_some());
         assert_eq!(a.replay(None, false).unwrap(), 0, "nothing to replay");
         assert_eq!(a.queue_stats(Utc::now()).unwrap().dead, 1);
+    }
+
+    /// The worker learns when to look again: the earliest backoff among the waiting items.
+    #[test]
+    fn the_earliest_backoff_of_the_waiting_items_comes_with_the_ready_ones() {
+        let (_s, a) = store_a();
+        let now = Utc::now();
+        let item = |u: &str, after: Option<i64>| {
+            let mut it = QueueItem::new(Hint::User {
+                user_id: u.into(),
+                follow_up: false,
+            });
+            it.not_before = after.map(|s| now + chrono::Duration::seconds(s));
+            it
+        };
+        a.enqueue(&[item("late", Some(30)), item("ready", None)])
+            .unwrap();
+        a.enqueue(&[item("soon", Some(3)), item("past", Some(-1))])
+            .unwrap();
+        let (ready, next) = a.queue_ready_next(now, 10).unwrap();
+        let ids: Vec<_> = ready
+            .iter()
+            .map(|(_, it)| match &it.hint {
+                Hint::User { user_id, .. } => user_id.as_str(),
+                _ => "?",
+            })
+            .collect();
+        assert_eq!(ids, ["ready", "past"]);
+        assert_eq!(next, Some(now + chrono::Duration::seconds(3)));
+        a.dequeue(&ready.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+            .unwrap();
+        let (ready, next) = a
+            .queue_ready_next(now + chrono::Duration::seconds(5), 10)
+            .unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(next, Some(now + chrono::Duration::seconds(30)));
     }
 }

@@ -1194,10 +1194,10 @@ async fn confirm<T: Target>(
     }
     let mapping = &ctx.cfg.mapping;
     let manager_select = mapping.manager_select();
-    // Answers that took long (inner 429s retried after their Retry-After, a slow Graph) may be
-    // older than the directory by the time they would be written: a deactivation is read again
-    // at once (twice at most), then waits for a fresh read in a later batch rather than rest
-    // on them.
+    // Answers that took long (a slow Graph, other users' reads) may be older than the
+    // directory by the time they would be written: a deactivation is read again at once
+    // (twice at most), then waits for a fresh read in a later batch rather than rest on them.
+    // A throttled read waits for a later batch at once.
     let mut tries = 0;
     while !keep.is_empty() {
         let ids: Vec<String> = keep.iter().map(|&i| work[i].task.id.clone()).collect();
@@ -1233,7 +1233,8 @@ async fn confirm<T: Target>(
             match reads.remove(&w.task.id) {
                 Some(Ok(read)) => {
                     let gone = read.user.is_none();
-                    let stale = read.asked.elapsed() > super::FRESH_READ_MAX_AGE;
+                    let age = read.asked.elapsed();
+                    let stale = age > super::FRESH_READ_MAX_AGE;
                     let fresh = refresh(ctx, tg, g, read)?;
                     let since = w.task.missing_since.unwrap_or(now);
                     if gone && now - since < after {
@@ -1249,6 +1250,12 @@ async fn confirm<T: Target>(
                         let d = decide::decide(&w.task.id, &f, opts.dry_run);
                         let deactivates = matches!(&d.verdict, Verdict::Change(c) if c.action == Action::Deactivate);
                         if stale && deactivates && !opts.wait_inline {
+                            tracing::debug!(
+                                user = %w.task.id,
+                                ?age,
+                                tries,
+                                "confirming read too old to deactivate on; reading again"
+                            );
                             if tries < super::FRESH_READ_RETRIES {
                                 again.push(i);
                             } else {
@@ -1262,6 +1269,16 @@ async fn confirm<T: Target>(
                         w.decision = Some(d);
                     }
                     w.gathered = Some(fresh);
+                }
+                // Throttled (or a passing 5xx): read again in a later batch (the pacer holds
+                // Graph for the Retry-After), without counting an attempt; not in this one,
+                // where the others' fresh answers would age while it waits.
+                Some(Err(e)) if e.is_transient() && !opts.wait_inline => {
+                    tracing::debug!(user = %w.task.id, error = %e, "confirming read throttled; reading again later");
+                    w.outcome = Some(UserOutcome::Wait {
+                        until: now + chrono::Duration::seconds(1),
+                        missing_since: w.task.missing_since,
+                    });
                 }
                 Some(Err(e)) => {
                     w.outcome = Some(UserOutcome::Failed {

@@ -365,6 +365,61 @@ async fn a_single_404_does_not_deactivate() {
     s.stop().await;
 }
 
+/// Departures confirmed together, one of them throttled (429, Retry-After 2 s) on its
+/// confirming read: the others are written on their first answers, at once (not aged by the
+/// throttled one's wait, nor read again), and the throttled user is read again after its
+/// Retry-After and deactivated too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_confirmation_is_read_again_alone() {
+    let s = start(30, "max_deactivations = 10").await;
+    let env = &s.env;
+    let who = direct_only(&s, 3);
+    env.graph
+        .throttle_path(&format!("users/{}/checkMemberGroups", who[0]), 1, 2);
+    env.graph.record_user_reads(true);
+    for id in &who {
+        env.graph.remove_member(&env.fx.all_group_id, id);
+    }
+    wait_for("the two confirmed departures deactivated", 15_000, || {
+        who[1..].iter().all(|id| active(env, id) == Some(false))
+    })
+    .await;
+    assert_eq!(
+        active(env, &who[0]),
+        Some(true),
+        "the others waited for the throttled confirmation"
+    );
+    wait_for("the throttled departure deactivated", 10_000, || {
+        active(env, &who[0]) == Some(false)
+    })
+    .await;
+    // Answered reads only (the throttled one's first is not among them), up to the throttled
+    // user's confirmation (later notifications of the departed may ask again).
+    let reads = env.graph.user_reads();
+    let t0 = reads[0].at;
+    let list: Vec<String> = reads
+        .iter()
+        .map(|r| format!("{:?} {} {}", r.at - t0, &r.user[..8], r.kind))
+        .collect();
+    let checks = |id: &str| -> Vec<std::time::Instant> {
+        reads
+            .iter()
+            .filter(|r| r.user == id.to_lowercase() && r.kind == "checkMemberGroups")
+            .map(|r| r.at)
+            .collect()
+    };
+    let throttled = checks(&who[0])[0];
+    for id in &who[1..] {
+        let before: Vec<_> = checks(id).into_iter().filter(|t| *t < throttled).collect();
+        assert_eq!(before.len(), 1, "{id} confirmed once: {list:#?}");
+        assert!(
+            throttled - before[0] >= Duration::from_secs(2),
+            "Retry-After honoured: {list:#?}"
+        );
+    }
+    s.stop().await;
+}
+
 /// Moving a user from direct to nested membership (removed, added 10 ms later) and back
 /// never deactivates them, and a disable undone at once leaves them active in the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

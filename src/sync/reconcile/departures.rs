@@ -119,8 +119,9 @@ impl<T: Target> Run<'_, '_, T> {
     }
 
     /// Confirms the candidates with Graph; a deactivation whose confirming answer took over
-    /// [`crate::sync::FRESH_READ_MAX_AGE`] is read again (twice at most), then left to the next run:
-    /// it never rests on an answer older than the directory may be.
+    /// [`crate::sync::FRESH_READ_MAX_AGE`] (or was throttled) is read again (twice at most),
+    /// then left to the worker and the next run: it never rests on an answer older than the
+    /// directory may be.
     pub(super) async fn confirm_fresh(
         &mut self,
         candidates: Vec<Candidate>,
@@ -194,6 +195,13 @@ impl<T: Target> Run<'_, '_, T> {
             let id = cand.change.entra_id.clone();
             let read = match reads.remove(&id) {
                 Some(Ok(r)) => r,
+                // Throttled (or a passing 5xx): asked again like a slow answer (the pacer
+                // holds the send for the Retry-After).
+                Some(Err(e)) if e.is_transient() => {
+                    tracing::debug!(user = %id, error = %e, "confirming read throttled; reading again");
+                    slow.push(cand);
+                    continue;
+                }
                 Some(Err(e)) => {
                     let reason = format!(
                         "deactivation deferred to the next run: Graph could not confirm it ({e})"

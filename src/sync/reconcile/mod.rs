@@ -115,7 +115,7 @@ const WRITE_BATCH: usize = 256;
 
 /// Why a deactivation was left to the next run after its confirming reads kept coming slowly.
 const SLOW_CONFIRMATION: &str =
-    "Graph's confirming answers took over a second three times (a deactivation never rests on an answer that old); handed to the incremental worker and the next run";
+    "Graph's confirming answers took over a second, or were throttled, three times (a deactivation never rests on an answer that old); handed to the incremental worker and the next run";
 
 /// The LMS-write stream of a run (see the module comment).
 #[derive(Default)]
