@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use rostersync::app::Integration;
 use rostersync::config::Config;
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
-use rostersync::sim::graph::{fixture, CostModel, CostStats, GraphSim, Latency};
-use rostersync::sim::scim::{ScimSim, ScimSimConfig};
 use rostersync::store::Store;
+use rostersync_sim::graph::{fixture, CostModel, CostStats, GraphSim, Latency};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig};
 
 use common::{arg, peak_rss_mib, reset_peak_rss, timed_reconcile};
 

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use rostersync::app::{reconcile_side_by_side, Integration};
 use rostersync::config::{Config, DEFAULT_RECONCILE_CONCURRENCY};
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
-use rostersync::sim::graph::{fixture, CostModel, GraphSim, Latency};
-use rostersync::sim::scim::{ScimSim, ScimSimConfig};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::RunOptions;
+use rostersync_sim::graph::{fixture, CostModel, GraphSim, Latency};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig};
 
 use common::{arg, rss_mib};
 

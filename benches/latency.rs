@@ -35,8 +35,8 @@ use chrono::{DateTime, Utc};
 use rostersync::config::Config;
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
 use rostersync::serve::{serve, ServeOptions};
-use rostersync::sim::graph::{fixture, GraphSim, SimUser};
-use rostersync::sim::scim::{ScimSim, ScimSimConfig};
+use rostersync_sim::graph::{fixture, GraphSim, SimUser};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig};
 use serde_json::Value;
 
 use common::{arg_or as arg, pct};

@@ -33,10 +33,10 @@ use chrono::{DateTime, Utc};
 use rostersync::config::Config;
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
 use rostersync::serve::{serve, ServeOptions};
-use rostersync::sim::graph::{fixture, CostModel, CostStats, GraphSim, Latency};
-use rostersync::sim::scim::{ScimSim, ScimSimConfig};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::RunReport;
+use rostersync_sim::graph::{fixture, CostModel, CostStats, GraphSim, Latency};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig};
 use serde_json::Value;
 
 use common::{arg, pct};

@@ -28,9 +28,9 @@ use std::time::Duration;
 use rostersync::app::Integration;
 use rostersync::config::Config;
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
-use rostersync::sim::graph::{fixture, GraphSim};
-use rostersync::sim::scim::{RateLimit, ScimFaults, ScimSim, ScimSimConfig};
 use rostersync::store::Store;
+use rostersync_sim::graph::{fixture, GraphSim};
+use rostersync_sim::scim::{RateLimit, ScimFaults, ScimSim, ScimSimConfig};
 
 use common::{arg, timed_reconcile};
 

@@ -28,10 +28,10 @@ use futures::{stream, StreamExt};
 use rostersync::app::Integration;
 use rostersync::config::Config;
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
-use rostersync::sim::graph::{fixture, GraphSim};
-use rostersync::sim::scim::{ScimSim, ScimSimConfig};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::RunOptions;
+use rostersync_sim::graph::{fixture, GraphSim};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig};
 use serde_json::json;
 
 const TOKEN: &str = "bench-token";

@@ -13,11 +13,11 @@ use crate::app::Integration;
 use crate::config::{Config, DEFAULT_CUSTOM_SCHEMA};
 use crate::output::{exit_code, render_report};
 use crate::serve::{serve, ServeOptions};
-use crate::sim::graph::{fixture, GraphSim, SimUser};
-use crate::sim::scim::{ScimSim, ScimSimConfig};
 use crate::store::Store;
 use crate::sync::reconcile::{RunOptions, RunReport};
 use crate::target::scim::ENTERPRISE_USER;
+use rostersync_sim::graph::{fixture, GraphSim, SimUser};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -37,7 +37,7 @@ pub enum DemoError {
 pub fn sim_config_toml(
     name: &str,
     graph: &GraphSim,
-    tenant: &crate::sim::graph::Tenant,
+    tenant: &rostersync_sim::graph::Tenant,
     group: &str,
     scim: &ScimSim,
     scim_token: &str,
@@ -260,7 +260,7 @@ fn lms_field(scim: &ScimSim, id: &str, f: impl Fn(&serde_json::Value) -> bool) -
 }
 
 /// Hire, promote, manager change, leaving the group, disable, and coming back.
-fn live_changes(fx: &crate::sim::graph::Fixture, scim: &ScimSim) -> Vec<LiveChange> {
+fn live_changes(fx: &rostersync_sim::graph::Fixture, scim: &ScimSim) -> Vec<LiveChange> {
     let people: Vec<SimUser> = fx
         .tenant
         .users

@@ -247,11 +247,11 @@ mod webhook {
 
 mod validation_tokens {
     use super::*;
-    use crate::sim::keys::{KEY_E, SIGNING_KEY_N, SIGNING_KEY_PEM, SIGNING_KID};
     use crate::webhook::tokens::{
         Cloud, JwksCache, TokenExpectation, GRAPH_CHANGE_TRACKING_APP_ID,
     };
     use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+    use rostersync_sim::keys::{KEY_E, SIGNING_KEY_N, SIGNING_KEY_PEM, SIGNING_KID};
 
     const TENANT: &str = "7a4f1c2e-0b9d-4e6a-8c3f-2d1e5b6a7c8d";
     const CLIENT: &str = "11111111-2222-3333-4444-555555555555";
@@ -559,7 +559,7 @@ mod scim_responses {
     /// user whose userName was asked for, among decoys that differ by one character.
     #[test]
     fn eq_filter_finds_exactly_the_user_in_the_simulator() {
-        use crate::sim::scim::{ScimSim, ScimSimConfig};
+        use rostersync_sim::scim::{ScimSim, ScimSimConfig};
         let rt = runtime();
         let sim = rt
             .block_on(ScimSim::start(ScimSimConfig {

@@ -19,8 +19,9 @@
 //! - [`app`]: one [`app::Integration`] per configured integration, wired from the config.
 //! - [`retry`], [`redact`], [`text`], [`logging`], [`metrics`], [`output`]: one retry
 //!   primitive, one secret scrubber, text helpers, log hygiene, metrics, terminal rendering.
-//! - [`demo`] and [`sim`]: the no-tenant walkthrough on the in-process Graph, SCIM and SMTP
-//!   simulators, which the tests and benches use too.
+//! - `demo` (cargo feature `demo`, on by default): the no-tenant walkthrough on the in-process
+//!   Graph, SCIM and SMTP simulators of the workspace's `rostersync-sim` crate (`sim/`), which
+//!   the tests and benches use too.
 //!
 //! Architecture notes live in `ARCHITECTURE.md`; the Graph and SCIM facts the code relies on
 //! in `docs/`.
@@ -28,6 +29,7 @@
 pub mod alert;
 pub mod app;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 #[cfg(test)]
 mod fuzz;
@@ -40,7 +42,6 @@ pub mod output;
 pub mod redact;
 pub mod retry;
 pub mod serve;
-pub mod sim;
 pub mod store;
 pub mod sync;
 pub mod target;

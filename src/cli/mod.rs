@@ -131,6 +131,7 @@ pub enum Cmd {
         json: bool,
     },
     /// Runs the whole flow against in-process simulators; needs no config and no tenant.
+    #[cfg(feature = "demo")]
     Demo {
         /// Users in the simulated tenant.
         #[arg(long, default_value_t = 300)]
@@ -172,6 +173,7 @@ pub enum QueueCmd {
 /// Runs the command; the exit code, or the error `main` prints.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match &cli.cmd {
+        #[cfg(feature = "demo")]
         Cmd::Demo { users } => {
             init_logging(&cli, true);
             let mut out = std::io::stdout();

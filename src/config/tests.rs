@@ -235,7 +235,7 @@ fn with_credential(credential_lines: &str) -> String {
 }
 
 fn write_cert_files(dir: &Path) {
-    use crate::sim::keys;
+    use rostersync_sim::keys;
     std::fs::write(dir.join("app.crt.pem"), keys::APP_CERT_PEM).unwrap();
     std::fs::write(dir.join("app.key.pem"), keys::APP_KEY_PEM).unwrap();
     std::fs::write(dir.join("other.key.pem"), keys::FORGER_KEY_PEM).unwrap();
@@ -255,7 +255,7 @@ fn certificate_credentials_load_from_files_relative_to_the_config() {
     assert_eq!(cert.alg(), CertificateAlg::Ps256);
     assert_eq!(
         cert.certificate().thumbprints().x5t_s256,
-        crate::sim::keys::APP_CERT_X5T_S256
+        rostersync_sim::keys::APP_CERT_X5T_S256
     );
     let dbg = format!("{c:?}");
     assert!(

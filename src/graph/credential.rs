@@ -352,7 +352,7 @@ pub async fn read_token_file(path: &Path) -> Result<SecretString, CredentialErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::keys;
+    use rostersync_sim::keys;
 
     #[test]
     fn thumbprints_match_openssl() {

@@ -19,6 +19,7 @@ pub mod writer;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+#[cfg(any(test, feature = "test-hooks"))]
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -117,6 +118,25 @@ impl IndexEntry {
     }
 }
 
+/// Writes made to fail on purpose (`Store::inject_write_failure`): a flag in tests and with the
+/// `test-hooks` feature, nothing at all in any other build.
+#[derive(Clone, Default)]
+struct WriteFault(#[cfg(any(test, feature = "test-hooks"))] Arc<AtomicBool>);
+
+impl WriteFault {
+    #[cfg(any(test, feature = "test-hooks"))]
+    fn set(&self, fail: bool) {
+        self.0.store(fail, Ordering::Relaxed);
+    }
+
+    fn on(&self) -> bool {
+        #[cfg(any(test, feature = "test-hooks"))]
+        return self.0.load(Ordering::Relaxed);
+        #[cfg(not(any(test, feature = "test-hooks")))]
+        false
+    }
+}
+
 /// The whole database. Clone is cheap (sled handles are shared).
 #[derive(Clone)]
 pub struct Store {
@@ -124,7 +144,7 @@ pub struct Store {
     commit: Arc<commit::GroupCommit>,
     /// The webhook journal (on-disk stores only; temporary ones flush sled instead).
     journal: Option<Arc<journal::Journal>>,
-    fail_writes: Arc<AtomicBool>,
+    fail_writes: WriteFault,
     /// Queue sizes kept in memory (`/metrics`) and the last write failure (`/readyz`).
     counters: Arc<health::Counters>,
     health: Arc<health::WriteHealth>,
@@ -183,16 +203,16 @@ impl Store {
             commit: commit::GroupCommit::start(db.clone(), Arc::clone(&health)),
             journal: None,
             db,
-            fail_writes: Arc::new(AtomicBool::new(false)),
+            fail_writes: WriteFault::default(),
             counters: Default::default(),
             health,
         }
     }
 
     /// Test hook: make queue appends and durability fail, as a full or broken disk would.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn inject_write_failure(&self, fail: bool) {
-        self.fail_writes.store(fail, Ordering::Relaxed);
+        self.fail_writes.set(fail);
     }
 
     /// Whether the store's writes work, without writing (readiness): see
@@ -204,7 +224,7 @@ impl Store {
     /// `Err` with what failed while the store's last journal append, sync or flush failed (a
     /// full or broken disk), or while writes are made to fail (tests).
     pub fn write_state(&self) -> Result<(), String> {
-        if self.fail_writes.load(Ordering::Relaxed) {
+        if self.fail_writes.on() {
             return Err("writes are failing (injected)".into());
         }
         self.health.state()
@@ -248,7 +268,7 @@ impl Store {
             db: self.db.clone(),
             commit: Arc::clone(&self.commit),
             journal: self.journal.clone(),
-            fail_writes: Arc::clone(&self.fail_writes),
+            fail_writes: self.fail_writes.clone(),
         })
     }
 
@@ -296,7 +316,7 @@ pub struct IntegrationStore {
     db: sled::Db,
     commit: Arc<commit::GroupCommit>,
     journal: Option<Arc<journal::Journal>>,
-    fail_writes: Arc<AtomicBool>,
+    fail_writes: WriteFault,
     /// This integration's queue sizes (shared by all its handles and the journal writer).
     counts: Arc<health::QueueCounts>,
 }
@@ -505,7 +525,7 @@ impl IntegrationStore {
     }
 
     pub(crate) fn fail_writes(&self) -> bool {
-        self.fail_writes.load(Ordering::Relaxed)
+        self.fail_writes.on()
     }
 
     pub fn name(&self) -> &str {

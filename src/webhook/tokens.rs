@@ -601,10 +601,10 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::keys::{
+    use jsonwebtoken::{EncodingKey, Header};
+    use rostersync_sim::keys::{
         FORGER_KEY_N, FORGER_KEY_PEM, KEY_E, SIGNING_KEY_N, SIGNING_KEY_PEM, SIGNING_KID,
     };
-    use jsonwebtoken::{EncodingKey, Header};
     use serde_json::{json, Value};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;

@@ -42,10 +42,10 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
-use rostersync::sim::graph::{
+use rostersync_sim::graph::{
     fixture, GraphFaults, GraphSim, NotifyFaults, SimUser, UserRead, FIXTURE_DOMAIN,
 };
-use rostersync::sim::scim::{ScimSim, ScimSimConfig, ScimWrite};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig, ScimWrite};
 use tokio::io::AsyncBufReadExt;
 
 use crate::common::{lms_differences, upn, ManagerLink, SCIM_TOKEN};
@@ -2020,11 +2020,11 @@ fn person(id: &str, local: &str, given: &str, sur: &str, manager: Option<String>
 }
 
 /// `sim_config_toml` reads only the app registration from the tenant.
-fn tenant_stub() -> rostersync::sim::graph::Tenant {
-    rostersync::sim::graph::Tenant {
-        tenant_id: rostersync::sim::graph::FIXTURE_TENANT_ID.into(),
-        client_id: rostersync::sim::graph::FIXTURE_CLIENT_ID.into(),
-        client_secret: rostersync::sim::graph::FIXTURE_CLIENT_SECRET.into(),
+fn tenant_stub() -> rostersync_sim::graph::Tenant {
+    rostersync_sim::graph::Tenant {
+        tenant_id: rostersync_sim::graph::FIXTURE_TENANT_ID.into(),
+        client_id: rostersync_sim::graph::FIXTURE_CLIENT_ID.into(),
+        client_secret: rostersync_sim::graph::FIXTURE_CLIENT_SECRET.into(),
         users: Vec::new(),
         groups: Vec::new(),
     }

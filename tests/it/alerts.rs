@@ -1,5 +1,5 @@
 //! Alerts end to end: real flows against the simulators raise them, a real SMTP server (the
-//! SMTP simulator, `rostersync::sim::smtp`, requiring AUTH) and a small HTTP listener receive
+//! SMTP simulator, `rostersync_sim::smtp`, requiring AUTH) and a small HTTP listener receive
 //! them. Every message is checked for the recognisable fake secrets of the configuration, and
 //! the SMTP server for any command the mail client got wrong. One more test, ignored unless
 //! asked for (`.ci/run` asks), sends through aiosmtpd, an independent SMTP server in Python.
@@ -17,13 +17,13 @@ use rostersync::alert::Alerter;
 use rostersync::config::Config;
 use rostersync::retry::RetryPolicy;
 use rostersync::serve::{serve, ServeOptions};
-use rostersync::sim::graph::SimUser;
-use rostersync::sim::scim::ScimFaults;
-use rostersync::sim::smtp::{ReceivedMail as Mail, SmtpSim, SmtpSimConfig};
 use rostersync::store::queue::{Hint, QueueItem};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::RunOutcome;
 use rostersync::sync::worker::{self, WorkerSettings};
+use rostersync_sim::graph::SimUser;
+use rostersync_sim::scim::ScimFaults;
+use rostersync_sim::smtp::{ReceivedMail as Mail, SmtpSim, SmtpSimConfig};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -466,9 +466,9 @@ async fn dead_letters_arrive_as_one_digest_listing_each_item() {
     env.scim.set_faults(ScimFaults {
         users: users
             .iter()
-            .map(|u| rostersync::sim::scim::UserFault {
+            .map(|u| rostersync_sim::scim::UserFault {
                 external_id: u.id.clone(),
-                kind: rostersync::sim::scim::UserFaultKind::Status(500),
+                kind: rostersync_sim::scim::UserFaultKind::Status(500),
             })
             .collect(),
         ..Default::default()
@@ -795,7 +795,7 @@ async fn starttls_to_a_certificate_nobody_trusts_sends_nothing() {
     // STARTTLS is offered, with the test certificate: its CA is no trust anchor of this
     // machine, so the handshake fails and neither credentials nor message go out.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
-    let tls = rostersync::sim::smtp::server_tls(
+    let tls = rostersync_sim::smtp::server_tls(
         &std::fs::read(dir.join("rsa-fullchain.pem")).unwrap(),
         &std::fs::read(dir.join("rsa-key-pkcs8.pem")).unwrap(),
     )

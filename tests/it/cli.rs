@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::common::{rostersync, spawn, text, EnvOptions, SCIM_TOKEN};
-use rostersync::sim::graph::FIXTURE_CLIENT_SECRET;
+use rostersync_sim::graph::FIXTURE_CLIENT_SECRET;
 
 fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     let p = dir.join("rostersync.toml");
@@ -137,7 +137,7 @@ async fn a_run_with_failed_users_exits_2_and_lists_them() {
 async fn check_probe_prints_the_table_stores_the_dialect_and_leaves_no_active_canary() {
     let env = spawn(EnvOptions {
         users: 5,
-        dialect: rostersync::sim::scim::SimDialect::partial_library(),
+        dialect: rostersync_sim::scim::SimDialect::partial_library(),
         ..Default::default()
     })
     .await;

@@ -13,14 +13,14 @@ use rostersync::graph::credential::{
     Certificate, CertificateAlg, CertificateCredential, ClientCredential,
 };
 use rostersync::graph::{GraphClient, GraphError, GraphSettings};
-use rostersync::sim::graph::{
+use rostersync::store::Store;
+use rostersync::sync::reconcile::RunOutcome;
+use rostersync_sim::graph::{
     fixture, sign_federated_token, FederatedCredential, GraphSim, TEST_KUBE_ISSUER,
     TOKEN_EXCHANGE_AUDIENCE,
 };
-use rostersync::sim::keys;
-use rostersync::sim::scim::{ScimSim, ScimSimConfig};
-use rostersync::store::Store;
-use rostersync::sync::reconcile::RunOutcome;
+use rostersync_sim::keys;
+use rostersync_sim::scim::{ScimSim, ScimSimConfig};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 

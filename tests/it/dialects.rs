@@ -7,13 +7,13 @@ use std::collections::HashSet;
 
 use crate::common::{spawn, EnvOptions, TestEnv, ENTERPRISE};
 use rostersync::output::render_checks;
-use rostersync::sim::graph::SimUser;
-use rostersync::sim::scim::SimDialect;
 use rostersync::sync::reconcile::{RunOptions, RunOutcome, RunReport};
 use rostersync::sync::sync_user::sync_user;
 use rostersync::sync::trace::Outcome as TraceOutcome;
 use rostersync::target::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
 use rostersync::target::probe::{ProbeReport, ProbeRow, RowStatus};
+use rostersync_sim::graph::SimUser;
+use rostersync_sim::scim::SimDialect;
 use serde_json::{json, Value};
 
 const CUSTOM: &str = rostersync::config::DEFAULT_CUSTOM_SCHEMA;
@@ -556,7 +556,7 @@ async fn the_probe_learns_each_dialect() {
 async fn lost_creates_are_found_and_never_posted_twice_on_every_dialect() {
     for (name, d) in SimDialect::all() {
         let env = env_for(&d, 30).await;
-        env.scim.set_faults(rostersync::sim::scim::ScimFaults {
+        env.scim.set_faults(rostersync_sim::scim::ScimFaults {
             rate_500_after_create: 0.3,
             seed: 9,
             ..Default::default()

@@ -8,10 +8,10 @@ use std::time::Duration;
 use crate::common::serve::*;
 use crate::common::{upn, ENTERPRISE};
 use rostersync::app::Integration;
-use rostersync::sim::graph::{NotifyFaults, SimUser};
-use rostersync::sim::scim::{ScimFaults, UserFault, UserFaultKind};
 use rostersync::store::queue::Hint;
 use rostersync::sync::reconcile::{RunOptions, RunOutcome};
+use rostersync_sim::graph::{NotifyFaults, SimUser};
+use rostersync_sim::scim::{ScimFaults, UserFault, UserFaultKind};
 
 /// Users that are direct members of the main group only (not also in the nested one).
 fn direct_only(s: &Served, n: usize) -> Vec<String> {
@@ -904,7 +904,7 @@ async fn an_expired_delta_link_relearns_the_group_once_and_deactivates_nobody() 
     let seen = never_inactive(&s, &members, async {
         env.graph.expire_delta_tokens();
         // Graph throttles every request for a moment: the fresh round fails and is retried.
-        env.graph.set_faults(rostersync::sim::graph::GraphFaults {
+        env.graph.set_faults(rostersync_sim::graph::GraphFaults {
             throttle_rate: 1.0,
             retry_after_secs: 0,
             seed: 3,
@@ -913,7 +913,7 @@ async fn an_expired_delta_link_relearns_the_group_once_and_deactivates_nobody() 
         env.graph.add_member(&env.fx.all_group_id, &hire.id);
         tokio::time::sleep(Duration::from_millis(800)).await;
         env.graph
-            .set_faults(rostersync::sim::graph::GraphFaults::default());
+            .set_faults(rostersync_sim::graph::GraphFaults::default());
         let reads = env.graph.request_count("user");
         wait_for("the hire created by the reconcile", 15_000, || {
             lms(env, &hire.id).is_some() && s.runs() > runs_before

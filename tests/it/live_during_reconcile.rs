@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::common::serve::*;
 use crate::common::{lms_differences, spawn, upn, EnvOptions, ManagerLink};
-use rostersync::sim::graph::{CostModel, Latency};
+use rostersync_sim::graph::{CostModel, Latency};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_change_reaches_the_lms_while_a_throttled_reconcile_still_runs_and_is_not_undone() {

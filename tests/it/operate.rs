@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use crate::common::serve::*;
 use crate::common::{rostersync, spawn, text, EnvOptions, SCIM_TOKEN};
-use rostersync::sim::graph::FIXTURE_CLIENT_SECRET;
-use rostersync::sim::scim::{ScimFaults, UserFault, UserFaultKind};
 use rostersync::store::queue::{Hint, QueueItem};
 use rostersync::store::Store;
+use rostersync_sim::graph::FIXTURE_CLIENT_SECRET;
+use rostersync_sim::scim::{ScimFaults, UserFault, UserFaultKind};
 use serde_json::Value;
 
 const ADMIN_TOKEN: &str = "operator-token-3b9e77a1c2";

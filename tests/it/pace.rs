@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::common::serve::*;
 use crate::common::{spawn, upn, EnvOptions, ENTERPRISE};
-use rostersync::sim::scim::{ConcurrencyLimit, RateLimit, ScimFaults, UserFault, UserFaultKind};
 use rostersync::sync::reconcile::RunOutcome;
+use rostersync_sim::scim::{ConcurrencyLimit, RateLimit, ScimFaults, UserFault, UserFaultKind};
 
 /// Every request the simulator received, whatever it answered.
 fn requests(env: &crate::common::TestEnv) -> u64 {

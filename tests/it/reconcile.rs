@@ -3,11 +3,11 @@
 use crate::common::{spawn, upn, EnvOptions};
 use std::time::Duration;
 
-use rostersync::sim::graph::{GraphFaults, Latency, SimGroup};
-use rostersync::sim::scim::ScimFaults;
 use rostersync::sync::plan::Action;
 use rostersync::sync::reconcile::{RunOptions, RunOutcome};
 use rostersync::sync::trace::Outcome;
+use rostersync_sim::graph::{GraphFaults, Latency, SimGroup};
+use rostersync_sim::scim::ScimFaults;
 use serde_json::json;
 
 fn some_enabled_members(env: &crate::common::TestEnv, n: usize) -> Vec<String> {
@@ -167,7 +167,7 @@ async fn a_hire_into_the_nested_group_and_a_new_manager_are_linked_in_one_run() 
     let env = spawn(EnvOptions::default()).await;
     env.reconcile().await;
     let template = env.graph.user(&some_enabled_members(&env, 1)[0]).unwrap();
-    let boss = rostersync::sim::graph::SimUser {
+    let boss = rostersync_sim::graph::SimUser {
         id: "aaaaaaaa-0000-4000-8000-000000000001".into(),
         user_principal_name: "new.boss@contoso-sim.onmicrosoft.com".into(),
         mail: Some("new.boss@contoso-sim.onmicrosoft.com".into()),
@@ -175,7 +175,7 @@ async fn a_hire_into_the_nested_group_and_a_new_manager_are_linked_in_one_run() 
         manager_id: None,
         ..template.clone()
     };
-    let hire = rostersync::sim::graph::SimUser {
+    let hire = rostersync_sim::graph::SimUser {
         id: "aaaaaaaa-0000-4000-8000-000000000002".into(),
         user_principal_name: "new.hire@contoso-sim.onmicrosoft.com".into(),
         mail: Some("new.hire@contoso-sim.onmicrosoft.com".into()),
@@ -244,7 +244,7 @@ async fn a_manager_that_fails_to_sync_does_not_hold_back_its_reports() {
     })
     .await;
     let template = env.graph.user(&some_enabled_members(&env, 1)[0]).unwrap();
-    let boss = rostersync::sim::graph::SimUser {
+    let boss = rostersync_sim::graph::SimUser {
         id: "bbbbbbbb-0000-4000-8000-000000000001".into(),
         user_principal_name: "taken.boss@contoso-sim.onmicrosoft.com".into(),
         mail: Some("taken.boss@contoso-sim.onmicrosoft.com".into()),
@@ -252,7 +252,7 @@ async fn a_manager_that_fails_to_sync_does_not_hold_back_its_reports() {
         manager_id: None,
         ..template.clone()
     };
-    let report = rostersync::sim::graph::SimUser {
+    let report = rostersync_sim::graph::SimUser {
         id: "bbbbbbbb-0000-4000-8000-000000000002".into(),
         user_principal_name: "report.of.taken@contoso-sim.onmicrosoft.com".into(),
         mail: Some("report.of.taken@contoso-sim.onmicrosoft.com".into()),
@@ -471,7 +471,7 @@ async fn every_username_mode_works_and_a_missing_value_is_a_per_user_failure() {
     for (mode, pick) in [
         (
             "mail",
-            (|u: &rostersync::sim::graph::SimUser| u.mail.clone()) as fn(&_) -> Option<String>,
+            (|u: &rostersync_sim::graph::SimUser| u.mail.clone()) as fn(&_) -> Option<String>,
         ),
         ("employeeId", |u| u.employee_id.clone()),
         ("id", |u| Some(u.id.clone())),

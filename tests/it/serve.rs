@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::serve::*;
 use crate::common::{spawn, EnvOptions, ENTERPRISE};
-use rostersync::sim::graph::LifecycleEvent;
 use rostersync::store::Store;
+use rostersync_sim::graph::LifecycleEvent;
 use serde_json::{json, Value};
 
 /// Every kind of change in Entra reaches the LMS within 2 s of the change.
@@ -250,7 +250,7 @@ async fn readiness_is_the_process_and_shows_the_lms() {
 /// Duplicated and reordered notifications end in the same state as clean delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicated_and_reordered_notifications_converge() {
-    use rostersync::sim::graph::NotifyFaults;
+    use rostersync_sim::graph::NotifyFaults;
     let s = start(20, "").await;
     let env = &s.env;
     env.graph.set_notify_faults(NotifyFaults {
@@ -295,7 +295,7 @@ async fn duplicated_and_reordered_notifications_converge() {
 /// Notifications Graph never delivered are repaired by the scheduled full reconcile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropped_notifications_are_repaired_by_the_scheduled_reconcile() {
-    use rostersync::sim::graph::NotifyFaults;
+    use rostersync_sim::graph::NotifyFaults;
     let s = start(20, "schedule = \"*/3 * * * * *\"").await;
     let env = &s.env;
     env.graph.set_notify_faults(NotifyFaults {
@@ -1099,7 +1099,7 @@ async fn stop_does_not_wait_for_a_stuck_lms_and_loses_nothing() {
 /// takes (a clear the LMS cannot take at all stays, with a warning, and fails nobody).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn changes_reach_the_lms_on_every_scim_dialect() {
-    for (name, d) in rostersync::sim::scim::SimDialect::all() {
+    for (name, d) in rostersync_sim::scim::SimDialect::all() {
         let env = spawn(EnvOptions {
             users: 16,
             dialect: d.clone(),

@@ -1,8 +1,8 @@
-//! Wire-level tests of the Microsoft Graph tenant simulator (`rostersync::sim::graph`).
+//! Wire-level tests of the Microsoft Graph tenant simulator (`rostersync_sim::graph`).
 
 use std::collections::{HashMap, HashSet};
 
-use rostersync::sim::graph::{fixture, Fixture, GraphFaults, GraphSim, SimGroup, SimUser};
+use rostersync_sim::graph::{fixture, Fixture, GraphFaults, GraphSim, SimGroup, SimUser};
 use serde_json::{json, Value};
 
 const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
@@ -1373,5 +1373,58 @@ async fn user_reads_are_logged_only_when_recorded() {
     assert!(reads.windows(2).all(|w| w[0].at <= w[1].at));
     sim.record_user_reads(false);
     assert!(sim.user_reads().is_empty());
+    sim.stop().await;
+}
+
+/// The service's Graph client reads a manager's direct reports from the simulator (by id or
+/// UPN, users only, 404 for nobody).
+#[tokio::test]
+async fn graph_client_reads_direct_reports_from_the_sim() {
+    use rostersync::graph::credential::ClientCredential;
+    use rostersync::graph::{GraphClient, GraphSettings};
+
+    let user = |id: &str, manager: Option<&str>| SimUser {
+        id: id.into(),
+        user_principal_name: format!("{id}@x"),
+        account_enabled: true,
+        manager_id: manager.map(str::to_string),
+        ..Default::default()
+    };
+    let tenant = rostersync_sim::graph::Tenant {
+        tenant_id: "t-reports".into(),
+        client_id: "c-reports".into(),
+        client_secret: "s-reports".into(),
+        users: vec![
+            user("boss", None),
+            user("r2", Some("boss")),
+            user("r1", Some("BOSS")),
+            user("r3", Some("boss")),
+            user("solo", None),
+        ],
+        groups: Vec::new(),
+    };
+    let sim = GraphSim::start(tenant).await.unwrap();
+    let client = GraphClient::new(
+        GraphSettings {
+            tenant_id: "t-reports".into(),
+            client_id: "c-reports".into(),
+            credential: ClientCredential::Secret(secrecy::SecretString::from("s-reports")),
+            login_url: url::Url::parse(&sim.login_url()).unwrap(),
+            graph_url: url::Url::parse(&sim.graph_url()).unwrap(),
+        },
+        reqwest::Client::builder().no_proxy().build().unwrap(),
+    );
+    assert_eq!(
+        client.direct_reports("boss").await.unwrap(),
+        ["r1", "r2", "r3"]
+    );
+    assert_eq!(
+        client.direct_reports("boss@x").await.unwrap(),
+        ["r1", "r2", "r3"]
+    );
+    assert!(client.direct_reports("solo").await.unwrap().is_empty());
+    let err = client.direct_reports("nobody").await.unwrap_err();
+    assert_eq!(err.status(), Some(404), "{err}");
+    assert_eq!(sim.request_count("directReports"), 4);
     sim.stop().await;
 }

@@ -1,4 +1,4 @@
-//! The Graph simulator's resource-unit model and added latency (`rostersync::sim::graph`,
+//! The Graph simulator's resource-unit model and added latency (`rostersync_sim::graph`,
 //! `docs/graph-costs.md`): documented costs on the wire (`x-ms-resource-unit`), the app+tenant
 //! token bucket answering 429 with `Retry-After` and the throttle headers, the write quota,
 //! `x-ms-throttle-priority: low`, `$batch` requests charged one by one, the counters, and latency
@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use rostersync::sim::graph::{fixture, CostModel, Fixture, GraphSim, Latency};
+use rostersync_sim::graph::{fixture, CostModel, Fixture, GraphSim, Latency};
 use serde_json::{json, Value};
 
 const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";

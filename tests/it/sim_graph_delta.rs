@@ -1,11 +1,11 @@
 //! Wire-level tests of the Graph simulator's user delta query, `GET /v1.0/users/delta`
-//! (`rostersync::sim::graph`), as Microsoft documents it ("user: delta", "Get incremental changes
+//! (`rostersync_sim::graph`), as Microsoft documents it ("user: delta", "Get incremental changes
 //! for users"): `$select` with `manager` (`manager@delta`), `$filter` by id, paging, later rounds,
 //! soft and hard deletes, restores, `Prefer: return=minimal`, `$deltatoken=latest`, expiry.
 
 use std::collections::{HashMap, HashSet};
 
-use rostersync::sim::graph::{fixture, Fixture, GraphSim, SimUser};
+use rostersync_sim::graph::{fixture, Fixture, GraphSim, SimUser};
 use serde_json::{json, Value};
 
 const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";

@@ -1,5 +1,5 @@
 //! Wire-level tests of the Graph simulator's subscriptions, change/lifecycle notifications,
-//! validation tokens and group delta (`rostersync::sim::graph`).
+//! validation tokens and group delta (`rostersync_sim::graph`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::TcpListener;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use chrono::Utc;
-use rostersync::sim::graph::{
+use rostersync_sim::graph::{
     fixture, Fixture, GraphSim, LifecycleEvent, NotifyFaults, SimUser, TokenForgery,
 };
 use serde_json::{json, Value};
@@ -1084,7 +1084,7 @@ async fn jwks_key(e: &Env) -> jsonwebtoken::DecodingKey {
     let k = &jwks["keys"][0];
     assert_eq!(k["kty"], "RSA");
     assert_eq!(k["use"], "sig");
-    assert_eq!(k["kid"], rostersync::sim::keys::SIGNING_KID);
+    assert_eq!(k["kid"], rostersync_sim::keys::SIGNING_KID);
     jsonwebtoken::DecodingKey::from_rsa_components(
         k["n"].as_str().unwrap(),
         k["e"].as_str().unwrap(),
@@ -1101,7 +1101,7 @@ fn verify(
     assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
     assert_eq!(
         header.kid.as_deref(),
-        Some(rostersync::sim::keys::SIGNING_KID)
+        Some(rostersync_sim::keys::SIGNING_KID)
     );
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     v.set_audience(&[e.fx.tenant.client_id.as_str()]);

@@ -1,9 +1,9 @@
-//! Wire-level tests of the SCIM LMS simulator (`rostersync::sim::scim`) over real HTTP.
+//! Wire-level tests of the SCIM LMS simulator (`rostersync_sim::scim`) over real HTTP.
 
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use reqwest::header::HeaderMap;
 use reqwest::Method;
-use rostersync::sim::scim::{ScimFaults, ScimSim, ScimSimConfig};
+use rostersync_sim::scim::{ScimFaults, ScimSim, ScimSimConfig};
 use serde_json::{json, Value};
 
 const CORE: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
@@ -988,7 +988,7 @@ async fn concurrent_creates_are_unique() {
 /// strict, which every other test here checks).
 #[tokio::test]
 async fn dialect_switches_reproduce_partial_servers() {
-    use rostersync::sim::scim::SimDialect;
+    use rostersync_sim::scim::SimDialect;
     let sim = ScimSim::start(ScimSimConfig {
         dialect: SimDialect::partial_library(),
         ..ScimSimConfig::default()
@@ -1283,7 +1283,7 @@ async fn write_log_records_committed_writes() {
 /// as an HTTP date), a concurrency limit (503 + `Retry-After`) and added latency.
 #[tokio::test]
 async fn rate_and_concurrency_limits_answer_with_retry_after() {
-    use rostersync::sim::scim::{ConcurrencyLimit, RateLimit};
+    use rostersync_sim::scim::{ConcurrencyLimit, RateLimit};
     use std::time::{Duration, Instant};
     let h = Harness::new(ScimSimConfig::default()).await;
     h.sim.set_faults(ScimFaults {

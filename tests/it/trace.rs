@@ -2,7 +2,6 @@
 //! incremental worker record, and `explain`, against the simulators over real HTTP.
 
 use crate::common::{rostersync, spawn, text, EnvOptions, TestEnv, SCIM_TOKEN};
-use rostersync::sim::graph::{SimUser, FIXTURE_CLIENT_SECRET};
 use rostersync::store::queue::{Hint, QueueItem};
 use rostersync::sync::plan::Action;
 use rostersync::sync::reconcile::RunOutcome;
@@ -11,6 +10,7 @@ use rostersync::sync::trace::{
     explain, Answer, Match, OutOfScope, Outcome, Path as ViaPath, Source,
 };
 use rostersync::sync::worker::{self, WorkerSettings};
+use rostersync_sim::graph::{SimUser, FIXTURE_CLIENT_SECRET};
 use serde_json::{json, Value};
 
 async fn env(users: usize) -> TestEnv {

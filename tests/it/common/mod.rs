@@ -10,10 +10,10 @@ use std::path::Path;
 use rostersync::app::Integration;
 use rostersync::config::{Config, DEFAULT_CUSTOM_SCHEMA};
 use rostersync::demo::{demo_custom_extension, sim_config_toml};
-use rostersync::sim::graph::{fixture, Fixture, GraphSim, SimUser};
-use rostersync::sim::scim::{ScimSim, ScimSimConfig, SimDialect};
 use rostersync::store::Store;
 use rostersync::sync::reconcile::{RunOptions, RunReport};
+use rostersync_sim::graph::{fixture, Fixture, GraphSim, SimUser};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig, SimDialect};
 use serde_json::Value;
 
 pub const ENTERPRISE: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";

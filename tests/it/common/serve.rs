@@ -11,9 +11,9 @@ use super::{spawn, EnvOptions, TestEnv};
 use rostersync::config::Config;
 use rostersync::retry::RetryPolicy;
 use rostersync::serve::{serve, ServeOptions};
-use rostersync::sim::graph::{SimSubscription, SimUser};
 use rostersync::store::{IntegrationStore, Store};
 use rostersync::sync::worker::WorkerSettings;
+use rostersync_sim::graph::{SimSubscription, SimUser};
 use serde_json::{json, Value};
 
 pub struct Served {

@@ -3422,37 +3422,6 @@ mod tests {
         sim.stop().await;
     }
 
-    #[tokio::test]
-    async fn graph_client_reads_direct_reports_from_the_sim() {
-        use crate::graph::credential::ClientCredential;
-        use crate::graph::{GraphClient, GraphSettings};
-
-        let sim = GraphSim::start(reports_tenant()).await.unwrap();
-        let client = GraphClient::new(
-            GraphSettings {
-                tenant_id: "t-reports".into(),
-                client_id: "c-reports".into(),
-                credential: ClientCredential::Secret(secrecy::SecretString::from("s-reports")),
-                login_url: url::Url::parse(&sim.login_url()).unwrap(),
-                graph_url: url::Url::parse(&sim.graph_url()).unwrap(),
-            },
-            http(),
-        );
-        assert_eq!(
-            client.direct_reports("boss").await.unwrap(),
-            ["r1", "r2", "r3"]
-        );
-        assert_eq!(
-            client.direct_reports("boss@x").await.unwrap(),
-            ["r1", "r2", "r3"]
-        );
-        assert!(client.direct_reports("solo").await.unwrap().is_empty());
-        let err = client.direct_reports("nobody").await.unwrap_err();
-        assert_eq!(err.status(), Some(404), "{err}");
-        assert_eq!(sim.request_count("directReports"), 4);
-        sim.stop().await;
-    }
-
     #[test]
     fn users_written_straight_to_json_equal_the_rendered_values() {
         let fx = fixture(60, 7);

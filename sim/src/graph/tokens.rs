@@ -18,7 +18,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde_json::{json, Value};
 
 use super::{GraphSim, Shared, TokenForgery};
-use crate::sim::keys;
+use crate::keys;
 
 /// Microsoft Graph Change Tracking, the publisher of change notifications.
 pub(super) const CHANGE_TRACKING_APP_ID: &str = "0bf30f3b-4a52-48df-9a82-234910c4a086";

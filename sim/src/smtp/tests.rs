@@ -16,7 +16,11 @@ const USER: &str = "alerts@example.com";
 const PASSWORD: &str = "pa55-word";
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"));
+    // The fixtures of the service's own TLS tests, one folder up.
+    let p = format!(
+        "{}/../tests/fixtures/tls/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
 }
 
