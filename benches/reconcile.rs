@@ -130,10 +130,10 @@ async fn baseline_post_rate(n: usize) -> Rate {
 }
 
 async fn target_create_rate(n: usize) -> f64 {
+    use rostersync::lms::Target;
     use rostersync::sync::mapping::{AttrValue, Record};
-    use rostersync::target::Target;
     let sim = scim().await;
-    let target = rostersync::target::scim::ScimTarget::new(
+    let target = rostersync::lms::scim::ScimTarget::new(
         &url::Url::parse(&sim.base_url()).unwrap(),
         secrecy::SecretString::from(TOKEN),
         rostersync::config::DEFAULT_CUSTOM_SCHEMA,

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use crate::config::IntegrationConfig;
 use crate::graph::{GraphClient, GraphSettings};
+use crate::lms::dialect::Learned;
+use crate::lms::probe::{ProbeReport, ProbeSpec, RowStatus};
+use crate::lms::scim::{DialectMemory, ScimTarget};
+use crate::lms::Target;
 use crate::store::{IntegrationStore, Store, StoreError};
 use crate::sync::reconcile::{self, Context, ProgressFn, RunOptions, RunReport};
-use crate::target::dialect::Learned;
-use crate::target::probe::{ProbeReport, ProbeSpec, RowStatus};
-use crate::target::scim::{DialectMemory, ScimTarget};
-use crate::target::Target;
 
 /// Meta key of what the LMS's SCIM server taught rostersync (its dialect, learned layer).
 pub const DIALECT_META: &str = "scim_dialect";
@@ -64,7 +64,7 @@ pub enum BuildError {
     #[error(transparent)]
     Graph(#[from] crate::graph::GraphError),
     #[error(transparent)]
-    Target(#[from] crate::target::TargetError),
+    Target(#[from] crate::lms::TargetError),
 }
 
 impl Integration {

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use crate::app::Integration;
 use crate::config::{Config, DEFAULT_CUSTOM_SCHEMA};
+use crate::lms::scim::ENTERPRISE_USER;
 use crate::output::{exit_code, render_report};
 use crate::serve::{serve, ServeOptions};
 use crate::store::Store;
 use crate::sync::reconcile::{RunOptions, RunReport};
-use crate::target::scim::ENTERPRISE_USER;
 use rostersync_sim::graph::{fixture, GraphSim, SimUser};
 use rostersync_sim::scim::{ScimSim, ScimSimConfig};
 

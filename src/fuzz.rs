@@ -455,9 +455,9 @@ mod graph_responses {
 
 mod scim_responses {
     use super::*;
+    use crate::lms::scim::ScimTarget;
+    use crate::lms::Target;
     use crate::retry::RetryPolicy;
-    use crate::target::scim::ScimTarget;
-    use crate::target::Target;
     use secrecy::SecretString;
     use std::time::Duration;
 
@@ -545,7 +545,7 @@ mod scim_responses {
             any::<String>(),
             "[a-z\"\\\\%+&= ()]{0,40}(and|or|not)?[a-z\"\\\\ ]{0,10}",
         ]) {
-            let path = crate::target::scim::eq_filter_path("userName", &v);
+            let path = crate::lms::scim::eq_filter_path("userName", &v);
             let q = path.strip_prefix("/Users?filter=").unwrap();
             prop_assert!(!q.contains(['&', '+', ' ', '#', '"']), "{}", q);
             let decoded = percent_encoding::percent_decode_str(q).decode_utf8().unwrap();

@@ -4,7 +4,7 @@
 //! - [`config`]: typed TOML configuration; secrets resolved from env, file or value.
 //! - [`graph`]: Microsoft Graph client (token, retrying HTTP core, members, managers, delta,
 //!   subscriptions).
-//! - [`target`]: the [`target::Target`] trait and its SCIM 2.0 implementation (dialect, probe).
+//! - [`lms`]: the [`lms::Target`] trait and its SCIM 2.0 implementation (dialect, probe).
 //! - [`store`]: sled-backed state per integration (user index, queue, intents, traces, runs,
 //!   subscriptions) and the webhook journal.
 //! - [`sync`]: mapping and decisions (pure), planning, the full reconcile and the incremental
@@ -35,6 +35,7 @@ pub mod demo;
 mod fuzz;
 pub mod graph;
 pub mod http;
+pub mod lms;
 pub mod logging;
 pub mod metrics;
 pub mod ops;
@@ -44,6 +45,5 @@ pub mod retry;
 pub mod serve;
 pub mod store;
 pub mod sync;
-pub mod target;
 pub mod text;
 pub mod webhook;

@@ -5,10 +5,10 @@
 use std::fmt::Write;
 
 use crate::app::{CheckLine, CheckStatus};
+use crate::lms::probe::{ProbeReport, RowStatus};
 use crate::sync::mapping::{ACTIVE, EXTERNAL_ID, USER_NAME};
 use crate::sync::plan::{Action, PlannedChange};
 use crate::sync::reconcile::{RunOutcome, RunReport};
-use crate::target::probe::{ProbeReport, RowStatus};
 use crate::text::clip;
 
 fn opt(v: &Option<crate::sync::mapping::AttrValue>) -> String {

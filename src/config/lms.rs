@@ -9,7 +9,7 @@ use url::Url;
 
 use super::secret::RawSecret;
 use super::{invalid, parse_http_url, ConfigError, DEFAULT_CUSTOM_SCHEMA};
-use crate::target::dialect::DialectSettings;
+use crate::lms::dialect::DialectSettings;
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -49,7 +49,7 @@ struct RawDialect {
 
 impl RawDialect {
     fn resolve(self, k: &dyn Fn(&str) -> String) -> Result<DialectSettings, ConfigError> {
-        use crate::target::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
+        use crate::lms::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
         let mut out = DialectSettings {
             put: self.put,
             value_paths: self.value_paths,
@@ -165,7 +165,7 @@ impl RawTarget {
         }
         let url = parse_http_url(&k("target.url"), &t.url)?;
         let token = t.token.resolve(&k("target.token"), base)?;
-        // A ceiling: the pacer finds the LMS's own limit below it (`target::pace`).
+        // A ceiling: the pacer finds the LMS's own limit below it (`lms::pace`).
         let concurrency = t.concurrency.unwrap_or(DEFAULT_TARGET_CONCURRENCY);
         if !(1..=256).contains(&concurrency) {
             return Err(invalid(

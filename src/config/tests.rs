@@ -1,8 +1,8 @@
 use super::credentials::resolve_credential;
 use super::*;
 use crate::graph::credential::{CertificateAlg, ClientCredential};
+use crate::lms::dialect::DialectSettings;
 use crate::sync::mapping::UsernameSource;
-use crate::target::dialect::DialectSettings;
 use secrecy::ExposeSecret;
 use std::path::Path;
 
@@ -44,7 +44,7 @@ fn a_valid_file_loads_with_defaults() {
 
 #[test]
 fn the_scim_dialect_can_be_pinned_and_every_bad_value_names_its_key() {
-    use crate::target::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
+    use crate::lms::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
     let text = format!(
         "{GOOD}dialect = {{ patch_ops = [\"replace\"], clear = \"null\", put = false, filter = [\"userName\"], user_name_unique = \"case-sensitive\", email_type = false, not_kept = [\"displayName\"], no_patch = [\"externalId\"] }}\n"
     );

@@ -257,16 +257,16 @@ pub struct DialectView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probed_at: Option<DateTime<Utc>>,
     /// What the LMS taught rostersync, oldest first.
-    pub lessons: Vec<crate::target::dialect::Lesson>,
+    pub lessons: Vec<crate::lms::dialect::Lesson>,
     /// The last `check --probe` table.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub probe: Option<crate::target::probe::ProbeReport>,
+    pub probe: Option<crate::lms::probe::ProbeReport>,
 }
 
 fn dialect_view(store: &IntegrationStore, warnings: &mut Vec<String>) -> DialectView {
-    let learned: Option<crate::target::dialect::Learned> =
+    let learned: Option<crate::lms::dialect::Learned> =
         store.get_meta(crate::app::DIALECT_META).unwrap_or(None);
-    let probe: Option<crate::target::probe::ProbeReport> =
+    let probe: Option<crate::lms::probe::ProbeReport> =
         store.get_meta(crate::app::PROBE_META).unwrap_or(None);
     match &probe {
         None => warnings.push(
@@ -658,9 +658,9 @@ fn html_dialect(h: &mut String, d: &DialectView) {
             );
             for r in &p.rows {
                 let class = match r.status {
-                    crate::target::probe::RowStatus::Ok => "ok",
-                    crate::target::probe::RowStatus::Warn => "",
-                    crate::target::probe::RowStatus::Fail => "bad",
+                    crate::lms::probe::RowStatus::Ok => "ok",
+                    crate::lms::probe::RowStatus::Warn => "",
+                    crate::lms::probe::RowStatus::Fail => "bad",
                 };
                 let _ = write!(
                     h,
@@ -700,7 +700,7 @@ mod tests {
 
     #[test]
     fn the_dialect_section_shows_the_probe_table_escaped() {
-        use crate::target::probe::{ProbeReport, ProbeRow, RowStatus};
+        use crate::lms::probe::{ProbeReport, ProbeRow, RowStatus};
         let mut h = String::new();
         html_dialect(&mut h, &DialectView::default());
         assert!(h.contains("check --probe"), "{h}");

@@ -17,9 +17,9 @@ use super::reconcile::{Context, RunError};
 use super::trace::Match;
 use crate::config::DeactivationLimit;
 use crate::graph::GraphError;
+use crate::lms::{Target, TargetError, TargetUser};
 use crate::store::intents::{Intent, IntentId};
 use crate::store::{IndexEntry, IntegrationStore, StoreError};
-use crate::target::{Target, TargetError, TargetUser};
 
 /// Why a change was not applied.
 #[derive(Debug)]

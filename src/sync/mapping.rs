@@ -3,7 +3,7 @@
 //! Owns: the default attribute map, the expression language of `[integration.mapping]`
 //! (a property, `manager.<property>`, a quoted literal, `coalesce(a, b, ...)`), the empty-value
 //! policy, and which Graph properties must be `$select`ed. Pure: no I/O, and it knows nothing of
-//! SCIM JSON (record keys such as `emails.work` are translated by `target::scim`).
+//! SCIM JSON (record keys such as `emails.work` are translated by `lms::scim`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

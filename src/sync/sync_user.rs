@@ -13,8 +13,8 @@ use super::reconcile::{Context, RunError};
 use super::trace::{Match, Outcome, Source, Trace};
 use super::worker::{self, UserOutcome};
 use crate::graph::GraphError;
+use crate::lms::Target;
 use crate::store::StoreError;
-use crate::target::Target;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncUserError {

@@ -31,13 +31,13 @@ use super::trace::{self, Match, OutOfScope, Path, Scope, Source, Trace, Via};
 use crate::graph::delta::{DeltaRound, MemberChange};
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{FreshRead, GraphError};
+use crate::lms::Target;
 use crate::redact::Redactor;
 use crate::retry::RetryPolicy;
 use crate::store::intents::Intent;
 use crate::store::queue::{Hint, QueueItem};
 use crate::store::state::MemberKind;
 use crate::store::{IndexEntry, StoreError};
-use crate::target::Target;
 
 /// A write the LMS kept throttling comes back after this long (not as an attempt).
 const THROTTLED_WAIT_SECS: i64 = 5;

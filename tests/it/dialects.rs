@@ -6,12 +6,12 @@
 use std::collections::HashSet;
 
 use crate::common::{spawn, EnvOptions, TestEnv, ENTERPRISE};
+use rostersync::lms::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
+use rostersync::lms::probe::{ProbeReport, ProbeRow, RowStatus};
 use rostersync::output::render_checks;
 use rostersync::sync::reconcile::{RunOptions, RunOutcome, RunReport};
 use rostersync::sync::sync_user::sync_user;
 use rostersync::sync::trace::Outcome as TraceOutcome;
-use rostersync::target::dialect::{CaseRule, Clear, FilterAttr, PatchOp};
-use rostersync::target::probe::{ProbeReport, ProbeRow, RowStatus};
 use rostersync_sim::graph::SimUser;
 use rostersync_sim::scim::SimDialect;
 use serde_json::{json, Value};
@@ -617,7 +617,7 @@ async fn a_pinned_dialect_is_used_as_is() {
     let d = env.integration.target.dialect();
     assert_eq!(
         d.origin["patch_ops"],
-        rostersync::target::dialect::Origin::Config
+        rostersync::lms::dialect::Origin::Config
     );
 
     // A pin the server contradicts: remove is pinned, the server answers 501 to it.

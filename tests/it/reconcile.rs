@@ -748,35 +748,35 @@ async fn a_deep_reconcile_repairs_changes_made_by_hand_in_the_lms() {
 
 /// Delegates to the real SCIM target but answers 401 to creates after the first `ok` ones.
 struct FailingAfter<'a> {
-    inner: &'a rostersync::target::scim::ScimTarget,
+    inner: &'a rostersync::lms::scim::ScimTarget,
     ok: usize,
     calls: std::sync::atomic::AtomicUsize,
 }
 
-impl rostersync::target::Target for FailingAfter<'_> {
+impl rostersync::lms::Target for FailingAfter<'_> {
     async fn discover(
         &self,
-    ) -> Result<rostersync::target::Capabilities, rostersync::target::TargetError> {
+    ) -> Result<rostersync::lms::Capabilities, rostersync::lms::TargetError> {
         self.inner.discover().await
     }
     async fn find_by_external_id(
         &self,
         id: &str,
-    ) -> Result<Option<rostersync::target::TargetUser>, rostersync::target::TargetError> {
+    ) -> Result<Option<rostersync::lms::TargetUser>, rostersync::lms::TargetError> {
         self.inner.find_by_external_id(id).await
     }
     async fn find_by_user_name(
         &self,
         n: &str,
-    ) -> Result<Option<rostersync::target::TargetUser>, rostersync::target::TargetError> {
+    ) -> Result<Option<rostersync::lms::TargetUser>, rostersync::lms::TargetError> {
         self.inner.find_by_user_name(n).await
     }
     async fn create(
         &self,
         r: &rostersync::sync::mapping::Record,
-    ) -> Result<Option<String>, rostersync::target::TargetError> {
+    ) -> Result<Option<String>, rostersync::lms::TargetError> {
         if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.ok {
-            return Err(rostersync::target::TargetError::Unauthorized);
+            return Err(rostersync::lms::TargetError::Unauthorized);
         }
         self.inner.create(r).await
     }
@@ -785,20 +785,20 @@ impl rostersync::target::Target for FailingAfter<'_> {
         id: &str,
         c: &[rostersync::sync::mapping::AttrChange],
         r: &rostersync::sync::mapping::Record,
-    ) -> Result<(), rostersync::target::TargetError> {
+    ) -> Result<(), rostersync::lms::TargetError> {
         self.inner.update(id, c, r).await
     }
     async fn get(
         &self,
         id: &str,
-    ) -> Result<Option<rostersync::target::TargetUser>, rostersync::target::TargetError> {
+    ) -> Result<Option<rostersync::lms::TargetUser>, rostersync::lms::TargetError> {
         self.inner.get(id).await
     }
     async fn list(
         &self,
         s: usize,
         c: usize,
-    ) -> Result<(Vec<rostersync::target::TargetUser>, usize), rostersync::target::TargetError> {
+    ) -> Result<(Vec<rostersync::lms::TargetUser>, usize), rostersync::lms::TargetError> {
         self.inner.list(s, c).await
     }
 }

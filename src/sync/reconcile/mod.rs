@@ -38,10 +38,10 @@ use super::trace::{self, Match, OutOfScope, Pending, Scope, Source, Trace, Via};
 use crate::config::IntegrationConfig;
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{GraphClient, GraphError};
+use crate::lms::{Capabilities, Target, TargetError};
 use crate::store::intents::{Intent, IntentId};
 use crate::store::writer::{BackgroundWriter, Written};
 use crate::store::{new_run_id, IndexEntry, IntegrationStore, StoreError};
-use crate::target::{Capabilities, Target, TargetError};
 
 /// Everything one integration's sync needs.
 mod departures;

@@ -3,7 +3,7 @@
 //! Owns: the description (PATCH ops, clearing, PUT, filterable attributes, userName case rule,
 //! what the server keeps), how it is resolved from four layers (config pins > what the server
 //! taught us > discovery documents > defaults), and the pure rules that turn one refused write
-//! into one downgrade. It does no I/O: `target::scim` sends, reads and persists.
+//! into one downgrade. It does no I/O: `lms::scim` sends, reads and persists.
 //!
 //! Defaults follow what partial servers take: single-valued attributes are set with `replace`
 //! (RFC 7644 §3.5.2.3 lets it add an absent attribute), multi-valued ones are replaced as a

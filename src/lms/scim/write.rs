@@ -5,8 +5,8 @@
 use serde_json::{json, Map, Value};
 
 use super::{ext_value, scalar, typed_element, Place};
+use crate::lms::dialect::{Clear, Dialect, Form, PatchOp};
 use crate::sync::mapping::{AttrChange, AttrValue, Record};
-use crate::target::dialect::{Clear, Dialect, Form, PatchOp};
 
 /// One PATCH operation and what it does (to blame it when the server refuses the request).
 #[derive(Clone, Debug, PartialEq)]

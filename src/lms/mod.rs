@@ -1,11 +1,11 @@
 //! The LMS side: a small [`Target`] trait and its SCIM 2.0 implementation.
 //!
 //! The trait speaks the neutral record vocabulary of `sync::mapping` (keys such as
-//! `emails.work`); only `target::scim` knows SCIM JSON. Every operation is idempotent: a
+//! `emails.work`); only `lms::scim` knows SCIM JSON. Every operation is idempotent: a
 //! create that may have happened is looked up before anything is posted again, and
 //! deactivation is an update of `active`.
 //!
-//! What one LMS's SCIM server really takes is its [`dialect::Dialect`]: `target::scim` adapts
+//! What one LMS's SCIM server really takes is its [`dialect::Dialect`]: `lms::scim` adapts
 //! its writes and lookups to it, so the sync never needs to know.
 
 pub mod dialect;

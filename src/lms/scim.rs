@@ -87,7 +87,7 @@ pub struct ScimTarget {
     token: SecretString,
     custom_schema: String,
     /// Paces requests to this LMS: adaptive concurrency up to `target.concurrency`, a rate
-    /// once it throttles, one shared pause on `Retry-After` (`target::pace`).
+    /// once it throttles, one shared pause on `Retry-After` (`lms::pace`).
     pacer: Pacer,
     retry: RetryPolicy,
     /// How long one request may go on waiting out throttling (429, 503 with `Retry-After`)
@@ -1781,7 +1781,7 @@ fn query_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::dialect::{Clear, PatchOp};
+    use crate::lms::dialect::{Clear, PatchOp};
 
     fn target() -> ScimTarget {
         ScimTarget::new(
