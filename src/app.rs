@@ -12,8 +12,10 @@ use crate::lms::dialect::Learned;
 use crate::lms::probe::{ProbeReport, ProbeSpec, RowStatus};
 use crate::lms::scim::{DialectMemory, ScimTarget};
 use crate::lms::Target;
+use crate::store::queue::QueueItem;
 use crate::store::{IntegrationStore, Store, StoreError};
-use crate::sync::reconcile::{self, Context, ProgressFn, RunOptions, RunReport};
+use crate::sync::reconcile::{self, Context, ProgressFn, RunError, RunOptions, RunReport};
+use crate::sync::worker;
 
 /// Meta key of what the LMS's SCIM server taught rostersync (its dialect, learned layer).
 pub const DIALECT_META: &str = "scim_dialect";
@@ -125,9 +127,30 @@ impl Integration {
         }
     }
 
+    /// One batch of the incremental worker ([`worker::process`]), and the alerts it calls for
+    /// (dead letters, a guard trip).
+    pub async fn process_batch(
+        &self,
+        tg: &worker::Targeting,
+        ws: &worker::WorkerSettings,
+        items: Vec<(u64, QueueItem)>,
+    ) -> (worker::BatchOutcome, Result<(), RunError>) {
+        let (out, result) = worker::process(&self.context(), tg, ws, items).await;
+        crate::alert::after_batch(
+            &self.cfg,
+            &self.store,
+            &out.dead_letters,
+            out.guard.as_ref(),
+        );
+        (out, result)
+    }
+
     pub async fn reconcile(&self, opts: RunOptions, progress: Option<ProgressFn>) -> RunReport {
         let dry_run = opts.dry_run;
-        let report = reconcile::reconcile(&self.background_context(), opts, progress).await;
+        let (report, error) =
+            reconcile::reconcile(&self.background_context(), opts, progress).await;
+        // Failed users, a guard trip, a refused token, a failed run (dry runs raise nothing).
+        crate::alert::after_run(&self.cfg, &self.store, &report, error.as_ref());
         if !dry_run {
             let seconds = (report.finished_at - report.started_at)
                 .to_std()

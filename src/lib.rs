@@ -38,6 +38,7 @@ pub mod http;
 pub mod lms;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod ops;
 pub mod output;
 pub mod redact;

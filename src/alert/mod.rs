@@ -15,8 +15,6 @@
 mod deliver;
 pub mod outbox;
 
-use std::str::FromStr;
-
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -89,13 +87,6 @@ pub struct Alert {
     pub items: Vec<Item>,
     pub advice: String,
     pub repeat: Repeat,
-}
-
-/// Whether `s` is a mail address lettre accepts (`a@b.c` or `Name <a@b.c>`).
-pub fn check_mailbox(s: &str) -> Result<(), String> {
-    lettre::message::Mailbox::from_str(s.trim())
-        .map(|_| ())
-        .map_err(|_| format!("{s:?} is not a mail address such as \"ops@example.com\" or \"Ops <ops@example.com>\""))
 }
 
 fn minutes(n: u32) -> Duration {

@@ -159,7 +159,7 @@ impl RawAlerts {
             Some((to, _)) if to.is_empty() => None,
             Some((to, key)) => {
                 for a in &to {
-                    crate::alert::check_mailbox(a).map_err(|m| invalid(&key, m))?;
+                    check_mailbox(a).map_err(|m| invalid(&key, m))?;
                 }
                 let (from, from_key) = pick!(email_from).ok_or_else(|| {
                     invalid(
@@ -167,7 +167,7 @@ impl RawAlerts {
                         "is needed when email_to is set, e.g. \"rostersync <rostersync@example.com>\"",
                     )
                 })?;
-                crate::alert::check_mailbox(from).map_err(|m| invalid(from_key, m))?;
+                check_mailbox(from).map_err(|m| invalid(from_key, m))?;
                 let (smtp, smtp_key) = pick!(smtp).ok_or_else(|| {
                     invalid(
                         format!("{prefix}.smtp"),
@@ -259,4 +259,13 @@ impl RawSmtp {
             timeout_secs,
         })
     }
+}
+
+/// Whether `s` is a mail address the mailer accepts (`a@b.c` or `Name <a@b.c>`): checked
+/// when the config loads, so a wrong address is named then rather than at the first alert.
+fn check_mailbox(s: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    lettre::message::Mailbox::from_str(s.trim())
+        .map(|_| ())
+        .map_err(|_| format!("{s:?} is not a mail address such as \"ops@example.com\" or \"Ops <ops@example.com>\""))
 }

@@ -13,38 +13,10 @@ use super::lms::{RawTarget, TargetConfig};
 use super::secret::RawSecret;
 use super::{invalid, parse_date, parse_http_url, ConfigError};
 use crate::graph::credential::ClientCredential;
+/// Defined with the domain's vocabulary (`model`), where the store reads it too.
+pub use crate::model::IntegrationName;
 use crate::sync::mapping::{Mapping, MappingError, UsernameSource};
 use crate::text::is_guid;
-
-/// An integration's name: `[a-z0-9-]+`, used in store keys, URLs and logs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IntegrationName(String);
-
-impl IntegrationName {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if s.is_empty() || s.len() > 63 {
-            return Err("must be 1 to 63 characters".into());
-        }
-        if !s
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
-            return Err(format!(
-                "{s:?} may contain only lowercase letters a-z, digits and '-'"
-            ));
-        }
-        Ok(Self(s.to_string()))
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for IntegrationName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]

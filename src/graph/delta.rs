@@ -3,8 +3,9 @@
 
 use serde_json::Value;
 
-use super::{urlencode, GraphClient, GraphError};
-use crate::store::state::MemberKind;
+use super::{GraphClient, GraphError};
+use crate::model::MemberKind;
+use crate::text::urlencode;
 
 /// One membership change of a group.
 #[derive(Clone, Debug, PartialEq, Eq)]

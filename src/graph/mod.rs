@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use url::Url;
 
 use crate::retry::{read_limited, retry_after, transport_message, RetryPolicy};
-use crate::text::is_guid;
+use crate::text::{is_guid, urlencode};
 use credential::{ClientCredential, Proof, JWT_BEARER};
 use models::{GraphGroup, GraphUser};
 pub use pacer::{PaceSettings, PaceStats, Pacer, Priority};
@@ -1442,17 +1442,6 @@ fn parse_aadsts(desc: &str) -> Option<u64> {
     let rest = desc.split("AADSTS").nth(1)?;
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
     digits.parse().ok()
-}
-
-/// Percent-encodes one path segment or query value (RFC 3986 unreserved characters stay).
-pub fn urlencode(s: &str) -> String {
-    // RFC 3986 unreserved characters stay as they are.
-    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'.')
-        .remove(b'_')
-        .remove(b'~');
-    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 
-use super::{urlencode, GraphClient, GraphError};
+use super::{GraphClient, GraphError};
+use crate::text::urlencode;
 
 /// The subscription resource for property changes of all users.
 pub const USERS_RESOURCE: &str = "/users";

@@ -50,8 +50,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, admin: web::Data<Admin>) {
         .route(
             "/status/{integration}/users/{user}",
             web::get().to(explain_user),
-        )
-        .configure(super::ops::configure);
+        );
 }
 
 /// `explain` over HTTP: the last decision traced for one user (object id, UPN or userName)

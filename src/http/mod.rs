@@ -76,6 +76,13 @@ struct Check {
     detail: Option<String>,
 }
 
+/// The operator side: `/status`, `/metrics`, `explain` (`admin`) and the `/admin/…` commands
+/// (`ops`), which check access through `admin`.
+pub fn configure_admin(cfg: &mut web::ServiceConfig, admin: web::Data<admin::Admin>) {
+    admin::configure(cfg, admin);
+    ops::configure(cfg);
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig, health: web::Data<Health>) {
     cfg.app_data(health)
         .route("/healthz", web::get().to(healthz))

@@ -217,7 +217,7 @@ impl Probe<'_> {
     }
 
     fn user_path(id: &str) -> String {
-        format!("/Users/{}", crate::graph::urlencode(id))
+        format!("/Users/{}", crate::text::urlencode(id))
     }
 
     async fn patch(&self, id: &str, op: Value) -> Result<Answer, TargetError> {
@@ -234,7 +234,7 @@ impl Probe<'_> {
     async fn find(&self, attr: FilterAttr, value: &str) -> Result<(Answer, usize), TargetError> {
         let literal = serde_json::to_string(value).unwrap_or_default();
         let filter = format!("{} eq {literal}", attr.as_str());
-        let path = format!("/Users?filter={}", crate::graph::urlencode(&filter));
+        let path = format!("/Users?filter={}", crate::text::urlencode(&filter));
         let a = self.call(reqwest::Method::GET, &path, None).await?;
         let n = a
             .body

@@ -968,7 +968,7 @@ impl ScimTarget {
     async fn send_patch(&self, id: &str, parts: &[&PatchPart]) -> Result<Sent, TargetError> {
         let ops: Vec<&Value> = parts.iter().map(|p| &p.op).collect();
         let body = json!({"schemas": [PATCH_OP], "Operations": ops});
-        let path = format!("/Users/{}", crate::graph::urlencode(id));
+        let path = format!("/Users/{}", crate::text::urlencode(id));
         let (status, _, bytes) = self
             .send(reqwest::Method::PATCH, &path, Some(&body), true)
             .await?;
@@ -982,7 +982,7 @@ impl ScimTarget {
 
     /// GET, change, PUT (RFC 7644 §3.5.1): for what PATCH cannot do.
     async fn put_changes(&self, id: &str, changes: &[AttrChange]) -> Result<Sent, TargetError> {
-        let path = format!("/Users/{}", crate::graph::urlencode(id));
+        let path = format!("/Users/{}", crate::text::urlencode(id));
         let (status, _, body) = self.send(reqwest::Method::GET, &path, None, true).await?;
         match status {
             200 => {}
@@ -1543,7 +1543,7 @@ impl Target for ScimTarget {
     }
 
     async fn get(&self, id: &str) -> Result<Option<TargetUser>, TargetError> {
-        let path = format!("/Users/{}", crate::graph::urlencode(id));
+        let path = format!("/Users/{}", crate::text::urlencode(id));
         let (status, _, body) = self.send(reqwest::Method::GET, &path, None, true).await?;
         match status {
             200 => self.parse_user(&Self::decode("User", &body)?).map(Some),
@@ -1775,7 +1775,7 @@ pub(crate) fn eq_filter_path(attr: &str, value: &str) -> String {
 /// A query value: everything but RFC 3986 unreserved characters is percent-encoded, so a
 /// space is `%20`, never `+` (docs/scim.md).
 fn query_encode(s: &str) -> String {
-    crate::graph::urlencode(s)
+    crate::text::urlencode(s)
 }
 
 #[cfg(test)]

@@ -348,7 +348,7 @@ fn start_http(
             )
             .configure(|c| crate::webhook::configure(c, state.clone(), max_body))
             .configure(|c| crate::http::configure(c, health.clone()))
-            .configure(|c| crate::http::admin::configure(c, admin.clone()))
+            .configure(|c| crate::http::configure_admin(c, admin.clone()))
     })
     .workers(2)
     .shutdown_timeout(20)
@@ -611,9 +611,9 @@ async fn worker_loop(
                 done.push(id);
             }
             if !normal.is_empty() {
-                let ctx = live.integ.context();
-                match worker::process(&ctx, &tg, &opts.worker, normal).await {
-                    Ok(out) => {
+                let (out, result) = live.integ.process_batch(&tg, &opts.worker, normal).await;
+                match result {
+                    Ok(()) => {
                         live.health.set_problem("worker", None);
                         live.health.set_problem(
                             "groups",

@@ -208,7 +208,7 @@ mod tests {
         use crate::store::queue::{Hint, QueueItem};
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
-        let name = crate::config::IntegrationName::parse("acme").unwrap();
+        let name = crate::model::IntegrationName::parse("acme").unwrap();
         let s = store.integration(&name).unwrap();
         let item = |u: &str| {
             QueueItem::new(Hint::User {

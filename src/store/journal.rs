@@ -36,7 +36,7 @@ use super::health::{Counters, WriteHealth};
 use super::queue::QueueItem;
 use super::thread::Worker;
 use super::StoreError;
-use crate::config::IntegrationName;
+use crate::model::IntegrationName;
 
 pub(crate) const FILE_NAME: &str = "webhook.journal";
 /// Empty the journal (after a sled flush) when it is this big or this old.

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::config::IntegrationName;
+use crate::model::IntegrationName;
 use crate::sync::mapping::Record;
 pub use journal::ReplayReport;
 

@@ -57,14 +57,7 @@ pub fn client_state_fingerprint(client_state: &str) -> String {
         .collect()
 }
 
-/// A direct member of a group as group delta reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MemberKind {
-    User,
-    Group,
-    Other,
-}
+pub use crate::model::MemberKind;
 
 fn pair(a: &str, b: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(a.len() + b.len() + 1);

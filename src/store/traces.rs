@@ -178,7 +178,7 @@ impl IntegrationStore {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::IntegrationName;
+    use crate::model::IntegrationName;
     use crate::store::IndexEntry;
     use crate::sync::mapping::{AttrValue, Record};
     use crate::sync::plan::{Action, PlannedChange};

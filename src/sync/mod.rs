@@ -15,11 +15,13 @@ pub mod sync_user;
 pub mod trace;
 pub mod worker;
 
-/// The longest a confirming Graph read may take for a deactivation to rest on it. Answers that
-/// took longer (inner 429s retried after their `Retry-After`, a slow Graph) may be older than
-/// the directory by the time they would be written: the worker then waits for a fresh read in
-/// a later batch, the reconcile reads again or leaves the user to the next run.
-pub(crate) const FRESH_READ_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How old a confirming Graph read may be when a deactivation that rests on it is decided:
+/// three quarters of a second, so that with the guard and the LMS write after it the answer is
+/// still under a second old when the LMS sees the write (a loaded machine once took 10 ms past
+/// a one-second bound between the two). Older answers (a slow Graph, other users' reads) may
+/// no longer be the directory: the worker then waits for a fresh read in a later batch, the
+/// reconcile reads again or leaves the user to the worker and the next run.
+pub(crate) const FRESH_READ_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(750);
 
 /// How many times a confirming read that came too slowly is repeated at once.
 pub(crate) const FRESH_READ_RETRIES: usize = 2;

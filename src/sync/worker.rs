@@ -1361,14 +1361,27 @@ fn hold<T: Target>(
 /// `max_attempts`; held ones (the guard, a deleted or emptied group) go to the dead letters at
 /// once. Failures that may concern the whole integration (Graph or the LMS down, credentials
 /// refused) are checked with a probe: if Graph or the LMS does not answer, no attempt is
-/// counted and the probe's error is returned (the caller backs off).
+/// counted and the probe's error is returned (the caller backs off). What the batch did comes
+/// back also when it stopped early: its dead letters and guard trip are the caller's to alert
+/// on (`alert::after_batch`; the sync raises no alert itself).
 pub async fn process<T: Target>(
     ctx: &Context<'_, T>,
     tg: &Targeting,
     ws: &WorkerSettings,
     items: Vec<(u64, QueueItem)>,
-) -> Result<BatchOutcome, RunError> {
+) -> (BatchOutcome, Result<(), RunError>) {
     let mut out = BatchOutcome::default();
+    let result = run_batch(ctx, tg, ws, items, &mut out).await;
+    (out, result)
+}
+
+async fn run_batch<T: Target>(
+    ctx: &Context<'_, T>,
+    tg: &Targeting,
+    ws: &WorkerSettings,
+    items: Vec<(u64, QueueItem)>,
+    out: &mut BatchOutcome,
+) -> Result<(), RunError> {
     let mut done: Vec<u64> = Vec::new();
     let mut failed: Vec<(u64, QueueItem, String, bool)> = Vec::new();
     let mut held: Vec<(u64, QueueItem, String)> = Vec::new();
@@ -1410,7 +1423,7 @@ pub async fn process<T: Target>(
     // 1. Membership: one delta round per distinct group.
     for (group_id, its) in groups {
         let span = tracing::info_span!("membership", group = %group_id);
-        match membership(ctx, &group_id, &mut out).instrument(span).await {
+        match membership(ctx, &group_id, out).instrument(span).await {
             Ok(()) => done.extend(its.iter().map(|(id, _)| *id)),
             Err(Failure::Item { message, suspect }) => {
                 tracing::warn!(group = %group_id, error = %message, "membership hint failed");
@@ -1424,7 +1437,7 @@ pub async fn process<T: Target>(
                 held.extend(its.into_iter().map(|(id, it)| (id, it, why.clone())));
             }
             Err(Failure::Fatal(e)) => {
-                settle(ctx, ws, &done, failed, held, waiting, &mut out)?;
+                settle(ctx, ws, &done, failed, held, waiting, out)?;
                 return Err(e);
             }
         }
@@ -1501,11 +1514,11 @@ pub async fn process<T: Target>(
         }
     }
     out.stopped = stopped_groups(ctx)?;
-    settle(ctx, ws, &done, failed, held, waiting, &mut out)?;
+    settle(ctx, ws, &done, failed, held, waiting, out)?;
     ctx.store.durable().await?;
     match global {
         Some(e) => Err(e),
-        None => Ok(out),
+        None => Ok(()),
     }
 }
 
@@ -1561,8 +1574,6 @@ fn settle<T: Target>(
         it.not_before = Some(until);
         ctx.store.requeue(id, &it)?;
     }
-    // Every path of `process` ends here, after the last burial.
-    crate::alert::after_batch(ctx.cfg, ctx.store, &out.dead_letters, out.guard.as_ref());
     Ok(())
 }
 

@@ -495,7 +495,8 @@ async fn dead_letters_arrive_as_one_digest_listing_each_item() {
         },
         ..Default::default()
     };
-    let out = worker::process(&ctx, &tg, &ws, items).await.unwrap();
+    let (out, result) = env.integration.process_batch(&tg, &ws, items).await;
+    result.unwrap();
     assert_eq!(out.buried, 2, "{:?}", out.failed);
 
     assert_eq!(s.alerter.deliver_due(Utc::now()).await.sent, 1);

@@ -6,6 +6,7 @@
 mod common;
 
 mod alerts;
+mod architecture;
 mod cli;
 mod credentials;
 mod dialects;

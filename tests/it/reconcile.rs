@@ -824,7 +824,7 @@ async fn a_fatal_lms_error_mid_run_ends_the_run_instead_of_hanging() {
         gate: &env.integration.gate,
     };
     let run = rostersync::sync::reconcile::reconcile(&ctx, RunOptions::default(), None);
-    let r = tokio::time::timeout(std::time::Duration::from_secs(60), run)
+    let (r, _) = tokio::time::timeout(std::time::Duration::from_secs(60), run)
         .await
         .expect("the run ends");
     assert_eq!(r.outcome, RunOutcome::Failed);

@@ -416,14 +416,14 @@ async fn the_incremental_worker_traces_the_direct_or_nested_group() {
         })
         .collect();
     let ids = env.integration.store.enqueue(&items).unwrap();
-    let out = worker::process(
+    let (out, result) = worker::process(
         &ctx,
         &tg,
         &WorkerSettings::default(),
         ids.into_iter().zip(items).collect(),
     )
-    .await
-    .unwrap();
+    .await;
+    result.unwrap();
     assert_eq!(out.changes.len(), 2, "{:?}", out.failed);
 
     let store = &env.integration.store;

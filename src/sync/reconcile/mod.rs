@@ -115,7 +115,7 @@ const WRITE_BATCH: usize = 256;
 
 /// Why a deactivation was left to the next run after its confirming reads kept coming slowly.
 const SLOW_CONFIRMATION: &str =
-    "Graph's confirming answers took over a second, or were throttled, three times (a deactivation never rests on an answer that old); handed to the incremental worker and the next run";
+    "Graph's confirming answers were older than 0.75 s, or throttled, three times (a deactivation never rests on an answer that old); handed to the incremental worker and the next run";
 
 /// The LMS-write stream of a run (see the module comment).
 #[derive(Default)]
@@ -213,12 +213,13 @@ enum Event<A> {
 }
 
 /// Runs a full reconcile of one integration. Never panics on bad input; whole-run errors end
-/// up in `report.error` with `RunOutcome::Failed`.
+/// up in `report.error` with `RunOutcome::Failed`, and are returned beside the report for the
+/// caller's alerts (`alert::after_run`: the sync raises none itself).
 pub async fn reconcile<T: Target>(
     ctx: &Context<'_, T>,
     opts: RunOptions,
     progress: Option<ProgressFn>,
-) -> RunReport {
+) -> (RunReport, Option<RunError>) {
     let run_id = new_run_id();
     let span = tracing::info_span!("reconcile", integration = %ctx.cfg.name, run_id = %run_id, dry_run = opts.dry_run);
     async move {
@@ -317,12 +318,11 @@ pub async fn reconcile<T: Target>(
                 tracing::error!(error = %e, "could not flush the run record");
             }
         }
-        crate::alert::after_run(ctx.cfg, ctx.store, &report, result.err().as_ref());
         let c = &report.counts;
         tracing::info!(outcome = ?report.outcome, members = c.members, created = c.created, updated = c.updated,
             deactivated = c.deactivated, reactivated = c.reactivated, unchanged = c.unchanged, failed = c.failed,
             "reconcile finished");
-        report
+        (report, result.err())
     }
     .instrument(span)
     .await
