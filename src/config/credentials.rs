@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::integration::RawIntegration;
+use super::secret::RawSecret;
 use super::{invalid, ConfigError};
 use crate::graph::credential::{
     Certificate, CertificateAlg, CertificateCredential, ClientCredential,
@@ -14,13 +14,23 @@ pub const FEDERATED_TOKEN_FILE_ENV: &str = "AZURE_FEDERATED_TOKEN_FILE";
 /// The integration's credential keys: `credential` picks the kind, which needs its own keys and
 /// refuses the others' (a stale `client_secret` beside a certificate would mislead readers).
 /// `env_token_file` is the value of [`FEDERATED_TOKEN_FILE_ENV`].
+/// The credential keys of one `[[integration]]` table, as read.
+pub(super) struct RawCredential<'a> {
+    pub(super) credential: Option<&'a str>,
+    pub(super) client_secret: Option<&'a RawSecret>,
+    pub(super) certificate: Option<&'a Path>,
+    pub(super) certificate_key: Option<&'a RawSecret>,
+    pub(super) certificate_alg: Option<&'a str>,
+    pub(super) federated_token_file: Option<&'a Path>,
+}
+
 pub(super) fn resolve_credential(
-    ri: &RawIntegration,
+    ri: &RawCredential<'_>,
     k: &dyn Fn(&str) -> String,
     base: &Path,
     env_token_file: Option<std::ffi::OsString>,
 ) -> Result<ClientCredential, ConfigError> {
-    let kind = ri.credential.as_deref().unwrap_or("secret");
+    let kind = ri.credential.unwrap_or("secret");
     let used: &[&str] = match kind {
         "secret" => &["client_secret"],
         "certificate" => &["certificate", "certificate_key", "certificate_alg"],
@@ -57,13 +67,13 @@ pub(super) fn resolve_credential(
     };
     match kind {
         "certificate" => {
-            let Some(cert_path) = &ri.certificate else {
+            let Some(cert_path) = ri.certificate else {
                 return Err(invalid(k("certificate"), "is required with credential = \"certificate\": the path of the certificate's PEM file (the public part uploaded to the app registration)"));
             };
-            let Some(raw_key) = &ri.certificate_key else {
+            let Some(raw_key) = ri.certificate_key else {
                 return Err(invalid(k("certificate_key"), "is required with credential = \"certificate\": the certificate's private key in PEM, as { file = \"path\" }, { env = \"VAR\" } or { value = \"...\" }"));
             };
-            let alg = match ri.certificate_alg.as_deref() {
+            let alg = match ri.certificate_alg {
                 None => CertificateAlg::Ps256,
                 Some(a) => CertificateAlg::parse(a).ok_or_else(|| {
                     invalid(
@@ -88,7 +98,7 @@ pub(super) fn resolve_credential(
             Ok(ClientCredential::Certificate(cred))
         }
         "workload_identity" => {
-            let token_file = match (&ri.federated_token_file, env_token_file) {
+            let token_file = match (ri.federated_token_file, env_token_file) {
                 (Some(p), _) => resolve_path(p),
                 (None, Some(env)) if !env.is_empty() => PathBuf::from(env),
                 (None, _) => return Err(invalid(
@@ -98,7 +108,7 @@ pub(super) fn resolve_credential(
             };
             Ok(ClientCredential::WorkloadIdentity { token_file })
         }
-        _ => match &ri.client_secret {
+        _ => match ri.client_secret {
             Some(raw) => Ok(ClientCredential::Secret(
                 raw.resolve(&k("client_secret"), base)?,
             )),

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::alerts::{AlertSettings, RawAlerts};
-use super::credentials::{resolve_credential, FEDERATED_TOKEN_FILE_ENV};
+use super::credentials::{resolve_credential, RawCredential, FEDERATED_TOKEN_FILE_ENV};
 use super::lms::{RawTarget, TargetConfig};
 use super::secret::RawSecret;
 use super::{invalid, parse_date, parse_http_url, ConfigError};
@@ -57,6 +57,20 @@ pub(super) struct RawIntegration {
     client_state: Option<RawSecret>,
     client_secret_expires: Option<toml::Value>,
     alerts: Option<RawAlerts>,
+}
+
+impl RawIntegration {
+    /// The keys `credentials` reads.
+    pub(super) fn credential_keys(&self) -> RawCredential<'_> {
+        RawCredential {
+            credential: self.credential.as_deref(),
+            client_secret: self.client_secret.as_ref(),
+            certificate: self.certificate.as_deref(),
+            certificate_key: self.certificate_key.as_ref(),
+            certificate_alg: self.certificate_alg.as_deref(),
+            federated_token_file: self.federated_token_file.as_deref(),
+        }
+    }
 }
 
 fn default_username() -> String {
@@ -260,8 +274,12 @@ impl RawIntegration {
             None => chrono::Duration::days(7),
             Some(w) => parse_window(w).map_err(|m| invalid(k("verify_managers_every"), m))?,
         };
-        let credential =
-            resolve_credential(&ri, &k, base, std::env::var_os(FEDERATED_TOKEN_FILE_ENV))?;
+        let credential = resolve_credential(
+            &ri.credential_keys(),
+            &k,
+            base,
+            std::env::var_os(FEDERATED_TOKEN_FILE_ENV),
+        )?;
         let graph_concurrency = ri.graph_concurrency.unwrap_or(4);
         if !(1..=32).contains(&graph_concurrency) {
             return Err(invalid(k("graph_concurrency"), "must be between 1 and 32"));

@@ -364,7 +364,7 @@ fn workload_identity_takes_the_file_from_the_key_or_the_environment() {
         "/var/run/secrets/azure/tokens/azure-identity-token",
     ));
     let path_of = |r: RawConfig, env: Option<std::ffi::OsString>| match resolve_credential(
-        &r.integration[0],
+        &r.integration[0].credential_keys(),
         &k,
         base,
         env,

@@ -13,7 +13,7 @@ use futures::{stream, StreamExt};
 use super::gate::UserGate;
 use super::mapping::{AttrValue, Record, EXTERNAL_ID};
 use super::plan::{self, Action, GuardTrip, PlannedChange};
-use super::reconcile::{Context, RunError};
+use super::reconcile::report::{Context, RunError};
 use super::trace::Match;
 use crate::config::DeactivationLimit;
 use crate::graph::GraphError;

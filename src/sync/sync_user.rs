@@ -9,7 +9,7 @@
 
 use tracing::Instrument;
 
-use super::reconcile::{Context, RunError};
+use super::reconcile::report::{Context, RunError};
 use super::trace::{Match, Outcome, Source, Trace};
 use super::worker::{self, UserOutcome};
 use crate::graph::GraphError;

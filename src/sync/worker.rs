@@ -26,7 +26,7 @@ use super::apply::{self, apply_change, graph_suspect, Applied, ApplyError};
 use super::decide::{self, Decision, Facts, Membership, UserFact, Verdict};
 use super::mapping::{Desired, MapFailure};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
-use super::reconcile::{Context, RunError};
+use super::reconcile::report::{Context, RunError};
 use super::trace::{self, Match, OutOfScope, Path, Scope, Source, Trace, Via};
 use crate::graph::delta::{DeltaRound, MemberChange};
 use crate::graph::models::{GraphGroup, GraphUser};

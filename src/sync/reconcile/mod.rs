@@ -48,7 +48,7 @@ mod departures;
 mod feed;
 mod members;
 mod planning;
-mod report;
+pub mod report;
 mod run_record;
 mod writes;
 
