@@ -337,12 +337,6 @@ impl GraphClient {
         }
     }
 
-    /// Uses `pacer` as this client's Graph budget (tests, benchmarks).
-    pub fn with_pacer(mut self, pacer: Arc<Pacer>) -> Self {
-        self.pacer = pacer;
-        self
-    }
-
     /// The priority of this client's requests.
     pub fn priority(&self) -> Priority {
         self.priority

@@ -195,14 +195,6 @@ impl IntegrationStore {
         self.remove_delta_link(group_id)
     }
 
-    /// Groups with a delta link (the tree `serve` has learnt).
-    pub fn delta_groups(&self) -> Result<Vec<String>, StoreError> {
-        self.delta
-            .iter()
-            .map(|r| Ok(String::from_utf8_lossy(&r?.0).into_owned()))
-            .collect()
-    }
-
     /// Forgets everything known about `group_id`'s members (before a fresh initial round).
     pub fn clear_members(&self, group_id: &str) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();

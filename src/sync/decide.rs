@@ -103,13 +103,6 @@ impl Decision {
             _ => None,
         }
     }
-
-    pub fn into_change(self) -> Option<PlannedChange> {
-        match self.verdict {
-            Verdict::Change(c) => Some(c),
-            _ => None,
-        }
-    }
 }
 
 /// Whether Graph says the account is disabled (`accountEnabled = false`).
