@@ -16,7 +16,7 @@ pub mod scim;
 use std::collections::BTreeSet;
 use std::future::Future;
 
-use crate::sync::mapping::{AttrChange, Record};
+use crate::model::record::{AttrChange, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::dialect::{CaseRule, Clear, DialectSettings, Downgrade, FilterAttr, Learned, PatchOp};
 use super::scim::{ext_value, get_ci, scalar, typed_element, Place, ScimTarget, PATCH_OP};
 use super::{Target, TargetError};
-use crate::sync::mapping::{AttrValue, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME};
+use crate::model::record::{AttrValue, Record, ACTIVE, EXTERNAL_ID, MANAGER, USER_NAME};
 use crate::text::clip;
 
 /// What to prove.
@@ -269,7 +269,7 @@ impl Probe<'_> {
         let Some(current) = got.body else {
             return Ok(got);
         };
-        let change = crate::sync::mapping::AttrChange {
+        let change = crate::model::record::AttrChange {
             key: key.to_string(),
             old: None,
             new: value.cloned(),

@@ -29,9 +29,9 @@ use super::dialect::{
 };
 use super::pace::{Outcome, Pacer};
 use super::{Capabilities, Target, TargetError, TargetUser};
+use crate::model::record::{AttrChange, AttrValue, Record, ACTIVE, EXTERNAL_ID, USER_NAME};
 use crate::redact::Redactor;
 use crate::retry::{read_limited, retry_after, RetryPolicy};
-use crate::sync::mapping::{AttrChange, AttrValue, Record, ACTIVE, EXTERNAL_ID, USER_NAME};
 use crate::text::clip;
 use listing::{Entry, Listing};
 pub(crate) use write::PatchPart;

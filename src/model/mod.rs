@@ -3,6 +3,8 @@
 //! the bottom of the layers (ARCHITECTURE.md, "Layers") so that neither has to import the
 //! other for them.
 
+pub mod record;
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};

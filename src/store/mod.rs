@@ -26,8 +26,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::model::record::Record;
 use crate::model::IntegrationName;
-use crate::sync::mapping::Record;
 pub use journal::ReplayReport;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +114,7 @@ pub struct IndexEntry {
 
 impl IndexEntry {
     pub fn active(&self) -> bool {
-        crate::sync::mapping::is_active(&self.record)
+        crate::model::record::is_active(&self.record)
     }
 }
 
@@ -416,7 +416,7 @@ impl IntegrationStore {
         #[derive(Deserialize, Default)]
         struct ActiveOnly {
             #[serde(default)]
-            active: Option<crate::sync::mapping::AttrValue>,
+            active: Option<crate::model::record::AttrValue>,
         }
         #[derive(Deserialize)]
         struct Link {
@@ -427,7 +427,7 @@ impl IntegrationStore {
         Ok(self.get_user_as::<Link>(entra_id)?.and_then(|l| {
             let inactive = matches!(
                 l.record.active,
-                Some(crate::sync::mapping::AttrValue::Bool(false))
+                Some(crate::model::record::AttrValue::Bool(false))
             );
             (!inactive).then_some(l.target_id)
         }))
@@ -672,7 +672,7 @@ pub fn new_run_id() -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::sync::mapping::{AttrValue, ACTIVE};
+    use crate::model::record::{AttrValue, ACTIVE};
 
     #[test]
     fn only_sleds_lock_conflict_is_reported_as_locked() {

@@ -178,9 +178,9 @@ impl IntegrationStore {
 
 #[cfg(test)]
 mod tests {
+    use crate::model::record::{AttrValue, Record};
     use crate::model::IntegrationName;
     use crate::store::IndexEntry;
-    use crate::sync::mapping::{AttrValue, Record};
     use crate::sync::plan::{Action, PlannedChange};
     use crate::sync::trace::{Match, Source, Trace};
 

@@ -55,7 +55,6 @@ const KNOWN_UPWARD: &[(&str, &str, &str)] = &[
         "sync",
         "plan::{Action, PlannedChange, GuardTrip}, trace::Trace",
     ),
-    ("lms", "sync", "mapping::{Record, AttrValue, AttrChange}"),
 ];
 
 fn layer(module: &str) -> Option<u8> {

@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::{ext_value, scalar, typed_element, Place};
 use crate::lms::dialect::{Clear, Dialect, Form, PatchOp};
-use crate::sync::mapping::{AttrChange, AttrValue, Record};
+use crate::model::record::{AttrChange, AttrValue, Record};
 
 /// One PATCH operation and what it does (to blame it when the server refuses the request).
 #[derive(Clone, Debug, PartialEq)]
