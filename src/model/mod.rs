@@ -3,7 +3,9 @@
 //! the bottom of the layers (ARCHITECTURE.md, "Layers") so that neither has to import the
 //! other for them.
 
+pub mod change;
 pub mod record;
+pub mod trace;
 
 use std::fmt;
 

@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{decode, encode, IntegrationStore, StoreError};
-use crate::sync::plan::GuardTrip;
+use crate::model::change::GuardTrip;
 
 /// Meta key of the current trip.
 const TRIP: &str = "guard_trip";

@@ -20,8 +20,8 @@ use std::collections::HashSet;
 use serde::Deserialize;
 
 use super::{decode, encode, IndexEntry, IntegrationStore, StoreError, Writes};
-use crate::sync::plan::Action;
-use crate::sync::trace::{Answer, Outcome, Trace};
+use crate::model::change::Action;
+use crate::model::trace::{Answer, Outcome, Trace};
 
 /// Marks a stored trace whose mapped values are the index entry's record.
 const MAPPED_IN_INDEX: u8 = b'I';

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::thread::Worker;
 use super::{IndexEntry, IntegrationStore, StoreError};
-use crate::sync::trace::Trace;
+use crate::model::trace::Trace;
 
 /// How much lower than the rest of the process the writer thread runs (Linux only; elsewhere
 /// the nice value is per process, and it is left alone).

@@ -27,7 +27,7 @@ use super::decide::{self, Decision, Facts, Membership, UserFact, Verdict};
 use super::mapping::{Desired, MapFailure};
 use super::plan::{self, Action, GuardTrip, ManagerRef, PlannedChange};
 use super::reconcile::report::{Context, RunError};
-use super::trace::{self, Match, OutOfScope, Path, Scope, Source, Trace, Via};
+use super::trace::{self, Match, OutOfScope, Path, Scope, Scrub, Source, Trace, Via};
 use crate::graph::delta::{DeltaRound, MemberChange};
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{FreshRead, GraphError};
