@@ -37,6 +37,7 @@ pub mod graph;
 pub mod http;
 pub mod lms;
 pub mod logging;
+pub mod mapping;
 pub mod metrics;
 pub mod model;
 pub mod ops;

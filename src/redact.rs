@@ -2,11 +2,10 @@
 //! (an LMS's error message, a Graph error, an SMTP server's reply): traces, alerts, reports.
 //! Nothing should ever carry a secret, but a server may echo one back.
 
-use secrecy::{ExposeSecret, SecretString};
+//!
+//! Which secrets an integration has is the config's to say (`IntegrationConfig::redactor`).
 
-use crate::config::IntegrationConfig;
-use crate::graph::credential::ClientCredential;
-use crate::store::IntegrationStore;
+use secrecy::{ExposeSecret, SecretString};
 
 /// What replaces a secret.
 pub const REDACTED: &str = "[redacted]";
@@ -28,23 +27,6 @@ impl std::fmt::Debug for Redactor {
 }
 
 impl Redactor {
-    /// Every secret an integration knows: the SCIM token, the client secret, the configured
-    /// clientState, and (when `store` is given) the clientState rostersync generated and stored.
-    pub fn of(cfg: &IntegrationConfig, store: Option<&IntegrationStore>) -> Redactor {
-        let mut r = Redactor::default();
-        r.add(&cfg.target.token);
-        if let ClientCredential::Secret(s) = &cfg.credential {
-            r.add(s);
-        }
-        if let Some(s) = &cfg.client_state {
-            r.add(s);
-        }
-        if let Some(Ok(Some(stored))) = store.map(|s| s.stored_client_state()) {
-            r.add(&SecretString::from(stored));
-        }
-        r
-    }
-
     /// Adds one more secret (an alert webhook URL, an SMTP password).
     pub fn add(&mut self, secret: &SecretString) -> &mut Self {
         let s = secret.expose_secret();

@@ -229,10 +229,7 @@ impl Alerter {
     /// The settings an entry is sent with, and the redactor that scrubs it.
     fn for_integration(&self, name: &str) -> (Arc<AlertSettings>, Redactor) {
         let (settings, mut secrets) = match self.integrations.get(name) {
-            Some(k) => (
-                Arc::clone(&k.cfg.alerts),
-                Redactor::of(&k.cfg, Some(&k.store)),
-            ),
+            Some(k) => (Arc::clone(&k.cfg.alerts), k.cfg.redactor(Some(&k.store))),
             None => (Arc::clone(&self.global), Redactor::default()),
         };
         for s in [&settings, &self.global] {

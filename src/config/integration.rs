@@ -13,9 +13,10 @@ use super::lms::{RawTarget, TargetConfig};
 use super::secret::RawSecret;
 use super::{invalid, parse_date, parse_http_url, ConfigError};
 use crate::graph::credential::ClientCredential;
+use crate::mapping::{Mapping, MappingError, UsernameSource};
 /// Defined with the domain's vocabulary (`model`), where the store reads it too.
 pub use crate::model::IntegrationName;
-use crate::sync::mapping::{Mapping, MappingError, UsernameSource};
+use crate::redact::Redactor;
 use crate::text::is_guid;
 
 #[derive(Deserialize, Debug)]
@@ -185,6 +186,24 @@ pub struct IntegrationConfig {
 }
 
 impl IntegrationConfig {
+    /// A redactor of every secret this integration knows: the SCIM token, the client secret,
+    /// the configured clientState, and (when `store` is given) the clientState rostersync
+    /// generated and stored.
+    pub fn redactor(&self, store: Option<&crate::store::IntegrationStore>) -> Redactor {
+        let mut r = Redactor::default();
+        r.add(&self.target.token);
+        if let ClientCredential::Secret(s) = &self.credential {
+            r.add(s);
+        }
+        if let Some(s) = &self.client_state {
+            r.add(s);
+        }
+        if let Some(Ok(Some(stored))) = store.map(|s| s.stored_client_state()) {
+            r.add(&SecretString::from(stored));
+        }
+        r
+    }
+
     /// The parsed schedule (validated at load time).
     pub fn cron(&self) -> Result<croner::Cron, String> {
         parse_schedule(&self.schedule)

@@ -2,7 +2,7 @@ use super::credentials::resolve_credential;
 use super::*;
 use crate::graph::credential::{CertificateAlg, ClientCredential};
 use crate::lms::dialect::DialectSettings;
-use crate::sync::mapping::UsernameSource;
+use crate::mapping::UsernameSource;
 use secrecy::ExposeSecret;
 use std::path::Path;
 

@@ -217,7 +217,7 @@ pub async fn serve(
         hook.handshake.open_for(opts.handshake_startup_window);
         let tenant = hook.tenant.clone();
         hooks.insert(cfg.name.to_string(), hook);
-        let redactor = crate::redact::Redactor::of(cfg, Some(&integ.store));
+        let redactor = cfg.redactor(Some(&integ.store));
         lives.push(Arc::new(Live {
             health: Arc::new(IntegrationHealth::new(cfg.name.as_str())),
             integ,

@@ -8,7 +8,8 @@ pub mod changes;
 pub mod decide;
 pub mod gate;
 pub mod managers;
-pub mod mapping;
+// The mapping is its own module below the config (which compiles it); the sync reads it here too.
+pub use crate::mapping;
 pub mod plan;
 pub mod reconcile;
 pub mod sync_user;

@@ -65,7 +65,7 @@ impl Pending {
             source,
             run: run.to_string(),
             enabled,
-            secrets: Redactor::of(cfg, Some(store)),
+            secrets: cfg.redactor(Some(store)),
             waiting: HashMap::new(),
         }
     }

@@ -32,7 +32,6 @@ use crate::graph::delta::{DeltaRound, MemberChange};
 use crate::graph::models::{GraphGroup, GraphUser};
 use crate::graph::{FreshRead, GraphError};
 use crate::lms::Target;
-use crate::redact::Redactor;
 use crate::retry::RetryPolicy;
 use crate::store::intents::Intent;
 use crate::store::queue::{Hint, QueueItem};
@@ -1020,7 +1019,7 @@ fn finish_round<T: Target>(
     moved: Vec<String>,
     returned_reports: Vec<String>,
 ) -> Result<Vec<UserTask>, RunError> {
-    let secrets = Redactor::of(ctx.cfg, Some(ctx.store));
+    let secrets = ctx.cfg.redactor(Some(ctx.store));
     let mut store_traces = Vec::new();
     for w in work.iter_mut() {
         if let Some(mut t) = w.trace.take() {
