@@ -625,6 +625,8 @@ struct Work {
     decision: Option<Decision>,
     outcome: Option<UserOutcome>,
     trace: Option<Trace>,
+    /// When the confirming read a deactivation rests on was sent.
+    confirmed_at: Option<std::time::Instant>,
 }
 
 /// Decides and applies a set of users (and, in further rounds, the users whose manager link
@@ -708,6 +710,7 @@ async fn one_round<T: Target>(
             decision: None,
             outcome: None,
             trace: None,
+            confirmed_at: None,
         };
         match r {
             Ok(g) => {
@@ -1232,7 +1235,8 @@ async fn confirm<T: Target>(
             match reads.remove(&w.task.id) {
                 Some(Ok(read)) => {
                     let gone = read.user.is_none();
-                    let age = read.asked.elapsed();
+                    let asked = read.asked;
+                    let age = asked.elapsed();
                     let stale = age > super::FRESH_READ_MAX_AGE;
                     let fresh = refresh(ctx, tg, g, read)?;
                     let since = w.task.missing_since.unwrap_or(now);
@@ -1265,6 +1269,9 @@ async fn confirm<T: Target>(
                             }
                             continue;
                         }
+                        if deactivates {
+                            w.confirmed_at = Some(asked);
+                        }
                         w.decision = Some(d);
                     }
                     w.gathered = Some(fresh);
@@ -1295,6 +1302,24 @@ async fn confirm<T: Target>(
         }
         keep = again;
         tries += 1;
+    }
+    // The rounds after the first (a stale answer read again, its send held by a pause for
+    // another user's 429) age the answers decided before them: a deactivation whose answer is
+    // past the bound by now waits for a fresh read in a later batch instead of being written.
+    if !opts.wait_inline {
+        let now = Utc::now();
+        for w in work.iter_mut() {
+            let late = w.outcome.is_none()
+                && w.confirmed_at
+                    .is_some_and(|t| t.elapsed() > super::FRESH_READ_MAX_AGE);
+            if late {
+                tracing::debug!(user = %w.task.id, "confirmation aged while others were read again; reading again later");
+                w.outcome = Some(UserOutcome::Wait {
+                    until: now,
+                    missing_since: w.task.missing_since,
+                });
+            }
+        }
     }
     guard_confirmed(ctx, work, opts, tripped)
 }

@@ -1076,3 +1076,59 @@ async fn a_departure_confirmed_only_slowly_is_left_to_the_next_run() {
     assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
     assert_eq!(env.lms_user(&gone)["active"], false);
 }
+
+/// Two departures confirmed together, one throttled (429, Retry-After 2 s): the other is
+/// written on its answer at once (not held while the throttled one waits out its Retry-After,
+/// which would write it on an answer two seconds old), and the throttled one is handed to the
+/// incremental worker (a queued hint) rather than read again within the run.
+#[tokio::test]
+async fn a_throttled_confirmation_does_not_hold_the_others() {
+    let env = spawn(EnvOptions {
+        users: 20,
+        integration_extra: "max_deactivations = 10".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(env.reconcile().await.outcome, RunOutcome::Ok);
+    let gone = some_enabled_members(&env, 2);
+    for id in &gone {
+        env.graph.remove_member(&env.fx.all_group_id, id);
+        env.graph.remove_member(&env.fx.nested_group_id, id);
+    }
+    env.graph
+        .throttle_path(&format!("users/{}/checkMemberGroups", gone[0]), 1, 2);
+    env.graph.record_user_reads(true);
+    env.scim.record_writes(true);
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
+    assert_eq!(env.lms_user(&gone[1])["active"], false);
+    assert_eq!(env.lms_user(&gone[0])["active"], true, "left to the worker");
+    assert_eq!(
+        env.integration.store.queue_len(),
+        1,
+        "handed to the incremental worker"
+    );
+    // The deactivation followed its confirming read closely.
+    let read = env
+        .graph
+        .user_reads()
+        .into_iter()
+        .filter(|u| u.user == gone[1].to_lowercase() && u.kind == "checkMemberGroups")
+        .map(|u| u.at)
+        .max()
+        .expect("a confirming read");
+    let lms_id = env.lms_user(&gone[1])["id"].as_str().unwrap().to_string();
+    let write = env
+        .scim
+        .writes()
+        .into_iter()
+        .filter(|w| w.id == lms_id && w.active_after == Some(false))
+        .map(|w| w.at)
+        .max()
+        .expect("the deactivation");
+    assert!(
+        write.duration_since(read) < Duration::from_secs(1),
+        "written {:?} after its confirming read",
+        write.duration_since(read)
+    );
+}

@@ -2,6 +2,18 @@
 
 use super::*;
 
+/// One round of confirming reads (`Run::confirm_candidates`).
+pub(super) struct Confirmation {
+    /// What Graph says is due instead of a deactivation (withdrawn ones), to apply.
+    apply: Vec<PlannedChange>,
+    /// Deactivations Graph confirmed, with when each answer was sent.
+    confirmed: Vec<(Candidate, PlannedChange, std::time::Instant)>,
+    /// Confirmed by an answer too old to rest on: read again.
+    slow: Vec<Candidate>,
+    /// Graph answered 429 (or a passing 5xx): handed to the worker.
+    throttled: Vec<Candidate>,
+}
+
 impl<T: Target> Run<'_, '_, T> {
     /// The deactivations the listing suggests: the shared budget first, then Graph's fresh
     /// word for each (`checkMemberGroups` and the user read again), decided again, applied.
@@ -118,24 +130,42 @@ impl<T: Target> Run<'_, '_, T> {
         Ok(Ok(()))
     }
 
-    /// Confirms the candidates with Graph; a deactivation whose confirming answer took over
-    /// [`crate::sync::FRESH_READ_MAX_AGE`] (or was throttled) is read again (twice at most),
-    /// then left to the worker and the next run: it never rests on an answer older than the
+    /// Confirms the candidates with Graph; a deactivation whose confirming answer is older than
+    /// [`crate::sync::FRESH_READ_MAX_AGE`] is read again (twice at most), then left to the
+    /// worker and the next run, as is a throttled one at once and one whose answer aged past
+    /// the bound while others were read again: it never rests on an answer older than the
     /// directory may be.
     pub(super) async fn confirm_fresh(
         &mut self,
         candidates: Vec<Candidate>,
     ) -> Result<Vec<PlannedChange>, RunError> {
         let first_asked = chrono::Utc::now();
-        let (mut apply, mut again) = self.confirm_candidates(candidates).await?;
+        let first = self.confirm_candidates(candidates).await?;
+        let (mut apply, mut confirmed, mut again) = (first.apply, first.confirmed, first.slow);
+        // A throttled one is not read again here: the send would wait out the Retry-After
+        // while the others' answers age.
+        let mut handed = first.throttled;
         for _ in 0..crate::sync::FRESH_READ_RETRIES {
             if again.is_empty() {
                 break;
             }
-            let (more, slow) = self.confirm_candidates(again).await?;
-            apply.extend(more);
-            again = slow;
+            let more = self.confirm_candidates(again).await?;
+            apply.extend(more.apply);
+            confirmed.extend(more.confirmed);
+            handed.extend(more.throttled);
+            again = more.slow;
         }
+        handed.extend(again);
+        // The rounds after the first age the answers decided before them: a deactivation
+        // whose answer is past the bound by now is handed on like a slow one.
+        for (cand, change, asked) in confirmed {
+            if asked.elapsed() > crate::sync::FRESH_READ_MAX_AGE {
+                handed.push(cand);
+            } else {
+                apply.push(change);
+            }
+        }
+        let again = handed;
         if !again.is_empty() {
             let n = again.len();
             // Handed to the incremental worker, which reads them again on its own (at once
@@ -169,11 +199,10 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// Reads the candidates again from Graph (user, manager, `checkMemberGroups`) and decides
     /// again: what Graph confirms, or what it says is due instead (a withdrawn deactivation).
-    /// The second list: deactivations confirmed by an answer that took too long to rest on.
     pub(super) async fn confirm_candidates(
         &mut self,
         candidates: Vec<Candidate>,
-    ) -> Result<(Vec<PlannedChange>, Vec<Candidate>), RunError> {
+    ) -> Result<Confirmation, RunError> {
         let ctx = self.ctx;
         let cfg = ctx.cfg;
         let ids: Vec<String> = candidates
@@ -189,6 +218,8 @@ impl<T: Target> Run<'_, '_, T> {
             .fresh_reads(&ids, &user_select, manager_select.as_deref(), &cfg.groups)
             .await?;
         let mut slow = Vec::new();
+        let mut throttled = Vec::new();
+        let mut confirmed = Vec::new();
         let mut apply = Vec::new();
         let mut withdrawn = 0u64;
         for cand in candidates {
@@ -198,8 +229,8 @@ impl<T: Target> Run<'_, '_, T> {
                 // Throttled (or a passing 5xx): asked again like a slow answer (the pacer
                 // holds the send for the Retry-After).
                 Some(Err(e)) if e.is_transient() => {
-                    tracing::debug!(user = %id, error = %e, "confirming read throttled; reading again");
-                    slow.push(cand);
+                    tracing::debug!(user = %id, error = %e, "confirming read throttled; handed to the worker");
+                    throttled.push(cand);
                     continue;
                 }
                 Some(Err(e)) => {
@@ -215,7 +246,8 @@ impl<T: Target> Run<'_, '_, T> {
                 None => continue,
             };
             // How old this user's answers are now, about to be decided and written.
-            let stale = read.asked.elapsed() > crate::sync::FRESH_READ_MAX_AGE;
+            let asked = read.asked;
+            let stale = asked.elapsed() > crate::sync::FRESH_READ_MAX_AGE;
             let mapped = read
                 .user
                 .as_ref()
@@ -254,7 +286,7 @@ impl<T: Target> Run<'_, '_, T> {
                     if stale {
                         slow.push(cand);
                     } else {
-                        apply.push(c);
+                        confirmed.push((cand, c, asked));
                     }
                 }
                 other => {
@@ -273,7 +305,12 @@ impl<T: Target> Run<'_, '_, T> {
                 "{withdrawn} deactivations were withdrawn: Graph said the user is an enabled member again when asked just before"
             ));
         }
-        Ok((apply, slow))
+        Ok(Confirmation {
+            apply,
+            confirmed,
+            slow,
+            throttled,
+        })
     }
 
     /// The guard stopped these deactivations: traced as held, reported, none applied.
