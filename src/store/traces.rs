@@ -178,11 +178,11 @@ impl IntegrationStore {
 
 #[cfg(test)]
 mod tests {
+    use crate::model::change::{Action, PlannedChange};
     use crate::model::record::{AttrValue, Record};
+    use crate::model::trace::{Match, Source, Trace};
     use crate::model::IntegrationName;
     use crate::store::IndexEntry;
-    use crate::sync::plan::{Action, PlannedChange};
-    use crate::sync::trace::{Match, Source, Trace};
 
     use crate::store::tests::store_a;
 
