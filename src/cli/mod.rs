@@ -240,12 +240,27 @@ pub fn init_logging(cli: &Cli, quiet_default: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if cli.log_json {
-        builder.json().init();
+    let installed = if cli.log_json {
+        tracing::subscriber::set_global_default(builder.json().finish())
     } else {
         // Escapes every value: text from a request must not start a line of its own.
-        builder.fmt_fields(rostersync::logging::TextFields).init();
+        tracing::subscriber::set_global_default(
+            builder.fmt_fields(rostersync::logging::TextFields).finish(),
+        )
+    };
+    if installed.is_err() {
+        return; // a subscriber is already in place (only in tests)
     }
+    // Records of crates that log through `log` (hyper, rustls, ...) join the same output, except
+    // sled's: sled logs from deferred closures that run while a thread is being torn down, when
+    // the formatter's thread-local buffer may already be gone, and that aborts the process at
+    // exit (seen with `--log trace`).
+    let _ = tracing_log::LogTracer::builder()
+        .ignore_crate("sled")
+        .with_max_level(tracing_log::AsLog::as_log(
+            &tracing::level_filters::LevelFilter::current(),
+        ))
+        .init();
 }
 
 pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
