@@ -94,13 +94,41 @@ struct LiveChange {
     arrived: Box<dyn Fn(&ScimSim) -> bool + Send>,
 }
 
+/// The simulated tenant and LMS the demo runs against.
+struct Sims {
+    fx: rostersync_sim::graph::Fixture,
+    graph: GraphSim,
+    scim: ScimSim,
+}
+
+const SCIM_TOKEN: &str = "demo-scim-token";
+
 /// Runs the demo and returns the process exit status.
 pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, DemoError> {
+    let sims = start_sims(users, out).await?;
+    let config = Config::from_toml(&config_text(&sims), Path::new("."))?;
+    let store = Store::temporary()?;
+    let integration = std::sync::Arc::new(Integration::build(&config.integrations[0], &store)?);
+    let (dry, first) = reconcile_steps(&integration, &sims, out).await?;
+    let server = start_serve(config, store, &sims, out).await?;
+    let (latencies, missed) = live_steps(&sims, out).await;
+    summary(&first, &latencies, missed.len(), out);
+    server.stop().await?;
+    let mut code = exit_code(&[dry, first]);
+    if !missed.is_empty() {
+        code = code.max(1);
+    }
+    let _ = writeln!(out, "\ndemo finished (exit {code})");
+    sims.graph.stop().await;
+    sims.scim.stop().await;
+    Ok(code)
+}
+
+async fn start_sims(users: usize, out: &mut impl Write) -> Result<Sims, DemoError> {
     let fx = fixture(users.max(20), 42);
     let graph = GraphSim::start(fx.tenant.clone()).await?;
-    let scim_token = "demo-scim-token";
     let scim = ScimSim::start(ScimSimConfig {
-        token: scim_token.into(),
+        token: SCIM_TOKEN.into(),
         custom_extension: Some(demo_custom_extension()),
         ..Default::default()
     })
@@ -112,21 +140,29 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
         graph.graph_url(),
         scim.base_url()
     );
-    let text = format!(
+    Ok(Sims { fx, graph, scim })
+}
+
+fn config_text(sims: &Sims) -> String {
+    format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{}",
         sim_config_toml(
             "demo",
-            &graph,
-            &fx.tenant,
-            &fx.all_group_id,
-            &scim,
-            scim_token,
+            &sims.graph,
+            &sims.fx.tenant,
+            &sims.fx.all_group_id,
+            &sims.scim,
+            SCIM_TOKEN,
         )
-    );
-    let config = Config::from_toml(&text, Path::new("."))?;
-    let store = Store::temporary()?;
-    let integration = std::sync::Arc::new(Integration::build(&config.integrations[0], &store)?);
+    )
+}
 
+/// Steps 1 and 2: a dry run, then the reconcile that applies it.
+async fn reconcile_steps(
+    integration: &std::sync::Arc<Integration>,
+    sims: &Sims,
+    out: &mut impl Write,
+) -> Result<(RunReport, RunReport), DemoError> {
     step(out, "1. dry run: what would change (nothing is applied)");
     let dry = integration
         .reconcile(
@@ -146,9 +182,35 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
         .await
         .map_err(|e| DemoError::Step(format!("the reconcile task stopped: {e}")))?;
     let _ = write!(out, "{}", render_report(&first, 0));
-    let _ = writeln!(out, "  the LMS now holds {} users", scim.users().len());
+    let _ = writeln!(out, "  the LMS now holds {} users", sims.scim.users().len());
     check(&first)?;
+    Ok((dry, first))
+}
 
+/// `serve` running in a task, and how to stop it.
+struct Server {
+    task: tokio::task::JoinHandle<Result<(), crate::serve::ServeError>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Server {
+    async fn stop(self) -> Result<(), DemoError> {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(20), self.task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(DemoError::Step(format!("serve failed: {e}"))),
+            _ => Err(DemoError::Step("serve did not stop in time".into())),
+        }
+    }
+}
+
+/// Step 3: `serve` started, its subscriptions made through the webhook handshake.
+async fn start_serve(
+    config: Config,
+    store: Store,
+    sims: &Sims,
+    out: &mut impl Write,
+) -> Result<Server, DemoError> {
     step(
         out,
         "3. serve: subscribe to Graph change notifications and listen for them",
@@ -156,10 +218,10 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let opts = ServeOptions {
-        store: Some(store.clone()),
+        store: Some(store),
         ..Default::default()
     };
-    let server = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut addr_tx = Some(addr_tx);
         serve(
             config,
@@ -175,12 +237,16 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
         )
         .await
     });
+    let server = Server {
+        task,
+        stop: stop_tx,
+    };
     let addr = tokio::time::timeout(Duration::from_secs(10), addr_rx)
         .await
         .map_err(|_| DemoError::Step("serve did not start listening".into()))?
         .map_err(|_| DemoError::Step("serve stopped before listening".into()))?;
     let started = Instant::now();
-    while graph.subscriptions().len() < 3 {
+    while sims.graph.subscriptions().len() < 3 {
         if started.elapsed() > Duration::from_secs(10) {
             return Err(DemoError::Step("subscriptions were not created".into()));
         }
@@ -190,7 +256,7 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
         out,
         "  listening on http://{addr}; Graph validated the webhook and holds these subscriptions:"
     );
-    for sub in graph.subscriptions() {
+    for sub in sims.graph.subscriptions() {
         let _ = writeln!(
             out,
             "    {:<52} changeType {}  expires {}",
@@ -199,20 +265,24 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
             sub.expires_at.format("%Y-%m-%d %H:%M UTC")
         );
     }
+    Ok(server)
+}
 
+/// Step 4: each live change made in the tenant and timed until the LMS shows it. Returns the
+/// latencies (ms) of those that arrived and the changes that did not within 10 s.
+async fn live_steps(sims: &Sims, out: &mut impl Write) -> (Vec<f64>, Vec<String>) {
     step(
         out,
         "4. live changes in Entra, each timed until the LMS shows it",
     );
-    let changes = live_changes(&fx, &scim);
     let mut latencies = Vec::new();
     let mut missed = Vec::new();
-    for c in changes {
+    for c in live_changes(&sims.fx, &sims.scim) {
         let t0 = Instant::now();
-        (c.apply)(&graph);
+        (c.apply)(&sims.graph);
         let mut arrived = false;
         while t0.elapsed() < Duration::from_secs(10) {
-            if (c.arrived)(&scim) {
+            if (c.arrived)(&sims.scim) {
                 arrived = true;
                 break;
             }
@@ -227,32 +297,22 @@ pub async fn run(users: usize, out: &mut (impl Write + Send)) -> Result<i32, Dem
             missed.push(c.what);
         }
     }
+    (latencies, missed)
+}
 
+/// Step 5.
+fn summary(first: &RunReport, latencies: &[f64], missed: usize, out: &mut impl Write) {
     step(out, "5. summary");
-    latencies.sort_by(f64::total_cmp);
-    let median = latencies.get(latencies.len() / 2).copied().unwrap_or(0.0);
-    let max = latencies.last().copied().unwrap_or(0.0);
+    let mut sorted = latencies.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let max = sorted.last().copied().unwrap_or(0.0);
     let _ = writeln!(
         out,
-        "  {} users reconciled; {} live changes reached the LMS (median {median:.0} ms, slowest {max:.0} ms), {} did not",
+        "  {} users reconciled; {} live changes reached the LMS (median {median:.0} ms, slowest {max:.0} ms), {missed} did not",
         first.counts.created + first.counts.updated + first.counts.unchanged,
-        latencies.len(),
-        missed.len()
+        sorted.len(),
     );
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(Duration::from_secs(20), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(DemoError::Step(format!("serve failed: {e}"))),
-        _ => return Err(DemoError::Step("serve did not stop in time".into())),
-    }
-    let mut code = exit_code(&[dry, first]);
-    if !missed.is_empty() {
-        code = code.max(1);
-    }
-    let _ = writeln!(out, "\ndemo finished (exit {code})");
-    graph.stop().await;
-    scim.stop().await;
-    Ok(code)
 }
 
 fn lms_field(scim: &ScimSim, id: &str, f: impl Fn(&serde_json::Value) -> bool) -> bool {
