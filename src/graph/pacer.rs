@@ -23,13 +23,14 @@
 //!   by a 429 answered to a normal request (then the bucket is empty for everyone).
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::header::HeaderMap;
+use tokio::time::Instant;
 
 /// `x-ms-throttle-priority` of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Priority {
+pub(crate) enum Priority {
     /// Background work that may wait: the full reconcile.
     Low,
     /// What a person is waiting for: the incremental worker, `sync-user`, subscriptions.
@@ -38,7 +39,7 @@ pub enum Priority {
 
 impl Priority {
     /// The header value Graph documents.
-    pub fn header(self) -> &'static str {
+    pub(crate) fn header(self) -> &'static str {
         match self {
             Priority::Low => "low",
             Priority::Normal => "normal",
@@ -48,7 +49,7 @@ impl Priority {
 
 /// Knobs of the pacer; the defaults suit every documented tenant size.
 #[derive(Clone, Copy, Debug)]
-pub struct PaceSettings {
+pub(crate) struct PaceSettings {
     /// RU per second background reads start at: half the refill of the smallest documented
     /// bucket (3,500 RU per 10 s).
     pub initial_rate: f64,
@@ -83,7 +84,7 @@ impl Default for PaceSettings {
 
 /// What the pacer saw and did (cumulative), for benchmarks, tests and metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct PaceStats {
+pub(crate) struct PaceStats {
     /// RU Graph reported charging, by priority.
     pub ru_low: u64,
     pub ru_normal: u64,
@@ -113,7 +114,7 @@ struct PaceState {
 }
 
 /// One integration's shared Graph budget (see the module documentation).
-pub struct Pacer {
+pub(crate) struct Pacer {
     settings: PaceSettings,
     state: Mutex<PaceState>,
 }
@@ -125,7 +126,7 @@ impl Default for Pacer {
 }
 
 impl Pacer {
-    pub fn new(settings: PaceSettings) -> Pacer {
+    pub(crate) fn new(settings: PaceSettings) -> Pacer {
         let now = Instant::now();
         Pacer {
             state: Mutex::new(PaceState {
@@ -149,7 +150,7 @@ impl Pacer {
     }
 
     /// How long a request of `priority` must wait before it may be sent (zero: now).
-    pub fn wait(&self, priority: Priority) -> Duration {
+    pub(crate) fn wait(&self, priority: Priority) -> Duration {
         let now = Instant::now();
         let s = self.lock();
         let mut until = s.pause_all;
@@ -160,7 +161,7 @@ impl Pacer {
     }
 
     /// Waits until a request of `priority` may be sent.
-    pub async fn admit(&self, priority: Priority) {
+    pub(crate) async fn admit(&self, priority: Priority) {
         loop {
             let wait = self.wait(priority);
             if wait.is_zero() {
@@ -175,7 +176,7 @@ impl Pacer {
 
     /// Takes in what an answer says about the bucket: its cost (`x-ms-resource-unit`, else
     /// `estimate`), and the share of the limit in use (`x-ms-throttle-limit-percentage`).
-    pub fn answered(&self, priority: Priority, headers: &HeaderMap, estimate: u32) {
+    pub(crate) fn answered(&self, priority: Priority, headers: &HeaderMap, estimate: u32) {
         let ru = header_f64(headers, "x-ms-resource-unit")
             .filter(|r| r.is_finite() && *r >= 0.0)
             .unwrap_or(f64::from(estimate));
@@ -185,7 +186,7 @@ impl Pacer {
     }
 
     /// [`Pacer::answered`] with the values already read.
-    pub fn charge(&self, priority: Priority, ru: f64, share: Option<f64>) {
+    pub(crate) fn charge(&self, priority: Priority, ru: f64, share: Option<f64>) {
         let now = Instant::now();
         let set = self.settings;
         let mut s = self.lock();
@@ -225,7 +226,7 @@ impl Pacer {
     }
 
     /// A request of `priority` was answered 429 (`retry_after`: what Graph asked for).
-    pub fn throttled(&self, priority: Priority, retry_after: Option<Duration>) {
+    pub(crate) fn throttled(&self, priority: Priority, retry_after: Option<Duration>) {
         let now = Instant::now();
         let set = self.settings;
         // Without a Retry-After: a second, the retry policy adds its own backoff.
@@ -253,7 +254,8 @@ impl Pacer {
         s.stats.low_rate = s.low_rate;
     }
 
-    pub fn stats(&self) -> PaceStats {
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> PaceStats {
         self.lock().stats.clone()
     }
 }
@@ -329,14 +331,31 @@ mod tests {
         assert_eq!((s.throttled_low, s.throttled_normal), (1, 1));
     }
 
-    #[test]
-    fn the_rate_grows_without_pressure_up_to_the_cap_and_ignores_garbage() {
+    /// On tokio's paused clock: a 30 s pause is waited out exactly, with no wall-clock wait.
+    #[tokio::test(start_paused = true)]
+    async fn admission_waits_out_a_pause_and_no_longer() {
+        let p = Pacer::default();
+        p.throttled(Priority::Normal, Some(Duration::from_secs(30)));
+        let t0 = Instant::now();
+        p.admit(Priority::Normal).await;
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_millis(30_010),
+            "{waited:?}"
+        );
+        let t1 = Instant::now();
+        p.admit(Priority::Normal).await;
+        assert!(t1.elapsed() < Duration::from_millis(1), "the pause is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_grows_without_pressure_up_to_the_cap_and_ignores_garbage() {
         let p = Pacer::new(PaceSettings {
             initial_rate: 900.0,
             growth: 10.0,
             ..PaceSettings::default()
         });
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::advance(Duration::from_millis(200)).await;
         p.answered(Priority::Low, &headers("not a number", Some("NaN")), 2);
         let s = p.stats();
         assert_eq!(s.low_rate, 1_000.0);

@@ -30,9 +30,10 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// The window the pacer starts with (never above the ceiling).
 const INITIAL_WINDOW: f64 = 2.0;
@@ -129,7 +130,7 @@ pub struct PaceStats {
 
 /// How a paced request went.
 #[derive(Clone, Copy, Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Answered (whatever the status, bar a throttle).
     Answered,
     /// Answered 429, or 503 with `Retry-After` (`shed`): every request pauses for `pause`.
@@ -145,7 +146,7 @@ pub enum Outcome {
 /// One request's place in the pacer; report its outcome with [`Permit::done`] (dropping it
 /// counts as [`Outcome::NoAnswer`]).
 #[derive(Debug)]
-pub struct Permit<'a> {
+pub(crate) struct Permit<'a> {
     pacer: &'a Pacer,
     sent: Instant,
     /// The window was at least half in use when this request started (so growth is earned).
@@ -161,7 +162,7 @@ pub struct Permit<'a> {
 
 impl Pacer {
     /// A pacer that never has more than `ceiling` requests in flight.
-    pub fn new(ceiling: usize) -> Pacer {
+    pub(crate) fn new(ceiling: usize) -> Pacer {
         let ceiling = ceiling.max(1);
         Pacer {
             ceiling,
@@ -192,11 +193,6 @@ impl Pacer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The configured ceiling.
-    pub fn ceiling(&self) -> usize {
-        self.ceiling
-    }
-
     /// Counters and the current window and rate.
     pub fn stats(&self) -> PaceStats {
         let st = self.lock();
@@ -208,19 +204,20 @@ impl Pacer {
     }
 
     /// Whether the LMS asked for a pause that has not passed yet.
-    pub fn paused(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn paused(&self) -> bool {
         self.lock().paused_until.is_some_and(|p| p > Instant::now())
     }
 
     /// Whether the LMS throttled within the last `span`.
-    pub fn throttled_within(&self, span: Duration) -> bool {
+    pub(crate) fn throttled_within(&self, span: Duration) -> bool {
         self.lock()
             .last_throttle
             .is_some_and(|t| t.elapsed() <= span)
     }
 
     /// Waits until a request may be sent: within the window, at the rate, after any pause.
-    pub async fn acquire(&self) -> Permit<'_> {
+    pub(crate) async fn acquire(&self) -> Permit<'_> {
         let mut permit = Permit {
             pacer: self,
             sent: Instant::now(),
@@ -236,7 +233,7 @@ impl Pacer {
         loop {
             if slot > Instant::now() {
                 permit.rate_bound = true;
-                tokio::time::sleep_until(slot.into()).await;
+                tokio::time::sleep_until(slot).await;
             }
             let mut st = self.lock();
             match st.paused_until {
@@ -292,7 +289,7 @@ impl Pacer {
                 }
             };
             match pause {
-                Some(p) => tokio::time::sleep_until(p.into()).await,
+                Some(p) => tokio::time::sleep_until(p).await,
                 None => {
                     permit.started = true;
                     return permit;
@@ -450,7 +447,7 @@ impl State {
 
 impl Permit<'_> {
     /// Reports how the request went.
-    pub fn done(mut self, outcome: Outcome) {
+    pub(crate) fn done(mut self, outcome: Outcome) {
         self.finished = true;
         self.pacer.finish(&self, outcome);
     }
@@ -469,7 +466,7 @@ impl Drop for Permit<'_> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_window_grows_while_in_use_and_never_passes_the_ceiling() {
         let p = Pacer::new(6);
         assert_eq!(p.stats().window, INITIAL_WINDOW);
@@ -488,7 +485,7 @@ mod tests {
         assert_eq!(p.stats().rate, None, "no rate before a throttle");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_throttle_pauses_everyone_and_sets_a_rate_below_what_was_sent() {
         let p = Pacer::new(8);
         for _ in 0..20 {
@@ -526,7 +523,7 @@ mod tests {
         assert!(t0.elapsed() >= Duration::from_secs_f64(3.0 / rate) - Duration::from_millis(5));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn shedding_and_slow_answers_cut_the_window() {
         let p = Pacer::new(32);
         for _ in 0..20 {
@@ -563,7 +560,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_guessed_rate_rises_by_two_percent_a_second_a_measured_one_per_round_trip() {
         // One answer that waited for the rate, after `rtt`: what the rate rises by.
         let raise = |measured: bool, rtt: Duration| {
@@ -599,7 +596,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_caller_that_stops_waiting_gives_its_place_back() {
         let p = Pacer::new(1);
         let held = p.acquire().await;
