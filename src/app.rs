@@ -18,9 +18,9 @@ use crate::sync::reconcile::{self, Context, ProgressFn, RunError, RunOptions, Ru
 use crate::sync::worker;
 
 /// Meta key of what the LMS's SCIM server taught rostersync (its dialect, learned layer).
-pub const DIALECT_META: &str = "scim_dialect";
+pub(crate) const DIALECT_META: &str = "scim_dialect";
 /// Meta key of the last `check --probe` report.
-pub const PROBE_META: &str = "scim_probe";
+pub(crate) const PROBE_META: &str = "scim_probe";
 
 /// Keeps the learned dialect in the integration's `meta` tree.
 struct StoreMemory(IntegrationStore);
@@ -120,7 +120,7 @@ impl Integration {
 
     /// The context of a full reconcile: as [`Integration::context`], with the background
     /// Graph client (low priority, paced).
-    pub fn background_context(&self) -> Context<'_, ScimTarget> {
+    pub(crate) fn background_context(&self) -> Context<'_, ScimTarget> {
         Context {
             graph: &self.background,
             ..self.context()

@@ -43,14 +43,14 @@ fn write_escaped(out: &mut dyn fmt::Write, s: &str) -> fmt::Result {
 }
 
 /// `s` escaped for a log line (see [`Esc`]).
-pub fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let _ = write_escaped(&mut out, s);
     out
 }
 
 /// Displays a string with control characters escaped: `tracing::warn!(path = %Esc(p), …)`.
-pub struct Esc<'a>(pub &'a str);
+pub(crate) struct Esc<'a>(pub &'a str);
 
 impl fmt::Display for Esc<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -60,7 +60,7 @@ impl fmt::Display for Esc<'_> {
 
 /// At most `max_chars` characters of `s`, escaped, with `…` when something was cut: what may be
 /// quoted of input in a log line or an error message.
-pub fn excerpt(s: &str, max_chars: usize) -> String {
+pub(crate) fn excerpt(s: &str, max_chars: usize) -> String {
     let mut cut = s.char_indices().nth(max_chars).map(|(i, _)| i);
     if cut == Some(s.len()) {
         cut = None;

@@ -24,7 +24,7 @@ pub enum UsernameSource {
 }
 
 impl UsernameSource {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         match s {
             "userPrincipalName" => Ok(Self::UserPrincipalName),
             "mail" => Ok(Self::Mail),
@@ -35,7 +35,7 @@ impl UsernameSource {
             )),
         }
     }
-    pub fn graph_property(self) -> &'static str {
+    pub(crate) fn graph_property(self) -> &'static str {
         match self {
             Self::UserPrincipalName => "userPrincipalName",
             Self::Mail => "mail",
@@ -135,7 +135,7 @@ pub enum Expr {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum MappingError {
+pub(crate) enum MappingError {
     #[error("{key}: {message}")]
     At { key: String, message: String },
 }
@@ -158,11 +158,11 @@ pub struct Mapping {
 
 /// Why a user cannot be mapped (a per-user failure, never a crash).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapFailure(pub String);
+pub(crate) struct MapFailure(pub String);
 
 /// The desired state of one user, before the manager's target id is resolved.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Desired {
+pub(crate) struct Desired {
     pub entra_id: String,
     pub user_name: String,
     pub record: Record,
@@ -215,7 +215,7 @@ fn valid_key(key: &str) -> Result<(), String> {
 }
 
 /// Parses an expression of the mapping language.
-pub fn parse_expr(src: &str) -> Result<Expr, String> {
+pub(crate) fn parse_expr(src: &str) -> Result<Expr, String> {
     let mut p = Parser {
         s: src.as_bytes(),
         i: 0,
@@ -339,7 +339,7 @@ impl Mapping {
     /// Builds the mapping: defaults, then each configured entry overrides or adds a rule.
     /// An entry is an expression string, `{ from = "expr", on_empty = "clear"|"keep" }`, or
     /// `false` to drop a default.
-    pub fn build(
+    pub(crate) fn build(
         username: UsernameSource,
         table: Option<&toml::Table>,
     ) -> Result<Self, MappingError> {
@@ -448,7 +448,7 @@ impl Mapping {
     }
 
     /// Manager properties to `$select`, or `None` when no manager data is needed.
-    pub fn manager_select(&self) -> Option<Vec<String>> {
+    pub(crate) fn manager_select(&self) -> Option<Vec<String>> {
         let mut set = BTreeSet::new();
         for r in &self.rules {
             collect_props(&r.expr, &mut set, true);
@@ -461,7 +461,7 @@ impl Mapping {
     }
 
     /// Maps one Graph user. `manager` is the manager's Graph object when there is one.
-    pub fn apply(
+    pub(crate) fn apply(
         &self,
         user: &GraphUser,
         manager: Option<&GraphUser>,

@@ -94,19 +94,19 @@ fn describe() {
 }
 
 /// A notification was queued.
-pub fn notifications_received(integration: &str, n: u64) {
+pub(crate) fn notifications_received(integration: &str, n: u64) {
     counter!("rostersync_notifications_received_total", "integration" => integration.to_string())
         .increment(n);
 }
 
 /// A notification (or a whole request) was refused. `integration` must be a configured name
 /// or "(unknown)"; `reason` one of a fixed set.
-pub fn notification_rejected(integration: &str, reason: &'static str) {
+pub(crate) fn notification_rejected(integration: &str, reason: &'static str) {
     notifications_rejected(integration, reason, 1);
 }
 
 /// `n` notifications (or requests) refused for one reason.
-pub fn notifications_rejected(integration: &str, reason: &'static str, n: u64) {
+pub(crate) fn notifications_rejected(integration: &str, reason: &'static str, n: u64) {
     counter!(
         "rostersync_notifications_rejected_total",
         "integration" => integration.to_string(),
@@ -116,7 +116,7 @@ pub fn notifications_rejected(integration: &str, reason: &'static str, n: u64) {
 }
 
 /// One change sent to the LMS (create, update, deactivate, reactivate) and how it ended.
-pub fn apply(integration: &str, kind: &'static str, ok: bool) {
+pub(crate) fn apply(integration: &str, kind: &'static str, ok: bool) {
     counter!(
         "rostersync_applies_total",
         "integration" => integration.to_string(),
@@ -127,7 +127,12 @@ pub fn apply(integration: &str, kind: &'static str, ok: bool) {
 }
 
 /// A full reconcile ended.
-pub fn reconcile_finished(integration: &str, seconds: f64, outcome: &'static str, success: bool) {
+pub(crate) fn reconcile_finished(
+    integration: &str,
+    seconds: f64,
+    outcome: &'static str,
+    success: bool,
+) {
     let i = integration.to_string();
     histogram!("rostersync_reconcile_duration_seconds", "integration" => i.clone()).record(seconds);
     counter!("rostersync_reconcile_runs_total", "integration" => i, "outcome" => outcome)
@@ -139,20 +144,20 @@ pub fn reconcile_finished(integration: &str, seconds: f64, outcome: &'static str
 
 /// The last successful reconcile known from the run history (set when `serve` starts, so the
 /// gauge exists before the next run).
-pub fn last_success_at(integration: &str, unix_seconds: i64) {
+pub(crate) fn last_success_at(integration: &str, unix_seconds: i64) {
     gauge!("rostersync_reconcile_last_success_timestamp_seconds", "integration" => integration.to_string())
         .set(unix_seconds as f64);
 }
 
 /// Which remote a request went to.
 #[derive(Clone, Copy, Debug)]
-pub enum Remote {
+pub(crate) enum Remote {
     Graph,
     Target,
 }
 
 /// One HTTP response (or `None`: no response) from Graph or the LMS, retries included.
-pub fn request(remote: Remote, integration: &str, status: Option<u16>) {
+pub(crate) fn request(remote: Remote, integration: &str, status: Option<u16>) {
     let name = match remote {
         Remote::Graph => "rostersync_graph_requests_total",
         Remote::Target => "rostersync_target_requests_total",
@@ -165,17 +170,17 @@ pub fn request(remote: Remote, integration: &str, status: Option<u16>) {
 }
 
 /// Gauges read from the store when `/metrics` is scraped.
-pub fn queue(integration: &str, depth: u64, dead: u64) {
+pub(crate) fn queue(integration: &str, depth: u64, dead: u64) {
     gauge!("rostersync_queue_depth", "integration" => integration.to_string()).set(depth as f64);
     gauge!("rostersync_dead_letters", "integration" => integration.to_string()).set(dead as f64);
 }
 
-pub fn secret_expiry(integration: &str, seconds: f64) {
+pub(crate) fn secret_expiry(integration: &str, seconds: f64) {
     gauge!("rostersync_client_secret_expiry_seconds", "integration" => integration.to_string())
         .set(seconds);
 }
 
-pub fn subscription_expiry(integration: &str, resource: &str, seconds: f64) {
+pub(crate) fn subscription_expiry(integration: &str, resource: &str, seconds: f64) {
     gauge!(
         "rostersync_subscription_expiry_seconds",
         "integration" => integration.to_string(),
@@ -185,6 +190,6 @@ pub fn subscription_expiry(integration: &str, resource: &str, seconds: f64) {
 }
 
 /// The Prometheus text exposition of everything recorded so far.
-pub fn render() -> String {
+pub(crate) fn render() -> String {
     handle().map(|h| h.render()).unwrap_or_default()
 }

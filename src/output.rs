@@ -19,7 +19,7 @@ fn opt(v: &Option<crate::sync::mapping::AttrValue>) -> String {
 }
 
 /// One line per planned or applied change.
-pub fn change_line(c: &PlannedChange) -> String {
+pub(crate) fn change_line(c: &PlannedChange) -> String {
     let detail = match c.action {
         Action::Create => c
             .changes
@@ -123,7 +123,7 @@ pub fn render_checks(lines: &[CheckLine]) -> String {
 }
 
 /// The probe's table: operation, what the LMS answered, what rostersync will do.
-pub fn render_probe(p: &ProbeReport) -> String {
+pub(crate) fn render_probe(p: &ProbeReport) -> String {
     let mut s = String::new();
     let w_op = p
         .rows

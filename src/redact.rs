@@ -8,7 +8,7 @@
 use secrecy::{ExposeSecret, SecretString};
 
 /// What replaces a secret.
-pub const REDACTED: &str = "[redacted]";
+pub(crate) const REDACTED: &str = "[redacted]";
 
 /// Values shorter than this are not replaced: they would mangle ordinary text, and config
 /// refuses secrets that short where it can.
@@ -16,7 +16,7 @@ const MIN_CHARS: usize = 6;
 
 /// The secrets one text may carry, held as secrets until the moment they are compared.
 #[derive(Clone, Default)]
-pub struct Redactor {
+pub(crate) struct Redactor {
     secrets: Vec<SecretString>,
 }
 
@@ -28,7 +28,7 @@ impl std::fmt::Debug for Redactor {
 
 impl Redactor {
     /// Adds one more secret (an alert webhook URL, an SMTP password).
-    pub fn add(&mut self, secret: &SecretString) -> &mut Self {
+    pub(crate) fn add(&mut self, secret: &SecretString) -> &mut Self {
         let s = secret.expose_secret();
         if s.chars().count() >= MIN_CHARS && !self.secrets.iter().any(|k| k.expose_secret() == s) {
             self.secrets.push(secret.clone());
@@ -36,19 +36,19 @@ impl Redactor {
         self
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.secrets.is_empty()
     }
 
     /// `text` with every secret replaced by [`REDACTED`].
-    pub fn scrub(&self, text: &str) -> String {
+    pub(crate) fn scrub(&self, text: &str) -> String {
         let mut out = text.to_string();
         self.scrub_in_place(&mut out);
         out
     }
 
     /// Replaces every secret in `text`, leaving it untouched (no allocation) when none occurs.
-    pub fn scrub_in_place(&self, text: &mut String) {
+    pub(crate) fn scrub_in_place(&self, text: &mut String) {
         for s in &self.secrets {
             let s = s.expose_secret();
             if text.contains(s) {

@@ -15,7 +15,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 /// How an HTTP status bears on repeating the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transience {
+pub(crate) enum Transience {
     /// 429: the request was not processed; it may be repeated, even a POST.
     Throttled,
     /// 503: the service (or a proxy in front of it) is unavailable; a backend may still have
@@ -28,7 +28,7 @@ pub enum Transience {
 }
 
 /// The [`Transience`] of an HTTP status.
-pub fn transience(status: u16) -> Transience {
+pub(crate) fn transience(status: u16) -> Transience {
     match status {
         429 => Transience::Throttled,
         503 => Transience::Unavailable,
@@ -82,7 +82,7 @@ impl RetryPolicy {
     }
 
     /// The attempts of one operation starting now.
-    pub fn start(&self) -> Backoff {
+    pub(crate) fn start(&self) -> Backoff {
         Backoff {
             policy: *self,
             attempts: 1,
@@ -93,7 +93,7 @@ impl RetryPolicy {
 
     /// For retries kept in the store (queue items, alerts): the wait after the `failures`-th
     /// failure of an operation first tried `age` ago, or `None` when it should be given up.
-    pub fn after_failures(&self, failures: u32, age: Duration) -> Option<Duration> {
+    pub(crate) fn after_failures(&self, failures: u32, age: Duration) -> Option<Duration> {
         if failures >= self.max_attempts || self.deadline.is_some_and(|d| age >= d) {
             return None;
         }
@@ -101,7 +101,7 @@ impl RetryPolicy {
     }
 
     /// Delay before attempt `attempt + 1` (attempt counts from 1).
-    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let mut rng = rand::rng();
         if let Some(ra) = retry_after {
             // Honour the server, plus a little jitter so many waiters do not return at once.
@@ -121,7 +121,7 @@ impl RetryPolicy {
 /// One operation's attempts under a [`RetryPolicy`]: the first attempt is under way when it is
 /// made; each failure asks whether and when to try again.
 #[derive(Clone, Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     policy: RetryPolicy,
     attempts: u32,
     server_errors: u32,
@@ -130,14 +130,14 @@ pub struct Backoff {
 
 impl Backoff {
     /// Attempts made so far, the current one included.
-    pub fn attempts(&self) -> u32 {
+    pub(crate) fn attempts(&self) -> u32 {
         self.attempts
     }
 
     /// The current attempt failed in a way worth repeating (a transport error, a throttle, or
     /// whatever the caller decides): the wait before the next attempt, which is counted from
     /// here, or `None` when the attempts or the deadline are spent.
-    pub fn retry(&mut self, retry_after: Option<Duration>) -> Option<Duration> {
+    pub(crate) fn retry(&mut self, retry_after: Option<Duration>) -> Option<Duration> {
         if self.attempts >= self.policy.max_attempts {
             return None;
         }
@@ -153,7 +153,7 @@ impl Backoff {
 
     /// As [`Backoff::retry`] for an HTTP answer: `None` when its status is not worth
     /// repeating (for a non-`idempotent` request, only a 429 is), or when the policy says stop.
-    pub fn retry_status(
+    pub(crate) fn retry_status(
         &mut self,
         status: u16,
         idempotent: bool,
@@ -177,7 +177,7 @@ impl Backoff {
 }
 
 /// Reads `Retry-After` as delta-seconds or an HTTP date.
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
@@ -191,7 +191,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// none is followed. A 307/308 would re-send the client-secret form, the bearer token or user
 /// data to wherever `Location` points; a redirect instead fails the request with
 /// [`RedirectRefused`], which names the target.
-pub fn no_redirects() -> reqwest::redirect::Policy {
+pub(crate) fn no_redirects() -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(|attempt| {
         let to = without_query(attempt.url());
         attempt.error(RedirectRefused(to))
@@ -201,10 +201,10 @@ pub fn no_redirects() -> reqwest::redirect::Policy {
 /// A redirect that was not followed; names its target (without query or credentials).
 #[derive(Debug, thiserror::Error)]
 #[error("the server redirected to {0}; rostersync follows no redirects (check the configured URL)")]
-pub struct RedirectRefused(pub String);
+pub(crate) struct RedirectRefused(pub String);
 
 /// `scheme://host[:port]/path` of a URL: no user info, query or fragment.
-pub fn without_query(u: &url::Url) -> String {
+pub(crate) fn without_query(u: &url::Url) -> String {
     let mut u = u.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);
@@ -215,7 +215,7 @@ pub fn without_query(u: &url::Url) -> String {
 
 /// A request error as one message: a refused redirect says where it pointed; other errors
 /// are reqwest's text.
-pub fn transport_message(e: &reqwest::Error) -> String {
+pub(crate) fn transport_message(e: &reqwest::Error) -> String {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(r) = s.downcast_ref::<RedirectRefused>() {
@@ -228,7 +228,10 @@ pub fn transport_message(e: &reqwest::Error) -> String {
 
 /// Reads a response body, failing once it exceeds `limit` bytes (a hostile or broken peer
 /// must not exhaust memory).
-pub async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
     if let Some(len) = resp.content_length() {
         if len as usize > limit {
             return Err(format!(

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 /// `s` cut to at most `max` characters, the last being `…` when cut.
-pub fn clip(s: &str, max: usize) -> String {
+pub(crate) fn clip(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         return s.to_string();
     }
@@ -15,7 +15,7 @@ pub fn clip(s: &str, max: usize) -> String {
 
 /// Whether `s` has the 8-4-4-4-12 hex form of a GUID, the form Entra gives object ids,
 /// client ids and tenant ids.
-pub fn is_guid(s: &str) -> bool {
+pub(crate) fn is_guid(s: &str) -> bool {
     s.len() == 36
         && s.chars().enumerate().all(|(i, c)| match i {
             8 | 13 | 18 | 23 => c == '-',
@@ -25,7 +25,7 @@ pub fn is_guid(s: &str) -> bool {
 
 /// Whether a URL host names this machine: `localhost`, or a loopback IP address
 /// (`127.0.0.0/8`, `::1`, IPv6 written in brackets or not).
-pub fn is_loopback_host(host: &str) -> bool {
+pub(crate) fn is_loopback_host(host: &str) -> bool {
     if host.eq_ignore_ascii_case("localhost") {
         return true;
     }
@@ -37,7 +37,7 @@ pub fn is_loopback_host(host: &str) -> bool {
 }
 
 /// Percent-encodes one path segment or query value (RFC 3986 unreserved characters stay).
-pub fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'.')

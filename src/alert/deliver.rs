@@ -197,7 +197,7 @@ impl Alerter {
 
     /// `serve`'s sender: checks secret expiry at start and daily, delivers due entries as
     /// they are queued or fall due, until `stop`.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut next_check = Utc::now();
         loop {
             let now = Utc::now();

@@ -13,7 +13,7 @@
 //! in the outbox and is retried, across restarts.
 
 mod deliver;
-pub mod outbox;
+pub(crate) mod outbox;
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
@@ -28,11 +28,11 @@ use crate::sync::plan::GuardTrip;
 use crate::sync::reconcile::{RunError, RunReport};
 
 /// Days before `client_secret_expires` at which a warning goes out (each once).
-pub const SECRET_EXPIRY_WARNINGS: [i64; 4] = [30, 14, 7, 1];
+pub(crate) const SECRET_EXPIRY_WARNINGS: [i64; 4] = [30, 14, 7, 1];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AlertKind {
+pub(crate) enum AlertKind {
     FailedUsers,
     DeadLetters,
     GuardTripped,
@@ -43,7 +43,7 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             AlertKind::FailedUsers => "failed_users",
             AlertKind::DeadLetters => "dead_letters",
@@ -58,14 +58,14 @@ impl AlertKind {
 
 /// One line of a digest (a user, a dead letter); `key` keeps it from being repeated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Item {
+pub(crate) struct Item {
     pub key: String,
     pub text: String,
 }
 
 /// How often an alert may repeat.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Repeat {
+pub(crate) enum Repeat {
     /// Not again within this window after it was queued.
     Window(Duration),
     /// A digest: at most one per `every`, merging everything raised meanwhile; each item is
@@ -78,7 +78,7 @@ pub enum Repeat {
 
 /// An alert as raised, before deduplication.
 #[derive(Clone, Debug)]
-pub struct Alert {
+pub(crate) struct Alert {
     pub kind: AlertKind,
     /// Deduplication key within the integration, e.g. `graph-auth:7000215`.
     pub key: String,
@@ -133,7 +133,7 @@ fn raise_at(
 
 /// After a full reconcile (CLI or serve): failed users (digest), guard trip, Graph
 /// authentication failure or another whole-run failure. Dry runs raise nothing.
-pub fn after_run(
+pub(crate) fn after_run(
     cfg: &IntegrationConfig,
     store: &IntegrationStore,
     report: &RunReport,
@@ -280,7 +280,7 @@ fn guard_tripped(
 }
 
 /// After an incremental batch: items moved to the dead letters (digest) and a guard trip.
-pub fn after_batch(
+pub(crate) fn after_batch(
     cfg: &IntegrationConfig,
     store: &IntegrationStore,
     buried: &[(u64, QueueItem)],
@@ -326,7 +326,11 @@ pub fn after_batch(
 }
 
 /// Subscriptions that could not be created or renewed (`serve`, `subscriptions renew`).
-pub fn subscriptions_failed(cfg: &IntegrationConfig, store: &IntegrationStore, errors: &[String]) {
+pub(crate) fn subscriptions_failed(
+    cfg: &IntegrationConfig,
+    store: &IntegrationStore,
+    errors: &[String],
+) {
     let name = cfg.name.as_str();
     raise(
         cfg,
@@ -397,7 +401,7 @@ pub fn graph_token_failed(cfg: &IntegrationConfig, store: &IntegrationStore, e: 
 
 /// `serve` cannot start an integration (LMS unreachable, a group missing, subscriptions
 /// refused, ...): nothing is synced for it until it can.
-pub fn startup_failed(cfg: &IntegrationConfig, store: &IntegrationStore, error: &str) {
+pub(crate) fn startup_failed(cfg: &IntegrationConfig, store: &IntegrationStore, error: &str) {
     raise(
         cfg,
         store,
@@ -421,7 +425,11 @@ pub fn startup_failed(cfg: &IntegrationConfig, store: &IntegrationStore, error: 
 
 /// Warns 30, 14, 7 and 1 days before `client_secret_expires`, and once it has passed; each
 /// warning once. Runs at `serve` start and daily, and in `reconcile` and `check`.
-pub fn check_secret_expiry(cfg: &IntegrationConfig, store: &IntegrationStore, today: NaiveDate) {
+pub(crate) fn check_secret_expiry(
+    cfg: &IntegrationConfig,
+    store: &IntegrationStore,
+    today: NaiveDate,
+) {
     let Some(expires) = cfg.client_secret_expires else {
         return;
     };

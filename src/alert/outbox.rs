@@ -27,14 +27,14 @@ const MAX_ITEMS: usize = 200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Channel {
+pub(crate) enum Channel {
     Email,
     Webhook,
 }
 
 /// An alert in the outbox.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub integration: String,
     pub kind: AlertKind,
     pub key: String,
@@ -61,7 +61,7 @@ pub struct Entry {
 
 impl Entry {
     /// The subject line's text (digests count their items).
-    pub fn headline(&self) -> String {
+    pub(crate) fn headline(&self) -> String {
         let n = self.items.len() as u64 + self.more;
         let s = if n == 1 { "" } else { "s" };
         match self.kind {
@@ -73,7 +73,7 @@ impl Entry {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Raised {
+pub(crate) enum Raised {
     Queued { due: DateTime<Utc> },
     Merged,
     Suppressed,
@@ -99,7 +99,7 @@ fn guard() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Appends `alert` for `integration` unless deduplication says otherwise.
-pub fn raise(
+pub(crate) fn raise(
     trees: &AlertTrees,
     settings: &AlertSettings,
     integration: &str,
@@ -188,7 +188,10 @@ fn merge(e: &mut Entry, details: Vec<String>, items: Vec<Item>) {
 }
 
 /// Claims every entry due at `now` (oldest first) for delivery.
-pub fn claim_due(trees: &AlertTrees, now: DateTime<Utc>) -> Result<Vec<(u64, Entry)>, StoreError> {
+pub(crate) fn claim_due(
+    trees: &AlertTrees,
+    now: DateTime<Utc>,
+) -> Result<Vec<(u64, Entry)>, StoreError> {
     let _g = guard();
     let mut out = Vec::new();
     for (id, mut e) in trees.entries::<Entry>()? {
@@ -205,7 +208,7 @@ pub fn claim_due(trees: &AlertTrees, now: DateTime<Utc>) -> Result<Vec<(u64, Ent
 }
 
 /// When the next entry falls due, if any.
-pub fn next_due(trees: &AlertTrees) -> Result<Option<DateTime<Utc>>, StoreError> {
+pub(crate) fn next_due(trees: &AlertTrees) -> Result<Option<DateTime<Utc>>, StoreError> {
     Ok(trees
         .entries::<Entry>()?
         .into_iter()

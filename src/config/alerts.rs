@@ -68,7 +68,7 @@ impl Default for AlertSettings {
 
 impl AlertSettings {
     /// Whether any channel is configured.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.email.is_some() || self.webhook_url.is_some()
     }
 }

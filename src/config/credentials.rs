@@ -9,7 +9,7 @@ use crate::graph::credential::{
 };
 
 /// Set by the AKS workload identity webhook to the projected service account token's path.
-pub const FEDERATED_TOKEN_FILE_ENV: &str = "AZURE_FEDERATED_TOKEN_FILE";
+pub(crate) const FEDERATED_TOKEN_FILE_ENV: &str = "AZURE_FEDERATED_TOKEN_FILE";
 
 /// The integration's credential keys: `credential` picks the kind, which needs its own keys and
 /// refuses the others' (a stale `client_secret` beside a certificate would mislead readers).

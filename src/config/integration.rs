@@ -99,7 +99,7 @@ pub enum DeactivationLimit {
 }
 
 impl DeactivationLimit {
-    pub fn parse(v: &toml::Value) -> Result<Self, String> {
+    pub(crate) fn parse(v: &toml::Value) -> Result<Self, String> {
         match v {
             toml::Value::Integer(n) if *n >= 0 => Ok(Self::Count(*n as u64)),
             toml::Value::String(s) => {
@@ -128,7 +128,7 @@ impl DeactivationLimit {
     }
 
     /// The largest number of deactivations allowed when `active` users are in the index.
-    pub fn allowed(&self, active: u64) -> u64 {
+    pub(crate) fn allowed(&self, active: u64) -> u64 {
         match *self {
             Self::Count(n) => n,
             // At least one, so a small tenant's single leaver does not trip the guard.
@@ -189,7 +189,7 @@ impl IntegrationConfig {
     /// A redactor of every secret this integration knows: the SCIM token, the client secret,
     /// the configured clientState, and (when `store` is given) the clientState rostersync
     /// generated and stored.
-    pub fn redactor(&self, store: Option<&crate::store::IntegrationStore>) -> Redactor {
+    pub(crate) fn redactor(&self, store: Option<&crate::store::IntegrationStore>) -> Redactor {
         let mut r = Redactor::default();
         r.add(&self.target.token);
         if let ClientCredential::Secret(s) = &self.credential {
@@ -205,7 +205,7 @@ impl IntegrationConfig {
     }
 
     /// The parsed schedule (validated at load time).
-    pub fn cron(&self) -> Result<croner::Cron, String> {
+    pub(crate) fn cron(&self) -> Result<croner::Cron, String> {
         parse_schedule(&self.schedule)
     }
 }

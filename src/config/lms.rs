@@ -129,7 +129,7 @@ impl RawDialect {
 }
 
 /// Default ceiling of concurrent LMS requests (`target.concurrency`).
-pub const DEFAULT_TARGET_CONCURRENCY: usize = 32;
+pub(crate) const DEFAULT_TARGET_CONCURRENCY: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct TargetConfig {

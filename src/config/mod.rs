@@ -19,13 +19,15 @@ mod lms;
 mod secret;
 mod server;
 
-pub use alerts::{AlertSettings, EmailAlerts, SmtpSettings, SmtpTls};
-pub use credentials::FEDERATED_TOKEN_FILE_ENV;
+pub(crate) use alerts::{AlertSettings, EmailAlerts, SmtpTls};
+#[cfg(test)]
+use credentials::FEDERATED_TOKEN_FILE_ENV;
 pub use integration::{
     DeactivationLimit, IntegrationConfig, IntegrationName, DEFAULT_SCHEDULE,
     MAX_SUBSCRIPTION_MINUTES,
 };
-pub use lms::{TargetConfig, DEFAULT_TARGET_CONCURRENCY};
+#[cfg(test)]
+use lms::DEFAULT_TARGET_CONCURRENCY;
 pub use server::{ServerConfig, TlsSettings, DEFAULT_RECONCILE_CONCURRENCY};
 
 use alerts::RawAlerts;

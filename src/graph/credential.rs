@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
 /// `client_assertion_type` of a JWT client assertion (RFC 7523).
-pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Lifetime of a certificate assertion; Microsoft asks for 5–10 minutes at most.
 const ASSERTION_LIFETIME_SECS: i64 = 600;
 /// A Kubernetes projected token is ~1 KiB; anything near this is not a token.
@@ -47,14 +47,14 @@ pub enum CertificateAlg {
 }
 
 impl CertificateAlg {
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "PS256" => Some(Self::Ps256),
             "RS256" => Some(Self::Rs256),
             _ => None,
         }
     }
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Ps256 => "PS256",
             Self::Rs256 => "RS256",
@@ -71,7 +71,7 @@ impl CertificateAlg {
 /// The thumbprints of a certificate: how the token endpoint finds which registered certificate
 /// signed an assertion.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Thumbprints {
+pub(crate) struct Thumbprints {
     /// base64url SHA-256 of the DER (`x5t#S256`).
     pub x5t_s256: String,
     /// base64url SHA-1 of the DER (`x5t`).
@@ -82,7 +82,7 @@ pub struct Thumbprints {
 
 impl Thumbprints {
     /// Digests come from aws-lc-rs, the crypto backend jsonwebtoken already uses.
-    pub fn of_der(der: &[u8]) -> Self {
+    pub(crate) fn of_der(der: &[u8]) -> Self {
         use aws_lc_rs::digest::{digest, SHA1_FOR_LEGACY_USE_ONLY, SHA256};
         let sha256 = digest(&SHA256, der);
         let sha1 = digest(&SHA1_FOR_LEGACY_USE_ONLY, der);
@@ -148,11 +148,11 @@ impl Certificate {
         })
     }
 
-    pub fn thumbprints(&self) -> &Thumbprints {
+    pub(crate) fn thumbprints(&self) -> &Thumbprints {
         &self.thumbprints
     }
 
-    pub fn public_key(&self) -> &DecodingKey {
+    pub(crate) fn public_key(&self) -> &DecodingKey {
         &self.public_key
     }
 }
@@ -211,7 +211,7 @@ impl CertificateCredential {
     }
 
     /// Signs a probe and verifies it with the certificate's public key.
-    pub fn check_pair(&self) -> Result<(), CredentialError> {
+    pub(crate) fn check_pair(&self) -> Result<(), CredentialError> {
         let probe = b"rostersync key/certificate pair check";
         let alg = self.alg.jwt();
         let sig = jsonwebtoken::crypto::sign(probe, self.key.expose_secret(), alg)
@@ -222,16 +222,17 @@ impl CertificateCredential {
         }
     }
 
-    pub fn certificate(&self) -> &Certificate {
+    pub(crate) fn certificate(&self) -> &Certificate {
         &self.certificate
     }
 
-    pub fn alg(&self) -> CertificateAlg {
+    #[cfg(test)]
+    pub(crate) fn alg(&self) -> CertificateAlg {
         self.alg
     }
 
     /// A fresh assertion for `audience` (the token endpoint URL): new `jti`, `nbf`/`iat` now.
-    pub fn assertion(
+    pub(crate) fn assertion(
         &self,
         audience: &str,
         client_id: &str,
@@ -279,7 +280,7 @@ pub(crate) enum Proof<'a> {
 
 impl ClientCredential {
     /// Short name for logs: `client secret`, `certificate` or `workload identity`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Self::Secret(_) => "client secret",
             Self::Certificate(_) => "certificate",
@@ -289,7 +290,7 @@ impl ClientCredential {
 
     /// What `check` prints: the kind, and the certificate's thumbprint (as the admin center
     /// lists it) or the token file's path. Never key material.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Self::Secret(_) => "with the client secret".into(),
             Self::Certificate(c) => format!(
@@ -322,7 +323,7 @@ impl ClientCredential {
 }
 
 /// Reads the federated token; a missing, empty or oversized file is an error naming the path.
-pub async fn read_token_file(path: &Path) -> Result<SecretString, CredentialError> {
+pub(crate) async fn read_token_file(path: &Path) -> Result<SecretString, CredentialError> {
     let err = |message: String| CredentialError::TokenFile {
         path: path.to_path_buf(),
         message,

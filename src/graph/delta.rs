@@ -9,7 +9,7 @@ use crate::text::urlencode;
 
 /// One membership change of a group.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MemberChange {
+pub(crate) struct MemberChange {
     pub member_id: String,
     pub kind: MemberKind,
     pub removed: bool,
@@ -17,7 +17,7 @@ pub struct MemberChange {
 
 /// The result of following a delta round to its end.
 #[derive(Debug)]
-pub enum DeltaRound {
+pub(crate) enum DeltaRound {
     /// Changes in the order Graph gave them (later entries win) and the link for next time.
     Changes {
         changes: Vec<MemberChange>,
@@ -47,7 +47,7 @@ fn kind_of(t: Option<&str>) -> MemberKind {
 impl GraphClient {
     /// A group's direct members (users, groups and other objects), read page by page: what a
     /// fresh delta round would tell, for rebuilding the membership mirror.
-    pub async fn direct_members(
+    pub(crate) async fn direct_members(
         &self,
         group_id: &str,
     ) -> Result<Vec<(String, MemberKind)>, GraphError> {
@@ -105,7 +105,7 @@ impl GraphClient {
     }
 
     /// The first URL of a fresh round for one group (returns its current direct members).
-    pub fn group_delta_url(&self, group_id: &str) -> String {
+    pub(crate) fn group_delta_url(&self, group_id: &str) -> String {
         format!(
             "{}/groups/delta?$filter={}&$select=id,displayName,members",
             self.api_root,
@@ -114,7 +114,11 @@ impl GraphClient {
     }
 
     /// Follows a round from `start` (a fresh URL or a stored deltaLink) to its deltaLink.
-    pub async fn group_delta(&self, group_id: &str, start: &str) -> Result<DeltaRound, GraphError> {
+    pub(crate) async fn group_delta(
+        &self,
+        group_id: &str,
+        start: &str,
+    ) -> Result<DeltaRound, GraphError> {
         let mut changes = Vec::new();
         let mut group_removed = false;
         let mut next = start.to_string();
@@ -215,7 +219,7 @@ mod tests {
 
 /// One user of a users delta round.
 #[derive(Clone, Debug, PartialEq)]
-pub struct UserChange {
+pub(crate) struct UserChange {
     pub id: String,
     /// `Some(reason)` when the user was removed (`changed`: soft-deleted; `deleted`: gone).
     pub removed: Option<String>,
@@ -229,7 +233,7 @@ pub struct UserChange {
 
 /// The result of following a users delta round to its end.
 #[derive(Debug)]
-pub enum UsersRound {
+pub(crate) enum UsersRound {
     Changes {
         users: Vec<UserChange>,
         delta_link: String,
@@ -240,7 +244,7 @@ pub enum UsersRound {
 
 impl GraphClient {
     /// The first URL of a users delta round that tracks `select` and the manager.
-    pub fn users_delta_url(&self, select: &[String]) -> String {
+    pub(crate) fn users_delta_url(&self, select: &[String]) -> String {
         let mut sel: Vec<&str> = select.iter().map(String::as_str).collect();
         if !sel.contains(&"manager") {
             sel.push("manager");
@@ -249,7 +253,7 @@ impl GraphClient {
     }
 
     /// A users delta link for "now" (`$deltatoken=latest`): what changes after this instant.
-    pub async fn users_delta_latest(&self, select: &[String]) -> Result<String, GraphError> {
+    pub(crate) async fn users_delta_latest(&self, select: &[String]) -> Result<String, GraphError> {
         let url = format!("{}&$deltatoken=latest", self.users_delta_url(select));
         match self.users_delta(&url).await? {
             UsersRound::Changes { delta_link, .. } => Ok(delta_link),
@@ -261,7 +265,7 @@ impl GraphClient {
     }
 
     /// Follows a users delta round from `start` (a fresh URL or a stored deltaLink).
-    pub async fn users_delta(&self, start: &str) -> Result<UsersRound, GraphError> {
+    pub(crate) async fn users_delta(&self, start: &str) -> Result<UsersRound, GraphError> {
         let mut users = Vec::new();
         let mut next = start.to_string();
         let decode = |m: String| GraphError::Decode {

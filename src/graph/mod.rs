@@ -5,10 +5,10 @@
 //! the mapping; callers pass the `$select` lists.
 
 pub mod credential;
-pub mod delta;
-pub mod models;
-pub mod pacer;
-pub mod subscriptions;
+pub(crate) mod delta;
+pub(crate) mod models;
+pub(crate) mod pacer;
+pub(crate) mod subscriptions;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,13 +24,13 @@ use crate::retry::{read_limited, retry_after, transport_message, RetryPolicy};
 use crate::text::{is_guid, urlencode};
 use credential::{ClientCredential, Proof, JWT_BEARER};
 use models::{GraphGroup, GraphUser};
-pub use pacer::{PaceSettings, PaceStats, Pacer, Priority};
+pub(crate) use pacer::{Pacer, Priority};
 
 /// Graph pages of 999 users are ~2 MB; anything far beyond is a broken or hostile peer.
 const MAX_PAGE_BYTES: usize = 32 * 1024 * 1024;
 const MAX_TOKEN_BYTES: usize = 64 * 1024;
 /// Graph's documented maximum number of requests in one `$batch`.
-pub const BATCH_LIMIT: usize = 20;
+pub(crate) const BATCH_LIMIT: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -66,7 +66,7 @@ impl GraphError {
     }
 
     /// Graph answered 429 or a 5xx worth asking again (after its `Retry-After`).
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         self.status()
             .is_some_and(|s| crate::retry::transience(s) != crate::retry::Transience::Final)
     }
@@ -75,7 +75,7 @@ impl GraphError {
 /// Plain advice for the token endpoint's AADSTS codes. 7000215, 7000222, 700016 and 7000218
 /// are in Microsoft's published table; the advice for the others follows Microsoft's error
 /// lookup and SDK troubleshooting pages (docs/graph.md, Tokens).
-pub fn aadsts_advice(code: Option<u64>, description: &str) -> String {
+pub(crate) fn aadsts_advice(code: Option<u64>, description: &str) -> String {
     let first_line = description.lines().next().unwrap_or("").trim();
     match code {
         Some(7000215) => "client secret rejected (AADSTS7000215): the value is wrong. Copy the secret's Value (not its Secret ID) from App registrations > Certificates & secrets, or create a new secret".into(),
@@ -239,7 +239,7 @@ pub struct UserPage {
 impl UserPage {
     /// Users came back without properties (no userPrincipalName, which every user has): the
     /// app lacks User.Read.All, and Graph returns only ids.
-    pub fn lacks_properties(&self) -> bool {
+    pub(crate) fn lacks_properties(&self) -> bool {
         !self.users.is_empty()
             && self
                 .users
@@ -249,7 +249,7 @@ impl UserPage {
 }
 
 /// Most group ids one `checkMemberGroups` request takes (Graph's documented limit).
-pub const CHECK_MEMBER_GROUPS_MAX: usize = 20;
+pub(crate) const CHECK_MEMBER_GROUPS_MAX: usize = 20;
 
 /// One request inside a `$batch`.
 struct BatchRequest {
@@ -289,7 +289,7 @@ fn manager_path(user_id: &str, select: &[String]) -> String {
 
 /// A user read again to confirm a deactivation (`GraphClient::fresh_reads`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct FreshRead {
+pub(crate) struct FreshRead {
     /// `None`: Graph answered 404 (deleted or soft-deleted).
     pub user: Option<GraphUser>,
     pub manager: Option<GraphUser>,
@@ -323,7 +323,7 @@ impl GraphClient {
     /// token cache and Graph budget ([`Pacer`]), but its requests are sent with
     /// `x-ms-throttle-priority: low` and paced so that part of the tenant's bucket stays free
     /// for this client's (normal-priority) requests.
-    pub fn background(&self) -> GraphClient {
+    pub(crate) fn background(&self) -> GraphClient {
         GraphClient {
             http: self.http.clone(),
             settings: self.settings.clone(),
@@ -337,28 +337,19 @@ impl GraphClient {
         }
     }
 
-    /// The priority of this client's requests.
-    pub fn priority(&self) -> Priority {
-        self.priority
-    }
-
-    /// The Graph budget this client's requests go through.
-    pub fn pacer(&self) -> &Arc<Pacer> {
-        &self.pacer
-    }
-
     /// Names the integration in this client's metrics.
-    pub fn with_label(mut self, integration: &str) -> Self {
+    pub(crate) fn with_label(mut self, integration: &str) -> Self {
         self.label = integration.to_string();
         self
     }
 
     /// How this client authenticates (for `check`).
-    pub fn credential(&self) -> &ClientCredential {
+    pub(crate) fn credential(&self) -> &ClientCredential {
         &self.settings.credential
     }
 
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
@@ -930,7 +921,7 @@ impl GraphClient {
     }
 
     /// Reads one user by object id or UPN; `None` when it does not exist.
-    pub async fn user(
+    pub(crate) async fn user(
         &self,
         id_or_upn: &str,
         select: &[String],
@@ -1070,7 +1061,7 @@ impl GraphClient {
 
     /// Managers of up to [`BATCH_LIMIT`] users in one `$batch`; users without a manager map to
     /// `None`. Inner 429/5xx answers are retried (only those requests) under the retry policy.
-    pub async fn managers(
+    pub(crate) async fn managers(
         &self,
         user_ids: &[String],
         select: &[String],
@@ -1133,7 +1124,7 @@ impl GraphClient {
 
     /// Reads up to any number of users by id in `$batch`es of [`BATCH_LIMIT`]; a user that is
     /// gone maps to `None`.
-    pub async fn users_by_id(
+    pub(crate) async fn users_by_id(
         &self,
         ids: &[String],
         select: &[String],
@@ -1162,7 +1153,7 @@ impl GraphClient {
 
     /// Which of `groups` a user is a transitive member of (`checkMemberGroups`, in chunks of
     /// [`CHECK_MEMBER_GROUPS_MAX`]); none for a user that is gone.
-    pub async fn member_groups(
+    pub(crate) async fn member_groups(
         &self,
         user_id: &str,
         groups: &[String],
@@ -1205,7 +1196,7 @@ impl GraphClient {
     /// Reads users afresh to confirm a deactivation: each user (`None`: 404, gone), its manager,
     /// and which of `groups` it is a transitive member of (`checkMemberGroups`), in `$batch`es.
     /// A user whose reads failed carries the error; the others are still answered.
-    pub async fn fresh_reads(
+    pub(crate) async fn fresh_reads(
         &self,
         user_ids: &[String],
         user_select: &[String],
@@ -1301,7 +1292,7 @@ impl GraphClient {
     }
 
     /// The manager of one user, `None` when there is none.
-    pub async fn manager(
+    pub(crate) async fn manager(
         &self,
         user_id: &str,
         select: &[String],
@@ -1332,7 +1323,10 @@ impl GraphClient {
     }
 
     /// Every group nested (at any depth) in a group.
-    pub async fn nested_groups(&self, group_id: &str) -> Result<Vec<GraphGroup>, GraphError> {
+    pub(crate) async fn nested_groups(
+        &self,
+        group_id: &str,
+    ) -> Result<Vec<GraphGroup>, GraphError> {
         let url = format!(
             "{}/groups/{}/transitiveMembers/microsoft.graph.group?$select=id,displayName&$top=999",
             self.api_root,

@@ -11,7 +11,7 @@ pub struct GraphUser {
 
 impl GraphUser {
     /// Takes a Graph JSON object; it must carry a string `id`.
-    pub fn from_value(v: Value) -> Result<Self, String> {
+    pub(crate) fn from_value(v: Value) -> Result<Self, String> {
         let Value::Object(mut props) = v else {
             return Err("a member is not a JSON object".into());
         };
@@ -25,7 +25,7 @@ impl GraphUser {
 
     /// A property as a non-empty string: dotted paths reach nested objects, arrays give their
     /// first element, booleans and numbers are rendered.
-    pub fn string(&self, path: &str) -> Option<String> {
+    pub(crate) fn string(&self, path: &str) -> Option<String> {
         let mut parts = path.split('.');
         let mut cur = self.props.get(parts.next()?)?;
         for p in parts {

@@ -8,16 +8,16 @@ use super::{GraphClient, GraphError};
 use crate::text::urlencode;
 
 /// The subscription resource for property changes of all users.
-pub const USERS_RESOURCE: &str = "/users";
+pub(crate) const USERS_RESOURCE: &str = "/users";
 
 /// The subscription resource for membership changes of one group.
-pub fn group_members_resource(group_id: &str) -> String {
+pub(crate) fn group_members_resource(group_id: &str) -> String {
     format!("/groups/{group_id}/members")
 }
 
 /// A subscription as Graph describes it (clientState is never read back).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Subscription {
+pub(crate) struct Subscription {
     pub id: String,
     pub resource: String,
     pub change_type: String,
@@ -27,7 +27,7 @@ pub struct Subscription {
 }
 
 /// What to create.
-pub struct NewSubscription<'a> {
+pub(crate) struct NewSubscription<'a> {
     pub resource: &'a str,
     pub change_type: &'a str,
     pub notification_url: &'a str,
@@ -38,7 +38,7 @@ pub struct NewSubscription<'a> {
 
 /// The answer to a create.
 #[derive(Debug)]
-pub enum Created {
+pub(crate) enum Created {
     New(Subscription),
     /// Graph already has a subscription for this resource and change type (409); its id when
     /// the message names it.
@@ -71,7 +71,7 @@ fn parse(v: &Value) -> Result<Subscription, GraphError> {
 }
 
 /// The subscription id in Graph's 409 message ("Subscription Id <id> already exists ...").
-pub fn duplicate_id(message: &str) -> Option<String> {
+pub(crate) fn duplicate_id(message: &str) -> Option<String> {
     message
         .split(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
         .find(|w| w.len() == 36 && w.matches('-').count() == 4)
@@ -79,7 +79,7 @@ pub fn duplicate_id(message: &str) -> Option<String> {
 }
 
 impl GraphClient {
-    pub async fn create_subscription(
+    pub(crate) async fn create_subscription(
         &self,
         n: &NewSubscription<'_>,
     ) -> Result<Created, GraphError> {
@@ -115,7 +115,7 @@ impl GraphClient {
     }
 
     /// Every subscription this app owns in the tenant (follows nextLinks).
-    pub async fn list_subscriptions(&self) -> Result<Vec<Subscription>, GraphError> {
+    pub(crate) async fn list_subscriptions(&self) -> Result<Vec<Subscription>, GraphError> {
         let mut out = Vec::new();
         let mut next = Some(format!("{}/subscriptions", self.api_root));
         let mut pages = 0;
@@ -142,7 +142,7 @@ impl GraphClient {
     }
 
     /// Extends a subscription (which also reauthorizes it). `None`: it no longer exists.
-    pub async fn renew_subscription(
+    pub(crate) async fn renew_subscription(
         &self,
         id: &str,
         expires_at: DateTime<Utc>,
@@ -173,7 +173,7 @@ impl GraphClient {
     }
 
     /// `false`: it did not exist.
-    pub async fn delete_subscription(&self, id: &str) -> Result<bool, GraphError> {
+    pub(crate) async fn delete_subscription(&self, id: &str) -> Result<bool, GraphError> {
         let url = format!("{}/subscriptions/{}", self.api_root, urlencode(id));
         let (status, resp) = self.send("DELETE", &url, None).await?;
         match status {

@@ -23,7 +23,7 @@ use crate::store::{IntegrationStore, Store};
 use crate::sync::reconcile::RunReport;
 
 /// One integration as the admin endpoints see it.
-pub struct AdminIntegration {
+pub(crate) struct AdminIntegration {
     pub name: String,
     pub store: IntegrationStore,
     pub health: Arc<IntegrationHealth>,
@@ -33,7 +33,7 @@ pub struct AdminIntegration {
     pub secret_expires: Option<chrono::NaiveDate>,
 }
 
-pub struct Admin {
+pub(crate) struct Admin {
     pub store: Store,
     pub integrations: Vec<AdminIntegration>,
     pub token: Option<SecretString>,
@@ -42,7 +42,7 @@ pub struct Admin {
     pub serving: Option<Arc<dyn crate::ops::Serving>>,
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig, admin: web::Data<Admin>) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig, admin: web::Data<Admin>) {
     cfg.app_data(admin)
         .route("/metrics", web::get().to(metrics))
         .route("/status", web::get().to(status))
@@ -225,7 +225,7 @@ fn refresh_gauges(admin: &Admin) {
 }
 
 #[derive(Serialize)]
-pub struct StatusDoc {
+pub(crate) struct StatusDoc {
     pub generated_at: DateTime<Utc>,
     pub store_writable: bool,
     /// The store's last write failure and what the start-up replay of the webhook journal
@@ -235,7 +235,7 @@ pub struct StatusDoc {
 }
 
 #[derive(Serialize)]
-pub struct IntegrationStatus {
+pub(crate) struct IntegrationStatus {
     pub name: String,
     pub ready: bool,
     pub schedule: String,
@@ -252,7 +252,7 @@ pub struct IntegrationStatus {
 }
 
 #[derive(Serialize, Default)]
-pub struct DialectView {
+pub(crate) struct DialectView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probed_at: Option<DateTime<Utc>>,
     /// What the LMS taught rostersync, oldest first.
@@ -287,7 +287,7 @@ fn dialect_view(store: &IntegrationStore, warnings: &mut Vec<String>) -> Dialect
 }
 
 #[derive(Serialize)]
-pub struct CheckView {
+pub(crate) struct CheckView {
     pub check: String,
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -295,7 +295,7 @@ pub struct CheckView {
 }
 
 #[derive(Serialize)]
-pub struct ItemView {
+pub(crate) struct ItemView {
     pub id: u64,
     pub what: String,
     pub attempts: u32,
@@ -307,7 +307,7 @@ pub struct ItemView {
 }
 
 #[derive(Serialize)]
-pub struct SubscriptionView {
+pub(crate) struct SubscriptionView {
     pub id: String,
     pub resource: String,
     pub expires_at: DateTime<Utc>,
@@ -331,7 +331,7 @@ fn item_view((id, it): (u64, QueueItem)) -> ItemView {
 }
 
 /// Builds the status document from the store and the health checks.
-pub fn status_doc(admin: &Admin) -> StatusDoc {
+pub(crate) fn status_doc(admin: &Admin) -> StatusDoc {
     let now = Utc::now();
     let mut out = Vec::new();
     for i in &admin.integrations {
@@ -488,7 +488,7 @@ async fn status_as(req: HttpRequest, admin: web::Data<Admin>, as_html: bool) -> 
 }
 
 /// HTML-escapes text for element content and attribute values.
-pub fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -508,7 +508,7 @@ fn time(t: &DateTime<Utc>) -> String {
 }
 
 /// The page: one section per integration; everything escaped.
-pub fn html(doc: &StatusDoc) -> String {
+pub(crate) fn html(doc: &StatusDoc) -> String {
     let mut h = String::new();
     let _ = write!(
         h,

@@ -12,8 +12,8 @@
 //! Neither probe writes anything: the store check reports the outcome of the store's own last
 //! writes (see [`Store::write_state`]).
 
-pub mod admin;
-pub mod ops;
+pub(crate) mod admin;
+pub(crate) mod ops;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -26,13 +26,13 @@ use crate::store::Store;
 use crate::webhook::WebhookStats;
 
 /// One integration's known problems, by check name (set by the serve tasks).
-pub struct IntegrationHealth {
+pub(crate) struct IntegrationHealth {
     pub name: String,
     problems: Mutex<BTreeMap<String, Option<String>>>,
 }
 
 impl IntegrationHealth {
-    pub fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut m = BTreeMap::new();
         // Not ready until the first probe says otherwise.
         m.insert("startup".to_string(), Some("starting".to_string()));
@@ -42,7 +42,7 @@ impl IntegrationHealth {
         }
     }
 
-    pub fn set_problem(&self, check: &str, problem: Option<String>) {
+    pub(crate) fn set_problem(&self, check: &str, problem: Option<String>) {
         let mut m = self.problems.lock().unwrap_or_else(|e| e.into_inner());
         m.insert(check.to_string(), problem);
     }
@@ -55,7 +55,7 @@ impl IntegrationHealth {
     }
 }
 
-pub struct Health {
+pub(crate) struct Health {
     pub store: Store,
     pub integrations: Vec<Arc<IntegrationHealth>>,
     pub webhooks: Arc<WebhookStats>,
@@ -64,7 +64,7 @@ pub struct Health {
 }
 
 /// The check of the store, by the name `/readyz` shows.
-pub const STORE_CHECK: &str = "store writable";
+pub(crate) const STORE_CHECK: &str = "store writable";
 
 #[derive(Serialize)]
 struct Check {
@@ -78,12 +78,12 @@ struct Check {
 
 /// The operator side: `/status`, `/metrics`, `explain` (`admin`) and the `/admin/…` commands
 /// (`ops`), which check access through `admin`.
-pub fn configure_admin(cfg: &mut web::ServiceConfig, admin: web::Data<admin::Admin>) {
+pub(crate) fn configure_admin(cfg: &mut web::ServiceConfig, admin: web::Data<admin::Admin>) {
     admin::configure(cfg, admin);
     ops::configure(cfg);
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig, health: web::Data<Health>) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig, health: web::Data<Health>) {
     cfg.app_data(health)
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz));

@@ -16,7 +16,7 @@ use crate::ops::subscriptions::{SubsAnswer, SubsCommand};
 use crate::ops::{ApiError, ErrorCode, Serving, SyncUserRequest, MAX_REQUEST_BYTES, MAX_USER_KEY};
 use crate::store::IntegrationStore;
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/admin/{integration}")
             .app_data(web::PayloadConfig::new(MAX_REQUEST_BYTES))

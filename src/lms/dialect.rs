@@ -25,14 +25,14 @@ pub enum PatchOp {
 }
 
 impl PatchOp {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PatchOp::Add => "add",
             PatchOp::Replace => "replace",
             PatchOp::Remove => "remove",
         }
     }
-    pub fn parse(s: &str) -> Option<PatchOp> {
+    pub(crate) fn parse(s: &str) -> Option<PatchOp> {
         match s {
             "add" => Some(PatchOp::Add),
             "replace" => Some(PatchOp::Replace),
@@ -58,15 +58,7 @@ pub enum Clear {
 }
 
 impl Clear {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Clear::Remove => "remove",
-            Clear::Null => "null",
-            Clear::Empty => "empty",
-            Clear::None => "none",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Clear> {
+    pub(crate) fn parse(s: &str) -> Option<Clear> {
         match s {
             "remove" => Some(Clear::Remove),
             "null" => Some(Clear::Null),
@@ -95,13 +87,13 @@ pub enum FilterAttr {
 }
 
 impl FilterAttr {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FilterAttr::UserName => "userName",
             FilterAttr::ExternalId => "externalId",
         }
     }
-    pub fn parse(s: &str) -> Option<FilterAttr> {
+    pub(crate) fn parse(s: &str) -> Option<FilterAttr> {
         match s {
             "userName" => Some(FilterAttr::UserName),
             "externalId" => Some(FilterAttr::ExternalId),
@@ -122,13 +114,13 @@ pub enum CaseRule {
 }
 
 impl CaseRule {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CaseRule::CaseInsensitive => "case-insensitive",
             CaseRule::CaseSensitive => "case-sensitive",
         }
     }
-    pub fn parse(s: &str) -> Option<CaseRule> {
+    pub(crate) fn parse(s: &str) -> Option<CaseRule> {
         match s {
             "case-insensitive" => Some(CaseRule::CaseInsensitive),
             "case-sensitive" => Some(CaseRule::CaseSensitive),
@@ -193,7 +185,7 @@ pub enum Origin {
 }
 
 impl Origin {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Origin::Default => "default",
             Origin::Discovered => "discovery",
@@ -254,7 +246,7 @@ fn all_filters() -> BTreeSet<FilterAttr> {
 impl Dialect {
     /// Pins beat what was learned, which beats discovery, which beats the defaults. The key
     /// sets are unions of the layers.
-    pub fn resolve(
+    pub(crate) fn resolve(
         discovered: &DialectSettings,
         learned: &DialectSettings,
         pinned: &DialectSettings,
@@ -324,17 +316,17 @@ impl Dialect {
     }
 
     /// Whether PATCH can be used at all.
-    pub fn patch(&self) -> bool {
+    pub(crate) fn patch(&self) -> bool {
         self.patch_ops.contains(&PatchOp::Replace) || self.patch_ops.contains(&PatchOp::Add)
     }
 
     /// The op that sets a value: `replace` (it adds an absent attribute too), else `add`.
-    pub fn set_op(&self) -> Option<PatchOp> {
+    pub(crate) fn set_op(&self) -> Option<PatchOp> {
         self.set_op_for(false)
     }
 
     /// The op that sets a value that is absent now (`absent`) or present.
-    pub fn set_op_for(&self, absent: bool) -> Option<PatchOp> {
+    pub(crate) fn set_op_for(&self, absent: bool) -> Option<PatchOp> {
         if absent && !self.replace_adds && self.patch_ops.contains(&PatchOp::Add) {
             return Some(PatchOp::Add);
         }
@@ -347,17 +339,17 @@ impl Dialect {
         }
     }
 
-    pub fn filters(&self, attr: FilterAttr) -> bool {
+    pub(crate) fn filters(&self, attr: FilterAttr) -> bool {
         self.filter.contains(&attr)
     }
 
     /// One line per field, with where it comes from (for `check` and `/status`).
-    pub fn summary(&self) -> Vec<String> {
+    pub(crate) fn summary(&self) -> Vec<String> {
         self.lines().into_iter().map(|(l, _)| l).collect()
     }
 
     /// The lines of [`Dialect::summary`] that differ from the defaults.
-    pub fn notable(&self) -> Vec<String> {
+    pub(crate) fn notable(&self) -> Vec<String> {
         self.lines()
             .into_iter()
             .filter(|(_, o)| *o != Origin::Default)
@@ -502,7 +494,7 @@ pub enum Downgrade {
 
 impl Downgrade {
     /// Folds this lesson into the learned layer; false when it teaches nothing new.
-    pub fn apply(&self, learned: &mut DialectSettings, now: &Dialect) -> bool {
+    pub(crate) fn apply(&self, learned: &mut DialectSettings, now: &Dialect) -> bool {
         match self {
             Downgrade::NoPatchOp { op } => {
                 let mut ops = now.patch_ops.clone();
@@ -565,7 +557,7 @@ impl Downgrade {
     }
 
     /// Whether a config pin forbids learning this.
-    pub fn pinned_against(&self, pins: &DialectSettings) -> bool {
+    pub(crate) fn pinned_against(&self, pins: &DialectSettings) -> bool {
         match self {
             // Pinning remove as the way to clear (or add for absent values) pins that op too.
             Downgrade::NoPatchOp {
@@ -590,7 +582,7 @@ impl Downgrade {
     }
 
     /// What rostersync does from now on, in words.
-    pub fn consequence(&self) -> String {
+    pub(crate) fn consequence(&self) -> String {
         match self {
             Downgrade::NoPatchOp { op } => {
                 format!("PATCH \"{}\" is not supported: not sent any more", op.as_str())
@@ -668,10 +660,10 @@ pub struct Learned {
     pub probed_at: Option<DateTime<Utc>>,
 }
 
-pub const MAX_LESSONS: usize = 50;
+pub(crate) const MAX_LESSONS: usize = 50;
 
 impl Learned {
-    pub fn record(&mut self, downgrade: Downgrade, evidence: String) {
+    pub(crate) fn record(&mut self, downgrade: Downgrade, evidence: String) {
         self.lessons.push(Lesson {
             at: Utc::now(),
             downgrade,
@@ -686,7 +678,7 @@ impl Learned {
 
 /// What a PATCH operation did, for blaming it when the server refuses the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Form {
+pub(crate) enum Form {
     /// Sets a single-valued attribute.
     Set,
     /// Sets a single-valued attribute that has no value yet.
@@ -703,7 +695,7 @@ pub enum Form {
 
 /// The learnable part of a refused request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Refusal<'a> {
+pub(crate) struct Refusal<'a> {
     pub status: u16,
     pub scim_type: Option<&'a str>,
 }
@@ -733,7 +725,12 @@ impl Refusal<'_> {
 /// Only forms that have an equivalent fallback are downgraded on a plain 400: a refused
 /// `replace` of a value is a real error unless the server says it is about the path or the
 /// attribute's mutability.
-pub fn learn_patch(op: PatchOp, form: &Form, keys: &[String], r: Refusal<'_>) -> Vec<Downgrade> {
+pub(crate) fn learn_patch(
+    op: PatchOp,
+    form: &Form,
+    keys: &[String],
+    r: Refusal<'_>,
+) -> Vec<Downgrade> {
     let per_key = |f: fn(String) -> Downgrade| keys.iter().cloned().map(f).collect::<Vec<_>>();
     if form == &Form::ValuePath && (r.unsupported() || r.status == 400) {
         return vec![Downgrade::NoValuePaths];
@@ -770,7 +767,7 @@ pub fn learn_patch(op: PatchOp, form: &Form, keys: &[String], r: Refusal<'_>) ->
 }
 
 /// The downgrade a refused PUT of `keys` teaches (`clearing`: the PUT dropped them).
-pub fn learn_put(keys: &[String], clearing: bool, r: Refusal<'_>) -> Vec<Downgrade> {
+pub(crate) fn learn_put(keys: &[String], clearing: bool, r: Refusal<'_>) -> Vec<Downgrade> {
     if r.unsupported() {
         return vec![Downgrade::NoPut];
     }

@@ -9,7 +9,7 @@
 //! its writes and lookups to it, so the sync never needs to know.
 
 pub mod dialect;
-pub mod pace;
+pub(crate) mod pace;
 pub mod probe;
 pub mod scim;
 
@@ -56,7 +56,7 @@ pub enum TargetError {
 impl TargetError {
     /// Errors that may concern the whole target rather than one user (the LMS down, the token
     /// refused): whoever meets one probes the target before blaming the user.
-    pub fn is_fatal(&self) -> bool {
+    pub(crate) fn is_fatal(&self) -> bool {
         matches!(
             self,
             TargetError::Unauthorized | TargetError::Transport { .. }
@@ -65,7 +65,7 @@ impl TargetError {
 
     /// Whether a write that ended in this error may still have been applied (no answer, a
     /// server error, an unreadable answer): its outcome must be read back from the LMS.
-    pub fn outcome_unknown(&self) -> bool {
+    pub(crate) fn outcome_unknown(&self) -> bool {
         match self {
             TargetError::Transport { .. } | TargetError::Decode { .. } => true,
             TargetError::Http { status, .. } => *status >= 500 || *status == 408,
@@ -109,7 +109,7 @@ pub struct Capabilities {
 
 impl Capabilities {
     /// Whether a record key can be sent to this target.
-    pub fn accepts(&self, key: &str) -> bool {
+    pub(crate) fn accepts(&self, key: &str) -> bool {
         if key.starts_with("enterprise.") {
             return self.enterprise;
         }
@@ -135,7 +135,7 @@ impl Capabilities {
 
     /// Whether the LMS keeps what is written to `key`; `reconcile --deep` compares only
     /// those (a value the LMS computes itself would otherwise be rewritten at every run).
-    pub fn keeps(&self, key: &str) -> bool {
+    pub(crate) fn keeps(&self, key: &str) -> bool {
         !self.dialect.not_kept.contains(key)
     }
 }

@@ -25,7 +25,7 @@ use crate::text::clip;
 
 /// What to prove.
 #[derive(Clone, Debug)]
-pub struct ProbeSpec {
+pub(crate) struct ProbeSpec {
     /// Mapped record keys the LMS is sent (not userName, externalId, active or the manager).
     pub keys: Vec<String>,
     /// Whether the manager link is part of the mapping.
@@ -330,7 +330,7 @@ fn empty(v: Option<&AttrValue>) -> bool {
 
 impl ScimTarget {
     /// Runs the probe (it writes to the LMS: canary users) and stores what it learned.
-    pub async fn probe_dialect(&self, spec: &ProbeSpec) -> Result<ProbeReport, TargetError> {
+    pub(crate) async fn probe_dialect(&self, spec: &ProbeSpec) -> Result<ProbeReport, TargetError> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
         let canary = format!("rostersync-probe-{tag}@invalid.example");
         let mut p = Probe {

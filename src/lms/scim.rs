@@ -36,8 +36,9 @@ use crate::text::clip;
 use listing::{Entry, Listing};
 pub(crate) use write::PatchPart;
 
-pub const CORE_USER: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
-pub const ENTERPRISE_USER: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+pub(crate) const CORE_USER: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
+pub(crate) const ENTERPRISE_USER: &str =
+    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
 pub(crate) const PATCH_OP: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 const MEDIA_TYPE: &str = "application/scim+json";
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -55,7 +56,7 @@ const MAX_NOTES: usize = 500;
 const ANSWERS_CHECKED: u64 = 32;
 
 /// Where the learned layer of the dialect is kept between runs (the integration's store).
-pub trait DialectMemory: Send + Sync {
+pub(crate) trait DialectMemory: Send + Sync {
     fn load(&self) -> Option<Learned>;
     fn save(&self, learned: &Learned);
 }
@@ -116,7 +117,7 @@ pub(crate) enum Place<'a> {
 }
 
 /// How long one request goes on waiting out throttling by default (10 minutes).
-pub const DEFAULT_THROTTLE_WAIT: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_THROTTLE_WAIT: Duration = Duration::from_secs(600);
 
 /// An answer of the LMS (see [`ScimTarget::send_answer`]).
 pub(crate) struct Answer {
@@ -194,19 +195,20 @@ impl ScimTarget {
     }
 
     /// Names the integration in this target's metrics.
-    pub fn with_label(mut self, integration: &str) -> Self {
+    pub(crate) fn with_label(mut self, integration: &str) -> Self {
         self.label = integration.to_string();
         self
     }
 
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
     /// How long one request may wait out the LMS's throttling before its user is deferred
     /// (config `target.throttle_wait_secs`).
-    pub fn with_throttle_wait(mut self, wait: Duration) -> Self {
+    pub(crate) fn with_throttle_wait(mut self, wait: Duration) -> Self {
         self.throttle_wait = wait;
         self
     }
@@ -218,7 +220,7 @@ impl ScimTarget {
 
     /// The dialect pinned in config (`[integration.target] dialect = { … }`): never changed
     /// by what the server answers.
-    pub fn with_dialect(self, pins: DialectSettings) -> Self {
+    pub(crate) fn with_dialect(self, pins: DialectSettings) -> Self {
         {
             let mut st = self.lock();
             st.pinned = pins;
@@ -228,7 +230,7 @@ impl ScimTarget {
     }
 
     /// Keeps what is learned about the server in `memory`, starting from what it holds.
-    pub fn with_memory(mut self, memory: Box<dyn DialectMemory>) -> Self {
+    pub(crate) fn with_memory(mut self, memory: Box<dyn DialectMemory>) -> Self {
         if let Some(l) = memory.load() {
             let mut st = self.lock();
             st.learned = l;
@@ -253,7 +255,7 @@ impl ScimTarget {
     }
 
     /// Replaces the learned layer (after `check --probe`) and stores it.
-    pub fn set_learned(&self, learned: Learned) {
+    pub(crate) fn set_learned(&self, learned: Learned) {
         let mut st = self.lock();
         st.learned = learned;
         st.resolve();
@@ -312,7 +314,7 @@ impl ScimTarget {
     }
 
     /// One quick request (no retries, 5 s timeout) for health checks: `GET /Users?count=1`.
-    pub async fn probe(&self) -> Result<(), String> {
+    pub(crate) async fn probe(&self) -> Result<(), String> {
         let url = format!("{}/Users?startIndex=1&count=1", self.base);
         let resp = self
             .http
@@ -533,7 +535,7 @@ impl ScimTarget {
     }
 
     /// Builds the full User resource for a POST.
-    pub fn resource(&self, record: &Record) -> Value {
+    pub(crate) fn resource(&self, record: &Record) -> Value {
         let mut root = Map::new();
         let mut schemas = vec![CORE_USER.to_string()];
         for (key, value) in record {
@@ -573,7 +575,8 @@ impl ScimTarget {
 
     /// The PATCH operations for `changes` under the dialect in force (see `write`); changes
     /// that need a PUT or cannot be made are not among them.
-    pub fn patch_ops(&self, changes: &[AttrChange], record: &Record) -> Vec<Value> {
+    #[cfg(test)]
+    pub(crate) fn patch_ops(&self, changes: &[AttrChange], record: &Record) -> Vec<Value> {
         let d = self.dialect();
         write::plan(&d, changes, record, &|k| self.place(k))
             .patch
@@ -585,7 +588,7 @@ impl ScimTarget {
     /// Reads a SCIM User resource into the record vocabulary, tolerantly: attribute names in
     /// any case, `""` is no value, booleans as `true`/`"True"`/`1`, the manager as an object or
     /// a bare id, and an untyped primary (or sole) e-mail or phone number is the work one.
-    pub fn parse_user(&self, v: &Value) -> Result<TargetUser, TargetError> {
+    pub(crate) fn parse_user(&self, v: &Value) -> Result<TargetUser, TargetError> {
         let bad = |m: &str| TargetError::Decode {
             what: "User resource".into(),
             message: m.to_string(),

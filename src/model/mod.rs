@@ -3,9 +3,9 @@
 //! the bottom of the layers (ARCHITECTURE.md, "Layers") so that neither has to import the
 //! other for them.
 
-pub mod change;
-pub mod record;
-pub mod trace;
+pub(crate) mod change;
+pub(crate) mod record;
+pub(crate) mod trace;
 
 use std::fmt;
 
@@ -44,7 +44,7 @@ impl fmt::Display for IntegrationName {
 /// A direct member of a group as group delta reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum MemberKind {
+pub(crate) enum MemberKind {
     User,
     Group,
     Other,

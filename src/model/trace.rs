@@ -12,11 +12,11 @@ use super::record::{AttrChange, AttrValue, Record};
 use crate::text::clip;
 
 /// Longest string value kept in a trace (longer ones end in `…`).
-pub const MAX_VALUE_CHARS: usize = 256;
+pub(crate) const MAX_VALUE_CHARS: usize = 256;
 /// Longest reason or error text kept in a trace.
-pub const MAX_TEXT_CHARS: usize = 1024;
+pub(crate) const MAX_TEXT_CHARS: usize = 1024;
 /// Most mapped values, attribute changes or groups kept in a trace.
-pub const MAX_ITEMS: usize = 64;
+pub(crate) const MAX_ITEMS: usize = 64;
 
 /// What made the decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,7 +28,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Source::Reconcile => "reconcile",
             Source::Incremental => "incremental",
@@ -79,7 +79,7 @@ pub enum OutOfScope {
 }
 
 impl OutOfScope {
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             OutOfScope::LeftAllGroups => {
                 "left all groups: no longer a member of any configured group (removed, or deleted in Entra)"
@@ -104,7 +104,7 @@ pub struct Scope {
 
 impl Scope {
     /// An enabled member (`out` = None) or not, through `via`.
-    pub fn of(out: Option<OutOfScope>, mut via: Vec<Via>) -> Scope {
+    pub(crate) fn of(out: Option<OutOfScope>, mut via: Vec<Via>) -> Scope {
         via.truncate(MAX_ITEMS);
         for v in &mut via {
             v.group_name = v.group_name.take().map(|n| clip(&n, MAX_VALUE_CHARS));
@@ -160,7 +160,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Created => "created",
             Outcome::Linked => "linked",
@@ -262,7 +262,7 @@ fn clip_change(c: &AttrChange) -> AttrChange {
 
 impl Trace {
     /// A trace of `entra_id` decided now; the rest is filled in as the decision is made.
-    pub fn new(integration: &str, source: Source, run: &str, entra_id: &str) -> Trace {
+    pub(crate) fn new(integration: &str, source: Source, run: &str, entra_id: &str) -> Trace {
         Trace {
             at: Utc::now(),
             integration: integration.to_string(),
@@ -284,7 +284,7 @@ impl Trace {
         }
     }
 
-    pub fn user(&mut self, user_name: Option<&str>, upn: Option<&str>) -> &mut Self {
+    pub(crate) fn user(&mut self, user_name: Option<&str>, upn: Option<&str>) -> &mut Self {
         if let Some(n) = user_name {
             self.user_name = Some(clip(n, MAX_VALUE_CHARS));
         }
@@ -294,13 +294,13 @@ impl Trace {
         self
     }
 
-    pub fn scope(&mut self, scope: Scope) -> &mut Self {
+    pub(crate) fn scope(&mut self, scope: Scope) -> &mut Self {
         self.scope = scope;
         self
     }
 
     /// The mapped record (bounded).
-    pub fn mapped(&mut self, record: &Record) -> &mut Self {
+    pub(crate) fn mapped(&mut self, record: &Record) -> &mut Self {
         self.mapped_omitted = record.len().saturating_sub(MAX_ITEMS);
         self.mapped = Some(
             record
@@ -313,7 +313,7 @@ impl Trace {
     }
 
     /// The planned change; the match follows from it (indexed, or none → create).
-    pub fn plan(&mut self, c: &PlannedChange) -> &mut Self {
+    pub(crate) fn plan(&mut self, c: &PlannedChange) -> &mut Self {
         self.user(Some(&c.user_name), None);
         self.matched = match &c.target_id {
             Some(id) => Match::Index {
@@ -338,7 +338,7 @@ impl Trace {
     }
 
     /// The LMS took the change: `matched` is how the user was found when it was applied.
-    pub fn applied(&mut self, c: &PlannedChange, matched: &Match) -> &mut Self {
+    pub(crate) fn applied(&mut self, c: &PlannedChange, matched: &Match) -> &mut Self {
         if self.plan.is_none() {
             self.plan(c);
         }
@@ -364,7 +364,7 @@ impl Trace {
     }
 
     /// The user failed: `from_target` when the message is the LMS's answer to the change.
-    pub fn failed(&mut self, message: &str, from_target: bool) -> &mut Self {
+    pub(crate) fn failed(&mut self, message: &str, from_target: bool) -> &mut Self {
         self.outcome = Outcome::Failed;
         let message = clip(message, MAX_TEXT_CHARS);
         if from_target {
@@ -375,13 +375,13 @@ impl Trace {
         self
     }
 
-    pub fn held(&mut self, why: &str) -> &mut Self {
+    pub(crate) fn held(&mut self, why: &str) -> &mut Self {
         self.outcome = Outcome::Held;
         self.note = Some(clip(why, MAX_TEXT_CHARS));
         self
     }
 
-    pub fn skipped(&mut self, why: &str) -> &mut Self {
+    pub(crate) fn skipped(&mut self, why: &str) -> &mut Self {
         self.outcome = Outcome::Skipped;
         self.note = Some(clip(why, MAX_TEXT_CHARS));
         self
@@ -389,7 +389,7 @@ impl Trace {
 
     /// A change applied later in the same run (the manager link, once the manager exists) is
     /// added to this run's trace instead of replacing it.
-    pub fn amend(&mut self, c: &PlannedChange, reason: &str) -> &mut Self {
+    pub(crate) fn amend(&mut self, c: &PlannedChange, reason: &str) -> &mut Self {
         let Some(plan) = self.plan.as_mut() else {
             return self.plan(c);
         };
@@ -419,7 +419,7 @@ impl Trace {
 
     /// Applies `fix` to every text of the trace (`sync::trace::Scrub` replaces the secrets with
     /// it); nothing should ever carry one, but an LMS could echo one in an error.
-    pub fn scrub_with(&mut self, fix: &dyn Fn(&mut String)) -> &mut Self {
+    pub(crate) fn scrub_with(&mut self, fix: &dyn Fn(&mut String)) -> &mut Self {
         let fix_value = |v: &mut AttrValue| {
             if let AttrValue::Str(s) = v {
                 fix(s);

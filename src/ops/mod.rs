@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::sync::trace::Trace;
 
 /// Longest user key (object id, UPN or userName) an admin request may carry.
-pub const MAX_USER_KEY: usize = 256;
+pub(crate) const MAX_USER_KEY: usize = 256;
 /// Largest admin request body, in bytes.
-pub const MAX_REQUEST_BYTES: usize = 4096;
+pub(crate) const MAX_REQUEST_BYTES: usize = 4096;
 
 /// The admin API's error body: what went wrong, and a stable code the client acts on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,29 +63,29 @@ pub struct SyncUserRequest {
 
 /// The admin API's paths, relative to serve's base URL; the integration name is a path
 /// segment (names are lower-case letters, digits and `-`, so it needs no encoding).
-pub mod paths {
-    pub fn queue(integration: &str) -> String {
+pub(crate) mod paths {
+    pub(crate) fn queue(integration: &str) -> String {
         format!("/admin/{integration}/queue")
     }
-    pub fn dead(integration: &str) -> String {
+    pub(crate) fn dead(integration: &str) -> String {
         format!("/admin/{integration}/queue/dead")
     }
-    pub fn replay(integration: &str) -> String {
+    pub(crate) fn replay(integration: &str) -> String {
         format!("/admin/{integration}/queue/replay")
     }
-    pub fn subscriptions(integration: &str) -> String {
+    pub(crate) fn subscriptions(integration: &str) -> String {
         format!("/admin/{integration}/subscriptions")
     }
-    pub fn renew(integration: &str) -> String {
+    pub(crate) fn renew(integration: &str) -> String {
         format!("/admin/{integration}/subscriptions/renew")
     }
-    pub fn delete(integration: &str) -> String {
+    pub(crate) fn delete(integration: &str) -> String {
         format!("/admin/{integration}/subscriptions/delete")
     }
-    pub fn explain(integration: &str) -> String {
+    pub(crate) fn explain(integration: &str) -> String {
         format!("/admin/{integration}/explain")
     }
-    pub fn sync_user(integration: &str) -> String {
+    pub(crate) fn sync_user(integration: &str) -> String {
         format!("/admin/{integration}/sync-user")
     }
 }
@@ -94,7 +94,7 @@ pub mod paths {
 /// run lock, its subscription lock, the wake-up of its worker. `serve` implements this; the
 /// admin API (`http::admin`) calls it after checking the token. Errors are [`ApiError`]s
 /// whose text carries no secret.
-pub trait Serving: Send + Sync {
+pub(crate) trait Serving: Send + Sync {
     /// `queue replay`, then wakes the worker.
     fn replay<'a>(
         &'a self,
@@ -116,7 +116,7 @@ pub trait Serving: Send + Sync {
 }
 
 impl ApiError {
-    pub fn new(code: ErrorCode, error: impl Into<String>) -> ApiError {
+    pub(crate) fn new(code: ErrorCode, error: impl Into<String>) -> ApiError {
         ApiError {
             code,
             error: error.into(),
@@ -126,7 +126,7 @@ impl ApiError {
 
 /// An error with its sources, as one line (`outer: inner: …`, a source its parent already
 /// quotes left out).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

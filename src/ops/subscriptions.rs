@@ -132,14 +132,14 @@ impl DeleteDoc {
 
 /// A subscription command, as `serve` is asked to run it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SubsCommand {
+pub(crate) enum SubsCommand {
     List,
     Renew,
     Delete,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SubsAnswer {
+pub(crate) enum SubsAnswer {
     List(ListDoc),
     Renew(RenewDoc),
     Delete(DeleteDoc),

@@ -146,7 +146,7 @@ impl Live {
 /// Whether `serve` may start with this server config: an admin token must not be asked for
 /// over plain HTTP on an address other hosts can reach, unless the operator says TLS is taken
 /// care of in front (`allow_cleartext_admin`).
-pub fn check_admin_exposure(server: &crate::config::ServerConfig) -> Result<(), ServeError> {
+pub(crate) fn check_admin_exposure(server: &crate::config::ServerConfig) -> Result<(), ServeError> {
     let cleartext = server.tls.is_none() && !server.listen.ip().is_loopback();
     if server.admin_token.is_some() && cleartext && !server.allow_cleartext_admin {
         return Err(ServeError::CleartextAdmin(server.listen));

@@ -14,7 +14,7 @@ use crate::ops::subscriptions::{AtGraph, DeleteDoc, Deleted, ListDoc, Listed, Re
 use crate::store::state::{client_state_fingerprint, SubscriptionRecord, Watch};
 use crate::store::StoreError;
 
-pub const CHANGE_TYPE: &str = "updated,deleted";
+pub(crate) const CHANGE_TYPE: &str = "updated,deleted";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubsError {
@@ -26,14 +26,14 @@ pub enum SubsError {
     Other(String),
 }
 
-pub fn resource(w: &Watch) -> String {
+pub(crate) fn resource(w: &Watch) -> String {
     match w {
         Watch::Users => subscriptions::USERS_RESOURCE.into(),
         Watch::Members { group_id } => subscriptions::group_members_resource(group_id),
     }
 }
 
-pub fn notification_url(public: &Url, name: &str) -> String {
+pub(crate) fn notification_url(public: &Url, name: &str) -> String {
     format!(
         "{}{}",
         public.as_str().trim_end_matches('/'),
@@ -46,7 +46,7 @@ fn notification_path(name: &str) -> String {
     format!("/webhooks/graph/{name}")
 }
 
-pub fn lifecycle_url(public: &Url, name: &str) -> String {
+pub(crate) fn lifecycle_url(public: &Url, name: &str) -> String {
     format!(
         "{}/webhooks/lifecycle/{name}",
         public.as_str().trim_end_matches('/')
@@ -54,7 +54,7 @@ pub fn lifecycle_url(public: &Url, name: &str) -> String {
 }
 
 /// What an integration watches: all users, and membership of every group in its tree.
-pub fn wanted(integ: &Integration) -> Result<Vec<Watch>, StoreError> {
+pub(crate) fn wanted(integ: &Integration) -> Result<Vec<Watch>, StoreError> {
     let mut out = vec![Watch::Users];
     for g in integ.store.group_tree(&integ.cfg.groups)? {
         out.push(Watch::Members { group_id: g });
@@ -133,7 +133,7 @@ fn renew_before(integ: &Integration, rec: &SubscriptionRecord) -> Duration {
 }
 
 /// How often the renewal check must run so no subscription lapses between checks.
-pub fn check_interval(integ: &Integration) -> std::time::Duration {
+pub(crate) fn check_interval(integ: &Integration) -> std::time::Duration {
     let before_mins = f64::from(integ.cfg.renew_before_minutes).min(lifetime_minutes(integ) / 2.0);
     std::time::Duration::from_secs_f64((before_mins * 60.0 / 4.0).max(1.0))
 }
@@ -265,7 +265,7 @@ async fn create(
 /// Makes sure every wanted subscription exists and is not about to expire; deletes ours that
 /// are no longer wanted. Returns true when a subscription had to be recreated (notifications
 /// may have been missed: run a full reconcile).
-pub async fn ensure(
+pub(crate) async fn ensure(
     integ: &Integration,
     public: &Url,
     client_state: &str,
@@ -372,7 +372,10 @@ fn remember_pending(integ: &Integration, resource: &str, url: &str) -> Result<()
 /// before recording it) is deleted, so none is left that nobody renews or answers; a record
 /// whose subscription is gone at Graph is dropped, so `ensure` makes it again. Returns true
 /// when a recorded subscription was gone (notifications may have been missed).
-pub async fn reconcile_with_graph(integ: &Integration, public: &Url) -> Result<bool, SubsError> {
+pub(crate) async fn reconcile_with_graph(
+    integ: &Integration,
+    public: &Url,
+) -> Result<bool, SubsError> {
     let ours = notification_url(public, integ.cfg.name.as_str());
     let norm = |a: &str| a.trim_end_matches('/').to_ascii_lowercase();
     let same_res = |a: &str, b: &str| {
@@ -408,7 +411,7 @@ pub async fn reconcile_with_graph(integ: &Integration, public: &Url) -> Result<b
 }
 
 /// Whether every wanted subscription is recorded and unexpired.
-pub fn live(integ: &Integration) -> Result<Result<(), String>, StoreError> {
+pub(crate) fn live(integ: &Integration) -> Result<Result<(), String>, StoreError> {
     let have = integ.store.subscriptions()?;
     let now = Utc::now();
     let mut missing = BTreeSet::new();
@@ -429,7 +432,7 @@ pub fn live(integ: &Integration) -> Result<Result<(), String>, StoreError> {
 
 /// Handles a lifecycle event for one of our subscriptions. Returns true when a full reconcile
 /// should follow (notifications may have been lost).
-pub async fn lifecycle(
+pub(crate) async fn lifecycle(
     integ: &Integration,
     public: &Url,
     client_state: &str,

@@ -16,7 +16,7 @@ const UNDECODABLE: &str = "_alerts/undecodable";
 
 /// Handle on the alert trees. Clone is cheap.
 #[derive(Clone)]
-pub struct AlertTrees {
+pub(crate) struct AlertTrees {
     outbox: sled::Tree,
     marks: sled::Tree,
     db: sled::Db,
@@ -34,7 +34,7 @@ impl AlertTrees {
     /// Every outbox entry, oldest first. An entry that no longer decodes (corruption, or
     /// written by a newer version before a rollback) is moved to `_alerts/undecodable` with an
     /// error log line, so it cannot stop every other alert from being sent.
-    pub fn entries<T: DeserializeOwned>(&self) -> Result<Vec<(u64, T)>, StoreError> {
+    pub(crate) fn entries<T: DeserializeOwned>(&self) -> Result<Vec<(u64, T)>, StoreError> {
         let mut out = Vec::new();
         for r in self.outbox.iter() {
             let (k, v) = r?;
@@ -50,7 +50,8 @@ impl AlertTrees {
         Ok(out)
     }
 
-    pub fn entry<T: DeserializeOwned>(&self, id: u64) -> Result<Option<T>, StoreError> {
+    #[cfg(test)]
+    pub(crate) fn entry<T: DeserializeOwned>(&self, id: u64) -> Result<Option<T>, StoreError> {
         match self.outbox.get(id.to_be_bytes())? {
             Some(v) => Ok(Some(decode(OUTBOX, &id.to_be_bytes(), &v)?)),
             None => Ok(None),
@@ -58,36 +59,36 @@ impl AlertTrees {
     }
 
     /// Appends an entry; returns its id.
-    pub fn push<T: Serialize>(&self, entry: &T) -> Result<u64, StoreError> {
+    pub(crate) fn push<T: Serialize>(&self, entry: &T) -> Result<u64, StoreError> {
         let id = self.db.generate_id()?;
         self.outbox.insert(id.to_be_bytes(), encode(entry)?)?;
         Ok(id)
     }
 
-    pub fn put<T: Serialize>(&self, id: u64, entry: &T) -> Result<(), StoreError> {
+    pub(crate) fn put<T: Serialize>(&self, id: u64, entry: &T) -> Result<(), StoreError> {
         self.outbox.insert(id.to_be_bytes(), encode(entry)?)?;
         Ok(())
     }
 
-    pub fn remove(&self, id: u64) -> Result<(), StoreError> {
+    pub(crate) fn remove(&self, id: u64) -> Result<(), StoreError> {
         self.outbox.remove(id.to_be_bytes())?;
         Ok(())
     }
 
-    pub fn mark(&self, key: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    pub(crate) fn mark(&self, key: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
         match self.marks.get(key.as_bytes())? {
             Some(v) => Ok(Some(decode(MARKS, key.as_bytes(), &v)?)),
             None => Ok(None),
         }
     }
 
-    pub fn set_mark(&self, key: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+    pub(crate) fn set_mark(&self, key: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
         self.marks.insert(key.as_bytes(), encode(&at)?)?;
         Ok(())
     }
 
     /// Forgets marks older than `before`; returns how many.
-    pub fn prune_marks(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
+    pub(crate) fn prune_marks(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
         let mut batch = sled::Batch::default();
         let mut n = 0;
         for r in self.marks.iter() {
@@ -104,7 +105,7 @@ impl AlertTrees {
     }
 
     /// Blocks until the outbox and marks are on disk.
-    pub fn flush(&self) -> Result<(), StoreError> {
+    pub(crate) fn flush(&self) -> Result<(), StoreError> {
         self.outbox.flush()?;
         Ok(())
     }
@@ -118,19 +119,19 @@ fn id_of(k: &[u8]) -> u64 {
 }
 
 impl Store {
-    pub fn alerts(&self) -> Result<AlertTrees, StoreError> {
+    pub(crate) fn alerts(&self) -> Result<AlertTrees, StoreError> {
         AlertTrees::open(&self.db)
     }
 }
 
 impl IntegrationStore {
-    pub fn alerts(&self) -> Result<AlertTrees, StoreError> {
+    pub(crate) fn alerts(&self) -> Result<AlertTrees, StoreError> {
         AlertTrees::open(&self.db)
     }
 
     /// The clientState generated and kept in the store, if any (never creates one), so that
     /// alerts can be scrubbed of it.
-    pub fn stored_client_state(&self) -> Result<Option<String>, StoreError> {
+    pub(crate) fn stored_client_state(&self) -> Result<Option<String>, StoreError> {
         Ok(self
             .meta
             .get(b"client_state")?

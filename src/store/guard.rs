@@ -31,7 +31,7 @@ fn key(at: DateTime<Utc>, seq: u64) -> [u8; 16] {
 
 impl IntegrationStore {
     /// Records the users deactivated now.
-    pub fn record_deactivations(&self, users: &[String]) -> Result<(), StoreError> {
+    pub(crate) fn record_deactivations(&self, users: &[String]) -> Result<(), StoreError> {
         if users.is_empty() {
             return Ok(());
         }
@@ -41,7 +41,10 @@ impl IntegrationStore {
     }
 
     /// The users deactivated since `since`; older records are dropped on the way.
-    pub fn deactivated_since(&self, since: DateTime<Utc>) -> Result<HashSet<String>, StoreError> {
+    pub(crate) fn deactivated_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<HashSet<String>, StoreError> {
         let tree = format!("{}/guard", self.name);
         let cut = key(since, 0);
         let mut old = Vec::new();
@@ -67,7 +70,7 @@ impl IntegrationStore {
         Ok(t.filter(|t| t.at > Utc::now() - window))
     }
 
-    pub fn put_guard_trip(&self, trip: &GuardTrip) -> Result<(), StoreError> {
+    pub(crate) fn put_guard_trip(&self, trip: &GuardTrip) -> Result<(), StoreError> {
         self.put_meta(
             TRIP,
             &StoredTrip {

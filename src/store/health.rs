@@ -141,12 +141,12 @@ impl Counters {
 
 impl IntegrationStore {
     /// Whether a subscription id is recorded (a key lookup; the record is not decoded).
-    pub fn has_subscription(&self, id: &str) -> bool {
+    pub(crate) fn has_subscription(&self, id: &str) -> bool {
         self.subs.contains_key(id.as_bytes()).unwrap_or(false)
     }
 
     /// Queued and dead-letter items, from the counts kept in memory (`/metrics`).
-    pub fn queue_counts(&self) -> (u64, u64) {
+    pub(crate) fn queue_counts(&self) -> (u64, u64) {
         let q = self.counts.queued.load(Ordering::Relaxed).max(0) as u64;
         let d = self.counts.dead.load(Ordering::Relaxed).max(0) as u64;
         (q, d)

@@ -18,7 +18,7 @@ use super::{decode, encode, IntegrationStore, StoreError};
 
 /// One write that is about to be sent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Intent {
+pub(crate) struct Intent {
     pub entra_id: String,
     /// `create`, `update`, `deactivate` or `reactivate`.
     pub action: String,
@@ -36,12 +36,12 @@ struct IntentRecord {
 
 /// The key of one stored intent record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct IntentId(u64);
+pub(crate) struct IntentId(u64);
 
 impl IntegrationStore {
     /// Stores intents (not yet durable: await [`IntegrationStore::durable`] before the LMS
     /// sees the writes).
-    pub fn record_intents(&self, intents: Vec<Intent>) -> Result<IntentId, StoreError> {
+    pub(crate) fn record_intents(&self, intents: Vec<Intent>) -> Result<IntentId, StoreError> {
         let id = self.db.generate_id()?;
         let rec = IntentRecord {
             at: Utc::now(),
@@ -53,7 +53,11 @@ impl IntegrationStore {
 
     /// The writes of a record are settled: removes it, or keeps only `uncertain` ones (their
     /// outcome is unknown, e.g. the LMS timed out). Call after the index entries are written.
-    pub fn settle_intents(&self, id: IntentId, uncertain: Vec<Intent>) -> Result<(), StoreError> {
+    pub(crate) fn settle_intents(
+        &self,
+        id: IntentId,
+        uncertain: Vec<Intent>,
+    ) -> Result<(), StoreError> {
         if uncertain.is_empty() {
             self.intents.remove(id.0.to_be_bytes())?;
         } else {
@@ -68,7 +72,7 @@ impl IntegrationStore {
 
     /// Every intent left by an earlier process or run, with its record. An unreadable record
     /// is reported, not skipped: it would hide writes whose outcome is unknown.
-    pub fn pending_intents(&self) -> Result<Vec<(IntentId, Intent)>, StoreError> {
+    pub(crate) fn pending_intents(&self) -> Result<Vec<(IntentId, Intent)>, StoreError> {
         let tree = format!("{}/intents", self.name);
         let mut out = Vec::new();
         for r in self.intents.iter() {
@@ -84,14 +88,16 @@ impl IntegrationStore {
     }
 
     /// Removes intent records once their users were read back from the LMS.
-    pub fn drop_intents(&self, ids: &[IntentId]) -> Result<(), StoreError> {
+    #[cfg(test)]
+    pub(crate) fn drop_intents(&self, ids: &[IntentId]) -> Result<(), StoreError> {
         for id in ids {
             self.intents.remove(id.0.to_be_bytes())?;
         }
         Ok(())
     }
 
-    pub fn intents_len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn intents_len(&self) -> usize {
         self.intents.len()
     }
 }

@@ -71,7 +71,7 @@ pub(crate) enum Replay<'a> {
 
 /// What the replay at open found: shown on `/status` and logged.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ReplayReport {
+pub(crate) struct ReplayReport {
     /// Records read and items queued again.
     pub records: usize,
     pub items: usize,
@@ -86,7 +86,7 @@ pub struct ReplayReport {
 
 impl ReplayReport {
     /// What an operator should hear about, if anything.
-    pub fn warnings(&self) -> Vec<String> {
+    pub(crate) fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !self.corrupt.is_empty() {
             let at: Vec<String> = self

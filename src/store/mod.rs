@@ -5,17 +5,17 @@
 //! never read or overwrite another's state. Nothing outside this module names a sled type, so
 //! the engine can be swapped.
 
-pub mod alerts;
+pub(crate) mod alerts;
 mod commit;
-pub mod guard;
+pub(crate) mod guard;
 mod health;
-pub mod intents;
+pub(crate) mod intents;
 mod journal;
 pub mod queue;
 pub mod state;
 mod thread;
-pub mod traces;
-pub mod writer;
+pub(crate) mod traces;
+pub(crate) mod writer;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::model::record::Record;
 use crate::model::IntegrationName;
-pub use journal::ReplayReport;
+pub(crate) use journal::ReplayReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -99,7 +99,7 @@ fn is_lock_conflict(e: &sled::Error) -> bool {
 /// What rostersync last applied to one target user: the link (target id) and the mapped
 /// record. Only users in this index are ever modified or deactivated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct IndexEntry {
+pub(crate) struct IndexEntry {
     pub target_id: String,
     pub user_name: String,
     pub record: Record,
@@ -113,7 +113,7 @@ pub struct IndexEntry {
 }
 
 impl IndexEntry {
-    pub fn active(&self) -> bool {
+    pub(crate) fn active(&self) -> bool {
         crate::model::record::is_active(&self.record)
     }
 }
@@ -171,7 +171,10 @@ impl Store {
 
     /// Opens the store for these configured integrations: a left-over webhook journal is
     /// replayed into their queues only, never into a new queue for a name no longer configured.
-    pub fn open_configured(path: &Path, names: &[IntegrationName]) -> Result<Store, StoreError> {
+    pub(crate) fn open_configured(
+        path: &Path,
+        names: &[IntegrationName],
+    ) -> Result<Store, StoreError> {
         Self::open_replaying(path, journal::Replay::Configured(names), LOCK_WAIT)
     }
 
@@ -217,13 +220,13 @@ impl Store {
 
     /// Whether the store's writes work, without writing (readiness): see
     /// [`Store::write_state`].
-    pub fn writable(&self) -> bool {
+    pub(crate) fn writable(&self) -> bool {
         self.write_state().is_ok()
     }
 
     /// `Err` with what failed while the store's last journal append, sync or flush failed (a
     /// full or broken disk), or while writes are made to fail (tests).
-    pub fn write_state(&self) -> Result<(), String> {
+    pub(crate) fn write_state(&self) -> Result<(), String> {
         if self.fail_writes.on() {
             return Err("writes are failing (injected)".into());
         }
@@ -231,7 +234,7 @@ impl Store {
     }
 
     /// What the replay of a left-over webhook journal found at open (`None`: no journal).
-    pub fn journal_report(&self) -> Option<ReplayReport> {
+    pub(crate) fn journal_report(&self) -> Option<ReplayReport> {
         self.journal.as_ref().map(|j| j.report.clone())
     }
 
@@ -394,25 +397,13 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 impl IntegrationStore {
-    pub fn get_user(&self, entra_id: &str) -> Result<Option<IndexEntry>, StoreError> {
+    pub(crate) fn get_user(&self, entra_id: &str) -> Result<Option<IndexEntry>, StoreError> {
         self.get_user_as(entra_id)
-    }
-
-    /// Just the LMS id of an indexed user (a manager reference needs no more; the rest of the
-    /// entry is skipped, not decoded).
-    pub fn target_id(&self, entra_id: &str) -> Result<Option<String>, StoreError> {
-        #[derive(Deserialize)]
-        struct TargetOnly {
-            target_id: String,
-        }
-        Ok(self
-            .get_user_as::<TargetOnly>(entra_id)?
-            .map(|t| t.target_id))
     }
 
     /// The LMS id of a user a manager link may point at: indexed and active in the LMS. A
     /// manager who left scope (deactivated) is linked by nobody.
-    pub fn linkable_target(&self, entra_id: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn linkable_target(&self, entra_id: &str) -> Result<Option<String>, StoreError> {
         #[derive(Deserialize, Default)]
         struct ActiveOnly {
             #[serde(default)]
@@ -445,14 +436,15 @@ impl IntegrationStore {
         }
     }
 
-    pub fn put_user(&self, entra_id: &str, e: &IndexEntry) -> Result<(), StoreError> {
+    #[cfg(test)]
+    pub(crate) fn put_user(&self, entra_id: &str, e: &IndexEntry) -> Result<(), StoreError> {
         self.put_users(&[(entra_id.to_string(), e.clone())])
     }
 
     /// Writes index entries and keeps the reverse manager index (manager → reports) in step.
     /// New links are written before the entries and stale ones removed after, so a crash in
     /// between leaves an extra candidate, never a missing one.
-    pub fn put_users(&self, entries: &[(String, IndexEntry)]) -> Result<(), StoreError> {
+    pub(crate) fn put_users(&self, entries: &[(String, IndexEntry)]) -> Result<(), StoreError> {
         self.write_entries(entries, &HashSet::new())
     }
 
@@ -502,7 +494,7 @@ impl IntegrationStore {
         Ok(())
     }
 
-    pub fn remove_user(&self, entra_id: &str) -> Result<(), StoreError> {
+    pub(crate) fn remove_user(&self, entra_id: &str) -> Result<(), StoreError> {
         if let Some(e) = self.get_user(entra_id)? {
             if let Some(m) = e.manager.as_deref() {
                 let mut drop = Writes::default();
@@ -517,7 +509,7 @@ impl IntegrationStore {
     }
 
     /// Resolves once everything written before the call is on disk (group commit).
-    pub async fn durable(&self) -> Result<(), StoreError> {
+    pub(crate) async fn durable(&self) -> Result<(), StoreError> {
         if self.fail_writes() {
             return Err(StoreError::Io("writes are failing (injected)".into()));
         }
@@ -528,12 +520,14 @@ impl IntegrationStore {
         self.fail_writes.on()
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// Every index entry, in key order.
-    pub fn users(&self) -> impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + '_ {
+    pub(crate) fn users(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + '_ {
         let tree = format!("{}/users", self.name);
         self.users.iter().map(move |r| {
             let (k, v) = r?;
@@ -544,7 +538,7 @@ impl IntegrationStore {
 
     /// The index entries whose Entra id `keep` accepts; only those are decoded (a reconcile
     /// looks for the few users it did not see among many).
-    pub fn users_where<'a>(
+    pub(crate) fn users_where<'a>(
         &'a self,
         mut keep: impl FnMut(&str) -> bool + 'a,
     ) -> impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + 'a {
@@ -565,18 +559,14 @@ impl IntegrationStore {
 
     /// Index entries that are active in the LMS (the guard's base); unreadable entries count
     /// as inactive.
-    pub fn active_count(&self) -> u64 {
+    pub(crate) fn active_count(&self) -> u64 {
         self.users()
             .filter(|r| r.as_ref().map(|(_, e)| e.active()).unwrap_or(false))
             .count() as u64
     }
 
-    pub fn user_count(&self) -> usize {
-        self.users.len()
-    }
-
     /// Appends a run record; keys sort by start time.
-    pub fn put_run<T: Serialize>(&self, run_id: &str, run: &T) -> Result<(), StoreError> {
+    pub(crate) fn put_run<T: Serialize>(&self, run_id: &str, run: &T) -> Result<(), StoreError> {
         self.runs.insert(run_id.as_bytes(), encode(run)?)?;
         // Keep the last 500 runs.
         while self.runs.len() > 500 {
@@ -601,7 +591,7 @@ impl IntegrationStore {
             .collect()
     }
 
-    pub fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+    pub(crate) fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         match self.meta.get(key.as_bytes())? {
             Some(b) => Ok(Some(decode(
                 &format!("{}/meta", self.name),
@@ -618,13 +608,13 @@ impl IntegrationStore {
         Ok(())
     }
 
-    pub fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
+    pub(crate) fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
         self.meta.insert(key.as_bytes(), encode(v)?)?;
         Ok(())
     }
 
     /// A manager's properties as last read from Graph (the manager `$select`).
-    pub fn person(
+    pub(crate) fn person(
         &self,
         entra_id: &str,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, StoreError> {
@@ -638,7 +628,7 @@ impl IntegrationStore {
         }
     }
 
-    pub fn put_person(
+    pub(crate) fn put_person(
         &self,
         entra_id: &str,
         props: &serde_json::Map<String, serde_json::Value>,
@@ -647,23 +637,23 @@ impl IntegrationStore {
         Ok(())
     }
 
-    pub fn remove_person(&self, entra_id: &str) -> Result<(), StoreError> {
+    pub(crate) fn remove_person(&self, entra_id: &str) -> Result<(), StoreError> {
         self.people.remove(entra_id.as_bytes())?;
         Ok(())
     }
 
-    pub fn is_person(&self, entra_id: &str) -> Result<bool, StoreError> {
+    pub(crate) fn is_person(&self, entra_id: &str) -> Result<bool, StoreError> {
         Ok(self.people.contains_key(entra_id.as_bytes())?)
     }
 
-    pub fn remove_meta(&self, key: &str) -> Result<(), StoreError> {
+    pub(crate) fn remove_meta(&self, key: &str) -> Result<(), StoreError> {
         self.meta.remove(key.as_bytes())?;
         Ok(())
     }
 }
 
 /// A run id that sorts by time: `20261128T070000Z-1a2b3c4d`.
-pub fn new_run_id() -> String {
+pub(crate) fn new_run_id() -> String {
     let now = Utc::now();
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{}-{}", now.format("%Y%m%dT%H%M%S%.3fZ"), &rand[..8])

@@ -37,7 +37,7 @@ pub enum Hint {
 }
 
 impl Hint {
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Hint::Membership { group_id } => format!("membership of group {group_id}"),
             Hint::User { user_id, .. } => format!("user {user_id}"),
@@ -52,7 +52,7 @@ impl Hint {
 }
 
 /// Queued items by id, in arrival order.
-pub type Ready = Vec<(u64, QueueItem)>;
+pub(crate) type Ready = Vec<(u64, QueueItem)>;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QueueItem {
@@ -93,7 +93,7 @@ impl QueueItem {
 
     /// A hint rostersync derives itself for one user (a delta round's member, a manager's
     /// report, a user read back after a crash): it does not fan out to the user's reports.
-    pub fn follow_up(user_id: String) -> QueueItem {
+    pub(crate) fn follow_up(user_id: String) -> QueueItem {
         QueueItem::new(Hint::User {
             user_id,
             follow_up: true,
@@ -144,7 +144,7 @@ pub struct QueueStats {
 impl IntegrationStore {
     /// Appends items and resolves once they are durable (what a 202 may promise): through the
     /// webhook journal when the store has one, else by a sled flush.
-    pub async fn enqueue_durable(&self, items: &[QueueItem]) -> Result<(), StoreError> {
+    pub(crate) async fn enqueue_durable(&self, items: &[QueueItem]) -> Result<(), StoreError> {
         if self.fail_writes() {
             return Err(StoreError::Io("writes are failing (injected)".into()));
         }
@@ -192,7 +192,7 @@ impl IntegrationStore {
 
     /// [`Self::queue_ready`], and the earliest backoff among the items it passed over (when
     /// the worker should look again; complete when fewer than `limit` items are ready).
-    pub fn queue_ready_next(
+    pub(crate) fn queue_ready_next(
         &self,
         now: DateTime<Utc>,
         limit: usize,
@@ -225,7 +225,7 @@ impl IntegrationStore {
     }
 
     /// Removes applied items (one remove each, so the in-memory count knows which existed).
-    pub fn dequeue(&self, ids: &[u64]) -> Result<(), StoreError> {
+    pub(crate) fn dequeue(&self, ids: &[u64]) -> Result<(), StoreError> {
         for id in ids {
             let old = self.queue.remove(key(*id))?;
             self.counts.removed(&old);
@@ -234,7 +234,7 @@ impl IntegrationStore {
     }
 
     /// Rewrites an item (after a failed attempt).
-    pub fn requeue(&self, id: u64, item: &QueueItem) -> Result<(), StoreError> {
+    pub(crate) fn requeue(&self, id: u64, item: &QueueItem) -> Result<(), StoreError> {
         let old = self.queue.insert(key(id), encode(item)?)?;
         self.counts.inserted(&old);
         Ok(())
@@ -255,7 +255,7 @@ impl IntegrationStore {
     }
 
     /// The first `limit` queued items that failed at least once (for `/status`).
-    pub fn retrying(&self, limit: usize) -> Result<Vec<(u64, QueueItem)>, StoreError> {
+    pub(crate) fn retrying(&self, limit: usize) -> Result<Vec<(u64, QueueItem)>, StoreError> {
         let tree = format!("{}/queue", self.name);
         let mut out = Vec::new();
         for r in self.queue.iter() {
@@ -272,7 +272,10 @@ impl IntegrationStore {
     }
 
     /// The oldest `limit` dead letters (for `/status`), without decoding the rest.
-    pub fn dead_letters_first(&self, limit: usize) -> Result<Vec<(u64, QueueItem)>, StoreError> {
+    pub(crate) fn dead_letters_first(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u64, QueueItem)>, StoreError> {
         let tree = format!("{}/dead", self.name);
         self.dead
             .iter()
@@ -290,7 +293,7 @@ impl IntegrationStore {
 
     /// At most `limit` dead letters with an id above `after` (all from the first without),
     /// oldest first: a page of `queue dead`.
-    pub fn dead_letters_after(
+    pub(crate) fn dead_letters_after(
         &self,
         after: Option<u64>,
         limit: usize,

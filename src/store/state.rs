@@ -47,7 +47,7 @@ pub struct SubscriptionRecord {
 /// A fingerprint of a clientState: SHA-256 of a fixed label and the value, first 16 bytes as
 /// hex. Tells a changed clientState from the one a subscription was made with, without
 /// keeping the secret.
-pub fn client_state_fingerprint(client_state: &str) -> String {
+pub(crate) fn client_state_fingerprint(client_state: &str) -> String {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     ctx.update(b"rostersync clientState v1\0");
     ctx.update(client_state.as_bytes());
@@ -57,7 +57,7 @@ pub fn client_state_fingerprint(client_state: &str) -> String {
         .collect()
 }
 
-pub use crate::model::MemberKind;
+pub(crate) use crate::model::MemberKind;
 
 fn pair(a: &str, b: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(a.len() + b.len() + 1);
@@ -75,7 +75,7 @@ fn prefix(a: &str) -> Vec<u8> {
 
 /// How long a report is remembered for a manager it lost: Microsoft Entra keeps a deleted
 /// user restorable for 30 days (docs/graph.md), after which it cannot come back.
-pub const ORPHAN_DAYS: i64 = 30;
+pub(crate) const ORPHAN_DAYS: i64 = 30;
 
 /// An orphan's value: the manager's id, then when the report lost it (Unix seconds).
 fn orphan_value(manager: &str, at: DateTime<Utc>) -> String {
@@ -118,7 +118,7 @@ impl IntegrationStore {
             .collect()
     }
 
-    pub fn subscription(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
+    pub(crate) fn subscription(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
         match self.subs.get(id.as_bytes())? {
             Some(v) => Ok(Some(decode(
                 &format!("{}/subs", self.name),
@@ -134,26 +134,26 @@ impl IntegrationStore {
         Ok(())
     }
 
-    pub fn remove_subscription(&self, id: &str) -> Result<(), StoreError> {
+    pub(crate) fn remove_subscription(&self, id: &str) -> Result<(), StoreError> {
         self.subs.remove(id.as_bytes())?;
         Ok(())
     }
 
     // ---- delta links ----
 
-    pub fn delta_link(&self, group_id: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn delta_link(&self, group_id: &str) -> Result<Option<String>, StoreError> {
         match self.delta.get(group_id.as_bytes())? {
             Some(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
             None => Ok(None),
         }
     }
 
-    pub fn put_delta_link(&self, group_id: &str, link: &str) -> Result<(), StoreError> {
+    pub(crate) fn put_delta_link(&self, group_id: &str, link: &str) -> Result<(), StoreError> {
         self.delta.insert(group_id.as_bytes(), link.as_bytes())?;
         Ok(())
     }
 
-    pub fn remove_delta_link(&self, group_id: &str) -> Result<(), StoreError> {
+    pub(crate) fn remove_delta_link(&self, group_id: &str) -> Result<(), StoreError> {
         self.delta.remove(group_id.as_bytes())?;
         Ok(())
     }
@@ -161,7 +161,7 @@ impl IntegrationStore {
     // ---- direct memberships ----
 
     /// Applies one delta round's membership changes of `group_id`.
-    pub fn apply_members(
+    pub(crate) fn apply_members(
         &self,
         group_id: &str,
         added: &[(String, MemberKind)],
@@ -179,7 +179,7 @@ impl IntegrationStore {
     }
 
     /// Replaces what is known of `group_id`'s direct members (a fresh listing or delta round).
-    pub fn replace_members(
+    pub(crate) fn replace_members(
         &self,
         group_id: &str,
         members: &[(String, MemberKind)],
@@ -190,13 +190,13 @@ impl IntegrationStore {
 
     /// A group left the tree: its members and its delta link are forgotten, so that it is
     /// learnt afresh (and its members looked at) if it comes back.
-    pub fn forget_group(&self, group_id: &str) -> Result<(), StoreError> {
+    pub(crate) fn forget_group(&self, group_id: &str) -> Result<(), StoreError> {
         self.clear_members(group_id)?;
         self.remove_delta_link(group_id)
     }
 
     /// Forgets everything known about `group_id`'s members (before a fresh initial round).
-    pub fn clear_members(&self, group_id: &str) -> Result<(), StoreError> {
+    pub(crate) fn clear_members(&self, group_id: &str) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for r in self.members.scan_prefix(prefix(group_id)) {
             let (k, _) = r?;
@@ -206,7 +206,10 @@ impl IntegrationStore {
         Ok(())
     }
 
-    pub fn direct_members(&self, group_id: &str) -> Result<Vec<(String, MemberKind)>, StoreError> {
+    pub(crate) fn direct_members(
+        &self,
+        group_id: &str,
+    ) -> Result<Vec<(String, MemberKind)>, StoreError> {
         let tree = format!("{}/members", self.name);
         self.members
             .scan_prefix(prefix(group_id))
@@ -222,7 +225,7 @@ impl IntegrationStore {
     }
 
     /// `roots` and every group nested in them (as far as delta has told us), cycles allowed.
-    pub fn group_tree(&self, roots: &[String]) -> Result<BTreeSet<String>, StoreError> {
+    pub(crate) fn group_tree(&self, roots: &[String]) -> Result<BTreeSet<String>, StoreError> {
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut todo: VecDeque<String> = roots.iter().cloned().collect();
         while let Some(g) = todo.pop_front() {
@@ -259,7 +262,7 @@ impl IntegrationStore {
     }
 
     /// Entra ids of the users whose last applied manager is `manager`.
-    pub fn reports_of(&self, manager: &str) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn reports_of(&self, manager: &str) -> Result<Vec<String>, StoreError> {
         self.reports
             .scan_prefix(prefix(manager))
             .map(|r| Ok(second(&r?.0)))
@@ -272,7 +275,7 @@ impl IntegrationStore {
     /// it was cleared): should it come back (restored from the deleted items), Graph gives the
     /// reports their manager again without a change notification for them, and the reverse
     /// index no longer knows them. Remembered for [`ORPHAN_DAYS`].
-    pub fn mark_orphans(&self, manager: &str, reports: &[String]) -> Result<(), StoreError> {
+    pub(crate) fn mark_orphans(&self, manager: &str, reports: &[String]) -> Result<(), StoreError> {
         let lost: Vec<(String, String)> = reports
             .iter()
             .map(|r| (r.clone(), manager.to_string()))
@@ -296,14 +299,14 @@ impl IntegrationStore {
     }
 
     /// The reports remembered for a vanished `manager` (a small tree: scanned).
-    pub fn orphans_of(&self, manager: &str) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn orphans_of(&self, manager: &str) -> Result<Vec<String>, StoreError> {
         Ok(self.orphans()?.remove(manager).unwrap_or_default())
     }
 
     /// Forgets the reports remembered, and the users known vanished, longer than
     /// [`ORPHAN_DAYS`]: a user deleted that long ago can no longer be restored. Returns how
     /// many entries went.
-    pub fn prune_orphans(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    pub(crate) fn prune_orphans(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
         let mut n = 0;
         for tree in [&self.orphans, &self.vanished] {
             let mut batch = sled::Batch::default();
@@ -323,14 +326,14 @@ impl IntegrationStore {
 
     /// Remembers that Graph said `id` is gone (a 404, a soft delete): should it come back,
     /// Graph gives its reports their manager again, notifying only about `id`.
-    pub fn mark_vanished(&self, id: &str) -> Result<(), StoreError> {
+    pub(crate) fn mark_vanished(&self, id: &str) -> Result<(), StoreError> {
         self.vanished
             .insert(id.as_bytes(), orphan_value("", Utc::now()).as_bytes())?;
         Ok(())
     }
 
     /// Whether `id` was remembered as gone (and could still be restored).
-    pub fn is_vanished(&self, id: &str) -> Result<bool, StoreError> {
+    pub(crate) fn is_vanished(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
             .vanished
             .get(id.as_bytes())?
@@ -338,7 +341,7 @@ impl IntegrationStore {
     }
 
     /// `id` is back (its reports were read again) or deleted for good.
-    pub fn forget_vanished(&self, id: &str) -> Result<(), StoreError> {
+    pub(crate) fn forget_vanished(&self, id: &str) -> Result<(), StoreError> {
         self.vanished.remove(id.as_bytes())?;
         Ok(())
     }
@@ -350,7 +353,7 @@ impl IntegrationStore {
     /// writes: the reconcile's users delta tells only what changed since its own last run, so
     /// a link the worker wrote in between on a passing state (a manager deleted, then
     /// restored) would otherwise be believed.
-    pub fn doubt_managers(&self, ids: &[String]) -> Result<(), StoreError> {
+    pub(crate) fn doubt_managers(&self, ids: &[String]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -363,7 +366,7 @@ impl IntegrationStore {
     }
 
     /// Every doubt, with its stamp (for [`IntegrationStore::settle_doubts`]).
-    pub fn manager_doubts(&self) -> Result<Vec<(String, sled::IVec)>, StoreError> {
+    pub(crate) fn manager_doubts(&self) -> Result<Vec<(String, sled::IVec)>, StoreError> {
         let mut out = Vec::new();
         for r in self.doubts.iter() {
             let (k, v) = r?;
@@ -373,7 +376,7 @@ impl IntegrationStore {
     }
 
     /// Removes these doubts unless raised again since they were read (a new stamp stays).
-    pub fn settle_doubts(&self, doubts: &[(String, sled::IVec)]) -> Result<(), StoreError> {
+    pub(crate) fn settle_doubts(&self, doubts: &[(String, sled::IVec)]) -> Result<(), StoreError> {
         for (id, stamp) in doubts {
             // A mismatch (raised again, or gone) is not an error: that doubt is not ours.
             let _ = self
@@ -384,7 +387,7 @@ impl IntegrationStore {
     }
 
     /// Forgets the reports remembered for `manager` (deleted for good: it cannot come back).
-    pub fn forget_orphans_of(&self, manager: &str) -> Result<(), StoreError> {
+    pub(crate) fn forget_orphans_of(&self, manager: &str) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for r in self.orphans_of(manager)? {
             batch.remove(r.as_bytes());
@@ -394,7 +397,9 @@ impl IntegrationStore {
     }
 
     /// Every remembered report, by vanished manager (those remembered too long left out).
-    pub fn orphans(&self) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
+    pub(crate) fn orphans(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
         let now = Utc::now();
         let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
         for r in self.orphans.iter() {
@@ -430,7 +435,7 @@ impl IntegrationStore {
     // ---- clientState ----
 
     /// The integration's clientState: the one stored, or a new random one (kept from now on).
-    pub fn client_state(&self) -> Result<String, StoreError> {
+    pub(crate) fn client_state(&self) -> Result<String, StoreError> {
         if let Some(v) = self.meta.get(b"client_state")? {
             return Ok(String::from_utf8_lossy(&v).into_owned());
         }

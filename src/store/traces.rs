@@ -37,7 +37,7 @@ impl IntegrationStore {
     /// Writes index entries, then the traces of the decisions that produced them (and any
     /// others). The traces tell which entries are creates: those are written without first
     /// reading what they replace (`write_entries`).
-    pub fn put_changes(
+    pub(crate) fn put_changes(
         &self,
         entries: &[(String, IndexEntry)],
         traces: Vec<Trace>,
@@ -58,7 +58,7 @@ impl IntegrationStore {
 
     /// Stores each trace as its user's last one (after the index entries it goes with), and the
     /// names it can be found by that the index does not hold.
-    pub fn put_traces(&self, traces: Vec<Trace>) -> Result<(), StoreError> {
+    pub(crate) fn put_traces(&self, traces: Vec<Trace>) -> Result<(), StoreError> {
         if traces.is_empty() {
             return Ok(());
         }
@@ -103,7 +103,7 @@ impl IntegrationStore {
     }
 
     /// Whether the user's last trace is a skip.
-    pub fn trace_is_skip(&self, entra_id: &str) -> Result<bool, StoreError> {
+    pub(crate) fn trace_is_skip(&self, entra_id: &str) -> Result<bool, StoreError> {
         Ok(self.trace_skips.contains_key(entra_id.as_bytes())?)
     }
 
@@ -141,7 +141,7 @@ impl IntegrationStore {
     /// a trace was recorded under that the index does not hold, or else the userName of an
     /// index entry. The last is a scan of the index reading only userNames (about 0.1 s per
     /// 100,000 users): fine for a CLI question, and it spares a name entry per synced user.
-    pub fn resolve_user(&self, key: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn resolve_user(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = key.trim();
         if key.is_empty() {
             return Ok(None);

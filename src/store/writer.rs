@@ -18,10 +18,10 @@ use crate::model::trace::Trace;
 
 /// How much lower than the rest of the process the writer thread runs (Linux only; elsewhere
 /// the nice value is per process, and it is left alone).
-pub const NICE: i32 = 10;
+pub(crate) const NICE: i32 = 10;
 
 /// The Entra ids written, and whether the store took them.
-pub type Written = (Vec<String>, Result<(), StoreError>);
+pub(crate) type Written = (Vec<String>, Result<(), StoreError>);
 
 struct Job {
     entries: Vec<(String, IndexEntry)>,
@@ -32,7 +32,7 @@ struct Job {
 /// Writes index entries, then their traces, in the order given. Dropping it waits until the
 /// jobs already handed to it are written and the thread has let go of the store
 /// (`store::thread::Worker`).
-pub struct BackgroundWriter {
+pub(crate) struct BackgroundWriter {
     mode: Mode,
 }
 
@@ -54,7 +54,7 @@ fn write_job(
 impl BackgroundWriter {
     /// Starts the writer thread; when the system refuses one, writes on the caller's thread
     /// instead (slower, same result) and says so in the log.
-    pub fn start(store: IntegrationStore) -> Self {
+    pub(crate) fn start(store: IntegrationStore) -> Self {
         let theirs = store.clone();
         let spawned = Worker::spawn(
             format!("{}-index-writer", store.name()),
@@ -83,7 +83,7 @@ impl BackgroundWriter {
     }
 
     /// Writes on the caller's thread (what `start` falls back to).
-    pub fn inline(store: IntegrationStore) -> Self {
+    pub(crate) fn inline(store: IntegrationStore) -> Self {
         BackgroundWriter {
             mode: Mode::Inline(Box::new(store)),
         }
@@ -91,7 +91,7 @@ impl BackgroundWriter {
 
     /// Queues index entries and the traces that go with them (a trace relies on its entry).
     /// The answer comes when both are written; a closed channel means the thread died.
-    pub fn write(
+    pub(crate) fn write(
         &self,
         entries: Vec<(String, IndexEntry)>,
         traces: Vec<Trace>,

@@ -241,7 +241,7 @@ pub(crate) async fn announce_intents<T: Target>(
 
 /// What reading back the intents a crash (or an unanswered write) left behind found.
 #[derive(Debug, Default)]
-pub struct Settled {
+pub(crate) struct Settled {
     /// Users whose index entry now holds what the LMS holds.
     pub settled: Vec<String>,
     /// Users whose LMS state could not be read (their intent stays; a reconcile writes them
@@ -264,7 +264,7 @@ enum ReadBack {
 /// holds in the index, so that nothing trusts an entry whose last write was not confirmed.
 /// Called at the start of `serve` and of every reconcile. An LMS that cannot be reached is an
 /// error (nothing can be trusted then); a user that cannot be read stays pending.
-pub async fn settle_intents<T: Target>(
+pub(crate) async fn settle_intents<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
 ) -> Result<Settled, RunError> {

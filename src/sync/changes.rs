@@ -33,7 +33,7 @@ struct Span {
 }
 
 impl Changes {
-    pub fn new() -> Changes {
+    pub(crate) fn new() -> Changes {
         Changes::default()
     }
 
@@ -45,13 +45,14 @@ impl Changes {
         self.spans.is_empty()
     }
 
-    pub fn clear(&mut self) {
+    #[cfg(test)]
+    pub(crate) fn clear(&mut self) {
         self.blocks.clear();
         self.spans.clear();
     }
 
     /// Appends `c` as the report shows it.
-    pub fn push(&mut self, c: &PlannedChange) {
+    pub(crate) fn push(&mut self, c: &PlannedChange) {
         let json = match serde_json::to_vec(c) {
             Ok(j) => j,
             // Strings, numbers and enums only: encoding cannot fail; were it to, the change
@@ -79,7 +80,7 @@ impl Changes {
         });
     }
 
-    pub fn extend(&mut self, changes: impl IntoIterator<Item = PlannedChange>) {
+    pub(crate) fn extend(&mut self, changes: impl IntoIterator<Item = PlannedChange>) {
         for c in changes {
             self.push(&c);
         }
@@ -94,7 +95,7 @@ impl Changes {
     }
 
     /// The changes from the `from`th on.
-    pub fn iter_from(&self, from: usize) -> impl Iterator<Item = PlannedChange> + '_ {
+    pub(crate) fn iter_from(&self, from: usize) -> impl Iterator<Item = PlannedChange> + '_ {
         (from..self.len()).filter_map(|i| self.get(i))
     }
 
@@ -103,7 +104,7 @@ impl Changes {
     }
 
     /// The Entra ids of the changes, in order (only the id is decoded).
-    pub fn entra_ids(&self) -> impl Iterator<Item = String> + '_ {
+    pub(crate) fn entra_ids(&self) -> impl Iterator<Item = String> + '_ {
         #[derive(Deserialize)]
         struct IdOnly {
             entra_id: String,
@@ -117,7 +118,8 @@ impl Changes {
     }
 
     /// All of them, decoded (tests and small reports).
-    pub fn to_vec(&self) -> Vec<PlannedChange> {
+    #[cfg(test)]
+    pub(crate) fn to_vec(&self) -> Vec<PlannedChange> {
         self.iter().collect()
     }
 }

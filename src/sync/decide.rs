@@ -5,7 +5,7 @@
 //! then call [`decide`]; none of them decides anything itself. What differs between them is
 //! only how good their facts are, and that is part of the facts:
 //!
-//! * **Membership** is `Member`, `NotMember` or `Unknown` (Graph could not say). A member comes
+//! * **Membership** is `Member` or `NotMember` (when Graph cannot say, nothing is decided). A member comes
 //!   from a listing, a delta round or Graph's answer; "not a member" from a complete listing,
 //!   the worker's membership mirror, or `checkMemberGroups`.
 //! * **Confirmed** facts were read from Graph just now, to confirm a deactivation: the user
@@ -25,7 +25,7 @@ use crate::store::IndexEntry;
 
 /// What Graph says of the user.
 #[derive(Clone, Copy, Debug)]
-pub enum UserFact<'a> {
+pub(crate) enum UserFact<'a> {
     /// Graph has the user; `mapped` is what the mapping made of it (and of its manager).
     Present {
         user: &'a GraphUser,
@@ -38,16 +38,14 @@ pub enum UserFact<'a> {
 
 /// Whether the user is a member of a configured group (directly or through nested groups).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Membership {
+pub(crate) enum Membership {
     Member,
     NotMember,
-    /// Graph could not tell (an error); nothing is decided on it.
-    Unknown,
 }
 
 /// Everything [`decide`] looks at.
 #[derive(Clone, Copy, Debug)]
-pub struct Facts<'a> {
+pub(crate) struct Facts<'a> {
     pub user: UserFact<'a>,
     pub membership: Membership,
     /// `user` and `membership` were read from Graph just now to confirm a deactivation.
@@ -60,7 +58,7 @@ pub struct Facts<'a> {
 
 /// What is to be done.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// The LMS is as it should be. `remember_manager`: the index should still learn the user's
     /// current manager (nothing to send; the index finds a manager's reports by it).
     Unchanged { remember_manager: bool },
@@ -71,15 +69,13 @@ pub enum Verdict {
     /// A deactivation would follow, but the facts are not Graph's fresh word: read the user
     /// and its membership again and decide again.
     Confirm,
-    /// The facts are not enough to act on (membership unknown): try again later.
-    Wait(String),
     /// Write this change.
     Change(PlannedChange),
 }
 
 /// The decision with what its trace needs.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub verdict: Verdict,
     /// Why the user is not (or no longer) in scope; `None` for an enabled member.
     pub out: Option<OutOfScope>,
@@ -97,7 +93,7 @@ impl Decision {
     }
 
     /// The change to write, if any.
-    pub fn change(&self) -> Option<&PlannedChange> {
+    pub(crate) fn change(&self) -> Option<&PlannedChange> {
         match &self.verdict {
             Verdict::Change(c) => Some(c),
             _ => None,
@@ -106,7 +102,7 @@ impl Decision {
 }
 
 /// Whether Graph says the account is disabled (`accountEnabled = false`).
-pub fn account_disabled(u: &GraphUser) -> bool {
+pub(crate) fn account_disabled(u: &GraphUser) -> bool {
     u.props.get("accountEnabled").and_then(|v| v.as_bool()) == Some(false)
 }
 
@@ -139,7 +135,7 @@ fn deactivate(f: &Facts<'_>, entra_id: &str, e: &IndexEntry, out: OutOfScope) ->
 
 /// Decides for one user (`entra_id`). `show_create`: a create lists every attribute as its
 /// changes (only a plan that is shown needs them).
-pub fn decide(entra_id: &str, f: &Facts<'_>, show_create: bool) -> Decision {
+pub(crate) fn decide(entra_id: &str, f: &Facts<'_>, show_create: bool) -> Decision {
     let unchanged = Verdict::Unchanged {
         remember_manager: false,
     };
@@ -193,10 +189,6 @@ pub fn decide(entra_id: &str, f: &Facts<'_>, show_create: bool) -> Decision {
             Some(_) => Decision::of(unchanged, Some(OutOfScope::LeftAllGroups)),
             None => Decision::of(unchanged, Some(OutOfScope::NotMember)),
         },
-        (UserFact::Present { .. }, Membership::Unknown) => Decision::of(
-            Verdict::Wait("Graph could not confirm whether the user is a member".into()),
-            None,
-        ),
         (UserFact::Gone { deleted }, _) => {
             let out = if deleted {
                 OutOfScope::Deleted
@@ -215,7 +207,7 @@ pub fn decide(entra_id: &str, f: &Facts<'_>, show_create: bool) -> Decision {
 /// Whether the verdict changes whether (or as whom) the user is in the LMS: a create, a
 /// reactivation, a deactivation. The user's direct reports then need their manager link
 /// looked at again.
-pub fn changes_presence(c: &PlannedChange, before: Option<&IndexEntry>) -> bool {
+pub(crate) fn changes_presence(c: &PlannedChange, before: Option<&IndexEntry>) -> bool {
     match c.action {
         Action::Create | Action::Reactivate | Action::Deactivate => true,
         Action::Update => before.is_some_and(|e| Some(&e.target_id) != c.target_id.as_ref()),
@@ -286,7 +278,6 @@ mod tests {
         Skip,
         Fail,
         Confirm,
-        Wait,
         Act(Action),
     }
 
@@ -323,7 +314,6 @@ mod tests {
             Verdict::Skip => Want::Skip,
             Verdict::Fail(_) => Want::Fail,
             Verdict::Confirm => Want::Confirm,
-            Verdict::Wait(_) => Want::Wait,
             Verdict::Change(c) => Want::Act(c.action),
         }
     }
@@ -442,12 +432,6 @@ mod tests {
                 want: Unchanged,
                 out: Some(OutOfScope::NotMember),
                 ..row("someone else in the tenant: nothing")
-            },
-            Row {
-                membership: Membership::Unknown,
-                existing: Some(entry("Eng", true, None, None)),
-                want: Wait,
-                ..row("membership unknown: wait, never deactivate")
             },
             Row {
                 user: None,

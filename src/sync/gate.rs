@@ -68,12 +68,12 @@ impl UserGate {
 
     /// The lock of steps that concern the whole integration: held by each worker batch, and
     /// by the reconcile while it reads back intents and rebuilds the membership mirror.
-    pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(crate) async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.exclusive.lock().await
     }
 
     /// A reconcile starts: users the worker writes from now on are left to the worker.
-    pub fn begin_run(&self) -> RunTicket<'_> {
+    pub(crate) fn begin_run(&self) -> RunTicket<'_> {
         let mut s = self.lock();
         s.runs += 1;
         RunTicket {
@@ -83,7 +83,7 @@ impl UserGate {
     }
 
     /// The worker takes `ids` (waits while a reconcile write of any of them is in flight).
-    pub async fn claim(&self, ids: impl IntoIterator<Item = String>) -> Claim<'_> {
+    pub(crate) async fn claim(&self, ids: impl IntoIterator<Item = String>) -> Claim<'_> {
         let mut ids: Vec<String> = ids.into_iter().collect();
         ids.sort();
         ids.dedup();
@@ -115,13 +115,13 @@ impl UserGate {
 
     /// Whether the worker waits for a reconcile write to be stored (the reconcile then hands
     /// its applied entries to the index writer without waiting for a full batch).
-    pub fn worker_waiting(&self) -> bool {
+    pub(crate) fn worker_waiting(&self) -> bool {
         self.lock().waiting > 0
     }
 
     /// The reconcile that started at `epoch` wants to write `id`: `true` and it is held until
     /// [`UserGate::release_write`]; `false` when the worker holds it or wrote it since.
-    pub fn try_write(&self, id: &str, epoch: u64) -> bool {
+    pub(crate) fn try_write(&self, id: &str, epoch: u64) -> bool {
         let mut s = self.lock();
         if s.worker.contains_key(id) || s.touched.get(id).is_some_and(|t| *t > epoch) {
             s.left += 1;
@@ -132,7 +132,7 @@ impl UserGate {
     }
 
     /// The reconcile's write of `id` and its index entry are done (or failed).
-    pub fn release_write(&self, id: &str) {
+    pub(crate) fn release_write(&self, id: &str) {
         {
             let mut s = self.lock();
             if let Some(n) = s.reconcile.get_mut(id) {
@@ -146,33 +146,34 @@ impl UserGate {
     }
 
     /// Whether the worker holds `id` or wrote it since `epoch` (for index-only updates).
-    pub fn worker_has(&self, id: &str, epoch: u64) -> bool {
+    pub(crate) fn worker_has(&self, id: &str, epoch: u64) -> bool {
         let s = self.lock();
         s.worker.contains_key(id) || s.touched.get(id).is_some_and(|t| *t > epoch)
     }
 
     /// Users reconciles left to the worker since the gate was made.
-    pub fn left_to_worker(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn left_to_worker(&self) -> u64 {
         self.lock().left
     }
 }
 
 /// A running reconcile's place in the gate; ending it releases whatever it still holds.
-pub struct RunTicket<'g> {
+pub(crate) struct RunTicket<'g> {
     gate: &'g UserGate,
     epoch: u64,
 }
 
 impl RunTicket<'_> {
     /// What the worker released before the run began (see [`UserGate::try_write`]).
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// Users the worker holds now or wrote since the run began. The run decides them again
     /// through the worker once it is over: the worker may have decided them while the run's
     /// writes (a manager being created, its index entry not yet stored) were under way.
-    pub fn worker_touched(&self) -> Vec<String> {
+    pub(crate) fn worker_touched(&self) -> Vec<String> {
         let s = self.gate.lock();
         let mut ids: Vec<String> = s
             .touched
@@ -222,7 +223,7 @@ impl Drop for Waiting<'_> {
 }
 
 /// Users the worker holds; released (and marked written) when dropped.
-pub struct Claim<'g> {
+pub(crate) struct Claim<'g> {
     gate: &'g UserGate,
     ids: Vec<String>,
 }

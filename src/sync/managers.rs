@@ -34,7 +34,7 @@ const UNKNOWN: &str = "managers_unknown";
 
 /// What is known of one user's manager before the page is read.
 #[derive(Clone, Debug, PartialEq)]
-pub enum ManagerFact {
+pub(crate) enum ManagerFact {
     /// `None`: no manager.
     Known(Option<String>),
     /// Read it.
@@ -43,7 +43,7 @@ pub enum ManagerFact {
 
 /// How a run learns its members' managers.
 #[derive(Clone, Debug)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Every member's manager read from Graph.
     Verify,
     /// From the index, corrected by the users delta since the last run.
@@ -54,7 +54,7 @@ pub enum Mode {
 
 /// This run's plan for managers, and what to record when it succeeds.
 #[derive(Clone, Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub mode: Mode,
     /// The users delta link to keep once the run succeeded (never by a dry run); `None` when
     /// Graph does not offer the users delta (every run then reads every manager).
@@ -71,7 +71,7 @@ fn unsupported(e: &GraphError) -> bool {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ManagersError {
+pub(crate) enum ManagersError {
     #[error(transparent)]
     Graph(#[from] GraphError),
     #[error(transparent)]
@@ -79,7 +79,7 @@ pub enum ManagersError {
 }
 
 /// Decides how this run learns managers and runs the users delta round if it tracks them.
-pub async fn prepare(
+pub(crate) async fn prepare(
     graph: &GraphClient,
     store: &IntegrationStore,
     select: &[String],
@@ -196,7 +196,7 @@ pub async fn prepare(
 /// who may come back), managers that disappeared are read at the next run by the users this
 /// run did not settle (`settled`: listed and not failed), then the link (and, for a
 /// verification run, when) is kept.
-pub fn finish(
+pub(crate) fn finish(
     store: &IntegrationStore,
     plan: &Plan,
     settled: impl Fn(&str) -> bool,
@@ -244,14 +244,8 @@ pub fn finish(
     Ok(())
 }
 
-/// Forgets the tracking state (the next run verifies).
-pub fn forget(store: &IntegrationStore) -> Result<(), StoreError> {
-    store.remove_meta(LINK)?;
-    store.remove_meta(VERIFIED)
-}
-
 /// Where a run finds its members' managers.
-pub struct Lookup<'a> {
+pub(crate) struct Lookup<'a> {
     pub graph: &'a GraphClient,
     pub store: &'a IntegrationStore,
     pub mode: &'a Mode,
@@ -265,7 +259,7 @@ impl Lookup<'_> {
     /// The managers of one page of members (`entries`: their raw index entries, same order):
     /// the manager's Graph object, `None` for no manager. `memo` keeps the managers read or
     /// looked up in this run.
-    pub async fn page(
+    pub(crate) async fn page(
         &self,
         users: &[GraphUser],
         entries: &[Option<IndexEntry>],

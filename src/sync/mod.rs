@@ -3,11 +3,11 @@
 //! Architecture invariant: `mapping` and `plan` do no I/O; `reconcile` reaches Graph, the
 //! target and the store only through `GraphClient`, the `Target` trait and `IntegrationStore`.
 
-pub mod apply;
-pub mod changes;
-pub mod decide;
-pub mod gate;
-pub mod managers;
+pub(crate) mod apply;
+pub(crate) mod changes;
+pub(crate) mod decide;
+pub(crate) mod gate;
+pub(crate) mod managers;
 // The mapping is its own module below the config (which compiles it); the sync reads it here too.
 pub use crate::mapping;
 pub mod plan;

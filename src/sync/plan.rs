@@ -16,7 +16,7 @@ pub use crate::model::change::{Action, GuardTrip, PlannedChange};
 
 /// What is known about a user's manager when the user is planned.
 #[derive(Clone, Debug, PartialEq)]
-pub enum ManagerRef {
+pub(crate) enum ManagerRef {
     /// No manager, or manager linking disabled.
     None,
     /// The manager is in the target with this id.
@@ -27,7 +27,7 @@ pub enum ManagerRef {
 }
 
 /// The record keys rostersync manages for a mapping (others in the target are never touched).
-pub fn managed_keys<'a>(
+pub(crate) fn managed_keys<'a>(
     rule_keys: impl Iterator<Item = &'a str>,
     link_manager: bool,
 ) -> BTreeSet<String> {
@@ -40,7 +40,7 @@ pub fn managed_keys<'a>(
 }
 
 /// Attribute-level difference between two records.
-pub fn diff(old: &Record, new: &Record) -> Vec<AttrChange> {
+pub(crate) fn diff(old: &Record, new: &Record) -> Vec<AttrChange> {
     let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     keys.into_iter()
         .filter_map(|k| {
@@ -56,7 +56,11 @@ pub fn diff(old: &Record, new: &Record) -> Vec<AttrChange> {
 
 /// Completes a desired record against what the target holds now (`current`, restricted to the
 /// managed keys): `keep` attributes and a deferred manager keep their current values.
-pub fn desired_record(d: &Desired, manager: &ManagerRef, current: Option<&Record>) -> Record {
+pub(crate) fn desired_record(
+    d: &Desired,
+    manager: &ManagerRef,
+    current: Option<&Record>,
+) -> Record {
     let mut record = d.record.clone();
     for k in &d.keep {
         match current.and_then(|c| c.get(k)) {
@@ -85,7 +89,8 @@ pub fn desired_record(d: &Desired, manager: &ManagerRef, current: Option<&Record
 
 /// Plans one group member. `existing` is the user's index entry with its record already
 /// restricted to the managed keys. Returns `None` when nothing changes.
-pub fn plan_member(
+#[cfg(test)]
+pub(crate) fn plan_member(
     d: &Desired,
     existing: Option<&IndexEntry>,
     manager: &ManagerRef,
@@ -95,7 +100,7 @@ pub fn plan_member(
 
 /// [`plan_member`]; `create_diff` = false leaves a create's `changes` empty (they repeat its
 /// record, and only a plan that is shown uses them: a reconcile that applies drops them).
-pub fn plan_member_with(
+pub(crate) fn plan_member_with(
     d: &Desired,
     existing: Option<&IndexEntry>,
     manager: &ManagerRef,
@@ -165,7 +170,7 @@ pub fn plan_member_with(
 }
 
 /// Plans the deactivation of an indexed user that is no longer in any configured group.
-pub fn plan_departure(entra_id: &str, e: &IndexEntry) -> Option<PlannedChange> {
+pub(crate) fn plan_departure(entra_id: &str, e: &IndexEntry) -> Option<PlannedChange> {
     if !e.active() {
         return None;
     }
@@ -193,7 +198,7 @@ pub fn plan_departure(entra_id: &str, e: &IndexEntry) -> Option<PlannedChange> {
 /// The mass-deactivation guard over a rolling window. `used`: deactivations already written
 /// in the window (by any path); `active_now`: users active in the index now; `tripped`: an
 /// earlier trip still holds (nothing more is deactivated until it is cleared or expires).
-pub fn guard(
+pub(crate) fn guard(
     would_deactivate: u64,
     active_now: u64,
     used: u64,

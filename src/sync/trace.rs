@@ -26,7 +26,7 @@ pub use crate::model::trace::*;
 
 /// Secrets out of a trace's text (nothing should ever carry one, but an LMS could echo one in
 /// an error).
-pub trait Scrub {
+pub(crate) trait Scrub {
     fn scrub(&mut self, redactor: &Redactor) -> &mut Self;
 }
 
@@ -40,7 +40,7 @@ impl Scrub for Trace {
 }
 
 /// Traces of one run being decided: each planned change's trace waits here for its answer.
-pub struct Pending {
+pub(crate) struct Pending {
     integration: String,
     source: Source,
     run: String,
@@ -53,7 +53,7 @@ pub struct Pending {
 }
 
 impl Pending {
-    pub fn new(
+    pub(crate) fn new(
         cfg: &IntegrationConfig,
         store: &IntegrationStore,
         source: Source,
@@ -70,21 +70,21 @@ impl Pending {
         }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.enabled
     }
 
-    pub fn run(&self) -> &str {
+    pub(crate) fn run(&self) -> &str {
         &self.run
     }
 
-    pub fn start(&self, entra_id: &str) -> Trace {
+    pub(crate) fn start(&self, entra_id: &str) -> Trace {
         Trace::new(&self.integration, self.source, &self.run, entra_id)
     }
 
     /// Keeps a planned change's trace until [`Pending::take`]. `mapped`: its mapped values
     /// are the planned change's record (added when the outcome is known).
-    pub fn wait(&mut self, t: Trace, mapped: bool) {
+    pub(crate) fn wait(&mut self, t: Trace, mapped: bool) {
         if self.enabled {
             self.waiting.insert(t.entra_id.clone(), (t, mapped));
         }
@@ -92,7 +92,7 @@ impl Pending {
 
     /// The trace `c` was planned with (a bare one if none was kept), for an outcome other
     /// than applied.
-    pub fn take(&mut self, c: &PlannedChange) -> Trace {
+    pub(crate) fn take(&mut self, c: &PlannedChange) -> Trace {
         let (mut t, mapped) = self.take_raw(c);
         if mapped {
             t.mapped(&c.record);
@@ -102,7 +102,7 @@ impl Pending {
 
     /// The trace `c` was planned with, for its applied outcome: its mapped values are the
     /// index entry written with it ([`Trace::mapped_in_index`]).
-    pub fn take_applied(&mut self, c: &PlannedChange) -> Trace {
+    pub(crate) fn take_applied(&mut self, c: &PlannedChange) -> Trace {
         let (mut t, mapped) = self.take_raw(c);
         t.mapped_in_index = mapped;
         t
@@ -121,7 +121,7 @@ impl Pending {
     }
 
     /// Ready to store: scrubbed.
-    pub fn finish(&self, mut t: Trace) -> Trace {
+    pub(crate) fn finish(&self, mut t: Trace) -> Trace {
         t.scrub(&self.secrets);
         t
     }

@@ -779,7 +779,7 @@ async fn one_round<T: Target>(
                     suspect: false,
                 })
             }
-            Verdict::Wait(_) | Verdict::Confirm => {
+            Verdict::Confirm => {
                 if w.outcome.is_none() {
                     w.outcome = Some(UserOutcome::Wait {
                         until: Utc::now() + chrono::Duration::seconds(5),

@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Longest validation token echoed (decoded characters).
-pub const MAX_TOKEN_CHARS: usize = 1024;
+pub(crate) const MAX_TOKEN_CHARS: usize = 1024;
 /// How long after `serve` starts handshakes are answered without a create or renewal of ours
 /// in flight (a subscription call that was running when the previous process stopped).
-pub const STARTUP_WINDOW: Duration = Duration::from_secs(120);
+pub(crate) const STARTUP_WINDOW: Duration = Duration::from_secs(120);
 
 /// When one integration's endpoints answer handshakes. Clones share the state.
 #[derive(Clone, Default, Debug)]
@@ -38,7 +38,7 @@ struct WindowState {
 
 /// Keeps the window open while it lives (a create or renewal in flight).
 #[must_use = "the window closes when the guard is dropped"]
-pub struct Pending(HandshakeWindow);
+pub(crate) struct Pending(HandshakeWindow);
 
 impl Drop for Pending {
     fn drop(&mut self) {
@@ -49,19 +49,19 @@ impl Drop for Pending {
 impl HandshakeWindow {
     /// Opens the window until the returned guard is dropped: wrap every call that makes Graph
     /// validate our endpoints (create, renew, reauthorize) in one.
-    pub fn pending(&self) -> Pending {
+    pub(crate) fn pending(&self) -> Pending {
         self.0.pending.fetch_add(1, Ordering::SeqCst);
         Pending(self.clone())
     }
 
     /// Opens the window for `d` from now (start-up).
-    pub fn open_for(&self, d: Duration) {
+    pub(crate) fn open_for(&self, d: Duration) {
         let until = Instant::now() + d;
         let mut u = self.0.until.lock().unwrap_or_else(|e| e.into_inner());
         *u = Some(u.map_or(until, |t| t.max(until)));
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         if self.0.pending.load(Ordering::SeqCst) > 0 {
             return true;
         }
@@ -72,7 +72,7 @@ impl HandshakeWindow {
 
 /// What a request's query says about the handshake.
 #[derive(Debug, PartialEq, Eq)]
-pub enum TokenCheck {
+pub(crate) enum TokenCheck {
     /// No `validationToken`: a notification.
     Absent,
     /// A token fit to echo.
@@ -83,7 +83,7 @@ pub enum TokenCheck {
 
 /// Reads `validationToken` from a raw query string (`application/x-www-form-urlencoded`, as
 /// Graph sends it) and decides whether it may be echoed.
-pub fn validation_token(query: &str) -> TokenCheck {
+pub(crate) fn validation_token(query: &str) -> TokenCheck {
     // Every decoded character takes at least one and at most three encoded ones (`%XX`); a
     // much longer query cannot hold a token we would echo, and is not decoded at all.
     let mut found = None;

@@ -25,8 +25,8 @@
 //! cannot be verified in time (signing keys unreachable), nothing is queued and Graph is told
 //! to retry (503).
 
-pub mod handshake;
-pub mod rejections;
+pub(crate) mod handshake;
+pub(crate) mod rejections;
 pub mod tokens;
 
 use std::borrow::Cow;
@@ -53,9 +53,9 @@ use rejections::{Reason, RejectionLog, Tally};
 use tokens::{Cloud, JwksCache, TokenError, TokenExpectation};
 
 /// Most notifications read from one body (Graph batches far fewer).
-pub const MAX_NOTIFICATIONS: usize = 1000;
+pub(crate) const MAX_NOTIFICATIONS: usize = 1000;
 /// Time allowed to verify a batch's `validationTokens` (Graph waits 3 s for the answer).
-pub const TOKEN_CHECK_BUDGET: Duration = Duration::from_millis(1500);
+pub(crate) const TOKEN_CHECK_BUDGET: Duration = Duration::from_millis(1500);
 
 /// The tenant GUID notifications and validation tokens must name. Known from the start when
 /// `tenant_id` is a GUID; learnt from the tenant's OpenID metadata at start-up when it is a
@@ -65,7 +65,7 @@ pub struct TenantGuid(Arc<RwLock<Option<String>>>);
 
 impl TenantGuid {
     /// From the configured `tenant_id`: known if it is a GUID.
-    pub fn from_config(tenant_id: &str) -> Self {
+    pub(crate) fn from_config(tenant_id: &str) -> Self {
         let t = TenantGuid::default();
         if is_guid(tenant_id) {
             t.set(tenant_id);
@@ -73,11 +73,11 @@ impl TenantGuid {
         t
     }
 
-    pub fn set(&self, guid: &str) {
+    pub(crate) fn set(&self, guid: &str) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(guid.to_ascii_lowercase());
     }
 
-    pub fn get(&self) -> Option<String> {
+    pub(crate) fn get(&self) -> Option<String> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -353,22 +353,24 @@ impl KnownSubscriptions {
     }
 
     /// Drops an id (its subscription was removed).
-    pub fn forget(&self, id: &str) {
+    pub(crate) fn forget(&self, id: &str) {
         self.0.write().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.0.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
 /// A webhook answer: status and a fixed plain-text body (the handshake's is the token).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: u16,
     pub body: Cow<'static, str>,
 }
@@ -487,7 +489,7 @@ fn parse_failure(e: &serde_json::Error) -> (&'static str, &'static str) {
 
 /// Handles one request to `/webhooks/{graph|lifecycle}/{name}` with its raw query string and
 /// body; everything but the HTTP framing. Public for the fuzz tests and benchmarks.
-pub async fn process(st: &WebhookState, name: &str, query: &str, body: &[u8]) -> Reply {
+pub(crate) async fn process(st: &WebhookState, name: &str, query: &str, body: &[u8]) -> Reply {
     let stats = &st.stats;
     let hook = st.hooks.get(name);
     let label = hook.map_or("(unknown)", |h| h.name.as_str());
@@ -682,21 +684,21 @@ pub(crate) mod test_support {
     use crate::store::state::SubscriptionRecord;
     use crate::store::Store;
 
-    pub const NAME: &str = "acme";
-    pub const TENANT: &str = "7a4f1c2e-0b9d-4e6a-8c3f-2d1e5b6a7c8d";
-    pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
-    pub const CLIENT_STATE: &str = "the-client-state-secret-0123456789";
-    pub const USERS_SUB: &str = "d850b120-19bb-4291-b9c4-845ea04dd38d";
-    pub const GROUP_SUB: &str = "0bc7d487-fd6f-41a0-8362-71ec81074f11";
-    pub const GROUP: &str = "f0a5993b-5c2d-49cc-bb2f-8cb0060fef8e";
+    pub(crate) const NAME: &str = "acme";
+    pub(crate) const TENANT: &str = "7a4f1c2e-0b9d-4e6a-8c3f-2d1e5b6a7c8d";
+    pub(crate) const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+    pub(crate) const CLIENT_STATE: &str = "the-client-state-secret-0123456789";
+    pub(crate) const USERS_SUB: &str = "d850b120-19bb-4291-b9c4-845ea04dd38d";
+    pub(crate) const GROUP_SUB: &str = "0bc7d487-fd6f-41a0-8362-71ec81074f11";
+    pub(crate) const GROUP: &str = "f0a5993b-5c2d-49cc-bb2f-8cb0060fef8e";
 
-    pub struct Fixture {
+    pub(crate) struct Fixture {
         pub state: WebhookState,
         pub store: Store,
         pub integ: IntegrationStore,
     }
 
-    pub fn record(id: &str, watch: Watch) -> SubscriptionRecord {
+    pub(crate) fn record(id: &str, watch: Watch) -> SubscriptionRecord {
         let now = chrono::Utc::now();
         SubscriptionRecord {
             id: id.into(),
@@ -712,7 +714,7 @@ pub(crate) mod test_support {
         }
     }
 
-    pub fn fixture_with(tenant_id: &str) -> Fixture {
+    pub(crate) fn fixture_with(tenant_id: &str) -> Fixture {
         let store = Store::temporary().unwrap();
         let integ = store
             .integration(&IntegrationName::parse(NAME).unwrap())
@@ -745,18 +747,18 @@ pub(crate) mod test_support {
         }
     }
 
-    pub fn fixture() -> Fixture {
+    pub(crate) fn fixture() -> Fixture {
         fixture_with(TENANT)
     }
 
     impl Fixture {
-        pub fn hook(&self) -> &Hook {
+        pub(crate) fn hook(&self) -> &Hook {
             &self.state.hooks[NAME]
         }
     }
 
     /// A change notification of the users subscription for `user`.
-    pub fn user_notification(user: &str) -> serde_json::Value {
+    pub(crate) fn user_notification(user: &str) -> serde_json::Value {
         serde_json::json!({
             "changeType": "updated",
             "clientState": CLIENT_STATE,
@@ -767,13 +769,13 @@ pub(crate) mod test_support {
         })
     }
 
-    pub fn body(notifications: Vec<serde_json::Value>) -> Vec<u8> {
+    pub(crate) fn body(notifications: Vec<serde_json::Value>) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({ "value": notifications })).unwrap()
     }
 
     /// Runs `f` on a current-thread runtime and returns what it logged (text format, as
     /// `serve` writes it) with its result.
-    pub fn logged<T>(f: impl std::future::Future<Output = T>) -> (T, String) {
+    pub(crate) fn logged<T>(f: impl std::future::Future<Output = T>) -> (T, String) {
         #[derive(Clone, Default)]
         struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
         impl std::io::Write for Buf {

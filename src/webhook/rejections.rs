@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use crate::logging::excerpt;
 
 /// Least time between two rejection lines of one integration.
-pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest excerpt of request text in a log line (characters, before escaping).
-pub const EXCERPT_CHARS: usize = 40;
+pub(crate) const EXCERPT_CHARS: usize = 40;
 
 /// Why a notification or a request was refused. Each is one label value of
 /// `rostersync_notifications_rejected_total{reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     ClientState,
     UnknownSubscription,
     Tenant,
@@ -31,7 +31,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub(crate) const ALL: [Reason; 7] = [
         Reason::ClientState,
         Reason::UnknownSubscription,
         Reason::Tenant,
@@ -42,7 +42,7 @@ impl Reason {
     ];
 
     /// The metric label (and the log field name).
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Reason::ClientState => "client_state",
             Reason::UnknownSubscription => "unknown_subscription",
@@ -61,7 +61,7 @@ impl Reason {
 
 /// Rejections of one request (or of several, in a log's backlog).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Tally {
+pub(crate) struct Tally {
     counts: [u64; 7],
     /// Why the body could not be read, as a fixed text (never the parser's message, which
     /// quotes the body).
@@ -71,20 +71,20 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn add(&mut self, r: Reason, n: u64) {
+    pub(crate) fn add(&mut self, r: Reason, n: u64) {
         self.counts[r.index()] += n;
     }
 
-    pub fn get(&self, r: Reason) -> u64 {
+    pub(crate) fn get(&self, r: Reason) -> u64 {
         self.counts[r.index()]
     }
 
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.counts.iter().sum()
     }
 
     /// Keeps `text` (escaped, cut to [`EXCERPT_CHARS`]) as the example unless there is one.
-    pub fn example(&mut self, text: &str) {
+    pub(crate) fn example(&mut self, text: &str) {
         if self.example.is_none() {
             self.example = Some(excerpt(text, EXCERPT_CHARS));
         }
@@ -134,7 +134,7 @@ impl Default for RejectionLog {
 }
 
 impl RejectionLog {
-    pub fn new(interval: Duration) -> Self {
+    pub(crate) fn new(interval: Duration) -> Self {
         RejectionLog {
             interval,
             state: Mutex::new(Backlog::default()),
@@ -143,7 +143,7 @@ impl RejectionLog {
 
     /// Adds one request's rejections; writes a line when one is due. `integration` is a
     /// configured name or `(unknown)`. Returns whether a line was written.
-    pub fn record(&self, integration: &str, tally: &Tally) -> bool {
+    pub(crate) fn record(&self, integration: &str, tally: &Tally) -> bool {
         if tally.total() == 0 {
             return false;
         }

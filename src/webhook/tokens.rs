@@ -33,19 +33,19 @@ use serde::Deserialize;
 use url::Url;
 
 /// Application id of "Microsoft Graph Change Tracking", the publisher of validation tokens.
-pub const GRAPH_CHANGE_TRACKING_APP_ID: &str = "0bf30f3b-4a52-48df-9a82-234910c4a086";
+pub(crate) const GRAPH_CHANGE_TRACKING_APP_ID: &str = "0bf30f3b-4a52-48df-9a82-234910c4a086";
 /// Most tokens accepted in one notification batch.
-pub const MAX_TOKENS: usize = 50;
+pub(crate) const MAX_TOKENS: usize = 50;
 /// Longest token accepted, in bytes.
-pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Largest key-set response body accepted, in bytes.
-pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_JWKS_BYTES: usize = 256 * 1024;
 /// How long a fetched key set is trusted before it is fetched again.
-pub const KEYS_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const KEYS_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// Least time between two key-set fetches (successful or not).
-pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 /// Clock skew allowed on `exp` and `nbf`, in seconds.
-pub const LEEWAY_SECS: u64 = 5 * 60;
+pub(crate) const LEEWAY_SECS: u64 = 5 * 60;
 /// Time limit for one key-set fetch (connect to end of body).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,7 +78,7 @@ pub enum Cloud {
 }
 
 impl Cloud {
-    pub fn from_login_url(login: &Url) -> Cloud {
+    pub(crate) fn from_login_url(login: &Url) -> Cloud {
         match login.host_str().map(|h| h.to_ascii_lowercase()).as_deref() {
             Some("login.microsoftonline.com") | Some("login.windows.net") => Cloud::Global,
             Some("login.microsoftonline.us") => Cloud::UsGovernment,
@@ -90,7 +90,7 @@ impl Cloud {
     }
 
     /// Whether the key set and issuers are Microsoft's fixed ones for this cloud.
-    pub fn pinned(&self) -> bool {
+    pub(crate) fn pinned(&self) -> bool {
         !matches!(self, Cloud::Other(_))
     }
 
@@ -104,7 +104,7 @@ impl Cloud {
     }
 
     /// The key set (JWKS) that signs this cloud's tokens.
-    pub fn keys_url(&self) -> Result<Url, url::ParseError> {
+    pub(crate) fn keys_url(&self) -> Result<Url, url::ParseError> {
         Url::parse(&format!("{}/common/discovery/v2.0/keys", self.login_root()))
     }
 

@@ -36,7 +36,7 @@ pub(crate) struct Listing {
 }
 
 impl Listing {
-    pub fn new(conflicts: u64) -> Self {
+    pub(crate) fn new(conflicts: u64) -> Self {
         Listing {
             taken: Instant::now(),
             conflicts,
@@ -46,11 +46,11 @@ impl Listing {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    pub fn insert(&mut self, e: Entry) {
+    pub(crate) fn insert(&mut self, e: Entry) {
         let bucket = self.by_name.entry(e.user_name.to_lowercase()).or_default();
         if bucket.iter().any(|x| x.id == e.id) {
             return;
@@ -66,14 +66,14 @@ impl Listing {
     }
 
     /// Entries whose userName equals `name` case-insensitively.
-    pub fn by_user_name(&self, name: &str) -> &[Entry] {
+    pub(crate) fn by_user_name(&self, name: &str) -> &[Entry] {
         self.by_name
             .get(&name.to_lowercase())
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
 
-    pub fn by_external_id(&self, external_id: &str) -> &[String] {
+    pub(crate) fn by_external_id(&self, external_id: &str) -> &[String] {
         self.by_external
             .get(external_id)
             .map(Vec::as_slice)
@@ -81,7 +81,7 @@ impl Listing {
     }
 
     /// Whether the listing may be used now (`conflicts`: the client's 409 count).
-    pub fn fresh(&self, max_age: Duration) -> bool {
+    pub(crate) fn fresh(&self, max_age: Duration) -> bool {
         self.taken.elapsed() < max_age
     }
 }

@@ -48,7 +48,7 @@ mod departures;
 mod feed;
 mod members;
 mod planning;
-pub mod report;
+pub(crate) mod report;
 mod run_record;
 mod writes;
 

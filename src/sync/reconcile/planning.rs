@@ -219,7 +219,7 @@ impl<T: Target> Run<'_, '_, T> {
                     });
                 }
             }
-            Verdict::Fail(reason) | Verdict::Wait(reason) => {
+            Verdict::Fail(reason) => {
                 self.fail_user(&d.entra_id, Some(&d.user_name), reason);
             }
             Verdict::Change(c) => {
