@@ -13,6 +13,7 @@
 //! (used for top-level `eq` filters) and a creation-order map for paging, so 100,000 users
 //! are fine.
 
+mod bulk;
 mod dialect;
 mod error;
 mod filter;
@@ -34,6 +35,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
+pub use bulk::SimBulk;
 pub use dialect::{SimDialect, SimFilter};
 use error::{ScimError, SCIM_CONTENT_TYPE};
 use schema::{Registry, LIST_RESPONSE_URN, SEARCH_REQUEST_URN};
@@ -67,6 +69,9 @@ pub struct ScimSimConfig {
     pub max_page_size: usize,
     /// Default strict: the partial-server behaviours to reproduce.
     pub dialect: SimDialect,
+    /// Default `None`: `/Bulk` answers 501 and `ServiceProviderConfig` says
+    /// `bulk.supported: false`. `Some`: bulk is advertised with these limits and served.
+    pub bulk: Option<SimBulk>,
 }
 
 impl Default for ScimSimConfig {
@@ -79,6 +84,7 @@ impl Default for ScimSimConfig {
             patch_returns_204: false,
             max_page_size: 100,
             dialect: SimDialect::default(),
+            bulk: None,
         }
     }
 }
@@ -104,6 +110,9 @@ pub struct ScimFaults {
     /// At most this many requests in progress at once (the latency included): past it, 503 +
     /// `Retry-After` (a server or proxy shedding load).
     pub concurrency_limit: Option<ConcurrencyLimit>,
+    /// Added to a `POST /Bulk` per operation it carries (on top of `latency`): a bulk request
+    /// does the work of its operations.
+    pub bulk_op_latency: std::time::Duration,
 }
 
 /// A token bucket of `per_second` tokens a second holding at most `burst`; a request that
@@ -675,6 +684,11 @@ async fn dispatch(
         Ok(b) => b,
         Err(e) => return e.response(),
     };
+    let per_op = inner.faults().faults.bulk_op_latency;
+    if !per_op.is_zero() && req.method() == Method::POST && req.path().ends_with("/Bulk") {
+        let n = bulk::operation_count(&body) as u32;
+        tokio::time::sleep(per_op * n).await;
+    }
     if let Some(kind) = user_fault(&inner, &req, &body) {
         inner.count("user_fault");
         match kind {
@@ -864,6 +878,13 @@ fn route(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Result<HttpResponse, 
             spc["patch"]["supported"] = json!(!d.no_patch);
             spc["filter"]["supported"] =
                 json!(!d.advertise_no_filter && d.filter != SimFilter::None);
+            if let Some(b) = inner.cfg.bulk {
+                spc["bulk"] = json!({
+                    "supported": true,
+                    "maxOperations": b.max_operations,
+                    "maxPayloadSize": b.max_payload_size,
+                });
+            }
             discovery(Some(spc))
         }
         ["Schemas"] => discovery(Some(discovery_list(inner, inner.reg.schema_docs(base)))),
@@ -874,11 +895,10 @@ fn route(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Result<HttpResponse, 
         ))),
         ["ResourceTypes", "User"] => discovery(Some(inner.reg.user_resource_type(base))),
         ["ResourceTypes", _] => discovery(None),
-        ["Bulk"] => Err(ScimError::new(
-            501,
-            None,
-            "bulk operations are not supported",
-        )),
+        ["Bulk"] => match *m {
+            Method::POST => bulk::bulk(inner, body),
+            _ => method_not_allowed("POST"),
+        },
         // RFC 7644 §3.11: a server without /Me answers 501.
         ["Me", ..] => Err(ScimError::new(501, None, "/Me is not supported")),
         ["Users"] => match *m {

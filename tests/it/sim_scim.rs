@@ -1355,3 +1355,102 @@ async fn rate_and_concurrency_limits_answer_with_retry_after() {
         .any(|t| t.status == 503 && t.retry_after_secs == 4));
     h.sim.stop().await;
 }
+
+const BULK_REQUEST: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
+
+/// RFC 7644 §3.7: bulk is advertised only when configured; operations run in order, a later
+/// one may refer to a user created earlier by `bulkId:`, each reports its own status, an
+/// unresolvable reference fails only its operation (409), `failOnErrors` stops the request,
+/// and too many operations are refused whole with 413.
+#[tokio::test]
+async fn bulk_follows_rfc_7644() {
+    let off = Harness::new(ScimSimConfig::default()).await;
+    assert_eq!(
+        off.get("/ServiceProviderConfig").await.body["bulk"]["supported"],
+        false
+    );
+    let r = off
+        .post(
+            "/Bulk",
+            json!({"schemas": [BULK_REQUEST], "Operations": []}),
+        )
+        .await;
+    assert_eq!(r.status, 501);
+
+    let h = Harness::new(ScimSimConfig {
+        bulk: Some(rostersync_sim::scim::SimBulk {
+            max_operations: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let spc = h.get("/ServiceProviderConfig").await.body;
+    assert_eq!(spc["bulk"]["supported"], true);
+    assert_eq!(spc["bulk"]["maxOperations"], 3);
+    let user = |name: &str, extra: Value| {
+        let mut u = json!({"schemas": [CORE, ENT], "userName": name});
+        if let (Some(o), Some(e)) = (u.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        u
+    };
+    let r = h
+        .post(
+            "/Bulk",
+            json!({"schemas": [BULK_REQUEST], "Operations": [
+                {"method": "POST", "bulkId": "boss", "path": "/Users", "data": user("boss@x", json!({}))},
+                {"method": "POST", "bulkId": "rep", "path": "/Users",
+                 "data": user("rep@x", json!({ENT: {"manager": {"value": "bulkId:boss"}}}))},
+                {"method": "POST", "bulkId": "orphan", "path": "/Users",
+                 "data": user("orphan@x", json!({ENT: {"manager": {"value": "bulkId:nobody"}}}))},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ops = r.body["Operations"].as_array().expect("Operations");
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["201", "201", "409"]);
+    assert_eq!(ops[2]["response"]["scimType"], "invalidValue");
+    let boss_id = ops[0]["location"]
+        .as_str()
+        .and_then(|l| l.rsplit('/').next())
+        .expect("location")
+        .to_string();
+    let rep = h.filter("userName eq \"rep@x\"").await.body["Resources"][0].clone();
+    assert_eq!(rep[ENT]["manager"]["value"], boss_id, "bulkId resolved");
+
+    // failOnErrors = 1: the first failure ends the request.
+    let r = h
+        .post(
+            "/Bulk",
+            json!({"schemas": [BULK_REQUEST], "failOnErrors": 1, "Operations": [
+                {"method": "POST", "bulkId": "dup", "path": "/Users", "data": user("boss@x", json!({}))},
+                {"method": "POST", "bulkId": "new", "path": "/Users", "data": user("new@x", json!({}))},
+            ]}),
+        )
+        .await;
+    let ops = r.body["Operations"].as_array().expect("Operations");
+    assert_eq!(ops.len(), 1, "{}", r.body);
+    assert_eq!(ops[0]["status"], "409");
+    assert_eq!(
+        h.filter("userName eq \"new@x\"").await.body["totalResults"],
+        0
+    );
+
+    // More than maxOperations: refused whole.
+    let many: Vec<Value> = (0..4)
+        .map(|i| json!({"method": "POST", "bulkId": format!("m{i}"), "path": "/Users", "data": user(&format!("m{i}@x"), json!({}))}))
+        .collect();
+    let r = h
+        .post(
+            "/Bulk",
+            json!({"schemas": [BULK_REQUEST], "Operations": many}),
+        )
+        .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        h.filter("userName eq \"m0@x\"").await.body["totalResults"],
+        0
+    );
+}
