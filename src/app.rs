@@ -95,6 +95,7 @@ impl Integration {
         .with_label(cfg.name.as_str())
         .with_throttle_wait(Duration::from_secs(cfg.target.throttle_wait_secs))
         .with_dialect(cfg.target.dialect.clone())
+        .with_bulk(cfg.target.bulk)
         .with_memory(Box::new(StoreMemory(istore.clone())));
         let background = std::sync::Arc::new(graph.background());
         Ok(Self {

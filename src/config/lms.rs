@@ -22,6 +22,7 @@ pub(super) struct RawTarget {
     timeout_secs: Option<u64>,
     custom_schema: Option<String>,
     dialect: Option<RawDialect>,
+    bulk: Option<bool>,
 }
 
 /// `[integration.target] dialect = { … }`: pins what the LMS's SCIM server accepts (README,
@@ -144,6 +145,9 @@ pub struct TargetConfig {
     pub custom_schema: String,
     /// What the LMS's SCIM server takes, pinned in config (empty = learn it).
     pub dialect: DialectSettings,
+    /// Whether writes may go in SCIM bulk requests when the LMS advertises bulk (default
+    /// true; false: one request per user always).
+    pub bulk: bool,
 }
 
 impl RawTarget {
@@ -205,6 +209,7 @@ impl RawTarget {
             timeout_secs,
             custom_schema,
             dialect,
+            bulk: t.bulk.unwrap_or(true),
         })
     }
 }

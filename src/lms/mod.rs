@@ -18,7 +18,7 @@ use std::future::Future;
 
 use crate::model::record::{AttrChange, Record};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("{method} {path} answered {status}{}: {detail}", scim_type.as_deref().map(|t| format!(" ({t})")).unwrap_or_default())]
     Http {
@@ -181,6 +181,12 @@ pub trait Target: Send + Sync {
     /// failure of one user.
     fn reachable(&self) -> impl Future<Output = Result<(), TargetError>> + Send {
         async { self.list(1, 1).await.map(|_| ()) }
+    }
+    /// How many writes may usefully be in flight at once, when the target gathers them
+    /// itself (SCIM bulk: its operations per request times the requests in flight); `None`:
+    /// the configured concurrency.
+    fn write_slots(&self) -> Option<usize> {
+        None
     }
     /// Whether the LMS throttled lately (a 429, or a 503 with `Retry-After`, within the last
     /// minute): a write that took too long was then held up by the LMS, not by its user.

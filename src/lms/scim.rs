@@ -11,6 +11,7 @@
 //! retried in the downgraded form — once per thing learned, so it never loops — and lookups
 //! fall back to list-and-match where the server cannot filter (`listing`).
 
+mod bulk;
 mod listing;
 pub(crate) mod write;
 
@@ -104,6 +105,10 @@ pub struct ScimTarget {
     conflicts: AtomicU64,
     /// Answers to writes compared with what was written, in this run.
     checked: AtomicU64,
+    /// Writes gathered into `POST /Bulk` requests, when the LMS offers bulk.
+    bulk: bulk::Queue,
+    /// `target.bulk`: whether bulk may be used when the LMS advertises it.
+    bulk_allowed: bool,
 }
 
 /// Where a record key lives in a SCIM User.
@@ -191,7 +196,23 @@ impl ScimTarget {
             listing: tokio::sync::Mutex::new(None),
             conflicts: AtomicU64::new(0),
             checked: AtomicU64::new(0),
+            bulk: bulk::Queue::default(),
+            bulk_allowed: true,
         })
+    }
+
+    /// Whether writes may go through SCIM bulk when the LMS advertises it (`target.bulk`).
+    pub(crate) fn with_bulk(mut self, allowed: bool) -> Self {
+        self.bulk_allowed = allowed;
+        self
+    }
+
+    /// A note for this run's report (`Target::notes`), kept within the bound.
+    fn note(&self, text: String) {
+        let mut st = self.lock();
+        if st.notes.len() < MAX_NOTES {
+            st.notes.push(text);
+        }
     }
 
     /// Names the integration in this target's metrics.
@@ -1233,6 +1254,7 @@ impl Target for ScimTarget {
             ..Default::default()
         };
         let mut found = DialectSettings::default();
+        let mut bulk = None;
         let (status, _, body) = self
             .send(reqwest::Method::GET, "/ServiceProviderConfig", None, true)
             .await?;
@@ -1247,6 +1269,7 @@ impl Target for ScimTarget {
                 if lenient_bool(get_path_ci(&v, &["filter", "supported"])) == Some(false) {
                     found.filter = Some(BTreeSet::new());
                 }
+                bulk = bulk::Limits::advertised(&v);
             }
             (200, Err(_)) => caps
                 .notes
@@ -1377,6 +1400,17 @@ impl Target for ScimTarget {
                 .push(format!("LMS dialect: {}", notable.join("; ")));
         }
         caps.dialect = (*effective).clone();
+        match bulk {
+            Some(l) if self.bulk_allowed => caps.notes.push(format!(
+                "SCIM bulk: writes go in POST /Bulk requests of up to {} operations ({} bytes)",
+                l.max_operations, l.max_payload_size
+            )),
+            Some(_) => caps
+                .notes
+                .push("the LMS offers SCIM bulk; not used (target.bulk = false)".into()),
+            None => {}
+        }
+        self.bulk.set_limits(bulk.filter(|_| self.bulk_allowed));
         Ok(caps)
     }
 
@@ -1403,6 +1437,9 @@ impl Target for ScimTarget {
             return Ok(None);
         }
         let body = self.resource(record);
+        if let Some(done) = self.create_in_bulk(record, &body).await? {
+            return Ok(done);
+        }
         // A create whose fate is unknown is looked up, then sent again: three times at most.
         // A 503 with `Retry-After` (the LMS shedding load) is looked up and sent again once
         // the shared pause is over, without counting, until `throttle_wait` has passed.
@@ -1507,6 +1544,9 @@ impl Target for ScimTarget {
         record: &Record,
     ) -> Result<(), TargetError> {
         let user = string_of(record, USER_NAME);
+        if self.update_in_bulk(id, changes, record).await? {
+            return Ok(());
+        }
         let mut pending: Vec<AttrChange> = changes.to_vec();
         for _ in 0..MAX_ROUNDS {
             if pending.is_empty() {
@@ -1585,6 +1625,12 @@ impl Target for ScimTarget {
             }
         }
         Ok((users, total))
+    }
+
+    fn write_slots(&self) -> Option<usize> {
+        self.bulk
+            .limits()
+            .map(|l| l.max_operations.saturating_mul(bulk::IN_FLIGHT))
     }
 
     fn throttling(&self) -> bool {

@@ -7,6 +7,7 @@ mod common;
 
 mod alerts;
 mod architecture;
+mod bulk;
 mod cli;
 mod credentials;
 mod dialects;

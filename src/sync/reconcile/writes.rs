@@ -41,7 +41,13 @@ impl<T: Target> Run<'_, '_, T> {
         mut feed: Option<(&mut FeedRx, u64)>,
         counted: bool,
     ) -> Result<(), RunError> {
-        let conc = self.ctx.cfg.target.concurrency.max(1);
+        // With SCIM bulk, enough writes in flight to fill its requests.
+        let conc = self
+            .ctx
+            .target
+            .write_slots()
+            .unwrap_or(self.ctx.cfg.target.concurrency)
+            .max(1);
         if feed.is_some() {
             self.pipe.listing = true;
         }

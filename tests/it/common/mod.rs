@@ -41,6 +41,8 @@ pub struct EnvOptions {
     pub dialect: SimDialect,
     /// Extra TOML lines appended to the [integration.target] table.
     pub target_extra: String,
+    /// SCIM bulk offered by the simulator (off by default).
+    pub scim_bulk: Option<rostersync_sim::scim::SimBulk>,
 }
 
 impl Default for EnvOptions {
@@ -52,6 +54,7 @@ impl Default for EnvOptions {
             custom_extension: true,
             dialect: SimDialect::default(),
             target_extra: String::new(),
+            scim_bulk: None,
         }
     }
 }
@@ -75,6 +78,7 @@ pub async fn spawn(opts: EnvOptions) -> TestEnv {
         token: SCIM_TOKEN.into(),
         custom_extension: opts.custom_extension.then(demo_custom_extension),
         dialect: opts.dialect.clone(),
+        bulk: opts.scim_bulk,
         ..Default::default()
     })
     .await

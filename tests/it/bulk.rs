@@ -1,0 +1,202 @@
+//! SCIM bulk (RFC 7644 §3.7): used when the LMS advertises it, never otherwise, and the LMS
+//! ends up exactly as with one request per user.
+
+use crate::common::{spawn, upn, EnvOptions, ENTERPRISE};
+use rostersync::sync::reconcile::RunOutcome;
+use rostersync_sim::scim::{ScimFaults, SimBulk, UserFault, UserFaultKind};
+
+fn bulk(max_operations: usize) -> Option<SimBulk> {
+    Some(SimBulk {
+        max_operations,
+        ..Default::default()
+    })
+}
+
+/// A first sync against an LMS offering bulk (50 operations a request): every create goes in
+/// a bulk request (no POST /Users of its own), the LMS equals the directory with every
+/// manager linked, and a no-change run sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_sync_goes_in_bulk_requests_and_ends_as_without() {
+    let env = spawn(EnvOptions {
+        users: 300,
+        scim_bulk: bulk(50),
+        ..Default::default()
+    })
+    .await;
+    env.scim.reset_counts();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
+    env.assert_lms_matches_tenant(upn);
+    let members = env.member_ids().len() as u64;
+    let (bulks, ops, posts) = (
+        env.scim.request_count("bulk"),
+        env.scim.request_count("bulk_op"),
+        env.scim.request_count("POST"),
+    );
+    assert_eq!(
+        posts, bulks,
+        "every POST was a bulk request ({ops} operations)"
+    );
+    assert!(
+        bulks >= members / 50 && bulks <= members / 5,
+        "{bulks} bulk requests for {members} members"
+    );
+    assert!(
+        ops >= r.counts.created && r.counts.created > members / 2,
+        "{ops} operations for {} creates",
+        r.counts.created
+    );
+    let linked = env
+        .scim
+        .users()
+        .iter()
+        .filter(|u| u[ENTERPRISE]["manager"]["value"].is_string())
+        .count();
+    assert!(linked > 0, "the fixture has managers");
+    assert!(
+        r.notes.iter().any(|n| n.contains("SCIM bulk")),
+        "the run says it used bulk: {:?}",
+        r.notes
+    );
+
+    // Updates go in bulk too; a no-change run writes nothing.
+    let movers: Vec<String> = env.member_ids().into_iter().take(40).collect();
+    for id in &movers {
+        env.graph
+            .update_user(id, |u| u.job_title = Some("Moved".into()));
+    }
+    env.scim.reset_counts();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
+    assert_eq!(r.counts.updated, movers.len() as u64);
+    assert_eq!(
+        env.scim.request_count("PATCH"),
+        0,
+        "the updates went in bulk"
+    );
+    assert!(env.scim.request_count("bulk") >= 1);
+    env.assert_lms_matches_tenant(upn);
+    env.scim.reset_counts();
+    let r = env.reconcile().await;
+    assert_eq!(r.counts.updated + r.counts.created, 0);
+    assert_eq!(env.scim.request_count("bulk"), 0);
+}
+
+/// One user's operation fails inside a bulk request (the LMS answers it 400): that user is
+/// reported failed, and everyone else is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_operation_is_that_users_failure_only() {
+    let env = spawn(EnvOptions {
+        users: 120,
+        scim_bulk: bulk(100),
+        ..Default::default()
+    })
+    .await;
+    let victim = env.member_ids()[7].clone();
+    env.scim.set_faults(ScimFaults {
+        users: vec![UserFault {
+            external_id: victim.clone(),
+            kind: UserFaultKind::Status(400),
+        }],
+        ..Default::default()
+    });
+    let r = env.reconcile().await;
+    assert_eq!(r.counts.failed, 1, "{:?}", r.failures);
+    assert!(
+        r.failures.iter().any(|f| f.entra_id == victim),
+        "{:?}",
+        r.failures
+    );
+    assert!(env.scim.request_count("bulk") >= 1);
+    // The next run, the fault gone, creates that user and links its reports to it, and
+    // writes nobody else: everyone else was written by the first.
+    let reports = env
+        .fx
+        .tenant
+        .users
+        .iter()
+        .filter(|u| u.manager_id.as_deref() == Some(victim.as_str()))
+        .filter(|u| env.member_ids().contains(&u.id))
+        .count() as u64;
+    env.scim.set_faults(ScimFaults::default());
+    let r = env.reconcile().await;
+    assert_eq!(
+        (r.counts.created, r.counts.updated, r.counts.failed),
+        (1, reports, 0)
+    );
+    env.assert_lms_matches_tenant(upn);
+}
+
+/// Bulk is never used when it is not advertised, nor when `target.bulk = false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_is_used_only_when_advertised_and_allowed() {
+    for (scim_bulk, extra) in [(None, ""), (bulk(50), "bulk = false")] {
+        let env = spawn(EnvOptions {
+            users: 60,
+            scim_bulk,
+            target_extra: extra.into(),
+            ..Default::default()
+        })
+        .await;
+        env.scim.reset_counts();
+        let r = env.reconcile().await;
+        assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
+        assert_eq!(env.scim.request_count("bulk"), 0, "{extra:?}");
+        assert!(env.scim.request_count("POST") >= r.counts.created);
+        env.assert_lms_matches_tenant(upn);
+    }
+}
+
+/// An LMS that advertises bulk but answers `/Bulk` with 501: the writes go alone, once each,
+/// the run says so, and nobody fails. One that refuses a request as too large (413) gets
+/// smaller ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_lms_that_refuses_bulk_gets_single_requests_and_one_that_refuses_a_size_gets_smaller_ones(
+) {
+    let env = spawn(EnvOptions {
+        users: 80,
+        scim_bulk: Some(SimBulk {
+            broken: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    env.scim.reset_counts();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.counts.failed, 0);
+    env.assert_lms_matches_tenant(upn);
+    let members = r.counts.created;
+    let posts = env.scim.request_count("POST");
+    assert!(
+        posts <= members + 2,
+        "bulk refused once, then one POST per user: {posts} POSTs for {members}"
+    );
+    assert!(
+        r.notes.iter().any(|n| n.contains("refused POST /Bulk")),
+        "{:?}",
+        r.notes
+    );
+
+    let env = spawn(EnvOptions {
+        users: 200,
+        scim_bulk: Some(SimBulk {
+            max_operations: 1000,
+            enforced_max_operations: Some(20),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    env.scim.reset_counts();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.counts.failed, 0);
+    env.assert_lms_matches_tenant(upn);
+    assert!(
+        env.scim.request_count("bulk") >= 5,
+        "bulk went on, in smaller requests"
+    );
+    assert!(env.scim.request_count("413") >= 1);
+}
