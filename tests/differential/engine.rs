@@ -28,6 +28,9 @@
 //! The truth's manager link follows [`ManagerLink`] (`DIFF_MANAGER_LINK`, default `active`:
 //! a report links to its manager's LMS user only while the manager is an enabled member).
 //!
+//! Odd seeds' SCIM simulator offers bulk (`POST /Bulk`, 10 operations a request): rostersync
+//! then writes through it, and the same invariants hold.
+//!
 //! A seed fixes the tenant, the changes, the chaos and where the kills fall; timing is real, so
 //! a replay runs the same script but not always the same interleaving.
 #![allow(dead_code)]
@@ -45,7 +48,7 @@ use rostersync::demo::{demo_custom_extension, sim_config_toml};
 use rostersync_sim::graph::{
     fixture, GraphFaults, GraphSim, NotifyFaults, SimUser, UserRead, FIXTURE_DOMAIN,
 };
-use rostersync_sim::scim::{ScimSim, ScimSimConfig, ScimWrite};
+use rostersync_sim::scim::{ScimSim, ScimSimConfig, ScimWrite, SimBulk};
 use tokio::io::AsyncBufReadExt;
 
 use crate::common::{lms_differences, upn, ManagerLink, SCIM_TOKEN};
@@ -807,6 +810,12 @@ impl Run {
         let scim = ScimSim::start(ScimSimConfig {
             token: SCIM_TOKEN.into(),
             custom_extension: Some(demo_custom_extension()),
+            // Odd seeds' LMS offers SCIM bulk (small requests, so the worker's batches and the
+            // reconciles both fill several).
+            bulk: (seed % 2 == 1).then_some(SimBulk {
+                max_operations: 10,
+                ..SimBulk::default()
+            }),
             ..Default::default()
         })
         .await
