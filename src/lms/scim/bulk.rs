@@ -255,19 +255,36 @@ impl ScimTarget {
         match a.status {
             200 => {}
             413 => {
-                // Smaller batches from now on; these go alone.
+                // Smaller requests from now on, these operations first among them; below two
+                // operations a request, bulk is given up.
+                let bytes: usize = batch.iter().map(|p| p.size + 1).sum();
                 let mut st = self.bulk.lock();
-                if let Some(l) = st.limits.as_mut() {
-                    l.max_operations = (n / 2).max(2).min(l.max_operations);
-                    l.max_payload_size = l
-                        .max_payload_size
-                        .min(batch.iter().map(|p| p.size + 1).sum::<usize>() / 2 + ENVELOPE);
+                let smaller = match st.limits.as_mut() {
+                    Some(l) if n / 2 >= 2 => {
+                        l.max_operations = (n / 2).min(l.max_operations);
+                        l.max_payload_size = l.max_payload_size.min(bytes / 2 + ENVELOPE);
+                        true
+                    }
+                    _ => false,
+                };
+                if smaller {
+                    for p in batch.into_iter().rev() {
+                        st.pending.push_front(p);
+                    }
+                    drop(st);
+                    tracing::info!(
+                        operations = n,
+                        "the LMS refused a bulk request as too large (413); sending smaller ones"
+                    );
+                    return;
                 }
                 drop(st);
-                tracing::info!(
-                    operations = n,
-                    "the LMS refused a bulk request as too large (413); sending smaller ones"
-                );
+                if let Some(note) = self.bulk.turn_off(format!(
+                    "the LMS refused a bulk request of {n} operations as too large (413); sending one request per user"
+                )) {
+                    tracing::warn!("{note}");
+                    self.note(note);
+                }
                 return refuse_all(batch, || Outcome::NotSent);
             }
             400 | 404 | 405 | 501 => {
