@@ -765,15 +765,28 @@ fn throttled(
 
 /// The fault of the user a request is about, if one is configured.
 fn user_fault(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Option<UserFaultKind> {
-    let faults = inner.faults().faults.users.clone();
-    if faults.is_empty() {
+    if inner.faults().faults.users.is_empty() {
         return None;
     }
-    let external = external_id_of(inner, req, body)?;
-    faults
-        .into_iter()
-        .find(|f| f.external_id == external)
-        .map(|f| f.kind)
+    fault_of(inner, &external_id_of(inner, req, body)?)
+}
+
+/// The fault configured for the user with this externalId, if any.
+fn fault_of(inner: &Inner, external_id: &str) -> Option<UserFaultKind> {
+    inner
+        .faults()
+        .faults
+        .users
+        .iter()
+        .find(|f| f.external_id == external_id)
+        .map(|f| f.kind.clone())
+}
+
+/// The externalId of the user with this id.
+fn external_id_by_id(inner: &Inner, id: &str) -> Option<String> {
+    let st = inner.read();
+    let r = inner.render_id(&st, id)?;
+    r.get("externalId")?.as_str().map(str::to_string)
 }
 
 /// The externalId of the user a request is about (`/Users/{id}` or a `POST /Users`).
@@ -781,11 +794,7 @@ fn external_id_of(inner: &Inner, req: &HttpRequest, body: &[u8]) -> Option<Strin
     let rest = req.path().strip_prefix(BASE_PATH)?;
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let external = match segs.as_slice() {
-        ["Users", id] => {
-            let st = inner.read();
-            let r = inner.render_id(&st, id)?;
-            r.get("externalId")?.as_str()?.to_string()
-        }
+        ["Users", id] => external_id_by_id(inner, id)?,
         ["Users"] if req.method() == Method::POST => serde_json::from_slice::<Value>(body)
             .ok()?
             .get("externalId")?

@@ -170,12 +170,13 @@ pub(super) fn get_group(s: &mut State, base: &str, ctx: &Ctx, key: &str, q: &Que
     let Some(g) = s.find_group(key) else {
         return group_not_found(ctx, key);
     };
-    let mut body = render_group(g, select.as_deref(), false);
+    entity(render_group(g, select.as_deref(), false), base, "groups", q)
+}
+
+/// One directory object's 200 answer, with its `@odata.context` in entity set `set`.
+fn entity(mut body: Value, base: &str, set: &str, q: &Query) -> ApiResponse {
     if let Value::Object(m) = &mut body {
-        m.insert(
-            "@odata.context".into(),
-            json!(context(base, "groups", q, true)),
-        );
+        m.insert("@odata.context".into(), json!(context(base, set, q, true)));
     }
     ApiResponse::json(200, body)
 }
@@ -188,14 +189,7 @@ pub(super) fn get_user(s: &mut State, base: &str, ctx: &Ctx, key: &str, q: &Quer
     let Some(u) = s.find_user(key) else {
         return not_found(ctx, key);
     };
-    let mut body = render_user(u, select.as_deref(), false);
-    if let Value::Object(m) = &mut body {
-        m.insert(
-            "@odata.context".into(),
-            json!(context(base, "users", q, true)),
-        );
-    }
-    ApiResponse::json(200, body)
+    entity(render_user(u, select.as_deref(), false), base, "users", q)
 }
 
 pub(super) fn get_manager(

@@ -17,7 +17,10 @@ use actix_web::HttpResponse;
 use serde_json::{json, Value};
 
 use super::error::ScimError;
-use super::{create_user, parse_json, patch_user, replace_user, scim_json, Inner, UserFaultKind};
+use super::{
+    create_user, external_id_by_id, fault_of, parse_json, patch_user, replace_user, scim_json,
+    Inner, UserFaultKind,
+};
 
 pub(crate) const BULK_REQUEST_URN: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
 pub(crate) const BULK_RESPONSE_URN: &str = "urn:ietf:params:scim:api:messages:2.0:BulkResponse";
@@ -170,13 +173,7 @@ fn run(
             create_user(inner, body.as_bytes(), &[])?
         }
         (m @ ("PUT" | "PATCH" | "DELETE"), ["Users", id]) => {
-            let external = {
-                let st = inner.read();
-                inner
-                    .render_id(&st, id)
-                    .and_then(|r| r.get("externalId")?.as_str().map(str::to_string))
-            };
-            fault(inner, external.as_deref())?;
+            fault(inner, external_id_by_id(inner, id).as_deref())?;
             match m {
                 "PUT" => replace_user(inner, id, body.as_bytes(), &[])?,
                 "PATCH" => patch_user(inner, id, body.as_bytes(), &[])?,
@@ -218,19 +215,13 @@ fn run(
 
 /// A configured per-user status fault applies to that user's operation as to its request.
 fn fault(inner: &Inner, external_id: Option<&str>) -> Result<(), ScimError> {
-    let Some(external) = external_id else {
-        return Ok(());
-    };
-    let faults = inner.faults().faults.users.clone();
-    for f in faults {
-        if f.external_id == external {
-            if let UserFaultKind::Status(code) = f.kind {
-                inner.count("user_fault");
-                return Err(ScimError::new(code, None, "injected fault of this user"));
-            }
+    match external_id.and_then(|e| fault_of(inner, e)) {
+        Some(UserFaultKind::Status(code)) => {
+            inner.count("user_fault");
+            Err(ScimError::new(code, None, "injected fault of this user"))
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Replaces every string `bulkId:<id>` in `v` by the id created for it earlier in the request.
