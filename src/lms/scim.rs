@@ -310,12 +310,13 @@ impl ScimTarget {
 
     /// A change this LMS cannot take: one warning per user and field per run.
     fn warn_once(&self, user: &str, key: &str, text: String) {
-        let mut st = self.lock();
-        if st.warned.insert((user.to_string(), key.to_string())) {
+        let first = self
+            .lock()
+            .warned
+            .insert((user.to_string(), key.to_string()));
+        if first {
             tracing::warn!(user_name = user, key, "{text}");
-            if st.notes.len() < MAX_NOTES {
-                st.notes.push(format!("{user}: {text}"));
-            }
+            self.note(format!("{user}: {text}"));
         }
     }
 

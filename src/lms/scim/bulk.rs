@@ -75,7 +75,7 @@ pub(crate) struct OpAnswer {
 
 /// What became of an operation given to the bulk queue.
 #[derive(Debug)]
-pub(crate) enum Outcome {
+pub(crate) enum OpOutcome {
     /// Bulk is not in use (not advertised, turned off, or the operation alone is too large).
     Off,
     /// The LMS answered this operation.
@@ -92,7 +92,7 @@ pub(crate) enum Outcome {
 struct Pending {
     op: Value,
     size: usize,
-    tx: oneshot::Sender<Outcome>,
+    tx: oneshot::Sender<OpOutcome>,
 }
 
 #[derive(Default)]
@@ -181,12 +181,17 @@ impl ScimTarget {
     }
 
     /// Runs one operation (`method` on `path` with `data`) within a bulk request.
-    pub(crate) async fn bulk_op(&self, method: &'static str, path: String, data: Value) -> Outcome {
+    pub(crate) async fn bulk_op(
+        &self,
+        method: &'static str,
+        path: String,
+        data: Value,
+    ) -> OpOutcome {
         let (tx, mut rx) = oneshot::channel();
         {
             let mut st = self.bulk.lock();
             let Some(limits) = st.limits else {
-                return Outcome::Off;
+                return OpOutcome::Off;
             };
             st.next_id += 1;
             let op = json!({
@@ -199,7 +204,7 @@ impl ScimTarget {
                 .map(|v| v.len())
                 .unwrap_or(usize::MAX);
             if size.saturating_add(ENVELOPE) > limits.max_payload_size {
-                return Outcome::Off;
+                return OpOutcome::Off;
             }
             st.pending.push_back(Pending { op, size, tx });
         }
@@ -218,7 +223,7 @@ impl ScimTarget {
                 continue;
             }
             tokio::select! {
-                out = &mut rx => return out.unwrap_or(Outcome::Unknown),
+                out = &mut rx => return out.unwrap_or(OpOutcome::Unknown),
                 () = &mut changed => {}
             }
         }
@@ -239,15 +244,15 @@ impl ScimTarget {
                 tracing::debug!(operations = n, error = %e, "bulk request failed");
                 for p in batch {
                     let _ = p.tx.send(if unknown {
-                        Outcome::Unknown
+                        OpOutcome::Unknown
                     } else {
-                        Outcome::Failed(e.clone())
+                        OpOutcome::Failed(e.clone())
                     });
                 }
                 return;
             }
         };
-        let refuse_all = |batch: Vec<Pending>, out: fn() -> Outcome| {
+        let refuse_all = |batch: Vec<Pending>, out: fn() -> OpOutcome| {
             for p in batch {
                 let _ = p.tx.send(out());
             }
@@ -285,7 +290,7 @@ impl ScimTarget {
                     tracing::warn!("{note}");
                     self.note(note);
                 }
-                return refuse_all(batch, || Outcome::NotSent);
+                return refuse_all(batch, || OpOutcome::NotSent);
             }
             400 | 404 | 405 | 501 => {
                 let e = self.error("POST", "/Bulk", a.status, &a.body);
@@ -295,13 +300,13 @@ impl ScimTarget {
                     tracing::warn!("{note}");
                     self.note(note);
                 }
-                return refuse_all(batch, || Outcome::NotSent);
+                return refuse_all(batch, || OpOutcome::NotSent);
             }
-            401 => return refuse_all(batch, || Outcome::Failed(TargetError::Unauthorized)),
+            401 => return refuse_all(batch, || OpOutcome::Failed(TargetError::Unauthorized)),
             // No processing before a throttle (429 is retried by `send_answer` itself until
             // `throttle_wait`); a 5xx may come after some operations ran.
-            s if s >= 500 => return refuse_all(batch, || Outcome::Unknown),
-            _ => return refuse_all(batch, || Outcome::NotSent),
+            s if s >= 500 => return refuse_all(batch, || OpOutcome::Unknown),
+            _ => return refuse_all(batch, || OpOutcome::NotSent),
         }
         let parsed: Option<Value> = serde_json::from_slice(&a.body).ok();
         let answers: Vec<&Value> = parsed
@@ -312,7 +317,7 @@ impl ScimTarget {
             .unwrap_or_default();
         if parsed.is_none() || answers.is_empty() {
             // A 200 we cannot read: what ran is unknown.
-            return refuse_all(batch, || Outcome::Unknown);
+            return refuse_all(batch, || OpOutcome::Unknown);
         }
         for (i, p) in batch.into_iter().enumerate() {
             let bulk_id = p.op.get("bulkId").and_then(Value::as_str);
@@ -324,9 +329,9 @@ impl ScimTarget {
                     answers.get(i).filter(|x| get_ci(x, "bulkId").is_none())
                 });
             let out = match found.and_then(|x| op_answer(x)) {
-                Some(ans) => Outcome::Answered(ans),
+                Some(ans) => OpOutcome::Answered(ans),
                 // Left out (failOnErrors reached, or a partial answer): not carried out.
-                None => Outcome::NotSent,
+                None => OpOutcome::NotSent,
             };
             let _ = p.tx.send(out);
         }
@@ -354,11 +359,11 @@ impl ScimTarget {
             }
         };
         match self.bulk_op("POST", "/Users".into(), body.clone()).await {
-            Outcome::Off | Outcome::NotSent => Ok(None),
-            Outcome::Failed(e) => Err(e),
+            OpOutcome::Off | OpOutcome::NotSent => Ok(None),
+            OpOutcome::Failed(e) => Err(e),
             // Maybe created: look before posting alone.
-            Outcome::Unknown => Ok(looked_up(self.find_created(record).await?).await),
-            Outcome::Answered(a) => match a.status {
+            OpOutcome::Unknown => Ok(looked_up(self.find_created(record).await?).await),
+            OpOutcome::Answered(a) => match a.status {
                 200 | 201 => {
                     let id = a
                         .location
@@ -415,14 +420,14 @@ impl ScimTarget {
         let data = json!({"schemas": [super::PATCH_OP], "Operations": ops});
         let path = format!("/Users/{}", crate::text::urlencode(id));
         match self.bulk_op("PATCH", path, data).await {
-            Outcome::Answered(a) => match a.status {
+            OpOutcome::Answered(a) => match a.status {
                 200 | 204 => Ok(true),
                 404 => Err(TargetError::NotFound(id.to_string())),
                 _ => Ok(false),
             },
-            Outcome::Failed(e) => Err(e),
+            OpOutcome::Failed(e) => Err(e),
             // PATCH is sent again as it is when its fate is unknown, alone as in bulk.
-            Outcome::Off | Outcome::NotSent | Outcome::Unknown => Ok(false),
+            OpOutcome::Off | OpOutcome::NotSent | OpOutcome::Unknown => Ok(false),
         }
     }
 }
