@@ -1,8 +1,8 @@
 //! SCIM bulk (RFC 7644 §3.7): used when the LMS advertises it, never otherwise, and the LMS
 //! ends up exactly as with one request per user.
 
-use crate::common::{spawn, upn, EnvOptions, ENTERPRISE};
-use rostersync::sync::reconcile::RunOutcome;
+use crate::common::{spawn, upn, EnvOptions, TestEnv};
+use rostersync::sync::reconcile::{RunOutcome, RunReport};
 use rostersync_sim::scim::{ScimFaults, SimBulk, UserFault, UserFaultKind};
 
 fn bulk(max_operations: usize) -> Option<SimBulk> {
@@ -12,21 +12,29 @@ fn bulk(max_operations: usize) -> Option<SimBulk> {
     })
 }
 
+/// A first sync in a fresh environment, counted from its start: it succeeds, nobody fails,
+/// and the LMS equals the directory.
+async fn first_sync(opts: EnvOptions) -> (TestEnv, RunReport) {
+    let env = spawn(opts).await;
+    env.scim.reset_counts();
+    let r = env.reconcile().await;
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
+    assert_eq!(r.counts.failed, 0);
+    env.assert_lms_matches_tenant(upn);
+    (env, r)
+}
+
 /// A first sync against an LMS offering bulk (50 operations a request): every create goes in
 /// a bulk request (no POST /Users of its own), the LMS equals the directory with every
 /// manager linked, and a no-change run sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_first_sync_goes_in_bulk_requests_and_ends_as_without() {
-    let env = spawn(EnvOptions {
+    let (env, r) = first_sync(EnvOptions {
         users: 300,
         scim_bulk: bulk(50),
         ..Default::default()
     })
     .await;
-    env.scim.reset_counts();
-    let r = env.reconcile().await;
-    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
-    env.assert_lms_matches_tenant(upn);
     let members = env.member_ids().len() as u64;
     let (bulks, ops, posts) = (
         env.scim.request_count("bulk"),
@@ -46,13 +54,7 @@ async fn a_first_sync_goes_in_bulk_requests_and_ends_as_without() {
         "{ops} operations for {} creates",
         r.counts.created
     );
-    let linked = env
-        .scim
-        .users()
-        .iter()
-        .filter(|u| u[ENTERPRISE]["manager"]["value"].is_string())
-        .count();
-    assert!(linked > 0, "the fixture has managers");
+    assert!(env.linked_managers() > 0, "the fixture has managers");
     assert!(
         r.notes.iter().any(|n| n.contains("SCIM bulk")),
         "the run says it used bulk: {:?}",
@@ -131,19 +133,15 @@ async fn a_failed_operation_is_that_users_failure_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bulk_is_used_only_when_advertised_and_allowed() {
     for (scim_bulk, extra) in [(None, ""), (bulk(50), "bulk = false")] {
-        let env = spawn(EnvOptions {
+        let (env, r) = first_sync(EnvOptions {
             users: 60,
             scim_bulk,
             target_extra: extra.into(),
             ..Default::default()
         })
         .await;
-        env.scim.reset_counts();
-        let r = env.reconcile().await;
-        assert_eq!(r.outcome, RunOutcome::Ok, "{:?}", r.error);
         assert_eq!(env.scim.request_count("bulk"), 0, "{extra:?}");
         assert!(env.scim.request_count("POST") >= r.counts.created);
-        env.assert_lms_matches_tenant(upn);
     }
 }
 
@@ -153,7 +151,7 @@ async fn bulk_is_used_only_when_advertised_and_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_lms_that_refuses_bulk_gets_single_requests_and_one_that_refuses_a_size_gets_smaller_ones(
 ) {
-    let env = spawn(EnvOptions {
+    let (env, r) = first_sync(EnvOptions {
         users: 80,
         scim_bulk: Some(SimBulk {
             broken: true,
@@ -162,11 +160,6 @@ async fn an_lms_that_refuses_bulk_gets_single_requests_and_one_that_refuses_a_si
         ..Default::default()
     })
     .await;
-    env.scim.reset_counts();
-    let r = env.reconcile().await;
-    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
-    assert_eq!(r.counts.failed, 0);
-    env.assert_lms_matches_tenant(upn);
     let members = r.counts.created;
     let posts = env.scim.request_count("POST");
     assert!(
@@ -179,7 +172,7 @@ async fn an_lms_that_refuses_bulk_gets_single_requests_and_one_that_refuses_a_si
         r.notes
     );
 
-    let env = spawn(EnvOptions {
+    let (env, r) = first_sync(EnvOptions {
         users: 200,
         scim_bulk: Some(SimBulk {
             max_operations: 1000,
@@ -189,11 +182,6 @@ async fn an_lms_that_refuses_bulk_gets_single_requests_and_one_that_refuses_a_si
         ..Default::default()
     })
     .await;
-    env.scim.reset_counts();
-    let r = env.reconcile().await;
-    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
-    assert_eq!(r.counts.failed, 0);
-    env.assert_lms_matches_tenant(upn);
     let (bulks, refused, posts) = (
         env.scim.request_count("bulk"),
         env.scim.request_count("413"),

@@ -154,6 +154,15 @@ impl TestEnv {
     /// Asserts that the LMS holds exactly what the tenant says, attribute by attribute
     /// (see [`lms_differences`]; manager links as [`ManagerLink::Active`]).
     /// `username` picks the SimUser field that becomes userName.
+    /// How many LMS users have a manager link.
+    pub fn linked_managers(&self) -> usize {
+        self.scim
+            .users()
+            .iter()
+            .filter(|u| u[ENTERPRISE]["manager"]["value"].is_string())
+            .count()
+    }
+
     pub fn assert_lms_matches_tenant(&self, username: fn(&SimUser) -> Option<String>) {
         let diffs = lms_differences(
             &self.graph,
