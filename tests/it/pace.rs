@@ -57,6 +57,63 @@ async fn a_first_sync_at_the_lms_rate_limit_fails_nobody_and_costs_one_request_p
     assert!(pace.rate.is_some(), "the pacer learnt a rate: {pace:?}");
 }
 
+/// The directory's top managers report to someone outside the group (the fixture's CEO): they
+/// are parked while the listing goes on, in case their manager turns up on a later page, and
+/// everyone below them waits for their creates. Once a hundred times as many members wait
+/// behind them as are parked, they are created without waiting, so the LMS writes overlap
+/// the listing instead of starting once it has ended (when the whole directory was held in
+/// memory: 700 MiB for 100,000 members). With Graph answering in 100 ms, the first POST
+/// reaches the LMS before the last member page is read; the result and the cost per user stay
+/// those of the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creates_start_while_the_listing_goes_on_when_top_managers_are_outside_the_group() {
+    let env = spawn(EnvOptions {
+        users: 6000,
+        ..Default::default()
+    })
+    .await;
+    env.graph.set_latency(Some(rostersync_sim::graph::Latency {
+        fixed: Duration::from_millis(100),
+        ..Default::default()
+    }));
+    env.scim.reset_counts();
+    let pages_before = env.graph.request_count("transitiveMembers");
+    let run = env.reconcile();
+    tokio::pin!(run);
+    // (member pages requested, POSTs answered) whenever the POSTs began.
+    let mut first_posts: Option<(u64, u64)> = None;
+    let r = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            () = tokio::time::sleep(Duration::from_millis(10)) => {
+                let posts = env.scim.request_count("POST");
+                if first_posts.is_none() && posts > 0 {
+                    let pages = env.graph.request_count("transitiveMembers") - pages_before;
+                    first_posts = Some((pages, posts));
+                }
+            }
+        }
+    };
+    assert_eq!(r.outcome, RunOutcome::Ok, "{:?} {:?}", r.error, r.failures);
+    env.assert_lms_matches_tenant(upn);
+    let pages = env.graph.request_count("transitiveMembers") - pages_before;
+    // The member reader runs up to three pages ahead of planning (one being read, two queued).
+    assert!(pages >= 6, "the test needs several member pages: {pages}");
+    let (pages_then, _) = first_posts.expect("POSTs were seen");
+    assert!(
+        pages_then < pages,
+        "the first POST came after all {pages} member pages were requested: creates waited for the listing to end"
+    );
+    eprintln!("first POST after {pages_then} of {pages} member pages were requested");
+    let answered = requests(&env) as f64;
+    let members = env.member_ids().len() as f64;
+    assert!(
+        answered / members <= 1.02,
+        "{answered} requests for {members} members ({} PATCH)",
+        env.scim.request_count("PATCH")
+    );
+}
+
 /// A POST answered 503 with `Retry-After: 2` is looked up and sent again no sooner than two
 /// seconds later, and the user is created once; no user fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -128,14 +128,21 @@ struct Pipe {
     pending: HashSet<String>,
     /// Members planned once the create of their manager (the key) has answered.
     waiting: HashMap<String, Vec<Waiter>>,
+    /// How many members are in `waiting`.
+    waiting_count: usize,
     /// Members whose manager (the key) has not been listed yet in this run: held while the
     /// listing goes on, so that a manager on a later page is created first and the member's
     /// create carries the link (instead of a PATCH at the end of the run).
     parked: HashMap<String, Vec<Waiter>>,
-    /// The keys of `parked`, oldest first, and how many members are parked in all: past
-    /// [`MAX_PARKED`] the oldest are planned without waiting.
+    /// The keys of `parked`, oldest first, and how many members are parked in all.
     parked_order: VecDeque<String>,
     parked_count: usize,
+    /// How many members wait, directly or down a chain of waits, for a member being created
+    /// (until its create answers) or for a manager not listed yet (a key of `parked`).
+    behind: HashMap<String, usize>,
+    /// How many members are held behind the keys of `parked` in all (parked ones and those
+    /// waiting down a chain for them): past [`MAX_PARKED`] the oldest key is let go.
+    held_parked: usize,
     /// Who waits for whom (waiting or parked): no member waits in a cycle.
     waits_on: HashMap<String, String>,
     /// The member listing is still being read.
@@ -174,8 +181,18 @@ struct PageWork {
 /// Members planned at a time between picking up LMS answers.
 const PLAN_CHUNK: usize = 64;
 
-/// At most this many members wait for a manager not listed yet (`Pipe::parked`).
+/// At most this many members are held behind managers not listed yet (`Pipe::held_parked`).
 const MAX_PARKED: usize = 4096;
+
+/// The members parked for a manager not listed yet are let go once this many times their
+/// number wait behind them: each then costs at most one PATCH at the end of the run (if the
+/// manager turns up after all), against the whole chain below it waiting for the listing to
+/// end. A first sync's extra requests stay under 1 / this.
+const UNPARK_HELD: usize = 100;
+
+/// While this many members or more wait (for a manager's create or listing), no new page is
+/// read unless nothing else can move: memory stays bounded however the directory is ordered.
+const MAX_HELD: usize = 4096;
 
 /// Writes failed in a row with errors that may concern the whole LMS (401, 5xx, no answer,
 /// each after its own retries) that stop the run even while the LMS still answers reads (a

@@ -26,6 +26,8 @@ impl<T: Target> Run<'_, '_, T> {
                         };
                         let cycle = self.waits_in_cycle(&d.entra_id, mid);
                         if waits && earlier && !cycle && self.pipe.pending.contains(mid) {
+                            let mid = mid.clone();
+                            let held = 1 + self.pipe.behind.get(&d.entra_id).copied().unwrap_or(0);
                             self.pipe.waits_on.insert(d.entra_id.clone(), mid.clone());
                             self.pipe
                                 .waiting
@@ -37,6 +39,8 @@ impl<T: Target> Run<'_, '_, T> {
                                     user: u,
                                     group: page.group.clone(),
                                 });
+                            self.pipe.waiting_count += 1;
+                            self.hold(&mid, held)?;
                             continue;
                         }
                         if waits
@@ -92,16 +96,46 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// Holds a member until its manager is listed (or the listing ends).
     pub(super) fn park(&mut self, manager: String, w: Waiter) -> Result<(), StoreError> {
+        let held = 1 + self
+            .pipe
+            .behind
+            .get(&w.desired.entra_id)
+            .copied()
+            .unwrap_or(0);
         self.pipe
             .waits_on
             .insert(w.desired.entra_id.clone(), manager.clone());
         let list = self.pipe.parked.entry(manager.clone()).or_default();
         if list.is_empty() {
-            self.pipe.parked_order.push_back(manager);
+            self.pipe.parked_order.push_back(manager.clone());
         }
         list.push(w);
         self.pipe.parked_count += 1;
-        while self.pipe.parked_count > MAX_PARKED {
+        self.hold(&manager, held)
+    }
+
+    /// `held` more members wait for `first` (a member being created, or a manager not listed
+    /// yet): counted for it and up its chain of waits. A manager not listed yet at the top
+    /// of the chain is let go once it holds [`UNPARK_HELD`] times the members parked for it,
+    /// and the oldest ones while more than [`MAX_PARKED`] members are held behind them.
+    fn hold(&mut self, first: &str, held: usize) -> Result<(), StoreError> {
+        let mut top = first.to_string();
+        for _ in 0..64 {
+            *self.pipe.behind.entry(top.clone()).or_default() += held;
+            match self.pipe.waits_on.get(&top) {
+                Some(next) => top = next.clone(),
+                None => break,
+            }
+        }
+        if let Some(parked) = self.pipe.parked.get(&top) {
+            self.pipe.held_parked += held;
+            let behind = self.pipe.behind.get(&top).copied().unwrap_or(0);
+            if behind >= UNPARK_HELD.saturating_mul(parked.len()) {
+                self.pipe.parked_order.retain(|m| *m != top);
+                self.unpark(&top)?;
+            }
+        }
+        while self.pipe.held_parked > MAX_PARKED {
             let Some(oldest) = self.pipe.parked_order.pop_front() else {
                 break;
             };
@@ -119,6 +153,10 @@ impl<T: Target> Run<'_, '_, T> {
         if creating && self.pipe.pending.contains(entra_id) {
             let ws = self.pipe.parked.remove(entra_id).unwrap_or_default();
             self.pipe.parked_count = self.pipe.parked_count.saturating_sub(ws.len());
+            self.pipe.waiting_count += ws.len();
+            // Held behind a member being created now (counted up its chain once it is planned).
+            let behind = self.pipe.behind.get(entra_id).copied().unwrap_or(0);
+            self.pipe.held_parked = self.pipe.held_parked.saturating_sub(behind);
             self.pipe.parked_order.retain(|m| m != entra_id);
             self.pipe
                 .waiting
@@ -135,6 +173,8 @@ impl<T: Target> Run<'_, '_, T> {
     pub(super) fn unpark(&mut self, manager: &str) -> Result<(), StoreError> {
         let ws = self.pipe.parked.remove(manager).unwrap_or_default();
         self.pipe.parked_count = self.pipe.parked_count.saturating_sub(ws.len());
+        let behind = self.pipe.behind.remove(manager).unwrap_or(0);
+        self.pipe.held_parked = self.pipe.held_parked.saturating_sub(behind);
         for w in ws {
             let target = self.manager_target(manager)?;
             self.plan_waiter(w, target)?;
@@ -251,7 +291,10 @@ impl<T: Target> Run<'_, '_, T> {
         if !self.pipe.pending.remove(entra_id) {
             return Ok(());
         }
-        for w in self.pipe.waiting.remove(entra_id).unwrap_or_default() {
+        self.pipe.behind.remove(entra_id);
+        let ws = self.pipe.waiting.remove(entra_id).unwrap_or_default();
+        self.pipe.waiting_count = self.pipe.waiting_count.saturating_sub(ws.len());
+        for w in ws {
             self.plan_waiter(w, target.map(str::to_string))?;
         }
         Ok(())

@@ -130,7 +130,14 @@ impl<T: Target> Run<'_, '_, T> {
                 self.pipe.listing = false;
             }
             let waiting = self.pipe.ready.len() + self.pipe.armed.len();
-            let want_page = feed.is_some() && self.pipe.pages.is_empty() && waiting < 2 * conc;
+            // Many members held for their managers: the next page waits while anything else
+            // can move (memory stays bounded), and is read when nothing can.
+            let held = self.pipe.waiting_count + self.pipe.parked_count;
+            let busy = !inflight.is_empty() || announcing.is_some() || waiting > 0;
+            let want_page = feed.is_some()
+                && self.pipe.pages.is_empty()
+                && waiting < 2 * conc
+                && (held < MAX_HELD || !busy);
             // Planning comes last: the changes just started are sent, and answers already in
             // are taken, before the next chunk of members is planned.
             let want_plan = error.is_none() && waiting < 2 * conc && !self.pipe.pages.is_empty();
