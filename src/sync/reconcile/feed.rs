@@ -86,6 +86,8 @@ pub(super) struct FeedSpec {
     pub(super) actual: HashMap<String, Option<Record>>,
     /// How managers are learnt (with `manager_select`).
     pub(super) managers: Option<crate::sync::managers::Mode>,
+    /// The index held nobody when the run started: members are not looked up in it.
+    pub(super) index_empty: bool,
 }
 
 pub(super) async fn feed_members(
@@ -103,6 +105,7 @@ pub(super) async fn feed_members(
         store,
         actual,
         managers: manager_mode,
+        index_empty,
     } = spec;
     let mut seen: HashSet<String> = HashSet::new();
     // Managers read or looked up in this run (a manager has many reports).
@@ -132,10 +135,14 @@ pub(super) async fn feed_members(
                     ));
                 }
                 let users: Vec<GraphUser> = page.users.into_iter().filter(|u| seen.insert(u.id.clone())).collect();
-                let entries = users
-                    .iter()
-                    .map(|u| store.get_user(&u.id))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let entries = if index_empty {
+                    vec![None; users.len()]
+                } else {
+                    users
+                        .iter()
+                        .map(|u| store.get_user(&u.id))
+                        .collect::<Result<Vec<_>, _>>()?
+                };
                 let managers = match (&manager_select, &manager_mode) {
                     (Some(sel), Some(mode)) => {
                         let from = crate::sync::managers::Lookup { graph: &graph, store: &store, mode, select: sel, concurrency };

@@ -430,6 +430,10 @@ impl<T: Target> Run<'_, '_, T> {
         }
 
         let active_before = self.ctx.store.active_count();
+        // A first reconcile: no member has an index entry to look up, and nobody indexed can
+        // have left (whatever the worker writes meanwhile is its own, from a fresh read, and
+        // the gate keeps this run off it).
+        let first = self.ctx.store.has_no_users();
 
         let user_select = cfg.mapping.user_select();
         let manager_select = cfg.mapping.manager_select();
@@ -469,6 +473,7 @@ impl<T: Target> Run<'_, '_, T> {
                     store: self.ctx.store.clone(),
                     actual: self.actual.clone(),
                     managers: manager_plan.as_ref().map(|p| p.mode.clone()),
+                    index_empty: first,
                 },
                 tx,
             )
@@ -487,7 +492,11 @@ impl<T: Target> Run<'_, '_, T> {
         // Every group was listed completely: whoever is indexed but unseen may have left.
         let store = self.ctx.store;
         let none = ManagerRef::None;
-        for r in store.users_where(|id| !seen.contains(id)) {
+        let unseen = (!first)
+            .then(|| store.users_where(|id| !seen.contains(id)))
+            .into_iter()
+            .flatten();
+        for r in unseen {
             let (id, mut e) = r?;
             e.record.retain(|k, _| self.managed.contains(k));
             let facts = Facts {
