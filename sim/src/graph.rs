@@ -1213,7 +1213,7 @@ fn api_request(
         let resp = batch::batch(&mut s, &sim.base_url, ctx, body, priority.as_deref());
         // The envelope costs nothing itself; its answer carries what its requests cost.
         return match s.admit("batch", cost::Cost { ru: 0, write: 0 }, Priority::Normal) {
-            Ok(Some(_)) => {
+            Ok(Some(_)) if s.batch_envelope_header() => {
                 let charge = cost::Charge {
                     ru: u32::try_from(s.ru_charged() - before).unwrap_or(u32::MAX),
                     limit_share: s.limit_share().filter(|p| *p > 0.8),

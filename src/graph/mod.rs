@@ -971,7 +971,7 @@ impl GraphClient {
         let mut attempts = self.retry.start();
         while !pending.is_empty() {
             let body: Vec<Value> = pending.iter().map(BatchRequest::to_json).collect();
-            let (status, _, resp, sent) = self
+            let (status, headers, resp, sent) = self
                 .send_timed("POST", &batch_url, Some(&json!({ "requests": body })))
                 .await?;
             oldest.get_or_insert(sent);
@@ -990,6 +990,11 @@ impl GraphClient {
             let mut retry = Vec::new();
             let mut max_wait: Option<Duration> = None;
             let mut answered: HashMap<String, (u16, Value)> = HashMap::new();
+            // What the inner requests cost, for when the envelope's answer does not say but
+            // theirs do (Graph documents `x-ms-resource-unit` per request): the sum of their
+            // headers, one RU for an answered one without it. A Graph that reports no cost at
+            // all keeps the estimate of one RU per HTTP request.
+            let (mut inner_ru, mut inner_reported) = (0.0, false);
             for r in responses {
                 let id = r
                     .get("id")
@@ -998,6 +1003,11 @@ impl GraphClient {
                     .ok_or_else(|| decode("a response has an unknown id".into()))?
                     .to_string();
                 let st = r.get("status").and_then(|s| s.as_u64()).unwrap_or(0) as u16;
+                if st != 429 {
+                    let ru = inner_resource_units(r);
+                    inner_reported |= ru.is_some();
+                    inner_ru += ru.unwrap_or(1.0);
+                }
                 if crate::retry::transience(st) != crate::retry::Transience::Final {
                     let ra = r
                         .get("headers")
@@ -1022,6 +1032,11 @@ impl GraphClient {
                 }
                 let body = r.get_mut("body").map(Value::take).unwrap_or(Value::Null);
                 answered.insert(id, (st, body));
+            }
+            if inner_reported && !headers.contains_key("x-ms-resource-unit") {
+                // `send_timed` charged the envelope its estimate of one RU already.
+                self.pacer
+                    .charge(self.priority, (inner_ru - 1.0_f64).max(0.0), None);
             }
             for p in pending {
                 match answered.remove(&p.id) {
@@ -1426,6 +1441,20 @@ impl GraphClient {
     }
 }
 
+/// The `x-ms-resource-unit` of one inner `$batch` answer (its `headers` object), if it says.
+fn inner_resource_units(answer: &Value) -> Option<f64> {
+    let (_, v) = answer
+        .get("headers")?
+        .as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-ms-resource-unit"))?;
+    let ru = v
+        .as_str()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .or(v.as_f64())?;
+    (ru.is_finite() && ru >= 0.0).then_some(ru)
+}
+
 fn parse_aadsts(desc: &str) -> Option<u64> {
     let rest = desc.split("AADSTS").nth(1)?;
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
@@ -1520,6 +1549,60 @@ mod tests {
             },
             reqwest::Client::builder().no_proxy().build().unwrap(),
         )
+    }
+
+    /// A `$batch` answer whose envelope says nothing of its cost while each inner answer does
+    /// (as Graph documents the header, per request) is charged to the pacer as the sum of the
+    /// inner costs; with no cost anywhere, as one request (the estimate).
+    #[tokio::test]
+    async fn a_batch_is_charged_what_its_inner_answers_say_they_cost() {
+        for (inner_headers, expected) in [
+            (json!({"x-ms-resource-unit": "3"}), 6),
+            (json!({"X-MS-Resource-Unit": 2}), 4),
+            (json!({}), 1),
+        ] {
+            let h = inner_headers.clone();
+            let (base, _) = stub(move |_, target| {
+                target.ends_with("/$batch").then(|| {
+                    json!({"responses": [
+                        {"id": "0", "status": 200, "headers": h, "body": {"id": "m1"}},
+                        {"id": "1", "status": 200, "headers": h, "body": {"id": "m2"}},
+                    ]})
+                })
+            })
+            .await;
+            let graph = stub_client(&base).background();
+            let got = graph
+                .managers(&["a".into(), "b".into()], &["id".into()])
+                .await
+                .unwrap();
+            assert_eq!(got.len(), 2);
+            let stats = graph.pacer.stats();
+            assert_eq!(stats.ru_low, expected, "inner headers {inner_headers}");
+        }
+    }
+
+    #[test]
+    fn inner_resource_units_read_strings_and_numbers_and_refuse_nonsense() {
+        let with = |h: Value| json!({"id": "0", "status": 200, "headers": h});
+        assert_eq!(
+            inner_resource_units(&with(json!({"x-ms-resource-unit": "1"}))),
+            Some(1.0)
+        );
+        assert_eq!(
+            inner_resource_units(&with(json!({"x-ms-resource-unit": 5}))),
+            Some(5.0)
+        );
+        assert_eq!(
+            inner_resource_units(&with(json!({"x-ms-resource-unit": "-1"}))),
+            None
+        );
+        assert_eq!(
+            inner_resource_units(&with(json!({"x-ms-resource-unit": "NaN"}))),
+            None
+        );
+        assert_eq!(inner_resource_units(&with(json!({"other": "1"}))), None);
+        assert_eq!(inner_resource_units(&json!({"id": "0"})), None);
     }
 
     #[tokio::test]

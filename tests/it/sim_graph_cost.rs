@@ -357,6 +357,41 @@ async fn writes_have_their_own_quota() {
     assert_eq!(e.sim.cost_stats().write_units, 2);
 }
 
+/// With `batch_envelope_header` off, a `$batch` answer says nothing of its cost itself: only
+/// each inner answer carries its `x-ms-resource-unit`, as Graph documents the header per
+/// request (a client must add them up).
+#[tokio::test]
+async fn a_batch_envelope_can_leave_its_cost_to_the_inner_answers() {
+    let e = env(20).await;
+    e.sim.set_cost_model(Some(CostModel {
+        ru_limit: Some(100),
+        batch_envelope_header: false,
+        ..Default::default()
+    }));
+    let users = e.sim.users();
+    let requests: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({
+                "id": format!("{i}"), "method": "GET",
+                "url": format!("/users/{}/manager?$select=id", users[i + 1].id)
+            })
+        })
+        .collect();
+    let a = e
+        .send("POST", "$batch", &[], Some(json!({ "requests": requests })))
+        .await;
+    assert_eq!(a.status, 200);
+    assert!(a.header("x-ms-resource-unit").is_none());
+    for r in a.body["responses"].as_array().unwrap() {
+        assert_eq!(
+            r["headers"]["x-ms-resource-unit"].as_str(),
+            Some("1"),
+            "{r}"
+        );
+    }
+    assert_eq!(e.sim.cost_stats().ru_total, 3);
+}
+
 #[tokio::test]
 async fn batch_requests_are_charged_one_by_one() {
     let e = env(20).await;

@@ -41,6 +41,10 @@ pub struct CostModel {
     /// Answer 429 when a request does not fit. `false`: charge and count only (the headers still
     /// say what was charged), for measuring what an unthrottled run would cost.
     pub enforce: bool,
+    /// A `$batch` answer carries the sum of its inner requests' RU in its own
+    /// `x-ms-resource-unit` (CHOICE: true). `false`: only each inner response says what it
+    /// cost, as Microsoft documents the header per request; a client must add them up.
+    pub batch_envelope_header: bool,
 }
 
 impl Default for CostModel {
@@ -52,6 +56,7 @@ impl Default for CostModel {
             write_window: Duration::from_secs(150),
             low_priority_reserve: 0.2,
             enforce: true,
+            batch_envelope_header: true,
         }
     }
 }
@@ -364,6 +369,14 @@ impl State {
             ru: cost.ru,
             limit_share: (used > 0.8).then_some(used.min(1.8)),
         }))
+    }
+
+    /// Whether a `$batch` answer carries its inner requests' RU (see
+    /// [`CostModel::batch_envelope_header`]).
+    pub(super) fn batch_envelope_header(&self) -> bool {
+        self.cost
+            .as_ref()
+            .is_some_and(|c| c.model.batch_envelope_header)
     }
 
     /// RU charged so far (0 without a model).
