@@ -1009,17 +1009,11 @@ impl GraphClient {
                     inner_ru += ru.unwrap_or(1.0);
                 }
                 if crate::retry::transience(st) != crate::retry::Transience::Final {
-                    let ra = r
-                        .get("headers")
-                        .and_then(|h| h.as_object())
-                        .and_then(|h| {
-                            h.iter()
-                                .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
-                                .and_then(|(_, v)| {
-                                    v.as_str()
-                                        .and_then(|s| s.parse::<u64>().ok())
-                                        .or(v.as_u64())
-                                })
+                    let ra = inner_header(r, "retry-after")
+                        .and_then(|v| {
+                            v.as_str()
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .or(v.as_u64())
                         })
                         .map(Duration::from_secs);
                     if st == 429 {
@@ -1441,13 +1435,19 @@ impl GraphClient {
     }
 }
 
-/// The `x-ms-resource-unit` of one inner `$batch` answer (its `headers` object), if it says.
-fn inner_resource_units(answer: &Value) -> Option<f64> {
-    let (_, v) = answer
+/// Header `name` (any case) of one inner `$batch` answer (its `headers` object).
+fn inner_header<'a>(answer: &'a Value, name: &str) -> Option<&'a Value> {
+    answer
         .get("headers")?
         .as_object()?
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("x-ms-resource-unit"))?;
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+/// The `x-ms-resource-unit` of one inner `$batch` answer, if it says.
+fn inner_resource_units(answer: &Value) -> Option<f64> {
+    let v = inner_header(answer, "x-ms-resource-unit")?;
     let ru = v
         .as_str()
         .and_then(|s| s.trim().parse::<f64>().ok())

@@ -557,13 +557,13 @@ impl IntegrationStore {
         })
     }
 
-    /// Index entries that are active in the LMS (the guard's base); unreadable entries count
-    /// as inactive.
     /// Whether the index holds no user at all (a first reconcile).
     pub(crate) fn has_no_users(&self) -> bool {
         self.users.is_empty()
     }
 
+    /// Index entries that are active in the LMS (the guard's base); unreadable entries count
+    /// as inactive.
     pub(crate) fn active_count(&self) -> u64 {
         self.users()
             .filter(|r| r.as_ref().map(|(_, e)| e.active()).unwrap_or(false))

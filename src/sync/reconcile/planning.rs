@@ -27,7 +27,7 @@ impl<T: Target> Run<'_, '_, T> {
                         let cycle = self.waits_in_cycle(&d.entra_id, mid);
                         if waits && earlier && !cycle && self.pipe.pending.contains(mid) {
                             let mid = mid.clone();
-                            let held = 1 + self.pipe.behind.get(&d.entra_id).copied().unwrap_or(0);
+                            let held = self.held_with(&d.entra_id);
                             self.pipe.waits_on.insert(d.entra_id.clone(), mid.clone());
                             self.pipe
                                 .waiting
@@ -96,12 +96,7 @@ impl<T: Target> Run<'_, '_, T> {
 
     /// Holds a member until its manager is listed (or the listing ends).
     pub(super) fn park(&mut self, manager: String, w: Waiter) -> Result<(), StoreError> {
-        let held = 1 + self
-            .pipe
-            .behind
-            .get(&w.desired.entra_id)
-            .copied()
-            .unwrap_or(0);
+        let held = self.held_with(&w.desired.entra_id);
         self.pipe
             .waits_on
             .insert(w.desired.entra_id.clone(), manager.clone());
@@ -112,6 +107,11 @@ impl<T: Target> Run<'_, '_, T> {
         list.push(w);
         self.pipe.parked_count += 1;
         self.hold(&manager, held)
+    }
+
+    /// `member` and the members waiting behind it.
+    fn held_with(&self, member: &str) -> usize {
+        1 + self.pipe.behind.get(member).copied().unwrap_or(0)
     }
 
     /// `held` more members wait for `first` (a member being created, or a manager not listed
@@ -131,8 +131,7 @@ impl<T: Target> Run<'_, '_, T> {
             self.pipe.held_parked += held;
             let behind = self.pipe.behind.get(&top).copied().unwrap_or(0);
             if behind >= UNPARK_HELD.saturating_mul(parked.len()) {
-                self.pipe.parked_order.retain(|m| *m != top);
-                self.unpark(&top)?;
+                self.unpark_for(&top, false)?;
             }
         }
         while self.pipe.held_parked > MAX_PARKED {
