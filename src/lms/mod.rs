@@ -84,6 +84,16 @@ pub struct TargetUser {
     pub record: Record,
 }
 
+/// The answer to [`Target::create_with_manager`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Created {
+    /// The new user's target id; `None` for a conflict (the user exists: the caller looks it
+    /// up), as [`Target::create`].
+    pub id: Option<String>,
+    /// The manager's target id, when the new user was created linked to it.
+    pub manager: Option<String>,
+}
+
 /// What the target can take, learnt from its discovery documents and its dialect.
 #[derive(Clone, Debug, Default)]
 pub struct Capabilities {
@@ -158,6 +168,30 @@ pub trait Target: Send + Sync {
         &self,
         record: &Record,
     ) -> impl Future<Output = Result<Option<String>, TargetError>> + Send;
+    /// Creates a user whose manager is being created in this run too (`manager`: the
+    /// manager's externalId, its Entra id; `record` carries no manager), linking the two in
+    /// one request where the target can (SCIM bulk's `bulkId` references, RFC 7644 §3.7.2).
+    /// [`Created::manager`] is the manager's target id when the new user was linked to it;
+    /// otherwise the caller links it later. By default: a plain [`Target::create`].
+    fn create_with_manager(
+        &self,
+        record: &Record,
+        manager: &str,
+    ) -> impl Future<Output = Result<Created, TargetError>> + Send {
+        let _ = manager;
+        async move {
+            Ok(Created {
+                id: self.create(record).await?,
+                manager: None,
+            })
+        }
+    }
+    /// Whether [`Target::create_with_manager`] can link a manager whose create is still on
+    /// its way: then a reconcile need not wait for the manager's answer before it sends the
+    /// create of a report.
+    fn links_in_flight(&self) -> bool {
+        false
+    }
     /// Applies attribute changes to an existing user; never called with no change. `record`
     /// is the user's complete desired record (managed keys): some LMSs take only whole lists
     /// or whole resources. A change the LMS cannot take at all is left out with a warning (see

@@ -29,7 +29,7 @@ use super::dialect::{
     Learned, Refusal,
 };
 use super::pace::{Outcome, Pacer};
-use super::{Capabilities, Target, TargetError, TargetUser};
+use super::{Capabilities, Created, Target, TargetError, TargetUser};
 use crate::model::record::{AttrChange, AttrValue, Record, ACTIVE, EXTERNAL_ID, USER_NAME};
 use crate::redact::Redactor;
 use crate::retry::{read_limited, retry_after, RetryPolicy};
@@ -1438,8 +1438,8 @@ impl Target for ScimTarget {
             return Ok(None);
         }
         let body = self.resource(record);
-        if let Some(done) = self.create_in_bulk(record, &body).await? {
-            return Ok(done);
+        if let Some(done) = self.create_in_bulk(record, &body, None).await? {
+            return Ok(done.id);
         }
         // A create whose fate is unknown is looked up, then sent again: three times at most.
         // A 503 with `Retry-After` (the LMS shedding load) is looked up and sent again once
@@ -1626,6 +1626,30 @@ impl Target for ScimTarget {
             }
         }
         Ok((users, total))
+    }
+
+    async fn create_with_manager(
+        &self,
+        record: &Record,
+        manager: &str,
+    ) -> Result<Created, TargetError> {
+        if self.links_in_flight() {
+            let body = self.resource(record);
+            if let Some(done) = self.create_in_bulk(record, &body, Some(manager)).await? {
+                return Ok(done);
+            }
+        }
+        Ok(Created {
+            id: self.create(record).await?,
+            manager: None,
+        })
+    }
+
+    /// With SCIM bulk, and an LMS whose userNames need no look-up before a create (one that
+    /// tells them apart by case is asked first, which would put a report's create ahead of
+    /// its manager's in the queue).
+    fn links_in_flight(&self) -> bool {
+        self.bulk_on() && self.dialect().user_name_unique != CaseRule::CaseSensitive
     }
 
     fn write_slots(&self) -> Option<usize> {

@@ -11,13 +11,13 @@ use chrono::Utc;
 use futures::{stream, StreamExt};
 
 use super::gate::UserGate;
-use super::mapping::{AttrValue, Record, EXTERNAL_ID};
+use super::mapping::{AttrValue, Record, EXTERNAL_ID, MANAGER};
 use super::plan::{self, Action, GuardTrip, PlannedChange};
 use super::reconcile::report::{Context, RunError};
 use super::trace::Match;
 use crate::config::DeactivationLimit;
 use crate::graph::GraphError;
-use crate::lms::{Target, TargetError, TargetUser};
+use crate::lms::{Created, Target, TargetError, TargetUser};
 use crate::store::intents::{Intent, IntentId};
 use crate::store::{IndexEntry, IntegrationStore, StoreError};
 
@@ -88,7 +88,19 @@ pub(crate) async fn apply_change<T: Target>(
     managed: &BTreeSet<String>,
     c: &PlannedChange,
 ) -> Result<Applied, ApplyError> {
-    let r = apply_one(ctx, managed, c).await;
+    apply_change_linking(ctx, managed, c, None).await
+}
+
+/// [`apply_change`]; a create whose record has no manager yet because its manager's create is
+/// on its way in this run (`manager`: the manager's Entra id) is linked to it in the same
+/// request where the target can ([`Target::create_with_manager`]).
+pub(crate) async fn apply_change_linking<T: Target>(
+    ctx: &Context<'_, T>,
+    managed: &BTreeSet<String>,
+    c: &PlannedChange,
+    manager: Option<&str>,
+) -> Result<Applied, ApplyError> {
+    let r = apply_one(ctx, managed, c, manager).await;
     crate::metrics::apply(ctx.cfg.name.as_str(), c.action.as_str(), r.is_ok());
     r
 }
@@ -97,9 +109,10 @@ async fn apply_one<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
     c: &PlannedChange,
+    manager: Option<&str>,
 ) -> Result<Applied, ApplyError> {
     match c.action {
-        Action::Create => create_or_link(ctx, managed, c).await,
+        Action::Create => create_or_link(ctx, managed, c, manager).await,
         _ => {
             let target_id = c.target_id.clone().unwrap_or_default();
             let indexed = || Applied {
@@ -117,7 +130,7 @@ async fn apply_one<T: Target>(
                 }
                 Err(TargetError::NotFound(_)) => {
                     tracing::warn!("target user was deleted in the LMS; creating it again");
-                    create_or_link(ctx, managed, c).await
+                    create_or_link(ctx, managed, c, None).await
                 }
                 Err(e) => Err(e.into()),
             }
@@ -140,13 +153,26 @@ async fn create_or_link<T: Target>(
     ctx: &Context<'_, T>,
     managed: &BTreeSet<String>,
     c: &PlannedChange,
+    manager: Option<&str>,
 ) -> Result<Applied, ApplyError> {
     // POST first: one request per new user. A 409 means the userName exists (made by hand,
     // by another tool, or by us before the index entry was written): adopt it then.
-    if let Some(id) = ctx.target.create(&c.record).await? {
+    let created = match manager {
+        Some(m) => ctx.target.create_with_manager(&c.record, m).await?,
+        None => Created {
+            id: ctx.target.create(&c.record).await?,
+            manager: None,
+        },
+    };
+    if let Some(id) = created.id {
         tracing::info!(target_id = %id, "created LMS user");
+        let mut entry = index_entry(c, &id, false);
+        if let Some(m) = created.manager {
+            // Linked in its own create: the index holds what the LMS holds.
+            entry.record.insert(MANAGER.into(), AttrValue::Str(m));
+        }
         return Ok(Applied {
-            entry: index_entry(c, &id, false),
+            entry,
             matched: Match::Created { target_id: id },
         });
     }

@@ -4,8 +4,9 @@
 //! `PUT|PATCH|DELETE /Users/{id}`), with the same per-user faults, and its outcome is
 //! reported in the `BulkResponse` with its status as a string, `location` for a resource it
 //! created or changed, and the error body as `response` for a failure. `bulkId:` references in
-//! an operation's `data` resolve to the ids created earlier in the same request; one that
-//! cannot be resolved fails that operation with 409 `invalidValue`. `failOnErrors` stops the
+//! an operation's `data` resolve to the ids created earlier in the same request (counted as
+//! `bulk_ref`); one that cannot be resolved fails that operation with 409 `invalidValue`. A
+//! server configured with `literal_references` keeps them as they are instead. `failOnErrors` stops the
 //! request after that many failed operations. A request over `maxPayloadSize` or with more than
 //! `maxOperations` operations is refused whole with 413.
 
@@ -35,6 +36,9 @@ pub struct SimBulk {
     pub broken: bool,
     /// Refuses with 413 a request of more operations than this, whatever it advertises.
     pub enforced_max_operations: Option<usize>,
+    /// Does not resolve `bulkId:` references: keeps them as the literal strings they are (a
+    /// server that implements bulk without §3.7.2).
+    pub literal_references: bool,
 }
 
 impl Default for SimBulk {
@@ -44,6 +48,7 @@ impl Default for SimBulk {
             max_payload_size: 1 << 20,
             broken: false,
             enforced_max_operations: None,
+            literal_references: false,
         }
     }
 }
@@ -118,6 +123,9 @@ pub(crate) fn bulk(inner: &Inner, body: &[u8]) -> Result<HttpResponse, ScimError
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_ascii_uppercase();
+        if method == "PATCH" {
+            inner.count("bulk_patch");
+        }
         let bulk_id = op.get("bulkId").and_then(Value::as_str).map(str::to_string);
         let (status, location, response, id) =
             match run(inner, &method, op, bulk_id.as_deref(), &created) {
@@ -160,7 +168,12 @@ fn run(
 ) -> Result<OpResult, ScimError> {
     let path = op.get("path").and_then(Value::as_str).unwrap_or_default();
     let mut data = op.get("data").cloned().unwrap_or(Value::Null);
-    resolve(&mut data, created)?;
+    if !inner.cfg.bulk.is_some_and(|b| b.literal_references) {
+        let n = resolve(&mut data, created)?;
+        for _ in 0..n {
+            inner.count("bulk_ref");
+        }
+    }
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let body = data.to_string();
     let resp = match (method, segs.as_slice()) {
@@ -224,13 +237,18 @@ fn fault(inner: &Inner, external_id: Option<&str>) -> Result<(), ScimError> {
     }
 }
 
-/// Replaces every string `bulkId:<id>` in `v` by the id created for it earlier in the request.
-fn resolve(v: &mut Value, created: &HashMap<String, String>) -> Result<(), ScimError> {
+/// Replaces every string `bulkId:<id>` in `v` by the id created for it earlier in the request;
+/// returns how many it replaced.
+fn resolve(v: &mut Value, created: &HashMap<String, String>) -> Result<usize, ScimError> {
+    let mut n = 0;
     match v {
         Value::String(s) => {
             if let Some(b) = s.strip_prefix("bulkId:") {
                 match created.get(b) {
-                    Some(id) => *s = id.clone(),
+                    Some(id) => {
+                        *s = id.clone();
+                        n += 1;
+                    }
                     None => {
                         return Err(ScimError::new(
                             409,
@@ -243,15 +261,15 @@ fn resolve(v: &mut Value, created: &HashMap<String, String>) -> Result<(), ScimE
         }
         Value::Array(a) => {
             for x in a {
-                resolve(x, created)?;
+                n += resolve(x, created)?;
             }
         }
         Value::Object(o) => {
             for (_, x) in o.iter_mut() {
-                resolve(x, created)?;
+                n += resolve(x, created)?;
             }
         }
         _ => {}
     }
-    Ok(())
+    Ok(n)
 }

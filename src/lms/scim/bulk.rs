@@ -12,16 +12,25 @@
 //! whole (413 shrinks the batches; 400/404/405/501 turn bulk off for this target, with a
 //! note), an operation missing from the answer, or an answer that never came (then a create
 //! is looked up before it is sent again).
+//!
+//! A create may ask to be linked to its manager, whose create is on its way too
+//! ([`crate::lms::Target::create_with_manager`]). Its operation is built when its request is
+//! made up: with `"manager": {"value": "bulkId:<the manager's bulkId>"}` when the manager's
+//! operation is in the same request (RFC 7644 §3.7.2), with the manager's id when its create
+//! has answered, without a manager when that create failed or is unknown here; while the
+//! manager's request is out, the operation waits for its answer. Whether the LMS really
+//! resolves a `bulkId` in a manager is checked once (one user read back); an LMS that does not
+//! gets no more references. A linked create the LMS refuses is sent again without the link.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Notify};
 
 use super::{get_ci, ScimTarget};
-use crate::lms::TargetError;
-use crate::model::record::{AttrChange, Record};
+use crate::lms::{Created, Target, TargetError};
+use crate::model::record::{AttrChange, AttrValue, Record, EXTERNAL_ID, MANAGER};
 use std::sync::atomic::Ordering;
 
 const BULK_REQUEST: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
@@ -31,6 +40,10 @@ pub(crate) const IN_FLIGHT: usize = 4;
 
 /// Room kept in `maxPayloadSize` for the request's envelope.
 const ENVELOPE: usize = 128;
+
+/// Answered creates remembered for the links of creates that come a little later (a report
+/// whose operation joins the queue just after its manager's request was answered).
+const ANSWERED_KEPT: usize = 4096;
 
 /// What the LMS advertises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +84,10 @@ pub(crate) struct OpAnswer {
     pub location: Option<String>,
     /// The error body of a failed operation (or the resource, when the server sends it).
     pub response: Option<Value>,
+    /// A create that asked for a link was sent with one (a `bulkId` or an id).
+    pub linking: bool,
+    /// The manager's LMS id, when the create succeeded linked to it.
+    pub manager: Option<String>,
 }
 
 /// What became of an operation given to the bulk queue.
@@ -93,6 +110,52 @@ struct Pending {
     op: Value,
     size: usize,
     tx: oneshot::Sender<OpOutcome>,
+    /// The externalId a create gives its user (later creates may link to it).
+    creates: Option<String>,
+    /// The link this create asks for.
+    ask: Option<Ask>,
+    /// How the operation as built now names that manager.
+    via: Via,
+}
+
+/// A create asking to be linked to a manager created in this run.
+struct Ask {
+    /// The manager's externalId.
+    manager: String,
+    /// The user's record without a manager: the operation is built from it again once it is
+    /// known how the manager is named.
+    record: Record,
+}
+
+/// How an operation names the manager its create asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Via {
+    /// Not at all.
+    Unlinked,
+    /// By the `bulkId` of the manager's create, in the same request.
+    Ref(String),
+    /// By the manager's LMS id (its create answered earlier).
+    Id(String),
+}
+
+/// Where the create of a user (by externalId) is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Waiting for a request, under this bulkId.
+    Queued(String),
+    /// In a request that has not answered yet.
+    Sent(String),
+    /// Answered: the new user's id, `None` when it was not created (or not here).
+    Answered(Option<String>),
+}
+
+/// Whether the LMS resolves a `bulkId` in a new user's manager.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Refs {
+    #[default]
+    Unverified,
+    Trusted,
+    Off,
 }
 
 #[derive(Default)]
@@ -103,6 +166,49 @@ struct State {
     next_id: u64,
     /// Why bulk was turned off, once (for the notes).
     off_because: Option<String>,
+    /// Creates by externalId, while queued or sent, and the last [`ANSWERED_KEPT`] answered.
+    creates: HashMap<String, Stage>,
+    answered: VecDeque<String>,
+    refs: Refs,
+}
+
+impl State {
+    /// The create of `external_id` answered (`id`: the new user), or will not be answered here.
+    fn answered(&mut self, external_id: &str, id: Option<String>) {
+        if let Some(s) = self.creates.get_mut(external_id) {
+            *s = Stage::Answered(id);
+            self.answered.push_back(external_id.to_string());
+        }
+        while self.answered.len() > ANSWERED_KEPT {
+            if let Some(old) = self.answered.pop_front() {
+                if matches!(self.creates.get(&old), Some(Stage::Answered(_))) {
+                    self.creates.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// How an asking create can name its manager now: `None` while it must wait (the
+    /// manager's create is queued behind or out in another request).
+    fn via_for(&self, ask: &Ask, in_batch: &HashSet<String>) -> Option<Via> {
+        match self.creates.get(&ask.manager) {
+            Some(Stage::Sent(b)) if in_batch.contains(b) => {
+                (self.refs != Refs::Off).then(|| Via::Ref(b.clone()))
+            }
+            Some(Stage::Queued(_) | Stage::Sent(_)) => None,
+            Some(Stage::Answered(Some(id))) => Some(Via::Id(id.clone())),
+            Some(Stage::Answered(None)) | None => Some(Via::Unlinked),
+        }
+    }
+}
+
+/// Builds a create's data from its record and a manager value (`None`: no manager).
+type Build<'a> = &'a (dyn Fn(&Record, Option<&str>) -> Value + Sync);
+
+fn op_size(op: &Value) -> usize {
+    serde_json::to_vec(op)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
 }
 
 /// The queue of operations waiting for a bulk request.
@@ -134,13 +240,27 @@ impl Queue {
         let mut st = self.lock();
         if st.limits.take().is_some() {
             st.off_because = Some(why.clone());
+            // What is still queued is sent alone by its callers.
+            let left: Vec<Pending> = st.pending.drain(..).collect();
+            for p in &left {
+                if let Some(ext) = &p.creates {
+                    st.answered(ext, None);
+                }
+            }
+            drop(st);
+            for p in left {
+                let _ = p.tx.send(OpOutcome::NotSent);
+            }
+            self.changed.notify_waiters();
             return Some(why);
         }
         None
     }
 
-    /// Takes the next batch when a sending slot is free.
-    fn take_batch(&self) -> Option<Vec<Pending>> {
+    /// Takes the next batch when a sending slot is free: the queued operations in order,
+    /// within the limits, each asking create built with how it can name its manager now
+    /// (those that must wait for a manager's answer stay queued).
+    fn take_batch(&self, build: Build<'_>) -> Option<Vec<Pending>> {
         let mut st = self.lock();
         let limits = st.limits?;
         if st.pending.is_empty() || st.sending >= IN_FLIGHT {
@@ -148,29 +268,75 @@ impl Queue {
         }
         let mut batch = Vec::new();
         let mut bytes = ENVELOPE;
-        while let Some(p) = st.pending.front() {
+        let mut in_batch: HashSet<String> = HashSet::new();
+        let mut rest = VecDeque::with_capacity(st.pending.len());
+        let mut full = false;
+        for mut p in std::mem::take(&mut st.pending) {
+            if full {
+                rest.push_back(p);
+                continue;
+            }
+            if let Some(ask) = &p.ask {
+                let Some(via) = st.via_for(ask, &in_batch) else {
+                    rest.push_back(p);
+                    continue;
+                };
+                if via != p.via {
+                    let value = match &via {
+                        Via::Unlinked => None,
+                        Via::Ref(b) => Some(format!("bulkId:{b}")),
+                        Via::Id(id) => Some(id.clone()),
+                    };
+                    p.op["data"] = build(&ask.record, value.as_deref());
+                    p.size = op_size(&p.op);
+                    p.via = via;
+                }
+            }
             if batch.len() >= limits.max_operations
                 || (!batch.is_empty() && bytes + p.size + 1 > limits.max_payload_size)
             {
-                break;
+                full = true;
+                rest.push_back(p);
+                continue;
             }
             bytes += p.size + 1;
-            if let Some(p) = st.pending.pop_front() {
-                batch.push(p);
+            if let Some(ext) = &p.creates {
+                if let Some(Stage::Queued(b)) = st.creates.get(ext) {
+                    let b = b.clone();
+                    in_batch.insert(b.clone());
+                    st.creates.insert(ext.clone(), Stage::Sent(b));
+                }
             }
+            batch.push(p);
+        }
+        st.pending = rest;
+        if batch.is_empty() {
+            return None;
         }
         st.sending += 1;
         Some(batch)
     }
 }
 
-/// Gives a sending slot back, also when its sender is dropped mid-request.
-struct Slot<'a>(&'a Queue);
+/// Gives a sending slot back, also when its sender is dropped mid-request; creates of its
+/// request still without an answer then count as not created here (creates linking to them
+/// go without the link rather than wait for ever).
+struct Slot<'a> {
+    queue: &'a Queue,
+    creates: Vec<String>,
+}
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.lock().sending -= 1;
-        self.0.changed.notify_waiters();
+        let mut st = self.queue.lock();
+        st.sending -= 1;
+        for ext in &self.creates {
+            if matches!(st.creates.get(ext), Some(Stage::Sent(_))) {
+                st.answered(ext, None);
+            }
+        }
+        drop(st);
+        self.queue.changed.notify_waiters();
     }
 }
 
@@ -180,12 +346,17 @@ impl ScimTarget {
         self.bulk.limits().is_some()
     }
 
-    /// Runs one operation (`method` on `path` with `data`) within a bulk request.
-    pub(crate) async fn bulk_op(
+    /// Runs one operation (`method` on `path` with `data`) within a bulk request. A create
+    /// names the externalId it gives (`creates`), and may ask to be linked to a manager
+    /// created in this run (`ask`: the manager's externalId and the record `data` was built
+    /// from).
+    async fn bulk_op(
         &self,
         method: &'static str,
         path: String,
         data: Value,
+        creates: Option<&str>,
+        ask: Option<(&str, &Record)>,
     ) -> OpOutcome {
         let (tx, mut rx) = oneshot::channel();
         {
@@ -194,22 +365,48 @@ impl ScimTarget {
                 return OpOutcome::Off;
             };
             st.next_id += 1;
+            let bulk_id = format!("rs{}", st.next_id);
             let op = json!({
                 "method": method,
-                "bulkId": format!("rs{}", st.next_id),
+                "bulkId": bulk_id,
                 "path": path,
                 "data": data,
             });
-            let size = serde_json::to_vec(&op)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
-            if size.saturating_add(ENVELOPE) > limits.max_payload_size {
+            let size = op_size(&op);
+            // A link adds a manager value: keep room for it.
+            let room = if ask.is_some() {
+                2 * ENVELOPE
+            } else {
+                ENVELOPE
+            };
+            if size.saturating_add(room) > limits.max_payload_size {
                 return OpOutcome::Off;
             }
-            st.pending.push_back(Pending { op, size, tx });
+            if let Some(ext) = creates.filter(|e| !e.is_empty()) {
+                st.creates.insert(ext.to_string(), Stage::Queued(bulk_id));
+            }
+            st.pending.push_back(Pending {
+                op,
+                size,
+                tx,
+                creates: creates.map(str::to_string),
+                ask: ask.map(|(manager, record)| Ask {
+                    manager: manager.to_string(),
+                    record: record.clone(),
+                }),
+                via: Via::Unlinked,
+            });
         }
         // The writes started together queue up before the first batch is taken.
         tokio::task::yield_now().await;
+        let build = |record: &Record, manager: Option<&str>| match manager {
+            Some(m) => {
+                let mut r = record.clone();
+                r.insert(MANAGER.into(), AttrValue::Str(m.to_string()));
+                self.resource(&r)
+            }
+            None => self.resource(record),
+        };
         loop {
             let changed = self.bulk.changed.notified();
             tokio::pin!(changed);
@@ -217,8 +414,11 @@ impl ScimTarget {
             if let Ok(out) = rx.try_recv() {
                 return out;
             }
-            if let Some(batch) = self.bulk.take_batch() {
-                let _slot = Slot(&self.bulk);
+            if let Some(batch) = self.bulk.take_batch(&build) {
+                let _slot = Slot {
+                    queue: &self.bulk,
+                    creates: batch.iter().filter_map(|p| p.creates.clone()).collect(),
+                };
                 self.send_bulk(batch).await;
                 continue;
             }
@@ -274,6 +474,13 @@ impl ScimTarget {
                 };
                 if smaller {
                     for p in batch.into_iter().rev() {
+                        if let Some(ext) = &p.creates {
+                            let b = p.op.get("bulkId").and_then(Value::as_str);
+                            if let (Some(Stage::Sent(_)), Some(b)) = (st.creates.get(ext), b) {
+                                let b = b.to_string();
+                                st.creates.insert(ext.clone(), Stage::Queued(b));
+                            }
+                        }
                         st.pending.push_front(p);
                     }
                     drop(st);
@@ -319,16 +526,38 @@ impl ScimTarget {
             // A 200 we cannot read: what ran is unknown.
             return refuse_all(batch, || OpOutcome::Unknown);
         }
-        for (i, p) in batch.into_iter().enumerate() {
-            let bulk_id = p.op.get("bulkId").and_then(Value::as_str);
-            let found = answers
-                .iter()
-                .find(|x| get_ci(x, "bulkId").and_then(Value::as_str) == bulk_id)
-                .or_else(|| {
-                    // A server that echoes no bulkId: answers in request order.
-                    answers.get(i).filter(|x| get_ci(x, "bulkId").is_none())
-                });
-            let out = match found.and_then(|x| op_answer(x)) {
+        let mut found: Vec<Option<OpAnswer>> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let bulk_id = p.op.get("bulkId").and_then(Value::as_str);
+                answers
+                    .iter()
+                    .find(|x| get_ci(x, "bulkId").and_then(Value::as_str) == bulk_id)
+                    .or_else(|| {
+                        // A server that echoes no bulkId: answers in request order.
+                        answers.get(i).filter(|x| get_ci(x, "bulkId").is_none())
+                    })
+                    .and_then(|x| op_answer(x))
+            })
+            .collect();
+        // The creates' new ids, by bulkId, for the links to them.
+        let mut made: HashMap<String, String> = HashMap::new();
+        {
+            let mut st = self.bulk.lock();
+            for (p, a) in batch.iter().zip(&found) {
+                let Some(ext) = &p.creates else { continue };
+                let id = a.as_ref().and_then(created_id);
+                if let (Some(id), Some(b)) = (&id, p.op.get("bulkId").and_then(Value::as_str)) {
+                    made.insert(b.to_string(), id.clone());
+                }
+                st.answered(ext, id);
+            }
+        }
+        self.bulk.changed.notify_waiters();
+        self.settle_links(&batch, &mut found, &made).await;
+        for (p, a) in batch.into_iter().zip(found) {
+            let out = match a {
                 Some(ans) => OpOutcome::Answered(ans),
                 // Left out (failOnErrors reached, or a partial answer): not carried out.
                 None => OpOutcome::NotSent,
@@ -336,16 +565,117 @@ impl ScimTarget {
             let _ = p.tx.send(out);
         }
     }
+
+    /// Marks the answers of creates sent with a link: `linking`, and the manager's id when
+    /// the user was created linked to it. A `bulkId` reference counts only once the LMS is
+    /// known to resolve it in a manager: the first time, one user created with one is read
+    /// back; an LMS that kept something else gets no more references (with a note), and the
+    /// users of this request are linked afterwards like any other.
+    async fn settle_links(
+        &self,
+        batch: &[Pending],
+        found: &mut [Option<OpAnswer>],
+        made: &HashMap<String, String>,
+    ) {
+        let ok = |a: &OpAnswer| (200..300).contains(&a.status);
+        let mut referenced: Vec<(usize, String)> = Vec::new();
+        for (i, (p, a)) in batch.iter().zip(found.iter_mut()).enumerate() {
+            let Some(a) = a else { continue };
+            a.linking = p.via != Via::Unlinked;
+            match &p.via {
+                Via::Id(id) if ok(a) => a.manager = Some(id.clone()),
+                Via::Ref(b) if ok(a) => {
+                    if let Some(m) = made.get(b) {
+                        referenced.push((i, m.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some((first, manager)) = referenced.first().cloned() else {
+            return;
+        };
+        let refs = self.bulk.lock().refs;
+        let trusted = match refs {
+            Refs::Trusted => true,
+            Refs::Off => false,
+            Refs::Unverified => {
+                let user = found[first].as_ref().and_then(created_id);
+                match user {
+                    Some(u) => self.verify_reference(&u, &manager).await,
+                    None => false,
+                }
+            }
+        };
+        if trusted {
+            for (i, m) in referenced {
+                if let Some(a) = found[i].as_mut() {
+                    a.manager = Some(m);
+                }
+            }
+        }
+    }
+
+    /// Reads back a user created with a `bulkId` reference to its manager (`manager`: the
+    /// manager's new id) and remembers whether the LMS resolved it. An unreadable answer
+    /// proves nothing either way: false, and the next request asks again.
+    async fn verify_reference(&self, user: &str, manager: &str) -> bool {
+        let held = match self.get(user).await {
+            Ok(Some(u)) => u.record.get(MANAGER).cloned(),
+            Ok(None) | Err(_) => return false,
+        };
+        let resolved = held == Some(AttrValue::Str(manager.to_string()));
+        let mut st = self.bulk.lock();
+        if st.refs != Refs::Unverified {
+            return resolved && st.refs == Refs::Trusted;
+        }
+        st.refs = if resolved { Refs::Trusted } else { Refs::Off };
+        drop(st);
+        if !resolved {
+            let kept = match &held {
+                Some(v) => format!("{v:?}"),
+                None => "no manager".into(),
+            };
+            let note = format!(
+                "the LMS does not resolve a SCIM bulk bulkId reference in a new user's manager (it kept {kept}); managers are now linked once their own create has answered"
+            );
+            tracing::warn!("{note}");
+            self.note(note);
+        }
+        resolved
+    }
+}
+
+/// The id of the user an answered create made: from `location`, else from the resource in the
+/// answer; `None` for a failed one.
+fn created_id(a: &OpAnswer) -> Option<String> {
+    if !(200..300).contains(&a.status) {
+        return None;
+    }
+    a.location
+        .as_deref()
+        .and_then(|l| l.trim_end_matches('/').rsplit('/').next())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            a.response
+                .as_ref()
+                .and_then(|r| get_ci(r, "id")?.as_str().map(str::to_string))
+        })
 }
 
 impl ScimTarget {
-    /// A create sent within a bulk request: `Ok(Some(_))` when the bulk answer settled it (the
-    /// new id, or `None` for a conflict the caller looks up), `Ok(None)` to send it alone.
+    /// A create sent within a bulk request (`manager`: the externalId of a manager created in
+    /// this run to link it to, see [`ScimTarget::bulk_op`]): `Ok(Some(_))` when the bulk
+    /// answer settled it (the new id, or `None` for a conflict the caller looks up, and the
+    /// manager it was linked to), `Ok(None)` to send it again without a link (alone, or in a
+    /// later bulk request).
     pub(crate) async fn create_in_bulk(
         &self,
         record: &Record,
         body: &Value,
-    ) -> Result<Option<Option<String>>, TargetError> {
+        manager: Option<&str>,
+    ) -> Result<Option<Created>, TargetError> {
         if !self.bulk_on() {
             return Ok(None);
         }
@@ -353,38 +683,62 @@ impl ScimTarget {
             match id {
                 Some(id) => {
                     self.remember_created(&id, record).await;
-                    Some(Some(id))
+                    Some(Created {
+                        id: Some(id),
+                        manager: None,
+                    })
                 }
                 None => None,
             }
         };
-        match self.bulk_op("POST", "/Users".into(), body.clone()).await {
+        let external_id = super::string_of(record, EXTERNAL_ID);
+        let ask = manager.map(|m| (m, record));
+        let out = self
+            .bulk_op(
+                "POST",
+                "/Users".into(),
+                body.clone(),
+                Some(&external_id),
+                ask,
+            )
+            .await;
+        match out {
             OpOutcome::Off | OpOutcome::NotSent => Ok(None),
             OpOutcome::Failed(e) => Err(e),
             // Maybe created: look before posting alone.
             OpOutcome::Unknown => Ok(looked_up(self.find_created(record).await?).await),
+            // A linked create refused: sent again without the link (a refusal of its own
+            // comes again then, and is read as always).
+            OpOutcome::Answered(a) if a.linking && !(200..300).contains(&a.status) => {
+                tracing::debug!(
+                    status = a.status,
+                    "a linked create was refused in bulk; sending it again without the link"
+                );
+                Ok(None)
+            }
             OpOutcome::Answered(a) => match a.status {
                 200 | 201 => {
-                    let id = a
-                        .location
-                        .as_deref()
-                        .and_then(|l| l.trim_end_matches('/').rsplit('/').next())
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .or_else(|| {
-                            a.response
-                                .as_ref()
-                                .and_then(|r| get_ci(r, "id")?.as_str().map(str::to_string))
-                        });
-                    let id = match id {
+                    let id = match created_id(&a) {
                         Some(id) => Some(id),
                         None => self.find_created(record).await?,
                     };
-                    Ok(Some(looked_up(id).await.flatten()))
+                    Ok(Some(match looked_up(id).await {
+                        Some(c) => Created {
+                            id: c.id,
+                            manager: a.manager,
+                        },
+                        None => Created {
+                            id: None,
+                            manager: None,
+                        },
+                    }))
                 }
                 409 => {
                     self.conflicts.fetch_add(1, Ordering::SeqCst);
-                    Ok(Some(None))
+                    Ok(Some(Created {
+                        id: None,
+                        manager: None,
+                    }))
                 }
                 429 => Ok(None),
                 s if s >= 500 => Ok(looked_up(self.find_created(record).await?).await),
@@ -419,7 +773,7 @@ impl ScimTarget {
         let ops: Vec<&Value> = plan.patch.iter().map(|p| &p.op).collect();
         let data = json!({"schemas": [super::PATCH_OP], "Operations": ops});
         let path = format!("/Users/{}", crate::text::urlencode(id));
-        match self.bulk_op("PATCH", path, data).await {
+        match self.bulk_op("PATCH", path, data, None, None).await {
             OpOutcome::Answered(a) => match a.status {
                 200 | 204 => Ok(true),
                 404 => Err(TargetError::NotFound(id.to_string())),
@@ -451,6 +805,8 @@ fn op_answer(x: &Value) -> Option<OpAnswer> {
             .and_then(Value::as_str)
             .map(str::to_string),
         response: get_ci(x, "response").cloned(),
+        linking: false,
+        manager: None,
     })
 }
 
@@ -488,6 +844,117 @@ mod tests {
         );
         assert_eq!(Limits::advertised(&spc(json!({"supported": true}))), None);
         assert_eq!(Limits::advertised(&json!({})), None);
+    }
+
+    /// A queue with these limits and creates pushed as the bulk client does: (bulkId,
+    /// externalId, the externalId of the manager it asks to be linked to).
+    fn queue(max_operations: usize, ops: &[(&str, &str, Option<&str>)]) -> Queue {
+        let q = Queue::default();
+        q.set_limits(Some(Limits {
+            max_operations,
+            max_payload_size: 1 << 20,
+        }));
+        for (bulk_id, ext, ask) in ops {
+            let (tx, _) = oneshot::channel();
+            let mut st = q.lock();
+            st.creates
+                .insert(ext.to_string(), Stage::Queued(bulk_id.to_string()));
+            let op = json!({"method": "POST", "bulkId": bulk_id, "path": "/Users", "data": {"externalId": ext}});
+            st.pending.push_back(Pending {
+                size: op_size(&op),
+                op,
+                tx,
+                creates: Some(ext.to_string()),
+                ask: ask.map(|m| Ask {
+                    manager: m.to_string(),
+                    record: Record::new(),
+                }),
+                via: Via::Unlinked,
+            });
+        }
+        q
+    }
+
+    fn build(_: &Record, manager: Option<&str>) -> Value {
+        json!({ "manager": manager })
+    }
+
+    /// (externalId, manager value) of each operation of the next batch.
+    fn take(q: &Queue) -> Vec<(String, Value)> {
+        q.take_batch(&build)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let ext = p.creates.clone().unwrap_or_default();
+                (
+                    ext,
+                    p.op["data"].get("manager").cloned().unwrap_or(Value::Null),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_create_references_its_managers_bulk_id_in_the_same_request() {
+        let q = queue(
+            10,
+            &[
+                ("rs1", "A", None),
+                ("rs2", "B", Some("A")),
+                ("rs3", "C", Some("B")),
+            ],
+        );
+        assert_eq!(
+            take(&q),
+            vec![
+                ("A".into(), Value::Null),
+                ("B".into(), json!("bulkId:rs1")),
+                ("C".into(), json!("bulkId:rs2")),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_create_whose_manager_went_in_another_request_waits_for_its_answer() {
+        let q = queue(
+            1,
+            &[
+                ("rs1", "A", None),
+                ("rs2", "B", Some("A")),
+                ("rs3", "C", Some("B")),
+            ],
+        );
+        assert_eq!(take(&q), vec![("A".into(), Value::Null)]);
+        // B waits for A's answer, C for B's create: nothing else can go.
+        assert_eq!(take(&q), vec![]);
+        q.lock().answered("A", Some("id-a".into()));
+        assert_eq!(take(&q), vec![("B".into(), json!("id-a"))]);
+        // B's create failed: C goes without a link (linked at the end of the run).
+        q.lock().answered("B", None);
+        assert_eq!(take(&q), vec![("C".into(), Value::Null)]);
+        assert!(q.lock().pending.is_empty());
+    }
+
+    #[test]
+    fn a_request_dropped_unanswered_does_not_hold_the_creates_linked_to_it() {
+        let q = queue(1, &[("rs1", "A", None), ("rs2", "B", Some("A"))]);
+        let batch = q.take_batch(&build).unwrap_or_default();
+        let slot = Slot {
+            queue: &q,
+            creates: batch.iter().filter_map(|p| p.creates.clone()).collect(),
+        };
+        assert_eq!(take(&q), vec![]);
+        drop(slot);
+        assert_eq!(take(&q), vec![("B".into(), Value::Null)]);
+    }
+
+    #[test]
+    fn an_lms_that_does_not_resolve_references_gets_ids_only() {
+        let q = queue(10, &[("rs1", "A", None), ("rs2", "B", Some("A"))]);
+        q.lock().refs = Refs::Off;
+        assert_eq!(take(&q), vec![("A".into(), Value::Null)]);
+        q.lock().answered("A", Some("id-a".into()));
+        assert_eq!(take(&q), vec![("B".into(), json!("id-a"))]);
     }
 
     #[test]

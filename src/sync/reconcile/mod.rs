@@ -29,7 +29,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use super::apply::{apply_change, intent_of, Applied, ApplyError};
+use super::apply::{apply_change_linking, intent_of, Applied, ApplyError};
 use super::changes::Changes;
 use super::decide::{self, Facts, Membership, UserFact, Verdict};
 use super::mapping::{is_active, AttrValue, Desired, MapFailure, Mapping, Record, MANAGER};
@@ -126,7 +126,13 @@ struct Pipe {
     ready: VecDeque<PlannedChange>,
     /// Users being created in this run whose create has not answered yet.
     pending: HashSet<String>,
-    /// Members planned once the create of their manager (the key) has answered.
+    /// Of `pending`, those whose create is planned (queued to be written).
+    planned: HashSet<String>,
+    /// Creates to be linked in flight to their manager (the value) whose create is queued
+    /// too (`Target::links_in_flight`), by Entra id.
+    links: HashMap<String, String>,
+    /// Members planned once the create of their manager (the key) has answered (or, for
+    /// creates where the target links them in flight, once it is queued).
     waiting: HashMap<String, Vec<Waiter>>,
     /// How many members are in `waiting`.
     waiting_count: usize,

@@ -20,6 +20,26 @@ impl<T: Target> Run<'_, '_, T> {
                 (Some(mid), true) => match self.manager_target(mid)? {
                     Some(t) => ManagerRef::Known(t),
                     None => {
+                        if waits
+                            && self.pipe.planned.contains(mid)
+                            && self.pipe.pending.contains(&d.entra_id)
+                            && self.ctx.target.links_in_flight()
+                        {
+                            // The manager's create is on its way: this create is linked to
+                            // it in flight (SCIM bulk), without waiting for its answer.
+                            let mid = mid.clone();
+                            self.deferred
+                                .push((d.entra_id.clone(), d.manager_entra_id.clone()));
+                            self.plan_one(
+                                &d,
+                                existing.as_ref(),
+                                &u,
+                                &page.group,
+                                ManagerRef::Deferred,
+                                Some(mid),
+                            )?;
+                            continue;
+                        }
                         let earlier = match page.depths.get(mid) {
                             Some(dm) => page.depths.get(&d.entra_id).is_some_and(|du| dm < du),
                             None => true,
@@ -70,7 +90,7 @@ impl<T: Target> Run<'_, '_, T> {
                 },
                 _ => ManagerRef::None,
             };
-            self.plan_one(&d, existing.as_ref(), &u, &page.group, mref)?;
+            self.plan_one(&d, existing.as_ref(), &u, &page.group, mref, None)?;
         }
         if !page.members.is_empty() {
             self.pipe.pages.push_front(page);
@@ -198,7 +218,48 @@ impl<T: Target> Run<'_, '_, T> {
                 ManagerRef::Deferred
             }
         };
-        self.plan_one(&w.desired, w.existing.as_ref(), &w.user, &w.group, mref)
+        self.plan_one(
+            &w.desired,
+            w.existing.as_ref(),
+            &w.user,
+            &w.group,
+            mref,
+            None,
+        )
+    }
+
+    /// The create of `manager` is queued, and the target links creates in flight: the creates
+    /// that wait for it are planned now, to be linked to it in their own write (updates wait
+    /// for its answer, as without).
+    fn release_creates(&mut self, manager: &str) -> Result<(), StoreError> {
+        let Some(ws) = self.pipe.waiting.remove(manager) else {
+            return Ok(());
+        };
+        let (go, stay): (Vec<Waiter>, Vec<Waiter>) = ws
+            .into_iter()
+            .partition(|w| self.pipe.pending.contains(&w.desired.entra_id));
+        if !stay.is_empty() {
+            self.pipe.waiting.insert(manager.to_string(), stay);
+        }
+        self.pipe.waiting_count = self.pipe.waiting_count.saturating_sub(go.len());
+        if let Some(b) = self.pipe.behind.get_mut(manager) {
+            *b = b.saturating_sub(go.len());
+        }
+        for w in go {
+            self.pipe.waits_on.remove(&w.desired.entra_id);
+            let d = &w.desired;
+            self.deferred
+                .push((d.entra_id.clone(), d.manager_entra_id.clone()));
+            self.plan_one(
+                d,
+                w.existing.as_ref(),
+                &w.user,
+                &w.group,
+                ManagerRef::Deferred,
+                Some(manager.to_string()),
+            )?;
+        }
+        Ok(())
     }
 
     /// The listing ended: nobody waits for a manager who was not listed.
@@ -210,7 +271,8 @@ impl<T: Target> Run<'_, '_, T> {
         Ok(())
     }
 
-    /// Plans one mapped member with what is known of its manager.
+    /// Plans one mapped member with what is known of its manager; `link`: a manager whose
+    /// create is queued, for a create to be linked to in flight.
     pub(super) fn plan_one(
         &mut self,
         d: &Desired,
@@ -218,6 +280,7 @@ impl<T: Target> Run<'_, '_, T> {
         u: &GraphUser,
         group: &GraphGroup,
         mref: ManagerRef,
+        link: Option<String>,
     ) -> Result<(), StoreError> {
         let mut queued_create = false;
         let facts = Facts {
@@ -273,6 +336,16 @@ impl<T: Target> Run<'_, '_, T> {
                 }
             }
         }
+        if queued_create {
+            if let Some(m) = link {
+                self.pipe.links.insert(d.entra_id.clone(), m);
+            }
+            if self.pipe.pending.contains(&d.entra_id) && self.ctx.target.links_in_flight() {
+                // Its reports' creates need not wait for its answer.
+                self.pipe.planned.insert(d.entra_id.clone());
+                self.release_creates(&d.entra_id)?;
+            }
+        }
         if !queued_create {
             // Not created after all: whoever waits for it gets the link at the end.
             self.resolve(&d.entra_id, None)?;
@@ -290,6 +363,7 @@ impl<T: Target> Run<'_, '_, T> {
         if !self.pipe.pending.remove(entra_id) {
             return Ok(());
         }
+        self.pipe.planned.remove(entra_id);
         self.pipe.behind.remove(entra_id);
         let ws = self.pipe.waiting.remove(entra_id).unwrap_or_default();
         self.pipe.waiting_count = self.pipe.waiting_count.saturating_sub(ws.len());

@@ -54,12 +54,14 @@ impl<T: Target> Run<'_, '_, T> {
         let ctx = self.ctx;
         let store = ctx.store;
         let managed = Arc::new(self.managed.clone());
-        let start = |c: PlannedChange, chunk: IntentId| {
+        let start = |c: PlannedChange, chunk: IntentId, link: Option<String>| {
             let managed = Arc::clone(&managed);
             async move {
                 let span =
                     tracing::info_span!("apply", user = %c.entra_id, action = c.action.as_str());
-                let r = apply_change(ctx, &managed, &c).instrument(span).await;
+                let r = apply_change_linking(ctx, &managed, &c, link.as_deref())
+                    .instrument(span)
+                    .await;
                 (c, chunk, r)
             }
         };
@@ -104,9 +106,10 @@ impl<T: Target> Run<'_, '_, T> {
                 let behind = writing.is_some()
                     && self.pipe.entries.len() + self.pipe.traces.len() >= MAX_UNWRITTEN;
                 while inflight.len() < conc && !behind {
-                    let Some((c, id)) = self.pipe.armed.pop_front() else {
+                    let Some((mut c, id)) = self.pipe.armed.pop_front() else {
                         break;
                     };
+                    let link = self.pipe.links.remove(&c.entra_id);
                     // Held until its index entry is written (or it failed).
                     if !ctx.gate.try_write(&c.entra_id, self.epoch) {
                         if let Err(e) = self.leave_to_worker(c, id) {
@@ -114,7 +117,15 @@ impl<T: Target> Run<'_, '_, T> {
                         }
                         continue;
                     }
-                    inflight.push(start(c, id));
+                    let link = match link.map(|m| self.link_at_start(&mut c, m)) {
+                        Some(Ok(l)) => l,
+                        Some(Err(e)) => {
+                            error.get_or_insert(e.into());
+                            None
+                        }
+                        None => None,
+                    };
+                    inflight.push(start(c, id, link));
                 }
             }
             let buffered = self.pipe.entries.len() + self.pipe.traces.len();
@@ -259,6 +270,22 @@ impl<T: Target> Run<'_, '_, T> {
             return Box::pin(self.drive(None, counted)).await;
         }
         Ok(())
+    }
+
+    /// A create planned to be linked in flight to `manager` is started: when the manager's
+    /// create has answered meanwhile, the link goes in its record as planned for a known
+    /// manager; while it is still on its way, the target is asked to link the two (returned);
+    /// when it was not made, the member is linked at the end of the run.
+    fn link_at_start(
+        &mut self,
+        c: &mut PlannedChange,
+        manager: String,
+    ) -> Result<Option<String>, StoreError> {
+        if let Some(t) = self.manager_target(&manager)? {
+            c.record.insert(MANAGER.into(), AttrValue::Str(t));
+            return Ok(None);
+        }
+        Ok(self.pipe.pending.contains(&manager).then_some(manager))
     }
 
     /// A change of a user the incremental worker holds, or wrote during this run: not sent
