@@ -133,6 +133,10 @@ pub struct PaceStats {
 pub(crate) enum Outcome {
     /// Answered (whatever the status, bar a throttle).
     Answered,
+    /// Answered a request whose time grows with what it carries (a SCIM bulk request of up to
+    /// `maxOperations` operations): as [`Outcome::Answered`], but its time is not compared
+    /// with other answers' (a large request is slow without the LMS queueing).
+    AnsweredSized,
     /// Answered 429, or 503 with `Retry-After` (`shed`): every request pauses for `pause`.
     /// A 429 sets or cuts the rate; a 503 (the LMS shedding load) halves the window.
     Throttled { pause: Duration, shed: bool },
@@ -320,6 +324,12 @@ impl Pacer {
         let same_episode = episode(st.last_cut);
         match outcome {
             Outcome::NoAnswer => {}
+            Outcome::AnsweredSized => {
+                if p.window_full {
+                    let grow = if st.slow_start { 1.0 } else { 1.0 / st.window };
+                    st.window = (st.window + grow).min(self.ceiling as f64);
+                }
+            }
             Outcome::Answered => {
                 let took = now.duration_since(p.sent);
                 let fastest = *st.fastest.get_or_insert(took);
@@ -558,6 +568,33 @@ mod tests {
             cuts + 1,
             "answers far slower than usual cut"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_request_taking_long_is_not_the_lms_queueing() {
+        let p = Pacer::new(8);
+        for _ in 0..5 {
+            let a = p.acquire().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            a.done(Outcome::Answered);
+        }
+        // Bulk requests of many operations, each 200 times as slow as a small request: no
+        // cut, and the window still grows.
+        let w = p.stats().window;
+        for _ in 0..10 {
+            let a = p.acquire().await;
+            tokio::time::sleep(EPISODE).await;
+            a.done(Outcome::AnsweredSized);
+        }
+        assert_eq!(p.stats().cuts, 0);
+        assert!(p.stats().window >= w);
+        // The same answers as ordinary requests would cut.
+        for _ in 0..10 {
+            let a = p.acquire().await;
+            tokio::time::sleep(EPISODE).await;
+            a.done(Outcome::Answered);
+        }
+        assert!(p.stats().cuts > 0);
     }
 
     #[tokio::test(start_paused = true)]

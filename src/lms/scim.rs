@@ -455,6 +455,8 @@ impl ScimTarget {
                 }
             } else if status == 503 {
                 permit.done(Outcome::Shed);
+            } else if path_and_query == "/Bulk" {
+                permit.done(Outcome::AnsweredSized);
             } else {
                 permit.done(Outcome::Answered);
             }

@@ -170,11 +170,15 @@ struct State {
     creates: HashMap<String, Stage>,
     answered: VecDeque<String>,
     refs: Refs,
+    /// The last look found nothing that could go, and nothing changed since: the many callers
+    /// woken together need not all look through the queue again.
+    blocked: bool,
 }
 
 impl State {
     /// The create of `external_id` answered (`id`: the new user), or will not be answered here.
     fn answered(&mut self, external_id: &str, id: Option<String>) {
+        self.blocked = false;
         if let Some(s) = self.creates.get_mut(external_id) {
             *s = Stage::Answered(id);
             self.answered.push_back(external_id.to_string());
@@ -263,9 +267,19 @@ impl Queue {
     fn take_batch(&self, build: Build<'_>) -> Option<Vec<Pending>> {
         let mut st = self.lock();
         let limits = st.limits?;
-        if st.pending.is_empty() || st.sending >= IN_FLIGHT {
+        if st.pending.is_empty() || st.sending >= IN_FLIGHT || st.blocked {
             return None;
         }
+        // What is queued is shared out among the free sending slots (at least a quarter of
+        // `maxOperations` a request): requests in parallel, each answered sooner (an LMS takes
+        // longer over a larger request), rather than one large request while the others wait.
+        let free = IN_FLIGHT.saturating_sub(st.sending).max(1);
+        let share = st
+            .pending
+            .len()
+            .div_ceil(free)
+            .max(limits.max_operations / IN_FLIGHT)
+            .clamp(1, limits.max_operations);
         let mut batch = Vec::new();
         let mut bytes = ENVELOPE;
         let mut in_batch: HashSet<String> = HashSet::new();
@@ -292,7 +306,7 @@ impl Queue {
                     p.via = via;
                 }
             }
-            if batch.len() >= limits.max_operations
+            if batch.len() >= share
                 || (!batch.is_empty() && bytes + p.size + 1 > limits.max_payload_size)
             {
                 full = true;
@@ -311,6 +325,7 @@ impl Queue {
         }
         st.pending = rest;
         if batch.is_empty() {
+            st.blocked = true;
             return None;
         }
         st.sending += 1;
@@ -385,6 +400,7 @@ impl ScimTarget {
             if let Some(ext) = creates.filter(|e| !e.is_empty()) {
                 st.creates.insert(ext.to_string(), Stage::Queued(bulk_id));
             }
+            st.blocked = false;
             st.pending.push_back(Pending {
                 op,
                 size,
@@ -483,6 +499,7 @@ impl ScimTarget {
                         }
                         st.pending.push_front(p);
                     }
+                    st.blocked = false;
                     drop(st);
                     tracing::info!(
                         operations = n,
@@ -897,7 +914,7 @@ mod tests {
     #[test]
     fn a_create_references_its_managers_bulk_id_in_the_same_request() {
         let q = queue(
-            10,
+            40,
             &[
                 ("rs1", "A", None),
                 ("rs2", "B", Some("A")),
@@ -912,6 +929,24 @@ mod tests {
                 ("C".into(), json!("bulkId:rs2")),
             ]
         );
+    }
+
+    #[test]
+    fn what_is_queued_is_shared_among_the_free_sending_slots() {
+        let names: Vec<(String, String)> = (0..1600)
+            .map(|i| (format!("rs{i}"), format!("u{i}")))
+            .collect();
+        let ops: Vec<(&str, &str, Option<&str>)> = names
+            .iter()
+            .map(|(b, e)| (b.as_str(), e.as_str(), None))
+            .collect();
+        let q = queue(1000, &ops);
+        // 1,600 queued, 4 slots free: 400 each, not 1,000 and then 600.
+        let sizes: Vec<usize> = (0..4).map(|_| take(&q).len()).collect();
+        assert_eq!(sizes, vec![400, 400, 400, 400]);
+        // Few queued: at least a quarter of maxOperations a request.
+        let q = queue(1000, &ops[..300]);
+        assert_eq!(take(&q).len(), 250);
     }
 
     #[test]
@@ -949,8 +984,27 @@ mod tests {
     }
 
     #[test]
+    fn turning_bulk_off_hands_every_queued_operation_back() {
+        let q = queue(10, &[("rs1", "A", None)]);
+        let (tx, mut rx) = oneshot::channel();
+        q.lock().pending.push_back(Pending {
+            op: json!({}),
+            size: 2,
+            tx,
+            creates: None,
+            ask: None,
+            via: Via::Unlinked,
+        });
+        assert!(q.turn_off("refused".into()).is_some());
+        assert!(matches!(rx.try_recv(), Ok(OpOutcome::NotSent)));
+        assert!(q.lock().pending.is_empty());
+        assert_eq!(q.lock().creates.get("A"), Some(&Stage::Answered(None)));
+        assert!(q.turn_off("again".into()).is_none(), "said once");
+    }
+
+    #[test]
     fn an_lms_that_does_not_resolve_references_gets_ids_only() {
-        let q = queue(10, &[("rs1", "A", None), ("rs2", "B", Some("A"))]);
+        let q = queue(40, &[("rs1", "A", None), ("rs2", "B", Some("A"))]);
         q.lock().refs = Refs::Off;
         assert_eq!(take(&q), vec![("A".into(), Value::Null)]);
         q.lock().answered("A", Some("id-a".into()));

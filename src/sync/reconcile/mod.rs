@@ -126,7 +126,8 @@ struct Pipe {
     ready: VecDeque<PlannedChange>,
     /// Users being created in this run whose create has not answered yet.
     pending: HashSet<String>,
-    /// Of `pending`, those whose create is planned (queued to be written).
+    /// Of `pending`, those whose create is planned and not started yet (their reports' creates
+    /// can go right behind them, linked in flight).
     planned: HashSet<String>,
     /// Creates to be linked in flight to their manager (the value) whose create is queued
     /// too (`Target::links_in_flight`), by Entra id.

@@ -110,6 +110,9 @@ impl<T: Target> Run<'_, '_, T> {
                         break;
                     };
                     let link = self.pipe.links.remove(&c.entra_id);
+                    // Started: a report planned from now on waits for its answer (linked in
+                    // flight, it would wait in the target's queue, holding a place here).
+                    self.pipe.planned.remove(&c.entra_id);
                     // Held until its index entry is written (or it failed).
                     if !ctx.gate.try_write(&c.entra_id, self.epoch) {
                         if let Err(e) = self.leave_to_worker(c, id) {
