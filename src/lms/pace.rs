@@ -129,7 +129,7 @@ pub struct PaceStats {
 }
 
 /// How a paced request went.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Outcome {
     /// Answered (whatever the status, bar a throttle).
     Answered,
@@ -324,26 +324,23 @@ impl Pacer {
         let same_episode = episode(st.last_cut);
         match outcome {
             Outcome::NoAnswer => {}
-            Outcome::AnsweredSized => {
-                if p.window_full {
-                    let grow = if st.slow_start { 1.0 } else { 1.0 / st.window };
-                    st.window = (st.window + grow).min(self.ceiling as f64);
-                }
-            }
-            Outcome::Answered => {
-                let took = now.duration_since(p.sent);
-                let fastest = *st.fastest.get_or_insert(took);
-                if took < fastest {
-                    st.fastest = Some(took);
-                }
-                // Smoothed, so that one answer held up (by this machine's own load, say)
-                // does not count as the LMS queueing.
-                let avg = st.latency.map_or(took.as_secs_f64(), |a| {
-                    a + LATENCY_WEIGHT * (took.as_secs_f64() - a)
-                });
-                st.latency = Some(avg);
-                let slow =
-                    avg > fastest.as_secs_f64() * LATENCY_FACTOR + LATENCY_SLACK.as_secs_f64();
+            Outcome::Answered | Outcome::AnsweredSized => {
+                // Only an answer whose time does not grow with what it carries says whether
+                // the LMS is queueing.
+                let slow = outcome == Outcome::Answered && {
+                    let took = now.duration_since(p.sent);
+                    let fastest = *st.fastest.get_or_insert(took);
+                    if took < fastest {
+                        st.fastest = Some(took);
+                    }
+                    // Smoothed, so that one answer held up (by this machine's own load, say)
+                    // does not count as the LMS queueing.
+                    let avg = st.latency.map_or(took.as_secs_f64(), |a| {
+                        a + LATENCY_WEIGHT * (took.as_secs_f64() - a)
+                    });
+                    st.latency = Some(avg);
+                    avg > fastest.as_secs_f64() * LATENCY_FACTOR + LATENCY_SLACK.as_secs_f64()
+                };
                 if slow {
                     if !same_episode {
                         st.cut_window(LATENCY_CUT, now);
@@ -588,13 +585,27 @@ mod tests {
         }
         assert_eq!(p.stats().cuts, 0);
         assert!(p.stats().window >= w);
+        // After a throttle, sized answers that waited for the rate raise it, as others do.
+        let a = p.acquire().await;
+        tokio::time::sleep(EPISODE).await;
+        a.done(Outcome::Throttled {
+            pause: Duration::from_millis(10),
+            shed: false,
+        });
+        let cut_to = p.stats().rate.unwrap_or_default();
+        for _ in 0..10 {
+            p.acquire().await.done(Outcome::AnsweredSized);
+        }
+        assert!(p.stats().rate.unwrap_or_default() > cut_to);
+        tokio::time::sleep(EPISODE).await;
+        let cuts = p.stats().cuts;
         // The same answers as ordinary requests would cut.
         for _ in 0..10 {
             let a = p.acquire().await;
             tokio::time::sleep(EPISODE).await;
             a.done(Outcome::Answered);
         }
-        assert!(p.stats().cuts > 0);
+        assert!(p.stats().cuts > cuts);
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,7 +6,8 @@
 //! created or changed, and the error body as `response` for a failure. `bulkId:` references in
 //! an operation's `data` resolve to the ids created earlier in the same request (counted as
 //! `bulk_ref`); one that cannot be resolved fails that operation with 409 `invalidValue`. A
-//! server configured with `literal_references` keeps them as they are instead. `failOnErrors` stops the
+//! server configured with `literal_references` keeps them as they are instead (counted as
+//! `bulk_ref_kept`). `failOnErrors` stops the
 //! request after that many failed operations. A request over `maxPayloadSize` or with more than
 //! `maxOperations` operations is refused whole with 413.
 
@@ -168,7 +169,11 @@ fn run(
 ) -> Result<OpResult, ScimError> {
     let path = op.get("path").and_then(Value::as_str).unwrap_or_default();
     let mut data = op.get("data").cloned().unwrap_or(Value::Null);
-    if !inner.cfg.bulk.is_some_and(|b| b.literal_references) {
+    if inner.cfg.bulk.is_some_and(|b| b.literal_references) {
+        for _ in 0..references(&data) {
+            inner.count("bulk_ref_kept");
+        }
+    } else {
         let n = resolve(&mut data, created)?;
         for _ in 0..n {
             inner.count("bulk_ref");
@@ -234,6 +239,16 @@ fn fault(inner: &Inner, external_id: Option<&str>) -> Result<(), ScimError> {
             Err(ScimError::new(code, None, "injected fault of this user"))
         }
         _ => Ok(()),
+    }
+}
+
+/// How many strings `bulkId:<id>` `v` holds.
+fn references(v: &Value) -> usize {
+    match v {
+        Value::String(s) => usize::from(s.starts_with("bulkId:")),
+        Value::Array(a) => a.iter().map(references).sum(),
+        Value::Object(o) => o.values().map(references).sum(),
+        _ => 0,
     }
 }
 

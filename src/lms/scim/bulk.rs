@@ -18,7 +18,10 @@
 //! made up: with `"manager": {"value": "bulkId:<the manager's bulkId>"}` when the manager's
 //! operation is in the same request (RFC 7644 §3.7.2), with the manager's id when its create
 //! has answered, without a manager when that create failed or is unknown here; while the
-//! manager's request is out, the operation waits for its answer. Whether the LMS really
+//! manager's operation is queued behind it or its request is out, the operation waits.
+//! What is queued is shared among the free sending slots (at least a quarter of
+//! `maxOperations` a request), so that requests answer sooner side by side rather than one
+//! large one holding up the others. Whether the LMS really
 //! resolves a `bulkId` in a manager is checked once (one user read back); an LMS that does not
 //! gets no more references. A linked create the LMS refuses is sent again without the link.
 
@@ -173,14 +176,27 @@ struct State {
     /// The last look found nothing that could go, and nothing changed since: the many callers
     /// woken together need not all look through the queue again.
     blocked: bool,
+    /// Reads back of a referenced user that settled nothing (no answer, not found).
+    unsettled_checks: u32,
 }
 
+/// Reads back that settle nothing before references are given up (an LMS whose reads lag
+/// behind its writes would otherwise cost one read per bulk request).
+const MAX_UNSETTLED_CHECKS: u32 = 3;
+
 impl State {
-    /// The create of `external_id` answered (`id`: the new user), or will not be answered here.
-    fn answered(&mut self, external_id: &str, id: Option<String>) {
+    /// The create of `external_id` under `bulk_id` answered (`id`: the new user), or will not
+    /// be answered here. A stage of another operation for the same user (a later create) is
+    /// left as it is.
+    fn answered(&mut self, external_id: &str, bulk_id: &str, id: Option<String>) {
         self.blocked = false;
-        if let Some(s) = self.creates.get_mut(external_id) {
-            *s = Stage::Answered(id);
+        let mine = matches!(
+            self.creates.get(external_id),
+            Some(Stage::Queued(b) | Stage::Sent(b)) if b == bulk_id
+        );
+        if mine {
+            self.creates
+                .insert(external_id.to_string(), Stage::Answered(id));
             self.answered.push_back(external_id.to_string());
         }
         while self.answered.len() > ANSWERED_KEPT {
@@ -227,11 +243,34 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Uses bulk with these limits from now on (`None`: not at all).
+    /// Uses bulk with these limits from now on (`None`: not at all, and what is queued is
+    /// handed back to be sent alone). Answers remembered from earlier runs are forgotten (a
+    /// user may have been deleted and created again in the LMS since).
     pub(crate) fn set_limits(&self, limits: Option<Limits>) {
+        if limits.is_none() {
+            self.drain();
+        }
         let mut st = self.lock();
         st.limits = limits;
         st.off_because = None;
+        st.creates.retain(|_, s| !matches!(s, Stage::Answered(_)));
+        st.answered.clear();
+    }
+
+    /// Hands every queued operation back to its caller, to be sent alone.
+    fn drain(&self) {
+        let mut st = self.lock();
+        let left: Vec<Pending> = st.pending.drain(..).collect();
+        for p in &left {
+            if let (Some(ext), Some(b)) = (&p.creates, bulk_id_of(p)) {
+                st.answered(ext, b, None);
+            }
+        }
+        drop(st);
+        for p in left {
+            let _ = p.tx.send(OpOutcome::NotSent);
+        }
+        self.changed.notify_waiters();
     }
 
     pub(crate) fn limits(&self) -> Option<Limits> {
@@ -244,18 +283,9 @@ impl Queue {
         let mut st = self.lock();
         if st.limits.take().is_some() {
             st.off_because = Some(why.clone());
-            // What is still queued is sent alone by its callers.
-            let left: Vec<Pending> = st.pending.drain(..).collect();
-            for p in &left {
-                if let Some(ext) = &p.creates {
-                    st.answered(ext, None);
-                }
-            }
             drop(st);
-            for p in left {
-                let _ = p.tx.send(OpOutcome::NotSent);
-            }
-            self.changed.notify_waiters();
+            // What is still queued is sent alone by its callers.
+            self.drain();
             return Some(why);
         }
         None
@@ -338,16 +368,32 @@ impl Queue {
 /// go without the link rather than wait for ever).
 struct Slot<'a> {
     queue: &'a Queue,
-    creates: Vec<String>,
+    /// (externalId, bulkId) of the creates in the request.
+    creates: Vec<(String, String)>,
+}
+
+impl<'a> Slot<'a> {
+    fn new(queue: &'a Queue, batch: &[Pending]) -> Slot<'a> {
+        let creates = batch
+            .iter()
+            .filter_map(|p| Some((p.creates.clone()?, bulk_id_of(p)?.to_string())))
+            .collect();
+        Slot { queue, creates }
+    }
+}
+
+/// The bulkId of a queued operation.
+fn bulk_id_of(p: &Pending) -> Option<&str> {
+    p.op.get("bulkId").and_then(Value::as_str)
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let mut st = self.queue.lock();
         st.sending -= 1;
-        for ext in &self.creates {
-            if matches!(st.creates.get(ext), Some(Stage::Sent(_))) {
-                st.answered(ext, None);
+        for (ext, b) in &self.creates {
+            if matches!(st.creates.get(ext), Some(Stage::Sent(s)) if s == b) {
+                st.answered(ext, b, None);
             }
         }
         drop(st);
@@ -377,6 +423,10 @@ impl ScimTarget {
         {
             let mut st = self.bulk.lock();
             let Some(limits) = st.limits else {
+                if let Some(ext) = creates {
+                    // Created alone: links to an earlier create of this user are stale.
+                    st.creates.remove(ext);
+                }
                 return OpOutcome::Off;
             };
             st.next_id += 1;
@@ -395,6 +445,9 @@ impl ScimTarget {
                 ENVELOPE
             };
             if size.saturating_add(room) > limits.max_payload_size {
+                if let Some(ext) = creates {
+                    st.creates.remove(ext);
+                }
                 return OpOutcome::Off;
             }
             if let Some(ext) = creates.filter(|e| !e.is_empty()) {
@@ -431,10 +484,7 @@ impl ScimTarget {
                 return out;
             }
             if let Some(batch) = self.bulk.take_batch(&build) {
-                let _slot = Slot {
-                    queue: &self.bulk,
-                    creates: batch.iter().filter_map(|p| p.creates.clone()).collect(),
-                };
+                let _slot = Slot::new(&self.bulk, &batch);
                 self.send_bulk(batch).await;
                 continue;
             }
@@ -563,12 +613,14 @@ impl ScimTarget {
         {
             let mut st = self.bulk.lock();
             for (p, a) in batch.iter().zip(&found) {
-                let Some(ext) = &p.creates else { continue };
+                let (Some(ext), Some(b)) = (&p.creates, bulk_id_of(p)) else {
+                    continue;
+                };
                 let id = a.as_ref().and_then(created_id);
-                if let (Some(id), Some(b)) = (&id, p.op.get("bulkId").and_then(Value::as_str)) {
+                if let Some(id) = &id {
                     made.insert(b.to_string(), id.clone());
                 }
-                st.answered(ext, id);
+                st.answered(ext, b, id);
             }
         }
         self.bulk.changed.notify_waiters();
@@ -639,7 +691,18 @@ impl ScimTarget {
     async fn verify_reference(&self, user: &str, manager: &str) -> bool {
         let held = match self.get(user).await {
             Ok(Some(u)) => u.record.get(MANAGER).cloned(),
-            Ok(None) | Err(_) => return false,
+            Ok(None) | Err(_) => {
+                let mut st = self.bulk.lock();
+                st.unsettled_checks += 1;
+                if st.unsettled_checks >= MAX_UNSETTLED_CHECKS && st.refs == Refs::Unverified {
+                    st.refs = Refs::Off;
+                    drop(st);
+                    self.note(format!(
+                        "a user created with a SCIM bulk bulkId reference to its manager could not be read back {MAX_UNSETTLED_CHECKS} times; managers are now linked once their own create has answered"
+                    ));
+                }
+                return false;
+            }
         };
         let resolved = held == Some(AttrValue::Str(manager.to_string()));
         let mut st = self.bulk.lock();
@@ -663,10 +726,24 @@ impl ScimTarget {
     }
 }
 
+/// Whether a linked create's answer may be a refusal of the link: a 4xx other than a throttle
+/// or a 409 that says the user exists (`scimType` `uniqueness`). An unresolvable `bulkId` is
+/// refused with 409 `invalidValue`, 400 or 404 by the servers we know.
+fn refused_link(a: &OpAnswer) -> bool {
+    let scim_type = a
+        .response
+        .as_ref()
+        .and_then(|r| get_ci(r, "scimType"))
+        .and_then(Value::as_str);
+    (400..500).contains(&a.status)
+        && a.status != 429
+        && !(a.status == 409 && scim_type.is_some_and(|t| t.eq_ignore_ascii_case("uniqueness")))
+}
+
 /// The id of the user an answered create made: from `location`, else from the resource in the
 /// answer; `None` for a failed one.
 fn created_id(a: &OpAnswer) -> Option<String> {
-    if !(200..300).contains(&a.status) {
+    if !matches!(a.status, 200 | 201) {
         return None;
     }
     a.location
@@ -725,8 +802,9 @@ impl ScimTarget {
             // Maybe created: look before posting alone.
             OpOutcome::Unknown => Ok(looked_up(self.find_created(record).await?).await),
             // A linked create refused: sent again without the link (a refusal of its own
-            // comes again then, and is read as always).
-            OpOutcome::Answered(a) if a.linking && !(200..300).contains(&a.status) => {
+            // comes again then, and is read as always). Not a 5xx (maybe created: looked up
+            // below), a throttle, or a 409 saying the userName exists.
+            OpOutcome::Answered(a) if a.linking && refused_link(&a) => {
                 tracing::debug!(
                     status = a.status,
                     "a linked create was refused in bulk; sending it again without the link"
@@ -962,10 +1040,10 @@ mod tests {
         assert_eq!(take(&q), vec![("A".into(), Value::Null)]);
         // B waits for A's answer, C for B's create: nothing else can go.
         assert_eq!(take(&q), vec![]);
-        q.lock().answered("A", Some("id-a".into()));
+        q.lock().answered("A", "rs1", Some("id-a".into()));
         assert_eq!(take(&q), vec![("B".into(), json!("id-a"))]);
         // B's create failed: C goes without a link (linked at the end of the run).
-        q.lock().answered("B", None);
+        q.lock().answered("B", "rs2", None);
         assert_eq!(take(&q), vec![("C".into(), Value::Null)]);
         assert!(q.lock().pending.is_empty());
     }
@@ -974,10 +1052,7 @@ mod tests {
     fn a_request_dropped_unanswered_does_not_hold_the_creates_linked_to_it() {
         let q = queue(1, &[("rs1", "A", None), ("rs2", "B", Some("A"))]);
         let batch = q.take_batch(&build).unwrap_or_default();
-        let slot = Slot {
-            queue: &q,
-            creates: batch.iter().filter_map(|p| p.creates.clone()).collect(),
-        };
+        let slot = Slot::new(&q, &batch);
         assert_eq!(take(&q), vec![]);
         drop(slot);
         assert_eq!(take(&q), vec![("B".into(), Value::Null)]);
@@ -1007,7 +1082,7 @@ mod tests {
         let q = queue(40, &[("rs1", "A", None), ("rs2", "B", Some("A"))]);
         q.lock().refs = Refs::Off;
         assert_eq!(take(&q), vec![("A".into(), Value::Null)]);
-        q.lock().answered("A", Some("id-a".into()));
+        q.lock().answered("A", "rs1", Some("id-a".into()));
         assert_eq!(take(&q), vec![("B".into(), json!("id-a"))]);
     }
 

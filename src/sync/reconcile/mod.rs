@@ -8,7 +8,9 @@
 //! The LMS writes run as one continuous stream (`Run::drive`): `concurrency` changes stay in
 //! flight across page boundaries, the next page is planned while the last one's writes finish,
 //! and a user whose manager is being created in this run waits for that one create only (not
-//! for a whole wave), so its create carries the manager link. Members are planned in chunks
+//! for a whole wave), so its create carries the manager link; where the target links a create
+//! to a manager whose create is still on its way (SCIM bulk's `bulkId`), a new user waits only
+//! until its manager's create is queued. Members are planned in chunks
 //! whenever nothing else is ready, so sends and answers are never held up by planning. The
 //! index entries and traces of applied changes are written in batches by a dedicated writer
 //! thread at a lower priority (`store::writer`) while the LMS writes go on; a bounded backlog

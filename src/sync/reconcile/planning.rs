@@ -6,7 +6,9 @@ use super::*;
 impl<T: Target> Run<'_, '_, T> {
     /// Plans up to `n` members of the queued pages. Changes go to the write stream; a member
     /// whose manager is being created in this run waits for that create, so the manager link
-    /// is set in the member's own request instead of by an extra PATCH at the end.
+    /// is set in the member's own request instead of by an extra PATCH at the end. A new user
+    /// whose manager's create is queued and not started is planned at once where the target
+    /// links in flight (`Target::links_in_flight`), right behind it.
     pub(super) fn plan_some(&mut self, n: usize) -> Result<(), RunError> {
         let Some(mut page) = self.pipe.pages.pop_front() else {
             return Ok(());
@@ -242,8 +244,9 @@ impl<T: Target> Run<'_, '_, T> {
             self.pipe.waiting.insert(manager.to_string(), stay);
         }
         self.pipe.waiting_count = self.pipe.waiting_count.saturating_sub(go.len());
+        let held: usize = go.iter().map(|w| self.held_with(&w.desired.entra_id)).sum();
         if let Some(b) = self.pipe.behind.get_mut(manager) {
-            *b = b.saturating_sub(go.len());
+            *b = b.saturating_sub(held);
         }
         for w in go {
             self.pipe.waits_on.remove(&w.desired.entra_id);
