@@ -94,6 +94,13 @@ pub struct Created {
     pub manager: Option<String>,
 }
 
+impl Created {
+    /// A create (or conflict, `None`) that carries no manager link.
+    pub fn unlinked(id: Option<String>) -> Created {
+        Created { id, manager: None }
+    }
+}
+
 /// What the target can take, learnt from its discovery documents and its dialect.
 #[derive(Clone, Debug, Default)]
 pub struct Capabilities {
@@ -179,12 +186,7 @@ pub trait Target: Send + Sync {
         manager: &str,
     ) -> impl Future<Output = Result<Created, TargetError>> + Send {
         let _ = manager;
-        async move {
-            Ok(Created {
-                id: self.create(record).await?,
-                manager: None,
-            })
-        }
+        async move { Ok(Created::unlinked(self.create(record).await?)) }
     }
     /// Whether [`Target::create_with_manager`] can link a manager whose create is still on
     /// its way: then a reconcile need not wait for the manager's answer before it sends the

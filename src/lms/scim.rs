@@ -1641,10 +1641,7 @@ impl Target for ScimTarget {
                 return Ok(done);
             }
         }
-        Ok(Created {
-            id: self.create(record).await?,
-            manager: None,
-        })
+        Ok(Created::unlinked(self.create(record).await?))
     }
 
     /// With SCIM bulk, and an LMS whose userNames need no look-up before a create (one that

@@ -159,10 +159,7 @@ async fn create_or_link<T: Target>(
     // by another tool, or by us before the index entry was written): adopt it then.
     let created = match manager {
         Some(m) => ctx.target.create_with_manager(&c.record, m).await?,
-        None => Created {
-            id: ctx.target.create(&c.record).await?,
-            manager: None,
-        },
+        None => Created::unlinked(ctx.target.create(&c.record).await?),
     };
     if let Some(id) = created.id {
         tracing::info!(target_id = %id, "created LMS user");

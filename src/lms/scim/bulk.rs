@@ -422,11 +422,12 @@ impl ScimTarget {
         let (tx, mut rx) = oneshot::channel();
         {
             let mut st = self.bulk.lock();
+            if let Some(ext) = creates {
+                // An earlier create of this user is stale for links (this one, if queued, is
+                // registered below; if sent alone, it is not known here).
+                st.creates.remove(ext);
+            }
             let Some(limits) = st.limits else {
-                if let Some(ext) = creates {
-                    // Created alone: links to an earlier create of this user are stale.
-                    st.creates.remove(ext);
-                }
                 return OpOutcome::Off;
             };
             st.next_id += 1;
@@ -445,9 +446,6 @@ impl ScimTarget {
                 ENVELOPE
             };
             if size.saturating_add(room) > limits.max_payload_size {
-                if let Some(ext) = creates {
-                    st.creates.remove(ext);
-                }
                 return OpOutcome::Off;
             }
             if let Some(ext) = creates.filter(|e| !e.is_empty()) {
@@ -540,11 +538,9 @@ impl ScimTarget {
                 };
                 if smaller {
                     for p in batch.into_iter().rev() {
-                        if let Some(ext) = &p.creates {
-                            let b = p.op.get("bulkId").and_then(Value::as_str);
-                            if let (Some(Stage::Sent(_)), Some(b)) = (st.creates.get(ext), b) {
-                                let b = b.to_string();
-                                st.creates.insert(ext.clone(), Stage::Queued(b));
+                        if let (Some(ext), Some(b)) = (&p.creates, bulk_id_of(&p)) {
+                            if matches!(st.creates.get(ext), Some(Stage::Sent(s)) if s == b) {
+                                st.creates.insert(ext.clone(), Stage::Queued(b.to_string()));
                             }
                         }
                         st.pending.push_front(p);
@@ -597,7 +593,7 @@ impl ScimTarget {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let bulk_id = p.op.get("bulkId").and_then(Value::as_str);
+                let bulk_id = bulk_id_of(p);
                 answers
                     .iter()
                     .find(|x| get_ci(x, "bulkId").and_then(Value::as_str) == bulk_id)
@@ -774,16 +770,9 @@ impl ScimTarget {
             return Ok(None);
         }
         let looked_up = |id: Option<String>| async move {
-            match id {
-                Some(id) => {
-                    self.remember_created(&id, record).await;
-                    Some(Created {
-                        id: Some(id),
-                        manager: None,
-                    })
-                }
-                None => None,
-            }
+            let id = id?;
+            self.remember_created(&id, record).await;
+            Some(Created::unlinked(Some(id)))
         };
         let external_id = super::string_of(record, EXTERNAL_ID);
         let ask = manager.map(|m| (m, record));
@@ -817,23 +806,18 @@ impl ScimTarget {
                         Some(id) => Some(id),
                         None => self.find_created(record).await?,
                     };
+                    // No id even so: a conflict for the caller to look up.
                     Ok(Some(match looked_up(id).await {
                         Some(c) => Created {
-                            id: c.id,
                             manager: a.manager,
+                            ..c
                         },
-                        None => Created {
-                            id: None,
-                            manager: None,
-                        },
+                        None => Created::unlinked(None),
                     }))
                 }
                 409 => {
                     self.conflicts.fetch_add(1, Ordering::SeqCst);
-                    Ok(Some(Created {
-                        id: None,
-                        manager: None,
-                    }))
+                    Ok(Some(Created::unlinked(None)))
                 }
                 429 => Ok(None),
                 s if s >= 500 => Ok(looked_up(self.find_created(record).await?).await),

@@ -29,17 +29,8 @@ impl<T: Target> Run<'_, '_, T> {
                         {
                             // The manager's create is on its way: this create is linked to
                             // it in flight (SCIM bulk), without waiting for its answer.
-                            let mid = mid.clone();
-                            self.deferred
-                                .push((d.entra_id.clone(), d.manager_entra_id.clone()));
-                            self.plan_one(
-                                &d,
-                                existing.as_ref(),
-                                &u,
-                                &page.group,
-                                ManagerRef::Deferred,
-                                Some(mid),
-                            )?;
+                            let link = Some(mid.clone());
+                            self.plan_deferred(&d, existing.as_ref(), &u, &page.group, link)?;
                             continue;
                         }
                         let earlier = match page.depths.get(mid) {
@@ -211,23 +202,33 @@ impl<T: Target> Run<'_, '_, T> {
         target: Option<String>,
     ) -> Result<(), StoreError> {
         self.pipe.waits_on.remove(&w.desired.entra_id);
-        let mref = match target {
-            Some(t) => ManagerRef::Known(t),
-            None => {
-                let d = &w.desired;
-                self.deferred
-                    .push((d.entra_id.clone(), d.manager_entra_id.clone()));
-                ManagerRef::Deferred
-            }
-        };
-        self.plan_one(
-            &w.desired,
-            w.existing.as_ref(),
-            &w.user,
-            &w.group,
-            mref,
-            None,
-        )
+        match target {
+            Some(t) => self.plan_one(
+                &w.desired,
+                w.existing.as_ref(),
+                &w.user,
+                &w.group,
+                ManagerRef::Known(t),
+                None,
+            ),
+            None => self.plan_deferred(&w.desired, w.existing.as_ref(), &w.user, &w.group, None),
+        }
+    }
+
+    /// Plans a member whose manager is not in the target yet: its link is settled at the end
+    /// of the run, unless its create is linked in flight to `link` (a manager whose create is
+    /// queued) first.
+    fn plan_deferred(
+        &mut self,
+        d: &Desired,
+        existing: Option<&IndexEntry>,
+        u: &GraphUser,
+        group: &GraphGroup,
+        link: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.deferred
+            .push((d.entra_id.clone(), d.manager_entra_id.clone()));
+        self.plan_one(d, existing, u, group, ManagerRef::Deferred, link)
     }
 
     /// The create of `manager` is queued, and the target links creates in flight: the creates
@@ -250,17 +251,8 @@ impl<T: Target> Run<'_, '_, T> {
         }
         for w in go {
             self.pipe.waits_on.remove(&w.desired.entra_id);
-            let d = &w.desired;
-            self.deferred
-                .push((d.entra_id.clone(), d.manager_entra_id.clone()));
-            self.plan_one(
-                d,
-                w.existing.as_ref(),
-                &w.user,
-                &w.group,
-                ManagerRef::Deferred,
-                Some(manager.to_string()),
-            )?;
+            let link = Some(manager.to_string());
+            self.plan_deferred(&w.desired, w.existing.as_ref(), &w.user, &w.group, link)?;
         }
         Ok(())
     }
