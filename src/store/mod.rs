@@ -110,6 +110,23 @@ pub(crate) struct IndexEntry {
     #[serde(default)]
     pub linked: bool,
     pub updated_at: DateTime<Utc>,
+    /// The user's last decision when it was a plain create whose trace is shared with the
+    /// other users of its run (`store::traces`): stored here instead of a trace of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceRef>,
+}
+
+/// Where an index entry's decision trace is: a trace shape shared by many users, and what
+/// differs from user to user that the entry does not already hold (`store::traces`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TraceRef {
+    /// Key of the shared shape in `<integration>/trace_shapes`.
+    pub t: u32,
+    /// When the decision was made, in nanoseconds since 1970.
+    pub at: i64,
+    /// The UPN, when it is not the userName.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upn: Option<String>,
 }
 
 impl IndexEntry {
@@ -262,6 +279,7 @@ impl Store {
             traces: t("traces")?,
             trace_names: t("trace_names")?,
             trace_skips: t("trace_skips")?,
+            trace_shapes: t("trace_shapes")?,
             intents: t("intents")?,
             guard: t("guard")?,
             people: t("people")?,
@@ -301,6 +319,8 @@ pub struct IntegrationStore {
     trace_names: sled::Tree,
     /// Entra ids whose last trace is a skip (a small tree, read at every reconcile).
     trace_skips: sled::Tree,
+    /// Trace shapes shared by the plain creates of a run (key: 4 bytes, `TraceRef::t`).
+    trace_shapes: sled::Tree,
     /// Intents of LMS writes not yet settled (`store::intents`).
     intents: sled::Tree,
     /// Deactivations written, by time (`store::guard`).
@@ -380,12 +400,22 @@ impl Writes {
 
 /// The manager recorded in a `users` value (none when absent or unreadable).
 fn manager_of(value: Option<&[u8]>) -> Option<String> {
-    #[derive(Deserialize)]
-    struct ManagerOnly {
-        #[serde(default)]
-        manager: Option<String>,
-    }
-    serde_json::from_slice::<ManagerOnly>(value?).ok()?.manager
+    links_of(value).manager
+}
+
+/// The manager and the trace reference of a `users` value (none when absent or unreadable).
+#[derive(Default, Deserialize)]
+struct Links {
+    #[serde(default)]
+    manager: Option<String>,
+    #[serde(default)]
+    trace: Option<TraceRef>,
+}
+
+fn links_of(value: Option<&[u8]>) -> Links {
+    value
+        .and_then(|v| serde_json::from_slice::<Links>(v).ok())
+        .unwrap_or_default()
 }
 
 /// `v` as stored. Sized for an index entry or a trace (about a kilobyte) so that encoding
@@ -445,7 +475,7 @@ impl IntegrationStore {
     /// New links are written before the entries and stale ones removed after, so a crash in
     /// between leaves an extra candidate, never a missing one.
     pub(crate) fn put_users(&self, entries: &[(String, IndexEntry)]) -> Result<(), StoreError> {
-        self.write_entries(entries, &HashSet::new())
+        self.write_entries(entries, &HashSet::new(), &HashSet::new())
     }
 
     /// [`Self::put_users`]. The entries of `creates` are new (but for a re-create after the
@@ -455,6 +485,7 @@ impl IntegrationStore {
         &self,
         entries: &[(String, IndexEntry)],
         creates: &HashSet<&str>,
+        traced: &HashSet<&str>,
     ) -> Result<(), StoreError> {
         let mut batch = Writes::default();
         let mut add = Writes::default();
@@ -463,11 +494,20 @@ impl IntegrationStore {
         // (position in `batch`, Entra id, new manager) of the creates.
         let mut created: Vec<(usize, &str, Option<&str>)> = Vec::new();
         for (id, e) in entries {
+            let mut kept_trace = None;
             if creates.contains(id.as_str()) {
                 self.link_report(&mut add, id, None, e.manager.as_deref());
                 created.push((batch.0.len(), id, e.manager.as_deref()));
             } else {
-                let old = manager_of(self.users.get(id.as_bytes())?.as_deref());
+                let Links {
+                    manager: old,
+                    trace,
+                } = links_of(self.users.get(id.as_bytes())?.as_deref());
+                // An entry rewritten without a trace of its own (a repair, a link) keeps the
+                // reference to the decision that still explains it.
+                if e.trace.is_none() && !traced.contains(id.as_str()) {
+                    kept_trace = trace;
+                }
                 if old != e.manager {
                     self.link_report(&mut add, id, None, e.manager.as_deref());
                     self.link_report(&mut drop, id, old.as_deref(), None);
@@ -478,7 +518,14 @@ impl IntegrationStore {
                     }
                 }
             }
-            batch.insert(id.as_bytes(), encode(e)?);
+            match kept_trace {
+                Some(r) => {
+                    let mut kept = e.clone();
+                    kept.trace = Some(r);
+                    batch.insert(id.as_bytes(), encode(&kept)?);
+                }
+                None => batch.insert(id.as_bytes(), encode(e)?),
+            }
         }
         self.settle_orphans(entries)?;
         self.mark_lost(&lost)?;
@@ -720,6 +767,7 @@ pub(crate) mod tests {
             manager: manager.map(str::to_string),
             linked: false,
             updated_at: Utc::now(),
+            trace: None,
         }
     }
 
@@ -733,6 +781,7 @@ pub(crate) mod tests {
             manager: None,
             linked: false,
             updated_at: Utc::now(),
+            trace: None,
         }
     }
 

@@ -14,14 +14,77 @@
 //! index when read (a reconcile hands such a trace over without them in the first place:
 //! `Trace::mapped_in_index`). A first reconcile of many users then writes less than half the
 //! bytes, and storing reads nothing but the small skip list (and only when it holds any).
+//!
+//! A reconcile's plain creates go further: their traces differ only in what the index entry
+//! already holds (userName, LMS id, mapped values) and in the time and UPN. Such a trace is
+//! not stored at all: the entry carries a small [`TraceRef`] (time, UPN when it is not the
+//! userName, and the key of the trace's shape) and `<integration>/trace_shapes` keeps the
+//! shape once for all the users it stands for (the run, the group, the plan, the outcome). A
+//! first reconcile of 100,000 members then writes no trace per user, which lowered its peak
+//! memory by about 30 MiB (docs/performance.md). A stored trace is always newer than a
+//! reference (the reference's user has its stored trace removed first), so `trace` reads the
+//! stored one when there is one. Shapes no entry refers to any more are removed after a
+//! reconcile once there are many ([`IntegrationStore::prune_trace_shapes`]).
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 
+use chrono::DateTime;
 use serde::Deserialize;
 
-use super::{decode, encode, IndexEntry, IntegrationStore, StoreError, Writes};
+use super::{decode, encode, IndexEntry, IntegrationStore, StoreError, TraceRef, Writes};
 use crate::model::change::Action;
-use crate::model::trace::{Answer, Outcome, Trace};
+use crate::model::trace::{Answer, Match, Outcome, Source, Trace};
+
+/// Shapes kept before a reconcile looks for unused ones, and the meta key saying how many
+/// were left by the last look (the next comes when their number has doubled).
+const SHAPES_BEFORE_PRUNING: usize = 64;
+const SHAPES_KEPT: &str = "trace_shapes_kept";
+
+/// A shape's key: FNV-1a (32 bits) of its encoding. Defined here rather than taken from the
+/// standard library so that it stays the same across builds; two shapes with one key are told
+/// apart by their bytes (the second is then stored as a whole trace).
+fn shape_key(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// For a reconcile's plain create applied as `e`: what is left of its trace once what the entry
+/// holds (userName, LMS id, mapped values) and what the reference carries (time, UPN) are taken
+/// out, and the UPN when it is not the userName. None for any other trace.
+fn shape_of(t: &Trace, e: &IndexEntry) -> Option<(Trace, Option<String>)> {
+    let is_target = |id: &String| *id == e.target_id;
+    let plain = t.source == Source::Reconcile
+        && !t.dry_run
+        && t.outcome == Outcome::Created
+        && t.note.is_none()
+        && matches!(&t.answer, Some(Answer::Ok { target_id }) if is_target(target_id))
+        && matches!(&t.matched, Match::Created { target_id } if is_target(target_id))
+        && mapped_is_index(t)
+        && t.user_name.as_deref() == Some(e.user_name.as_str())
+        && t.plan
+            .as_ref()
+            .is_some_and(|p| p.action == Action::Create && p.changes.is_empty() && p.omitted == 0);
+    let upn = t.upn.as_ref().filter(|_| plain)?;
+    let shape = Trace {
+        at: DateTime::UNIX_EPOCH,
+        entra_id: String::new(),
+        user_name: None,
+        upn: None,
+        matched: Match::Created {
+            target_id: String::new(),
+        },
+        answer: Some(Answer::Ok {
+            target_id: String::new(),
+        }),
+        mapped: None,
+        mapped_omitted: 0,
+        mapped_in_index: false,
+        ..t.clone()
+    };
+    Some((shape, (*upn != e.user_name).then(|| upn.clone())))
+}
 
 /// Marks a stored trace whose mapped values are the index entry's record.
 const MAPPED_IN_INDEX: u8 = b'I';
@@ -37,11 +100,14 @@ impl IntegrationStore {
     /// Writes index entries, then the traces of the decisions that produced them (and any
     /// others). The traces tell which entries are creates: those are written without first
     /// reading what they replace (`write_entries`).
+    /// A reconcile's plain creates get a reference to their trace's shape in their entry
+    /// instead of a stored trace (module doc).
     pub(crate) fn put_changes(
         &self,
-        entries: &[(String, IndexEntry)],
+        entries: &mut [(String, IndexEntry)],
         traces: Vec<Trace>,
     ) -> Result<(), StoreError> {
+        let shared = self.share_traces(entries, &traces)?;
         {
             let creates: HashSet<&str> = traces
                 .iter()
@@ -51,14 +117,79 @@ impl IntegrationStore {
                 })
                 .map(|t| t.entra_id.as_str())
                 .collect();
-            self.write_entries(entries, &creates)?;
+            let traced: HashSet<&str> = traces.iter().map(|t| t.entra_id.as_str()).collect();
+            self.write_entries(entries, &creates, &traced)?;
         }
-        self.put_traces(traces)
+        self.store_traces(traces, &shared)
+    }
+
+    /// Puts a reference in the entry of each plain create among `traces` (`shape_of`), writes
+    /// the shapes it refers to and removes the trace such a user had stored before, all before
+    /// the entries are written (a crash in between leaves a user without a trace or with an
+    /// unused shape, never with a stale trace read instead of its reference). Returns whose
+    /// traces the entries now hold.
+    fn share_traces(
+        &self,
+        entries: &mut [(String, IndexEntry)],
+        traces: &[Trace],
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut shared = HashSet::new();
+        let by_id: HashMap<&str, &Trace> = traces
+            .iter()
+            .filter(|t| t.source == Source::Reconcile && t.outcome == Outcome::Created)
+            .map(|t| (t.entra_id.as_str(), t))
+            .collect();
+        if by_id.is_empty() {
+            return Ok(shared);
+        }
+        // Each key's shape, as stored or about to be.
+        let mut known: HashMap<u32, Vec<u8>> = HashMap::new();
+        let mut shapes = Writes::default();
+        let mut stale = Writes::default();
+        let traces_stored = !self.traces.is_empty();
+        for (id, e) in entries.iter_mut() {
+            let Some(t) = by_id.get(id.as_str()) else {
+                continue;
+            };
+            let (Some((shape, upn)), Some(at)) = (shape_of(t, e), t.at.timestamp_nanos_opt())
+            else {
+                continue;
+            };
+            let bytes = encode(&shape)?;
+            let key = shape_key(&bytes);
+            let stored = match known.entry(key) {
+                Entry::Occupied(o) => o.into_mut(),
+                Entry::Vacant(v) => match self.trace_shapes.get(key.to_be_bytes())? {
+                    Some(s) => v.insert(s.to_vec()),
+                    None => {
+                        shapes.insert(key.to_be_bytes(), bytes.clone());
+                        v.insert(bytes.clone())
+                    }
+                },
+            };
+            if *stored != bytes {
+                continue; // another shape has this key: stored whole
+            }
+            e.trace = Some(TraceRef { t: key, at, upn });
+            if traces_stored && self.traces.contains_key(id.as_bytes())? {
+                stale.remove(id.as_bytes());
+            }
+            shared.insert(id.clone());
+        }
+        shapes.apply(&self.trace_shapes)?;
+        stale.apply(&self.traces)?;
+        Ok(shared)
     }
 
     /// Stores each trace as its user's last one (after the index entries it goes with), and the
     /// names it can be found by that the index does not hold.
     pub(crate) fn put_traces(&self, traces: Vec<Trace>) -> Result<(), StoreError> {
+        self.store_traces(traces, &HashSet::new())
+    }
+
+    /// [`Self::put_traces`]; the traces of `shared` are held by their index entries (only their
+    /// names and the skip list are written).
+    fn store_traces(&self, traces: Vec<Trace>, shared: &HashSet<String>) -> Result<(), StoreError> {
         if traces.is_empty() {
             return Ok(());
         }
@@ -83,6 +214,9 @@ impl IntegrationStore {
             }
             if let Some(n) = upn.as_ref().filter(|u| Some(*u) != user_name.as_ref()) {
                 names.insert(n.as_bytes(), t.entra_id.as_bytes());
+            }
+            if shared.contains(&t.entra_id) {
+                continue;
             }
             let in_index = mapped_is_index(&t);
             let value = if in_index {
@@ -126,7 +260,89 @@ impl IntegrationStore {
             }
             return Ok(Some(t));
         }
+        for key in [entra_id.to_string(), entra_id.to_lowercase()] {
+            if let Some(t) = self.shared_trace(&key)? {
+                return Ok(Some(t));
+            }
+        }
         Ok(None)
+    }
+
+    /// The trace an index entry refers to, completed from the entry. None when the entry has
+    /// no reference or its shape is gone (pruned after a newer decision, or lost to a crash).
+    fn shared_trace(&self, entra_id: &str) -> Result<Option<Trace>, StoreError> {
+        let Some(e) = self.get_user(entra_id)? else {
+            return Ok(None);
+        };
+        let Some(r) = &e.trace else {
+            return Ok(None);
+        };
+        let Some(v) = self.trace_shapes.get(r.t.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let mut t: Trace = decode(
+            &format!("{}/trace_shapes", self.name),
+            &r.t.to_be_bytes(),
+            &v,
+        )?;
+        t.at = DateTime::from_timestamp_nanos(r.at);
+        t.entra_id = entra_id.to_string();
+        t.upn = Some(r.upn.clone().unwrap_or_else(|| e.user_name.clone()));
+        t.user_name = Some(e.user_name.clone());
+        t.matched = Match::Created {
+            target_id: e.target_id.clone(),
+        };
+        t.answer = Some(Answer::Ok {
+            target_id: e.target_id.clone(),
+        });
+        t.mapped(&e.record);
+        Ok(Some(t))
+    }
+
+    /// Removes the trace shapes no index entry refers to, other than `run`'s, once there are
+    /// more than [`SHAPES_BEFORE_PRUNING`] and twice as many as the last pruning left (one
+    /// scan of the index, reading only the references). Returns how many were removed.
+    pub(crate) fn prune_trace_shapes(&self, run: &str) -> Result<usize, StoreError> {
+        let count = self.trace_shapes.len();
+        let kept: usize = self.get_meta(SHAPES_KEPT)?.unwrap_or(0);
+        if count <= SHAPES_BEFORE_PRUNING.max(2 * kept) {
+            return Ok(0);
+        }
+        #[derive(Deserialize)]
+        struct Key {
+            t: u32,
+        }
+        #[derive(Deserialize)]
+        struct RefOnly {
+            #[serde(default)]
+            trace: Option<Key>,
+        }
+        let mut used = HashSet::new();
+        for r in self.users.iter() {
+            let (_, v) = r?;
+            if let Ok(RefOnly { trace: Some(k) }) = serde_json::from_slice::<RefOnly>(&v) {
+                used.insert(k.t);
+            }
+        }
+        #[derive(Deserialize)]
+        struct Origin {
+            run: String,
+        }
+        let mut gone = Writes::default();
+        let mut removed = 0;
+        for r in self.trace_shapes.iter() {
+            let (k, v) = r?;
+            let in_use = <[u8; 4]>::try_from(k.as_ref())
+                .is_ok_and(|k| used.contains(&u32::from_be_bytes(k)));
+            let this_run = serde_json::from_slice::<Origin>(&v).is_ok_and(|o| o.run == run);
+            if !in_use && !this_run {
+                gone.remove(k);
+                removed += 1;
+            }
+        }
+        gone.apply(&self.trace_shapes)?;
+        self.put_meta(SHAPES_KEPT, &(count - removed))?;
+        Ok(removed)
     }
 
     /// The last decision recorded for a user given by object id, UPN or userName.
@@ -170,8 +386,28 @@ impl IntegrationStore {
         Ok(None)
     }
 
-    /// How many traces are stored (tests).
+    /// How many users have a trace, stored or referred to by their index entry (tests; scans
+    /// the index).
     pub fn trace_count(&self) -> usize {
+        #[derive(Deserialize)]
+        struct RefOnly {
+            #[serde(default)]
+            trace: Option<serde::de::IgnoredAny>,
+        }
+        let referred = self
+            .users
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                serde_json::from_slice::<RefOnly>(v).is_ok_and(|r| r.trace.is_some())
+                    && !self.traces.contains_key(k).unwrap_or(false)
+            })
+            .count();
+        self.traces.len() + referred
+    }
+
+    /// How many traces are stored whole (tests): a first reconcile's creates are not.
+    pub fn stored_trace_count(&self) -> usize {
         self.traces.len()
     }
 }
@@ -180,9 +416,9 @@ impl IntegrationStore {
 mod tests {
     use crate::model::change::{Action, PlannedChange};
     use crate::model::record::{AttrValue, Record};
-    use crate::model::trace::{Match, Source, Trace};
+    use crate::model::trace::{Match, Outcome, Path, Scope, Source, Trace, Via};
     use crate::model::IntegrationName;
-    use crate::store::IndexEntry;
+    use crate::store::{IndexEntry, StoreError};
 
     use crate::store::tests::store_a;
 
@@ -197,6 +433,7 @@ mod tests {
             manager: manager.map(str::to_string),
             linked: false,
             updated_at: chrono::Utc::now(),
+            trace: None,
         };
         let c = PlannedChange {
             action: Action::Create,
@@ -284,25 +521,36 @@ mod tests {
         t.mapped_in_index = true;
         let mut other = Trace::new("a", Source::Reconcile, "r1", "u9");
         other.user(Some("nine@x"), None).failed("409", true);
-        a.put_changes(
-            &[("u1".into(), entry.clone())],
-            vec![t.clone(), other.clone()],
-        )
-        .unwrap();
+        let mut written = [("u1".to_string(), entry.clone())];
+        a.put_changes(&mut written, vec![t.clone(), other.clone()])
+            .unwrap();
         t.mapped_in_index = false;
         t.mapped(&record);
-        assert_eq!(a.get_user("u1").unwrap(), Some(entry.clone()));
+        // A plain create: its trace is a reference in its entry (the UPN differs from the
+        // userName, so the reference carries it).
+        let reference = written[0].1.trace.clone().expect("a reference");
+        assert_eq!(reference.upn.as_deref(), Some("Ada.Upn@x"));
+        assert_eq!(a.get_user("u1").unwrap(), Some(written[0].1.clone()));
+        assert_eq!(
+            a.stored_trace_count(),
+            1,
+            "only the failure is stored whole"
+        );
+        assert_eq!(a.trace_count(), 2);
         assert_eq!(a.reports_of("m1").unwrap(), vec!["u1".to_string()]);
         assert_eq!(a.trace("u1").unwrap(), Some(t.clone()));
         assert_eq!(a.trace("u9").unwrap(), Some(other));
         assert!(!a.trace_is_skip("u1").unwrap());
-        assert_eq!(a.trace_by_name("ada.upn@X").unwrap(), Some(t));
+        assert_eq!(a.trace_by_name("ada.upn@X").unwrap(), Some(t.clone()));
 
-        // An entry rewritten with another manager moves the link.
+        // An entry rewritten with another manager moves the link, and keeps the reference
+        // (nothing newer explains the user).
         let mut moved = entry.clone();
         moved.manager = Some("m2".into());
         a.put_users(&[("u1".into(), moved.clone())]).unwrap();
+        moved.trace = Some(reference);
         assert_eq!(a.get_user("u1").unwrap(), Some(moved));
+        assert_eq!(a.trace("u1").unwrap(), Some(t));
         assert_eq!(a.reports_of("m2").unwrap(), vec!["u1".to_string()]);
         assert!(a.reports_of("m1").unwrap().is_empty());
 
@@ -318,8 +566,11 @@ mod tests {
                     target_id: "t1".into(),
                 },
             );
-        a.put_changes(&[("u1".into(), entry)], vec![t2.clone()])
+        a.put_changes(&mut [("u1".into(), entry)], vec![t2.clone()])
             .unwrap();
+        // Without a UPN it is not a plain create: stored whole, and read before the entry's
+        // old reference (which this create's entry no longer has).
+        assert!(a.get_user("u1").unwrap().unwrap().trace.is_none());
         assert_eq!(a.trace("u1").unwrap(), Some(t2));
         assert_eq!(a.reports_of("m1").unwrap(), vec!["u1".to_string()]);
         assert!(a.reports_of("m2").unwrap().is_empty());
@@ -360,6 +611,7 @@ mod tests {
                 manager: None,
                 linked: false,
                 updated_at: chrono::Utc::now(),
+                trace: None,
             },
         )
         .unwrap();
@@ -370,5 +622,172 @@ mod tests {
         assert_eq!(a.resolve_user("u2").unwrap().as_deref(), Some("u2"));
         assert_eq!(a.resolve_user("nobody@x.example").unwrap(), None);
         assert_eq!(a.resolve_user("  ").unwrap(), None);
+    }
+
+    /// Run `run`'s plain create of user `i` (userName = UPN unless `upn` says otherwise),
+    /// listed in group `group`: the entry and the trace a reconcile hands to the store.
+    fn create(run: &str, group: &str, i: usize, upn: Option<&str>) -> (String, IndexEntry, Trace) {
+        let id = format!("u{i}");
+        let name = format!("user{i}@x");
+        let mut record = Record::new();
+        record.insert("title".into(), AttrValue::Str(format!("Title {i}")));
+        let c = PlannedChange {
+            action: Action::Create,
+            entra_id: id.clone(),
+            user_name: name.clone(),
+            target_id: None,
+            changes: Vec::new(),
+            reason: None,
+            record: record.clone(),
+            manager: None,
+            linked: false,
+        };
+        let entry = IndexEntry {
+            target_id: format!("t{i}"),
+            user_name: name.clone(),
+            record,
+            manager: None,
+            linked: false,
+            updated_at: chrono::Utc::now(),
+            trace: None,
+        };
+        let mut t = Trace::new("a", Source::Reconcile, run, &id);
+        t.user(None, Some(upn.unwrap_or(&name)))
+            .scope(Scope::of(
+                None,
+                vec![Via {
+                    group_id: group.into(),
+                    group_name: Some(format!("Group {group}")),
+                    path: Path::Transitive,
+                }],
+            ))
+            .plan(&c)
+            .applied(
+                &c,
+                &Match::Created {
+                    target_id: entry.target_id.clone(),
+                },
+            );
+        t.mapped_in_index = true;
+        (id, entry, t)
+    }
+
+    /// The trace as `trace` reads it back: with the mapped values.
+    fn whole(mut t: Trace, e: &IndexEntry) -> Trace {
+        t.mapped_in_index = false;
+        t.mapped(&e.record);
+        t
+    }
+
+    #[test]
+    fn a_runs_plain_creates_share_a_shape_per_group_and_read_back_whole() {
+        let (_s, a) = store_a();
+        // Before the run: u3 was skipped (disabled), u4's create failed in an earlier run.
+        let mut skip = Trace::new("a", Source::Reconcile, "r0", "u3");
+        skip.skipped("disabled");
+        let mut failed = Trace::new("a", Source::Reconcile, "r0", "u4");
+        failed.user(Some("user4@x"), None).failed("500", true);
+        a.put_traces(vec![skip, failed]).unwrap();
+
+        let made: Vec<_> = (0..100)
+            .map(|i| {
+                let upn = (i == 7).then_some("Seven.Upn@x");
+                create("r1", if i % 2 == 0 { "g1" } else { "g2" }, i, upn)
+            })
+            .collect();
+        let mut entries: Vec<_> = made
+            .iter()
+            .map(|(id, e, _)| (id.clone(), e.clone()))
+            .collect();
+        let traces = made.iter().map(|(_, _, t)| t.clone()).collect();
+        a.put_changes(&mut entries, traces).unwrap();
+
+        assert_eq!(a.trace_shapes.len(), 2, "one shape per group listed");
+        assert_eq!(a.stored_trace_count(), 0, "no trace stored per user");
+        assert_eq!(a.trace_count(), 100);
+        assert!(!a.trace_is_skip("u3").unwrap(), "the skip is over");
+        for ((id, _, t), (_, e)) in made.iter().zip(&entries) {
+            assert_eq!(a.get_user(id).unwrap().as_ref(), Some(e));
+            let read = a.trace(id).unwrap().expect("a trace");
+            assert_eq!(read, whole(t.clone(), e), "{id}");
+        }
+        // u4's failure is gone with its create; u7 is found by its UPN.
+        assert_eq!(a.trace("u4").unwrap().unwrap().outcome, Outcome::Created);
+        assert_eq!(
+            a.trace_by_name("seven.upn@X").unwrap().unwrap().entra_id,
+            "u7"
+        );
+        assert_eq!(
+            a.trace_by_name("USER8@x").unwrap(),
+            Some(whole(made[8].2.clone(), &entries[8].1))
+        );
+
+        // A later decision is stored whole and read instead of the reference.
+        let mut gone = Trace::new("a", Source::Incremental, "incremental", "u5");
+        gone.user(Some("user5@x"), None).failed("503", true);
+        a.put_traces(vec![gone.clone()]).unwrap();
+        assert_eq!(a.trace("u5").unwrap(), Some(gone));
+
+        // What is not a plain create is stored whole: a dry run, another source, a note.
+        let (id, e, mut t) = create("r2", "g1", 200, None);
+        t.note = Some("why".into());
+        a.put_changes(&mut [(id.clone(), e.clone())], vec![t.clone()])
+            .unwrap();
+        assert_eq!(a.stored_trace_count(), 2);
+        assert_eq!(a.trace(&id).unwrap(), Some(whole(t, &e)));
+    }
+
+    #[test]
+    fn a_shape_whose_key_is_taken_by_another_is_stored_whole() {
+        let (_s, a) = store_a();
+        let (id, e, t) = create("r1", "g1", 1, None);
+        let mut probe = [(id.clone(), e.clone())];
+        a.put_changes(&mut probe, vec![t.clone()]).unwrap();
+        let key = probe[0].1.trace.as_ref().unwrap().t;
+        // Another shape under that key (a collision, or a shape from another build).
+        a.trace_shapes
+            .insert(key.to_be_bytes(), b"{}".to_vec())
+            .unwrap();
+        let (id2, e2, t2) = create("r1", "g1", 2, None);
+        let mut entries = [(id2.clone(), e2.clone())];
+        a.put_changes(&mut entries, vec![t2.clone()]).unwrap();
+        assert!(entries[0].1.trace.is_none());
+        assert_eq!(a.trace(&id2).unwrap(), Some(whole(t2, &e2)));
+        // The first user's shape is unreadable now: no trace rather than a wrong one.
+        assert!(matches!(a.trace(&id), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn shapes_no_entry_refers_to_are_pruned_once_there_are_many() {
+        let (_s, a) = store_a();
+        // 80 runs, each creating one user; the users of the first 50 are removed later.
+        for i in 0..80 {
+            let (id, e, t) = create(&format!("r{i}"), "g1", i, None);
+            a.put_changes(&mut [(id, e)], vec![t]).unwrap();
+        }
+        assert_eq!(a.trace_shapes.len(), 80);
+        for i in 0..50 {
+            a.remove_user(&format!("u{i}")).unwrap();
+        }
+        // r0's shape is spared as the current run's; 49 others go.
+        assert_eq!(a.prune_trace_shapes("r0").unwrap(), 49);
+        assert_eq!(a.trace_shapes.len(), 31);
+        for i in 50..80 {
+            let t = a.trace(&format!("u{i}")).unwrap().expect("kept");
+            assert_eq!(t.run, format!("r{i}"));
+        }
+        // The next look waits until the shapes have doubled (and at least 64).
+        for i in 80..110 {
+            let (id, e, t) = create(&format!("r{i}"), "g1", i, None);
+            a.put_changes(&mut [(id, e)], vec![t]).unwrap();
+        }
+        a.remove_user("u80").unwrap();
+        assert_eq!(a.trace_shapes.len(), 61);
+        assert_eq!(a.prune_trace_shapes("r200").unwrap(), 0);
+        for i in 110..114 {
+            let (id, e, t) = create(&format!("r{i}"), "g1", i, None);
+            a.put_changes(&mut [(id, e)], vec![t]).unwrap();
+        }
+        assert_eq!(a.prune_trace_shapes("r200").unwrap(), 2, "r0 and r80");
     }
 }

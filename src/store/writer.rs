@@ -1,24 +1,25 @@
-//! A reconcile's index and trace writes, on a thread of their own at a lower CPU priority.
+//! A reconcile's index and trace writes, on a thread of their own.
 //!
-//! A first reconcile writes one index entry, one manager link and one decision trace per user
-//! it creates: several sled inserts of a kilobyte or so each, about as much CPU as the LMS
-//! request itself. Done on the async workers (or on tokio's blocking pool at normal priority)
-//! they compete with the LMS requests, the Graph reader and, in `serve`, the webhook receiver
-//! for the same cores; measured on 2 cores, that cost a first reconcile about a fifth of its
-//! rate. The writes are not urgent (the run's own lookups find applied users in memory until
-//! they are written), so the writer thread runs at nice +[`NICE`] on Linux and takes the CPU
-//! the request path leaves idle. The caller bounds how much may wait for it, so the writer
-//! cannot fall behind without limit however busy the machine is.
+//! A first reconcile writes one index entry and one manager link per user it creates (its
+//! trace rides in the entry: `store::traces`): sled inserts that would hold up the LMS
+//! requests, the Graph reader and, in `serve`, the webhook receiver if they ran on the async
+//! workers. The writes are not urgent (the run's own lookups find applied users in memory
+//! until they are written), so they are batched to this thread. The caller bounds how much may
+//! wait for it, so the writer cannot fall behind without limit however busy the machine is.
+//!
+//! The thread once ran at a lower CPU priority (nice +10), when each create also stored a
+//! trace of its own. Measured again once it did not (benches/reconcile.rs, 2 cores,
+//! alternating): at normal priority the first reconcile of 100,000 members peaked 140-155 MiB
+//! against 157-171 MiB, at the same rate (B) and the same latency of live updates beside a
+//! reconcile (benches/live_during_reconcile.rs). Why a slower writer costs memory was not
+//! established (sled's superseded pages, freed only when every thread has moved on, are one
+//! suspect); nothing was gained for it any more.
 
 use tokio::sync::oneshot;
 
 use super::thread::Worker;
 use super::{IndexEntry, IntegrationStore, StoreError};
 use crate::model::trace::Trace;
-
-/// How much lower than the rest of the process the writer thread runs (Linux only; elsewhere
-/// the nice value is per process, and it is left alone).
-pub(crate) const NICE: i32 = 10;
 
 /// The Entra ids written, and whether the store took them.
 pub(crate) type Written = (Vec<String>, Result<(), StoreError>);
@@ -44,10 +45,10 @@ enum Mode {
 
 fn write_job(
     store: &IntegrationStore,
-    entries: Vec<(String, IndexEntry)>,
+    mut entries: Vec<(String, IndexEntry)>,
     traces: Vec<Trace>,
 ) -> Written {
-    let r = store.put_changes(&entries, traces);
+    let r = store.put_changes(&mut entries, traces);
     (entries.into_iter().map(|(id, _)| id).collect(), r)
 }
 
@@ -59,7 +60,6 @@ impl BackgroundWriter {
         let spawned = Worker::spawn(
             format!("{}-index-writer", store.name()),
             move |rx: std::sync::mpsc::Receiver<Job>| {
-                lower_priority();
                 while let Ok(job) = rx.recv() {
                     let written = write_job(&theirs, job.entries, job.traces);
                     // The run may have ended (failed) without waiting: nothing to tell then.
@@ -114,23 +114,6 @@ impl BackgroundWriter {
         answer
     }
 }
-
-#[cfg(target_os = "linux")]
-fn lower_priority() {
-    // On Linux the nice value belongs to the thread: this lowers the writer only, and threads
-    // it starts inherit it. The writer starts none of its own; sled's I/O pool is started by
-    // the first log write, which the store's flusher threads (normal priority) make long
-    // before a batch of index inserts fills sled's 8 MiB log buffer. Extra pool threads that
-    // sled adds under a deep I/O queue are started by whoever queues, and end when idle.
-    let tid = rustix::thread::gettid();
-    let now = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), now.saturating_add(NICE)) {
-        tracing::debug!(error = %e, "could not lower the index writer's priority");
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
 
 #[cfg(test)]
 mod tests {

@@ -146,6 +146,7 @@ pub(crate) fn index_entry(c: &PlannedChange, target_id: &str, linked: bool) -> I
         manager: c.manager.clone(),
         linked,
         updated_at: Utc::now(),
+        trace: None,
     }
 }
 
@@ -397,6 +398,7 @@ async fn read_back<T: Target>(
                 manager: None,
                 linked: false,
                 updated_at: Utc::now(),
+                trace: None,
             })
         }
         None => ReadBack::Absent,

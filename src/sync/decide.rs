@@ -255,6 +255,7 @@ mod tests {
             manager: manager.map(str::to_string),
             linked: false,
             updated_at: Utc::now(),
+            trace: None,
         }
     }
 

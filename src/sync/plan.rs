@@ -262,6 +262,7 @@ mod tests {
             manager: d.manager_entra_id.clone(),
             linked: false,
             updated_at: Utc::now(),
+            trace: None,
         }
     }
 

@@ -280,6 +280,75 @@ async fn a_user_removed_from_the_groups_is_explained_as_having_left_all_groups()
     );
 }
 
+/// A first reconcile stores no trace per created user (the index entry refers to one shape per
+/// run and group); `explain` still tells each one whole, and a later decision replaces it.
+#[tokio::test]
+async fn a_first_reconciles_creates_are_explained_from_their_index_entries() {
+    let env = env(60).await;
+    let r = env.reconcile().await;
+    let store = &env.integration.store;
+    assert!(r.counts.created >= 50, "{:?}", r.counts);
+    assert_eq!(
+        store.stored_trace_count() as u64,
+        r.counts.skipped,
+        "only the skipped members' traces are stored whole"
+    );
+    let mut explained = 0;
+    for id in env.member_ids() {
+        let e = explain(store, &id).unwrap();
+        let Some(index) = &e.index else { continue };
+        let t = e.trace.as_ref().expect("every created user has a trace");
+        assert_eq!(t.outcome, Outcome::Created, "{id}");
+        assert_eq!(
+            (t.source, t.run.as_str()),
+            (Source::Reconcile, r.run_id.as_str())
+        );
+        assert_eq!(t.entra_id, id);
+        assert_eq!(t.user_name.as_deref(), Some(index.user_name.as_str()));
+        let upn = env.graph.user(&id).unwrap().user_principal_name;
+        assert_eq!(t.upn.as_deref(), Some(upn.as_str()));
+        assert_eq!(
+            t.matched,
+            Match::Created {
+                target_id: index.target_id.clone()
+            }
+        );
+        assert_eq!(
+            t.answer,
+            Some(Answer::Ok {
+                target_id: index.target_id.clone()
+            })
+        );
+        assert_eq!(t.mapped.as_ref(), Some(&index.record));
+        assert!(t.scope.in_scope);
+        assert_eq!(t.scope.via[0].group_id, env.fx.all_group_id);
+        assert!(t.at >= r.started_at && t.at <= r.finished_at);
+        // Found by UPN too, and told in words.
+        assert_eq!(explain(store, &upn).unwrap().trace.as_ref(), Some(t));
+        let out = rostersync::sync::trace::render_explanation(&e);
+        assert!(out.contains("created"), "{out}");
+        explained += 1;
+    }
+    assert_eq!(explained as u64, r.counts.created);
+
+    // A change of one of them is traced whole and told instead.
+    let id = env
+        .member_ids()
+        .into_iter()
+        .find(|id| explain(store, id).unwrap().index.is_some() && *id != env.fx.ceo_id)
+        .unwrap();
+    let mut u = env.graph.user(&id).unwrap();
+    u.job_title = Some("Chief Explainer".into());
+    env.graph.upsert_user(u);
+    let again = env.reconcile().await;
+    assert_eq!(again.counts.updated, 1);
+    let t = explain(store, &id).unwrap().trace.unwrap();
+    assert_eq!(
+        (t.outcome, t.run.as_str()),
+        (Outcome::Updated, again.run_id.as_str())
+    );
+}
+
 #[tokio::test]
 async fn a_no_change_reconcile_records_no_trace() {
     let env = env(60).await;

@@ -339,6 +339,11 @@ pub async fn reconcile<T: Target>(
             if let Err(e) = ctx.store.put_run(&report.run_id, &history) {
                 tracing::error!(error = %e, "could not record the run");
             }
+            match ctx.store.prune_trace_shapes(&report.run_id) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(shapes = n, "removed trace shapes no user refers to any more"),
+                Err(e) => tracing::warn!(error = %e, "could not prune the trace shapes"),
+            }
             // The run history decides whether `serve` reconciles at start: keep it durable.
             if let Err(e) = ctx.store.durable().await {
                 tracing::error!(error = %e, "could not flush the run record");
