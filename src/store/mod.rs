@@ -494,19 +494,24 @@ impl IntegrationStore {
         // (position in `batch`, Entra id, new manager) of the creates.
         let mut created: Vec<(usize, &str, Option<&str>)> = Vec::new();
         for (id, e) in entries {
-            let mut kept_trace = None;
             if creates.contains(id.as_str()) {
                 self.link_report(&mut add, id, None, e.manager.as_deref());
                 created.push((batch.0.len(), id, e.manager.as_deref()));
             } else {
+                let before = self.users.get(id.as_bytes())?;
                 let Links {
                     manager: old,
                     trace,
-                } = links_of(self.users.get(id.as_bytes())?.as_deref());
-                // An entry rewritten without a trace of its own (a repair, a link) keeps the
-                // reference to the decision that still explains it.
-                if e.trace.is_none() && !traced.contains(id.as_str()) {
-                    kept_trace = trace;
+                } = links_of(before.as_deref());
+                // Rewritten without a trace of its own (a repair, the worker's entry ahead of
+                // its trace): the decision the old entry refers to is stored whole first.
+                if trace.is_some() && !traced.contains(id.as_str()) {
+                    let old_entry = before
+                        .as_deref()
+                        .and_then(|b| serde_json::from_slice(b).ok());
+                    if let Some(old_entry) = old_entry {
+                        self.keep_referred_trace(id, &old_entry)?;
+                    }
                 }
                 if old != e.manager {
                     self.link_report(&mut add, id, None, e.manager.as_deref());
@@ -518,14 +523,7 @@ impl IntegrationStore {
                     }
                 }
             }
-            match kept_trace {
-                Some(r) => {
-                    let mut kept = e.clone();
-                    kept.trace = Some(r);
-                    batch.insert(id.as_bytes(), encode(&kept)?);
-                }
-                None => batch.insert(id.as_bytes(), encode(e)?),
-            }
+            batch.insert(id.as_bytes(), encode(e)?);
         }
         self.settle_orphans(entries)?;
         self.mark_lost(&lost)?;
@@ -543,6 +541,8 @@ impl IntegrationStore {
 
     pub(crate) fn remove_user(&self, entra_id: &str) -> Result<(), StoreError> {
         if let Some(e) = self.get_user(entra_id)? {
+            // The decision outlives the entry (`explain` still tells it).
+            self.keep_referred_trace(entra_id, &e)?;
             if let Some(m) = e.manager.as_deref() {
                 let mut drop = Writes::default();
                 self.link_report(&mut drop, entra_id, Some(m), None);

@@ -20,11 +20,13 @@
 //! not stored at all: the entry carries a small [`TraceRef`] (time, UPN when it is not the
 //! userName, and the key of the trace's shape) and `<integration>/trace_shapes` keeps the
 //! shape once for all the users it stands for (the run, the group, the plan, the outcome). A
-//! first reconcile of 100,000 members then writes no trace per user, which lowered its peak
-//! memory by about 30 MiB (docs/performance.md). A stored trace is always newer than a
-//! reference (the reference's user has its stored trace removed first), so `trace` reads the
-//! stored one when there is one. Shapes no entry refers to any more are removed after a
-//! reconcile once there are many ([`IntegrationStore::prune_trace_shapes`]).
+//! first reconcile of 100,000 members then writes no trace per user: 20-30 MiB less at its
+//! peak (docs/performance.md). A user has one or the other: the trace a reference replaces is
+//! removed once the entry is written, and a referred trace is stored whole before its entry is
+//! rewritten without a trace of its own or removed, so a later entry's userName or LMS id never
+//! shows in an older decision. Should a crash leave both, `trace` reads the later decision.
+//! Shapes no entry refers to any more are removed after a reconcile once there are many
+//! ([`IntegrationStore::prune_trace_shapes`]).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -107,7 +109,7 @@ impl IntegrationStore {
         entries: &mut [(String, IndexEntry)],
         traces: Vec<Trace>,
     ) -> Result<(), StoreError> {
-        let shared = self.share_traces(entries, &traces)?;
+        let (shared, stale) = self.share_traces(entries, &traces)?;
         {
             let creates: HashSet<&str> = traces
                 .iter()
@@ -120,35 +122,43 @@ impl IntegrationStore {
             let traced: HashSet<&str> = traces.iter().map(|t| t.entra_id.as_str()).collect();
             self.write_entries(entries, &creates, &traced)?;
         }
+        // The traces the references replace go once the entries are written (until then, and
+        // after a crash, `trace` reads the later of the two).
+        stale.apply(&self.traces)?;
         self.store_traces(traces, &shared)
     }
 
-    /// Puts a reference in the entry of each plain create among `traces` (`shape_of`), writes
-    /// the shapes it refers to and removes the trace such a user had stored before, all before
-    /// the entries are written (a crash in between leaves a user without a trace or with an
-    /// unused shape, never with a stale trace read instead of its reference). Returns whose
-    /// traces the entries now hold.
+    /// Puts a reference in the entry of each plain create among `traces` (`shape_of`: the
+    /// user's last trace in the batch, and its last entry) and writes the shapes referred to.
+    /// Returns whose traces the entries now hold, and the removal of the traces those users had
+    /// stored before.
     fn share_traces(
         &self,
         entries: &mut [(String, IndexEntry)],
         traces: &[Trace],
-    ) -> Result<HashSet<String>, StoreError> {
+    ) -> Result<(HashSet<String>, Writes), StoreError> {
         let mut shared = HashSet::new();
-        let by_id: HashMap<&str, &Trace> = traces
-            .iter()
-            .filter(|t| t.source == Source::Reconcile && t.outcome == Outcome::Created)
-            .map(|t| (t.entra_id.as_str(), t))
-            .collect();
-        if by_id.is_empty() {
-            return Ok(shared);
+        let mut stale = Writes::default();
+        // Each user's last trace, when it is a reconcile's create.
+        let mut last: HashMap<&str, &Trace> = HashMap::new();
+        for t in traces {
+            last.insert(t.entra_id.as_str(), t);
+        }
+        last.retain(|_, t| t.source == Source::Reconcile && t.outcome == Outcome::Created);
+        if last.is_empty() {
+            return Ok((shared, stale));
         }
         // Each key's shape, as stored or about to be.
         let mut known: HashMap<u32, Vec<u8>> = HashMap::new();
         let mut shapes = Writes::default();
-        let mut stale = Writes::default();
         let traces_stored = !self.traces.is_empty();
-        for (id, e) in entries.iter_mut() {
-            let Some(t) = by_id.get(id.as_str()) else {
+        // The last entry of a user is the one that stays.
+        let mut entered: HashSet<String> = HashSet::new();
+        for (id, e) in entries.iter_mut().rev() {
+            if !entered.insert(id.clone()) {
+                continue;
+            }
+            let Some(t) = last.get(id.as_str()) else {
                 continue;
             };
             let (Some((shape, upn)), Some(at)) = (shape_of(t, e), t.at.timestamp_nanos_opt())
@@ -177,8 +187,7 @@ impl IntegrationStore {
             shared.insert(id.clone());
         }
         shapes.apply(&self.trace_shapes)?;
-        stale.apply(&self.traces)?;
-        Ok(shared)
+        Ok((shared, stale))
     }
 
     /// Stores each trace as its user's last one (after the index entries it goes with), and the
@@ -241,12 +250,29 @@ impl IntegrationStore {
         Ok(self.trace_skips.contains_key(entra_id.as_bytes())?)
     }
 
-    /// The last decision recorded for a user (by Entra object id).
+    /// The last decision recorded for a user (by Entra object id): the stored trace or the one
+    /// the index entry refers to, whichever was decided later (the stored one on a tie). Normally
+    /// only one of them exists (the store removes a trace its reference replaces, and stores a
+    /// referred trace whole before its entry is rewritten or removed); a crash in between can
+    /// leave both.
     pub fn trace(&self, entra_id: &str) -> Result<Option<Trace>, StoreError> {
-        let tree = format!("{}/traces", self.name);
         for key in [entra_id.to_string(), entra_id.to_lowercase()] {
+            match (self.stored_trace(&key)?, self.shared_trace(&key)?) {
+                (Some(s), Some(r)) => return Ok(Some(if r.at > s.at { r } else { s })),
+                (Some(t), None) | (None, Some(t)) => return Ok(Some(t)),
+                (None, None) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The trace stored for `key`, with its mapped values read from the index when they were
+    /// left out.
+    fn stored_trace(&self, key: &str) -> Result<Option<Trace>, StoreError> {
+        let tree = format!("{}/traces", self.name);
+        {
             let Some(v) = self.traces.get(key.as_bytes())? else {
-                continue;
+                return Ok(None);
             };
             let (in_index, json) = match v.split_first() {
                 Some((&MAPPED_IN_INDEX, rest)) => (true, rest),
@@ -258,22 +284,39 @@ impl IntegrationStore {
                     t.mapped(&e.record);
                 }
             }
-            return Ok(Some(t));
+            Ok(Some(t))
         }
-        for key in [entra_id.to_string(), entra_id.to_lowercase()] {
-            if let Some(t) = self.shared_trace(&key)? {
-                return Ok(Some(t));
-            }
-        }
-        Ok(None)
     }
 
-    /// The trace an index entry refers to, completed from the entry. None when the entry has
-    /// no reference or its shape is gone (pruned after a newer decision, or lost to a crash).
+    /// The trace `entra_id`'s index entry refers to, completed from the entry.
     fn shared_trace(&self, entra_id: &str) -> Result<Option<Trace>, StoreError> {
-        let Some(e) = self.get_user(entra_id)? else {
-            return Ok(None);
-        };
+        match self.get_user(entra_id)? {
+            Some(e) => self.rebuild(entra_id, &e),
+            None => Ok(None),
+        }
+    }
+
+    /// Before an entry that refers to its trace is rewritten without a trace of its own (a
+    /// repair, the worker's entry ahead of its trace) or removed: stores that trace whole, as
+    /// the entry being replaced tells it, so that the new entry's userName or LMS id never
+    /// shows in an older decision and the decision outlives the entry.
+    pub(super) fn keep_referred_trace(
+        &self,
+        entra_id: &str,
+        old: &IndexEntry,
+    ) -> Result<(), StoreError> {
+        if let Some(t) = self.rebuild(entra_id, old)? {
+            // A later decision stored already (a crash left both) stays.
+            if self.stored_trace(entra_id)?.is_none_or(|s| s.at < t.at) {
+                self.traces.insert(entra_id.as_bytes(), encode(&t)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The trace `e` refers to, completed from `e`. None when it refers to none, or its shape
+    /// is gone (lost to a crash between the shape's write and the entry's).
+    fn rebuild(&self, entra_id: &str, e: &IndexEntry) -> Result<Option<Trace>, StoreError> {
         let Some(r) = &e.trace else {
             return Ok(None);
         };
@@ -301,7 +344,9 @@ impl IntegrationStore {
 
     /// Removes the trace shapes no index entry refers to, other than `run`'s, once there are
     /// more than [`SHAPES_BEFORE_PRUNING`] and twice as many as the last pruning left (one
-    /// scan of the index, reading only the references). Returns how many were removed.
+    /// scan of the index, reading only the references). Returns how many were removed. Only
+    /// reconciles write references, one at a time per integration, and this is called at the
+    /// end of one: no other run's writes can be between the scan and the removal.
     pub(crate) fn prune_trace_shapes(&self, run: &str) -> Result<usize, StoreError> {
         let count = self.trace_shapes.len();
         let kept: usize = self.get_meta(SHAPES_KEPT)?.unwrap_or(0);
@@ -418,7 +463,7 @@ mod tests {
     use crate::model::record::{AttrValue, Record};
     use crate::model::trace::{Match, Outcome, Path, Scope, Source, Trace, Via};
     use crate::model::IntegrationName;
-    use crate::store::{IndexEntry, StoreError};
+    use crate::store::{encode, IndexEntry, StoreError};
 
     use crate::store::tests::store_a;
 
@@ -543,14 +588,15 @@ mod tests {
         assert!(!a.trace_is_skip("u1").unwrap());
         assert_eq!(a.trace_by_name("ada.upn@X").unwrap(), Some(t.clone()));
 
-        // An entry rewritten with another manager moves the link, and keeps the reference
-        // (nothing newer explains the user).
+        // An entry rewritten with another manager moves the link; the decision its old entry
+        // referred to is stored whole first (nothing newer explains the user).
         let mut moved = entry.clone();
         moved.manager = Some("m2".into());
         a.put_users(&[("u1".into(), moved.clone())]).unwrap();
-        moved.trace = Some(reference);
         assert_eq!(a.get_user("u1").unwrap(), Some(moved));
+        assert_eq!(a.stored_trace_count(), 2);
         assert_eq!(a.trace("u1").unwrap(), Some(t));
+        let _ = reference;
         assert_eq!(a.reports_of("m2").unwrap(), vec!["u1".to_string()]);
         assert!(a.reports_of("m1").unwrap().is_empty());
 
@@ -789,5 +835,130 @@ mod tests {
             a.put_changes(&mut [(id, e)], vec![t]).unwrap();
         }
         assert_eq!(a.prune_trace_shapes("r200").unwrap(), 2, "r0 and r80");
+    }
+
+    #[test]
+    fn a_referred_trace_outlives_a_repair_or_removal_of_its_entry_as_it_was_decided() {
+        let (_s, a) = store_a();
+        let (id, e, t) = create("r1", "g1", 1, None);
+        let (id2, e2, t2) = create("r1", "g1", 2, None);
+        let mut entries = [(id.clone(), e.clone()), (id2.clone(), e2.clone())];
+        a.put_changes(&mut entries, vec![t.clone(), t2.clone()])
+            .unwrap();
+        let original = whole(t, &entries[0].1);
+        // A crash read-back rewrites the entry with what the LMS holds: another userName and
+        // LMS id. The create is still the last decision, with the values it was made with.
+        let mut repaired = e.clone();
+        repaired.user_name = "renamed@x".into();
+        repaired.target_id = "t-other".into();
+        a.put_users(&[(id.clone(), repaired.clone())]).unwrap();
+        assert_eq!(a.get_user(&id).unwrap(), Some(repaired));
+        let read = a.trace(&id).unwrap().unwrap();
+        assert_eq!(read.user_name.as_deref(), Some("user1@x"));
+        assert_eq!(read, original);
+        // A removed entry's decision is still told.
+        a.remove_user(&id2).unwrap();
+        assert_eq!(a.trace(&id2).unwrap(), Some(whole(t2, &entries[1].1)));
+    }
+
+    #[test]
+    fn the_later_of_a_stored_and_a_referred_trace_is_read() {
+        let (_s, a) = store_a();
+        let (id, e, t) = create("r2", "g1", 1, None);
+        // A crash left a trace stored before the entry's reference, and one after.
+        let mut older = Trace::new("a", Source::Reconcile, "r1", &id);
+        older.at = t.at - chrono::Duration::seconds(60);
+        older.failed("500", true);
+        a.traces
+            .insert(id.as_bytes(), encode(&older).unwrap())
+            .unwrap();
+        let mut entries = [(id.clone(), e)];
+        a.put_changes(&mut entries, vec![t.clone()]).unwrap();
+        a.traces
+            .insert(id.as_bytes(), encode(&older).unwrap())
+            .unwrap();
+        assert_eq!(a.trace(&id).unwrap(), Some(whole(t.clone(), &entries[0].1)));
+        let mut newer = older.clone();
+        newer.at = t.at + chrono::Duration::seconds(60);
+        a.traces
+            .insert(id.as_bytes(), encode(&newer).unwrap())
+            .unwrap();
+        assert_eq!(a.trace(&id).unwrap(), Some(newer));
+    }
+
+    #[test]
+    fn only_a_reconciles_plain_creates_are_shared() {
+        let (_s, a) = store_a();
+        let long = format!("{}@x", "l".repeat(300));
+        let mut cases = Vec::new();
+        let (id, e, mut t) = create("r1", "g1", 1, None);
+        t.dry_run = true;
+        cases.push((id, e, t));
+        let (id, e, mut t) = create("r1", "g1", 2, None);
+        t.source = Source::Incremental;
+        cases.push((id, e, t));
+        // A userName longer than a trace keeps is clipped in the trace: not the entry's.
+        let (id, mut e, mut t) = create("r1", "g1", 3, None);
+        e.user_name = long.clone();
+        t.user(Some(&long), Some(&long));
+        cases.push((id, e, t));
+        // A trace followed by another of the same user in the batch: the later one counts.
+        let (id, e, t) = create("r1", "g1", 4, None);
+        let mut after = Trace::new("a", Source::Reconcile, "r1", &id);
+        after.failed("later", false);
+        cases.push((id, e, t));
+        let mut entries: Vec<_> = cases
+            .iter()
+            .map(|(id, e, _)| (id.clone(), e.clone()))
+            .collect();
+        let mut traces: Vec<_> = cases.iter().map(|(_, _, t)| t.clone()).collect();
+        traces.push(after.clone());
+        a.put_changes(&mut entries, traces).unwrap();
+        assert!(
+            entries.iter().all(|(_, e)| e.trace.is_none()),
+            "{entries:?}"
+        );
+        assert_eq!(a.trace_shapes.len(), 0);
+        assert_eq!(a.trace("u4").unwrap(), Some(after));
+        for (id, e, t) in &cases[..3] {
+            assert_eq!(a.trace(id).unwrap(), Some(whole(t.clone(), e)), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_referred_create_amended_in_its_run_is_stored_whole() {
+        let (_s, a) = store_a();
+        let (id, e, t) = create("r1", "g1", 1, None);
+        let mut entries = [(id.clone(), e.clone())];
+        a.put_changes(&mut entries, vec![t]).unwrap();
+        // The manager link, set once the manager exists: the run amends its trace.
+        let link = PlannedChange {
+            action: Action::Update,
+            entra_id: id.clone(),
+            user_name: e.user_name.clone(),
+            target_id: Some(e.target_id.clone()),
+            changes: vec![crate::model::record::AttrChange {
+                key: "manager".into(),
+                old: None,
+                new: Some(AttrValue::Str("t9".into())),
+            }],
+            reason: None,
+            record: e.record.clone(),
+            manager: Some("u9".into()),
+            linked: false,
+        };
+        let mut amended = a.trace(&id).unwrap().unwrap();
+        amended.amend(&link, "manager link set once the manager was in the LMS");
+        // Its entry, as the link writes it: the record with the manager.
+        let mut linked = e.clone();
+        linked.manager = Some("u9".into());
+        linked
+            .record
+            .insert("manager".into(), AttrValue::Str("t9".into()));
+        a.put_changes(&mut [(id.clone(), linked.clone())], vec![amended.clone()])
+            .unwrap();
+        assert_eq!(a.get_user(&id).unwrap(), Some(linked));
+        assert_eq!(a.trace(&id).unwrap(), Some(amended));
+        assert_eq!(a.stored_trace_count(), 1);
     }
 }

@@ -13,7 +13,7 @@
 //! until its manager's create is queued. Members are planned in chunks
 //! whenever nothing else is ready, so sends and answers are never held up by planning. The
 //! index entries and traces of applied changes are written in batches by a dedicated writer
-//! thread at a lower priority (`store::writer`) while the LMS writes go on; a bounded backlog
+//! thread (`store::writer`) while the LMS writes go on; a bounded backlog
 //! keeps it from falling behind without limit, and the drive ends only once they are written.
 //!
 //! Files by role: this one holds the run and its pipeline (`Run::execute`); `feed` reads the
@@ -221,8 +221,7 @@ type WriteJob = tokio::sync::oneshot::Receiver<Written>;
 type WriteResult = Result<Written, tokio::sync::oneshot::error::RecvError>;
 
 /// At most this many applied entries and traces wait for the writer: past it, no new LMS
-/// write starts until the writer has caught up (it runs at a lower priority, see
-/// `store::writer`).
+/// write starts until the writer has caught up (`store::writer`).
 const MAX_UNWRITTEN: usize = 8 * WRITE_BATCH;
 
 /// What woke the drive loop.
@@ -339,10 +338,13 @@ pub async fn reconcile<T: Target>(
             if let Err(e) = ctx.store.put_run(&report.run_id, &history) {
                 tracing::error!(error = %e, "could not record the run");
             }
-            match ctx.store.prune_trace_shapes(&report.run_id) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(shapes = n, "removed trace shapes no user refers to any more"),
-                Err(e) => tracing::warn!(error = %e, "could not prune the trace shapes"),
+            // A scan of the index when it prunes: off the async workers.
+            let (store, run) = (ctx.store.clone(), report.run_id.clone());
+            match tokio::task::spawn_blocking(move || store.prune_trace_shapes(&run)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(shapes = n, "removed trace shapes no user refers to any more"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not prune the trace shapes"),
+                Err(e) => tracing::warn!(error = %e, "the pruning of trace shapes stopped"),
             }
             // The run history decides whether `serve` reconciles at start: keep it durable.
             if let Err(e) = ctx.store.durable().await {
