@@ -116,17 +116,37 @@ pub(crate) struct IndexEntry {
     pub trace: Option<TraceRef>,
 }
 
-/// Where an index entry's decision trace is: a trace shape shared by many users, and what
-/// differs from user to user that the entry does not already hold (`store::traces`).
+/// Where an index entry's decision trace is (`store::traces`): the key of a trace shape shared
+/// by many users (in `<integration>/trace_shapes`), and the UPN when it is not the userName.
+/// The trace's time is the entry's `updated_at`. Written as the bare key, or `[key, upn]`: a
+/// few bytes on each of a first reconcile's entries, which every later reconcile reads.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct TraceRef {
-    /// Key of the shared shape in `<integration>/trace_shapes`.
-    pub t: u32,
-    /// When the decision was made, in nanoseconds since 1970.
-    pub at: i64,
-    /// The UPN, when it is not the userName.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upn: Option<String>,
+#[serde(untagged)]
+pub(crate) enum TraceRef {
+    Shape(u32),
+    ShapeAndUpn(u32, String),
+}
+
+impl TraceRef {
+    pub(crate) fn new(shape: u32, upn: Option<String>) -> TraceRef {
+        match upn {
+            Some(u) => TraceRef::ShapeAndUpn(shape, u),
+            None => TraceRef::Shape(shape),
+        }
+    }
+
+    pub(crate) fn shape(&self) -> u32 {
+        match self {
+            TraceRef::Shape(k) | TraceRef::ShapeAndUpn(k, _) => *k,
+        }
+    }
+
+    pub(crate) fn upn(&self) -> Option<&str> {
+        match self {
+            TraceRef::Shape(_) => None,
+            TraceRef::ShapeAndUpn(_, u) => Some(u),
+        }
+    }
 }
 
 impl IndexEntry {

@@ -16,9 +16,10 @@
 //! bytes, and storing reads nothing but the small skip list (and only when it holds any).
 //!
 //! A reconcile's plain creates go further: their traces differ only in what the index entry
-//! already holds (userName, LMS id, mapped values) and in the time and UPN. Such a trace is
-//! not stored at all: the entry carries a small [`TraceRef`] (time, UPN when it is not the
-//! userName, and the key of the trace's shape) and `<integration>/trace_shapes` keeps the
+//! already holds (userName, LMS id, mapped values, and the time, up to the LMS's answer time)
+//! and in the UPN. Such a trace is not stored at all: the entry carries a small [`TraceRef`]
+//! (the key of the trace's shape, and the UPN when it is not the userName) and
+//! `<integration>/trace_shapes` keeps the
 //! shape once for all the users it stands for (the run, the group, the plan, the outcome). A
 //! first reconcile of 100,000 members then writes no trace per user: 20-30 MiB less at its
 //! peak (docs/performance.md). A user has one or the other: the trace a reference replaces is
@@ -161,8 +162,7 @@ impl IntegrationStore {
             let Some(t) = last.get(id.as_str()) else {
                 continue;
             };
-            let (Some((shape, upn)), Some(at)) = (shape_of(t, e), t.at.timestamp_nanos_opt())
-            else {
+            let Some((shape, upn)) = shape_of(t, e) else {
                 continue;
             };
             let bytes = encode(&shape)?;
@@ -180,7 +180,7 @@ impl IntegrationStore {
             if *stored != bytes {
                 continue; // another shape has this key: stored whole
             }
-            e.trace = Some(TraceRef { t: key, at, upn });
+            e.trace = Some(TraceRef::new(key, upn));
             if traces_stored && self.traces.contains_key(id.as_bytes())? {
                 stale.remove(id.as_bytes());
             }
@@ -320,17 +320,14 @@ impl IntegrationStore {
         let Some(r) = &e.trace else {
             return Ok(None);
         };
-        let Some(v) = self.trace_shapes.get(r.t.to_be_bytes())? else {
+        let key = r.shape().to_be_bytes();
+        let Some(v) = self.trace_shapes.get(key)? else {
             return Ok(None);
         };
-        let mut t: Trace = decode(
-            &format!("{}/trace_shapes", self.name),
-            &r.t.to_be_bytes(),
-            &v,
-        )?;
-        t.at = DateTime::from_timestamp_nanos(r.at);
+        let mut t: Trace = decode(&format!("{}/trace_shapes", self.name), &key, &v)?;
+        t.at = e.updated_at;
         t.entra_id = entra_id.to_string();
-        t.upn = Some(r.upn.clone().unwrap_or_else(|| e.user_name.clone()));
+        t.upn = Some(r.upn().unwrap_or(&e.user_name).to_string());
         t.user_name = Some(e.user_name.clone());
         t.matched = Match::Created {
             target_id: e.target_id.clone(),
@@ -354,19 +351,15 @@ impl IntegrationStore {
             return Ok(0);
         }
         #[derive(Deserialize)]
-        struct Key {
-            t: u32,
-        }
-        #[derive(Deserialize)]
         struct RefOnly {
             #[serde(default)]
-            trace: Option<Key>,
+            trace: Option<TraceRef>,
         }
         let mut used = HashSet::new();
         for r in self.users.iter() {
             let (_, v) = r?;
             if let Ok(RefOnly { trace: Some(k) }) = serde_json::from_slice::<RefOnly>(&v) {
-                used.insert(k.t);
+                used.insert(k.shape());
             }
         }
         #[derive(Deserialize)]
@@ -564,6 +557,8 @@ mod tests {
             },
         );
         t.mapped_in_index = true;
+        // Read back from a reference, its time is the entry's.
+        t.at = entry.updated_at;
         let mut other = Trace::new("a", Source::Reconcile, "r1", "u9");
         other.user(Some("nine@x"), None).failed("409", true);
         let mut written = [("u1".to_string(), entry.clone())];
@@ -574,7 +569,7 @@ mod tests {
         // A plain create: its trace is a reference in its entry (the UPN differs from the
         // userName, so the reference carries it).
         let reference = written[0].1.trace.clone().expect("a reference");
-        assert_eq!(reference.upn.as_deref(), Some("Ada.Upn@x"));
+        assert_eq!(reference.upn(), Some("Ada.Upn@x"));
         assert_eq!(a.get_user("u1").unwrap(), Some(written[0].1.clone()));
         assert_eq!(
             a.stored_trace_count(),
@@ -718,10 +713,17 @@ mod tests {
         (id, entry, t)
     }
 
-    /// The trace as `trace` reads it back: with the mapped values.
+    /// The trace as `trace` reads it back when stored whole: with the mapped values.
     fn whole(mut t: Trace, e: &IndexEntry) -> Trace {
         t.mapped_in_index = false;
         t.mapped(&e.record);
+        t
+    }
+
+    /// The trace as `trace` reads it back from a reference: also with its entry's time.
+    fn referred(t: Trace, e: &IndexEntry) -> Trace {
+        let mut t = whole(t, e);
+        t.at = e.updated_at;
         t
     }
 
@@ -755,8 +757,14 @@ mod tests {
         for ((id, _, t), (_, e)) in made.iter().zip(&entries) {
             assert_eq!(a.get_user(id).unwrap().as_ref(), Some(e));
             let read = a.trace(id).unwrap().expect("a trace");
-            assert_eq!(read, whole(t.clone(), e), "{id}");
+            assert_eq!(read, referred(t.clone(), e), "{id}");
         }
+        // The reference is a bare number, or [number, UPN].
+        let raw = |id: &str| -> serde_json::Value {
+            serde_json::from_slice(&a.users.get(id.as_bytes()).unwrap().unwrap()).unwrap()
+        };
+        assert!(raw("u0")["trace"].is_u64());
+        assert_eq!(raw("u7")["trace"][1], "Seven.Upn@x");
         // u4's failure is gone with its create; u7 is found by its UPN.
         assert_eq!(a.trace("u4").unwrap().unwrap().outcome, Outcome::Created);
         assert_eq!(
@@ -765,7 +773,7 @@ mod tests {
         );
         assert_eq!(
             a.trace_by_name("USER8@x").unwrap(),
-            Some(whole(made[8].2.clone(), &entries[8].1))
+            Some(referred(made[8].2.clone(), &entries[8].1))
         );
 
         // A later decision is stored whole and read instead of the reference.
@@ -789,7 +797,7 @@ mod tests {
         let (id, e, t) = create("r1", "g1", 1, None);
         let mut probe = [(id.clone(), e.clone())];
         a.put_changes(&mut probe, vec![t.clone()]).unwrap();
-        let key = probe[0].1.trace.as_ref().unwrap().t;
+        let key = probe[0].1.trace.as_ref().unwrap().shape();
         // Another shape under that key (a collision, or a shape from another build).
         a.trace_shapes
             .insert(key.to_be_bytes(), b"{}".to_vec())
@@ -845,7 +853,7 @@ mod tests {
         let mut entries = [(id.clone(), e.clone()), (id2.clone(), e2.clone())];
         a.put_changes(&mut entries, vec![t.clone(), t2.clone()])
             .unwrap();
-        let original = whole(t, &entries[0].1);
+        let original = referred(t, &entries[0].1);
         // A crash read-back rewrites the entry with what the LMS holds: another userName and
         // LMS id. The create is still the last decision, with the values it was made with.
         let mut repaired = e.clone();
@@ -858,7 +866,7 @@ mod tests {
         assert_eq!(read, original);
         // A removed entry's decision is still told.
         a.remove_user(&id2).unwrap();
-        assert_eq!(a.trace(&id2).unwrap(), Some(whole(t2, &entries[1].1)));
+        assert_eq!(a.trace(&id2).unwrap(), Some(referred(t2, &entries[1].1)));
     }
 
     #[test]
@@ -877,7 +885,10 @@ mod tests {
         a.traces
             .insert(id.as_bytes(), encode(&older).unwrap())
             .unwrap();
-        assert_eq!(a.trace(&id).unwrap(), Some(whole(t.clone(), &entries[0].1)));
+        assert_eq!(
+            a.trace(&id).unwrap(),
+            Some(referred(t.clone(), &entries[0].1))
+        );
         let mut newer = older.clone();
         newer.at = t.at + chrono::Duration::seconds(60);
         a.traces
