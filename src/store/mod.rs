@@ -339,7 +339,7 @@ pub struct IntegrationStore {
     trace_names: sled::Tree,
     /// Entra ids whose last trace is a skip (a small tree, read at every reconcile).
     trace_skips: sled::Tree,
-    /// Trace shapes shared by the plain creates of a run (key: 4 bytes, `TraceRef::t`).
+    /// Trace shapes shared by the plain creates of a run (key: 4 bytes, `TraceRef::shape`).
     trace_shapes: sled::Tree,
     /// Intents of LMS writes not yet settled (`store::intents`).
     intents: sled::Tree,
@@ -423,13 +423,14 @@ fn manager_of(value: Option<&[u8]>) -> Option<String> {
     links_of(value).manager
 }
 
-/// The manager and the trace reference of a `users` value (none when absent or unreadable).
+/// The manager of a `users` value and whether it refers to a trace (none when absent or
+/// unreadable; a reference is not decoded, so a damaged one does not hide the manager).
 #[derive(Default, Deserialize)]
 struct Links {
     #[serde(default)]
     manager: Option<String>,
     #[serde(default)]
-    trace: Option<TraceRef>,
+    trace: Option<serde::de::IgnoredAny>,
 }
 
 fn links_of(value: Option<&[u8]>) -> Links {

@@ -19,9 +19,8 @@
 //! already holds (userName, LMS id, mapped values, and the time, up to the LMS's answer time)
 //! and in the UPN. Such a trace is not stored at all: the entry carries a small [`TraceRef`]
 //! (the key of the trace's shape, and the UPN when it is not the userName) and
-//! `<integration>/trace_shapes` keeps the
-//! shape once for all the users it stands for (the run, the group, the plan, the outcome). A
-//! first reconcile of 100,000 members then writes no trace per user: 20-30 MiB less at its
+//! `<integration>/trace_shapes` keeps the shape once for all the users it stands for (the run,
+//! the group, the plan, the outcome). A first reconcile of 100,000 members then writes no trace per user: 20-30 MiB less at its
 //! peak (docs/performance.md). A user has one or the other: the trace a reference replaces is
 //! removed once the entry is written, and a referred trace is stored whole before its entry is
 //! rewritten without a trace of its own or removed, so a later entry's userName or LMS id never
@@ -54,8 +53,8 @@ fn shape_key(bytes: &[u8]) -> u32 {
 }
 
 /// For a reconcile's plain create applied as `e`: what is left of its trace once what the entry
-/// holds (userName, LMS id, mapped values) and what the reference carries (time, UPN) are taken
-/// out, and the UPN when it is not the userName. None for any other trace.
+/// holds (userName, LMS id, mapped values, time) and the UPN are taken out, and the UPN when it
+/// is not the userName (the reference carries it). None for any other trace.
 fn shape_of(t: &Trace, e: &IndexEntry) -> Option<(Trace, Option<String>)> {
     let is_target = |id: &String| *id == e.target_id;
     let plain = t.source == Source::Reconcile
