@@ -102,6 +102,7 @@ impl IntegrationStore {
     /// Writes index entries, then the traces of the decisions that produced them (and any
     /// others). The traces tell which entries are creates: those are written without first
     /// reading what they replace (`write_entries`).
+    ///
     /// A reconcile's plain creates get a reference to their trace's shape in their entry
     /// instead of a stored trace (module doc).
     pub(crate) fn put_changes(
@@ -153,9 +154,10 @@ impl IntegrationStore {
         let mut shapes = Writes::default();
         let traces_stored = !self.traces.is_empty();
         // The last entry of a user is the one that stays.
-        let mut entered: HashSet<String> = HashSet::new();
+        let mut entered: HashSet<&str> = HashSet::new();
         for (id, e) in entries.iter_mut().rev() {
-            if !entered.insert(id.clone()) {
+            let id: &String = id;
+            if !entered.insert(id) {
                 continue;
             }
             let Some(t) = last.get(id.as_str()) else {
@@ -256,7 +258,12 @@ impl IntegrationStore {
     /// leave both.
     pub fn trace(&self, entra_id: &str) -> Result<Option<Trace>, StoreError> {
         for key in [entra_id.to_string(), entra_id.to_lowercase()] {
-            match (self.stored_trace(&key)?, self.shared_trace(&key)?) {
+            let entry = self.get_user(&key)?;
+            let referred = match &entry {
+                Some(e) => self.rebuild(&key, e)?,
+                None => None,
+            };
+            match (self.stored_trace(&key, entry.as_ref())?, referred) {
                 (Some(s), Some(r)) => return Ok(Some(if r.at > s.at { r } else { s })),
                 (Some(t), None) | (None, Some(t)) => return Ok(Some(t)),
                 (None, None) => {}
@@ -265,34 +272,25 @@ impl IntegrationStore {
         Ok(None)
     }
 
-    /// The trace stored for `key`, with its mapped values read from the index when they were
-    /// left out.
-    fn stored_trace(&self, key: &str) -> Result<Option<Trace>, StoreError> {
-        let tree = format!("{}/traces", self.name);
-        {
-            let Some(v) = self.traces.get(key.as_bytes())? else {
-                return Ok(None);
-            };
-            let (in_index, json) = match v.split_first() {
-                Some((&MAPPED_IN_INDEX, rest)) => (true, rest),
-                _ => (false, &v[..]),
-            };
-            let mut t: Trace = decode(&tree, key.as_bytes(), json)?;
-            if in_index {
-                if let Some(e) = self.get_user(&t.entra_id)? {
-                    t.mapped(&e.record);
-                }
-            }
-            Ok(Some(t))
+    /// The trace stored for `key`, with its mapped values read from `entry` (the user's index
+    /// entry) when they were left out.
+    fn stored_trace(
+        &self,
+        key: &str,
+        entry: Option<&IndexEntry>,
+    ) -> Result<Option<Trace>, StoreError> {
+        let Some(v) = self.traces.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let (in_index, json) = match v.split_first() {
+            Some((&MAPPED_IN_INDEX, rest)) => (true, rest),
+            _ => (false, &v[..]),
+        };
+        let mut t: Trace = decode(&format!("{}/traces", self.name), key.as_bytes(), json)?;
+        if let Some(e) = entry.filter(|_| in_index) {
+            t.mapped(&e.record);
         }
-    }
-
-    /// The trace `entra_id`'s index entry refers to, completed from the entry.
-    fn shared_trace(&self, entra_id: &str) -> Result<Option<Trace>, StoreError> {
-        match self.get_user(entra_id)? {
-            Some(e) => self.rebuild(entra_id, &e),
-            None => Ok(None),
-        }
+        Ok(Some(t))
     }
 
     /// Before an entry that refers to its trace is rewritten without a trace of its own (a
@@ -306,7 +304,10 @@ impl IntegrationStore {
     ) -> Result<(), StoreError> {
         if let Some(t) = self.rebuild(entra_id, old)? {
             // A later decision stored already (a crash left both) stays.
-            if self.stored_trace(entra_id)?.is_none_or(|s| s.at < t.at) {
+            if self
+                .stored_trace(entra_id, Some(old))?
+                .is_none_or(|s| s.at < t.at)
+            {
                 self.traces.insert(entra_id.as_bytes(), encode(&t)?)?;
             }
         }

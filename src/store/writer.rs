@@ -9,8 +9,9 @@
 //!
 //! The thread once ran at a lower CPU priority (nice +10), when each create also stored a
 //! trace of its own. Measured again once it did not (benches/reconcile.rs, 2 cores,
-//! alternating): at normal priority the first reconcile of 100,000 members peaked 140-155 MiB
-//! against 157-171 MiB, at the same rate (B) and the same latency of live updates beside a
+//! alternating): at normal priority the first reconcile of 100,000 members peaked 140-149 MiB
+//! in five runs against 157-171 MiB (and 145-184 MiB in four more, against 150-168 MiB at +5),
+//! at the same rate (B) and the same latency of live updates beside a
 //! reconcile (benches/live_during_reconcile.rs). Why a slower writer costs memory was not
 //! established (sled's superseded pages, freed only when every thread has moved on, are one
 //! suspect); nothing was gained for it any more.
